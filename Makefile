@@ -1,0 +1,50 @@
+# nbgateway: every target creates .venv itself; nothing relies on what was installed by hand.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the browser and Prometheus tests drive.
+SYSTEM_PACKAGES := chromium prometheus
+
+.PHONY: install demo test lint type unit system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the gateway against the built-in fake NationBuilder (no credentials needed).
+demo: install
+	$(BIN)/nbgateway demo
+
+## Install the Debian packages the tests need, when missing.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+lint: install
+	$(BIN)/ruff format --check nbgateway tests bench
+	$(BIN)/ruff check nbgateway tests bench
+
+type: install
+	$(BIN)/mypy
+
+## The whole suite: lint, types, unit, functional, browser and Prometheus tests.
+test: lint type system-deps
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

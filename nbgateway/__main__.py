@@ -1,0 +1,7 @@
+"""`python -m nbgateway`: the same as the `nbgateway` command."""
+
+import sys
+
+from nbgateway.cli import main
+
+sys.exit(main())

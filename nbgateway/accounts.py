@@ -1,0 +1,162 @@
+"""Account operations shared by the CLI, `/connect/api` and the admin pages.
+
+List, refresh now, remove, import a legacy token, and the two halves of connecting a
+nation (start: authorize URL with state + PKCE; finish: validate the state, exchange the
+code, store the tokens). One implementation, so every admin path behaves the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from nbgateway.errors import (
+    AccountNotFound,
+    AuthorizationFailed,
+    OAuthError,
+    StateError,
+)
+from nbgateway.metrics import Metrics
+from nbgateway.models import AccountInfo, Event, EventKind, is_valid_slug
+from nbgateway.oauth import NationBuilderOAuth
+from nbgateway.redact import Secret
+from nbgateway.store import TokenStore
+from nbgateway.tokens import TokenManager
+
+log = logging.getLogger("nbgateway.accounts")
+
+# NationBuilder's authorization codes live 10 minutes; a state outliving that is useless.
+STATE_TTL = 600.0
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None or ts <= 0:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
+
+
+def account_json(info: AccountInfo) -> dict[str, object]:
+    """An account as JSON for `accounts list --json` and `/connect/api` (never a token)."""
+    return {
+        "slug": info.slug,
+        "status": info.status.value,
+        "access_token_expires_at": _iso(info.expires_at),
+        "last_refresh_at": _iso(info.last_refresh_at),
+        "last_error": info.last_error,
+        "scope": info.scope,
+        "generation": info.generation,
+        "connected_at": _iso(info.created_at),
+    }
+
+
+def check_slug(slug: str) -> str:
+    """Return `slug` if it is a valid nation slug, else raise ValueError with a plain message."""
+    if not is_valid_slug(slug):
+        raise ValueError(
+            "a nation slug is the part before .nationbuilder.com: lowercase letters, digits "
+            "and hyphens (for example 'acme' or 'my-nation')"
+        )
+    return slug
+
+
+class AccountService:
+    """Admin operations on accounts; every admin surface calls these."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        tokens: TokenManager,
+        oauth: NationBuilderOAuth,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._tokens = tokens
+        self._oauth = oauth
+        self._metrics = metrics
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        return await self._store.list_accounts()
+
+    async def get(self, slug: str) -> AccountInfo:
+        for info in await self._store.list_accounts():
+            if info.slug == slug:
+                return info
+        raise AccountNotFound(slug)
+
+    async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
+        return await self._store.events(slug, limit)
+
+    async def refresh(self, slug: str) -> AccountInfo:
+        """Refresh now. Raises AccountNotFound, ReauthorizationRequired or RefreshBackoff."""
+        await self._tokens.refresh_now(slug)
+        return await self.get(slug)
+
+    async def remove(self, slug: str) -> bool:
+        removed = await self._store.remove_account(slug)
+        self._tokens.invalidate(slug)
+        self._metrics.forget_account(slug)
+        if removed:
+            log.info("account removed", extra={"account": slug})
+        return removed
+
+    async def import_legacy(self, slug: str, legacy_token: Secret) -> AccountInfo:
+        """NationBuilder's migration: the legacy access token serves as the refresh token.
+
+        The token is stored first (so a transient failure loses nothing and the background
+        refresher retries), then exchanged at once.
+        """
+        check_slug(slug)
+        await self._store.import_refresh_token(slug, legacy_token)
+        self._tokens.invalidate(slug)
+        await self._tokens.refresh_now(slug)
+        return await self.get(slug)
+
+    async def start_connect(self, slug: str, binding: str = "") -> str:
+        """Begin the authorization-code flow for `slug`; returns the URL to send the admin to."""
+        check_slug(slug)
+        request = self._oauth.authorize(slug)
+        await self._store.create_state(
+            request.state, slug, request.code_verifier, binding, STATE_TTL
+        )
+        return request.url
+
+    async def finish_connect(
+        self,
+        *,
+        state: str,
+        code: str | None,
+        error: str | None,
+        binding: str = "",
+    ) -> str:
+        """Complete the flow from the callback's query. Returns the connected slug.
+
+        Raises AuthorizationFailed (reason denied, state or exchange); nothing is stored then.
+        """
+        if not state:
+            raise AuthorizationFailed("state", "the callback carried no state")
+        try:
+            pending = await self._store.consume_state(state, binding)
+        except StateError as exc:
+            raise AuthorizationFailed("state", str(exc)) from None
+        slug = pending.slug
+        if error:
+            reason = "denied" if error == "access_denied" else "exchange"
+            message = (
+                "authorization was declined on NationBuilder"
+                if reason == "denied"
+                else "NationBuilder reported an error instead of authorizing"
+            )
+            raise AuthorizationFailed(reason, message, slug)
+        if not code:
+            raise AuthorizationFailed("exchange", "the callback carried no code", slug)
+        try:
+            tokens = await self._oauth.exchange_code(slug, code, pending.code_verifier)
+        except OAuthError as exc:
+            raise AuthorizationFailed(
+                "exchange", f"exchanging the authorization code failed: {exc}", slug
+            ) from None
+        await self._store.save_tokens(slug, tokens, EventKind.CONNECTED)
+        self._tokens.invalidate(slug)
+        await self._tokens.sync(force=True)
+        log.info("account connected", extra={"account": slug})
+        return slug

@@ -1,0 +1,145 @@
+"""The `/connect` sub-application's machine side: `/connect/api/*` and `/connect/callback`.
+
+`/connect/api/accounts` speaks JSON and requires `Authorization: Bearer NBGW_ADMIN_TOKEN`
+(compared in constant time). `/connect/callback` is NationBuilder's redirect target: it
+finishes the authorization started by the API or the admin pages. Both call
+`AccountService`, the same code the CLI uses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from nbgateway import keys
+from nbgateway.accounts import account_json, check_slug
+from nbgateway.errors import (
+    AccountNeedsReauthorization,
+    AccountNotFound,
+    AdminUnauthorized,
+    AuthorizationFailed,
+    InvalidRequest,
+    ReauthorizationRequired,
+    RefreshBackoff,
+    TokenRefreshFailed,
+    UnknownAccount,
+)
+
+CallbackRenderer = Callable[
+    [web.Request, str | None, Exception | None], Awaitable[web.StreamResponse]
+]
+CALLBACK_RENDERER: web.AppKey[CallbackRenderer] = web.AppKey("callback_renderer")
+BINDING: web.AppKey[Callable[[web.Request], str]] = web.AppKey("binding_of")
+
+
+def admin_token_matches(request: web.Request, candidate: str) -> bool:
+    expected = request.config_dict[keys.SETTINGS].admin_token.reveal()
+    return bool(expected) and hmac.compare_digest(candidate.encode(), expected.encode())
+
+
+def require_bearer(request: web.Request) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not admin_token_matches(request, value.strip()):
+        raise AdminUnauthorized(
+            "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
+            headers={"WWW-Authenticate": 'Bearer realm="nbgateway-admin"'},
+        )
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
+
+
+def _slug(request: web.Request) -> str:
+    try:
+        return check_slug(request.match_info["slug"])
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    require_bearer(request)
+    accounts = await request.config_dict[keys.ACCOUNTS].list_accounts()
+    return _json({"accounts": [account_json(a) for a in accounts]})
+
+
+async def start_connect(request: web.Request) -> web.Response:
+    require_bearer(request)
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError:
+        raise InvalidRequest('send a JSON body like {"nation": "my-nation"}') from None
+    nation = body.get("nation") if isinstance(body, dict) else None
+    if not isinstance(nation, str):
+        raise InvalidRequest('send a JSON body like {"nation": "my-nation"}')
+    try:
+        url = await request.config_dict[keys.ACCOUNTS].start_connect(nation.strip())
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return _json({"authorize_url": url}, status=201)
+
+
+async def refresh_account(request: web.Request) -> web.Response:
+    require_bearer(request)
+    slug = _slug(request)
+    try:
+        info = await request.config_dict[keys.ACCOUNTS].refresh(slug)
+    except AccountNotFound:
+        raise UnknownAccount(f"no account named {slug!r}") from None
+    except ReauthorizationRequired:
+        raise AccountNeedsReauthorization(
+            f"{slug!r} needs to be re-authorized at "
+            f"{request.config_dict[keys.SETTINGS].public_url}/connect"
+        ) from None
+    except RefreshBackoff as exc:
+        raise TokenRefreshFailed(
+            str(exc), headers={"Retry-After": str(max(1, int(exc.retry_after)))}
+        ) from None
+    return _json(account_json(info))
+
+
+async def remove_account(request: web.Request) -> web.Response:
+    require_bearer(request)
+    slug = _slug(request)
+    if not await request.config_dict[keys.ACCOUNTS].remove(slug):
+        raise UnknownAccount(f"no account named {slug!r}")
+    return _json({"removed": slug})
+
+
+async def callback(request: web.Request) -> web.StreamResponse:
+    """NationBuilder redirects here with ?code&state or ?error&state."""
+    query = request.query
+    binding_of = request.config_dict.get(BINDING)
+    binding = binding_of(request) if binding_of is not None else ""
+    renderer = request.config_dict.get(CALLBACK_RENDERER, plain_callback_page)
+    try:
+        slug = await request.config_dict[keys.ACCOUNTS].finish_connect(
+            state=query.get("state", ""),
+            code=query.get("code"),
+            error=query.get("error"),
+            binding=binding,
+        )
+    except AuthorizationFailed as exc:
+        return await renderer(request, exc.slug, exc)
+    return await renderer(request, slug, None)
+
+
+async def plain_callback_page(
+    request: web.Request, slug: str | None, error: Exception | None
+) -> web.StreamResponse:
+    """A minimal text answer, used when no HTML admin pages are mounted."""
+    if error is None:
+        return web.Response(text=f"Connected {slug}. You can close this window.\n")
+    return web.Response(status=400, text=f"Authorization failed: {error}\n")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/accounts", list_accounts)
+    app.router.add_post("/api/accounts", start_connect)
+    app.router.add_post("/api/accounts/{slug}/refresh", refresh_account)
+    app.router.add_delete("/api/accounts/{slug}", remove_account)
+    app.router.add_get("/callback", callback)

@@ -1,0 +1,131 @@
+"""Assembles the gateway: services, their lifetimes, routes.
+
+`create_app(settings, ...)` is the one factory used by `serve`, `demo` and the tests.
+Every external collaborator (clock, metrics registry, upstream HTTP session, redactor) can
+be passed in; otherwise production defaults are built. Services are opened and closed in
+`cleanup_ctx` order: store, HTTP session, token manager and its background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from nbgateway import admin_api, keys
+from nbgateway.clock import Clock, SystemClock
+from nbgateway.config import Settings
+from nbgateway.errors import NBGatewayError
+from nbgateway.metrics import Metrics
+from nbgateway.middleware import request_context
+from nbgateway.proxy import Proxy
+from nbgateway.redact import Redactor
+from nbgateway.services import open_services
+from nbgateway.tokens import NeedsReauthListener
+
+log = logging.getLogger("nbgateway.app")
+
+PROXY = web.AppKey("proxy", Proxy)
+BACKGROUND = web.AppKey("background", bool)
+CONNECT_APP = web.AppKey("connect_app", web.Application)
+
+# Seconds between two looks at the store for changes made by other processes.
+SYNC_INTERVAL = 1.0
+# Seconds between two sweeps of the background refresher.
+REFRESH_INTERVAL = 30.0
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+    session: aiohttp.ClientSession | None = None,
+    redactor: Redactor | None = None,
+    background: bool = True,
+    on_needs_reauth: NeedsReauthListener | None = None,
+    connect_app: web.Application | None = None,
+) -> web.Application:
+    """Build the gateway application. Nothing is opened until the app starts."""
+    clock = clock or SystemClock()
+    redactor = redactor or Redactor()
+    metrics = Metrics(registry)
+
+    app = web.Application(middlewares=[request_context], client_max_size=settings.max_request_body)
+    app[keys.SETTINGS] = settings
+    app[keys.CLOCK] = clock
+    app[keys.METRICS] = metrics
+    app[keys.REDACTOR] = redactor
+    app[BACKGROUND] = background
+
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        async with open_services(
+            settings,
+            clock=clock,
+            metrics=metrics,
+            redactor=redactor,
+            session=session,
+            on_needs_reauth=on_needs_reauth,
+        ) as svc:
+            app[keys.STORE] = svc.store
+            app[keys.UPSTREAM] = svc.http
+            app[keys.TOKENS] = svc.tokens
+            app[keys.ACCOUNTS] = svc.accounts
+            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics)
+            task: asyncio.Task[None] | None = None
+            if app[BACKGROUND]:
+                task = asyncio.create_task(
+                    svc.tokens.run(refresh_interval=REFRESH_INTERVAL, sync_interval=SYNC_INTERVAL)
+                )
+            try:
+                yield
+            finally:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    app.cleanup_ctx.append(services)
+
+    async def proxy_handler(request: web.Request) -> web.StreamResponse:
+        return await request.app[PROXY].handle(request)
+
+    for pattern in ("/api", "/api/{tail:.*}", "/n/{slug}/api", "/n/{slug}/api/{tail:.*}"):
+        app.router.add_route("*", pattern, proxy_handler)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+
+    connect = connect_app if connect_app is not None else web.Application()
+    admin_api.add_routes(connect)
+    app[CONNECT_APP] = connect
+    app.add_subapp("/connect", connect)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and serving."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """The database answers and the configured key opens what it holds."""
+    store = request.app[keys.STORE]
+    try:
+        await store.ping()
+        problems = await store.verify()
+    except NBGatewayError as exc:
+        return web.json_response({"status": "unavailable", "detail": str(exc)}, status=503)
+    if problems:
+        return web.json_response(
+            {"status": "degraded", "detail": f"{len(problems)} account(s) unreadable"},
+            status=503,
+        )
+    return web.json_response({"status": "ok"})

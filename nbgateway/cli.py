@@ -1,0 +1,303 @@
+"""Command line: parse arguments, configure logging, call one async function, exit.
+
+Exit codes: 0 success, 1 the operation failed (message on stderr), 2 bad usage or
+configuration. No business logic lives here: commands call `AccountService`, the store
+and `create_app`, the same code the server runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from nbgateway import __version__
+from nbgateway.accounts import account_json
+from nbgateway.clock import SystemClock
+from nbgateway.config import (
+    REQUIRED_FOR_OAUTH,
+    REQUIRED_FOR_SERVE,
+    REQUIRED_FOR_STORE,
+    SETTINGS,
+    Settings,
+    load_settings,
+)
+from nbgateway.crypto import generate_key
+from nbgateway.errors import (
+    AccountNotFound,
+    ConfigError,
+    NBGatewayError,
+    ReauthorizationRequired,
+    RefreshBackoff,
+)
+from nbgateway.log import configure_logging
+from nbgateway.metrics import Metrics
+from nbgateway.redact import Redactor, Secret
+from nbgateway.services import make_store, open_services
+
+log = logging.getLogger("nbgateway.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings_epilog() -> str:
+    lines = [
+        "settings (environment; a --config TOML file may hold the same keys lower-cased "
+        "without NBGW_; the environment wins):"
+    ]
+    for s in SETTINGS:
+        default = (
+            "required"
+            if s.default is None
+            else (f"default {s.default}" if s.default else "optional")
+        )
+        lines.append(f"  {s.env:<24} {s.help} ({default})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbgateway",
+        description="Transparent OAuth token gateway for the NationBuilder API.",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nbgateway {__version__}")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file with settings (env wins)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", help="run the gateway", description="Run the gateway until stopped.")
+    demo = sub.add_parser(
+        "demo",
+        help="run the gateway against the built-in fake NationBuilder (no credentials needed)",
+        description="Start a fake NationBuilder and the gateway, connect a demo nation "
+        "through the real OAuth flow, and print commands to try.",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument(
+        "--self-test",
+        action="store_true",
+        help="run the printed demo requests, report, and exit instead of serving",
+    )
+    sub.add_parser(
+        "keygen",
+        help="print a fresh encryption key",
+        description="Print a new key for NBGW_ENCRYPTION_KEY.",
+    )
+    sub.add_parser(
+        "check",
+        help="validate configuration, key and database",
+        description="Validate settings, the encryption key and every stored row. Exits 1 "
+        "with a message per problem.",
+    )
+    accounts = sub.add_parser("accounts", help="list and manage connected nations")
+    acc = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    listing = acc.add_parser("list", help="slug, status, token expiry, last refresh, last error")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, text in (
+        ("refresh", "refresh the account's access token now"),
+        ("remove", "delete the account's tokens"),
+        (
+            "import",
+            "store a legacy access token read from stdin as the refresh token and exchange it "
+            "(NationBuilder's legacy-token migration)",
+        ),
+    ):
+        p = acc.add_parser(name, help=text, description=text)
+        p.add_argument("slug", metavar="SLUG", help="the nation slug (e.g. my-nation)")
+    sub.add_parser(
+        "rotate-key",
+        help="re-encrypt every row with the first key of NBGW_ENCRYPTION_KEY",
+        description="Put the new key first in NBGW_ENCRYPTION_KEY (new,old), run this, then "
+        "drop the old key.",
+    )
+    return parser
+
+
+def _load(args: argparse.Namespace, environ: dict[str, str], required: frozenset[str]) -> Settings:
+    return load_settings(environ, args.config, required=required)
+
+
+def _ts(value: str | None) -> str:
+    return value or "-"
+
+
+async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    clock = SystemClock()
+    metrics = Metrics()
+    async with open_services(settings, clock=clock, metrics=metrics, redactor=redactor) as svc:
+        command = args.accounts_command
+        if command == "list":
+            rows = [account_json(info) for info in await svc.accounts.list_accounts()]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no accounts; connect one at /connect or with `nbgateway accounts import`")
+            else:
+                print(
+                    f"{'SLUG':<24} {'STATUS':<13} {'EXPIRES (UTC)':<26} "
+                    f"{'LAST REFRESH':<26} LAST ERROR"
+                )
+                for r in rows:
+                    print(
+                        f"{r['slug']!s:<24} {r['status']!s:<13} "
+                        f"{_ts(r['access_token_expires_at'])!s:<26} "  # type: ignore[arg-type]
+                        f"{_ts(r['last_refresh_at'])!s:<26} {r['last_error'] or ''}"  # type: ignore[arg-type]
+                    )
+            return EXIT_OK
+        slug = args.slug
+        try:
+            if command == "refresh":
+                info = await svc.accounts.refresh(slug)
+                print(
+                    f"refreshed {slug}; access token valid until "
+                    f"{account_json(info)['access_token_expires_at']}"
+                )
+            elif command == "remove":
+                if not await svc.accounts.remove(slug):
+                    print(f"no account named {slug!r}", file=sys.stderr)
+                    return EXIT_FAILED
+                print(f"removed {slug}")
+            elif command == "import":
+                token = sys.stdin.readline().strip()
+                if not token:
+                    print("no token on stdin: pipe the legacy access token in", file=sys.stderr)
+                    return EXIT_USAGE
+                info = await svc.accounts.import_legacy(slug, Secret(token))
+                print(
+                    f"imported {slug}; access token valid until "
+                    f"{account_json(info)['access_token_expires_at']}"
+                )
+        except AccountNotFound:
+            print(f"no account named {slug!r}", file=sys.stderr)
+            return EXIT_FAILED
+        except ValueError as exc:
+            print(f"invalid slug: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except ReauthorizationRequired:
+            print(
+                f"{slug} needs to be re-authorized by an admin at {settings.public_url}/connect",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        except RefreshBackoff as exc:
+            print(f"refresh failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _check(settings: Settings, redactor: Redactor) -> int:
+    print("configuration: ok")
+    if not settings.database.exists():
+        print(f"database: {settings.database} does not exist yet; it is created on first start")
+        return EXIT_OK
+    async with make_store(settings, SystemClock(), redactor) as store:
+        await store.ping()
+        problems = await store.verify()
+        infos = await store.list_accounts()
+    if problems:
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"database: ok ({len(infos)} account(s), every stored token decrypts)")
+    return EXIT_OK
+
+
+async def _rotate(settings: Settings, redactor: Redactor) -> int:
+    async with make_store(settings, SystemClock(), redactor) as store:
+        changed = await store.rotate_keys()
+    print(f"re-encrypted {changed} account(s) with the first key")
+    return EXIT_OK
+
+
+async def serve(
+    settings: Settings, redactor: Redactor, ready: Callable[[], None] | None = None
+) -> None:
+    """Run the gateway until SIGINT or SIGTERM."""
+    from nbgateway.app import create_app
+
+    app = create_app(settings, redactor=redactor)
+    await run_until_stopped(app, settings.host, settings.port, ready=ready)
+
+
+async def run_until_stopped(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[], None] | None = None,
+    also: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
+        if ready is not None:
+            ready()
+        if also is not None:
+            await also()
+        else:
+            await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = dict(os.environ if environ is None else environ)
+    redactor = Redactor()
+    try:
+        if args.command == "keygen":
+            print(generate_key())
+            return EXIT_OK
+        if args.command == "demo":
+            from nbgateway.demo import run_demo
+
+            configure_logging(redactor, fmt=env.get("NBGW_LOG_FORMAT", "text"), level="WARNING")
+            return asyncio.run(
+                run_demo(port=args.port, self_test=args.self_test, redactor=redactor)
+            )
+        required = {
+            "serve": REQUIRED_FOR_SERVE,
+            "check": REQUIRED_FOR_STORE,
+            "rotate-key": REQUIRED_FOR_STORE,
+        }.get(args.command, REQUIRED_FOR_STORE)
+        if args.command == "accounts" and args.accounts_command in ("refresh", "import"):
+            required = REQUIRED_FOR_OAUTH
+        settings = _load(args, env, required)
+        configure_logging(redactor, fmt=settings.log_format, level=settings.log_level)
+        for secret in settings.secrets():
+            redactor.add(secret)
+        if args.command == "serve":
+            asyncio.run(serve(settings, redactor))
+            return EXIT_OK
+        if args.command == "check":
+            return asyncio.run(_check(settings, redactor))
+        if args.command == "rotate-key":
+            return asyncio.run(_rotate(settings, redactor))
+        return asyncio.run(_accounts(args, settings, redactor))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NBGatewayError as exc:
+        print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK

@@ -1,0 +1,51 @@
+"""Time as an injectable dependency.
+
+Token expiry, refresh margins, backoff and state expiry all read time through a `Clock`,
+so tests move time with `FakeClock.advance()` instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """What token and session logic may ask about time."""
+
+    def now(self) -> float:
+        """Wall-clock time in epoch seconds (comparable with token expiry)."""
+        ...
+
+    def monotonic(self) -> float:
+        """A monotonic reading in seconds, for measuring durations."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class FakeClock:
+    """A clock that only moves when told to; used by tests and benchmarks."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._now = start
+        self._mono = 1000.0
+
+    def now(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Move both readings forward by `seconds`."""
+        self._now += seconds
+        self._mono += seconds

@@ -1,0 +1,333 @@
+"""Settings: declared once, read from the environment and an optional TOML file.
+
+`SETTINGS` is the single declaration (name, default, meaning, parser). The TOML file may hold
+the same keys lower-cased without the `NBGW_` prefix; environment variables win. Any missing
+or malformed value raises `ConfigError` naming the variable and what is expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from nbgateway.errors import ConfigError
+from nbgateway.redact import Secret
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_ALLOWED_CLIENTS = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration variable, as users see it."""
+
+    env: str
+    default: str | None  # None: required (when the command needs it)
+    help: str
+    expects: str
+
+    @property
+    def key(self) -> str:
+        """The TOML key for this setting."""
+        return self.env.removeprefix("NBGW_").lower()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("NBGW_LISTEN", "127.0.0.1:8080", "host:port to bind", "host:port"),
+    Setting(
+        "NBGW_PUBLIC_URL",
+        "",
+        "external base URL; redirect_uri is {PUBLIC_URL}/connect/callback "
+        "(default http://{NBGW_LISTEN})",
+        "an http:// or https:// URL",
+    ),
+    Setting("NBGW_DATABASE", "./nbgateway.db", "SQLite file holding the tokens", "a file path"),
+    Setting(
+        "NBGW_ENCRYPTION_KEY",
+        None,
+        "comma-separated keys from `nbgateway keygen`; the first encrypts, all decrypt",
+        "one or more keys printed by `nbgateway keygen`, comma-separated",
+    ),
+    Setting("NBGW_CLIENT_ID", None, "the NationBuilder app's OAuth client id", "a client id"),
+    Setting("NBGW_CLIENT_SECRET", None, "the NationBuilder app's OAuth client secret", "a secret"),
+    Setting(
+        "NBGW_ADMIN_TOKEN",
+        None,
+        "admin secret: /connect login and Bearer for /connect/api",
+        "a secret of at least 16 characters",
+    ),
+    Setting(
+        "NBGW_NATION_URL",
+        "https://{slug}.nationbuilder.com",
+        "template for a nation's base URL (API, authorize, token)",
+        "an http(s) URL containing {slug}",
+    ),
+    Setting(
+        "NBGW_DEFAULT_ACCOUNT",
+        "",
+        "account for requests that name none; else the only connected one",
+        "a nation slug (lowercase letters, digits, hyphens)",
+    ),
+    Setting(
+        "NBGW_REFRESH_MARGIN",
+        "300",
+        "seconds before expiry at which a token is refreshed",
+        "a whole number of seconds >= 0",
+    ),
+    Setting(
+        "NBGW_ALLOWED_CLIENTS",
+        DEFAULT_ALLOWED_CLIENTS,
+        "CIDRs allowed to use the proxy (default: loopback and private ranges)",
+        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
+    ),
+    Setting(
+        "NBGW_UPSTREAM_TIMEOUT",
+        "60",
+        "seconds to wait for NationBuilder (connect and each read) before 504",
+        "a number of seconds > 0",
+    ),
+    Setting(
+        "NBGW_MAX_REQUEST_BODY",
+        "10485760",
+        "largest request body accepted (413 beyond it)",
+        "a whole number of bytes > 0",
+    ),
+    Setting(
+        "NBGW_RETRY_BUFFER",
+        "1048576",
+        "request bodies up to this size are buffered so they can be replayed after an upstream "
+        "401; larger ones stream and are not retried",
+        "a whole number of bytes >= 0",
+    ),
+    Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json"),
+    Setting("NBGW_LOG_LEVEL", "INFO", "log level", "DEBUG, INFO, WARNING or ERROR"),
+    Setting(
+        "NBGW_ALERT_WEBHOOK",
+        "",
+        "URL that receives a JSON POST when an account needs re-authorization",
+        "an http(s) URL",
+    ),
+)
+
+SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
+
+REQUIRED_FOR_SERVE = frozenset(
+    {"NBGW_ENCRYPTION_KEY", "NBGW_CLIENT_ID", "NBGW_CLIENT_SECRET", "NBGW_ADMIN_TOKEN"}
+)
+REQUIRED_FOR_STORE = frozenset({"NBGW_ENCRYPTION_KEY"})
+REQUIRED_FOR_OAUTH = frozenset({"NBGW_ENCRYPTION_KEY", "NBGW_CLIENT_ID", "NBGW_CLIENT_SECRET"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Build with `load_settings` (or directly in tests)."""
+
+    encryption_keys: tuple[Secret, ...]
+    client_id: str = ""
+    client_secret: Secret = field(default_factory=lambda: Secret(""))
+    admin_token: Secret = field(default_factory=lambda: Secret(""))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    database: Path = Path("./nbgateway.db")
+    nation_url: str = "https://{slug}.nationbuilder.com"
+    default_account: str = ""
+    refresh_margin: float = 300.0
+    allowed_clients: tuple[IPNetwork, ...] = ()
+    upstream_timeout: float = 60.0
+    max_request_body: int = 10 * 1024 * 1024
+    retry_buffer: int = 1024 * 1024
+    log_format: str = "text"
+    log_level: str = "INFO"
+    alert_webhook: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.public_url:
+            object.__setattr__(self, "public_url", f"http://{self.host}:{self.port}")
+        if not self.allowed_clients:
+            object.__setattr__(
+                self,
+                "allowed_clients",
+                _parse_cidrs("NBGW_ALLOWED_CLIENTS", DEFAULT_ALLOWED_CLIENTS),
+            )
+
+    def nation_base(self, slug: str) -> str:
+        """The base URL of a nation (no trailing slash)."""
+        return self.nation_url.replace("{slug}", slug).rstrip("/")
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"{self.public_url.rstrip('/')}/connect/callback"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    def secrets(self) -> list[Secret]:
+        """Every secret held in the settings (for the log redactor)."""
+        return [*self.encryption_keys, self.client_secret, self.admin_token]
+
+
+def _fail(env: str, expected: str, got: str | None = None) -> ConfigError:
+    setting = SETTINGS_BY_ENV.get(env)
+    expects = setting.expects if setting else expected
+    if got is None:
+        return ConfigError(f"{env} is required: expected {expects}")
+    return ConfigError(f"{env} is invalid: {expected}; expected {expects}")
+
+
+def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
+    nets: list[IPNetwork] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise _fail(env, f"{part!r} is not a CIDR") from None
+    if not nets:
+        raise _fail(env, "no CIDR given")
+    return tuple(nets)
+
+
+def _parse_number(env: str, raw: str, kind: Callable[[str], float], minimum: float) -> float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise _fail(env, f"{raw!r} is not a number") from None
+    if value < minimum or (minimum == 0 and env == "NBGW_UPSTREAM_TIMEOUT" and value == 0):
+        raise _fail(env, f"{raw!r} is out of range")
+    return value
+
+
+def _parse_url(env: str, raw: str) -> str:
+    parts = urlsplit(raw.replace("{slug}", "slug"))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _fail(env, f"{raw!r} is not an http(s) URL")
+    return raw.rstrip("/")
+
+
+def _read_toml(path: Path) -> dict[str, str]:
+    try:
+        with path.open("rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {s.key: s for s in SETTINGS}
+    values: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"config file {path}: {key} must be a string or number")
+        values[known[key].env] = str(value)
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+    *,
+    required: Collection[str] = REQUIRED_FOR_SERVE,
+) -> Settings:
+    """Read, validate and return the settings. Environment wins over the TOML file."""
+    raw: dict[str, str] = {}
+    if config_file is not None:
+        raw.update(_read_toml(config_file))
+    for setting in SETTINGS:
+        if setting.env in environ:
+            raw[setting.env] = environ[setting.env]
+
+    def get(env: str) -> str:
+        value = raw.get(env, "").strip()
+        if value:
+            return value
+        default = SETTINGS_BY_ENV[env].default
+        if default is None and env in required:
+            raise _fail(env, "", None)
+        return default or ""
+
+    listen = get("NBGW_LISTEN")
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise _fail("NBGW_LISTEN", f"{listen!r} is not host:port")
+    host = host.strip("[]")
+
+    keys_raw = get("NBGW_ENCRYPTION_KEY")
+    keys = tuple(Secret(k.strip()) for k in keys_raw.split(",") if k.strip())
+    if keys_raw:
+        # Imported here to keep config free of cryptography at import time for `--help`.
+        from nbgateway.crypto import validate_key
+
+        for index, key in enumerate(keys):
+            if not validate_key(key):
+                raise _fail(
+                    "NBGW_ENCRYPTION_KEY",
+                    f"key #{index + 1} is not a 32-byte url-safe base64 key",
+                )
+
+    admin = get("NBGW_ADMIN_TOKEN")
+    if admin and len(admin) < 16:
+        raise _fail("NBGW_ADMIN_TOKEN", "too short")
+
+    nation_url = _parse_url("NBGW_NATION_URL", get("NBGW_NATION_URL"))
+    if "{slug}" not in nation_url:
+        raise _fail("NBGW_NATION_URL", "it does not contain {slug}")
+
+    public_url = get("NBGW_PUBLIC_URL")
+    if public_url:
+        public_url = _parse_url("NBGW_PUBLIC_URL", public_url)
+
+    default_account = get("NBGW_DEFAULT_ACCOUNT")
+    if default_account:
+        from nbgateway.models import is_valid_slug
+
+        if not is_valid_slug(default_account):
+            raise _fail("NBGW_DEFAULT_ACCOUNT", f"{default_account!r} is not a valid slug")
+
+    log_format = get("NBGW_LOG_FORMAT").lower()
+    if log_format not in ("text", "json"):
+        raise _fail("NBGW_LOG_FORMAT", f"{log_format!r} is not a known format")
+    log_level = get("NBGW_LOG_LEVEL").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise _fail("NBGW_LOG_LEVEL", f"{log_level!r} is not a level")
+
+    webhook = get("NBGW_ALERT_WEBHOOK")
+    if webhook:
+        webhook = _parse_url("NBGW_ALERT_WEBHOOK", webhook)
+
+    return Settings(
+        encryption_keys=keys,
+        client_id=get("NBGW_CLIENT_ID"),
+        client_secret=Secret(get("NBGW_CLIENT_SECRET")),
+        admin_token=Secret(admin),
+        host=host,
+        port=int(port_s),
+        public_url=public_url,
+        database=Path(get("NBGW_DATABASE")),
+        nation_url=nation_url,
+        default_account=default_account,
+        refresh_margin=_parse_number("NBGW_REFRESH_MARGIN", get("NBGW_REFRESH_MARGIN"), int, 0),
+        allowed_clients=_parse_cidrs("NBGW_ALLOWED_CLIENTS", get("NBGW_ALLOWED_CLIENTS")),
+        upstream_timeout=_parse_number(
+            "NBGW_UPSTREAM_TIMEOUT", get("NBGW_UPSTREAM_TIMEOUT"), float, 0
+        ),
+        max_request_body=int(
+            _parse_number("NBGW_MAX_REQUEST_BODY", get("NBGW_MAX_REQUEST_BODY"), int, 1)
+        ),
+        retry_buffer=int(_parse_number("NBGW_RETRY_BUFFER", get("NBGW_RETRY_BUFFER"), int, 0)),
+        log_format=log_format,
+        log_level=log_level,
+        alert_webhook=webhook,
+    )

@@ -1,0 +1,157 @@
+"""`nbgateway demo`: the gateway against the built-in fake NationBuilder, zero configuration.
+
+Starts the fake on a free loopback port, the gateway on the requested port with a fresh
+key and a temporary database, connects the nation `demo` through the real authorization-
+code flow (the fake approves automatically), and prints commands to try. `--self-test`
+runs those commands itself and exits (used by the tests).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from nbgateway import keys
+from nbgateway.app import create_app
+from nbgateway.config import Settings
+from nbgateway.crypto import generate_key
+from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.redact import Redactor, Secret
+
+DEMO_NATION = "demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def demo_settings(database: Path, port: int, nation_url: str, fake: FakeNationBuilder) -> Settings:
+    return Settings(
+        encryption_keys=(Secret(generate_key()),),
+        client_id=fake.client_id,
+        client_secret=Secret(fake.client_secret),
+        admin_token=Secret(secrets.token_urlsafe(24)),
+        host="127.0.0.1",
+        port=port,
+        database=database,
+        nation_url=nation_url,
+        default_account=DEMO_NATION,
+    )
+
+
+async def connect_demo_nation(app: web.Application, session: aiohttp.ClientSession) -> str:
+    """Run the authorization-code flow end to end, as a browser would."""
+    url = await app[keys.ACCOUNTS].start_connect(DEMO_NATION)
+    async with session.get(url, allow_redirects=True) as resp:
+        text = await resp.text()
+        if resp.status != 200:
+            raise RuntimeError(f"connecting the demo nation failed: {resp.status} {text}")
+    return DEMO_NATION
+
+
+def instructions(gateway: str, fake: str, admin_token: str) -> str:
+    return f"""
+nbgateway demo is running.
+  gateway:               {gateway}
+  fake NationBuilder:    {fake}   (nation "{DEMO_NATION}", connected via OAuth)
+  admin pages:           {gateway}/connect   (admin token: {admin_token})
+
+Try, in another terminal:
+  # 1. a plain, unauthenticated request; the gateway adds the bearer token
+  curl -sg '{gateway}/api/v2/signups?page[size]=3'
+  # 2. the same account, named in the path (links in the answer stay on the gateway)
+  curl -sg '{gateway}/n/{DEMO_NATION}/api/v2/signups?page[size]=2'
+  # 3. make NationBuilder expire the access token, then ask again: the gateway gets a 401,
+  #    refreshes once and retries, and the tool never notices
+  curl -s -X POST {fake}/_fake/control -d '{{"action":"expire_access_tokens"}}'
+  curl -sg '{gateway}/api/v2/signups?page[size]=1'
+  # 4. what happened, as Prometheus sees it
+  curl -s {gateway}/metrics | grep -E '^nbgw_(token_refresh_total|upstream_401|proxy_requests)'
+  # 5. account status through the admin API
+  curl -s -H 'Authorization: Bearer {admin_token}' {gateway}/connect/api/accounts
+
+Stop with Ctrl-C.
+"""
+
+
+async def self_test(gateway: str, fake: str, session: aiohttp.ClientSession) -> list[str]:
+    """Run the demo's requests; return a list of failures (empty when all worked)."""
+    failures: list[str] = []
+    async with session.get(f"{gateway}/api/v2/signups?page[size]=3") as resp:
+        body = await resp.json(content_type=None)
+        if resp.status != 200 or len(body.get("data", [])) != 3:
+            failures.append(f"proxied request answered {resp.status}")
+    async with session.post(
+        f"{fake}/_fake/control", json={"action": "expire_access_tokens"}
+    ) as resp:
+        await resp.read()
+    async with session.get(f"{gateway}/api/v2/signups?page[size]=1") as resp:
+        if resp.status != 200:
+            failures.append(f"request after forced expiry answered {resp.status}")
+    async with session.get(f"{gateway}/metrics") as resp:
+        text = await resp.text()
+        if 'nbgw_upstream_401_retries_total{account="demo",outcome="recovered"} 1.0' not in text:
+            failures.append("the 401 retry was not recorded in /metrics")
+        if 'nbgw_token_refresh_total{account="demo",outcome="success"} 1.0' not in text:
+            failures.append("the refresh was not recorded in /metrics")
+    return failures
+
+
+async def run_demo(*, port: int, self_test: bool, redactor: Redactor) -> int:
+    fake = FakeNationBuilder(auto_approve=True)
+    fake_url = await fake.start("127.0.0.1", _free_port())
+    if port == 0:
+        port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="nbgateway-demo-") as tmp:
+        settings = demo_settings(Path(tmp) / "demo.db", port, f"{fake_url}/{{slug}}", fake)
+        app = create_app(settings, redactor=redactor)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            try:
+                await web.TCPSite(runner, settings.host, port).start()
+            except OSError as exc:
+                print(
+                    f"cannot listen on {settings.host}:{port} ({exc.strerror}); "
+                    "try `nbgateway demo --port 8081`",
+                    file=sys.stderr,
+                )
+                return 1
+            gateway = f"http://{settings.host}:{port}"
+            async with aiohttp.ClientSession() as session:
+                await connect_demo_nation(app, session)
+                if self_test:
+                    failures = await self_test_run(gateway, fake_url, session)
+                    for failure in failures:
+                        print(f"demo self-test: {failure}", file=sys.stderr)
+                    print("demo self-test: " + ("ok" if not failures else "FAILED"))
+                    return 1 if failures else 0
+            print(instructions(gateway, fake_url, settings.admin_token.reveal()), flush=True)
+            await _wait_forever()
+            return 0
+        finally:
+            await runner.cleanup()
+            await fake.stop()
+
+
+self_test_run = self_test
+
+
+async def _wait_forever() -> None:
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,158 @@
+"""Every exception nbgateway raises on purpose, in one tree.
+
+    NBGatewayError
+    ├── ConfigError              a setting is missing or malformed (names the variable)
+    ├── StoreError               the database cannot be used as asked
+    │   ├── DecryptError         a ciphertext does not open with any configured key
+    │   ├── CorruptRecordError   a stored row is not what the schema promises
+    │   ├── AccountNotFound      no account with that slug
+    │   └── StateError           an authorization state is unknown, used or expired
+    ├── OAuthError               the token endpoint said no, or could not be reached
+    │                            (carries a RefreshOutcome; never a token-endpoint body)
+    ├── AuthorizationFailed      a /connect flow did not end with stored tokens (says why)
+    ├── TokenUnavailable         no usable access token can be had right now
+    │   ├── ReauthorizationRequired   the refresh token is dead; an admin must reconnect
+    │   └── RefreshBackoff            refreshing failed recently; retry after a delay
+    └── GatewayError             an HTTP error the gateway answers itself (JSON:API body)
+        ├── UnknownAccount, NoAccountSelected, AccountNeedsReauthorization,
+        ├── TokenRefreshFailed, UpstreamUnreachable, UpstreamTimeout,
+        └── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized
+
+Messages never contain secret values. `GatewayError` carries its HTTP status and code as
+data; `middleware.error_response` is the one place that renders it.
+"""
+
+from __future__ import annotations
+
+from nbgateway.models import RefreshOutcome
+
+
+class NBGatewayError(Exception):
+    """Base of every deliberate nbgateway error."""
+
+
+class ConfigError(NBGatewayError):
+    """A setting is missing or malformed."""
+
+
+class StoreError(NBGatewayError):
+    """The token store cannot do what was asked."""
+
+
+class DecryptError(StoreError):
+    """A ciphertext did not decrypt: wrong key, or it was moved or altered."""
+
+
+class CorruptRecordError(StoreError):
+    """A stored row does not have the shape the schema promises."""
+
+
+class AccountNotFound(StoreError):
+    """No account with that slug."""
+
+    def __init__(self, slug: str) -> None:
+        super().__init__(f"no account named {slug!r}")
+        self.slug = slug
+
+
+class StateError(StoreError):
+    """An authorization `state` is unknown, already used, expired or bound elsewhere."""
+
+
+class OAuthError(NBGatewayError):
+    """A token-endpoint call failed; `outcome` classifies it for retries and metrics."""
+
+    def __init__(self, outcome: RefreshOutcome, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.status = status
+
+
+class AuthorizationFailed(NBGatewayError):
+    """Connecting a nation failed; `reason` is denied, state, exchange or invalid."""
+
+    def __init__(self, reason: str, message: str, slug: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.slug = slug
+
+
+class TokenUnavailable(NBGatewayError):
+    """No valid access token for the account at the moment."""
+
+    def __init__(self, slug: str, message: str) -> None:
+        super().__init__(message)
+        self.slug = slug
+
+
+class ReauthorizationRequired(TokenUnavailable):
+    """The account needs an admin to authorize it again at /connect."""
+
+
+class RefreshBackoff(TokenUnavailable):
+    """The last refresh failed transiently; the next attempt waits `retry_after` seconds."""
+
+    def __init__(self, slug: str, message: str, retry_after: float) -> None:
+        super().__init__(slug, message)
+        self.retry_after = retry_after
+
+
+class GatewayError(NBGatewayError):
+    """An error response made by the gateway itself."""
+
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal gateway error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class UnknownAccount(GatewayError):
+    status, code, title = 404, "unknown_account", "Unknown account"
+
+
+class NoAccountSelected(GatewayError):
+    status, code, title = 400, "no_account_selected", "No account selected"
+
+
+class AccountNeedsReauthorization(GatewayError):
+    status, code, title = 401, "account_needs_reauthorization", "Account needs re-authorization"
+
+
+class TokenRefreshFailed(GatewayError):
+    status, code, title = 503, "token_refresh_failed", "Token refresh failed"
+
+
+class UpstreamUnreachable(GatewayError):
+    status, code, title = 502, "upstream_unreachable", "NationBuilder unreachable"
+
+
+class UpstreamTimeout(GatewayError):
+    status, code, title = 504, "upstream_timeout", "NationBuilder timed out"
+
+
+class ClientNotAllowed(GatewayError):
+    status, code, title = 403, "client_not_allowed", "Client not allowed"
+
+
+class RequestTooLarge(GatewayError):
+    status, code, title = 413, "request_too_large", "Request too large"
+
+
+class InvalidRequest(GatewayError):
+    status, code, title = 400, "invalid_request", "Invalid request"
+
+
+class AdminUnauthorized(GatewayError):
+    status, code, title = 401, "admin_unauthorized", "Admin authorization required"
+
+
+class TokenStoreError(GatewayError):
+    status, code, title = 500, "token_store_error", "Stored credentials unreadable"
+
+
+class NotFound(GatewayError):
+    status, code, title = 404, "not_found", "Not found"

@@ -1,0 +1,136 @@
+"""Every Prometheus collector of the gateway, registered on an injected registry.
+
+Names and labels follow the contract. Label values are bounded: the account is a slug
+that exists (or "none"), the method one of a fixed set, the code an HTTP status; paths and
+ids never become labels.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from nbgateway import __version__
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+NO_ACCOUNT = "none"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def method_label(method: str) -> str:
+    """The request method, or "other" for anything outside the usual set."""
+    return method if method in KNOWN_METHODS else "other"
+
+
+class Metrics:
+    """Owns the collectors. One instance per app; tests pass a fresh registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.refresh_total = Counter(
+            "nbgw_token_refresh_total",
+            "Calls to the token endpoint to refresh an access token, by outcome.",
+            ["account", "outcome"],
+            registry=r,
+        )
+        self.refresh_duration = Histogram(
+            "nbgw_token_refresh_duration_seconds",
+            "Duration of token-endpoint refresh calls.",
+            ["account"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refresh_coalesced = Counter(
+            "nbgw_token_refresh_coalesced_total",
+            "Requests that awaited a refresh another request had started.",
+            ["account"],
+            registry=r,
+        )
+        self.refresh_in_flight = Gauge(
+            "nbgw_token_refresh_in_flight",
+            "Token-endpoint refresh calls in flight.",
+            ["account"],
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            "nbgw_access_token_expiry_timestamp_seconds",
+            "When the account's current access token expires (epoch seconds).",
+            ["account"],
+            registry=r,
+        )
+        self.last_refresh_success = Gauge(
+            "nbgw_account_last_refresh_success_timestamp_seconds",
+            "When the account's tokens were last obtained successfully (epoch seconds).",
+            ["account"],
+            registry=r,
+        )
+        self.needs_reauth = Gauge(
+            "nbgw_account_needs_reauth",
+            "1 when the account needs an admin to re-authorize it at /connect.",
+            ["account"],
+            registry=r,
+        )
+        self.proxy_requests = Counter(
+            "nbgw_proxy_requests_total",
+            "Requests answered by the proxy, by account, method and status code.",
+            ["account", "method", "code"],
+            registry=r,
+        )
+        self.proxy_duration = Histogram(
+            "nbgw_proxy_request_duration_seconds",
+            "Total time to answer a proxied request (until the response body is sent).",
+            ["account"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "nbgw_upstream_request_duration_seconds",
+            "Time from sending a request to NationBuilder until its response headers arrive.",
+            ["account"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_401_retries = Counter(
+            "nbgw_upstream_401_retries_total",
+            "Upstream 401 answers that triggered a refresh and a retry, by outcome.",
+            ["account", "outcome"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "nbgw_proxy_in_flight_requests",
+            "Proxied requests being served right now.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "nbgw_build_info",
+            "Build information; the value is always 1.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.webhook_deliveries = Counter(
+            "nbgw_alert_webhook_deliveries_total",
+            "Alert webhook delivery attempts, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+
+    def forget_account(self, slug: str) -> None:
+        """Drop an account's per-account gauges (after it is removed)."""
+        for gauge in (self.token_expiry, self.needs_reauth, self.last_refresh_success):
+            try:
+                gauge.remove(slug)
+            except KeyError:
+                pass

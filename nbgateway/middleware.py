@@ -1,0 +1,95 @@
+"""aiohttp middlewares and the one renderer of gateway errors.
+
+- `error_response`: a `GatewayError` as a JSON:API error document with `X-NBGW-Error`.
+- `request_context`: accepts or generates X-Request-ID (returned on every response), puts
+  it in the logging context, renders `GatewayError`s, turns unexpected exceptions into a
+  500 without details, and writes one access-log line per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from nbgateway.errors import GatewayError
+from nbgateway.log import request_id_var
+
+log = logging.getLogger("nbgateway.access")
+errlog = logging.getLogger("nbgateway.errors")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID_HEADER = "X-Request-ID"
+
+# Per-request facts handlers add for the access log (account, upstream timing ...).
+ACCESS_INFO: web.RequestKey[dict[str, Any]] = web.RequestKey("nbgw_access_info", dict)
+
+
+def error_response(err: GatewayError) -> web.Response:
+    """Render a gateway error: JSON:API body, status, X-NBGW-Error and extra headers."""
+    body = {
+        "errors": [
+            {"status": str(err.status), "code": err.code, "title": err.title, "detail": err.detail}
+        ]
+    }
+    headers = {"X-NBGW-Error": err.code, "Cache-Control": "no-store", **err.headers}
+    return web.Response(
+        status=err.status,
+        body=json.dumps(body).encode(),
+        content_type="application/vnd.api+json",
+        headers=headers,
+    )
+
+
+def request_id_of(request: web.Request) -> str:
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    return incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, error rendering and the access log."""
+    request_id = request_id_of(request)
+    token = request_id_var.set(request_id)
+    info: dict[str, Any] = {}
+    request[ACCESS_INFO] = info
+    started = time.perf_counter()
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except GatewayError as err:
+            response = error_response(err)
+        except web.HTTPException as exc:
+            response = exc
+        except Exception:
+            errlog.exception("unhandled error", extra={"method": request.method})
+            response = error_response(
+                GatewayError("The gateway hit an unexpected error; see its log.")
+            )
+        status = response.status
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+    finally:
+        info.setdefault("status", status)
+        log.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            info["status"],
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "peer": request.remote,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                **info,
+            },
+        )
+        request_id_var.reset(token)

@@ -1,0 +1,117 @@
+"""Plain values shared by every layer: accounts, token sets, statuses, outcomes, events.
+
+Nothing here does I/O. Token values travel only as `Secret`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from nbgateway.redact import Secret
+
+# A nation slug: lowercase letters, digits and hyphens, starting with a letter or digit.
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
+
+
+def is_valid_slug(value: str) -> bool:
+    """True for a syntactically valid nation slug."""
+    return SLUG_RE.fullmatch(value) is not None
+
+
+class AccountStatus(StrEnum):
+    ACTIVE = "active"
+    NEEDS_REAUTH = "needs_reauth"
+
+
+class RefreshOutcome(StrEnum):
+    """How a call to the token endpoint ended (the `outcome` metric label)."""
+
+    SUCCESS = "success"
+    INVALID_GRANT = "invalid_grant"
+    INVALID_CLIENT = "invalid_client"
+    NETWORK_ERROR = "network_error"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+
+    @property
+    def terminal(self) -> bool:
+        """The stored refresh token is dead: only a human re-authorizing helps."""
+        return self is RefreshOutcome.INVALID_GRANT
+
+
+class EventKind(StrEnum):
+    CONNECTED = "connected"
+    REFRESHED = "refreshed"
+    REFRESH_FAILED = "refresh_failed"
+    NEEDS_REAUTH = "needs_reauth"
+    REMOVED = "removed"
+    IMPORTED = "imported"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """What a successful token call yields, with expiry already made absolute."""
+
+    access_token: Secret
+    refresh_token: Secret
+    expires_at: float
+    scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One nation's stored credentials and health. Tokens are decrypted `Secret`s or None."""
+
+    slug: str
+    status: AccountStatus
+    access_token: Secret | None
+    refresh_token: Secret | None
+    expires_at: float | None
+    scope: str
+    generation: int
+    last_refresh_at: float | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """An account as shown to admins: everything but the tokens."""
+
+    slug: str
+    status: AccountStatus
+    expires_at: float | None
+    scope: str
+    generation: int
+    last_refresh_at: float | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def of(cls, account: Account) -> AccountInfo:
+        return cls(
+            slug=account.slug,
+            status=account.status,
+            expires_at=account.expires_at,
+            scope=account.scope,
+            generation=account.generation,
+            last_refresh_at=account.last_refresh_at,
+            last_error=account.last_error,
+            created_at=account.created_at,
+            updated_at=account.updated_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of an account's append-only history."""
+
+    id: int
+    slug: str
+    kind: EventKind
+    at: float
+    detail: str

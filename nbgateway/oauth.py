@@ -1,0 +1,181 @@
+"""NationBuilder's OAuth2 endpoints: authorize URL (state + PKCE S256), code exchange, refresh.
+
+Requests are built with Authlib's RFC 6749/7636 helpers and sent through the injected
+aiohttp session; expiry is computed from the injected clock. Every failure becomes an
+`OAuthError` with a `RefreshOutcome`. Token-endpoint bodies may echo secrets, so no body is
+ever logged or put into a message: only the HTTP status and the OAuth `error` code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from authlib.common.security import generate_token
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+from nbgateway.clock import Clock
+from nbgateway.config import Settings
+from nbgateway.errors import OAuthError
+from nbgateway.models import RefreshOutcome, TokenSet
+from nbgateway.redact import Secret
+
+_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+# NationBuilder's access tokens live 24 h; used when a response omits expires_in.
+DEFAULT_LIFETIME = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationRequest:
+    """A started authorization: where to send the admin, and what to remember for the callback."""
+
+    url: str
+    state: str
+    code_verifier: Secret
+
+
+class NationBuilderOAuth:
+    """OAuth client for every nation of one NationBuilder app."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        clock: Clock,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._clock = clock
+        t = timeout if timeout is not None else settings.upstream_timeout
+        self._timeout = aiohttp.ClientTimeout(total=t * 2, sock_connect=t, sock_read=t)
+
+    def token_url(self, slug: str) -> str:
+        return f"{self._settings.nation_base(slug)}/oauth/token"
+
+    def authorize(self, slug: str) -> AuthorizationRequest:
+        """Build the authorize URL with a fresh state and PKCE S256 challenge."""
+        state = generate_token(43)
+        verifier = generate_token(64)
+        url = prepare_grant_uri(
+            f"{self._settings.nation_base(slug)}/oauth/authorize",
+            client_id=self._settings.client_id,
+            response_type="code",
+            redirect_uri=self._settings.redirect_uri,
+            state=state,
+            code_challenge=create_s256_code_challenge(verifier),
+            code_challenge_method="S256",
+        )
+        return AuthorizationRequest(url=url, state=state, code_verifier=Secret(verifier))
+
+    async def exchange_code(self, slug: str, code: str, code_verifier: Secret) -> TokenSet:
+        """Trade an authorization code (plus the PKCE verifier) for a token pair."""
+        body = prepare_token_request(
+            "authorization_code",
+            code=code,
+            redirect_uri=self._settings.redirect_uri,
+            client_id=self._settings.client_id,
+            client_secret=self._settings.client_secret.reveal(),
+            code_verifier=code_verifier.reveal(),
+        )
+        return await self._token_call(slug, body, previous_refresh=None)
+
+    async def refresh(self, slug: str, refresh_token: Secret) -> TokenSet:
+        """Use a refresh token (single-use at NationBuilder) for a new pair."""
+        body = prepare_token_request(
+            "refresh_token",
+            refresh_token=refresh_token.reveal(),
+            client_id=self._settings.client_id,
+            client_secret=self._settings.client_secret.reveal(),
+        )
+        return await self._token_call(slug, body, previous_refresh=refresh_token)
+
+    async def _token_call(self, slug: str, body: str, previous_refresh: Secret | None) -> TokenSet:
+        started = self._clock.now()
+        try:
+            async with self._session.post(
+                self.token_url(slug),
+                data=body,
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Accept": "application/json",
+                },
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except TimeoutError:
+            raise OAuthError(
+                RefreshOutcome.TIMEOUT, "the token endpoint did not answer in time"
+            ) from None
+        except aiohttp.ClientError as exc:
+            # The exception text names host and port only, never the request body.
+            raise OAuthError(
+                RefreshOutcome.NETWORK_ERROR,
+                f"the token endpoint could not be reached ({type(exc).__name__})",
+            ) from None
+        return self._parse(status, raw, started, previous_refresh)
+
+    def _parse(
+        self, status: int, raw: bytes, started: float, previous_refresh: Secret | None
+    ) -> TokenSet:
+        payload: Any
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            payload = None
+        if status >= 500 or payload is None or not isinstance(payload, dict):
+            kind = "an HTML page" if raw.lstrip()[:1] == b"<" else "no usable JSON"
+            raise OAuthError(
+                RefreshOutcome.SERVER_ERROR,
+                f"the token endpoint answered HTTP {status} with {kind}",
+                status=status,
+            )
+        if status >= 400:
+            code = payload.get("error")
+            code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "unknown"
+            if code == "invalid_grant":
+                outcome = RefreshOutcome.INVALID_GRANT
+            elif code in ("invalid_client", "unauthorized_client"):
+                outcome = RefreshOutcome.INVALID_CLIENT
+            else:
+                # Anything else (429 from the CDN, invalid_request, ...) is worth retrying.
+                outcome = RefreshOutcome.SERVER_ERROR
+            raise OAuthError(
+                outcome, f"the token endpoint answered HTTP {status} ({code})", status=status
+            )
+        access = payload.get("access_token")
+        refresh = payload.get("refresh_token") or (
+            previous_refresh.reveal() if previous_refresh else None
+        )
+        token_type = str(payload.get("token_type", "bearer"))
+        if not isinstance(access, str) or not access or not isinstance(refresh, str) or not refresh:
+            raise OAuthError(
+                RefreshOutcome.SERVER_ERROR,
+                f"the token endpoint answered HTTP {status} without a usable token pair",
+                status=status,
+            )
+        if token_type.lower() != "bearer":
+            raise OAuthError(
+                RefreshOutcome.SERVER_ERROR,
+                "the token endpoint issued a token that is not a bearer token",
+                status=status,
+            )
+        try:
+            lifetime = float(payload.get("expires_in", DEFAULT_LIFETIME))
+        except (TypeError, ValueError):
+            lifetime = DEFAULT_LIFETIME
+        scope = payload.get("scope")
+        return TokenSet(
+            access_token=Secret(access),
+            refresh_token=Secret(refresh),
+            # Measured from when the request was sent: never later than the server's view.
+            expires_at=started + lifetime,
+            scope=scope if isinstance(scope, str) else "",
+        )

@@ -1,0 +1,94 @@
+"""The gateway's service graph, opened and closed as one unit.
+
+`open_services` builds store, upstream HTTP session, OAuth client, token manager and
+account service from the settings, in dependency order, and closes them in reverse. The
+server (`app.py`) and the CLI's account commands both use it, so `nbgateway accounts
+refresh` runs exactly the code the server runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from nbgateway.accounts import AccountService
+from nbgateway.clock import Clock
+from nbgateway.config import Settings
+from nbgateway.crypto import Cipher
+from nbgateway.metrics import Metrics
+from nbgateway.oauth import NationBuilderOAuth
+from nbgateway.redact import Redactor
+from nbgateway.store import SQLiteStore
+from nbgateway.tokens import NeedsReauthListener, TokenManager
+
+
+@dataclass(frozen=True)
+class Services:
+    store: SQLiteStore
+    http: aiohttp.ClientSession
+    oauth: NationBuilderOAuth
+    tokens: TokenManager
+    accounts: AccountService
+
+
+def new_upstream_session() -> aiohttp.ClientSession:
+    """The pooled client session used for NationBuilder (API and token endpoint)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=100, ttl_dns_cache=300),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep upstream cookies
+        trust_env=False,
+    )
+
+
+def make_store(settings: Settings, clock: Clock, redactor: Redactor | None = None) -> SQLiteStore:
+    """The store named by the settings (not yet opened)."""
+    return SQLiteStore(
+        settings.database,
+        Cipher(settings.encryption_keys),
+        clock,
+        # A refresh holds the write lock for one token call: wait at least that long.
+        busy_timeout=settings.upstream_timeout * 2 + 10,
+        on_secret=redactor.add if redactor is not None else None,
+    )
+
+
+@asynccontextmanager
+async def open_services(
+    settings: Settings,
+    *,
+    clock: Clock,
+    metrics: Metrics,
+    redactor: Redactor,
+    session: aiohttp.ClientSession | None = None,
+    on_needs_reauth: NeedsReauthListener | None = None,
+) -> AsyncIterator[Services]:
+    """Open every service; close them in reverse order on exit."""
+    for secret in settings.secrets():
+        redactor.add(secret)
+    async with make_store(settings, clock, redactor) as store:
+        http = session if session is not None else new_upstream_session()
+        try:
+            oauth = NationBuilderOAuth(http, settings, clock)
+            tokens = TokenManager(
+                store,
+                oauth,
+                metrics,
+                clock,
+                margin=settings.refresh_margin,
+                on_needs_reauth=on_needs_reauth,
+            )
+            await tokens.sync(force=True)
+            yield Services(
+                store=store,
+                http=http,
+                oauth=oauth,
+                tokens=tokens,
+                accounts=AccountService(store, tokens, oauth, metrics),
+            )
+        finally:
+            if session is None:
+                await http.close()
