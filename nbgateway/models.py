@@ -61,23 +61,6 @@ class TokenSet:
 
 
 @dataclass(frozen=True, slots=True)
-class Account:
-    """One nation's stored credentials and health. Tokens are decrypted `Secret`s or None."""
-
-    slug: str
-    status: AccountStatus
-    access_token: Secret | None
-    refresh_token: Secret | None
-    expires_at: float | None
-    scope: str
-    generation: int
-    last_refresh_at: float | None
-    last_error: str | None
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
 class AccountInfo:
     """An account as shown to admins: everything but the tokens."""
 
@@ -91,19 +74,13 @@ class AccountInfo:
     created_at: float
     updated_at: float
 
-    @classmethod
-    def of(cls, account: Account) -> AccountInfo:
-        return cls(
-            slug=account.slug,
-            status=account.status,
-            expires_at=account.expires_at,
-            scope=account.scope,
-            generation=account.generation,
-            last_refresh_at=account.last_refresh_at,
-            last_error=account.last_error,
-            created_at=account.created_at,
-            updated_at=account.updated_at,
-        )
+
+@dataclass(frozen=True, slots=True)
+class Account(AccountInfo):
+    """An account with its decrypted tokens (`Secret`s; None when not stored)."""
+
+    access_token: Secret | None
+    refresh_token: Secret | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,22 +196,23 @@ class Proxy:
             if not _allowed(request.remote, self._settings.allowed_clients):
                 raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
             route = self.route(request)
-            account_candidate = route.slug
             length = request.content_length
             if length is not None and length > self._settings.max_request_body:
                 raise RequestTooLarge(
                     f"the request body exceeds NBGW_MAX_REQUEST_BODY "
                     f"({self._settings.max_request_body} bytes)"
                 )
-            issued = await self._token(route.slug)
-            account = account_candidate
+            account = route.slug
             if info is not None:
                 info["account"] = account
+            issued = await self._token(route.slug)
             response = await self._forward(request, route, issued)
             status = response.status
             return response
         except GatewayError as err:
             status = err.status
+            if isinstance(err, UnknownAccount):
+                account = NO_ACCOUNT  # keeps label values bounded to real accounts
             raise
         finally:
             metrics.in_flight.dec()

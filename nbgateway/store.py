@@ -14,6 +14,7 @@ every token change, lets a waiter see that someone else already refreshed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -334,18 +335,11 @@ class SQLiteStore:
 
     def _account_from_row(self, row: sqlite3.Row) -> Account:
         info = _info_from_row(row)
+        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(AccountInfo)}
         return Account(
-            slug=info.slug,
-            status=info.status,
+            **fields,
             access_token=self._open(row["access_token"], info.slug, "access_token"),
             refresh_token=self._open(row["refresh_token"], info.slug, "refresh_token"),
-            expires_at=info.expires_at,
-            scope=info.scope,
-            generation=info.generation,
-            last_refresh_at=info.last_refresh_at,
-            last_error=info.last_error,
-            created_at=info.created_at,
-            updated_at=info.updated_at,
         )
 
     async def _read_account(self, conn: aiosqlite.Connection, slug: str) -> Account | None:
@@ -463,7 +457,10 @@ class SQLiteStore:
         """A short write transaction on a dedicated connection (never interleaved)."""
         conn = await self._connect()
         try:
-            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"database {self.path} stayed locked: {exc}") from None
             try:
                 yield conn
             except BaseException:

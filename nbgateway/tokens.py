@@ -112,10 +112,9 @@ class TokenManager:
 
     async def force_refresh(self, slug: str, stale_generation: int | None) -> IssuedToken:
         """After an upstream 401 on `stale_generation`: a token of a newer generation."""
-        result = await self._single_flight(slug, force=False, stale_generation=stale_generation)
-        if stale_generation is not None and result.generation == stale_generation:
-            result = await self._single_flight(slug, force=True, stale_generation=stale_generation)
-        return result
+        # Joins a refresh already in flight; if that one only re-issued the rejected
+        # generation, _single_flight starts a forced refresh of its own.
+        return await self._single_flight(slug, force=True, stale_generation=stale_generation)
 
     async def refresh_now(self, slug: str) -> IssuedToken:
         """Refresh at once (admin action), ignoring backoff; adopts a concurrent refresh."""
