@@ -48,6 +48,10 @@ def error_response(err: GatewayError) -> web.Response:
 
 
 def request_id_of(request: web.Request) -> str:
+    """The sanitised id of this request: the one set by `request_context`, else derived."""
+    current = request_id_var.get()
+    if current is not None:
+        return current
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     return incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
 
@@ -55,7 +59,8 @@ def request_id_of(request: web.Request) -> str:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, error rendering and the access log."""
-    request_id = request_id_of(request)
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
     token = request_id_var.set(request_id)
     info: dict[str, Any] = {}
     request[ACCESS_INFO] = info
@@ -67,7 +72,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except GatewayError as err:
             response = error_response(err)
         except web.HTTPException as exc:
-            response = exc
+            # Router and redirect exceptions are raised on (returning them is deprecated).
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
         except Exception:
             errlog.exception("unhandled error", extra={"method": request.method})
             response = error_response(

@@ -72,6 +72,8 @@ _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
 _CHUNK = 64 * 1024
+# Set on a request whose streamed body went over NBGW_MAX_REQUEST_BODY.
+BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +111,8 @@ def _check_tail(raw_tail: str) -> None:
 
 
 def _filter_query(query: str) -> str:
-    """Drop any access_token parameter, keeping every other byte as sent."""
-    if "access_token" not in query:
+    """Drop every access_token parameter (any case or encoding), keeping all other bytes."""
+    if not query:
         return query
     kept = [
         part
@@ -261,9 +263,7 @@ class Proxy:
         previous = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
         headers["X-Forwarded-Proto"] = request.scheme
-        headers[REQUEST_ID_HEADER] = request.headers.get(REQUEST_ID_HEADER) or request_id_of(
-            request
-        )
+        headers[REQUEST_ID_HEADER] = request_id_of(request)
         headers["Authorization"] = f"Bearer {token.access_token.reveal()}"
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
@@ -275,6 +275,7 @@ class Proxy:
         async for chunk in request.content.iter_chunked(_CHUNK):
             seen += len(chunk)
             if seen > limit:
+                request[BODY_TOO_LARGE] = True
                 raise RequestTooLarge(
                     f"the request body exceeds NBGW_MAX_REQUEST_BODY ({limit} bytes)"
                 )
@@ -308,6 +309,12 @@ class Proxy:
         except RequestTooLarge:
             raise
         except aiohttp.ClientError as exc:
+            if request.get(BODY_TOO_LARGE):
+                # aiohttp wraps the error our body generator raised; the client's fault.
+                raise RequestTooLarge(
+                    "the request body exceeds NBGW_MAX_REQUEST_BODY "
+                    f"({self._settings.max_request_body} bytes)"
+                ) from None
             raise UpstreamUnreachable(
                 f"NationBuilder could not be reached ({type(exc).__name__})"
             ) from None
@@ -436,6 +443,8 @@ class Proxy:
         )
         if length is not None:
             response.content_length = length
+        # Sent before the middleware sees the response, so set here.
+        response.headers[REQUEST_ID_HEADER] = request_id_of(request)
         await response.prepare(request)
         try:
             if head:

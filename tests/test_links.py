@@ -1,0 +1,206 @@
+"""Unit tests of `nbgateway.links.rewrite_links`: which members of a NationBuilder JSON
+document are links (v2 JSON:API and v1), and that nothing else is touched."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from nbgateway.links import rewrite_links
+
+
+def to_gateway(link: str) -> str | None:
+    """The proxy's shape of mapper: root-relative API links move under /n/acme."""
+    if link.startswith("/api/"):
+        return f"/n/acme{link}"
+    return None
+
+
+def rewritten(doc: Any) -> tuple[bool, Any]:
+    """Rewrite a deep copy: (whether anything changed, the document afterwards)."""
+    copied = copy.deepcopy(doc)
+    return rewrite_links(copied, to_gateway), copied
+
+
+def resource(pid: str) -> dict[str, Any]:
+    return {
+        "id": pid,
+        "type": "signups",
+        "attributes": {"email": f"p{pid}@acme.example", "website": "/api/v2/not-a-link"},
+        "links": {"self": f"/api/v2/signups/{pid}"},
+        "relationships": {
+            "petition_signatures": {
+                "links": {
+                    "related": f"/api/v2/petition_signatures?filter[signup_id]={pid}",
+                    "self": f"/api/v2/signups/{pid}/relationships/petition_signatures",
+                }
+            },
+            "signup_tags": {"meta": {"included": False}},
+        },
+    }
+
+
+class TestV2Documents:
+    def test_top_level_links(self) -> None:
+        """Every string in the top-level links object is mapped."""
+        doc: dict[str, Any] = {
+            "data": [],
+            "links": {
+                "self": "/api/v2/signups?page[number]=2",
+                "next": "/api/v2/signups?page[number]=3",
+                "prev": "/api/v2/signups?page[number]=1",
+                "first": "/api/v2/signups?page[number]=1",
+            },
+        }
+        changed, out = rewritten(doc)
+        assert changed is True
+        assert out["links"] == {name: f"/n/acme{value}" for name, value in doc["links"].items()}
+
+    def test_data_list_resource_and_relationship_links(self) -> None:
+        """Resource links and relationships.*.links of every item in a data list are mapped."""
+        doc = {"data": [resource("1"), resource("2")]}
+        changed, out = rewritten(doc)
+        assert changed is True
+        for item, pid in zip(out["data"], ("1", "2"), strict=True):
+            assert item["links"]["self"] == f"/n/acme/api/v2/signups/{pid}"
+            rel = item["relationships"]["petition_signatures"]["links"]
+            assert rel["related"] == f"/n/acme/api/v2/petition_signatures?filter[signup_id]={pid}"
+            assert rel["self"] == f"/n/acme/api/v2/signups/{pid}/relationships/petition_signatures"
+            assert item["relationships"]["signup_tags"] == {"meta": {"included": False}}
+
+    def test_single_data_object(self) -> None:
+        """A single resource as `data` (show endpoints) is handled like a list item."""
+        changed, out = rewritten({"data": resource("7"), "meta": {}})
+        assert changed is True
+        assert out["data"]["links"]["self"] == "/n/acme/api/v2/signups/7"
+        related = out["data"]["relationships"]["petition_signatures"]["links"]["related"]
+        assert related.startswith("/n/acme/api/v2/petition_signatures?")
+
+    def test_included_resources(self) -> None:
+        """Links of sideloaded `included` resources are mapped too."""
+        doc = {"data": [], "included": [resource("3")]}
+        changed, out = rewritten(doc)
+        assert changed is True
+        assert out["included"][0]["links"]["self"] == "/n/acme/api/v2/signups/3"
+        rel = out["included"][0]["relationships"]["petition_signatures"]["links"]
+        assert rel["related"].startswith("/n/acme/api/")
+
+    def test_link_objects_with_href(self) -> None:
+        """A JSON:API link object {"href": ..., "meta": ...} has its href mapped, meta kept."""
+        doc = {
+            "data": [],
+            "links": {"next": {"href": "/api/v2/signups?page[number]=2", "meta": {"count": 5}}},
+        }
+        changed, out = rewritten(doc)
+        assert changed is True
+        assert out["links"]["next"] == {
+            "href": "/n/acme/api/v2/signups?page[number]=2",
+            "meta": {"count": 5},
+        }
+
+    def test_null_and_non_string_links_are_left(self) -> None:
+        """Null links, hrefs that are not strings and non-dict links members are ignored."""
+        doc = {
+            "data": [{"id": "1", "links": None, "relationships": {"x": None, "y": {"links": 3}}}],
+            "links": {"prev": None, "next": {"href": None}, "count": 2},
+            "included": None,
+        }
+        changed, out = rewritten(doc)
+        assert changed is False
+        assert out == doc
+
+    def test_unmapped_links_stay(self) -> None:
+        """Links the mapper declines (None) are left exactly as they were."""
+        doc = {"data": [], "links": {"next": "https://elsewhere.example/api/v2/x"}}
+        changed, out = rewritten(doc)
+        assert changed is False
+        assert out == doc
+
+    def test_identity_mapping_reports_no_change(self) -> None:
+        """A mapper that returns the same string changes nothing and says so."""
+        doc = {"data": [resource("1")], "links": {"self": "/api/v2/signups"}}
+        copied = copy.deepcopy(doc)
+        assert rewrite_links(copied, lambda link: link) is False
+        assert copied == doc
+
+    def test_rewrites_in_place(self) -> None:
+        """The document passed in is the one changed (no copy is returned)."""
+        doc: dict[str, Any] = {"links": {"next": "/api/v2/signups?page[number]=2"}}
+        assert rewrite_links(doc, to_gateway) is True
+        assert doc["links"]["next"] == "/n/acme/api/v2/signups?page[number]=2"
+
+
+class TestV1Documents:
+    def test_next_and_prev_are_mapped_with_tokens_intact(self) -> None:
+        """v1 top-level next/prev are mapped; the __nonce/__token query is kept byte for byte."""
+        query = "__nonce=a-B_c&__token=Zm9v%2Bbar%3D&limit=5"
+        doc = {
+            "results": [{"id": 1, "email": "x@acme.example"}],
+            "next": f"/api/v1/people?{query}",
+            "prev": f"/api/v1/people?{query}&p=1",
+        }
+        changed, out = rewritten(doc)
+        assert changed is True
+        assert out["next"] == f"/n/acme/api/v1/people?{query}"
+        assert out["prev"] == f"/n/acme/api/v1/people?{query}&p=1"
+        assert out["results"] == doc["results"]
+
+    def test_last_page_has_null_next(self) -> None:
+        """A null v1 next (last page) is left null."""
+        doc: dict[str, Any] = {
+            "results": [],
+            "next": None,
+            "prev": "/api/v1/people?__nonce=n&__token=t",
+        }
+        changed, out = rewritten(doc)
+        assert changed is True
+        assert out["next"] is None
+        assert out["prev"] == "/n/acme/api/v1/people?__nonce=n&__token=t"
+
+
+class TestNotLinks:
+    @pytest.mark.parametrize(
+        "doc",
+        [None, "/api/v2/signups", 42, ["/api/v2/signups", {"links": {"next": "/api/v2/x"}}]],
+        ids=["null", "string", "number", "list"],
+    )
+    def test_non_dict_documents(self, doc: Any) -> None:
+        """A document that is not a JSON object is returned unchanged with False."""
+        changed, out = rewritten(doc)
+        assert changed is False
+        assert out == doc
+
+    def test_unrelated_strings_are_untouched(self) -> None:
+        """API-looking strings outside link members (attributes, meta, errors, ids) stay."""
+        doc = {
+            "data": [
+                {
+                    "id": "/api/v2/signups/1",
+                    "type": "signups",
+                    "attributes": {
+                        "website": "/api/v2/signups/1",
+                        "links": {"self": "/api/v2/in-attributes"},
+                        "next": "/api/v2/in-attributes",
+                    },
+                    "meta": {"self": "/api/v2/in-meta"},
+                    "relationships": {"tags": {"data": {"id": "/api/v2/x", "type": "tags"}}},
+                }
+            ],
+            "meta": {"links": {"next": "/api/v2/in-meta"}, "next": "/api/v2/in-meta"},
+            "self": "/api/v2/top-level-not-links",
+            "results": [{"next": "/api/v1/people/2"}],
+        }
+        changed, out = rewritten(doc)
+        assert changed is False
+        assert out == doc
+
+    def test_only_link_members_change_in_a_mixed_document(self) -> None:
+        """In one document, links change while look-alike attribute values do not."""
+        doc = {"data": resource("1"), "links": {"self": "/api/v2/signups/1"}}
+        changed, out = rewritten(doc)
+        assert changed is True
+        assert out["data"]["attributes"] == doc["data"]["attributes"]
+        assert out["data"]["id"] == "1"
+        assert out["links"]["self"] == "/n/acme/api/v2/signups/1"
