@@ -312,7 +312,10 @@ class FakeNationBuilder:
         self._buckets: dict[str, _Bucket] = {}
         self._runner: web.AppRunner | None = None
 
-        self.app = web.Application(middlewares=[self._record_middleware])
+        # Large enough for the gateway's own body limit (NBGW_MAX_REQUEST_BODY, 10 MiB default).
+        self.app = web.Application(
+            middlewares=[self._record_middleware], client_max_size=64 * 1024 * 1024
+        )
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
         slug = "{slug:[a-z0-9-]+}"
