@@ -100,9 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate settings, the encryption key and every stored row. Exits 1 "
         "with a message per problem.",
     )
-    accounts = sub.add_parser("accounts", help="list and manage connected nations")
+    accounts = sub.add_parser(
+        "accounts",
+        help="list and manage connected nations",
+        description="List, refresh, remove or import the nations whose tokens the gateway holds.",
+    )
     acc = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
-    listing = acc.add_parser("list", help="slug, status, token expiry, last refresh, last error")
+    listing = acc.add_parser(
+        "list",
+        help="slug, status, token expiry, last refresh, last error",
+        description="List every account: slug, status, access-token expiry, last refresh and "
+        "last error. Never prints a token.",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for name, text in (
         ("refresh", "refresh the account's access token now"),
@@ -118,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "rotate-key",
         help="re-encrypt every row with the first key of NBGW_ENCRYPTION_KEY",
-        description="Put the new key first in NBGW_ENCRYPTION_KEY (new,old), run this, then "
-        "drop the old key.",
+        description="Re-encrypt every stored token with the first key of NBGW_ENCRYPTION_KEY. "
+        "Put the new key first (new,old), run this, then drop the old key.",
     )
     return parser
 

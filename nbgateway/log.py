@@ -40,18 +40,23 @@ class RedactingFormatter(logging.Formatter):
         request_id = request_id_var.get()
         extras = _extras(record)
         if self._json:
+            scrub = self._redactor.scrub
             doc: dict[str, Any] = {
                 "ts": round(record.created, 6),
                 "level": record.levelname.lower(),
                 "logger": record.name,
-                "message": record.getMessage(),
+                "message": scrub(record.getMessage()),
             }
             if request_id is not None:
                 doc["request_id"] = request_id
-            doc.update(extras)
+            for key, value in extras.items():
+                # Each value is scrubbed before encoding: patterns must see the raw text,
+                # not its JSON-escaped form.
+                ok = isinstance(value, int | float | bool) or value is None
+                doc[key] = value if ok else scrub(str(value))
             if record.exc_info:
-                doc["exception"] = self.formatException(record.exc_info)
-            text = json.dumps(doc, default=str, ensure_ascii=False)
+                doc["exception"] = scrub(self.formatException(record.exc_info))
+            return json.dumps(doc, ensure_ascii=False)
         else:
             text = super().format(record)
             tail = " ".join(f"{k}={v}" for k, v in extras.items())

@@ -225,10 +225,17 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
         conn.row_factory = sqlite3.Row
-        await conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-        # FULL: a committed rotated refresh token survives a power cut, not just a crash.
-        await conn.execute("PRAGMA synchronous = FULL")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            # _scalar reads and closes each cursor: a PRAGMA left unread keeps a lock.
+            await self._scalar(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
+            # FULL: a committed rotated refresh token survives a power cut, not just a crash.
+            await self._scalar(conn, "PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot use database {self.path}: {exc}") from None
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def open(self) -> None:
@@ -248,7 +255,7 @@ class SQLiteStore:
             await self._migrate(conn, version)
             mode = await self._scalar(conn, "PRAGMA journal_mode")
             if str(mode).lower() != "wal":
-                await conn.execute("PRAGMA journal_mode = WAL")
+                await self._scalar(conn, "PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise StoreError(f"database {self.path} is not usable: {exc}") from None

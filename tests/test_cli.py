@@ -1,0 +1,716 @@
+"""The `nbgateway` command line, called in process: `main(argv, environ)` with captured output.
+
+`main()` runs its own event loop, so these tests are plain functions. Commands that talk to
+NationBuilder (`accounts refresh`, `accounts import`) run against the fake started as a
+subprocess and seeded through its HTTP control endpoint. One subprocess smoke test per
+entry point checks the installed console script and `python -m nbgateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import selectors
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbgateway.cli import main
+from nbgateway.clock import SystemClock
+from nbgateway.crypto import Cipher, generate_key, validate_key
+from nbgateway.models import Account, EventKind, TokenSet
+from nbgateway.redact import Secret
+from nbgateway.store import SQLiteStore
+
+CLIENT_ID = "fake-client-id"
+CLIENT_SECRET = "fake-client-secret"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "nbgateway"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """main() configures process-wide logging; put it back so later tests see the default."""
+    loggers = [logging.getLogger(name) for name in ("nbgateway", "aiohttp")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    access = logging.getLogger("aiohttp.access")
+    access_disabled = access.disabled
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    access.disabled = access_disabled
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A complete environment: temporary database, fresh key, the fake's client credentials."""
+    return {
+        "NBGW_DATABASE": str(tmp_path / "gateway.db"),
+        "NBGW_ENCRYPTION_KEY": generate_key(),
+        "NBGW_CLIENT_ID": CLIENT_ID,
+        "NBGW_CLIENT_SECRET": CLIENT_SECRET,
+        "NBGW_ADMIN_TOKEN": "cli-admin-token-0123456789",
+    }
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run(argv: list[str], environ: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Result:
+    code = main(argv, environ)
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+def store_for(environ: dict[str, str], key: str | None = None) -> SQLiteStore:
+    keys = (key or environ["NBGW_ENCRYPTION_KEY"]).split(",")
+    return SQLiteStore(
+        Path(environ["NBGW_DATABASE"]), Cipher([Secret(k) for k in keys]), SystemClock()
+    )
+
+
+def seed(environ: dict[str, str], slug: str, access: str, refresh: str) -> None:
+    """Store a token pair for `slug` in the environment's database (as a connect would)."""
+
+    async def go() -> None:
+        async with store_for(environ) as store:
+            # Workaround: a first write right after creating the database blocks on a lock
+            # open() leaves behind (see test_first_write_after_creating_the_database).
+            await store.ping()
+            tokens = TokenSet(
+                access_token=Secret(access),
+                refresh_token=Secret(refresh),
+                expires_at=time.time() + 86400,
+                scope="default",
+            )
+            await store.save_tokens(slug, tokens, EventKind.CONNECTED)
+
+    asyncio.run(go())
+
+
+def read_account(environ: dict[str, str], slug: str, key: str | None = None) -> Account | None:
+    async def go() -> Account | None:
+        async with store_for(environ, key) as store:
+            return await store.get_account(slug)
+
+    return asyncio.run(go())
+
+
+def event_kinds(environ: dict[str, str], slug: str) -> list[EventKind]:
+    async def go() -> list[EventKind]:
+        async with store_for(environ) as store:
+            return [e.kind for e in await store.events(slug)]
+
+    return asyncio.run(go())
+
+
+def db_snapshot(environ: dict[str, str]) -> dict[str, bytes]:
+    """The bytes of every file of the database (main file, WAL, shared memory)."""
+    path = Path(environ["NBGW_DATABASE"])
+    return {p.name: p.read_bytes() for p in sorted(path.parent.glob(path.name + "*"))}
+
+
+def corrupt_refresh_token(environ: dict[str, str], slug: str) -> None:
+    """Flip one ciphertext byte of the stored refresh token (the key id stays intact)."""
+    with sqlite3.connect(environ["NBGW_DATABASE"]) as conn:
+        (blob,) = conn.execute(
+            "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,)
+        ).fetchone()
+        damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
+        conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))
+    conn.close()
+
+
+def clean_os_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("NBGW_")}
+
+
+# ---------------------------------------------------------------------- help and keygen
+
+# (argv, a phrase saying what the command is for)
+HELP_CASES = [
+    ([], "token gateway for the NationBuilder API"),
+    (["serve"], "Run the gateway"),
+    (["demo"], "fake NationBuilder"),
+    (["keygen"], "NBGW_ENCRYPTION_KEY"),
+    (["check"], "Validate settings, the encryption key"),
+    (["accounts"], "the nations whose tokens the gateway holds"),
+    (["accounts", "list"], "access-token expiry"),
+    (["accounts", "refresh"], "refresh the account's access token now"),
+    (["accounts", "remove"], "delete the account's tokens"),
+    (["accounts", "import"], "legacy"),
+    (["rotate-key"], "Re-encrypt every stored token"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "purpose"),
+    HELP_CASES,
+    ids=lambda v: (" ".join(v) or "nbgateway") if isinstance(v, list) else "help",
+)
+def test_help_exits_zero_and_states_the_purpose(
+    argv: list[str], purpose: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command's --help exits 0 and says what the command does."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"], {})
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    assert purpose in out
+
+
+def test_top_level_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    """`nbgateway --help` documents the environment variables."""
+    with pytest.raises(SystemExit):
+        main(["--help"], {})
+    out = capsys.readouterr().out
+    for name in ("NBGW_ENCRYPTION_KEY", "NBGW_DATABASE", "NBGW_CLIENT_SECRET", "NBGW_LISTEN"):
+        assert name in out
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown command exits 2 with argparse's usage message."""
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"], {})
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_keygen_prints_a_fresh_valid_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """keygen prints one valid key per call, different every time, and needs no settings."""
+    first = run(["keygen"], {}, capsys)
+    second = run(["keygen"], {}, capsys)
+    assert first.code == second.code == 0
+    assert validate_key(Secret(first.out.strip()))
+    assert validate_key(Secret(second.out.strip()))
+    assert first.out != second.out
+    assert first.out.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- check
+
+
+class TestCheck:
+    def test_missing_key_is_a_configuration_error(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without NBGW_ENCRYPTION_KEY check exits 2 and names the variable."""
+        del env["NBGW_ENCRYPTION_KEY"]
+        result = run(["check"], env, capsys)
+        assert result.code == 2
+        assert "NBGW_ENCRYPTION_KEY" in result.err
+
+    def test_malformed_key_is_a_configuration_error(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A key that is not 32 url-safe base64 bytes exits 2 and names the variable."""
+        env["NBGW_ENCRYPTION_KEY"] = "not-a-key"
+        result = run(["check"], env, capsys)
+        assert result.code == 2
+        assert "NBGW_ENCRYPTION_KEY" in result.err
+        assert "not-a-key" not in result.err
+
+    def test_no_database_yet_is_fine(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Before the first start there is no database; check says so and exits 0."""
+        result = run(["check"], env, capsys)
+        assert result.code == 0
+        assert "does not exist yet" in result.out
+        assert not Path(env["NBGW_DATABASE"]).exists()
+
+    def test_healthy_database(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With the right key and intact rows check exits 0 and counts the accounts."""
+        seed(env, "acme", "nbfake-at-check-1", "nbfake-rt-check-1")
+        result = run(["check"], env, capsys)
+        assert result.code == 0, result.err
+        assert "database: ok (1 account(s)" in result.out
+
+    def test_corrupt_row_names_the_account(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A row that fails authentication makes check exit 1, naming that account only."""
+        seed(env, "acme", "nbfake-at-check-2", "nbfake-rt-check-2")
+        seed(env, "beta", "nbfake-at-check-3", "nbfake-rt-check-3")
+        corrupt_refresh_token(env, "acme")
+        result = run(["check"], env, capsys)
+        assert result.code == 1
+        assert "'acme'" in result.err
+        assert "'beta'" not in result.err
+        assert "nbfake-" not in result.err + result.out
+
+    def test_wrong_key_is_refused_and_changes_nothing(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Another key exits 1 naming the key ids, and the database bytes stay the same."""
+        seed(env, "acme", "nbfake-at-check-4", "nbfake-rt-check-4")
+        before = db_snapshot(env)
+        stored_id = Cipher([Secret(env["NBGW_ENCRYPTION_KEY"])]).primary_key_id
+        env["NBGW_ENCRYPTION_KEY"] = generate_key()
+
+        result = run(["check"], env, capsys)
+        assert result.code == 1
+        assert "key id" in result.err
+        assert stored_id in result.err
+        assert "NBGW_ENCRYPTION_KEY" in result.err
+        assert db_snapshot(env) == before
+
+
+# ---------------------------------------------------------------------- accounts (offline)
+
+
+class TestAccountsOffline:
+    def test_list_empty(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """With no accounts, list says how to add one and exits 0."""
+        result = run(["accounts", "list"], env, capsys)
+        assert result.code == 0
+        assert "no accounts" in result.out
+
+    def test_list_empty_json(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """With no accounts, list --json prints an empty JSON list."""
+        result = run(["accounts", "list", "--json"], env, capsys)
+        assert result.code == 0
+        assert json.loads(result.out) == []
+
+    def test_list_table(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """The table shows each account's slug and status, never a token."""
+        seed(env, "acme", "nbfake-at-list-1", "nbfake-rt-list-1")
+        seed(env, "beta", "nbfake-at-list-2", "nbfake-rt-list-2")
+        result = run(["accounts", "list"], env, capsys)
+        assert result.code == 0
+        header, *rows = result.out.splitlines()
+        assert "SLUG" in header and "STATUS" in header
+        assert [r.split()[:2] for r in rows] == [["acme", "active"], ["beta", "active"]]
+        assert "nbfake-" not in result.out
+
+    def test_list_json(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """--json prints parseable JSON with status and expiry and no token material."""
+        seed(env, "acme", "nbfake-at-list-3", "nbfake-rt-list-3")
+        result = run(["accounts", "list", "--json"], env, capsys)
+        assert result.code == 0
+        [row] = json.loads(result.out)
+        assert row["slug"] == "acme"
+        assert row["status"] == "active"
+        assert row["access_token_expires_at"]
+        assert row["last_error"] is None
+        assert "nbfake-" not in result.out
+
+    def test_remove_existing(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """remove deletes the account and records the removal."""
+        seed(env, "acme", "nbfake-at-rm-1", "nbfake-rt-rm-1")
+        result = run(["accounts", "remove", "acme"], env, capsys)
+        assert result.code == 0
+        assert "removed acme" in result.out
+        assert read_account(env, "acme") is None
+        assert event_kinds(env, "acme")[0] is EventKind.REMOVED
+
+    def test_remove_missing(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """Removing an account that does not exist exits 1 with a message."""
+        result = run(["accounts", "remove", "ghost"], env, capsys)
+        assert result.code == 1
+        assert "no account named 'ghost'" in result.err
+
+    def test_refresh_missing(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        """Refreshing an account that does not exist exits 1 with a message."""
+        result = run(["accounts", "refresh", "ghost"], env, capsys)
+        assert result.code == 1
+        assert "no account named 'ghost'" in result.err
+
+    def test_refresh_needs_client_credentials(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """refresh without NBGW_CLIENT_SECRET is a configuration error naming it."""
+        del env["NBGW_CLIENT_SECRET"]
+        result = run(["accounts", "refresh", "acme"], env, capsys)
+        assert result.code == 2
+        assert "NBGW_CLIENT_SECRET" in result.err
+
+    def test_import_without_token_on_stdin(
+        self,
+        env: dict[str, str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """import with nothing on stdin exits 2 and stores nothing."""
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        result = run(["accounts", "import", "acme"], env, capsys)
+        assert result.code == 2
+        assert "stdin" in result.err
+        assert read_account(env, "acme") is None
+
+    def test_import_invalid_slug(
+        self,
+        env: dict[str, str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """import refuses a slug that cannot be a nation, without echoing the token."""
+        monkeypatch.setattr(sys, "stdin", io.StringIO("legacy-token-value-123456\n"))
+        result = run(["accounts", "import", "Not_A_Slug"], env, capsys)
+        assert result.code == 2
+        assert "slug" in result.err
+        assert "legacy-token-value" not in result.err + result.out
+
+
+# ---------------------------------------------------------------------- rotate-key
+
+
+def test_rotate_key_re_encrypts_with_the_first_key(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With "new,old", rotate-key re-encrypts every row; afterwards "new" alone opens all."""
+    old = env["NBGW_ENCRYPTION_KEY"]
+    seed(env, "acme", "nbfake-at-rot-1", "nbfake-rt-rot-1")
+    seed(env, "beta", "nbfake-at-rot-2", "nbfake-rt-rot-2")
+    new = generate_key()
+
+    env["NBGW_ENCRYPTION_KEY"] = f"{new},{old}"
+    result = run(["rotate-key"], env, capsys)
+    assert result.code == 0, result.err
+    assert "re-encrypted 2 account(s)" in result.out
+
+    env["NBGW_ENCRYPTION_KEY"] = new
+    assert run(["check"], env, capsys).code == 0
+    account = read_account(env, "acme", key=new)
+    assert account is not None
+    assert account.access_token == Secret("nbfake-at-rot-1")
+    assert account.refresh_token == Secret("nbfake-rt-rot-1")
+
+    env["NBGW_ENCRYPTION_KEY"] = old
+    assert run(["check"], env, capsys).code == 1
+
+    env["NBGW_ENCRYPTION_KEY"] = f"{new},{old}"
+    again = run(["rotate-key"], env, capsys)
+    assert again.code == 0
+    assert "re-encrypted 0 account(s)" in again.out
+
+
+# ---------------------------------------------------------------------- against a fake NB
+
+
+@dataclass
+class FakeProcess:
+    """The fake NationBuilder running as `python -m nbgateway.fakenb`."""
+
+    proc: subprocess.Popen[str]
+    url: str
+
+    def control(self, **command: Any) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/_fake/control",
+            data=json.dumps(command).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            answer: dict[str, Any] = json.load(resp)
+        assert answer["ok"], answer
+        return answer
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/_fake/state", timeout=5) as resp:
+            state: dict[str, Any] = json.load(resp)
+        return state
+
+    def grants(self, slug: str, grant: str = "refresh_token") -> int:
+        count: int = self.state()["token_requests"].get(slug, {}).get(grant, 0)
+        return count
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The subprocess's first line of output, waiting at most `timeout` seconds."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"no output within {timeout} s")
+    return proc.stdout.readline()
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL if it does not exit promptly; close its pipes."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@pytest.fixture(scope="module")
+def fake_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeProcess]:
+    """One fake NationBuilder subprocess for this module (tests use distinct nations)."""
+    log_path = tmp_path_factory.mktemp("fake") / "fake.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbgateway.fakenb", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=clean_os_environ(),
+        )
+    try:
+        line = first_line(proc, timeout=15)
+        assert line.startswith("fake NationBuilder listening on http://"), (
+            line + log_path.read_text()
+        )
+        yield FakeProcess(proc, line.strip().rsplit(" ", 1)[1])
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def fake_env(env: dict[str, str], fake_process: FakeProcess) -> dict[str, str]:
+    return {**env, "NBGW_NATION_URL": f"{fake_process.url}/{{slug}}"}
+
+
+@pytest.mark.slow
+class TestAccountsAgainstFake:
+    def test_refresh_rotates_the_stored_pair(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeProcess,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """refresh exchanges the refresh token once and stores the new pair."""
+        issued = fake_process.control(action="issue_tokens", slug="cli-refresh")["tokens"]
+        seed(fake_env, "cli-refresh", issued["access_token"], issued["refresh_token"])
+
+        result = run(["accounts", "refresh", "cli-refresh"], fake_env, capsys)
+        assert result.code == 0, result.err
+        assert "refreshed cli-refresh" in result.out
+        assert "nbfake-" not in result.out + result.err
+
+        account = read_account(fake_env, "cli-refresh")
+        assert account is not None
+        assert account.generation == 2
+        assert account.access_token is not None and account.refresh_token is not None
+        assert account.access_token.reveal() != issued["access_token"]
+        assert account.refresh_token.reveal() != issued["refresh_token"]
+        assert fake_process.grants("cli-refresh") == 1
+        assert event_kinds(fake_env, "cli-refresh")[0] is EventKind.REFRESHED
+
+    def test_import_exchanges_the_legacy_token(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeProcess,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """import reads the legacy token from stdin and ends with an active, fresh pair."""
+        legacy = "legacy-token-cli-import-0123456789"
+        fake_process.control(action="add_legacy_token", slug="cli-import", token=legacy)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(legacy + "\n"))
+
+        result = run(["accounts", "import", "cli-import"], fake_env, capsys)
+        assert result.code == 0, result.err
+        assert "imported cli-import" in result.out
+        assert legacy not in result.out + result.err
+
+        account = read_account(fake_env, "cli-import")
+        assert account is not None
+        assert account.status.value == "active"
+        assert account.access_token is not None and account.refresh_token is not None
+        assert account.access_token.reveal().startswith("nbfake-at-")
+        assert account.refresh_token.reveal() != legacy
+        assert event_kinds(fake_env, "cli-import") == [EventKind.REFRESHED, EventKind.IMPORTED]
+
+    def test_refresh_of_a_revoked_account_points_at_connect(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeProcess,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """When NationBuilder rejects the refresh token, refresh exits 1 naming /connect."""
+        issued = fake_process.control(action="issue_tokens", slug="cli-revoked")["tokens"]
+        seed(fake_env, "cli-revoked", issued["access_token"], issued["refresh_token"])
+        fake_process.control(action="revoke", slug="cli-revoked")
+
+        result = run(["accounts", "refresh", "cli-revoked"], fake_env, capsys)
+        assert result.code == 1
+        assert "/connect" in result.err
+        assert issued["refresh_token"] not in result.err
+
+        listing = run(["accounts", "list", "--json"], fake_env, capsys)
+        [row] = json.loads(listing.out)
+        assert row["status"] == "needs_reauth"
+        assert row["last_error"]
+        assert "nbfake-" not in listing.out
+
+    def test_refresh_during_an_outage_fails_cleanly(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeProcess,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A token endpoint outage exits 1 and leaves the stored pair as it was."""
+        issued = fake_process.control(action="issue_tokens", slug="cli-outage")["tokens"]
+        seed(fake_env, "cli-outage", issued["access_token"], issued["refresh_token"])
+        fake_process.control(action="fail_token", kind="server_error")
+
+        result = run(["accounts", "refresh", "cli-outage"], fake_env, capsys)
+        assert result.code == 1
+        assert "refresh failed" in result.err
+        assert "<html" not in result.err.lower()
+        account = read_account(fake_env, "cli-outage")
+        assert account is not None
+        assert account.refresh_token == Secret(issued["refresh_token"])
+        assert account.status.value == "active"
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [[str(CONSOLE_SCRIPT)], [sys.executable, "-m", "nbgateway"]],
+    ids=["console-script", "python-m"],
+)
+def test_entry_point_help(command: list[str]) -> None:
+    """Both entry points run the CLI: --help exits 0 and describes the gateway."""
+    done = subprocess.run(
+        [*command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_os_environ(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Transparent OAuth token gateway" in done.stdout
+
+
+@pytest.mark.slow
+def test_entry_point_exit_code_is_propagated(tmp_path: Path) -> None:
+    """The console script's exit status is main()'s return value (2 on bad config)."""
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), "check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_os_environ(),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "NBGW_ENCRYPTION_KEY" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_demo_self_test(tmp_path: Path) -> None:
+    """`nbgateway demo --port 0 --self-test` connects, proxies, recovers and exits 0."""
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), "demo", "--port", "0", "--self-test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_os_environ(),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo self-test: ok" in done.stdout
+
+
+# ---------------------------------------------------------------------- database locking
+#
+# The commands open the store directly. These run in a subprocess because the failure mode
+# leaves an aiosqlite worker thread behind, which would keep the test process alive.
+
+STORE_SCRIPT = """
+import asyncio, os, sys, time
+from pathlib import Path
+from nbgateway.clock import SystemClock
+from nbgateway.crypto import Cipher
+from nbgateway.models import EventKind, TokenSet
+from nbgateway.redact import Secret
+from nbgateway.store import SQLiteStore
+
+async def go(path, key, write):
+    store = SQLiteStore(Path(path), Cipher([Secret(key)]), SystemClock(), busy_timeout=0.2)
+    async with store:
+        if write:
+            tokens = TokenSet(Secret("nbfake-at-lock-1"), Secret("nbfake-rt-lock-1"),
+                              time.time() + 60, "default")
+            await store.save_tokens("acme", tokens, EventKind.CONNECTED)
+
+try:
+    asyncio.run(go(sys.argv[1], sys.argv[2], sys.argv[3] == "write"))
+    print("ok", flush=True)
+except Exception as exc:
+    print(f"error {type(exc).__module__}.{type(exc).__name__}: {exc}", flush=True)
+if sys.argv[4] == "hard-exit":
+    os._exit(0)
+"""
+
+
+def run_store_script(db: Path, key: str, *, write: bool, hard_exit: bool) -> str:
+    """Run STORE_SCRIPT; its one line of output, or TIMEOUT if the process did not end."""
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                STORE_SCRIPT,
+                str(db),
+                key,
+                "write" if write else "open",
+                "hard-exit" if hard_exit else "normal-exit",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=4,
+            env=clean_os_environ(),
+            cwd=db.parent,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else ""
+        return f"TIMEOUT after: {out.strip()}"
+    return done.stdout.strip() + done.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_first_write_after_creating_the_database(tmp_path: Path) -> None:
+    """A store opened on a new file accepts a write at once."""
+    result = run_store_script(tmp_path / "gateway.db", generate_key(), write=True, hard_exit=True)
+    assert result == "ok"
+
+
+@pytest.mark.slow
+def test_locked_database_fails_cleanly(tmp_path: Path) -> None:
+    """A database another process locks exclusively gives a StoreError, and the process ends."""
+    db, key = tmp_path / "gateway.db", generate_key()
+    assert run_store_script(db, key, write=False, hard_exit=False) == "ok"
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        result = run_store_script(db, key, write=False, hard_exit=False)
+    finally:
+        holder.close()
+    assert result.startswith("error nbgateway.errors.StoreError"), result
+    assert "locked" in result
