@@ -18,12 +18,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from nbgateway import admin_api, keys
+from nbgateway import admin_api, admin_pages, keys
 from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import Settings
 from nbgateway.errors import NBGatewayError
 from nbgateway.metrics import Metrics
 from nbgateway.middleware import request_context
+from nbgateway.notify import Notifier, combine
 from nbgateway.proxy import Proxy
 from nbgateway.redact import Redactor
 from nbgateway.services import open_services
@@ -63,6 +64,12 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.REDACTOR] = redactor
     app[BACKGROUND] = background
+    notifier = Notifier(
+        settings.alert_webhook, settings.public_url, metrics=metrics, redactor=redactor, clock=clock
+    )
+    # Before the services: open when their first sync may already report an account, closed
+    # (pending deliveries awaited) after them.
+    app.cleanup_ctx.append(notifier.context)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         async with open_services(
@@ -71,7 +78,7 @@ def create_app(
             metrics=metrics,
             redactor=redactor,
             session=session,
-            on_needs_reauth=on_needs_reauth,
+            on_needs_reauth=combine(notifier.notify, on_needs_reauth),
         ) as svc:
             app[keys.STORE] = svc.store
             app[keys.UPSTREAM] = svc.http
@@ -105,6 +112,7 @@ def create_app(
 
     connect = connect_app if connect_app is not None else web.Application()
     admin_api.add_routes(connect)
+    admin_pages.setup(connect, settings)
     app[CONNECT_APP] = connect
     app.add_subapp("/connect", connect)
     return app

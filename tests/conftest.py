@@ -139,7 +139,9 @@ async def gateway_factory(
         s = settings if settings is not None else settings_factory(**overrides)
         registry = CollectorRegistry()
         redactor = Redactor()
-        app = create_app(s, clock=clock, registry=registry, redactor=redactor, background=background)
+        app = create_app(
+            s, clock=clock, registry=registry, redactor=redactor, background=background
+        )
         client = await aiohttp_client(app)
         return Gateway(client=client, app=app, registry=registry, redactor=redactor, settings=s)
 

@@ -19,9 +19,9 @@ async def test_proxied_request_carries_the_stored_token(
     assert len(body["data"]) == 2
     seen = fake_nb.api_requests[-1]
     assert seen.headers["Authorization"] == f"Bearer {issued['access_token']}"
-    assert gateway.metric(
-        "nbgw_proxy_requests_total", account="acme", method="GET", code="200"
-    ) == 1
+    assert (
+        gateway.metric("nbgw_proxy_requests_total", account="acme", method="GET", code="200") == 1
+    )
 
 
 async def test_expired_token_is_refreshed_before_use(
@@ -47,6 +47,6 @@ async def test_upstream_401_triggers_one_refresh_and_one_retry(
     assert resp.status == 200
     assert len(fake_nb.token_requests) == 1
     assert len(fake_nb.api_requests) == 2
-    assert gateway.metric(
-        "nbgw_upstream_401_retries_total", account="acme", outcome="recovered"
-    ) == 1
+    assert (
+        gateway.metric("nbgw_upstream_401_retries_total", account="acme", outcome="recovered") == 1
+    )
