@@ -229,7 +229,7 @@ class TokenManager:
         self, slug: str, force: bool, stale_generation: int | None
     ) -> IssuedToken:
         failure: OAuthError | None = None
-        reauth = False
+        reauth = marked = False
         async with self._store.refresh_lock(slug) as locked:
             account = await locked.read()
             if account.status is AccountStatus.NEEDS_REAUTH:
@@ -240,7 +240,7 @@ class TokenManager:
                 return self._issue(account)  # adopted: someone else refreshed
             elif account.refresh_token is None:
                 await locked.mark_needs_reauth("no refresh token is stored")
-                reauth = True
+                reauth = marked = True
             else:
                 try:
                     tokens = await self._call_token_endpoint(slug, account.refresh_token)
@@ -250,7 +250,7 @@ class TokenManager:
                         current = await locked.read()
                         if current.refresh_token == account.refresh_token:
                             await locked.mark_needs_reauth(str(exc))
-                            reauth = True
+                            reauth = marked = True
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:
@@ -259,7 +259,8 @@ class TokenManager:
                     account = await locked.save_tokens(tokens)
         # Leaving the block committed the new pair (or the failure record).
         if reauth:
-            self._mark_reauth_seen(slug, reason=str(failure) if failure else "")
+            reason = str(failure) if failure else "no refresh token is stored"
+            self._mark_reauth_seen(slug, reason=reason, marked_here=marked)
             raise self._reauth_error(slug)
         if failure is not None:
             return self._after_transient_failure(slug, failure, force)
@@ -298,17 +299,23 @@ class TokenManager:
             return cached
         raise RefreshBackoff(slug, f"refreshing the token of {slug!r} failed: {exc}", delay)
 
-    def _mark_reauth_seen(self, slug: str, reason: str = "") -> None:
+    def _mark_reauth_seen(self, slug: str, reason: str = "", *, marked_here: bool = False) -> None:
+        """Stop using the account. Only the process that marked it warns and notifies:
+        others (and restarts) see the status in the store and the banner, not a repeat alert."""
         self._cache.pop(slug, None)
         self._metrics.needs_reauth.labels(slug).set(1)
-        if slug not in self._needs_reauth:
-            self._needs_reauth.add(slug)
-            log.warning(
-                "account needs re-authorization at /connect",
-                extra={"account": slug, "outcome": "needs_reauth"},
-            )
-            if self._on_needs_reauth is not None:
-                self._on_needs_reauth(slug, reason or "the refresh token was rejected")
+        if slug in self._needs_reauth:
+            return
+        self._needs_reauth.add(slug)
+        if not marked_here:
+            log.info("account needs re-authorization", extra={"account": slug})
+            return
+        log.warning(
+            "account needs re-authorization at /connect",
+            extra={"account": slug, "outcome": "needs_reauth"},
+        )
+        if self._on_needs_reauth is not None:
+            self._on_needs_reauth(slug, reason or "the refresh token was rejected")
 
     # -- keeping up with the store ---------------------------------------------------------
 
