@@ -8,6 +8,7 @@ or malformed value raises `ConfigError` naming the variable and what is expected
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -149,7 +150,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not self.public_url:
-            object.__setattr__(self, "public_url", f"http://{self.host}:{self.port}")
+            host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+            object.__setattr__(self, "public_url", f"http://{host}:{self.port}")
         if not self.allowed_clients:
             object.__setattr__(
                 self,
@@ -171,13 +173,17 @@ class Settings:
 
     def secrets(self) -> list[Secret]:
         """Every secret held in the settings (for the log redactor)."""
-        return [*self.encryption_keys, self.client_secret, self.admin_token]
+        held = [*self.encryption_keys, self.client_secret, self.admin_token]
+        if self.alert_webhook:
+            held.append(Secret(self.alert_webhook))  # chat webhook URLs are credentials
+        return held
 
 
-def _fail(env: str, expected: str, got: str | None = None) -> ConfigError:
+def _fail(env: str, expected: str) -> ConfigError:
+    """A ConfigError naming the variable; an empty `expected` means the value is missing."""
     setting = SETTINGS_BY_ENV.get(env)
     expects = setting.expects if setting else expected
-    if got is None:
+    if not expected:
         return ConfigError(f"{env} is required: expected {expects}")
     return ConfigError(f"{env} is invalid: {expected}; expected {expects}")
 
@@ -202,7 +208,11 @@ def _parse_number(env: str, raw: str, kind: Callable[[str], float], minimum: flo
         value = kind(raw)
     except ValueError:
         raise _fail(env, f"{raw!r} is not a number") from None
-    if value < minimum or (minimum == 0 and env == "NBGW_UPSTREAM_TIMEOUT" and value == 0):
+    if (
+        not math.isfinite(value)
+        or value < minimum
+        or (minimum == 0 and env == "NBGW_UPSTREAM_TIMEOUT" and value == 0)
+    ):
         raise _fail(env, f"{raw!r} is out of range")
     return value
 
@@ -246,7 +256,8 @@ def load_settings(
     if config_file is not None:
         raw.update(_read_toml(config_file))
     for setting in SETTINGS:
-        if setting.env in environ:
+        # An empty variable (as an env file with `NBGW_X=` leaves) does not hide the file.
+        if environ.get(setting.env, "").strip():
             raw[setting.env] = environ[setting.env]
 
     def get(env: str) -> str:
@@ -255,7 +266,7 @@ def load_settings(
             return value
         default = SETTINGS_BY_ENV[env].default
         if default is None and env in required:
-            raise _fail(env, "", None)
+            raise _fail(env, "")
         return default or ""
 
     listen = get("NBGW_LISTEN")
@@ -305,7 +316,10 @@ def load_settings(
 
     webhook = get("NBGW_ALERT_WEBHOOK")
     if webhook:
-        webhook = _parse_url("NBGW_ALERT_WEBHOOK", webhook)
+        parts = urlsplit(webhook)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            # Not echoed: webhook URLs often carry a secret.
+            raise _fail("NBGW_ALERT_WEBHOOK", "not an http(s) URL")
 
     return Settings(
         encryption_keys=keys,

@@ -303,11 +303,14 @@ class SQLiteStore:
 
     async def _check_key_ids(self, conn: aiosqlite.Connection) -> None:
         """Refuse to run when a stored value was sealed by a key we do not have."""
+        # Only well-formed ciphertexts count; a garbled row is verify()'s to report by name.
         sql = (
             "SELECT DISTINCT hex(substr(refresh_token, 2, 4)) FROM accounts "
-            "WHERE refresh_token IS NOT NULL "
+            "WHERE substr(refresh_token, 1, 1) = X'01' AND length(refresh_token) >= 33 "
             "UNION SELECT DISTINCT hex(substr(access_token, 2, 4)) FROM accounts "
-            "WHERE access_token IS NOT NULL"
+            "WHERE substr(access_token, 1, 1) = X'01' AND length(access_token) >= 33 "
+            "UNION SELECT DISTINCT hex(substr(verifier, 2, 4)) FROM auth_states "
+            "WHERE substr(verifier, 1, 1) = X'01' AND length(verifier) >= 33"
         )
         async with conn.execute(sql) as cur:
             stored = {str(row[0]).lower() async for row in cur}

@@ -1,0 +1,413 @@
+"""Tests for settings loading (nbgateway.config): environment, TOML file, defaults, errors."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nbgateway.config import (
+    REQUIRED_FOR_SERVE,
+    REQUIRED_FOR_STORE,
+    SETTINGS,
+    SETTINGS_BY_ENV,
+    Settings,
+    load_settings,
+)
+from nbgateway.crypto import generate_key
+from nbgateway.errors import ConfigError
+
+KEY = generate_key()
+OLD_KEY = generate_key()
+CLIENT_SECRET = "client-secret-CANARY-4f1d9c"
+ADMIN_TOKEN = "admin-token-CANARY-8e2b7a0c"
+
+# Everything `serve` requires, with recognisable secret values.
+BASE = {
+    "NBGW_ENCRYPTION_KEY": KEY,
+    "NBGW_CLIENT_ID": "client-id-1",
+    "NBGW_CLIENT_SECRET": CLIENT_SECRET,
+    "NBGW_ADMIN_TOKEN": ADMIN_TOKEN,
+}
+SECRET_VALUES = (KEY, OLD_KEY, CLIENT_SECRET, ADMIN_TOKEN)
+
+# For every declared setting: a valid non-default value and a check that it was applied.
+NON_DEFAULT: dict[str, tuple[str, Callable[[Settings], bool]]] = {
+    "NBGW_LISTEN": ("0.0.0.0:9090", lambda s: (s.host, s.port) == ("0.0.0.0", 9090)),
+    "NBGW_PUBLIC_URL": (
+        "https://gw.example.org/",
+        lambda s: s.redirect_uri == "https://gw.example.org/connect/callback",
+    ),
+    "NBGW_DATABASE": (
+        "/var/lib/nbgw/tokens.db",
+        lambda s: s.database == Path("/var/lib/nbgw/tokens.db"),
+    ),
+    "NBGW_ENCRYPTION_KEY": (
+        f"{KEY},{OLD_KEY}",
+        lambda s: [k.reveal() for k in s.encryption_keys] == [KEY, OLD_KEY],
+    ),
+    "NBGW_CLIENT_ID": ("another-client", lambda s: s.client_id == "another-client"),
+    "NBGW_CLIENT_SECRET": (
+        "another-secret-value",
+        lambda s: s.client_secret.reveal() == "another-secret-value",
+    ),
+    "NBGW_ADMIN_TOKEN": (
+        "another-admin-token-0123456789",
+        lambda s: s.admin_token.reveal() == "another-admin-token-0123456789",
+    ),
+    "NBGW_NATION_URL": (
+        "http://127.0.0.1:9999/{slug}",
+        lambda s: s.nation_base("acme") == "http://127.0.0.1:9999/acme",
+    ),
+    "NBGW_DEFAULT_ACCOUNT": ("acme-2", lambda s: s.default_account == "acme-2"),
+    "NBGW_REFRESH_MARGIN": ("120", lambda s: s.refresh_margin == 120),
+    "NBGW_ALLOWED_CLIENTS": (
+        "10.1.0.0/16, 192.0.2.7",
+        lambda s: (
+            s.allowed_clients
+            == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("192.0.2.7/32"))
+        ),
+    ),
+    "NBGW_UPSTREAM_TIMEOUT": ("2.5", lambda s: s.upstream_timeout == 2.5),
+    "NBGW_MAX_REQUEST_BODY": ("2048", lambda s: s.max_request_body == 2048),
+    "NBGW_RETRY_BUFFER": ("0", lambda s: s.retry_buffer == 0),
+    "NBGW_LOG_FORMAT": ("JSON", lambda s: s.log_format == "json"),
+    "NBGW_LOG_LEVEL": ("debug", lambda s: s.log_level == "DEBUG"),
+    "NBGW_ALERT_WEBHOOK": (
+        "https://hooks.example.org/nbgw",
+        lambda s: s.alert_webhook == "https://hooks.example.org/nbgw",
+    ),
+}
+
+MALFORMED = [
+    ("NBGW_LISTEN", "8080"),
+    ("NBGW_LISTEN", "localhost"),
+    ("NBGW_LISTEN", ":8080"),
+    ("NBGW_LISTEN", "localhost:http"),
+    ("NBGW_LISTEN", "localhost:70000"),
+    ("NBGW_PUBLIC_URL", "gateway.example.org"),
+    ("NBGW_ALLOWED_CLIENTS", "not-a-cidr"),
+    ("NBGW_ALLOWED_CLIENTS", "10.0.0.0/33"),
+    ("NBGW_ALLOWED_CLIENTS", "127.0.0.1/32,10.0.0.0/8,bogus"),
+    ("NBGW_REFRESH_MARGIN", "soon"),
+    ("NBGW_REFRESH_MARGIN", "-5"),
+    ("NBGW_UPSTREAM_TIMEOUT", "fast"),
+    ("NBGW_UPSTREAM_TIMEOUT", "0"),
+    ("NBGW_UPSTREAM_TIMEOUT", "-1"),
+    ("NBGW_MAX_REQUEST_BODY", "big"),
+    ("NBGW_MAX_REQUEST_BODY", "0"),
+    ("NBGW_RETRY_BUFFER", "-1"),
+    ("NBGW_NATION_URL", "https://acme.nationbuilder.com"),
+    ("NBGW_NATION_URL", "ftp://{slug}.nationbuilder.com"),
+    ("NBGW_NATION_URL", "{slug}.nationbuilder.com"),
+    ("NBGW_LOG_FORMAT", "xml"),
+    ("NBGW_LOG_LEVEL", "LOUD"),
+    ("NBGW_DEFAULT_ACCOUNT", "Not_A_Slug"),
+    ("NBGW_ALERT_WEBHOOK", "hooks.example.org/x"),
+    ("NBGW_ENCRYPTION_KEY", "not-a-key"),
+    ("NBGW_ENCRYPTION_KEY", "c2hvcnQ="),  # valid base64, but 5 bytes
+    ("NBGW_ENCRYPTION_KEY", f"{KEY},also-not-a-key"),
+    ("NBGW_ADMIN_TOKEN", "too-short"),
+]
+
+
+def write_toml(tmp_path: Path, values: dict[str, object]) -> Path:
+    """Write a TOML file from plain values (strings are JSON-quoted, valid TOML strings)."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path = tmp_path / "nbgateway.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def load_error(environ: dict[str, str], toml: Path | None = None) -> ConfigError:
+    """The ConfigError that loading raises."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ, toml)
+    return info.value
+
+
+def assert_no_secrets(message: str) -> None:
+    for secret in SECRET_VALUES:
+        assert secret not in message
+
+
+class TestEnvironment:
+    def test_every_declared_setting_has_a_case_here(self) -> None:
+        """Each entry in SETTINGS is covered by the parsing table below (no setting is skipped)."""
+        assert set(NON_DEFAULT) == {s.env for s in SETTINGS}
+
+    @pytest.mark.parametrize("env", sorted(NON_DEFAULT))
+    def test_each_setting_is_read_from_the_environment(self, env: str) -> None:
+        """A non-default value in the environment ends up in Settings."""
+        value, applied = NON_DEFAULT[env]
+        settings = load_settings({**BASE, env: value})
+        assert applied(settings)
+
+    def test_only_nbgw_variables_are_read(self) -> None:
+        """Unrelated environment variables are ignored rather than rejected."""
+        settings = load_settings({**BASE, "HOME": "/root", "NBGW_LISTENX": "x"})
+        assert settings.port == 8080
+
+    def test_ipv6_listen_address_is_split_into_host_and_port(self) -> None:
+        """A bracketed IPv6 NBGW_LISTEN yields the bare host and the port."""
+        settings = load_settings({**BASE, "NBGW_LISTEN": "[::1]:8081"})
+        assert (settings.host, settings.port) == ("::1", 8081)
+
+    def test_ipv6_listen_gives_a_valid_default_public_url(self) -> None:
+        """The default public URL of an IPv6 listen address keeps the brackets."""
+        settings = load_settings({**BASE, "NBGW_LISTEN": "[::1]:8080"})
+        assert settings.public_url == "http://[::1]:8080"
+
+    def test_public_url_defaults_to_the_listen_address(self) -> None:
+        """Without NBGW_PUBLIC_URL, the redirect URI is built on http://{NBGW_LISTEN}."""
+        settings = load_settings({**BASE, "NBGW_LISTEN": "0.0.0.0:9000"})
+        assert settings.public_url == "http://0.0.0.0:9000"
+        assert settings.redirect_uri == "http://0.0.0.0:9000/connect/callback"
+
+    def test_empty_variable_means_default(self) -> None:
+        """An empty optional variable (as an env file leaves it) gives the default."""
+        settings = load_settings({**BASE, "NBGW_REFRESH_MARGIN": "", "NBGW_LOG_FORMAT": " "})
+        assert settings.refresh_margin == 300
+        assert settings.log_format == "text"
+
+
+class TestDefaults:
+    @pytest.fixture
+    def settings(self) -> Settings:
+        return load_settings(BASE)
+
+    def test_listen(self, settings: Settings) -> None:
+        """NBGW_LISTEN defaults to 127.0.0.1:8080."""
+        assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+
+    def test_public_url(self, settings: Settings) -> None:
+        """NBGW_PUBLIC_URL defaults to http://{NBGW_LISTEN}."""
+        assert settings.public_url == "http://127.0.0.1:8080"
+
+    def test_database(self, settings: Settings) -> None:
+        """NBGW_DATABASE defaults to ./nbgateway.db."""
+        assert settings.database == Path("./nbgateway.db")
+
+    def test_nation_url(self, settings: Settings) -> None:
+        """NBGW_NATION_URL defaults to https://{slug}.nationbuilder.com."""
+        assert settings.nation_url == "https://{slug}.nationbuilder.com"
+        assert settings.nation_base("acme") == "https://acme.nationbuilder.com"
+
+    def test_refresh_margin(self, settings: Settings) -> None:
+        """NBGW_REFRESH_MARGIN defaults to 300 seconds."""
+        assert settings.refresh_margin == 300
+
+    def test_upstream_timeout(self, settings: Settings) -> None:
+        """NBGW_UPSTREAM_TIMEOUT defaults to 60 seconds."""
+        assert settings.upstream_timeout == 60
+
+    def test_max_request_body(self, settings: Settings) -> None:
+        """NBGW_MAX_REQUEST_BODY defaults to 10485760 bytes."""
+        assert settings.max_request_body == 10485760
+
+    def test_log_format(self, settings: Settings) -> None:
+        """NBGW_LOG_FORMAT defaults to text."""
+        assert settings.log_format == "text"
+
+    def test_default_account(self, settings: Settings) -> None:
+        """NBGW_DEFAULT_ACCOUNT has no default."""
+        assert settings.default_account == ""
+
+    @pytest.mark.parametrize(
+        "address",
+        [
+            "127.0.0.1",
+            "127.5.6.7",
+            "::1",
+            "10.2.3.4",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.10",
+            "fd00::1",
+        ],
+    )
+    def test_allowed_clients_include_loopback_and_private(
+        self, settings: Settings, address: str
+    ) -> None:
+        """By default loopback and private ranges may use the proxy."""
+        ip = ipaddress.ip_address(address)
+        assert any(ip in net for net in settings.allowed_clients if net.version == ip.version)
+
+    @pytest.mark.parametrize("address", ["8.8.8.8", "172.32.0.1", "192.169.0.1", "2001:db8::1"])
+    def test_allowed_clients_exclude_public_addresses(
+        self, settings: Settings, address: str
+    ) -> None:
+        """By default public addresses may not use the proxy."""
+        ip = ipaddress.ip_address(address)
+        assert not any(ip in net for net in settings.allowed_clients if net.version == ip.version)
+
+
+class TestRequired:
+    @pytest.mark.parametrize("env", sorted(REQUIRED_FOR_SERVE))
+    def test_missing_required_value_names_variable_and_expectation(self, env: str) -> None:
+        """A missing required variable raises ConfigError naming it and what it should hold."""
+        environ = {k: v for k, v in BASE.items() if k != env}
+        message = str(load_error(environ))
+        assert env in message
+        assert SETTINGS_BY_ENV[env].expects in message
+
+    @pytest.mark.parametrize("env", sorted(REQUIRED_FOR_SERVE))
+    def test_empty_required_value_counts_as_missing(self, env: str) -> None:
+        """An empty required variable is reported like a missing one."""
+        assert env in str(load_error({**BASE, env: ""}))
+
+    def test_only_the_named_requirements_apply(self) -> None:
+        """With required=REQUIRED_FOR_STORE, OAuth credentials may be absent."""
+        settings = load_settings({"NBGW_ENCRYPTION_KEY": KEY}, required=REQUIRED_FOR_STORE)
+        assert settings.client_id == ""
+        assert not settings.client_secret
+
+    def test_nothing_required(self) -> None:
+        """With required=() an empty environment loads the defaults and no key."""
+        settings = load_settings({}, required=())
+        assert settings.encryption_keys == ()
+
+
+class TestMalformed:
+    @pytest.mark.parametrize(("env", "value"), MALFORMED)
+    def test_malformed_value_names_the_variable(self, env: str, value: str) -> None:
+        """A malformed value raises ConfigError whose message names the variable."""
+        message = str(load_error({**BASE, env: value}))
+        assert env in message
+        assert_no_secrets(message)
+
+    @pytest.mark.parametrize(
+        ("env", "value"),
+        [
+            ("NBGW_LISTEN", "8080"),
+            ("NBGW_ALLOWED_CLIENTS", "not-a-cidr"),
+            ("NBGW_REFRESH_MARGIN", "soon"),
+            ("NBGW_NATION_URL", "https://acme.nationbuilder.com"),
+            ("NBGW_ENCRYPTION_KEY", "not-a-key"),
+        ],
+    )
+    def test_malformed_value_is_not_reported_as_missing(self, env: str, value: str) -> None:
+        """A value that is present but malformed is not called 'required'."""
+        message = str(load_error({**BASE, env: value}))
+        assert "required" not in message
+
+    @pytest.mark.parametrize("value", ["nan", "inf"])
+    def test_timeout_must_be_a_finite_number(self, value: str) -> None:
+        """NBGW_UPSTREAM_TIMEOUT rejects nan and infinity."""
+        assert "NBGW_UPSTREAM_TIMEOUT" in str(load_error({**BASE, "NBGW_UPSTREAM_TIMEOUT": value}))
+
+    def test_bad_key_is_not_echoed(self) -> None:
+        """A malformed encryption key never appears in the error, nor do the good keys."""
+        planted = "SECRETCANARY-not-really-a-key-0123456789"
+        message = str(load_error({**BASE, "NBGW_ENCRYPTION_KEY": f"{KEY},{planted}"}))
+        assert "NBGW_ENCRYPTION_KEY" in message
+        assert planted not in message
+        assert_no_secrets(message)
+
+    def test_short_admin_token_is_not_echoed(self) -> None:
+        """A too-short admin token is rejected without repeating it."""
+        planted = "CANARY-adm1n"
+        message = str(load_error({**BASE, "NBGW_ADMIN_TOKEN": planted}))
+        assert "NBGW_ADMIN_TOKEN" in message
+        assert planted not in message
+
+
+class TestTomlFile:
+    def test_keys_are_lower_case_without_prefix(self, tmp_path: Path) -> None:
+        """The TOML file holds settings as lower-case keys without NBGW_."""
+        toml = write_toml(
+            tmp_path,
+            {
+                "encryption_key": KEY,
+                "client_id": "c",
+                "client_secret": CLIENT_SECRET,
+                "admin_token": ADMIN_TOKEN,
+                "listen": "0.0.0.0:9000",
+            },
+        )
+        settings = load_settings({}, toml)
+        assert settings.port == 9000
+        assert settings.client_secret.reveal() == CLIENT_SECRET
+
+    @pytest.mark.parametrize("env", sorted(NON_DEFAULT))
+    def test_each_setting_is_read_from_the_file(self, tmp_path: Path, env: str) -> None:
+        """A non-default value in the TOML file ends up in Settings."""
+        value, applied = NON_DEFAULT[env]
+        toml = write_toml(tmp_path, {SETTINGS_BY_ENV[env].key: value})
+        settings = load_settings({k: v for k, v in BASE.items() if k != env}, toml)
+        assert applied(settings)
+
+    def test_environment_wins_over_file(self, tmp_path: Path) -> None:
+        """A variable set in both places takes the environment's value."""
+        toml = write_toml(tmp_path, {"listen": "0.0.0.0:9000", "refresh_margin": 100})
+        settings = load_settings({**BASE, "NBGW_LISTEN": "127.0.0.1:7000"}, toml)
+        assert settings.port == 7000
+        assert settings.refresh_margin == 100
+
+    def test_empty_environment_variable_does_not_hide_file_value(self, tmp_path: Path) -> None:
+        """An empty variable (as an env file leaves it) falls back to the file, not the default."""
+        toml = write_toml(tmp_path, {"listen": "0.0.0.0:9000"})
+        settings = load_settings({**BASE, "NBGW_LISTEN": ""}, toml)
+        assert settings.port == 9000
+
+    def test_numbers_and_lists_are_accepted(self, tmp_path: Path) -> None:
+        """TOML integers, floats and arrays are read like their string forms."""
+        toml = write_toml(
+            tmp_path,
+            {
+                "refresh_margin": 120,
+                "upstream_timeout": 2.5,
+                "allowed_clients": ["10.0.0.0/8", "127.0.0.1/32"],
+            },
+        )
+        settings = load_settings(BASE, toml)
+        assert settings.refresh_margin == 120
+        assert settings.upstream_timeout == 2.5
+        assert settings.allowed_clients == (
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("127.0.0.1/32"),
+        )
+
+    def test_unknown_key_is_rejected(self, tmp_path: Path) -> None:
+        """A key that is not a setting raises ConfigError naming the key and the file."""
+        toml = write_toml(tmp_path, {"listn": "0.0.0.0:9000"})
+        message = str(load_error(BASE, toml))
+        assert "listn" in message
+        assert str(toml) in message
+
+    def test_prefixed_upper_case_key_is_rejected(self, tmp_path: Path) -> None:
+        """The environment spelling (NBGW_LISTEN) is not a TOML key."""
+        toml = write_toml(tmp_path, {"NBGW_LISTEN": "0.0.0.0:9000"})
+        assert "NBGW_LISTEN" in str(load_error(BASE, toml))
+
+    def test_boolean_value_is_rejected(self, tmp_path: Path) -> None:
+        """A TOML boolean raises ConfigError naming the key."""
+        toml = write_toml(tmp_path, {"log_format": True})
+        assert "log_format" in str(load_error(BASE, toml))
+
+    def test_invalid_toml_names_the_file(self, tmp_path: Path) -> None:
+        """A file that is not TOML raises ConfigError naming the file, without its secrets."""
+        toml = tmp_path / "broken.toml"
+        toml.write_text(f'client_secret = "{CLIENT_SECRET}\nlisten = = 1\n', encoding="utf-8")
+        message = str(load_error({}, toml))
+        assert str(toml) in message
+        assert_no_secrets(message)
+
+    def test_missing_file_names_the_file(self, tmp_path: Path) -> None:
+        """A config file that does not exist raises ConfigError naming it."""
+        toml = tmp_path / "absent.toml"
+        assert str(toml) in str(load_error(BASE, toml))
+
+    def test_malformed_file_value_names_the_variable(self, tmp_path: Path) -> None:
+        """A malformed value read from the file is reported under its variable name."""
+        toml = write_toml(tmp_path, {"upstream_timeout": "soon"})
+        assert "NBGW_UPSTREAM_TIMEOUT" in str(load_error(BASE, toml))
+
+    def test_missing_required_value_in_file_and_environment(self, tmp_path: Path) -> None:
+        """A required value absent from both sources names the variable."""
+        toml = write_toml(tmp_path, {"client_id": "c", "client_secret": CLIENT_SECRET})
+        environ = {"NBGW_ENCRYPTION_KEY": KEY}
+        assert "NBGW_ADMIN_TOKEN" in str(load_error(environ, toml))
