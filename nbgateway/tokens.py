@@ -65,7 +65,8 @@ class Backoff:
         self._rng = rng
 
     def delay(self, failures: int) -> float:
-        ceiling = min(self.cap, self.base * 2.0 ** max(0, failures - 1))
+        # The exponent is capped so a failure streak of days cannot overflow a float.
+        ceiling = min(self.cap, self.base * 2.0 ** min(max(0, failures - 1), 62))
         # Never less than half the ceiling, so a burst of failures cannot retry at once.
         return ceiling / 2 + self._rng() * ceiling / 2
 
@@ -141,7 +142,18 @@ class TokenManager:
         if running is not None:
             task, task_forced = running
             self._metrics.refresh_coalesced.labels(slug).inc()
-            result = await asyncio.shield(task)
+            try:
+                result = await asyncio.shield(task)
+            except RefreshBackoff:
+                # A forced refresh (admin, background) failed; a caller that only needs
+                # a valid token keeps the one it has, or the still-valid stored one
+                # (_obtain returns that without a new attempt while backing off).
+                if force:
+                    raise
+                cached = self._still_valid(self._cache.get(slug))
+                if cached is not None:
+                    return cached
+                return await self._obtain(slug, False, stale_generation)
             if not force or task_forced or result.generation != stale_generation:
                 return result
         task = asyncio.create_task(self._obtain(slug, force, stale_generation))
@@ -189,30 +201,26 @@ class TokenManager:
             slug, f"account {slug!r} needs to be re-authorized by an admin at /connect"
         )
 
-    def _check_backoff(self, slug: str, force: bool) -> None:
+    def _backoff_wait(self, slug: str) -> float:
+        """Seconds until the next refresh attempt is allowed (0 when not backing off)."""
         state = self._backoff.get(slug)
-        if state is None:
-            return
-        wait = state.next_attempt_at - self._clock.now()
-        if wait <= 0:
-            return
-        cached = self._cache.get(slug)
-        if cached is not None and not force and cached.expires_at > self._clock.now():
-            return  # the caller keeps the still-valid token; see _obtain
-        raise RefreshBackoff(
-            slug, f"refreshing the token of {slug!r} failed recently; retrying later", wait
-        )
+        return 0.0 if state is None else max(0.0, state.next_attempt_at - self._clock.now())
+
+    def _still_valid(self, token: IssuedToken | None) -> IssuedToken | None:
+        """`token` if it has not expired yet (inside the margin is fine), else None."""
+        if token is not None and token.expires_at > self._clock.now():
+            return token
+        return None
 
     async def _obtain(self, slug: str, force: bool, stale_generation: int | None) -> IssuedToken:
         if slug in self._needs_reauth:
             raise self._reauth_error(slug)
-        self._check_backoff(slug, force)
-        cached = self._cache.get(slug)
-        in_backoff = slug in self._backoff and (
-            self._backoff[slug].next_attempt_at > self._clock.now()
-        )
-        if in_backoff and cached is not None and not force:
-            return cached  # still valid (checked by _check_backoff): keep using it
+        backing_off = self._backoff_wait(slug) > 0
+        if backing_off and not force:
+            # Keep using a still-valid token without touching the store meanwhile.
+            cached = self._still_valid(self._cache.get(slug))
+            if cached is not None:
+                return cached
 
         # Without the lock first: another process may already have refreshed.
         account = await self._load(slug)
@@ -223,6 +231,14 @@ class TokenManager:
             threshold = 0.0 if force else self.margin
             if self._usable(account, threshold):
                 return self._issue(account)
+        if backing_off:
+            if not force and self._usable(account, 0.0):
+                return self._issue(account)  # inside the margin, but still valid
+            raise RefreshBackoff(
+                slug,
+                f"refreshing the token of {slug!r} failed recently; retrying later",
+                self._backoff_wait(slug),
+            )
         return await self._refresh_locked(slug, force, stale_generation)
 
     async def _refresh_locked(
@@ -263,7 +279,7 @@ class TokenManager:
             self._mark_reauth_seen(slug, reason=reason, marked_here=marked)
             raise self._reauth_error(slug)
         if failure is not None:
-            return self._after_transient_failure(slug, failure, force)
+            return self._after_transient_failure(slug, failure, force, account)
         self._backoff.pop(slug, None)
         self._metrics.last_refresh_success.labels(slug).set(self._clock.now())
         log.info("refreshed token", extra={"account": slug, "outcome": "success"})
@@ -285,7 +301,9 @@ class TokenManager:
             self._metrics.refresh_duration.labels(slug).observe(self._clock.monotonic() - started)
             self._metrics.refresh_total.labels(slug, outcome.value).inc()
 
-    def _after_transient_failure(self, slug: str, exc: OAuthError, force: bool) -> IssuedToken:
+    def _after_transient_failure(
+        self, slug: str, exc: OAuthError, force: bool, account: Account
+    ) -> IssuedToken:
         state = self._backoff.get(slug)
         failures = 1 if state is None else state.failures + 1
         delay = self._backoff_policy.delay(failures)
@@ -294,9 +312,8 @@ class TokenManager:
             "token refresh failed; backing off",
             extra={"account": slug, "outcome": exc.outcome.value, "retry_in": round(delay, 1)},
         )
-        cached = self._cache.get(slug)
-        if cached is not None and not force and cached.expires_at > self._clock.now():
-            return cached
+        if not force and self._usable(account, 0.0):
+            return self._issue(account)  # the stored token is still valid: keep using it
         raise RefreshBackoff(slug, f"refreshing the token of {slug!r} failed: {exc}", delay)
 
     def _mark_reauth_seen(self, slug: str, reason: str = "", *, marked_here: bool = False) -> None:
@@ -330,15 +347,11 @@ class TokenManager:
         self._change_counter = counter
         infos = await self._store.list_accounts()
         present = {info.slug for info in infos}
+        known = self._accounts | set(self._cache) | self._needs_reauth | set(self._backoff)
+        for slug in known - present:  # removed, here or by another process
+            self.invalidate(slug)
+            self._metrics.forget_account(slug)
         self._accounts = present
-        for slug in list(self._cache):
-            if slug not in present:
-                self.invalidate(slug)
-                self._metrics.forget_account(slug)
-        for slug in list(self._needs_reauth):
-            if slug not in present:
-                self._needs_reauth.discard(slug)
-                self._metrics.forget_account(slug)
         for info in infos:
             cached = self._cache.get(info.slug)
             if cached is not None and cached.generation != info.generation:

@@ -1,0 +1,763 @@
+"""TokenManager behaviour through the real gateway and the fake NationBuilder on sockets.
+
+Time moves only with the shared FakeClock. Races are staged with the fake's switches
+(hold_tokens, fail_token) and waited for by state, never by sleeping for time to pass.
+Two gateways on one database file stand in for two processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import CLIENT_ID, CLIENT_SECRET, PUBLIC_URL, ConnectAccount, Gateway, GatewayFactory
+
+from nbgateway.clock import FakeClock
+from nbgateway.config import Settings
+from nbgateway.errors import AccountNotFound, ReauthorizationRequired, RefreshBackoff
+from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
+from nbgateway.models import AccountStatus, EventKind
+from nbgateway.tokens import Backoff
+
+SLUG = "acme"
+ME = "/api/v2/signups/me"
+LIFETIME = 86400.0  # the fake's access-token lifetime
+MARGIN = 300.0  # the default NBGW_REFRESH_MARGIN
+
+REFRESH_TOTAL = "nbgw_token_refresh_total"
+COALESCED = "nbgw_token_refresh_coalesced_total"
+NEEDS_REAUTH = "nbgw_account_needs_reauth"
+EXPIRY = "nbgw_access_token_expiry_timestamp_seconds"
+LAST_SUCCESS = "nbgw_account_last_refresh_success_timestamp_seconds"
+
+
+def bearer(record: RecordedRequest) -> str:
+    """The access token a recorded upstream request carried."""
+    return record.headers["Authorization"].removeprefix("Bearer ")
+
+
+async def fetch(gw: Gateway, path: str = ME) -> int:
+    """GET through the gateway; the status once the body is read."""
+    resp = await gw.client.get(path)
+    await resp.read()
+    return resp.status
+
+
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Yield to the event loop until `predicate` holds; bounded so a hang fails by name."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+async def stored_access_token(gw: Gateway, slug: str = SLUG) -> str:
+    account = await gw.store.get_account(slug)
+    assert account is not None and account.access_token is not None
+    return account.access_token.reveal()
+
+
+async def stored_refresh_token(gw: Gateway, slug: str = SLUG) -> str:
+    account = await gw.store.get_account(slug)
+    assert account is not None and account.refresh_token is not None
+    return account.refresh_token.reveal()
+
+
+async def refresh_status_at_fake(fake_nb: FakeNationBuilder, refresh_token: str) -> int:
+    """What the fake's token endpoint answers to a refresh grant with this refresh token."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{fake_nb.nation_url(SLUG)}/oauth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": refresh_token,
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+            },
+        ) as resp,
+    ):
+        return resp.status
+
+
+def spy_refresh_lock(monkeypatch: pytest.MonkeyPatch, gw: Gateway) -> list[str]:
+    """Record each time `gw` asks its store for the cross-process refresh lock."""
+    asked: list[str] = []
+    original = gw.store.refresh_lock
+
+    def refresh_lock(slug: str) -> Any:
+        asked.append(slug)
+        return original(slug)
+
+    monkeypatch.setattr(gw.store, "refresh_lock", refresh_lock)
+    return asked
+
+
+@pytest.fixture
+def shared_settings(settings_factory: Callable[..., Settings]) -> Settings:
+    """One database file and key for every gateway of a test (several "processes")."""
+    return settings_factory()
+
+
+@pytest.fixture
+async def pair(
+    gateway_factory: GatewayFactory,
+    shared_settings: Settings,
+    connect_account: ConnectAccount,
+) -> tuple[Gateway, Gateway]:
+    """Two gateways on one database, the account connected via the first, both caches warm."""
+    a = await gateway_factory(shared_settings)
+    b = await gateway_factory(shared_settings)
+    await connect_account(a, SLUG)
+    await a.tokens.sync(force=True)
+    await b.tokens.sync(force=True)
+    assert await fetch(a) == 200
+    assert await fetch(b) == 200
+    return a, b
+
+
+class TestCoalescing:
+    async def test_hundred_requests_on_an_expired_token_make_one_token_call(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """100 concurrent requests with an expired token share one refresh and its new token."""
+        issued = await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        tasks = [asyncio.create_task(fetch(gateway)) for _ in range(100)]
+        await fake_nb.wait_for_pending_tokens(1)
+        await eventually(
+            lambda: gateway.metric(COALESCED, account=SLUG) >= 99, "99 coalesced waiters"
+        )
+        fake_nb.release_tokens()
+        statuses = await asyncio.gather(*tasks)
+
+        assert statuses == [200] * 100
+        assert len(fake_nb.token_requests) == 1
+        assert gateway.metric(COALESCED, account=SLUG) == 99
+        new_token = await stored_access_token(gateway)
+        assert new_token != issued["access_token"]
+        assert [bearer(r) for r in fake_nb.api_requests] == [new_token] * 100
+        assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+
+
+class TestAcrossProcesses:
+    async def test_two_apps_on_one_database_make_one_token_call(
+        self,
+        pair: tuple[Gateway, Gateway],
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Both apps contend for the lock; the loser re-reads the row and adopts the refresh."""
+        a, b = pair
+        old_token = bearer(fake_nb.api_requests[-1])
+        asked_a = spy_refresh_lock(monkeypatch, a)
+        asked_b = spy_refresh_lock(monkeypatch, b)
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        fake_nb.clear_recordings()
+        ta = asyncio.create_task(fetch(a))
+        tb = asyncio.create_task(fetch(b))
+        await fake_nb.wait_for_pending_tokens(1)
+        # Both read the expired row and asked for the lock: one holds it (its token call is
+        # held at the fake), the other waits on SQLite's write lock.
+        await eventually(lambda: asked_a == [SLUG] and asked_b == [SLUG], "both at the lock")
+        fake_nb.release_tokens()
+
+        assert list(await asyncio.gather(ta, tb)) == [200, 200]
+        assert len(fake_nb.token_requests) == 1
+        used = {bearer(r) for r in fake_nb.api_requests}
+        assert used == {await stored_access_token(a)}
+        assert old_token not in used
+        refreshes = [gw.metric(REFRESH_TOTAL, account=SLUG, outcome="success") for gw in pair]
+        assert sorted(refreshes) == [0, 1]
+        kinds = [e.kind for e in await a.store.events(SLUG)]
+        assert kinds.count(EventKind.REFRESHED) == 1
+
+    async def test_process_with_a_stale_view_adopts_instead_of_refreshing(
+        self,
+        pair: tuple[Gateway, Gateway],
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A read the old pair before B rotated it; under the lock A adopts B's generation."""
+        a, b = pair
+        asked_a = spy_refresh_lock(monkeypatch, a)
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        fake_nb.clear_recordings()
+        tb = asyncio.create_task(fetch(b))
+        await fake_nb.wait_for_pending_tokens(1)  # B holds the lock, its token call is held
+        ta = asyncio.create_task(fetch(a))
+        # A has read the expired (soon superseded) row and now waits for the lock.
+        await eventually(lambda: asked_a == [SLUG], "A at the refresh lock")
+        fake_nb.release_tokens()
+
+        assert list(await asyncio.gather(tb, ta)) == [200, 200]
+        assert len(fake_nb.token_requests) == 1
+        assert a.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 0
+        assert a.metric(REFRESH_TOTAL, account=SLUG, outcome="invalid_grant") == 0
+        assert a.metric(NEEDS_REAUTH, account=SLUG) == 0
+        info = await a.accounts.get(SLUG)
+        assert info.status is AccountStatus.ACTIVE
+        assert {bearer(r) for r in fake_nb.api_requests} == {await stored_access_token(a)}
+        kinds = [e.kind for e in await a.store.events(SLUG)]
+        assert EventKind.NEEDS_REAUTH not in kinds
+
+    async def test_expired_cache_picks_up_a_pair_rotated_elsewhere(
+        self,
+        pair: tuple[Gateway, Gateway],
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """After B refreshed, A's expired cache adopts B's pair: no token call, no write lock."""
+        a, b = pair
+        asked_a = spy_refresh_lock(monkeypatch, a)
+        clock.advance(LIFETIME)
+        assert await fetch(b) == 200
+        assert len(fake_nb.token_requests) == 1
+        assert await fetch(a) == 200
+        assert len(fake_nb.token_requests) == 1
+        assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(a)
+        assert a.metric(NEEDS_REAUTH, account=SLUG) == 0
+        assert asked_a == []
+
+    async def test_upstream_401_after_rotation_elsewhere_adopts_without_refreshing(
+        self, pair: tuple[Gateway, Gateway], fake_nb: FakeNationBuilder
+    ) -> None:
+        """B's refresh killed A's cached access token: A's 401 retry adopts B's pair."""
+        a, b = pair
+        fake_nb.old_access_token_survives_refresh = False
+        await b.accounts.refresh(SLUG)
+        assert len(fake_nb.token_requests) == 1
+        fake_nb.clear_recordings()
+
+        assert await fetch(a) == 200
+        assert fake_nb.token_requests == []
+        assert len(fake_nb.api_requests) == 2  # the 401 with the old token, then the retry
+        assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(a)
+        assert a.metric(NEEDS_REAUTH, account=SLUG) == 0
+
+
+class TestRotation:
+    async def test_rotated_refresh_tokens_survive_cycles_and_a_restart(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """Five refreshes each send the latest refresh token; a restart continues from it."""
+        gw = await gateway_factory(shared_settings)
+        issued = await connect_account(gw, SLUG)
+        current = issued["refresh_token"]
+        sent: list[str] = []
+        for _cycle in range(5):
+            clock.advance(LIFETIME - MARGIN + 1)
+            assert await fetch(gw) == 200
+            assert len(fake_nb.token_requests) == 1
+            sent.append(fake_nb.token_requests[-1].params()["refresh_token"])
+            assert sent[-1] == current
+            assert await refresh_status_at_fake(fake_nb, current) == 400  # rotated: dead
+            current = await stored_refresh_token(gw)
+            assert current != sent[-1]
+            fake_nb.clear_recordings()
+        assert len(set(sent)) == 5
+        assert gw.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 5
+
+        await gw.client.close()
+        restarted = await gateway_factory(shared_settings)
+        clock.advance(LIFETIME - MARGIN + 1)
+        assert await fetch(restarted) == 200
+        assert len(fake_nb.token_requests) == 1
+        assert fake_nb.token_requests[-1].params()["refresh_token"] == current
+        assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(restarted)
+        assert restarted.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+
+
+class TestNeedsReauth:
+    async def test_invalid_grant_marks_needs_reauth_and_stops_token_calls(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A dead refresh token: 401 naming /connect, gauge 1, an event, no more token calls."""
+        await connect_account(gateway, SLUG)
+        fake_nb.revoke(SLUG)
+        clock.advance(LIFETIME)
+
+        resp = await gateway.client.get(ME)
+        assert resp.status == 401
+        assert resp.headers["X-NBGW-Error"] == "account_needs_reauthorization"
+        body = await resp.json(content_type=None)
+        assert f"{PUBLIC_URL}/connect" in body["errors"][0]["detail"]
+        assert len(fake_nb.token_requests) == 1
+        assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="invalid_grant") == 1
+        assert gateway.metric(NEEDS_REAUTH, account=SLUG) == 1
+        events = await gateway.store.events(SLUG)
+        assert events[0].kind is EventKind.NEEDS_REAUTH
+        assert (await gateway.accounts.get(SLUG)).status is AccountStatus.NEEDS_REAUTH
+
+        assert await fetch(gateway) == 401
+        clock.advance(3600)
+        assert await fetch(gateway) == 401
+        assert await gateway.tokens.refresh_due(lead=LIFETIME) == []
+        await gateway.tokens.sync(force=True)
+        assert await fetch(gateway) == 401
+        assert len(fake_nb.token_requests) == 1
+        assert gateway.metric(NEEDS_REAUTH, account=SLUG) == 1
+
+        issued = await connect_account(gateway, SLUG)
+        assert await fetch(gateway) == 200
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+        assert gateway.metric(NEEDS_REAUTH, account=SLUG) == 0
+
+    async def test_needs_reauth_survives_a_restart(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A restarted gateway knows the account needs re-authorization and calls nobody."""
+        gw = await gateway_factory(shared_settings)
+        await connect_account(gw, SLUG)
+        fake_nb.revoke(SLUG)
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 401
+        await gw.client.close()
+
+        restarted = await gateway_factory(shared_settings)
+        assert restarted.metric(NEEDS_REAUTH, account=SLUG) == 1
+        assert await fetch(restarted) == 401
+        assert await restarted.tokens.refresh_due(lead=LIFETIME) == []
+        assert len(fake_nb.token_requests) == 1
+
+    async def test_admin_refresh_of_a_dead_account_calls_nobody(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """Refresh-now on an account that needs re-authorization raises without a token call."""
+        await connect_account(gateway, SLUG)
+        fake_nb.revoke(SLUG)
+        clock.advance(LIFETIME)
+        assert await fetch(gateway) == 401
+        with pytest.raises(ReauthorizationRequired):
+            await gateway.accounts.refresh(SLUG)
+        assert len(fake_nb.token_requests) == 1
+
+
+TRANSIENT = [
+    ("server_error", "server_error"),
+    ("malformed", "server_error"),
+    ("rate_limited", "server_error"),
+    ("close", "network_error"),
+    ("hang", "timeout"),
+]
+
+
+class TestTransientFailures:
+    @pytest.mark.parametrize(("kind", "outcome"), TRANSIENT)
+    async def test_transient_failure_backs_off_without_needs_reauth(
+        self,
+        kind: str,
+        outcome: str,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """503 with Retry-After, outcome counted, account stays active, retried after backoff."""
+        gw = (
+            await gateway_factory(upstream_timeout=0.3)
+            if kind == "hang"
+            else await gateway_factory()
+        )
+        issued = await connect_account(gw, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.fail_token(kind)
+
+        resp = await gw.client.get(ME)
+        assert resp.status == 503
+        assert resp.headers["X-NBGW-Error"] == "token_refresh_failed"
+        retry_after = int(resp.headers["Retry-After"])
+        assert retry_after >= 1
+        assert gw.metric(REFRESH_TOTAL, account=SLUG, outcome=outcome) == 1
+        assert gw.metric(NEEDS_REAUTH, account=SLUG) == 0
+        info = await gw.accounts.get(SLUG)
+        assert info.status is AccountStatus.ACTIVE
+        assert info.last_error
+        event = (await gw.store.events(SLUG))[0]
+        assert event.kind is EventKind.REFRESH_FAILED
+        for secret in (CLIENT_SECRET, issued["refresh_token"], issued["access_token"]):
+            assert secret not in info.last_error
+            assert secret not in event.detail
+            assert secret not in (await resp.text())
+
+        assert await fetch(gw) == 503  # still backing off: no new call
+        assert len(fake_nb.token_requests) == 1
+
+        clock.advance(retry_after)
+        assert await fetch(gw) == 200
+        assert len(fake_nb.token_requests) == 2
+        assert gw.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+        assert (await gw.accounts.get(SLUG)).last_error is None
+
+    async def test_still_valid_token_is_used_while_refresh_fails(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """Inside the margin but unexpired, a failed refresh leaves requests on the old token."""
+        issued = await connect_account(gateway, SLUG)
+        assert await fetch(gateway) == 200  # this process has served with the token
+        clock.advance(LIFETIME - 100)
+        fake_nb.fail_token("server_error")
+
+        assert await fetch(gateway) == 200
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+        assert len(fake_nb.token_requests) == 1
+        assert await fetch(gateway) == 200  # during backoff: old token, no call
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+        assert len(fake_nb.token_requests) == 1
+        assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="server_error") == 1
+
+        clock.advance(2.0)  # past a first failure's backoff ceiling; the token is still valid
+        assert await fetch(gateway) == 200
+        assert len(fake_nb.token_requests) == 2
+        assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(gateway)
+
+    async def test_stored_still_valid_token_is_used_when_refresh_fails_after_restart(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A freshly started gateway whose refresh fails serves with the unexpired stored token."""
+        setup = await gateway_factory(shared_settings)
+        issued = await connect_account(setup, SLUG)
+        await setup.client.close()
+        clock.advance(LIFETIME - 100)  # inside the margin, not expired
+        fake_nb.fail_token("server_error")
+
+        gw = await gateway_factory(shared_settings)
+        assert await fetch(gw) == 200
+        assert len(fake_nb.token_requests) == 1
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+
+    async def test_request_joining_a_failed_background_refresh_keeps_its_valid_token(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A request awaiting the background refresher's failed call still gets the old token."""
+        issued = await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME - 100)  # inside the margin, not expired
+        fake_nb.fail_token("server_error")
+        fake_nb.hold_tokens()
+        sweep = asyncio.create_task(gateway.tokens.refresh_due(lead=60))
+        await fake_nb.wait_for_pending_tokens(1)
+        request = asyncio.create_task(fetch(gateway))
+        await eventually(lambda: gateway.metric(COALESCED, account=SLUG) == 1, "the waiter")
+        fake_nb.release_tokens()
+
+        assert await sweep == [SLUG]
+        assert await request == 200
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+
+    async def test_backoff_does_not_hide_a_pair_refreshed_elsewhere(
+        self, pair: tuple[Gateway, Gateway], fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """A is backing off; B refreshes; A's next request uses B's pair at once."""
+        a, b = pair
+        clock.advance(LIFETIME)
+        fake_nb.fail_token("server_error")
+        assert await fetch(a) == 503
+        assert await fetch(b) == 200
+        assert len(fake_nb.token_requests) == 2
+
+        assert await fetch(a) == 200
+        assert len(fake_nb.token_requests) == 2
+        assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(a)
+
+
+class TestCache:
+    async def test_valid_cached_token_touches_neither_sqlite_nor_the_cipher(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Once warm, requests with a token valid beyond the margin never read the store."""
+        await connect_account(gateway, SLUG)
+        assert await fetch(gateway) == 200
+
+        def forbidden(*_args: object, **_kwargs: object) -> Any:
+            raise AssertionError("a cached token must not reach the store or the cipher")
+
+        monkeypatch.setattr(gateway.store, "get_account", forbidden)
+        monkeypatch.setattr(gateway.store, "refresh_lock", forbidden)
+        monkeypatch.setattr(gateway.store._cipher, "decrypt", forbidden)
+        clock.advance(LIFETIME - MARGIN - 10)  # older, but still outside the margin
+        statuses = [await fetch(gateway) for _ in range(20)]
+        assert statuses == [200] * 20
+
+
+class TestBackgroundRefresher:
+    async def test_refresh_due_refreshes_only_tokens_expiring_within_margin_plus_lead(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """An account expiring within margin + lead is refreshed; a fresh one is left alone."""
+        old = await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME - MARGIN - 30)  # acme expires in 330 s
+        fresh = await connect_account(gateway, "beta")
+
+        assert await gateway.tokens.refresh_due(lead=0) == []
+        assert fake_nb.token_requests == []
+        assert await gateway.tokens.refresh_due(lead=60) == [SLUG]
+        assert [r.slug for r in fake_nb.token_requests] == [SLUG]
+        assert await stored_access_token(gateway, SLUG) != old["access_token"]
+        assert await stored_access_token(gateway, "beta") == fresh["access_token"]
+        assert gateway.metric(EXPIRY, account=SLUG) == clock.now() + LIFETIME
+        assert (await gateway.accounts.get(SLUG)).last_refresh_at == clock.now()
+
+    async def test_refresh_due_skips_accounts_needing_reauth(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """The sweep never calls the token endpoint for an account marked needs_reauth."""
+        await connect_account(gateway, SLUG)
+        fake_nb.revoke(SLUG)
+        clock.advance(LIFETIME)
+        assert await fetch(gateway) == 401
+        fake_nb.clear_recordings()
+        assert await gateway.tokens.refresh_due(lead=60) == []
+        assert fake_nb.token_requests == []
+
+    async def test_refresh_due_waits_out_backoff(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """After a failed sweep the account is skipped until its backoff has passed."""
+        await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME - MARGIN)
+        fake_nb.fail_token("server_error")
+        assert await gateway.tokens.refresh_due(lead=60) == [SLUG]
+        assert await gateway.tokens.refresh_due(lead=60) == []
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(2.0)  # a first failure's backoff ceiling
+        assert await gateway.tokens.refresh_due(lead=60) == [SLUG]
+        assert len(fake_nb.token_requests) == 2
+        assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+
+    async def test_background_task_refreshes_a_due_account(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """With background=True, run() refreshes a due account, serves, and stops cleanly."""
+        setup = await gateway_factory(shared_settings)
+        old = await connect_account(setup, SLUG)
+        await setup.client.close()
+        clock.advance(LIFETIME - MARGIN - 30)  # due within the refresher's lead
+
+        gw = await gateway_factory(shared_settings, background=True)
+        await eventually(
+            lambda: gw.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1,
+            "the background refresh",
+        )
+        assert await fetch(gw) == 200
+        assert bearer(fake_nb.api_requests[-1]) not in ("", old["access_token"])
+        assert len(fake_nb.token_requests) == 1
+        await gw.client.close()
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+
+
+class TestSync:
+    async def test_sync_notices_removal_by_another_process(
+        self, pair: tuple[Gateway, Gateway], fake_nb: FakeNationBuilder
+    ) -> None:
+        """After B removes the account and A syncs, A answers unknown_account, not from cache."""
+        a, b = pair
+        assert await b.accounts.remove(SLUG)
+        assert await a.tokens.sync() is True
+        before = len(fake_nb.api_requests)
+
+        resp = await a.client.get(f"/n/{SLUG}{ME}")
+        assert resp.status == 404
+        assert resp.headers["X-NBGW-Error"] == "unknown_account"
+        assert len(fake_nb.api_requests) == before
+        assert a.registry.get_sample_value(EXPIRY, {"account": SLUG}) is None
+        assert a.registry.get_sample_value(NEEDS_REAUTH, {"account": SLUG}) is None
+
+    async def test_sync_drops_gauges_of_an_account_removed_elsewhere(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+    ) -> None:
+        """A process that never served the account still drops its gauges once it is gone."""
+        a = await gateway_factory(shared_settings)
+        b = await gateway_factory(shared_settings)
+        await connect_account(b, SLUG)
+        await a.tokens.sync()
+        assert a.registry.get_sample_value(EXPIRY, {"account": SLUG}) is not None
+        assert await b.accounts.remove(SLUG)
+        await a.tokens.sync()
+        assert a.registry.get_sample_value(EXPIRY, {"account": SLUG}) is None
+        assert a.registry.get_sample_value(NEEDS_REAUTH, {"account": SLUG}) is None
+
+    async def test_sync_notices_needs_reauth_marked_by_another_process(
+        self,
+        pair: tuple[Gateway, Gateway],
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """B marks needs_reauth: A's sync drops the cached token; B's reconnect brings A back."""
+        a, b = pair
+        fake_nb.fail_token("invalid_grant")
+        with pytest.raises(ReauthorizationRequired):
+            await b.accounts.refresh(SLUG)
+        assert await a.tokens.sync() is True
+        assert a.metric(NEEDS_REAUTH, account=SLUG) == 1
+        before = len(fake_nb.api_requests)
+
+        resp = await a.client.get(ME)
+        assert resp.status == 401
+        assert resp.headers["X-NBGW-Error"] == "account_needs_reauthorization"
+        assert len(fake_nb.api_requests) == before
+        assert len(fake_nb.token_requests) == 1
+
+        issued = await connect_account(b, SLUG)
+        await a.tokens.sync()
+        assert a.metric(NEEDS_REAUTH, account=SLUG) == 0
+        assert await fetch(a) == 200
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+
+    async def test_sync_is_cheap_when_nothing_changed(self, pair: tuple[Gateway, Gateway]) -> None:
+        """sync() reports no reload when no process committed since the last look."""
+        a, _b = pair
+        await a.tokens.sync()
+        assert await a.tokens.sync() is False
+
+
+class TestRefreshNow:
+    async def test_admin_refresh_rotates_records_an_event_and_sets_metrics(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """AccountService.refresh calls the endpoint once and updates store, events, gauges."""
+        issued = await connect_account(gateway, SLUG)
+        clock.advance(60)  # a still-fresh token is refreshed anyway
+        before = await gateway.accounts.get(SLUG)
+
+        info = await gateway.accounts.refresh(SLUG)
+        assert len(fake_nb.token_requests) == 1
+        assert info.generation == before.generation + 1
+        assert info.expires_at == clock.now() + LIFETIME
+        assert info.last_refresh_at == clock.now()
+        assert (await gateway.store.events(SLUG))[0].kind is EventKind.REFRESHED
+        assert gateway.metric("nbgw_token_refresh_duration_seconds_count", account=SLUG) == 1
+        assert gateway.metric(EXPIRY, account=SLUG) == clock.now() + LIFETIME
+        assert gateway.metric(LAST_SUCCESS, account=SLUG) == clock.now()
+
+        assert await fetch(gateway) == 200
+        assert bearer(fake_nb.api_requests[-1]) != issued["access_token"]
+        assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(gateway)
+        assert len(fake_nb.token_requests) == 1
+
+    async def test_admin_refresh_ignores_backoff(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """A failed refresh-now raises RefreshBackoff; the admin may retry at once."""
+        await connect_account(gateway, SLUG)
+        fake_nb.fail_token("server_error")
+        with pytest.raises(RefreshBackoff):
+            await gateway.accounts.refresh(SLUG)
+        await gateway.accounts.refresh(SLUG)
+        assert len(fake_nb.token_requests) == 2
+        assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+
+    async def test_refresh_of_an_unknown_account(
+        self, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Refreshing an account that does not exist raises AccountNotFound, calls nobody."""
+        with pytest.raises(AccountNotFound):
+            await gateway.accounts.refresh("nobody")
+        assert fake_nb.token_requests == []
+
+
+class TestBackoff:
+    @pytest.mark.parametrize("draw", [0.0, 0.25, 0.5, 0.999999])
+    def test_delay_lies_between_half_the_ceiling_and_the_ceiling(self, draw: float) -> None:
+        """Jitter keeps every delay within [ceiling/2, ceiling] for any random draw."""
+        policy = Backoff(base=2.0, cap=300.0, rng=lambda: draw)
+        for failures in range(1, 30):
+            ceiling = min(300.0, 2.0 * 2.0 ** (failures - 1))
+            assert ceiling / 2 <= policy.delay(failures) <= ceiling
+
+    def test_ceiling_doubles_then_stops_at_the_cap(self) -> None:
+        """With the top draw, delays double from `base` and never pass `cap`."""
+        policy = Backoff(base=2.0, cap=300.0, rng=lambda: 1.0)
+        delays = [policy.delay(n) for n in range(1, 12)]
+        assert delays[:5] == [2.0, 4.0, 8.0, 16.0, 32.0]
+        assert delays == sorted(delays)
+        assert max(delays) == 300.0
+
+    def test_jitter_uses_the_injected_rng(self) -> None:
+        """Different draws give different delays for the same failure count."""
+        low = Backoff(base=2.0, cap=300.0, rng=lambda: 0.0).delay(4)
+        high = Backoff(base=2.0, cap=300.0, rng=lambda: 1.0).delay(4)
+        assert (low, high) == (8.0, 16.0)
+
+    def test_delay_stays_at_the_cap_after_very_many_failures(self) -> None:
+        """However many failures, the delay is bounded by the cap (no overflow)."""
+        policy = Backoff(base=2.0, cap=300.0, rng=lambda: 1.0)
+        assert policy.delay(5000) == 300.0
