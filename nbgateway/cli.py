@@ -48,6 +48,10 @@ log = logging.getLogger("nbgateway.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class ListenError(NBGatewayError):
+    """The listen address cannot be bound (in use, or not allowed)."""
+
+
 def _settings_epilog() -> str:
     lines = [
         "settings (environment; a --config TOML file may hold the same keys lower-cased "
@@ -74,11 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file with settings (env wins)"
     )
+    # --config is accepted before or after the command (`nbgateway serve --config FILE`);
+    # SUPPRESS keeps a subcommand without it from resetting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML file with settings (env wins)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the gateway", description="Run the gateway until stopped.")
+    sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway until stopped.",
+        parents=[common],
+    )
     demo = sub.add_parser(
         "demo",
+        parents=[common],
         help="run the gateway against the built-in fake NationBuilder (no credentials needed)",
         description="Start a fake NationBuilder and the gateway, connect a demo nation "
         "through the real OAuth flow, and print commands to try.",
@@ -91,23 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "keygen",
+        parents=[common],
         help="print a fresh encryption key",
         description="Print a new key for NBGW_ENCRYPTION_KEY.",
     )
     sub.add_parser(
         "check",
+        parents=[common],
         help="validate configuration, key and database",
         description="Validate settings, the encryption key and every stored row. Exits 1 "
         "with a message per problem.",
     )
     accounts = sub.add_parser(
         "accounts",
+        parents=[common],
         help="list and manage connected nations",
         description="List, refresh, remove or import the nations whose tokens the gateway holds.",
     )
     acc = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
     listing = acc.add_parser(
         "list",
+        parents=[common],
         help="slug, status, token expiry, last refresh, last error",
         description="List every account: slug, status, access-token expiry, last refresh and "
         "last error. Never prints a token.",
@@ -122,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
             "(NationBuilder's legacy-token migration)",
         ),
     ):
-        p = acc.add_parser(name, help=text, description=text)
+        p = acc.add_parser(name, help=text, description=text, parents=[common])
         p.add_argument("slug", metavar="SLUG", help="the nation slug (e.g. my-nation)")
     sub.add_parser(
         "rotate-key",
+        parents=[common],
         help="re-encrypt every row with the first key of NBGW_ENCRYPTION_KEY",
         description="Re-encrypt every stored token with the first key of NBGW_ENCRYPTION_KEY. "
         "Put the new key first (new,old), run this, then drop the old key.",
@@ -207,6 +232,12 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
 
 async def _check(settings: Settings, redactor: Redactor) -> int:
     print("configuration: ok")
+    if not settings.database.parent.is_dir():
+        print(
+            f"problem: directory {settings.database.parent} for NBGW_DATABASE does not exist",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if not settings.database.exists():
         print(f"database: {settings.database} does not exist yet; it is created on first start")
         return EXIT_OK
@@ -255,7 +286,10 @@ async def run_until_stopped(
         loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
         if ready is not None:
             ready()
