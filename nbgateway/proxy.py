@@ -72,6 +72,8 @@ _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
 _CHUNK = 64 * 1024
+# Peer addresses whose allow-list decision is remembered (then the memory starts over).
+_PEER_CACHE_SIZE = 4096
 # Set on a request whose streamed body went over NBGW_MAX_REQUEST_BODY.
 BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
 
@@ -137,8 +139,20 @@ class Proxy:
         self._session = session
         self._metrics = metrics
         self._public = settings.public_url.rstrip("/")
+        self._peer_decisions: dict[str, bool] = {}
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+
+    def _client_allowed(self, peer: str | None) -> bool:
+        """The allow-list decision, remembered per peer address (bounded)."""
+        key = peer or ""
+        decision = self._peer_decisions.get(key)
+        if decision is None:
+            decision = _allowed(peer, self._settings.allowed_clients)
+            if len(self._peer_decisions) >= _PEER_CACHE_SIZE:
+                self._peer_decisions.clear()
+            self._peer_decisions[key] = decision
+        return decision
 
     # -- routing -----------------------------------------------------------------------
 
@@ -195,7 +209,7 @@ class Proxy:
         status = 500
         info = request.get(ACCESS_INFO)
         try:
-            if not _allowed(request.remote, self._settings.allowed_clients):
+            if not self._client_allowed(request.remote):
                 raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
             route = self.route(request)
             length = request.content_length

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import deque
 from collections.abc import Iterable
 
 REDACTED = "**redacted**"
@@ -61,41 +62,93 @@ class Secret:
         return REDACTED
 
 
+# A word that may be a token: what scrubbing by value looks up (see Redactor.scrub).
+_WORD = re.compile(r"[A-Za-z0-9_.~+/-]{8,}")
+_WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~+/-")
+# Substrings that must be present for a shape pattern to be worth running.
+_SHAPE_HINTS = (
+    ("bearer",),
+    (
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "code_verifier",
+        "admin_token",
+        "id_token",
+        "password",
+    ),
+    ("code=", "state="),
+)
+# Values remembered per slot (an account's token field): the current one and a few before.
+SLOT_HISTORY = 3
+
+
 class Redactor:
-    """Scrubs known secret values and secret-shaped substrings out of text. Thread-safe."""
+    """Scrubs known secret values and secret-shaped substrings out of text. Thread-safe.
+
+    Static secrets (configuration) are matched by one small regex. Token values, which
+    arrive per account and field (a "slot") and rotate daily, are kept a few per slot and
+    looked up word by word in a set, so scrubbing costs the same however many accounts
+    and rotations the process has seen.
+    """
 
     def __init__(self, values: Iterable[str | Secret] = ()) -> None:
-        self._values: set[str] = set()
+        self._static: set[str] = set()
+        self._slots: dict[str, deque[str]] = {}
+        self._words: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
         for value in values:
             self.add(value)
 
-    def add(self, value: str | Secret | None) -> None:
-        """Remember a value so that it is scrubbed from now on."""
+    def add(self, value: str | Secret | None, slot: str | None = None) -> None:
+        """Remember a value so that it is scrubbed from now on.
+
+        With a `slot` (e.g. "acme/access_token") only the last few values of that slot are
+        kept; without one the value is kept for the life of the process.
+        """
         if value is None:
             return
         raw = value.reveal() if isinstance(value, Secret) else value
         if len(raw) < _MIN_SECRET_LEN:
             return
+        word = raw.rstrip("=")  # url-safe base64 padding is not part of a scanned word
         with self._lock:
-            if raw not in self._values:
-                self._values.add(raw)
-                self._pattern = None
+            if slot is None or not set(word) <= _WORD_CHARS or len(word) < _MIN_SECRET_LEN:
+                if raw not in self._static:
+                    self._static.add(raw)
+                    self._pattern = None
+                return
+            history = self._slots.setdefault(slot, deque(maxlen=SLOT_HISTORY))
+            if word in history:
+                return
+            history.append(word)
+            self._words = frozenset(w for h in self._slots.values() for w in h)
 
     def _value_pattern(self) -> re.Pattern[str] | None:
         with self._lock:
-            if self._pattern is None and self._values:
+            if self._pattern is None and self._static:
                 # Longest first, so a secret that contains another is removed whole.
-                alternatives = sorted(self._values, key=len, reverse=True)
+                alternatives = sorted(self._static, key=len, reverse=True)
                 self._pattern = re.compile("|".join(re.escape(v) for v in alternatives))
             return self._pattern
+
+    def _replace_word(self, match: re.Match[str]) -> str:
+        word = match.group(0)
+        words = self._words
+        if word in words or word.rstrip(".") in words:
+            return REDACTED + ("." if word.endswith(".") and word not in words else "")
+        return word
 
     def scrub(self, text: str) -> str:
         """Return `text` with every known secret and secret-shaped value replaced."""
         pattern = self._value_pattern()
         if pattern is not None:
             text = pattern.sub(REDACTED, text)
-        for shape in _PATTERNS:
-            text = shape.sub(lambda m: m.group(1) + REDACTED, text)
+        if self._words:
+            text = _WORD.sub(self._replace_word, text)
+        lower = text.lower()
+        for shape, hints in zip(_PATTERNS, _SHAPE_HINTS, strict=True):
+            if any(hint in lower for hint in hints):
+                text = shape.sub(lambda m: m.group(1) + REDACTED, text)
         return text

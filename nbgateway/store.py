@@ -196,7 +196,7 @@ class SQLiteStore:
         clock: Clock,
         *,
         busy_timeout: float = 130.0,
-        on_secret: Callable[[Secret], None] | None = None,
+        on_secret: Callable[[Secret, str], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self._cipher = cipher
@@ -340,7 +340,7 @@ class SQLiteStore:
             raise CorruptRecordError(f"{field} of account {slug!r} is not a ciphertext")
         secret = self._cipher.decrypt(blob, slug=slug, field=field)
         if self._on_secret is not None:
-            self._on_secret(secret)
+            self._on_secret(secret, f"{slug}/{field}")
         return secret
 
     def _account_from_row(self, row: sqlite3.Row) -> Account:
@@ -412,8 +412,8 @@ class SQLiteStore:
     ) -> Account:
         now = self._clock.now()
         if self._on_secret is not None:
-            self._on_secret(tokens.access_token)
-            self._on_secret(tokens.refresh_token)
+            self._on_secret(tokens.access_token, f"{slug}/access_token")
+            self._on_secret(tokens.refresh_token, f"{slug}/refresh_token")
         access = self._cipher.encrypt(tokens.access_token.reveal(), slug=slug, field="access_token")
         refresh = self._cipher.encrypt(
             tokens.refresh_token.reveal(), slug=slug, field="refresh_token"
@@ -495,7 +495,7 @@ class SQLiteStore:
         """Store a refresh token alone (legacy-token migration); the access token comes later."""
         now = self._clock.now()
         if self._on_secret is not None:
-            self._on_secret(refresh_token)
+            self._on_secret(refresh_token, f"{slug}/refresh_token")
         sealed = self._cipher.encrypt(refresh_token.reveal(), slug=slug, field="refresh_token")
         async with self._write_transaction() as conn:
             await conn.execute(

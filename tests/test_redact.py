@@ -192,3 +192,30 @@ class TestRedactorShapes:
         scrubbed = redactor.scrub(text)
         for value in (VALUE, "xyz987654", "rt-123456"):
             assert value not in scrubbed
+
+
+class TestSlots:
+    def test_rotated_values_in_a_slot_are_scrubbed_up_to_the_history(self) -> None:
+        """A slot remembers its last few values; older rotations are forgotten (bounded memory)."""
+        from nbgateway.redact import SLOT_HISTORY
+
+        redactor = Redactor()
+        values = [f"nbfake-at-rotation-{i:04d}-abcdefgh" for i in range(SLOT_HISTORY + 2)]
+        for value in values:
+            redactor.add(Secret(value), slot="acme/access_token")
+        for value in values[-SLOT_HISTORY:]:
+            assert value not in redactor.scrub(f"token {value} here")
+        assert values[0] in redactor.scrub(f"token {values[0]} here")
+
+    def test_slot_values_are_found_inside_punctuation(self) -> None:
+        """A slot value is scrubbed in JSON, headers, URLs and at a sentence's end."""
+        redactor = Redactor()
+        value = "nbfake-rt-AbCdEf0123456789_xyz"
+        redactor.add(Secret(value), slot="acme/refresh_token")
+        for text in (
+            f'{{"x": "{value}"}}',
+            f"Authorization: Bearer {value}",
+            f"/cb?x={value}&y=1",
+            f"it was {value}.",
+        ):
+            assert value not in redactor.scrub(text)

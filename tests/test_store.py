@@ -345,11 +345,13 @@ class TestAccounts:
         tokens = token_set(clock, "1")
         async with make_store(db_path, clock, key) as writer:
             await writer.save_tokens("acme", tokens, EventKind.CONNECTED)
-        seen: list[Secret] = []
-        async with make_store(db_path, clock, key, on_secret=seen.append) as reader:
+        seen: list[tuple[Secret, str]] = []
+        async with make_store(
+            db_path, clock, key, on_secret=lambda secret, slot: seen.append((secret, slot))
+        ) as reader:
             await reader.get_account("acme")
-        assert tokens.access_token in seen
-        assert tokens.refresh_token in seen
+        assert (tokens.access_token, "acme/access_token") in seen
+        assert (tokens.refresh_token, "acme/refresh_token") in seen
 
 
 class TestEvents:
