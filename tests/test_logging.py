@@ -1,0 +1,344 @@
+"""Logs: JSON and text lines, request ids end to end, refresh outcomes, and no secrets.
+
+Each test routes the `nbgateway` and `aiohttp` loggers into a StringIO through
+`nbgateway.log.configure_logging` with the gateway's own redactor (the one the running
+gateway feeds with its settings' secrets and every token it decrypts or receives), then
+drives real requests through the gateway and the fake NationBuilder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import ADMIN_TOKEN, CLIENT_SECRET, ConnectAccount, Gateway
+
+from nbgateway.clock import FakeClock
+from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.log import configure_logging
+from nbgateway.redact import REDACTED, Redactor
+
+LOGGERS = ("nbgateway", "aiohttp")
+GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
+
+LogCapture = Callable[..., io.StringIO]
+
+
+@pytest.fixture
+def capture_logs() -> Iterator[LogCapture]:
+    """Install the gateway's log handler on a StringIO; restore the loggers afterwards."""
+    saved = {
+        name: (
+            list(logging.getLogger(name).handlers),
+            logging.getLogger(name).level,
+            logging.getLogger(name).propagate,
+        )
+        for name in LOGGERS
+    }
+    access = logging.getLogger("aiohttp.access")
+    access_disabled = access.disabled
+    installed: list[logging.Handler] = []
+
+    def install(redactor: Redactor, fmt: str = "json") -> io.StringIO:
+        stream = io.StringIO()
+        installed.append(configure_logging(redactor, fmt=fmt, level="DEBUG", stream=stream))
+        return stream
+
+    yield install
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in installed:
+            logger.removeHandler(handler)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+    access.disabled = access_disabled
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Every line of the stream, parsed; fails on a line that is not a JSON object."""
+    docs = []
+    for number, line in enumerate(stream.getvalue().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            pytest.fail(f"log line {number} is not JSON: {line!r}")
+        assert isinstance(doc, dict), line
+        docs.append(doc)
+    return docs
+
+
+def access_lines(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["logger"] == "nbgateway.access"]
+
+
+def refresh_lines(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["logger"] == "nbgateway.tokens" and "outcome" in d]
+
+
+class TestJsonLines:
+    async def test_every_line_is_a_json_object(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        capture_logs: LogCapture,
+    ) -> None:
+        """With fmt=json, successes, gateway errors, upstream errors and refreshes log JSON."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        for path, status in (
+            ("/api/v2/signups?page[size]=1", 200),
+            ("/n/nosuch/api/v2/signups", 404),
+            ("/n/Not_A_Slug/api/v2/signups", 400),
+            ("/n/acme/api/v2/signups/999999", 404),
+            ("/n/acme/api/_test/status/503", 503),
+        ):
+            resp = await gateway.client.get(path)
+            assert resp.status == status, path
+        fake_nb.expire_access_tokens("acme")
+        assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+
+        docs = json_lines(stream)
+        assert len(access_lines(docs)) == 6
+        for doc in docs:
+            assert {"ts", "level", "logger", "message"} <= set(doc), doc
+
+    async def test_access_line_carries_the_request_fields(
+        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+    ) -> None:
+        """An access line has request_id, account, method, status and duration_ms."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        resp = await gateway.client.get(
+            "/n/acme/api/v2/signups?page[size]=1", headers={"X-Request-ID": "tool-run-42.a"}
+        )
+        assert resp.status == 200
+        assert resp.headers["X-Request-ID"] == "tool-run-42.a"
+
+        [line] = access_lines(json_lines(stream))
+        assert line["request_id"] == "tool-run-42.a"
+        assert line["account"] == "acme"
+        assert line["method"] == "GET"
+        assert line["status"] == 200
+        assert isinstance(line["duration_ms"], int | float)
+        assert line["duration_ms"] >= 0
+
+    async def test_request_id_is_generated_when_the_client_sends_none(
+        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+    ) -> None:
+        """Without X-Request-ID the gateway makes one, returns it and logs the same id."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        first = await gateway.client.get("/n/acme/api/v2/signups/me")
+        second = await gateway.client.get("/n/acme/api/v2/signups/me")
+        ids = [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
+        assert all(GENERATED_ID.fullmatch(i) for i in ids)
+        assert ids[0] != ids[1]
+        assert [line["request_id"] for line in access_lines(json_lines(stream))] == ids
+
+    async def test_malformed_request_id_is_replaced(
+        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+    ) -> None:
+        """A request id with spaces or odd characters is not echoed; a fresh one is used."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        resp = await gateway.client.get(
+            "/n/acme/api/v2/signups/me", headers={"X-Request-ID": 'x" level="critical'}
+        )
+        returned = resp.headers["X-Request-ID"]
+        assert GENERATED_ID.fullmatch(returned)
+        [line] = access_lines(json_lines(stream))
+        assert line["request_id"] == returned
+
+    async def test_gateway_errors_are_logged_with_their_request_id(
+        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+    ) -> None:
+        """A request the gateway refuses is logged with its status and the returned id."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        resp = await gateway.client.get(
+            "/n/nosuch/api/v2/signups", headers={"X-Request-ID": "lookup-1"}
+        )
+        assert resp.status == 404
+        assert resp.headers["X-NBGW-Error"] == "unknown_account"
+        assert resp.headers["X-Request-ID"] == "lookup-1"
+        [line] = access_lines(json_lines(stream))
+        assert (line["request_id"], line["status"], line["method"]) == ("lookup-1", 404, "GET")
+
+    async def test_streamed_responses_carry_the_request_id(
+        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+    ) -> None:
+        """A streamed (non-JSON) response also returns the X-Request-ID it was logged with."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        resp = await gateway.client.get(
+            "/n/acme/api/_test/bytes?n=1000", headers={"X-Request-ID": "bytes-1"}
+        )
+        assert resp.status == 200
+        assert len(await resp.read()) == 1000
+        [line] = access_lines(json_lines(stream))
+        assert line["request_id"] == "bytes-1"
+        assert resp.headers.get("X-Request-ID") == "bytes-1"
+
+
+class TestRefreshEvents:
+    async def test_successful_refresh_is_logged_with_the_triggering_request(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        capture_logs: LogCapture,
+    ) -> None:
+        """An upstream 401 -> refresh is logged as outcome=success with the request's id."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        fake_nb.expire_access_tokens("acme")
+        resp = await gateway.client.get(
+            "/n/acme/api/v2/signups/me", headers={"X-Request-ID": "retry-1"}
+        )
+        assert resp.status == 200
+        [event] = refresh_lines(json_lines(stream))
+        assert (event["account"], event["outcome"]) == ("acme", "success")
+        assert event["request_id"] == "retry-1"
+
+    async def test_transient_failure_is_logged_with_its_outcome(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        capture_logs: LogCapture,
+    ) -> None:
+        """A refresh that meets a 5xx logs a warning with outcome=server_error and the delay."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+        fake_nb.fail_token("server_error")
+        clock.advance(86400 - 100)  # inside the refresh margin, still valid
+        assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+        [event] = refresh_lines(json_lines(stream))
+        assert event["level"] == "warning"
+        assert (event["account"], event["outcome"]) == ("acme", "server_error")
+        assert event["retry_in"] > 0
+
+    async def test_needs_reauth_is_logged_once(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        capture_logs: LogCapture,
+    ) -> None:
+        """invalid_grant logs outcome=needs_reauth once, however many requests follow."""
+        stream = capture_logs(gateway.redactor, "json")
+        await connect_account(gateway, "acme")
+        fake_nb.revoke("acme")
+        for _ in range(3):
+            resp = await gateway.client.get("/n/acme/api/v2/signups/me")
+            assert resp.headers["X-NBGW-Error"] == "account_needs_reauthorization"
+        [event] = refresh_lines(json_lines(stream))
+        assert event["level"] == "warning"
+        assert (event["account"], event["outcome"]) == ("acme", "needs_reauth")
+
+
+class TestTextLines:
+    async def test_text_access_line_carries_the_request_fields(
+        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+    ) -> None:
+        """With fmt=text an access line names the request id, account, method and status."""
+        stream = capture_logs(gateway.redactor, "text")
+        await connect_account(gateway, "acme")
+        resp = await gateway.client.get(
+            "/n/acme/api/v2/signups/me", headers={"X-Request-ID": "text-1"}
+        )
+        assert resp.status == 200
+        [line] = [x for x in stream.getvalue().splitlines() if "nbgateway.access" in x]
+        for field in ("request_id=text-1", "account=acme", "method=GET", "status=200"):
+            assert field in line, line
+        assert re.search(r"duration_ms=[0-9.]+", line), line
+        with pytest.raises(ValueError):
+            json.loads(line)
+
+    async def test_text_refresh_line_carries_the_outcome(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        capture_logs: LogCapture,
+    ) -> None:
+        """A refresh in text format reads `... [request_id=... account=acme outcome=success]`."""
+        stream = capture_logs(gateway.redactor, "text")
+        await connect_account(gateway, "acme")
+        fake_nb.expire_access_tokens("acme")
+        await gateway.client.get("/n/acme/api/v2/signups/me", headers={"X-Request-ID": "t-2"})
+        [line] = [x for x in stream.getvalue().splitlines() if "nbgateway.tokens" in x]
+        for field in ("request_id=t-2", "account=acme", "outcome=success"):
+            assert field in line, line
+
+
+class TestSecretsStayOutOfLogs:
+    @pytest.mark.parametrize("fmt", ["json", "text"])
+    async def test_planted_secrets_never_appear(
+        self,
+        fmt: str,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        admin_headers: dict[str, str],
+        capture_logs: LogCapture,
+    ) -> None:
+        """Admin token, client secret and every token stay out of logs, whatever the flow."""
+        stream = capture_logs(gateway.redactor, fmt)
+        planted = {ADMIN_TOKEN, CLIENT_SECRET, "client-planted-secret-5e1f"}
+        for slug in ("acme", "zeta"):
+            issued = await connect_account(gateway, slug)
+            planted |= {issued["access_token"], issued["refresh_token"]}
+
+        # Proxy traffic, with the client trying to smuggle its own credentials.
+        await gateway.client.get(
+            "/n/acme/api/v2/signups?access_token=client-planted-secret-5e1f",
+            headers={"Authorization": "Bearer client-planted-secret-5e1f"},
+        )
+        # A 401 -> refresh -> retry (the token endpoint returns a new pair).
+        fake_nb.expire_access_tokens("acme")
+        await gateway.client.get("/n/acme/api/v2/signups/me")
+        # The admin API, authenticated with the admin token; a refresh through it.
+        assert (await gateway.client.get("/connect/api/accounts", headers=admin_headers)).ok
+        await gateway.client.post("/connect/api/accounts/acme/refresh", headers=admin_headers)
+        # A wrong admin token (logged as a refused request, never echoed).
+        await gateway.client.get(
+            "/connect/api/accounts", headers={"Authorization": f"Bearer {ADMIN_TOKEN}-nope"}
+        )
+        # invalid_grant: the fake echoes the whole request (refresh token, client secret)
+        # in its error body.
+        fake_nb.fail_token("invalid_grant")
+        fake_nb.expire_access_tokens("zeta")
+        await gateway.client.get("/n/zeta/api/v2/signups/me")
+        # Every token value the gateway holds or sent now.
+        for record in fake_nb.token_requests:
+            planted |= {v for k, v in record.params().items() if k in ("refresh_token",)}
+        for slug in ("acme", "zeta"):
+            account = await gateway.store.get_account(slug)
+            assert account is not None
+            for secret in (account.access_token, account.refresh_token):
+                if secret is not None:
+                    planted.add(secret.reveal())
+        # And a secret handed to a logger by mistake is scrubbed too.
+        acme = await gateway.store.get_account("acme")
+        assert acme is not None and acme.access_token is not None
+        logging.getLogger("nbgateway.test").warning(
+            "oops %s", acme.access_token.reveal(), extra={"account": "acme"}
+        )
+
+        text = stream.getvalue()
+        assert text.count("\n") >= 8
+        leaked = sorted(s for s in planted if s in text)
+        assert not leaked, f"secrets in the log: {leaked}"
+        assert f"oops {REDACTED}" in text
