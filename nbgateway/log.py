@@ -35,6 +35,14 @@ class RedactingFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._redactor = redactor
         self._json = json_lines
+        self._time_cache: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # strftime once per second, not once per line.
+        second = int(record.created)
+        if second != self._time_cache[0]:
+            self._time_cache = (second, super().formatTime(record, datefmt)[:-4])
+        return f"{self._time_cache[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()

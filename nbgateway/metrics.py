@@ -124,8 +124,32 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Labelled children cached for the per-request path; keys are bounded like labels.
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+        self._upstream_children: dict[str, Histogram] = {}
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+
+    def proxied(self, account: str, method: str, code: int, seconds: float) -> None:
+        """Count one answered proxy request (labelled children are reused: hot path)."""
+        key = (account, method_label(method), code)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self.proxy_requests.labels(key[0], key[1], str(code))
+            self._request_children[key] = counter
+        counter.inc()
+        histogram = self._duration_children.get(account)
+        if histogram is None:
+            histogram = self._duration_children[account] = self.proxy_duration.labels(account)
+        histogram.observe(seconds)
+
+    def upstream_answered(self, account: str, seconds: float) -> None:
+        """Time to an upstream response's headers."""
+        histogram = self._upstream_children.get(account)
+        if histogram is None:
+            histogram = self._upstream_children[account] = self.upstream_duration.labels(account)
+        histogram.observe(seconds)
 
     def forget_account(self, slug: str) -> None:
         """Drop an account's per-account gauges (after it is removed)."""

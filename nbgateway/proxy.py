@@ -43,7 +43,7 @@ from nbgateway.errors import (
     UpstreamUnreachable,
 )
 from nbgateway.links import rewrite_links
-from nbgateway.metrics import NO_ACCOUNT, Metrics, method_label
+from nbgateway.metrics import NO_ACCOUNT, Metrics
 from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, request_id_of
 from nbgateway.models import is_valid_slug
 from nbgateway.tokens import IssuedToken, TokenManager
@@ -232,8 +232,7 @@ class Proxy:
             raise
         finally:
             metrics.in_flight.dec()
-            metrics.proxy_requests.labels(account, method_label(request.method), str(status)).inc()
-            metrics.proxy_duration.labels(account).observe(time.perf_counter() - started)
+            metrics.proxied(account, request.method, status, time.perf_counter() - started)
 
     async def _token(self, slug: str, stale: IssuedToken | None = None) -> IssuedToken:
         """A token from the manager, with its failures as gateway errors."""
@@ -332,7 +331,7 @@ class Proxy:
             raise UpstreamUnreachable(
                 f"NationBuilder could not be reached ({type(exc).__name__})"
             ) from None
-        self._metrics.upstream_duration.labels(route.slug).observe(time.perf_counter() - started)
+        self._metrics.upstream_answered(route.slug, time.perf_counter() - started)
         return response
 
     async def _forward(

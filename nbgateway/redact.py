@@ -145,7 +145,9 @@ class Redactor:
         pattern = self._value_pattern()
         if pattern is not None:
             text = pattern.sub(REDACTED, text)
-        if self._words:
+        words = self._words
+        # findall runs in C; the per-word callback only when a known token is present.
+        if words and any(w in words or w.rstrip(".") in words for w in _WORD.findall(text)):
             text = _WORD.sub(self._replace_word, text)
         lower = text.lower()
         for shape, hints in zip(_PATTERNS, _SHAPE_HINTS, strict=True):
