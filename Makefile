@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the browser and Prometheus tests drive.
 SYSTEM_PACKAGES := chromium prometheus
 
-.PHONY: install demo test lint type unit system-deps bench clean
+.PHONY: install demo test lint type system-deps bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ system-deps:
 	fi
 
 lint: install
-	$(BIN)/ruff format --check nbgateway tests bench
-	$(BIN)/ruff check nbgateway tests bench
+	$(BIN)/ruff format --check nbgateway tests bench scripts
+	$(BIN)/ruff check nbgateway tests bench scripts
 
 type: install
 	$(BIN)/mypy
@@ -45,6 +45,10 @@ test: lint type system-deps
 
 bench: install
 	$(BIN)/python bench/run.py
+
+## Regenerate docs/cli.md and the settings table of docs/configuration.md.
+docs: install
+	$(BIN)/python scripts/gen_docs.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
