@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from nbgateway.errors import GatewayError
+from nbgateway.errors import GatewayError, NotFound
 from nbgateway.log import request_id_var
 
 log = logging.getLogger("nbgateway.access")
@@ -76,8 +76,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except GatewayError as err:
             response = error_response(err)
+        except web.HTTPNotFound:
+            # The router's "no such route": answered like every gateway error.
+            response = error_response(
+                NotFound(
+                    "only /api/..., /n/{slug}/api/..., /connect, /metrics, /healthz and "
+                    "/readyz are served"
+                )
+            )
         except web.HTTPException as exc:
-            # Router and redirect exceptions are raised on (returning them is deprecated).
+            # Redirects and other router answers are raised on (returning them is deprecated).
             status = exc.status
             exc.headers[REQUEST_ID_HEADER] = request_id
             raise

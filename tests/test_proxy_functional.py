@@ -384,10 +384,11 @@ class TestHostileInput:
 
     @pytest.mark.parametrize("target", ["/n/acme/oauth/token", "//evil.example/api", "/n//api/x"])
     async def test_unrouted_targets_get_404(self, acme: Gateway, target: str) -> None:
-        """Targets outside the proxy routes are answered 404."""
+        """Targets outside the proxy routes are answered 404 as a gateway error (not_found)."""
         resp = await raw_request(acme, target)
         assert resp is not None
         assert resp.status == 404
+        assert resp.headers["X-NBGW-Error"] == "not_found"
 
 
 # ---------------------------------------------------------------------- methods and headers
