@@ -325,7 +325,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         if args.command == "accounts" and args.accounts_command in ("refresh", "import"):
             required = REQUIRED_FOR_OAUTH
         settings = _load(args, env, required)
-        configure_logging(redactor, fmt=settings.log_format, level=settings.log_level)
+        configure_logging(
+            redactor,
+            fmt=settings.log_format,
+            level=settings.log_level,
+            access_log=settings.access_log,
+        )
         for secret in settings.secrets():
             redactor.add(secret)
         if args.command == "serve":

@@ -81,6 +81,7 @@ def configure_logging(
     fmt: str = "text",
     level: str = "INFO",
     stream: TextIO | None = None,
+    access_log: bool = True,
 ) -> logging.Handler:
     """Route the `nbgateway` and `aiohttp` loggers through one redacting handler."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -93,6 +94,10 @@ def configure_logging(
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
+    # NBGW_ACCESS_LOG=off: the per-request lines go, everything else stays.
+    logging.getLogger("nbgateway.access").setLevel(
+        logging.NOTSET if access_log else logging.WARNING
+    )
     # aiohttp's own access log would print raw query strings; ours is redacted.
     logging.getLogger("aiohttp.access").disabled = True
     # Per-record facts nobody reads here; skipping them keeps an access line cheap

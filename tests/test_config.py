@@ -76,6 +76,7 @@ NON_DEFAULT: dict[str, tuple[str, Callable[[Settings], bool]]] = {
     "NBGW_RETRY_BUFFER": ("0", lambda s: s.retry_buffer == 0),
     "NBGW_LOG_FORMAT": ("JSON", lambda s: s.log_format == "json"),
     "NBGW_LOG_LEVEL": ("debug", lambda s: s.log_level == "DEBUG"),
+    "NBGW_ACCESS_LOG": ("off", lambda s: s.access_log is False),
     "NBGW_ALERT_WEBHOOK": (
         "https://hooks.example.org/nbgw",
         lambda s: s.alert_webhook == "https://hooks.example.org/nbgw",
@@ -105,6 +106,7 @@ MALFORMED = [
     ("NBGW_NATION_URL", "{slug}.nationbuilder.com"),
     ("NBGW_LOG_FORMAT", "xml"),
     ("NBGW_LOG_LEVEL", "LOUD"),
+    ("NBGW_ACCESS_LOG", "sometimes"),
     ("NBGW_DEFAULT_ACCOUNT", "Not_A_Slug"),
     ("NBGW_ALERT_WEBHOOK", "hooks.example.org/x"),
     ("NBGW_ENCRYPTION_KEY", "not-a-key"),

@@ -44,9 +44,13 @@ def capture_logs() -> Iterator[LogCapture]:
     access_disabled = access.disabled
     installed: list[logging.Handler] = []
 
-    def install(redactor: Redactor, fmt: str = "json") -> io.StringIO:
+    def install(redactor: Redactor, fmt: str = "json", access_log: bool = True) -> io.StringIO:
         stream = io.StringIO()
-        installed.append(configure_logging(redactor, fmt=fmt, level="DEBUG", stream=stream))
+        installed.append(
+            configure_logging(
+                redactor, fmt=fmt, level="DEBUG", stream=stream, access_log=access_log
+            )
+        )
         return stream
 
     yield install
@@ -58,6 +62,7 @@ def capture_logs() -> Iterator[LogCapture]:
         logger.setLevel(level)
         logger.propagate = propagate
     access.disabled = access_disabled
+    logging.getLogger("nbgateway.access").setLevel(logging.NOTSET)
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -187,6 +192,25 @@ class TestJsonLines:
         [line] = access_lines(json_lines(stream))
         assert line["request_id"] == "bytes-1"
         assert resp.headers.get("X-Request-ID") == "bytes-1"
+
+
+class TestAccessLogSwitch:
+    async def test_access_log_off_keeps_every_other_line(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        capture_logs: LogCapture,
+    ) -> None:
+        """NBGW_ACCESS_LOG=off drops the per-request lines but not the refresh events."""
+        stream = capture_logs(gateway.redactor, "json", access_log=False)
+        await connect_account(gateway, "acme")
+        fake_nb.expire_access_tokens("acme")
+        resp = await gateway.client.get("/n/acme/api/v2/signups/me")
+        assert resp.status == 200
+        docs = json_lines(stream)
+        assert access_lines(docs) == []
+        assert [e["outcome"] for e in refresh_lines(docs)] == ["success"]
 
 
 class TestRefreshEvents:
