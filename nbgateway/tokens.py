@@ -141,7 +141,8 @@ class TokenManager:
         running = self._inflight.get(slug)
         if running is not None:
             task, task_forced = running
-            self._metrics.refresh_coalesced.labels(slug).inc()
+            if slug in self._accounts:  # never a label for a slug that is not an account
+                self._metrics.refresh_coalesced.labels(slug).inc()
             try:
                 result = await asyncio.shield(task)
             except RefreshBackoff:
