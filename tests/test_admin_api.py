@@ -95,6 +95,24 @@ async def approved_callback(
     return callback_path(await consent(browser, fake_nb, url, "approve"))
 
 
+@pytest.fixture
+async def acme(gateway: Gateway, connect_account: ConnectAccount) -> Gateway:
+    """The default gateway with exactly one account, acme."""
+    await connect_account(gateway, "acme")
+    return gateway
+
+
+@pytest.fixture
+async def approved_path(
+    gateway: Gateway,
+    admin_headers: dict[str, str],
+    browser: aiohttp.ClientSession,
+    fake_nb: FakeNationBuilder,
+) -> str:
+    """A connect for acme, started and approved: the callback path (not yet visited)."""
+    return await approved_callback(gateway, admin_headers, browser, fake_nb)
+
+
 async def stored_slugs(gateway: Gateway) -> list[str]:
     return [info.slug for info in await gateway.accounts.list_accounts()]
 
@@ -247,12 +265,11 @@ class TestCallback:
         self,
         gateway: Gateway,
         admin_headers: dict[str, str],
-        browser: aiohttp.ClientSession,
+        approved_path: str,
         fake_nb: FakeNationBuilder,
     ) -> None:
         """Approving on NationBuilder and following the redirect stores an active account."""
-        path = await approved_callback(gateway, admin_headers, browser, fake_nb)
-        resp = await gateway.client.get(path)
+        resp = await gateway.client.get(approved_path)
         assert resp.status == 200
         assert "acme" in await resp.text()
 
@@ -292,13 +309,11 @@ class TestCallback:
     async def test_forged_state_is_refused(
         self,
         gateway: Gateway,
-        admin_headers: dict[str, str],
-        browser: aiohttp.ClientSession,
+        approved_path: str,
         fake_nb: FakeNationBuilder,
     ) -> None:
         """A callback whose state the gateway never issued is refused before any exchange."""
-        path = await approved_callback(gateway, admin_headers, browser, fake_nb)
-        code = parse_qs(urlsplit(path).query)["code"][0]
+        code = parse_qs(urlsplit(approved_path).query)["code"][0]
         resp = await gateway.client.get(
             "/connect/callback", params={"code": code, "state": "forged-state-value"}
         )
@@ -317,16 +332,14 @@ class TestCallback:
     async def test_replayed_callback_is_refused(
         self,
         gateway: Gateway,
-        admin_headers: dict[str, str],
-        browser: aiohttp.ClientSession,
+        approved_path: str,
         fake_nb: FakeNationBuilder,
     ) -> None:
         """The same callback URL works once; a second visit is refused and changes nothing."""
-        path = await approved_callback(gateway, admin_headers, browser, fake_nb)
-        assert (await gateway.client.get(path)).status == 200
+        assert (await gateway.client.get(approved_path)).status == 200
         before = await gateway.accounts.get("acme")
 
-        again = await gateway.client.get(path)
+        again = await gateway.client.get(approved_path)
         assert 400 <= again.status < 500
         assert "already used" in (await again.text()).lower()
         assert await gateway.accounts.get("acme") == before
@@ -336,15 +349,13 @@ class TestCallback:
     async def test_expired_state_is_refused(
         self,
         gateway: Gateway,
-        admin_headers: dict[str, str],
-        browser: aiohttp.ClientSession,
+        approved_path: str,
         fake_nb: FakeNationBuilder,
         clock: FakeClock,
     ) -> None:
         """A callback arriving more than ten minutes after the start is refused."""
-        path = await approved_callback(gateway, admin_headers, browser, fake_nb)
         clock.advance(601)
-        resp = await gateway.client.get(path)
+        resp = await gateway.client.get(approved_path)
         assert 400 <= resp.status < 500
         assert "expired" in (await resp.text()).lower()
         assert await stored_slugs(gateway) == []
@@ -353,14 +364,12 @@ class TestCallback:
     async def test_failed_code_exchange_stores_nothing(
         self,
         gateway: Gateway,
-        admin_headers: dict[str, str],
-        browser: aiohttp.ClientSession,
+        approved_path: str,
         fake_nb: FakeNationBuilder,
     ) -> None:
         """When the token endpoint fails the exchange, the callback says so; nothing is stored."""
-        path = await approved_callback(gateway, admin_headers, browser, fake_nb)
         fake_nb.fail_token("server_error")
-        resp = await gateway.client.get(path)
+        resp = await gateway.client.get(approved_path)
         text = (await resp.text()).lower()
         assert 400 <= resp.status < 500
         assert "exchang" in text
@@ -395,19 +404,17 @@ class TestCallback:
 class TestRefresh:
     async def test_refresh_answers_the_new_expiry(
         self,
-        gateway: Gateway,
+        acme: Gateway,
         admin_headers: dict[str, str],
-        connect_account: ConnectAccount,
         fake_nb: FakeNationBuilder,
         clock: FakeClock,
     ) -> None:
         """POST .../{slug}/refresh refreshes at once and answers the account's new expiry."""
-        await connect_account(gateway, "acme")
-        before = await gateway.client.get(API, headers=admin_headers)
+        before = await acme.client.get(API, headers=admin_headers)
         [old] = (await before.json())["accounts"]
         clock.advance(3600)
 
-        resp = await gateway.client.post(f"{API}/acme/refresh", headers=admin_headers)
+        resp = await acme.client.post(f"{API}/acme/refresh", headers=admin_headers)
         assert resp.status == 200
         text = await resp.text()
         assert "nbfake-" not in text
@@ -417,7 +424,7 @@ class TestRefresh:
         assert body["access_token_expires_at"] > old["access_token_expires_at"]
         assert body["generation"] == old["generation"] + 1
         assert [r.params()["grant_type"] for r in fake_nb.token_requests] == ["refresh_token"]
-        assert (await gateway.accounts.events("acme"))[0].kind is EventKind.REFRESHED
+        assert (await acme.accounts.events("acme"))[0].kind is EventKind.REFRESHED
 
     async def test_refresh_unknown_account_is_404(
         self, gateway: Gateway, admin_headers: dict[str, str], fake_nb: FakeNationBuilder
@@ -438,55 +445,49 @@ class TestRefresh:
 
     async def test_refresh_of_a_revoked_account_names_connect(
         self,
-        gateway: Gateway,
+        acme: Gateway,
         admin_headers: dict[str, str],
-        connect_account: ConnectAccount,
         fake_nb: FakeNationBuilder,
     ) -> None:
         """When NationBuilder rejects the refresh token the answer points at /connect."""
-        await connect_account(gateway, "acme")
         fake_nb.revoke("acme")
-        resp = await gateway.client.post(f"{API}/acme/refresh", headers=admin_headers)
+        resp = await acme.client.post(f"{API}/acme/refresh", headers=admin_headers)
         assert resp.status == 401
         body = await resp.json(content_type=None)
         assert_json_api_error(body, 401, "account_needs_reauthorization")
         assert f"{PUBLIC_URL}/connect" in body["errors"][0]["detail"]
-        assert (await gateway.accounts.get("acme")).status is AccountStatus.NEEDS_REAUTH
+        assert (await acme.accounts.get("acme")).status is AccountStatus.NEEDS_REAUTH
 
     async def test_transient_refresh_failure_is_503_with_retry_after(
         self,
-        gateway: Gateway,
+        acme: Gateway,
         admin_headers: dict[str, str],
-        connect_account: ConnectAccount,
         fake_nb: FakeNationBuilder,
     ) -> None:
         """A token endpoint outage answers 503 token_refresh_failed with Retry-After."""
-        await connect_account(gateway, "acme")
         fake_nb.fail_token("server_error")
-        resp = await gateway.client.post(f"{API}/acme/refresh", headers=admin_headers)
+        resp = await acme.client.post(f"{API}/acme/refresh", headers=admin_headers)
         assert resp.status == 503
         assert resp.headers["X-NBGW-Error"] == "token_refresh_failed"
         assert int(resp.headers["Retry-After"]) >= 1
-        assert (await gateway.accounts.get("acme")).status is AccountStatus.ACTIVE
+        assert (await acme.accounts.get("acme")).status is AccountStatus.ACTIVE
 
 
 class TestRemove:
     async def test_delete_removes_the_account(
         self,
-        gateway: Gateway,
+        acme: Gateway,
         admin_headers: dict[str, str],
-        connect_account: ConnectAccount,
     ) -> None:
         """DELETE answers 200, the account is gone from the list and a removed event is kept."""
-        await connect_account(gateway, "acme")
-        resp = await gateway.client.delete(f"{API}/acme", headers=admin_headers)
+        resp = await acme.client.delete(f"{API}/acme", headers=admin_headers)
         assert resp.status == 200
         assert await resp.json() == {"removed": "acme"}
 
-        listing = await gateway.client.get(API, headers=admin_headers)
+        listing = await acme.client.get(API, headers=admin_headers)
         assert (await listing.json())["accounts"] == []
-        assert (await gateway.accounts.events("acme"))[0].kind is EventKind.REMOVED
-        proxied = await gateway.client.get("/n/acme/api/v2/signups/me")
+        assert (await acme.accounts.events("acme"))[0].kind is EventKind.REMOVED
+        proxied = await acme.client.get("/n/acme/api/v2/signups/me")
         assert proxied.status == 404
         assert proxied.headers["X-NBGW-Error"] == "unknown_account"
 

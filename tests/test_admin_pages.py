@@ -64,6 +64,10 @@ class Browser:
     async def post(self, path: str, data: dict[str, str]) -> tuple[int, str, Any]:
         return await self.request("POST", path, data=data)
 
+    async def submit(self, path: str, **fields: str) -> tuple[int, str, Any]:
+        """POST a form of the admin pages with this session's CSRF token."""
+        return await self.post(path, {**fields, "csrf": await self.csrf()})
+
     async def login(self, token: str = ADMIN_TOKEN) -> tuple[int, str, Any]:
         return await self.post("/connect/login", {"token": token})
 
@@ -119,9 +123,7 @@ async def consent(fake_nb: FakeNationBuilder, authorize_url: str, decision: str)
 
 async def start(browser: Browser, nation: str) -> str:
     """Submit the connect form; return the authorize URL it redirects to."""
-    status, text, headers = await browser.post(
-        "/connect/accounts", {"nation": nation, "csrf": await browser.csrf()}
-    )
+    status, text, headers = await browser.submit("/connect/accounts", nation=nation)
     assert status == 303, text
     return str(headers["Location"])
 
@@ -239,7 +241,7 @@ class TestLogin:
     async def test_logout_ends_the_session(self, admin: Browser) -> None:
         """Logging out deletes the cookie, and the old cookie no longer opens the pages."""
         old = dict(admin.cookies)
-        status, _, headers = await admin.post("/connect/logout", {"csrf": await admin.csrf()})
+        status, _, headers = await admin.submit("/connect/logout")
         assert status == 303
         assert headers["Location"] == "/connect/login"
         assert SESSION_COOKIE not in admin.cookies
@@ -467,9 +469,7 @@ class TestConnect:
 
     async def test_bad_slug_rerenders_the_form_with_a_message(self, admin: Browser) -> None:
         """An invalid slug gets 400 and the form again, explaining what a slug is."""
-        status, text, _ = await admin.post(
-            "/connect/accounts", {"nation": 'no such "nation"!', "csrf": await admin.csrf()}
-        )
+        status, text, _ = await admin.submit("/connect/accounts", nation='no such "nation"!')
         assert status == 400
         assert "A nation slug is the part before .nationbuilder.com" in text
         assert 'value="no such &#34;nation&#34;!"' in text
@@ -597,9 +597,7 @@ class TestActions:
         """Refresh now refreshes once and the page names the new expiry."""
         await connect_account(gateway, "acme")
         clock.advance(7200)
-        status, _, headers = await admin.post(
-            "/connect/accounts/acme/refresh", {"csrf": await admin.csrf()}
-        )
+        status, _, headers = await admin.submit("/connect/accounts/acme/refresh")
         assert status == 303
         assert headers["Location"] == "/connect"
         assert len(fake_nb.token_requests) == 1
@@ -617,7 +615,7 @@ class TestActions:
         """When NationBuilder rejects the refresh token, the page says to re-authorize."""
         await connect_account(gateway, "acme")
         fake_nb.revoke("acme")
-        await admin.post("/connect/accounts/acme/refresh", {"csrf": await admin.csrf()})
+        await admin.submit("/connect/accounts/acme/refresh")
         _, text, _ = await admin.get("/connect")
         assert "acme needs re-authorization" in text
         assert "1 nation needs re-authorization" in text
@@ -632,14 +630,14 @@ class TestActions:
         """A server error during refresh is reported with the retry delay."""
         await connect_account(gateway, "acme")
         fake_nb.fail_token("server_error")
-        await admin.post("/connect/accounts/acme/refresh", {"csrf": await admin.csrf()})
+        await admin.submit("/connect/accounts/acme/refresh")
         _, text, _ = await admin.get("/connect")
         assert re.search(r"Refreshing acme failed; the gateway retries in \d+ s\.", text)
         assert "NationBuilder answered with a server error." in text
 
     async def test_refresh_of_an_unknown_account(self, admin: Browser) -> None:
         """Refreshing a nation that is not connected says so."""
-        await admin.post("/connect/accounts/ghost/refresh", {"csrf": await admin.csrf()})
+        await admin.submit("/connect/accounts/ghost/refresh")
         _, text, _ = await admin.get("/connect")
         assert "There is no account named ghost." in text
 

@@ -12,29 +12,22 @@ import asyncio
 import io
 import json
 import logging
-import os
-import selectors
 import sqlite3
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import FakeNB, Processes, gateway_env, open_store, run_command, seed_account, start_fake
 
 from nbgateway.cli import main
-from nbgateway.clock import SystemClock
 from nbgateway.crypto import Cipher, generate_key, validate_key
-from nbgateway.models import Account, EventKind, TokenSet
+from nbgateway.models import Account, EventKind
 from nbgateway.redact import Secret
-from nbgateway.store import SQLiteStore
 
-CLIENT_ID = "fake-client-id"
-CLIENT_SECRET = "fake-client-secret"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "nbgateway"
 
 
@@ -56,13 +49,7 @@ def restore_logging() -> Iterator[None]:
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     """A complete environment: temporary database, fresh key, the fake's client credentials."""
-    return {
-        "NBGW_DATABASE": str(tmp_path / "gateway.db"),
-        "NBGW_ENCRYPTION_KEY": generate_key(),
-        "NBGW_CLIENT_ID": CLIENT_ID,
-        "NBGW_CLIENT_SECRET": CLIENT_SECRET,
-        "NBGW_ADMIN_TOKEN": "cli-admin-token-0123456789",
-    }
+    return gateway_env(tmp_path / "gateway.db", "cli-admin-token-0123456789")
 
 
 @dataclass
@@ -78,35 +65,20 @@ def run(argv: list[str], environ: dict[str, str], capsys: pytest.CaptureFixture[
     return Result(code, captured.out, captured.err)
 
 
-def store_for(environ: dict[str, str], key: str | None = None) -> SQLiteStore:
-    keys = (key or environ["NBGW_ENCRYPTION_KEY"]).split(",")
-    return SQLiteStore(
-        Path(environ["NBGW_DATABASE"]), Cipher([Secret(k) for k in keys]), SystemClock()
-    )
-
-
 def seed(environ: dict[str, str], slug: str, access: str, refresh: str) -> None:
     """Store a token pair for `slug` in the environment's database (as a connect would)."""
-
-    async def go() -> None:
-        async with store_for(environ) as store:
-            # Workaround: a first write right after creating the database blocks on a lock
-            # open() leaves behind (see test_first_write_after_creating_the_database).
-            await store.ping()
-            tokens = TokenSet(
-                access_token=Secret(access),
-                refresh_token=Secret(refresh),
-                expires_at=time.time() + 86400,
-                scope="default",
-            )
-            await store.save_tokens(slug, tokens, EventKind.CONNECTED)
-
-    asyncio.run(go())
+    issued = {
+        "access_token": access,
+        "refresh_token": refresh,
+        "expires_in": 86400,
+        "scope": "default",
+    }
+    asyncio.run(seed_account(environ, slug, issued))
 
 
 def read_account(environ: dict[str, str], slug: str, key: str | None = None) -> Account | None:
     async def go() -> Account | None:
-        async with store_for(environ, key) as store:
+        async with open_store(environ, key) as store:
             return await store.get_account(slug)
 
     return asyncio.run(go())
@@ -114,7 +86,7 @@ def read_account(environ: dict[str, str], slug: str, key: str | None = None) -> 
 
 def event_kinds(environ: dict[str, str], slug: str) -> list[EventKind]:
     async def go() -> list[EventKind]:
-        async with store_for(environ) as store:
+        async with open_store(environ) as store:
             return [e.kind for e in await store.events(slug)]
 
     return asyncio.run(go())
@@ -135,10 +107,6 @@ def corrupt_refresh_token(environ: dict[str, str], slug: str) -> None:
         damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
         conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))
     conn.close()
-
-
-def clean_os_environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("NBGW_")}
 
 
 # ---------------------------------------------------------------------- help and keygen
@@ -406,82 +374,25 @@ def test_rotate_key_re_encrypts_with_the_first_key(
 # ---------------------------------------------------------------------- against a fake NB
 
 
-@dataclass
-class FakeProcess:
-    """The fake NationBuilder running as `python -m nbgateway.fakenb`."""
-
-    proc: subprocess.Popen[str]
-    url: str
-
-    def control(self, **command: Any) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"{self.url}/_fake/control",
-            data=json.dumps(command).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            answer: dict[str, Any] = json.load(resp)
-        assert answer["ok"], answer
-        return answer
-
-    def state(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/_fake/state", timeout=5) as resp:
-            state: dict[str, Any] = json.load(resp)
-        return state
-
-    def grants(self, slug: str, grant: str = "refresh_token") -> int:
-        count: int = self.state()["token_requests"].get(slug, {}).get(grant, 0)
-        return count
-
-
-def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The subprocess's first line of output, waiting at most `timeout` seconds."""
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError(f"no output within {timeout} s")
-    return proc.stdout.readline()
-
-
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL if it does not exit promptly; close its pipes."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
-
-
 @pytest.fixture(scope="module")
-def fake_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeProcess]:
+def fake_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeNB]:
     """One fake NationBuilder subprocess for this module (tests use distinct nations)."""
-    log_path = tmp_path_factory.mktemp("fake") / "fake.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nbgateway.fakenb", "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=clean_os_environ(),
-        )
+    processes = Processes(tmp_path_factory.mktemp("fake"))
     try:
-        line = first_line(proc, timeout=15)
-        assert line.startswith("fake NationBuilder listening on http://"), (
-            line + log_path.read_text()
-        )
-        yield FakeProcess(proc, line.strip().rsplit(" ", 1)[1])
+        yield start_fake(processes)
     finally:
-        stop_process(proc)
+        processes.stop_all()
+
+
+def connected(environ: dict[str, str], fake: FakeNB, slug: str) -> dict[str, Any]:
+    """Store a fresh pair from the fake for `slug` (as a connect would); return the pair."""
+    issued = fake.issue_tokens(slug)
+    seed(environ, slug, issued["access_token"], issued["refresh_token"])
+    return issued
 
 
 @pytest.fixture
-def fake_env(env: dict[str, str], fake_process: FakeProcess) -> dict[str, str]:
+def fake_env(env: dict[str, str], fake_process: FakeNB) -> dict[str, str]:
     return {**env, "NBGW_NATION_URL": f"{fake_process.url}/{{slug}}"}
 
 
@@ -490,12 +401,11 @@ class TestAccountsAgainstFake:
     def test_refresh_rotates_the_stored_pair(
         self,
         fake_env: dict[str, str],
-        fake_process: FakeProcess,
+        fake_process: FakeNB,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """refresh exchanges the refresh token once and stores the new pair."""
-        issued = fake_process.control(action="issue_tokens", slug="cli-refresh")["tokens"]
-        seed(fake_env, "cli-refresh", issued["access_token"], issued["refresh_token"])
+        issued = connected(fake_env, fake_process, "cli-refresh")
 
         result = run(["accounts", "refresh", "cli-refresh"], fake_env, capsys)
         assert result.code == 0, result.err
@@ -514,7 +424,7 @@ class TestAccountsAgainstFake:
     def test_import_exchanges_the_legacy_token(
         self,
         fake_env: dict[str, str],
-        fake_process: FakeProcess,
+        fake_process: FakeNB,
         capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
@@ -539,12 +449,11 @@ class TestAccountsAgainstFake:
     def test_refresh_of_a_revoked_account_points_at_connect(
         self,
         fake_env: dict[str, str],
-        fake_process: FakeProcess,
+        fake_process: FakeNB,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """When NationBuilder rejects the refresh token, refresh exits 1 naming /connect."""
-        issued = fake_process.control(action="issue_tokens", slug="cli-revoked")["tokens"]
-        seed(fake_env, "cli-revoked", issued["access_token"], issued["refresh_token"])
+        issued = connected(fake_env, fake_process, "cli-revoked")
         fake_process.control(action="revoke", slug="cli-revoked")
 
         result = run(["accounts", "refresh", "cli-revoked"], fake_env, capsys)
@@ -561,12 +470,11 @@ class TestAccountsAgainstFake:
     def test_refresh_during_an_outage_fails_cleanly(
         self,
         fake_env: dict[str, str],
-        fake_process: FakeProcess,
+        fake_process: FakeNB,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """A token endpoint outage exits 1 and leaves the stored pair as it was."""
-        issued = fake_process.control(action="issue_tokens", slug="cli-outage")["tokens"]
-        seed(fake_env, "cli-outage", issued["access_token"], issued["refresh_token"])
+        issued = connected(fake_env, fake_process, "cli-outage")
         fake_process.control(action="fail_token", kind="server_error")
 
         result = run(["accounts", "refresh", "cli-outage"], fake_env, capsys)
@@ -590,14 +498,7 @@ class TestAccountsAgainstFake:
 )
 def test_entry_point_help(command: list[str]) -> None:
     """Both entry points run the CLI: --help exits 0 and describes the gateway."""
-    done = subprocess.run(
-        [*command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_os_environ(),
-        check=False,
-    )
+    done = run_command([*command, "--help"])
     assert done.returncode == 0, done.stderr
     assert "Transparent OAuth token gateway" in done.stdout
 
@@ -605,15 +506,7 @@ def test_entry_point_help(command: list[str]) -> None:
 @pytest.mark.slow
 def test_entry_point_exit_code_is_propagated(tmp_path: Path) -> None:
     """The console script's exit status is main()'s return value (2 on bad config)."""
-    done = subprocess.run(
-        [str(CONSOLE_SCRIPT), "check"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_os_environ(),
-        cwd=tmp_path,
-        check=False,
-    )
+    done = run_command([str(CONSOLE_SCRIPT), "check"], cwd=tmp_path)
     assert done.returncode == 2
     assert "NBGW_ENCRYPTION_KEY" in done.stderr
 
@@ -622,14 +515,8 @@ def test_entry_point_exit_code_is_propagated(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_demo_self_test(tmp_path: Path) -> None:
     """`nbgateway demo --port 0 --self-test` connects, proxies, recovers and exits 0."""
-    done = subprocess.run(
-        [str(CONSOLE_SCRIPT), "demo", "--port", "0", "--self-test"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_os_environ(),
-        cwd=tmp_path,
-        check=False,
+    done = run_command(
+        [str(CONSOLE_SCRIPT), "demo", "--port", "0", "--self-test"], cwd=tmp_path, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo self-test: ok" in done.stdout
@@ -670,7 +557,7 @@ if sys.argv[4] == "hard-exit":
 def run_store_script(db: Path, key: str, *, write: bool, hard_exit: bool) -> str:
     """Run STORE_SCRIPT; its one line of output, or TIMEOUT if the process did not end."""
     try:
-        done = subprocess.run(
+        done = run_command(
             [
                 sys.executable,
                 "-c",
@@ -680,12 +567,8 @@ def run_store_script(db: Path, key: str, *, write: bool, hard_exit: bool) -> str
                 "write" if write else "open",
                 "hard-exit" if hard_exit else "normal-exit",
             ],
-            capture_output=True,
-            text=True,
-            timeout=4,
-            env=clean_os_environ(),
             cwd=db.parent,
-            check=False,
+            timeout=4,
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else ""

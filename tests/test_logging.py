@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -65,6 +65,24 @@ def capture_logs() -> Iterator[LogCapture]:
     logging.getLogger("nbgateway.access").setLevel(logging.NOTSET)
 
 
+AcmeLogs = Callable[..., Awaitable[io.StringIO]]
+
+
+@pytest.fixture
+def acme_logs(
+    gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+) -> AcmeLogs:
+    """Capture the gateway's logs (`fmt`, `access_log` as for configure_logging), then connect
+    acme: how most tests here begin. Returns the captured stream."""
+
+    async def start(fmt: str = "json", access_log: bool = True) -> io.StringIO:
+        stream = capture_logs(gateway.redactor, fmt, access_log=access_log)
+        await connect_account(gateway, "acme")
+        return stream
+
+    return start
+
+
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
     """Every line of the stream, parsed; fails on a line that is not a JSON object."""
     docs = []
@@ -90,15 +108,10 @@ def refresh_lines(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class TestJsonLines:
     async def test_every_line_is_a_json_object(
-        self,
-        gateway: Gateway,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        capture_logs: LogCapture,
+        self, gateway: Gateway, acme_logs: AcmeLogs, fake_nb: FakeNationBuilder
     ) -> None:
         """With fmt=json, successes, gateway errors, upstream errors and refreshes log JSON."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         for path, status in (
             ("/api/v2/signups?page[size]=1", 200),
             ("/n/nosuch/api/v2/signups", 404),
@@ -117,11 +130,10 @@ class TestJsonLines:
             assert {"ts", "level", "logger", "message"} <= set(doc), doc
 
     async def test_access_line_carries_the_request_fields(
-        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+        self, gateway: Gateway, acme_logs: AcmeLogs
     ) -> None:
         """An access line has request_id, account, method, status and duration_ms."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         resp = await gateway.client.get(
             "/n/acme/api/v2/signups?page[size]=1", headers={"X-Request-ID": "tool-run-42.a"}
         )
@@ -137,11 +149,10 @@ class TestJsonLines:
         assert line["duration_ms"] >= 0
 
     async def test_request_id_is_generated_when_the_client_sends_none(
-        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+        self, gateway: Gateway, acme_logs: AcmeLogs
     ) -> None:
         """Without X-Request-ID the gateway makes one, returns it and logs the same id."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         first = await gateway.client.get("/n/acme/api/v2/signups/me")
         second = await gateway.client.get("/n/acme/api/v2/signups/me")
         ids = [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
@@ -150,11 +161,10 @@ class TestJsonLines:
         assert [line["request_id"] for line in access_lines(json_lines(stream))] == ids
 
     async def test_malformed_request_id_is_replaced(
-        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+        self, gateway: Gateway, acme_logs: AcmeLogs
     ) -> None:
         """A request id with spaces or odd characters is not echoed; a fresh one is used."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         resp = await gateway.client.get(
             "/n/acme/api/v2/signups/me", headers={"X-Request-ID": 'x" level="critical'}
         )
@@ -164,11 +174,10 @@ class TestJsonLines:
         assert line["request_id"] == returned
 
     async def test_gateway_errors_are_logged_with_their_request_id(
-        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+        self, gateway: Gateway, acme_logs: AcmeLogs
     ) -> None:
         """A request the gateway refuses is logged with its status and the returned id."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         resp = await gateway.client.get(
             "/n/nosuch/api/v2/signups", headers={"X-Request-ID": "lookup-1"}
         )
@@ -179,11 +188,10 @@ class TestJsonLines:
         assert (line["request_id"], line["status"], line["method"]) == ("lookup-1", 404, "GET")
 
     async def test_streamed_responses_carry_the_request_id(
-        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+        self, gateway: Gateway, acme_logs: AcmeLogs
     ) -> None:
         """A streamed (non-JSON) response also returns the X-Request-ID it was logged with."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         resp = await gateway.client.get(
             "/n/acme/api/_test/bytes?n=1000", headers={"X-Request-ID": "bytes-1"}
         )
@@ -196,15 +204,10 @@ class TestJsonLines:
 
 class TestAccessLogSwitch:
     async def test_access_log_off_keeps_every_other_line(
-        self,
-        gateway: Gateway,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        capture_logs: LogCapture,
+        self, gateway: Gateway, acme_logs: AcmeLogs, fake_nb: FakeNationBuilder
     ) -> None:
         """NBGW_ACCESS_LOG=off drops the per-request lines but not the refresh events."""
-        stream = capture_logs(gateway.redactor, "json", access_log=False)
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json", access_log=False)
         fake_nb.expire_access_tokens("acme")
         resp = await gateway.client.get("/n/acme/api/v2/signups/me")
         assert resp.status == 200
@@ -215,15 +218,10 @@ class TestAccessLogSwitch:
 
 class TestRefreshEvents:
     async def test_successful_refresh_is_logged_with_the_triggering_request(
-        self,
-        gateway: Gateway,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        capture_logs: LogCapture,
+        self, gateway: Gateway, acme_logs: AcmeLogs, fake_nb: FakeNationBuilder
     ) -> None:
         """An upstream 401 -> refresh is logged as outcome=success with the request's id."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         fake_nb.expire_access_tokens("acme")
         resp = await gateway.client.get(
             "/n/acme/api/v2/signups/me", headers={"X-Request-ID": "retry-1"}
@@ -234,16 +232,10 @@ class TestRefreshEvents:
         assert event["request_id"] == "retry-1"
 
     async def test_transient_failure_is_logged_with_its_outcome(
-        self,
-        gateway: Gateway,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        clock: FakeClock,
-        capture_logs: LogCapture,
+        self, gateway: Gateway, acme_logs: AcmeLogs, fake_nb: FakeNationBuilder, clock: FakeClock
     ) -> None:
         """A refresh that meets a 5xx logs a warning with outcome=server_error and the delay."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
         fake_nb.fail_token("server_error")
         clock.advance(86400 - 100)  # inside the refresh margin, still valid
@@ -254,15 +246,10 @@ class TestRefreshEvents:
         assert event["retry_in"] > 0
 
     async def test_needs_reauth_is_logged_once(
-        self,
-        gateway: Gateway,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        capture_logs: LogCapture,
+        self, gateway: Gateway, acme_logs: AcmeLogs, fake_nb: FakeNationBuilder
     ) -> None:
         """invalid_grant logs outcome=needs_reauth once, however many requests follow."""
-        stream = capture_logs(gateway.redactor, "json")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("json")
         fake_nb.revoke("acme")
         for _ in range(3):
             resp = await gateway.client.get("/n/acme/api/v2/signups/me")
@@ -274,11 +261,10 @@ class TestRefreshEvents:
 
 class TestTextLines:
     async def test_text_access_line_carries_the_request_fields(
-        self, gateway: Gateway, connect_account: ConnectAccount, capture_logs: LogCapture
+        self, gateway: Gateway, acme_logs: AcmeLogs
     ) -> None:
         """With fmt=text an access line names the request id, account, method and status."""
-        stream = capture_logs(gateway.redactor, "text")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("text")
         resp = await gateway.client.get(
             "/n/acme/api/v2/signups/me", headers={"X-Request-ID": "text-1"}
         )
@@ -291,15 +277,10 @@ class TestTextLines:
             json.loads(line)
 
     async def test_text_refresh_line_carries_the_outcome(
-        self,
-        gateway: Gateway,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        capture_logs: LogCapture,
+        self, gateway: Gateway, acme_logs: AcmeLogs, fake_nb: FakeNationBuilder
     ) -> None:
         """A refresh in text format reads `... [request_id=... account=acme outcome=success]`."""
-        stream = capture_logs(gateway.redactor, "text")
-        await connect_account(gateway, "acme")
+        stream = await acme_logs("text")
         fake_nb.expire_access_tokens("acme")
         await gateway.client.get("/n/acme/api/v2/signups/me", headers={"X-Request-ID": "t-2"})
         [line] = [x for x in stream.getvalue().splitlines() if "nbgateway.tokens" in x]

@@ -11,30 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from nbgateway.clock import SystemClock
-from nbgateway.crypto import Cipher, generate_key
-from nbgateway.models import EventKind, TokenSet
-from nbgateway.redact import Secret
-from nbgateway.store import SQLiteStore
+from procs import (
+    FakeNB,
+    Processes,
+    clean_os_environ,
+    free_port,
+    gateway_env,
+    http_request,
+    run_command,
+    scrape,
+    seed_account,
+    start_fake,
+    start_gateway,
+    wait_ready,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "config" / "prometheus"
@@ -56,8 +59,6 @@ pytestmark = [
     ),
 ]
 
-CLIENT_ID = "fake-client-id"
-CLIENT_SECRET = "fake-client-secret"
 ADMIN_TOKEN = "integration-admin-token-0123456789"
 ACCOUNTS = ("alpha", "beta")  # beta is revoked and ends up needing re-authorization
 
@@ -95,51 +96,11 @@ PRODUCED = {
     "up",
 }
 
-DEADLINE_START = 20.0  # seconds for a subprocess to become ready
+DEADLINE_TRAFFIC = 20.0  # seconds for the concurrent requests of the traffic to settle
 DEADLINE_SCRAPES = 20.0  # seconds for Prometheus to collect enough samples
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http(
-    method: str,
-    url: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request; returns (status, headers, body) for every status."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
-
-
-def wait_until(check: Callable[[], bool], deadline: float, what: str) -> None:
-    """Poll `check` until it is true; fail naming `what` after `deadline` seconds."""
-    give_up = time.monotonic() + deadline
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass  # not listening yet
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out after {deadline:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def dashboard_expressions() -> list[tuple[str, str]]:
@@ -196,9 +157,7 @@ def metric_names(expr: str) -> set[str]:
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
-    return subprocess.run(
-        [PROMTOOL, *args], capture_output=True, text=True, timeout=30, cwd=ROOT, check=False
-    )
+    return run_command([PROMTOOL, *args], cwd=ROOT)
 
 
 class TestPromtool:
@@ -233,80 +192,22 @@ class TestPromtool:
 
 
 @dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def answers(self, url: str) -> bool:
-        """True once `url` answers 200; fails at once if the process has exited."""
-        if not self.alive():
-            raise AssertionError(f"{self.name} exited with {self.popen.returncode}")
-        return http("GET", url, timeout=1)[0] == 200
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-
-
-@dataclass
 class Stack:
-    fake_url: str = ""
+    """The running subprocesses, their URLs, and how many requests the traffic sent per path."""
+
+    processes: Processes
+    fake: FakeNB | None = None
     gateway_url: str = ""
     prometheus_url: str = ""
-    processes: list[Process] = field(default_factory=list)
     traffic: dict[str, int] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str], workdir: Path, env: dict[str, str]) -> Process:
-        log = workdir / f"{name}.log"
-        handle = log.open("wb")
-        try:
-            popen = subprocess.Popen(
-                argv, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env
-            )
-        finally:
-            handle.close()
-        process = Process(name, popen, log)
-        self.processes.append(process)
-        return process
-
-    def report(self) -> str:
-        parts = []
-        for process in self.processes:
-            state = "running" if process.alive() else f"exited {process.popen.returncode}"
-            parts.append(f"----- {process.name} ({state}) -----\n{process.output()}")
-        return "\n".join(parts)
-
-    @contextmanager
-    def explained(self) -> Iterator[None]:
-        """On failure, print every subprocess's output (pytest shows it with the failure)."""
-        try:
-            yield
-        except BaseException:
-            print(self.report())
-            raise
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+    def explained(self) -> AbstractContextManager[None]:
+        """On failure, print the tail of every subprocess's output."""
+        return self.processes.explained(tail=8000)
 
     def query(self, expr: str) -> dict[str, Any]:
         url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        status, _, body = http("GET", url)
+        status, _, body = http_request("GET", url)
         doc: dict[str, Any] = json.loads(body)
         doc["http_status"] = status
         return doc
@@ -318,53 +219,17 @@ class Stack:
         return result
 
 
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("NBGW_")}
-
-
-async def seed_accounts(database: Path, key: str, fake_url: str) -> None:
-    """Store a fresh token pair from the fake for every account (as /connect would)."""
-    clock = SystemClock()
-    async with SQLiteStore(database, Cipher([Secret(key)]), clock) as store:
-        for slug in ACCOUNTS:
-            status, _, body = http(
-                "POST", f"{fake_url}/_fake/control", {"action": "issue_tokens", "slug": slug}
-            )
-            assert status == 200, body
-            issued = json.loads(body)["tokens"]
-            tokens = TokenSet(
-                access_token=Secret(issued["access_token"]),
-                refresh_token=Secret(issued["refresh_token"]),
-                expires_at=clock.now() + float(issued["expires_in"]),
-                scope=issued["scope"],
-            )
-            await store.save_tokens(slug, tokens, EventKind.CONNECTED)
-
-
-def gateway_sample(gateway_url: str, name: str, **labels: str) -> float:
-    """One sample from the gateway's /metrics (0 when absent)."""
-    _, _, body = http("GET", f"{gateway_url}/metrics", timeout=2)
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in body.decode().splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == f"{name}{{{wanted}}}" or (not labels and sample == name):
-            return float(value)
-    return 0.0
-
-
 def drive_traffic(stack: Stack) -> None:
     """Normal requests, a forced refresh, a needs-reauth, 404s and upstream 5xx."""
-    gw, fake = stack.gateway_url, stack.fake_url
+    gw, fake = stack.gateway_url, stack.fake
+    assert fake is not None
+    control = fake.control
     counts: dict[str, int] = {}
 
     def get(path: str, expect: int) -> None:
-        status, headers, body = http("GET", gw + path)
+        status, headers, body = http_request("GET", gw + path)
         assert status == expect, (path, status, headers.get("X-NBGW-Error"), body[:300])
         counts[path] = counts.get(path, 0) + 1
-
-    def control(**command: Any) -> None:
-        status, _, body = http("POST", f"{fake}/_fake/control", command)
-        assert status == 200, body
 
     for _ in range(3):
         for slug in ACCOUNTS:
@@ -380,20 +245,21 @@ def drive_traffic(stack: Stack) -> None:
     concurrent = 4
     with ThreadPoolExecutor(concurrent) as pool:
         futures = [
-            pool.submit(http, "GET", gw + "/n/alpha/api/v2/signups/me") for _ in range(concurrent)
+            pool.submit(http_request, "GET", gw + "/n/alpha/api/v2/signups/me")
+            for _ in range(concurrent)
         ]
         try:
             wait_until(
                 lambda: (
-                    gateway_sample(gw, "nbgw_token_refresh_coalesced_total", account="alpha")
+                    (scrape(gw, "nbgw_token_refresh_coalesced_total", account="alpha") or 0.0)
                     >= concurrent - 1
                 ),
-                DEADLINE_START,
+                DEADLINE_TRAFFIC,
                 "the concurrent requests to wait for one refresh",
             )
         finally:
             control(action="release_tokens")
-        statuses = [f.result(timeout=DEADLINE_START)[0] for f in futures]
+        statuses = [f.result(timeout=DEADLINE_TRAFFIC)[0] for f in futures]
     assert statuses == [200] * concurrent
     counts["/n/alpha/api/v2/signups/me"] += concurrent
     # beta's access is revoked: 401, refresh -> invalid_grant -> needs re-authorization.
@@ -414,51 +280,26 @@ def drive_traffic(stack: Stack) -> None:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Fake NationBuilder, gateway and Prometheus as subprocesses, after the traffic."""
     workdir = tmp_path_factory.mktemp("live")
-    stack = Stack()
+    stack = Stack(Processes(workdir))
     try:
         with stack.explained():
-            fake_port, gw_port, prom_port = free_port(), free_port(), free_port()
-            fake = stack.start(
-                "fakenb",
-                [sys.executable, "-m", "nbgateway.fakenb", "--port", str(fake_port)],
-                workdir,
-                base_env(),
-            )
-            stack.fake_url = f"http://127.0.0.1:{fake_port}"
-            wait_until(
-                lambda: fake.answers(f"{stack.fake_url}/_fake/state"),
-                DEADLINE_START,
-                "the fake NationBuilder to listen",
-            )
-
-            key = generate_key()
-            database = workdir / "gateway.db"
-            asyncio.run(seed_accounts(database, key, stack.fake_url))
-
-            env = base_env() | {
-                "NBGW_LISTEN": f"127.0.0.1:{gw_port}",
-                "NBGW_DATABASE": str(database),
-                "NBGW_ENCRYPTION_KEY": key,
-                "NBGW_CLIENT_ID": CLIENT_ID,
-                "NBGW_CLIENT_SECRET": CLIENT_SECRET,
-                "NBGW_ADMIN_TOKEN": ADMIN_TOKEN,
-                "NBGW_NATION_URL": f"{stack.fake_url}/{{slug}}",
+            stack.fake = fake = start_fake(stack.processes)
+            env = {
+                **gateway_env(workdir / "gateway.db", ADMIN_TOKEN, fake.url),
                 "NBGW_UPSTREAM_TIMEOUT": "10",
                 "NBGW_LOG_FORMAT": "json",
             }
-            gateway = stack.start(
-                "gateway", [sys.executable, "-m", "nbgateway", "serve"], workdir, env
-            )
-            stack.gateway_url = f"http://127.0.0.1:{gw_port}"
-            wait_until(
-                lambda: gateway.answers(f"{stack.gateway_url}/healthz"),
-                DEADLINE_START,
-                "the gateway to answer /healthz",
-            )
+            # A fresh token pair from the fake for every account, stored as /connect would.
+            issued = {slug: fake.issue_tokens(slug) for slug in ACCOUNTS}
+            for slug, pair in issued.items():
+                asyncio.run(seed_account(env, slug, pair))
+            stack.gateway_url = start_gateway(stack.processes, env)
 
             drive_traffic(stack)
 
             config = workdir / "prometheus.yml"
+            gateway_address = urllib.parse.urlsplit(stack.gateway_url).netloc
+            prom_port = free_port()
             config.write_text(
                 "global:\n"
                 "  scrape_interval: 1s\n"
@@ -469,10 +310,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "  - job_name: nbgateway\n"
                 "    scrape_interval: 1s\n"
                 "    static_configs:\n"
-                f"      - targets: ['127.0.0.1:{gw_port}']\n"
+                f"      - targets: ['{gateway_address}']\n"
             )
             assert PROMETHEUS is not None
-            prometheus = stack.start(
+            prometheus = stack.processes.start(
                 "prometheus",
                 [
                     PROMETHEUS,
@@ -482,18 +323,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     "--web.enable-lifecycle",
                     "--log.level=warn",
                 ],
-                workdir,
-                base_env(),
+                clean_os_environ(),
             )
             stack.prometheus_url = f"http://127.0.0.1:{prom_port}"
-            wait_until(
-                lambda: prometheus.answers(f"{stack.prometheus_url}/-/ready"),
-                DEADLINE_START,
-                "Prometheus to be ready",
-            )
+            wait_ready(prometheus, f"{stack.prometheus_url}/-/ready")
 
             def target_up() -> bool:
-                _, _, body = http("GET", f"{stack.prometheus_url}/api/v1/targets", timeout=2)
+                _, _, body = http_request(
+                    "GET", f"{stack.prometheus_url}/api/v1/targets", timeout=2
+                )
                 targets = json.loads(body)["data"]["activeTargets"]
                 return any(
                     t["labels"].get("job") == "nbgateway" and t["health"] == "up" for t in targets
@@ -523,11 +361,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             wait_until(rules_evaluated, DEADLINE_SCRAPES, "the alert rules to be evaluated")
         yield stack
     finally:
-        stack.stop()
+        stack.processes.stop_all()
 
 
 def loaded_rules(stack: Stack) -> list[dict[str, Any]]:
-    _, _, body = http("GET", f"{stack.prometheus_url}/api/v1/rules")
+    _, _, body = http_request("GET", f"{stack.prometheus_url}/api/v1/rules")
     groups = json.loads(body)["data"]["groups"]
     return [rule for group in groups for rule in group["rules"]]
 
@@ -630,7 +468,7 @@ class TestLiveStack:
             result = live.vector(rule["query"])
             assert [s["metric"].get("account") for s in result] == ["beta"]
             # The rule engine agrees: the alert is pending (it has `for: 1m`) or firing for beta.
-            _, _, body = http("GET", f"{live.prometheus_url}/api/v1/alerts")
+            _, _, body = http_request("GET", f"{live.prometheus_url}/api/v1/alerts")
             alerts = json.loads(body)["data"]["alerts"]
             reauth = [
                 a for a in alerts if a["labels"]["alertname"] == "NBGatewayAccountNeedsReauth"

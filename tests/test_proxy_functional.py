@@ -323,6 +323,14 @@ class TestRouting:
 
 # ---------------------------------------------------------------------- hostile input
 
+
+def assert_refused_before_upstream(resp: RawResponse | None, fake_nb: FakeNationBuilder) -> None:
+    """The gateway answered 400 invalid_request itself and sent nothing to NationBuilder."""
+    assert resp is not None
+    assert_gateway_error(resp.status, resp.headers, resp.body, 400, "invalid_request")
+    assert fake_nb.requests == []
+
+
 BAD_SLUGS = ["ACME", "a_b", "a.b", "..", "%2e%2e", "a%2Fb", "a" * 70]
 
 
@@ -333,9 +341,7 @@ class TestHostileInput:
     ) -> None:
         """/n/{bad slug}/api/... is 400 invalid_request and never reaches upstream."""
         resp = await raw_request(acme, f"/n/{slug}/api/v2/signups")
-        assert resp is not None
-        assert_gateway_error(resp.status, resp.headers, resp.body, 400, "invalid_request")
-        assert fake_nb.requests == []
+        assert_refused_before_upstream(resp, fake_nb)
 
     @pytest.mark.parametrize("value", ["ACME", "a_b", "a.b", "..", "a/b", "a" * 70, "", "acme x"])
     async def test_bad_nation_header(
@@ -343,9 +349,7 @@ class TestHostileInput:
     ) -> None:
         """An X-NB-Nation value that is not a slug is 400 invalid_request, nothing upstream."""
         resp = await raw_request(acme, "/api/v2/signups", [("X-NB-Nation", value)])
-        assert resp is not None
-        assert_gateway_error(resp.status, resp.headers, resp.body, 400, "invalid_request")
-        assert fake_nb.requests == []
+        assert_refused_before_upstream(resp, fake_nb)
 
     @pytest.mark.parametrize(
         "target",
@@ -369,9 +373,7 @@ class TestHostileInput:
     ) -> None:
         """Targets that could leave the nation's /api/ are 400 invalid_request, nothing upstream."""
         resp = await raw_request(acme, target)
-        assert resp is not None
-        assert_gateway_error(resp.status, resp.headers, resp.body, 400, "invalid_request")
-        assert fake_nb.requests == []
+        assert_refused_before_upstream(resp, fake_nb)
 
     @pytest.mark.parametrize("target", ["/n/acme/oauth/token", "//evil.example/api", "/n//api/x"])
     async def test_unrouted_targets_never_reach_upstream(
@@ -658,6 +660,11 @@ class TestBodies:
 # ---------------------------------------------------------------------- upstream 401
 
 
+def retries(gw: Gateway, outcome: str) -> float:
+    """nbgw_upstream_401_retries_total for acme with this outcome."""
+    return gw.metric("nbgw_upstream_401_retries_total", account="acme", outcome=outcome)
+
+
 class TestUpstream401:
     async def test_one_401_is_recovered_by_one_retry(
         self, acme: Gateway, fake_nb: FakeNationBuilder
@@ -669,9 +676,7 @@ class TestUpstream401:
         assert len(fake_nb.token_requests) == 1
         first, second = fake_nb.api_requests
         assert first.headers["Authorization"] != second.headers["Authorization"]
-        assert (
-            acme.metric("nbgw_upstream_401_retries_total", account="acme", outcome="recovered") == 1
-        )
+        assert retries(acme, "recovered") == 1
 
     async def test_second_401_goes_to_the_client_untouched(
         self, acme: Gateway, fake_nb: FakeNationBuilder
@@ -687,15 +692,8 @@ class TestUpstream401:
         )
         assert resp.content_type == "application/vnd.api+json"
         assert len(fake_nb.api_requests) == 2
-        assert (
-            acme.metric(
-                "nbgw_upstream_401_retries_total", account="acme", outcome="still_unauthorized"
-            )
-            == 1
-        )
-        assert (
-            acme.metric("nbgw_upstream_401_retries_total", account="acme", outcome="recovered") == 0
-        )
+        assert retries(acme, "still_unauthorized") == 1
+        assert retries(acme, "recovered") == 0
 
     async def test_replayed_body_is_byte_identical(
         self, acme: Gateway, fake_nb: FakeNationBuilder
@@ -729,9 +727,7 @@ class TestUpstream401:
         [seen] = fake_nb.api_requests
         assert seen.body == b"y" * 100
         for outcome in ("recovered", "still_unauthorized", "refresh_failed"):
-            assert (
-                gw.metric("nbgw_upstream_401_retries_total", account="acme", outcome=outcome) == 0
-            )
+            assert retries(gw, outcome) == 0
 
     async def test_refresh_failure_during_retry(
         self, acme: Gateway, fake_nb: FakeNationBuilder
@@ -743,10 +739,7 @@ class TestUpstream401:
         error = await expect_error(resp, 401, "account_needs_reauthorization")
         assert f"{PUBLIC_URL}/connect" in error["detail"]
         assert len(fake_nb.api_requests) == 1
-        assert (
-            acme.metric("nbgw_upstream_401_retries_total", account="acme", outcome="refresh_failed")
-            == 1
-        )
+        assert retries(acme, "refresh_failed") == 1
 
 
 # ---------------------------------------------------------------------- upstream failures

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
@@ -124,20 +124,44 @@ class Recorder:
         return resp.status, text, resp
 
 
-async def start_gateway(
-    aiohttp_client: Any,
-    settings_factory: SettingsFactory,
-    clock: FakeClock,
-    redactor: Redactor,
-) -> Gateway:
-    """A gateway with the canary client secret and admin token, logging through `redactor`."""
-    settings = settings_factory(
-        client_secret=Secret(CANARY_CLIENT_SECRET), admin_token=Secret(CANARY_ADMIN_TOKEN)
+GatewayStarter = Callable[[Redactor], Awaitable[Gateway]]
+
+
+@pytest.fixture
+def start_gateway(
+    aiohttp_client: Any, settings_factory: SettingsFactory, clock: FakeClock
+) -> GatewayStarter:
+    """Start a gateway with the canary client secret and admin token, logging through the
+    redactor it is given."""
+
+    async def start(redactor: Redactor) -> Gateway:
+        settings = settings_factory(
+            client_secret=Secret(CANARY_CLIENT_SECRET), admin_token=Secret(CANARY_ADMIN_TOKEN)
+        )
+        registry = CollectorRegistry()
+        app = create_app(
+            settings, clock=clock, registry=registry, redactor=redactor, background=False
+        )
+        client = await aiohttp_client(app)
+        return Gateway(
+            client=client, app=app, registry=registry, redactor=redactor, settings=settings
+        )
+
+    return start
+
+
+async def store_pair(gw: Gateway, pair: dict[str, Any], clock: FakeClock) -> None:
+    """Store the fake's `pair` for acme, valid for a day, as a completed /connect would."""
+    await gw.store.save_tokens(
+        "acme",
+        TokenSet(
+            access_token=Secret(pair["access_token"]),
+            refresh_token=Secret(pair["refresh_token"]),
+            expires_at=clock.now() + 86400,
+            scope="default",
+        ),
+        EventKind.CONNECTED,
     )
-    registry = CollectorRegistry()
-    app = create_app(settings, clock=clock, registry=registry, redactor=redactor, background=False)
-    client = await aiohttp_client(app)
-    return Gateway(client=client, app=app, registry=registry, redactor=redactor, settings=settings)
 
 
 class _Form(HTMLParser):
@@ -213,8 +237,7 @@ def leaks(text: str, planted: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize("fmt", ["json", "text"])
 async def test_no_secret_reaches_logs_bodies_metrics_or_the_store(
     fmt: str,
-    aiohttp_client: Any,
-    settings_factory: SettingsFactory,
+    start_gateway: GatewayStarter,
     clock: FakeClock,
     fake_nb: FakeNationBuilder,
     encryption_key: str,
@@ -224,7 +247,7 @@ async def test_no_secret_reaches_logs_bodies_metrics_or_the_store(
     """Every flow that handles a secret runs; no planted value shows up in any output."""
     redactor = Redactor()
     logs = capture_logs(redactor, fmt)
-    gw = await start_gateway(aiohttp_client, settings_factory, clock, redactor)
+    gw = await start_gateway(redactor)
     rec = Recorder(gw)
     admin = {"Authorization": f"Bearer {CANARY_ADMIN_TOKEN}"}
 
@@ -315,8 +338,7 @@ async def test_no_secret_reaches_logs_bodies_metrics_or_the_store(
 
 
 async def test_a_token_logged_by_mistake_is_scrubbed_once_stored(
-    aiohttp_client: Any,
-    settings_factory: SettingsFactory,
+    start_gateway: GatewayStarter,
     clock: FakeClock,
     fake_nb: FakeNationBuilder,
     capture_logs: LoggingInstaller,
@@ -324,23 +346,14 @@ async def test_a_token_logged_by_mistake_is_scrubbed_once_stored(
     """The store tells the redactor every token it writes, so a stray log call is scrubbed."""
     redactor = Redactor()
     logs = capture_logs(redactor, "text")
-    gw = await start_gateway(aiohttp_client, settings_factory, clock, redactor)
+    gw = await start_gateway(redactor)
     pair = fake_nb.issue_tokens("acme")
     stray = logging.getLogger("nbgateway.test")
 
     stray.info("before %s", pair["access_token"][len("nbfake-at-") :])
     assert pair["access_token"][len("nbfake-at-") :] in logs.getvalue()  # not known yet
 
-    await gw.store.save_tokens(
-        "acme",
-        TokenSet(
-            access_token=Secret(pair["access_token"]),
-            refresh_token=Secret(pair["refresh_token"]),
-            expires_at=clock.now() + 86400,
-            scope="default",
-        ),
-        EventKind.CONNECTED,
-    )
+    await store_pair(gw, pair, clock)
     stray.info("oops %s", pair["access_token"])
     stray.warning("oops again %r", {"token": pair["refresh_token"]})
     text = logs.getvalue()
@@ -350,29 +363,19 @@ async def test_a_token_logged_by_mistake_is_scrubbed_once_stored(
 
 
 async def test_a_token_read_from_the_database_is_scrubbed(
-    aiohttp_client: Any,
-    settings_factory: SettingsFactory,
+    start_gateway: GatewayStarter,
     clock: FakeClock,
     fake_nb: FakeNationBuilder,
     capture_logs: LoggingInstaller,
 ) -> None:
     """A second process learns a token by decrypting it, and from then on scrubs it."""
-    writer = await start_gateway(aiohttp_client, settings_factory, clock, Redactor())
+    writer = await start_gateway(Redactor())
     pair = fake_nb.issue_tokens("acme")
-    await writer.store.save_tokens(
-        "acme",
-        TokenSet(
-            access_token=Secret(pair["access_token"]),
-            refresh_token=Secret(pair["refresh_token"]),
-            expires_at=clock.now() + 86400,
-            scope="default",
-        ),
-        EventKind.CONNECTED,
-    )
+    await store_pair(writer, pair, clock)
 
     reader_redactor = Redactor()
     logs = capture_logs(reader_redactor, "json")
-    reader = await start_gateway(aiohttp_client, settings_factory, clock, reader_redactor)
+    reader = await start_gateway(reader_redactor)
     resp = await reader.client.get("/n/acme/api/v2/signups/me")  # decrypts the stored pair
     assert resp.status == 200
     logging.getLogger("nbgateway.test").info("oops %s", pair["access_token"])
@@ -382,16 +385,14 @@ async def test_a_token_read_from_the_database_is_scrubbed(
 
 
 async def test_configured_secrets_are_scrubbed_from_the_first_line(
-    aiohttp_client: Any,
-    settings_factory: SettingsFactory,
-    clock: FakeClock,
+    start_gateway: GatewayStarter,
     encryption_key: str,
     capture_logs: LoggingInstaller,
 ) -> None:
     """Client secret, admin token and key are known to the redactor as soon as the app runs."""
     redactor = Redactor()
     logs = capture_logs(redactor, "text")
-    await start_gateway(aiohttp_client, settings_factory, clock, redactor)
+    await start_gateway(redactor)
     stray = logging.getLogger("nbgateway.test")
     stray.error("config dump: %s %s %s", CANARY_CLIENT_SECRET, CANARY_ADMIN_TOKEN, encryption_key)
     text = logs.getvalue()
