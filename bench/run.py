@@ -654,7 +654,7 @@ def fmt_load_row(label: str, r: dict[str, Any]) -> str:
     )
     window = r.get("window")
     if window and "machine" in cpu:
-        ours = sum(cpu.get(k, 0.0) for k in ("proxy", "load", "upstream"))
+        ours = sum(float(cpu.get(k, 0.0)) for k in ("proxy", "load", "upstream"))
         other = max(0.0, cpu["machine"] - ours)
         shares = [cpu.get(k, 0.0) for k in ("proxy", "load", "upstream")] + [other]
         row += "  " + " ".join(f"{100 * v / window:>5.0f}" for v in shares)
@@ -688,12 +688,12 @@ def other_cpu_share(r: dict[str, Any]) -> float:
     cpu = r["cpu_seconds"]
     if "machine" not in cpu:
         return 0.0
-    ours = sum(cpu.get(k, 0.0) for k in ("proxy", "load", "upstream"))
-    return max(0.0, cpu["machine"] - ours) / float(r["window"])
+    ours = sum(float(cpu.get(k, 0.0)) for k in ("proxy", "load", "upstream"))
+    return max(0.0, float(cpu["machine"]) - ours) / float(r["window"])
 
 
 def cpu_per_request(r: dict[str, Any]) -> float:
-    return float(r["cpu_seconds"]["proxy"]) / r["requests"] * 1e6
+    return float(r["cpu_seconds"]["proxy"]) / float(r["requests"]) * 1e6
 
 
 def machine_line() -> str:

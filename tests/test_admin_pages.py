@@ -15,11 +15,11 @@ from yarl import URL
 from nbgateway.admin_pages import (
     FLASH_COOKIE,
     SESSION_COOKIE,
-    Signer,
     form_action_sources,
     normalize_nation,
     span,
 )
+from nbgateway.admin_session import Signer
 from nbgateway.clock import FakeClock
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import EventKind, TokenSet
