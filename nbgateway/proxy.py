@@ -438,10 +438,14 @@ class Proxy:
             if complete:
                 plain = head
                 if encoding != "identity":
+                    # Bounded: a small compressed body must not expand without limit.
+                    inflater = zlib.decompressobj(wbits=47)  # 47: gzip or zlib header
                     try:
-                        plain = zlib.decompress(head, wbits=47)  # 47: gzip or zlib header
+                        plain = inflater.decompress(head, _REWRITE_LIMIT)
                     except zlib.error:
                         plain = b""
+                    if inflater.unconsumed_tail:
+                        plain = b""  # too large to rewrite: passed through as sent
                 rewritten = self._rewrite(route, plain) if plain else None
                 if rewritten is not None:
                     headers.popall("Content-Encoding", None)

@@ -138,8 +138,9 @@ class TokenManager:
     async def _single_flight(
         self, slug: str, *, force: bool, stale_generation: int | None
     ) -> IssuedToken:
-        running = self._inflight.get(slug)
-        if running is not None:
+        # A loop: a waiter that must still refresh after the task it joined looks again,
+        # so several such waiters join one new task instead of each starting their own.
+        while (running := self._inflight.get(slug)) is not None:
             task, task_forced = running
             if slug in self._accounts:  # never a label for a slug that is not an account
                 self._metrics.refresh_coalesced.labels(slug).inc()
@@ -154,6 +155,8 @@ class TokenManager:
                 cached = self._still_valid(self._cache.get(slug))
                 if cached is not None:
                     return cached
+                # The still-valid stored token, if any; while backing off _obtain makes no
+                # token call, so running it outside single flight is cheap.
                 return await self._obtain(slug, False, stale_generation)
             if not force or task_forced or result.generation != stale_generation:
                 return result

@@ -161,6 +161,7 @@ class Sink:
         self.app.router.add_route("*", "/{slug}/api/upload", self._upload)
         self.app.router.add_get("/{slug}/api/gzip-links", self._gzip_links)
         self.app.router.add_get("/{slug}/api/gzip-plain", self._gzip_plain)
+        self.app.router.add_get("/{slug}/api/gzip-bomb", self._gzip_bomb)
         self.app.router.add_get("/{slug}/api/escaped-links", self._escaped_links)
         self.app.router.add_get("/{slug}/api/gate", self._gate)
         self.app.router.add_get("/{slug}/api/echo-raw/{tail:.*}", self._echo_raw)
@@ -198,6 +199,14 @@ class Sink:
 
     async def _gzip_plain(self, request: web.Request) -> web.Response:
         return self._gzip_json({"data": [], "meta": {"gzip": True}})
+
+    async def _gzip_bomb(self, request: web.Request) -> web.Response:
+        # About 40 KiB on the wire, 40 MiB once inflated (more than the rewrite limit).
+        inflated = b'{"links":{"next":"/api/v2/x"},"pad":"' + b" " * (40 * MiB) + b'"}'
+        return web.Response(
+            body=gzip.compress(inflated, compresslevel=1),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
 
     async def _escaped_links(self, request: web.Request) -> web.Response:
         body = b'{"data":[],"links":{"next":"\\/api\\/v2\\/signups?page[number]=2"}}'
@@ -941,6 +950,20 @@ class TestLinkRewriting:
             "data": [],
             "meta": {"gzip": True},
         }
+
+    async def test_gzip_body_inflating_past_the_limit_passes_through_encoded(
+        self, sink_gateway: tuple[Gateway, Sink]
+    ) -> None:
+        """A small gzip body that would inflate beyond the rewrite limit is sent on as it came."""
+        gw, _ = sink_gateway
+        resp = await gw.client.get(
+            "/n/acme/api/gzip-bomb", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+        )
+        assert resp.status == 200
+        assert resp.headers["Content-Encoding"] == "gzip"
+        body = await resp.read()
+        assert len(body) < MiB
+        assert gzip.decompress(body).startswith(b'{"links":{"next":"/api/v2/x"}')
 
     async def test_escaped_slashes_are_rewritten(self, sink_gateway: tuple[Gateway, Sink]) -> None:
         """Links written with JSON-escaped slashes are found and rewritten."""

@@ -21,7 +21,8 @@ from nbgateway.config import Settings
 from nbgateway.errors import AccountNotFound, ReauthorizationRequired, RefreshBackoff
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus, EventKind
-from nbgateway.tokens import Backoff
+from nbgateway.redact import Secret
+from nbgateway.tokens import Backoff, IssuedToken
 
 SLUG = "acme"
 ME = "/api/v2/signups/me"
@@ -148,6 +149,33 @@ class TestCoalescing:
         assert new_token != issued["access_token"]
         assert [bearer(r) for r in fake_nb.api_requests] == [new_token] * 100
         assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+
+
+class TestSingleFlight:
+    async def test_forced_waiters_on_a_non_forced_task_share_one_new_task(
+        self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Several 401 retries that joined a task returning the rejected generation start one
+        forced task between them, not one each."""
+        tokens = gateway.tokens
+        calls: list[bool] = []
+        gate = asyncio.Event()
+
+        async def obtain(slug: str, force: bool, stale: int | None) -> IssuedToken:
+            calls.append(force)
+            await gate.wait()
+            return IssuedToken(Secret("token-value-0123"), 2 if force else 1, 1e12)
+
+        monkeypatch.setattr(tokens, "_obtain", obtain)
+        first = asyncio.create_task(tokens.access_token("acme"))
+        await asyncio.sleep(0)
+        retries = [asyncio.create_task(tokens.force_refresh("acme", 1)) for _ in range(3)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gate.set()
+        results = await asyncio.gather(first, *retries)
+        assert calls == [False, True]
+        assert [r.generation for r in results] == [1, 2, 2, 2]
 
 
 class TestAcrossProcesses:
