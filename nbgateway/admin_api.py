@@ -17,15 +17,13 @@ from aiohttp import web
 from nbgateway import keys
 from nbgateway.accounts import account_json, check_slug
 from nbgateway.errors import (
-    AccountNeedsReauthorization,
-    AccountNotFound,
     AdminUnauthorized,
     AuthorizationFailed,
     InvalidRequest,
-    ReauthorizationRequired,
-    RefreshBackoff,
-    TokenRefreshFailed,
+    StoreError,
+    TokenUnavailable,
     UnknownAccount,
+    token_error,
 )
 
 CallbackRenderer = Callable[
@@ -88,17 +86,9 @@ async def refresh_account(request: web.Request) -> web.Response:
     slug = _slug(request)
     try:
         info = await request.config_dict[keys.ACCOUNTS].refresh(slug)
-    except AccountNotFound:
-        raise UnknownAccount(f"no account named {slug!r}") from None
-    except ReauthorizationRequired:
-        raise AccountNeedsReauthorization(
-            f"{slug!r} needs to be re-authorized at "
-            f"{request.config_dict[keys.SETTINGS].public_url}/connect"
-        ) from None
-    except RefreshBackoff as exc:
-        raise TokenRefreshFailed(
-            str(exc), headers={"Retry-After": str(max(1, int(exc.retry_after)))}
-        ) from None
+    except (TokenUnavailable, StoreError) as exc:
+        connect_url = f"{request.config_dict[keys.SETTINGS].public_url}/connect"
+        raise token_error(slug, exc, connect_url) from None
     return _json(account_json(info))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -521,7 +520,7 @@ class AdminPages:
         except ReauthorizationRequired:
             self._flash(request, response, kind="reauth", slug=slug)
         except RefreshBackoff as exc:
-            retry = max(1, math.ceil(exc.retry_after))
+            retry = exc.retry_seconds
             detail = scrub(plain_error(str(exc)))
             self._flash(request, response, kind="backoff", slug=slug, retry=retry, detail=detail)
         except NBGatewayError as exc:

@@ -19,10 +19,13 @@
         └── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
-data; `middleware.error_response` is the one place that renders it.
+data; `middleware.error_response` is the one place that renders it, and `token_error`
+the one place that turns "no token for this account" into what a client is told.
 """
 
 from __future__ import annotations
+
+import math
 
 from nbgateway.models import RefreshOutcome
 
@@ -96,6 +99,11 @@ class RefreshBackoff(TokenUnavailable):
         super().__init__(slug, message)
         self.retry_after = retry_after
 
+    @property
+    def retry_seconds(self) -> int:
+        """Whole seconds to wait (rounded up, at least 1): the Retry-After value."""
+        return max(1, math.ceil(self.retry_after))
+
 
 class GatewayError(NBGatewayError):
     """An error response made by the gateway itself."""
@@ -156,3 +164,24 @@ class TokenStoreError(GatewayError):
 
 class NotFound(GatewayError):
     status, code, title = 404, "not_found", "Not found"
+
+
+def token_error(slug: str, exc: NBGatewayError, connect_url: str) -> GatewayError:
+    """The gateway error a client sees when no token can be had for `slug`."""
+    if isinstance(exc, AccountNotFound):
+        return UnknownAccount(f"no account named {slug!r} is connected")
+    if isinstance(exc, ReauthorizationRequired):
+        return AccountNeedsReauthorization(
+            f"the account {slug!r} needs an admin to re-authorize it at {connect_url}"
+        )
+    if isinstance(exc, RefreshBackoff):
+        retry = exc.retry_seconds
+        return TokenRefreshFailed(
+            f"the access token of {slug!r} could not be refreshed; retry in {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, StoreError):
+        return TokenStoreError(
+            f"the stored credentials of {slug!r} cannot be read; see `nbgateway check`"
+        )
+    return TokenRefreshFailed(f"no access token for {slug!r} is available")

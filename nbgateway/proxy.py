@@ -25,22 +25,18 @@ from yarl import URL
 
 from nbgateway.config import Settings
 from nbgateway.errors import (
-    AccountNeedsReauthorization,
     AccountNotFound,
     ClientNotAllowed,
     GatewayError,
     InvalidRequest,
     NoAccountSelected,
-    ReauthorizationRequired,
-    RefreshBackoff,
     RequestTooLarge,
     StoreError,
-    TokenRefreshFailed,
-    TokenStoreError,
     TokenUnavailable,
     UnknownAccount,
     UpstreamTimeout,
     UpstreamUnreachable,
+    token_error,
 )
 from nbgateway.links import rewrite_links
 from nbgateway.metrics import NO_ACCOUNT, Metrics
@@ -240,25 +236,12 @@ class Proxy:
             if stale is None:
                 return await self._tokens.access_token(slug)
             return await self._tokens.force_refresh(slug, stale.generation)
-        except AccountNotFound:
-            raise UnknownAccount(f"no account named {slug!r} is connected") from None
-        except ReauthorizationRequired:
-            raise AccountNeedsReauthorization(
-                f"the account {slug!r} needs an admin to re-authorize it at {self._public}/connect"
-            ) from None
-        except RefreshBackoff as exc:
-            retry = max(1, int(exc.retry_after + 0.999))
-            raise TokenRefreshFailed(
-                f"the access token of {slug!r} could not be refreshed; retry in {retry} s",
-                headers={"Retry-After": str(retry)},
-            ) from None
-        except TokenUnavailable as exc:  # pragma: no cover - every subclass is handled above
-            raise TokenRefreshFailed(str(exc)) from None
-        except StoreError as exc:
-            log.error("stored credentials unreadable", extra={"account": slug, "error": str(exc)})
-            raise TokenStoreError(
-                f"the stored credentials of {slug!r} cannot be read; see `nbgateway check`"
-            ) from None
+        except (TokenUnavailable, StoreError) as exc:
+            if isinstance(exc, StoreError) and not isinstance(exc, AccountNotFound):
+                log.error(
+                    "stored credentials unreadable", extra={"account": slug, "error": str(exc)}
+                )
+            raise token_error(slug, exc, f"{self._public}/connect") from None
 
     def _upstream_headers(self, request: web.Request, token: IssuedToken) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()
