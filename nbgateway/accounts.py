@@ -16,7 +16,6 @@ from nbgateway.errors import (
     OAuthError,
     StateError,
 )
-from nbgateway.metrics import Metrics
 from nbgateway.models import AccountInfo, Event, EventKind, is_valid_slug
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
@@ -67,12 +66,10 @@ class AccountService:
         store: TokenStore,
         tokens: TokenManager,
         oauth: NationBuilderOAuth,
-        metrics: Metrics,
     ) -> None:
         self._store = store
         self._tokens = tokens
         self._oauth = oauth
-        self._metrics = metrics
 
     async def list_accounts(self) -> list[AccountInfo]:
         return await self._store.list_accounts()
@@ -93,8 +90,7 @@ class AccountService:
 
     async def remove(self, slug: str) -> bool:
         removed = await self._store.remove_account(slug)
-        self._tokens.invalidate(slug)
-        self._metrics.forget_account(slug)
+        await self._tokens.account_changed(slug)  # also drops the account's gauges
         if removed:
             log.info("account removed", extra={"account": slug})
         return removed
@@ -107,7 +103,7 @@ class AccountService:
         """
         check_slug(slug)
         await self._store.import_refresh_token(slug, legacy_token)
-        self._tokens.invalidate(slug)
+        await self._tokens.account_changed(slug)
         await self._tokens.refresh_now(slug)
         return await self.get(slug)
 
@@ -156,7 +152,6 @@ class AccountService:
                 "exchange", f"exchanging the authorization code failed: {exc}", slug
             ) from None
         await self._store.save_tokens(slug, tokens, EventKind.CONNECTED)
-        self._tokens.invalidate(slug)
-        await self._tokens.sync(force=True)
+        await self._tokens.account_changed(slug)
         log.info("account connected", extra={"account": slug})
         return slug

@@ -33,8 +33,6 @@ from nbgateway.tokens import NeedsReauthListener
 log = logging.getLogger("nbgateway.app")
 
 PROXY = web.AppKey("proxy", Proxy)
-BACKGROUND = web.AppKey("background", bool)
-CONNECT_APP = web.AppKey("connect_app", web.Application)
 
 # Seconds between two looks at the store for changes made by other processes.
 SYNC_INTERVAL = 1.0
@@ -51,7 +49,6 @@ def create_app(
     redactor: Redactor | None = None,
     background: bool = True,
     on_needs_reauth: NeedsReauthListener | None = None,
-    connect_app: web.Application | None = None,
 ) -> web.Application:
     """Build the gateway application. Nothing is opened until the app starts."""
     clock = clock or SystemClock()
@@ -61,9 +58,7 @@ def create_app(
     app = web.Application(middlewares=[request_context], client_max_size=settings.max_request_body)
     app[keys.SETTINGS] = settings
     app[keys.CLOCK] = clock
-    app[keys.METRICS] = metrics
     app[keys.REDACTOR] = redactor
-    app[BACKGROUND] = background
     notifier = Notifier(
         settings.alert_webhook, settings.public_url, metrics=metrics, redactor=redactor, clock=clock
     )
@@ -81,12 +76,11 @@ def create_app(
             on_needs_reauth=combine(notifier.notify, on_needs_reauth),
         ) as svc:
             app[keys.STORE] = svc.store
-            app[keys.UPSTREAM] = svc.http
             app[keys.TOKENS] = svc.tokens
             app[keys.ACCOUNTS] = svc.accounts
             app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics)
             task: asyncio.Task[None] | None = None
-            if app[BACKGROUND]:
+            if background:
                 task = asyncio.create_task(
                     svc.tokens.run(refresh_interval=REFRESH_INTERVAL, sync_interval=SYNC_INTERVAL)
                 )
@@ -110,10 +104,9 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
 
-    connect = connect_app if connect_app is not None else web.Application()
+    connect = web.Application()
     admin_api.add_routes(connect)
     admin_pages.setup(connect, settings)
-    app[CONNECT_APP] = connect
     app.add_subapp("/connect", connect)
     return app
 

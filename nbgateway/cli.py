@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
 
             configure_logging(redactor, fmt=env.get("NBGW_LOG_FORMAT", "text"), level="WARNING")
             return asyncio.run(
-                run_demo(port=args.port, self_test=args.self_test, redactor=redactor)
+                run_demo(port=args.port, check_only=args.self_test, redactor=redactor)
             )
         required = {
             "serve": REQUIRED_FOR_SERVE,
@@ -344,6 +344,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             level=settings.log_level,
             access_log=settings.access_log,
         )
+        # check and rotate-key do not open the services, which would add these too.
         for secret in settings.secrets():
             redactor.add(secret)
         if args.command == "serve":

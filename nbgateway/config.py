@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nbgateway.errors import ConfigError
+from nbgateway.models import is_valid_slug
 from nbgateway.redact import Secret
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -211,16 +212,15 @@ def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def _parse_number(env: str, raw: str, kind: Callable[[str], float], minimum: float) -> float:
+def _parse_number(
+    env: str, raw: str, kind: Callable[[str], float], minimum: float, *, exclusive: bool = False
+) -> float:
+    """A finite number >= minimum (> minimum when `exclusive`)."""
     try:
         value = kind(raw)
     except ValueError:
         raise _fail(env, f"{raw!r} is not a number") from None
-    if (
-        not math.isfinite(value)
-        or value < minimum
-        or (minimum == 0 and env == "NBGW_UPSTREAM_TIMEOUT" and value == 0)
-    ):
+    if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
         raise _fail(env, f"{raw!r} is out of range")
     return value
 
@@ -286,7 +286,7 @@ def load_settings(
     keys_raw = get("NBGW_ENCRYPTION_KEY")
     keys = tuple(Secret(k.strip()) for k in keys_raw.split(",") if k.strip())
     if keys_raw:
-        # Imported here to keep config free of cryptography at import time for `--help`.
+        # crypto sits above config in the layering (it raises ConfigError): import late.
         from nbgateway.crypto import validate_key
 
         for index, key in enumerate(keys):
@@ -309,11 +309,8 @@ def load_settings(
         public_url = _parse_url("NBGW_PUBLIC_URL", public_url)
 
     default_account = get("NBGW_DEFAULT_ACCOUNT")
-    if default_account:
-        from nbgateway.models import is_valid_slug
-
-        if not is_valid_slug(default_account):
-            raise _fail("NBGW_DEFAULT_ACCOUNT", f"{default_account!r} is not a valid slug")
+    if default_account and not is_valid_slug(default_account):
+        raise _fail("NBGW_DEFAULT_ACCOUNT", f"{default_account!r} is not a valid slug")
 
     log_format = get("NBGW_LOG_FORMAT").lower()
     if log_format not in ("text", "json"):
@@ -347,7 +344,7 @@ def load_settings(
         refresh_margin=_parse_number("NBGW_REFRESH_MARGIN", get("NBGW_REFRESH_MARGIN"), int, 0),
         allowed_clients=_parse_cidrs("NBGW_ALLOWED_CLIENTS", get("NBGW_ALLOWED_CLIENTS")),
         upstream_timeout=_parse_number(
-            "NBGW_UPSTREAM_TIMEOUT", get("NBGW_UPSTREAM_TIMEOUT"), float, 0
+            "NBGW_UPSTREAM_TIMEOUT", get("NBGW_UPSTREAM_TIMEOUT"), float, 0, exclusive=True
         ),
         max_request_body=int(
             _parse_number("NBGW_MAX_REQUEST_BODY", get("NBGW_MAX_REQUEST_BODY"), int, 1)

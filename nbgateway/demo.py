@@ -106,7 +106,7 @@ async def self_test(gateway: str, fake: str, session: aiohttp.ClientSession) -> 
     return failures
 
 
-async def run_demo(*, port: int, self_test: bool, redactor: Redactor) -> int:
+async def run_demo(*, port: int, check_only: bool, redactor: Redactor) -> int:
     fake = FakeNationBuilder(auto_approve=True)
     fake_url = await fake.start("127.0.0.1", _free_port())
     if port == 0:
@@ -129,8 +129,8 @@ async def run_demo(*, port: int, self_test: bool, redactor: Redactor) -> int:
             gateway = f"http://{settings.host}:{port}"
             async with aiohttp.ClientSession() as session:
                 await connect_demo_nation(app, session)
-                if self_test:
-                    failures = await self_test_run(gateway, fake_url, session)
+                if check_only:
+                    failures = await self_test(gateway, fake_url, session)
                     for failure in failures:
                         print(f"demo self-test: {failure}", file=sys.stderr)
                     print("demo self-test: " + ("ok" if not failures else "FAILED"))
@@ -141,9 +141,6 @@ async def run_demo(*, port: int, self_test: bool, redactor: Redactor) -> int:
         finally:
             await runner.cleanup()
             await fake.stop()
-
-
-self_test_run = self_test
 
 
 async def _wait_forever() -> None:

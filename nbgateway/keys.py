@@ -6,22 +6,18 @@ themselves receive their collaborators through constructors and never read these
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from nbgateway.accounts import AccountService
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
-from nbgateway.metrics import Metrics
 from nbgateway.redact import Redactor
 from nbgateway.store import SQLiteStore
 from nbgateway.tokens import TokenManager
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK = web.AppKey("clock", Clock)
-METRICS = web.AppKey("metrics", Metrics)
 REDACTOR = web.AppKey("redactor", Redactor)
 STORE = web.AppKey("store", SQLiteStore)
 TOKENS = web.AppKey("tokens", TokenManager)
 ACCOUNTS = web.AppKey("accounts", AccountService)
-UPSTREAM = web.AppKey("upstream_session", aiohttp.ClientSession)

@@ -150,6 +150,10 @@ class Proxy:
             self._peer_decisions[key] = decision
         return decision
 
+    def _too_large(self) -> RequestTooLarge:
+        limit = self._settings.max_request_body
+        return RequestTooLarge(f"the request body exceeds NBGW_MAX_REQUEST_BODY ({limit} bytes)")
+
     # -- routing -----------------------------------------------------------------------
 
     def route(self, request: web.Request) -> Route:
@@ -210,10 +214,7 @@ class Proxy:
             route = self.route(request)
             length = request.content_length
             if length is not None and length > self._settings.max_request_body:
-                raise RequestTooLarge(
-                    f"the request body exceeds NBGW_MAX_REQUEST_BODY "
-                    f"({self._settings.max_request_body} bytes)"
-                )
+                raise self._too_large()
             account = route.slug
             if info is not None:
                 info["account"] = account
@@ -272,9 +273,7 @@ class Proxy:
             seen += len(chunk)
             if seen > limit:
                 request[BODY_TOO_LARGE] = True
-                raise RequestTooLarge(
-                    f"the request body exceeds NBGW_MAX_REQUEST_BODY ({limit} bytes)"
-                )
+                raise self._too_large()
             yield chunk
 
     async def _send(
@@ -307,10 +306,7 @@ class Proxy:
         except aiohttp.ClientError as exc:
             if request.get(BODY_TOO_LARGE):
                 # aiohttp wraps the error our body generator raised; the client's fault.
-                raise RequestTooLarge(
-                    "the request body exceeds NBGW_MAX_REQUEST_BODY "
-                    f"({self._settings.max_request_body} bytes)"
-                ) from None
+                raise self._too_large() from None
             raise UpstreamUnreachable(
                 f"NationBuilder could not be reached ({type(exc).__name__})"
             ) from None
@@ -367,11 +363,8 @@ class Proxy:
 
     # -- the response --------------------------------------------------------------------
 
-    def _link_mapper(self, route: Route) -> tuple[str, str]:
-        return self._settings.nation_base(route.slug), f"/n/{route.slug}"
-
     def _rewrite(self, route: Route, raw: bytes) -> bytes | None:
-        nation, prefix = self._link_mapper(route)
+        nation, prefix = self._settings.nation_base(route.slug), f"/n/{route.slug}"
         # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
         if (
             nation.encode() not in raw

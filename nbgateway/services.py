@@ -87,7 +87,7 @@ async def open_services(
                 http=http,
                 oauth=oauth,
                 tokens=tokens,
-                accounts=AccountService(store, tokens, oauth, metrics),
+                accounts=AccountService(store, tokens, oauth),
             )
         finally:
             if session is None:

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -93,14 +93,6 @@ _LAST_ERROR_MAX = 300
 
 
 @dataclass(frozen=True, slots=True)
-class AccountVersion:
-    """The cheap fingerprint of an account used to notice changes by other processes."""
-
-    generation: int
-    status: AccountStatus
-
-
-@dataclass(frozen=True, slots=True)
 class PendingAuthorization:
     """A consumed authorization state: which nation it was for and its PKCE verifier."""
 
@@ -136,19 +128,28 @@ def _info_from_row(row: sqlite3.Row) -> AccountInfo:
     )
 
 
+class AccountLock(Protocol):
+    """An account row held under the cross-process refresh lock (see `refresh_lock`)."""
+
+    slug: str
+
+    async def read(self) -> Account: ...
+    async def save_tokens(self, tokens: TokenSet) -> Account: ...
+    async def record_failure(self, message: str) -> None: ...
+    async def mark_needs_reauth(self, message: str) -> None: ...
+
+
 class TokenStore(Protocol):
     """What the token manager, the account service and the CLI need from storage."""
 
     async def get_account(self, slug: str) -> Account | None: ...
     async def list_accounts(self) -> list[AccountInfo]: ...
-    async def account_versions(self) -> dict[str, AccountVersion]: ...
     async def change_counter(self) -> int: ...
-    def refresh_lock(self, slug: str) -> Any: ...
+    def refresh_lock(self, slug: str) -> AbstractAsyncContextManager[AccountLock]: ...
     async def save_tokens(self, slug: str, tokens: TokenSet, kind: EventKind) -> Account: ...
     async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None: ...
     async def remove_account(self, slug: str) -> bool: ...
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]: ...
-    async def add_event(self, slug: str, kind: EventKind, detail: str = "") -> None: ...
     async def create_state(
         self, state: str, slug: str, verifier: Secret, binding: str, ttl: float
     ) -> None: ...
@@ -368,15 +369,6 @@ class SQLiteStore:
         async with self.conn.execute(f"SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug") as cur:
             return [_info_from_row(row) async for row in cur]
 
-    async def account_versions(self) -> dict[str, AccountVersion]:
-        async with self.conn.execute("SELECT slug, generation, status FROM accounts") as cur:
-            return {
-                row["slug"]: AccountVersion(
-                    int(row["generation"]), _status(row["status"], row["slug"])
-                )
-                async for row in cur
-            }
-
     async def change_counter(self) -> int:
         """Changes whenever another connection commits (PRAGMA data_version)."""
         return int(await self._scalar(self.conn, "PRAGMA data_version"))
@@ -403,9 +395,6 @@ class SQLiteStore:
             "INSERT INTO events (slug, kind, at, detail) VALUES (?, ?, ?, ?)",
             (slug, kind.value, self._clock.now(), detail[:_LAST_ERROR_MAX]),
         )
-
-    async def add_event(self, slug: str, kind: EventKind, detail: str = "") -> None:
-        await self._insert_event(self.conn, slug, kind, detail)
 
     async def _write_tokens(
         self, conn: aiosqlite.Connection, slug: str, tokens: TokenSet, kind: EventKind

@@ -129,6 +129,11 @@ class TokenManager:
             return next(iter(self._accounts))
         return None
 
+    async def account_changed(self, slug: str) -> None:
+        """This process changed `slug` in the store (connect, import, removal): start afresh."""
+        self.invalidate(slug)
+        await self.sync(force=True)
+
     def invalidate(self, slug: str) -> None:
         """Forget what is cached for `slug` (after connect, import or removal)."""
         self._cache.pop(slug, None)

@@ -9,8 +9,8 @@ background task is off unless a test asks for it).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,6 @@ class Gateway:
     registry: CollectorRegistry
     redactor: Redactor
     settings: Settings
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens(self) -> TokenManager:
@@ -178,18 +177,3 @@ def connect_account(fake_nb: FakeNationBuilder, clock: FakeClock) -> ConnectAcco
 @pytest.fixture
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture
-def db_files(tmp_path: Path) -> Callable[[], Iterator[Path]]:
-    """Every file that belongs to the test database (main file, WAL, shared memory)."""
-
-    def files() -> Iterator[Path]:
-        yield from sorted(tmp_path.glob("gateway.db*"))
-
-    return files
-
-
-@pytest.fixture
-async def started_gateway(gateway: Gateway) -> AsyncIterator[Gateway]:
-    yield gateway

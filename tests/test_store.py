@@ -393,8 +393,8 @@ class TestEvents:
         assert account.status is AccountStatus.NEEDS_REAUTH
         assert account.last_error == "invalid_grant: token revoked"
         assert account.generation == 2
-        versions = await store.account_versions()
-        assert versions["acme"].status is AccountStatus.NEEDS_REAUTH
+        [info] = await store.list_accounts()
+        assert info.status is AccountStatus.NEEDS_REAUTH
 
     async def test_removed_event_survives_the_account(
         self, store: SQLiteStore, clock: FakeClock
