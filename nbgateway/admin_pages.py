@@ -6,11 +6,10 @@ The human face of `AccountService`: every action calls the same methods as the C
 its result, through `admin_api.CALLBACK_RENDERER`). No JavaScript; Jinja2 templates with
 autoescaping; a strict Content-Security-Policy on every response.
 
-Sessions are stateless signed cookies: `sid.expiry.HMAC` with a key derived from
-NBGW_ADMIN_TOKEN, so changing the token logs everyone out. Each form carries a CSRF token
-derived from the session id; the session also yields the `binding` that ties an
-authorization started here to this browser session. Wrong admin tokens are limited per
-client address, in memory, by the injected clock. None of this runs on the proxy path.
+Sessions, CSRF tokens and login throttling live in `admin_session`. Logging out revokes
+the session in this process's memory; the signed cookie itself stays valid elsewhere (other
+processes, a restart) until it expires (12 h) or NBGW_ADMIN_TOKEN changes. None of this
+runs on the proxy path.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `create_app(settings, ...)` is the one factory used by `serve`, `demo` and the tests.
 Every external collaborator (clock, metrics registry, upstream HTTP session, redactor) can
 be passed in; otherwise production defaults are built. Services are opened and closed in
-`cleanup_ctx` order: store, HTTP session, token manager and its background task.
+`cleanup_ctx` order: the alert notifier, then the store, HTTP session, token manager and
+its background task (closed in reverse).
 """
 
 from __future__ import annotations
@@ -123,7 +124,12 @@ async def readyz(request: web.Request) -> web.Response:
         await store.ping()
         problems = await store.verify()
     except NBGatewayError as exc:
-        return web.json_response({"status": "unavailable", "detail": str(exc)}, status=503)
+        # The details (paths, key ids) go to the log, not to whoever can reach /readyz.
+        log.error("not ready", extra={"error": str(exc)})
+        return web.json_response(
+            {"status": "unavailable", "detail": "the database or the key cannot be used"},
+            status=503,
+        )
     if problems:
         return web.json_response(
             {"status": "degraded", "detail": f"{len(problems)} account(s) unreadable"},

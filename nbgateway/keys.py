@@ -1,7 +1,10 @@
-"""Typed application keys: every service an aiohttp handler may look up, in one place.
+"""Typed application keys for the services handlers share across modules.
 
 Handlers read `request.app[KEY]` (or `request.config_dict[KEY]` in sub-apps); the services
 themselves receive their collaborators through constructors and never read these keys.
+Keys private to one module stay there: `app.PROXY`, `admin_api.CALLBACK_RENDERER` and
+`admin_api.BINDING` (hooks the admin pages fill), `middleware.ACCESS_INFO` and
+`proxy.BODY_TOO_LARGE` (per-request).
 """
 
 from __future__ import annotations

@@ -90,6 +90,9 @@ _INFO_COLUMNS = (
     "created_at, updated_at"
 )
 _LAST_ERROR_MAX = 300
+# Events kept per account: enough history for the admin page and debugging, bounded even
+# through a long outage (a failure is recorded at most once per backoff period).
+EVENTS_KEPT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +397,11 @@ class SQLiteStore:
         await conn.execute(
             "INSERT INTO events (slug, kind, at, detail) VALUES (?, ?, ?, ?)",
             (slug, kind.value, self._clock.now(), detail[:_LAST_ERROR_MAX]),
+        )
+        await conn.execute(
+            "DELETE FROM events WHERE slug = ? AND id <= (SELECT id FROM events WHERE slug = ? "
+            "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (slug, slug, EVENTS_KEPT),
         )
 
     async def _write_tokens(

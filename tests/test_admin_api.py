@@ -499,3 +499,16 @@ class TestRemove:
         assert resp.status == 404
         assert_json_api_error(await resp.json(content_type=None), 404, "unknown_account")
         assert await gateway.accounts.events() == []
+
+
+async def test_removing_the_only_account_leaves_no_default(
+    gateway: Gateway, connect_account: ConnectAccount, admin_headers: dict[str, str]
+) -> None:
+    """After the only account is removed, /api/... says no account is selected (not 404)."""
+    await connect_account(gateway, "acme")
+    assert (await gateway.client.get("/api/v2/signups/me")).status == 200
+    resp = await gateway.client.delete("/connect/api/accounts/acme", headers=admin_headers)
+    assert resp.status == 200
+    resp = await gateway.client.get("/api/v2/signups/me")
+    assert resp.status == 400
+    assert resp.headers["X-NBGW-Error"] == "no_account_selected"

@@ -50,3 +50,14 @@ async def test_upstream_401_triggers_one_refresh_and_one_retry(
     assert (
         gateway.metric("nbgw_upstream_401_retries_total", account="acme", outcome="recovered") == 1
     )
+
+
+async def test_readyz_reports_health_without_details(gateway: Gateway) -> None:
+    """/readyz is 200 while the store answers, and 503 without paths or key ids when not."""
+    assert (await gateway.client.get("/readyz")).status == 200
+    await gateway.store.close()
+    resp = await gateway.client.get("/readyz")
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["status"] == "unavailable"
+    assert body["detail"] == "the database or the key cannot be used"  # details go to the log

@@ -355,6 +355,20 @@ class TestAccounts:
 
 
 class TestEvents:
+    async def test_history_is_bounded_per_account(
+        self, store: SQLiteStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Only the newest EVENTS_KEPT events of an account are kept; others' are untouched."""
+        monkeypatch.setattr("nbgateway.store.EVENTS_KEPT", 3)
+        await store.save_tokens("other", token_set(clock, "0"), EventKind.CONNECTED)
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        for n in range(5):
+            async with store.refresh_lock("acme") as locked:
+                await locked.record_failure(f"failure {n}")
+        details = [e.detail for e in await store.events("acme", limit=10)]
+        assert details == ["failure 4", "failure 3", "failure 2"]
+        assert [e.kind for e in await store.events("other")] == [EventKind.CONNECTED]
+
     async def test_connected(self, store: SQLiteStore, clock: FakeClock) -> None:
         """save_tokens with CONNECTED records a connected event."""
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
