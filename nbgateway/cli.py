@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-from aiohttp import web
 
 from nbgateway import __version__
 from nbgateway.accounts import account_json
@@ -42,15 +38,12 @@ from nbgateway.errors import (
 from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.redact import Redactor, Secret
+from nbgateway.server import run_until_stopped
 from nbgateway.services import make_store, open_services
 
 log = logging.getLogger("nbgateway.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class ListenError(NBGatewayError):
-    """The listen address cannot be bound (in use, or not allowed)."""
 
 
 def _settings_epilog() -> str:
@@ -261,57 +254,12 @@ async def _rotate(settings: Settings, redactor: Redactor) -> int:
     return EXIT_OK
 
 
-async def serve(
-    settings: Settings, redactor: Redactor, ready: Callable[[], None] | None = None
-) -> None:
+async def serve(settings: Settings, redactor: Redactor) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     from nbgateway.app import create_app
 
     app = create_app(settings, redactor=redactor)
-    await run_until_stopped(app, settings.host, settings.port, ready=ready)
-
-
-def tune_garbage_collector() -> None:
-    """Move start-up objects out of the collector's way and collect young objects less often.
-
-    Every request allocates short-lived objects; with CPython's default thresholds the
-    collector keeps rescanning the long-lived ones (modules, the app, the connection pool).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-
-
-async def run_until_stopped(
-    app: web.Application,
-    host: str,
-    port: int,
-    *,
-    ready: Callable[[], None] | None = None,
-    also: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
-        tune_garbage_collector()
-        if ready is not None:
-            ready()
-        if also is not None:
-            await also()
-        else:
-            await stop.wait()
-    finally:
-        await runner.cleanup()
+    await run_until_stopped(app, settings.host, settings.port)
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

@@ -23,6 +23,7 @@ from nbgateway.config import Settings
 from nbgateway.crypto import generate_key
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.redact import Redactor, Secret
+from nbgateway.server import ListenError, run_until_stopped
 
 DEMO_NATION = "demo"
 
@@ -114,19 +115,11 @@ async def run_demo(*, port: int, check_only: bool, redactor: Redactor) -> int:
     with tempfile.TemporaryDirectory(prefix="nbgateway-demo-") as tmp:
         settings = demo_settings(Path(tmp) / "demo.db", port, f"{fake_url}/{{slug}}", fake)
         app = create_app(settings, redactor=redactor)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            try:
-                await web.TCPSite(runner, settings.host, port).start()
-            except OSError as exc:
-                print(
-                    f"cannot listen on {settings.host}:{port} ({exc.strerror}); "
-                    "try `nbgateway demo --port 8081`",
-                    file=sys.stderr,
-                )
-                return 1
-            gateway = f"http://{settings.host}:{port}"
+        gateway = f"http://{settings.host}:{port}"
+        result = 0
+
+        async def after_start() -> bool:
+            nonlocal result
             async with aiohttp.ClientSession() as session:
                 await connect_demo_nation(app, session)
                 if check_only:
@@ -134,21 +127,16 @@ async def run_demo(*, port: int, check_only: bool, redactor: Redactor) -> int:
                     for failure in failures:
                         print(f"demo self-test: {failure}", file=sys.stderr)
                     print("demo self-test: " + ("ok" if not failures else "FAILED"))
-                    return 1 if failures else 0
+                    result = 1 if failures else 0
+                    return False
             print(instructions(gateway, fake_url, settings.admin_token.reveal()), flush=True)
-            await _wait_forever()
-            return 0
+            return True
+
+        try:
+            await run_until_stopped(app, settings.host, port, after_start=after_start)
+        except ListenError as exc:
+            print(f"{exc}; try `nbgateway demo --port 8081`", file=sys.stderr)
+            return 1
         finally:
-            await runner.cleanup()
             await fake.stop()
-
-
-async def _wait_forever() -> None:
-    import asyncio
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        return result
