@@ -39,7 +39,7 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import run_until_stopped
-from nbgateway.services import make_store, open_services
+from nbgateway.services import open_services, store_for
 
 log = logging.getLogger("nbgateway.cli")
 
@@ -226,16 +226,16 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
 
 async def _check(settings: Settings, redactor: Redactor) -> int:
     print("configuration: ok")
-    if not settings.database.parent.is_dir():
+    if isinstance(settings.database, Path) and not settings.database.parent.is_dir():
         print(
             f"problem: directory {settings.database.parent} for NBGW_DATABASE does not exist",
             file=sys.stderr,
         )
         return EXIT_FAILED
-    if not settings.database.exists():
+    if isinstance(settings.database, Path) and not settings.database.exists():
         print(f"database: {settings.database} does not exist yet; it is created on first start")
         return EXIT_OK
-    async with make_store(settings, SystemClock(), redactor) as store:
+    async with store_for(settings, SystemClock(), redactor) as store:
         await store.ping()
         problems = await store.verify()
         infos = await store.list_accounts()
@@ -248,10 +248,12 @@ async def _check(settings: Settings, redactor: Redactor) -> int:
 
 
 async def _rotate(settings: Settings, redactor: Redactor) -> int:
-    async with make_store(settings, SystemClock(), redactor) as store:
-        changed = await store.rotate_keys()
-    print(f"re-encrypted {changed} account(s) with the first key")
-    return EXIT_OK
+    async with store_for(settings, SystemClock(), redactor) as store:
+        report = await store.rotate_keys()
+    print(f"re-encrypted {report.changed} account(s) with the first key")
+    for problem in report.skipped:
+        print(f"skipped (unreadable, left as it is): {problem}", file=sys.stderr)
+    return EXIT_FAILED if report.skipped else EXIT_OK
 
 
 async def serve(settings: Settings, redactor: Redactor) -> None:

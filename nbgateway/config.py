@@ -49,7 +49,13 @@ SETTINGS: tuple[Setting, ...] = (
         "(default http://{NBGW_LISTEN})",
         "an http:// or https:// URL",
     ),
-    Setting("NBGW_DATABASE", "./nbgateway.db", "SQLite file holding the tokens", "a file path"),
+    Setting(
+        "NBGW_DATABASE",
+        "./nbgateway.db",
+        "a SQLite file path, or a postgresql://user[:password]@host[:port]/dbname URL for "
+        "several replicas sharing one database",
+        "a file path or a postgresql:// URL",
+    ),
     Setting(
         "NBGW_ENCRYPTION_KEY",
         None,
@@ -92,6 +98,12 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_UPSTREAM_TIMEOUT",
         "60",
         "seconds to wait for NationBuilder (connect and each read) before 504",
+        "a number of seconds > 0",
+    ),
+    Setting(
+        "NBGW_TOKEN_TIMEOUT",
+        "15",
+        "seconds to wait for NationBuilder's token endpoint before counting a refresh as timed out",
         "a number of seconds > 0",
     ),
     Setting(
@@ -144,12 +156,14 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""
-    database: Path = Path("./nbgateway.db")
+    # A Path for SQLite, or the postgresql:// URL as given.
+    database: Path | str = Path("./nbgateway.db")
     nation_url: str = "https://{slug}.nationbuilder.com"
     default_account: str = ""
     refresh_margin: float = 300.0
     allowed_clients: tuple[IPNetwork, ...] = ()
     upstream_timeout: float = 60.0
+    token_timeout: float = 15.0
     max_request_body: int = 10 * 1024 * 1024
     retry_buffer: int = 1024 * 1024
     log_format: str = "text"
@@ -185,6 +199,10 @@ class Settings:
         held = [*self.encryption_keys, self.client_secret, self.admin_token]
         if self.alert_webhook:
             held.append(Secret(self.alert_webhook))  # chat webhook URLs are credentials
+        if isinstance(self.database, str):
+            password = urlsplit(self.database).password
+            if password:
+                held.append(Secret(password))
         return held
 
 
@@ -230,6 +248,29 @@ def _parse_url(env: str, raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise _fail(env, f"{raw!r} is not an http(s) URL")
     return raw.rstrip("/")
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(database: str | Path) -> bool:
+    """True when NBGW_DATABASE names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(database, str) and database.startswith(POSTGRES_SCHEMES)
+
+
+def _parse_database(raw: str) -> Path | str:
+    if not raw.startswith(POSTGRES_SCHEMES):
+        return Path(raw)
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise _fail("NBGW_DATABASE", "the postgresql:// URL is malformed") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise _fail("NBGW_DATABASE", "the postgresql:// URL names no host")
+    if not parts.path.strip("/"):
+        raise _fail("NBGW_DATABASE", "the postgresql:// URL names no database (…/dbname)")
+    return raw
 
 
 def _read_toml(path: Path) -> dict[str, str]:
@@ -338,13 +379,16 @@ def load_settings(
         host=host,
         port=int(port_s),
         public_url=public_url,
-        database=Path(get("NBGW_DATABASE")),
+        database=_parse_database(get("NBGW_DATABASE")),
         nation_url=nation_url,
         default_account=default_account,
         refresh_margin=_parse_number("NBGW_REFRESH_MARGIN", get("NBGW_REFRESH_MARGIN"), int, 0),
         allowed_clients=_parse_cidrs("NBGW_ALLOWED_CLIENTS", get("NBGW_ALLOWED_CLIENTS")),
         upstream_timeout=_parse_number(
             "NBGW_UPSTREAM_TIMEOUT", get("NBGW_UPSTREAM_TIMEOUT"), float, 0, exclusive=True
+        ),
+        token_timeout=_parse_number(
+            "NBGW_TOKEN_TIMEOUT", get("NBGW_TOKEN_TIMEOUT"), float, 0, exclusive=True
         ),
         max_request_body=int(
             _parse_number("NBGW_MAX_REQUEST_BODY", get("NBGW_MAX_REQUEST_BODY"), int, 1)

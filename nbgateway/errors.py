@@ -3,6 +3,7 @@
     NBGatewayError
     ├── ConfigError              a setting is missing or malformed (names the variable)
     ├── StoreError               the database cannot be used as asked
+    │   ├── StoreUnavailable     it cannot be reached or written right now
     │   ├── DecryptError         a ciphertext does not open with any configured key
     │   ├── CorruptRecordError   a stored row is not what the schema promises
     │   ├── AccountNotFound      no account with that slug
@@ -16,6 +17,7 @@
     └── GatewayError             an HTTP error the gateway answers itself (JSON:API body)
         ├── UnknownAccount, NoAccountSelected, AccountNeedsReauthorization,
         ├── TokenRefreshFailed, UpstreamUnreachable, UpstreamTimeout,
+        ├── TokenStoreError, TokenStoreUnavailable,
         └── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
@@ -28,6 +30,7 @@ from __future__ import annotations
 import math
 
 from nbgateway.models import RefreshOutcome
+from nbgateway.redact import Secret
 
 
 class NBGatewayError(Exception):
@@ -62,13 +65,29 @@ class StateError(StoreError):
     """An authorization `state` is unknown, already used, expired or bound elsewhere."""
 
 
-class OAuthError(NBGatewayError):
-    """A token-endpoint call failed; `outcome` classifies it for retries and metrics."""
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or written right now (down, disk full, read-only)."""
 
-    def __init__(self, outcome: RefreshOutcome, message: str, *, status: int | None = None) -> None:
+
+class OAuthError(NBGatewayError):
+    """A token-endpoint call failed; `outcome` classifies it for retries and metrics.
+
+    `rotated_refresh_token` is set when the answer was refused but still carried a new
+    refresh token: NationBuilder rotated, so that token is the account's only way forward.
+    """
+
+    def __init__(
+        self,
+        outcome: RefreshOutcome,
+        message: str,
+        *,
+        status: int | None = None,
+        rotated_refresh_token: Secret | None = None,
+    ) -> None:
         super().__init__(message)
         self.outcome = outcome
         self.status = status
+        self.rotated_refresh_token = rotated_refresh_token
 
 
 class AuthorizationFailed(NBGatewayError):
@@ -162,6 +181,10 @@ class TokenStoreError(GatewayError):
     status, code, title = 500, "token_store_error", "Stored credentials unreadable"
 
 
+class TokenStoreUnavailable(GatewayError):
+    status, code, title = 503, "store_unavailable", "Token store unavailable"
+
+
 class NotFound(GatewayError):
     status, code, title = 404, "not_found", "Not found"
 
@@ -179,6 +202,11 @@ def token_error(slug: str, exc: NBGatewayError, connect_url: str) -> GatewayErro
         return TokenRefreshFailed(
             f"the access token of {slug!r} could not be refreshed; retry in {retry} s",
             headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, StoreUnavailable):
+        return TokenStoreUnavailable(
+            f"the gateway cannot use its database for {slug!r} right now; retry shortly",
+            headers={"Retry-After": "5"},
         )
     if isinstance(exc, StoreError):
         return TokenStoreError(

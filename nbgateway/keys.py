@@ -15,12 +15,12 @@ from nbgateway.accounts import AccountService
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
 from nbgateway.redact import Redactor
-from nbgateway.store import SQLiteStore
+from nbgateway.store import TokenStore
 from nbgateway.tokens import TokenManager
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK = web.AppKey("clock", Clock)
 REDACTOR = web.AppKey("redactor", Redactor)
-STORE = web.AppKey("store", SQLiteStore)
+STORE = web.AppKey("store", TokenStore)
 TOKENS = web.AppKey("tokens", TokenManager)
 ACCOUNTS = web.AppKey("accounts", AccountService)

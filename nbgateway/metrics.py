@@ -68,6 +68,20 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.persist_failures = Counter(
+            "nbgw_token_persist_failures_total",
+            "Attempts to store a rotated token pair that failed (the pair is kept in memory "
+            "and served meanwhile).",
+            ["account"],
+            registry=r,
+        )
+        self.unpersisted = Gauge(
+            "nbgw_token_unpersisted",
+            "1 while the account's current token pair exists only in this process's memory "
+            "because the store could not be written.",
+            ["account"],
+            registry=r,
+        )
         self.last_refresh_success = Gauge(
             "nbgw_account_last_refresh_success_timestamp_seconds",
             "When the account's tokens were last obtained successfully (epoch seconds).",
@@ -153,7 +167,12 @@ class Metrics:
 
     def forget_account(self, slug: str) -> None:
         """Drop an account's per-account gauges (after it is removed)."""
-        for gauge in (self.token_expiry, self.needs_reauth, self.last_refresh_success):
+        for gauge in (
+            self.token_expiry,
+            self.needs_reauth,
+            self.last_refresh_success,
+            self.unpersisted,
+        ):
             try:
                 gauge.remove(slug)
             except KeyError:

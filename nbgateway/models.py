@@ -73,6 +73,8 @@ class AccountInfo:
     last_error: str | None
     created_at: float
     updated_at: float
+    # Set while a refresh is in flight, or left behind by a process that stopped during one.
+    refresh_started_at: float | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ ever logged or put into a message: only the HTTP status and the OAuth `error` co
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,21 @@ from nbgateway.redact import Secret
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 # NationBuilder's access tokens live 24 h; used when a response omits expires_in.
 DEFAULT_LIFETIME = 86400.0
+# Lifetimes outside this range are clamped: a token endpoint answering 1e20 or -5 must not
+# make every stored date unrenderable or every request a refresh.
+MIN_LIFETIME = 60.0
+MAX_LIFETIME = 30 * 86400.0
+
+
+def clamp_lifetime(raw: Any) -> float:
+    """`expires_in` as a sane number of seconds (default when missing or not a number)."""
+    try:
+        lifetime = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_LIFETIME
+    if math.isnan(lifetime):
+        return DEFAULT_LIFETIME
+    return min(MAX_LIFETIME, max(MIN_LIFETIME, lifetime))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +68,10 @@ class NationBuilderOAuth:
         self._session = session
         self._settings = settings
         self._clock = clock
-        t = timeout if timeout is not None else settings.upstream_timeout
-        self._timeout = aiohttp.ClientTimeout(total=t * 2, sock_connect=t, sock_read=t)
+        # The token endpoint has its own bound (NBGW_TOKEN_TIMEOUT), shorter than the API's:
+        # a refresh holds its account's lease and the requests waiting on it.
+        t = timeout if timeout is not None else settings.token_timeout
+        self._timeout = aiohttp.ClientTimeout(total=t)
 
     def token_url(self, slug: str) -> str:
         return f"{self._settings.nation_base(slug)}/oauth/token"
@@ -151,26 +169,31 @@ class NationBuilderOAuth:
                 outcome, f"the token endpoint answered HTTP {status} ({code})", status=status
             )
         access = payload.get("access_token")
-        refresh = payload.get("refresh_token") or (
-            previous_refresh.reveal() if previous_refresh else None
+        issued = payload.get("refresh_token")
+        # A new refresh token in the answer means NationBuilder rotated (the old one is spent),
+        # whatever else is wrong with the answer: it is handed back with any refusal below.
+        rotated = Secret(issued) if isinstance(issued, str) and issued else None
+        refresh = (
+            rotated.reveal()
+            if rotated
+            else (previous_refresh.reveal() if previous_refresh else None)
         )
         token_type = str(payload.get("token_type", "bearer"))
-        if not isinstance(access, str) or not access or not isinstance(refresh, str) or not refresh:
+        if not isinstance(access, str) or not access or not refresh:
             raise OAuthError(
                 RefreshOutcome.SERVER_ERROR,
                 f"the token endpoint answered HTTP {status} without a usable token pair",
                 status=status,
+                rotated_refresh_token=rotated,
             )
         if token_type.lower() != "bearer":
             raise OAuthError(
                 RefreshOutcome.SERVER_ERROR,
                 "the token endpoint issued a token that is not a bearer token",
                 status=status,
+                rotated_refresh_token=rotated,
             )
-        try:
-            lifetime = float(payload.get("expires_in", DEFAULT_LIFETIME))
-        except (TypeError, ValueError):
-            lifetime = DEFAULT_LIFETIME
+        lifetime = clamp_lifetime(payload.get("expires_in", DEFAULT_LIFETIME))
         scope = payload.get("scope")
         return TokenSet(
             access_token=Secret(access),

@@ -21,13 +21,13 @@ from nbgateway.crypto import Cipher
 from nbgateway.metrics import Metrics
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Redactor
-from nbgateway.store import SQLiteStore
+from nbgateway.store import TokenStore, make_store
 from nbgateway.tokens import NeedsReauthListener, TokenManager
 
 
 @dataclass(frozen=True)
 class Services:
-    store: SQLiteStore
+    store: TokenStore
     http: aiohttp.ClientSession
     oauth: NationBuilderOAuth
     tokens: TokenManager
@@ -44,14 +44,13 @@ def new_upstream_session() -> aiohttp.ClientSession:
     )
 
 
-def make_store(settings: Settings, clock: Clock, redactor: Redactor | None = None) -> SQLiteStore:
+def store_for(settings: Settings, clock: Clock, redactor: Redactor | None = None) -> TokenStore:
     """The store named by the settings (not yet opened)."""
-    return SQLiteStore(
+    return make_store(
         settings.database,
         Cipher(settings.encryption_keys),
         clock,
-        # A refresh holds the write lock for one token call: wait at least that long.
-        busy_timeout=settings.upstream_timeout * 2 + 10,
+        token_timeout=settings.token_timeout,
         on_secret=redactor.add if redactor is not None else None,
     )
 
@@ -69,7 +68,7 @@ async def open_services(
     """Open every service; close them in reverse order on exit."""
     for secret in settings.secrets():
         redactor.add(secret)
-    async with make_store(settings, clock, redactor) as store:
+    async with store_for(settings, clock, redactor) as store:
         http = session if session is not None else new_upstream_session()
         try:
             oauth = NationBuilderOAuth(http, settings, clock)

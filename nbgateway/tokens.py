@@ -22,6 +22,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from nbgateway.clock import Clock
 from nbgateway.errors import (
@@ -29,23 +30,52 @@ from nbgateway.errors import (
     OAuthError,
     ReauthorizationRequired,
     RefreshBackoff,
+    StoreError,
+    TokenUnavailable,
 )
 from nbgateway.metrics import Metrics
-from nbgateway.models import Account, AccountStatus, RefreshOutcome, TokenSet
+from nbgateway.models import Account, AccountInfo, AccountStatus, RefreshOutcome, TokenSet
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
-from nbgateway.store import TokenStore
+from nbgateway.store import AccountLock, GenerationConflict, TokenStore
 
 log = logging.getLogger("nbgateway.tokens")
 
 
+# Never refresh one account more often than this (a token endpoint answering tiny lifetimes
+# must not turn every request into a rotation).
+MIN_REFRESH_INTERVAL = 30.0
+# Seconds between attempts to store a rotated pair the store refused (doubling up to the cap).
+PERSIST_RETRY_BASE = 1.0
+PERSIST_RETRY_CAP = 30.0
+# Background refreshes run at once, at most this many at a time.
+REFRESH_CONCURRENCY = 32
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
-    """An access token and the generation it belongs to (for 401 retries)."""
+    """An access token, the generation it belongs to (for 401 retries), and when to renew it."""
 
     access_token: Secret
     generation: int
     expires_at: float
+    refresh_at: float
+
+
+@dataclass(slots=True)
+class _Unpersisted:
+    """A pair NationBuilder issued that the store could not take yet: the only valid one.
+
+    `tokens` is None when the answer carried a new refresh token but no usable access token.
+    `consumed` is the refresh token it replaced, which must never be sent again.
+    """
+
+    refresh_token: Secret
+    tokens: TokenSet | None
+    consumed: Secret | None
+    message: str
+    failures: int = 0
+    next_attempt: float = 0.0
 
 
 @dataclass(slots=True)
@@ -72,6 +102,13 @@ class Backoff:
 
 
 NeedsReauthListener = Callable[[str, str], None]
+
+
+def _iso(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return "an unknown time"
 
 
 class TokenManager:
@@ -101,13 +138,14 @@ class TokenManager:
         self._needs_reauth: set[str] = set()
         self._change_counter: int | None = None
         self._accounts: set[str] = set()
+        self._unpersisted: dict[str, _Unpersisted] = {}
 
     # -- the request path --------------------------------------------------------------
 
     async def access_token(self, slug: str) -> IssuedToken:
         """A token valid for at least the refresh margin (or the still-valid one in backoff)."""
         cached = self._cache.get(slug)
-        if cached is not None and cached.expires_at - self._clock.now() > self.margin:
+        if cached is not None and cached.refresh_at > self._clock.now():
             return cached
         return await self._single_flight(slug, force=False, stale_generation=None)
 
@@ -188,17 +226,41 @@ class TokenManager:
             raise AccountNotFound(slug)
         return account
 
-    def _usable(self, account: Account, threshold: float) -> bool:
-        return (
-            account.status is AccountStatus.ACTIVE
-            and account.access_token is not None
-            and account.expires_at is not None
-            and account.expires_at - self._clock.now() > threshold
-        )
+    def effective_margin(self, expires_at: float, issued_at: float | None) -> float:
+        """The refresh margin for one token: never more than half its lifetime, so a token
+        that lives shorter than the margin is not refreshed on every request."""
+        if issued_at is None or issued_at >= expires_at:
+            return self.margin
+        return min(self.margin, (expires_at - issued_at) / 2)
+
+    def _usable(self, account: Account, threshold: float | None) -> bool:
+        """A valid token for longer than `threshold` seconds (None: the effective margin)."""
+        if (
+            account.status is not AccountStatus.ACTIVE
+            or account.access_token is None
+            or account.expires_at is None
+        ):
+            return False
+        if threshold is None:
+            threshold = self.effective_margin(account.expires_at, account.last_refresh_at)
+            now = self._clock.now()
+            recent = (
+                account.last_refresh_at is not None
+                and now - account.last_refresh_at < MIN_REFRESH_INTERVAL
+            )
+            if recent and account.expires_at > now:
+                return True  # refreshed moments ago: keep it rather than rotate again
+        return account.expires_at - self._clock.now() > threshold
 
     def _issue(self, account: Account) -> IssuedToken:
         assert account.access_token is not None and account.expires_at is not None
-        token = IssuedToken(account.access_token, account.generation, account.expires_at)
+        margin = self.effective_margin(account.expires_at, account.last_refresh_at)
+        token = IssuedToken(
+            account.access_token,
+            account.generation,
+            account.expires_at,
+            account.expires_at - margin,
+        )
         self._cache[account.slug] = token
         self._needs_reauth.discard(account.slug)
         self._metrics.token_expiry.labels(account.slug).set(account.expires_at)
@@ -222,6 +284,10 @@ class TokenManager:
         return None
 
     async def _obtain(self, slug: str, force: bool, stale_generation: int | None) -> IssuedToken:
+        if slug in self._unpersisted:
+            issued = await self._from_unpersisted(slug, force)
+            if issued is not None:
+                return issued
         if slug in self._needs_reauth:
             raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
@@ -236,10 +302,9 @@ class TokenManager:
         if account.status is AccountStatus.NEEDS_REAUTH:
             self._mark_reauth_seen(slug)
             raise self._reauth_error(slug)
-        if account.generation != stale_generation or not force:
-            threshold = 0.0 if force else self.margin
-            if self._usable(account, threshold):
-                return self._issue(account)
+        newer = account.generation != stale_generation or not force
+        if newer and self._usable(account, 0.0 if force else None):
+            return self._issue(account)
         if backing_off:
             if not force and self._usable(account, 0.0):
                 return self._issue(account)  # inside the margin, but still valid
@@ -255,36 +320,46 @@ class TokenManager:
     ) -> IssuedToken:
         failure: OAuthError | None = None
         reauth = marked = False
+        reason = "no refresh token is stored"
         async with self._store.refresh_lock(slug) as locked:
             account = await locked.read()
             if account.status is AccountStatus.NEEDS_REAUTH:
                 reauth = True
+                reason = account.last_error or reason
             elif (account.generation != stale_generation or not force) and self._usable(
-                account, 0.0 if force else self.margin
+                account, 0.0 if force else None
             ):
                 return self._issue(account)  # adopted: someone else refreshed
             elif account.refresh_token is None:
-                await locked.mark_needs_reauth("no refresh token is stored")
+                await locked.mark_needs_reauth(reason)
                 reauth = marked = True
             else:
+                # Durably note the call before making it: if this process dies while
+                # NationBuilder answers, the next start knows the refresh token may be spent.
+                await locked.begin_refresh()
                 try:
                     tokens = await self._call_token_endpoint(slug, account.refresh_token)
                 except OAuthError as exc:
                     failure = exc
-                    if exc.outcome.terminal:
+                    if exc.rotated_refresh_token is not None:
+                        await self._keep_rotated(locked, account, exc)
+                    elif exc.outcome.terminal:
                         current = await locked.read()
                         if current.refresh_token == account.refresh_token:
-                            await locked.mark_needs_reauth(str(exc))
+                            reason = self._terminal_reason(exc, locked.interrupted_at)
+                            await locked.mark_needs_reauth(reason)
                             reauth = marked = True
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:
                         await locked.record_failure(str(exc))
                 else:
-                    account = await locked.save_tokens(tokens)
-        # Leaving the block committed the new pair (or the failure record).
+                    saved = await self._save_rotated(locked, account, tokens)
+                    if saved is None:
+                        return self._issue_unpersisted(slug)
+                    account = saved
+        # Leaving the block released the lease; the new pair (or the failure) is committed.
         if reauth:
-            reason = str(failure) if failure else "no refresh token is stored"
             self._mark_reauth_seen(slug, reason=reason, marked_here=marked)
             raise self._reauth_error(slug)
         if failure is not None:
@@ -293,6 +368,150 @@ class TokenManager:
         self._metrics.last_refresh_success.labels(slug).set(self._clock.now())
         log.info("refreshed token", extra={"account": slug, "outcome": "success"})
         return self._issue(account)
+
+    @staticmethod
+    def _terminal_reason(exc: OAuthError, interrupted_at: float | None) -> str:
+        if interrupted_at is None:
+            return str(exc)
+        when = _iso(interrupted_at)
+        return (
+            f"the gateway stopped during a refresh (at {when}) and NationBuilder no longer "
+            f"accepts the refresh token it held: {exc}"
+        )
+
+    # -- rotated pairs the store could not take ---------------------------------------------
+
+    async def _save_rotated(
+        self, locked: AccountLock, account: Account, tokens: TokenSet
+    ) -> Account | None:
+        """Commit a fresh pair. None when the store refused it: the pair is kept in memory."""
+        try:
+            return await locked.save_tokens(tokens)
+        except GenerationConflict:
+            # An admin re-connected meanwhile: their pair wins, ours is dropped unused.
+            log.warning("account changed during the refresh", extra={"account": locked.slug})
+            raise TokenUnavailable(
+                locked.slug, f"account {locked.slug!r} changed during the refresh; retry"
+            ) from None
+        except StoreError as exc:
+            self._hold(
+                locked.slug,
+                _Unpersisted(tokens.refresh_token, tokens, account.refresh_token, str(exc)),
+            )
+            return None
+
+    async def _keep_rotated(self, locked: AccountLock, account: Account, exc: OAuthError) -> None:
+        """The answer was refused but NationBuilder rotated: store its refresh token first."""
+        assert exc.rotated_refresh_token is not None
+        try:
+            await locked.save_refresh_token(exc.rotated_refresh_token, str(exc))
+        except StoreError as store_exc:
+            self._hold(
+                locked.slug,
+                _Unpersisted(
+                    exc.rotated_refresh_token, None, account.refresh_token, str(store_exc)
+                ),
+            )
+
+    def _hold(self, slug: str, pending: _Unpersisted) -> None:
+        self._unpersisted[slug] = pending
+        pending.next_attempt = self._clock.monotonic() + PERSIST_RETRY_BASE
+        self._metrics.persist_failures.labels(slug).inc()
+        self._metrics.unpersisted.labels(slug).set(1)
+        log.error(
+            "the store refused a rotated token pair; keeping it in memory and retrying",
+            extra={"account": slug, "error": pending.message},
+        )
+
+    def _issue_unpersisted(self, slug: str) -> IssuedToken:
+        pending = self._unpersisted[slug]
+        if pending.tokens is None or pending.tokens.expires_at <= self._clock.now():
+            raise RefreshBackoff(
+                slug, f"the token of {slug!r} cannot be stored right now; retrying", 5.0
+            )
+        tokens = pending.tokens
+        margin = self.effective_margin(tokens.expires_at, self._clock.now())
+        # A generation no stored row has: a 401 on it forces a refresh from memory.
+        token = IssuedToken(tokens.access_token, -1, tokens.expires_at, tokens.expires_at - margin)
+        self._cache[slug] = token
+        return token
+
+    @property
+    def unpersisted(self) -> list[str]:
+        """Accounts whose current pair exists only in memory (the store refused it)."""
+        return sorted(self._unpersisted)
+
+    async def persist_pending(self, *, force: bool = False) -> None:
+        """Try again to store every pair held in memory (each on its own backoff)."""
+        now = self._clock.monotonic()
+        for slug, pending in list(self._unpersisted.items()):
+            if slug in self._inflight:
+                continue  # the request path is handling it right now
+            if force or pending.next_attempt <= now:
+                await self._persist(slug, pending)
+
+    async def _persist(self, slug: str, pending: _Unpersisted) -> bool:
+        """Store a held pair if the account still holds the token it replaced."""
+        try:
+            async with self._store.refresh_lock(slug) as locked:
+                current = await locked.read()
+                if current.refresh_token != pending.consumed:
+                    # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
+                    log.warning(
+                        "dropping a held token pair: the account changed", extra={"account": slug}
+                    )
+                elif pending.tokens is not None:
+                    await locked.save_tokens(pending.tokens)
+                else:
+                    await locked.save_refresh_token(pending.refresh_token, pending.message)
+        except AccountNotFound:
+            pass  # removed meanwhile: nothing to keep
+        except StoreError as exc:
+            pending.failures += 1
+            delay = min(PERSIST_RETRY_CAP, PERSIST_RETRY_BASE * 2 ** min(pending.failures, 10))
+            pending.next_attempt = self._clock.monotonic() + delay
+            self._metrics.persist_failures.labels(slug).inc()
+            log.warning(
+                "still cannot store the held token pair",
+                extra={"account": slug, "error": str(exc), "retry_in": delay},
+            )
+            return False
+        del self._unpersisted[slug]
+        self._cache.pop(slug, None)
+        self._metrics.unpersisted.labels(slug).set(0)
+        log.info("stored the held token pair", extra={"account": slug})
+        return True
+
+    async def _from_unpersisted(self, slug: str, force: bool) -> IssuedToken | None:
+        """Serve (or refresh) from a held pair; None once it is stored (use the store again)."""
+        pending = self._unpersisted[slug]
+        if pending.next_attempt <= self._clock.monotonic() and await self._persist(slug, pending):
+            return None
+        tokens = pending.tokens
+        now = self._clock.now()
+        fresh_enough = tokens is not None and tokens.expires_at - now > self.effective_margin(
+            tokens.expires_at, None
+        )
+        if fresh_enough and not force:
+            return self._issue_unpersisted(slug)
+        # Only this process holds the valid refresh token, so refreshing it needs no lock;
+        # the consumed one is never sent again.
+        try:
+            fresh = await self._call_token_endpoint(slug, pending.refresh_token)
+        except OAuthError as exc:
+            if exc.rotated_refresh_token is not None:
+                pending.refresh_token, pending.tokens = exc.rotated_refresh_token, None
+            if tokens is not None and tokens.expires_at > now and not force:
+                return self._issue_unpersisted(slug)
+            raise RefreshBackoff(
+                slug,
+                f"refreshing the token of {slug!r} failed: {exc}",
+                self._backoff_policy.delay(1),
+            ) from None
+        pending.refresh_token, pending.tokens = fresh.refresh_token, fresh
+        if await self._persist(slug, pending):
+            return None
+        return self._issue_unpersisted(slug)
 
     async def _call_token_endpoint(self, slug: str, refresh_token: Secret) -> TokenSet:
         """One refresh call, measured: in-flight gauge, duration and outcome."""
@@ -379,35 +598,74 @@ class TokenManager:
         return True
 
     async def refresh_due(self, lead: float) -> list[str]:
-        """Refresh every active account whose token expires within margin + `lead` seconds.
+        """Refresh every active account whose token expires within its margin + `lead` seconds.
 
-        Accounts in backoff are skipped until their next attempt. Returns the slugs tried.
+        Accounts in backoff are skipped until their next attempt. Refreshes run concurrently
+        (bounded), so one slow nation does not hold up the others. Returns the slugs tried.
         """
         now = self._clock.now()
-        tried: list[str] = []
+        due: list[AccountInfo] = []
         for info in await self._store.list_accounts():
             if info.status is not AccountStatus.ACTIVE or info.expires_at is None:
                 continue
-            if info.expires_at - now > self.margin + lead:
+            margin = self.effective_margin(info.expires_at, info.last_refresh_at)
+            if info.expires_at - now > margin + lead:
                 continue
             state = self._backoff.get(info.slug)
             if state is not None and state.next_attempt_at > now:
                 continue
-            tried.append(info.slug)
-            try:
-                await self._single_flight(info.slug, force=True, stale_generation=info.generation)
-            except (ReauthorizationRequired, RefreshBackoff, AccountNotFound):
-                pass  # recorded and logged where it happened
-            except Exception:
-                log.exception("background refresh failed", extra={"account": info.slug})
-        return tried
+            due.append(info)
+        await self._refresh_each(due, "background refresh failed")
+        return [info.slug for info in due]
+
+    async def recover_interrupted(self) -> list[str]:
+        """Refresh at once every account whose store row still carries a "refresh in flight"
+        marker (a process stopped during its token call). If NationBuilder then refuses the
+        refresh token, the account's needs-reauth reason says the gateway stopped mid-refresh.
+        """
+        stranded = [
+            info
+            for info in await self._store.list_accounts()
+            if info.status is AccountStatus.ACTIVE and info.refresh_started_at is not None
+        ]
+        for info in stranded:
+            log.warning(
+                "a refresh was in flight when a gateway process stopped; refreshing now",
+                extra={"account": info.slug},
+            )
+        await self._refresh_each(stranded, "recovering an interrupted refresh failed")
+        return [info.slug for info in stranded]
+
+    async def _refresh_each(self, infos: list[AccountInfo], failure_message: str) -> None:
+        limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
+
+        async def one(info: AccountInfo) -> None:
+            async with limit:
+                try:
+                    await self._single_flight(
+                        info.slug, force=True, stale_generation=info.generation
+                    )
+                except (TokenUnavailable, AccountNotFound):
+                    pass  # recorded and logged where it happened
+                except Exception:
+                    log.exception(failure_message, extra={"account": info.slug})
+
+        await asyncio.gather(*(one(info) for info in infos))
 
     async def run(self, *, refresh_interval: float = 30.0, sync_interval: float = 1.0) -> None:
-        """Background loop: notice other processes' changes and refresh tokens ahead of time."""
+        """Background loop: recover interrupted refreshes once, then notice other processes'
+        changes, retry storing held pairs, and refresh tokens ahead of time."""
+        try:
+            await self.recover_interrupted()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recovering interrupted refreshes failed; continuing")
         since_refresh = refresh_interval
         while True:
             try:
                 await self.sync()
+                await self.persist_pending()
                 if since_refresh >= refresh_interval:
                     since_refresh = 0.0
                     await self.refresh_due(lead=2 * refresh_interval)

@@ -28,7 +28,7 @@ from nbgateway.crypto import generate_key
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Redactor, Secret
-from nbgateway.store import SQLiteStore
+from nbgateway.store import TokenStore
 from nbgateway.tokens import TokenManager
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
@@ -110,7 +110,7 @@ class Gateway:
         return self.app[keys.TOKENS]
 
     @property
-    def store(self) -> SQLiteStore:
+    def store(self) -> TokenStore:
         return self.app[keys.STORE]
 
     @property

@@ -359,7 +359,7 @@ class TestEvents:
         self, store: SQLiteStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Only the newest EVENTS_KEPT events of an account are kept; others' are untouched."""
-        monkeypatch.setattr("nbgateway.store.EVENTS_KEPT", 3)
+        store.events_kept = 3
         await store.save_tokens("other", token_set(clock, "0"), EventKind.CONNECTED)
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         for n in range(5):
@@ -477,23 +477,24 @@ class TestRefreshLock:
             async with store.refresh_lock("nobody") as locked:
                 await locked.read()
 
-    async def test_rollback_on_exception(
-        self, store: SQLiteStore, clock: FakeClock, db_path: Path
+    async def test_exception_releases_the_lease(
+        self, db_path: Path, clock: FakeClock, key: str
     ) -> None:
-        """An exception inside the lock discards every write made through it."""
-        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
-        before = raw_row(db_path, "acme")
-        with pytest.raises(RuntimeError, match="boom"):
-            async with store.refresh_lock("acme") as locked:
-                await locked.save_tokens(token_set(clock, "2"))
-                await locked.record_failure("half-way")
-                raise RuntimeError("boom")
-        assert raw_row(db_path, "acme") == before
-        account = await store.get_account("acme")
-        assert account is not None
+        """An exception inside the lock releases the lease: another store can take it at once
+        and sees no refresh in flight (writes made before the exception stay committed)."""
+        await create_database(db_path, clock, key)
+        async with make_store(db_path, clock, key) as a, make_store(db_path, clock, key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            with pytest.raises(RuntimeError, match="boom"):
+                async with a.refresh_lock("acme") as locked:
+                    await locked.begin_refresh()
+                    raise RuntimeError("boom")
+            async with b.refresh_lock("acme") as locked_b:
+                assert locked_b.interrupted_at is None
+                account = await locked_b.read()
+            assert await event_kinds(a, "acme") == [EventKind.CONNECTED]
         assert account.generation == 1
-        assert account.access_token == token_set(clock, "1").access_token
-        assert await event_kinds(store, "acme") == [EventKind.CONNECTED]
+        assert account.refresh_started_at is None
 
     async def test_serialises_two_stores_on_one_file(
         self, db_path: Path, clock: FakeClock, key: str
@@ -694,9 +695,9 @@ class TestRotateKeys:
         assert {cipher.key_id_of(r[0]) for r in raw_query(db_path, blobs_sql)} == {old_id}
 
         async with make_store(db_path, clock, new_key, old_key) as store:
-            assert await store.rotate_keys() == 3
+            assert (await store.rotate_keys()).changed == 3
             assert {cipher.key_id_of(r[0]) for r in raw_query(db_path, blobs_sql)} == {new_id}
-            assert await store.rotate_keys() == 0
+            assert (await store.rotate_keys()).changed == 0
 
         async with make_store(db_path, clock, new_key) as store:  # the old key can go now
             acme = await store.get_account("acme")
@@ -728,7 +729,7 @@ class TestRotateKeys:
         """With every row already under the first key, rotate_keys changes nothing."""
         await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
         before = raw_row(db_path, "acme")
-        assert await store.rotate_keys() == 0
+        assert (await store.rotate_keys()).changed == 0
         assert raw_row(db_path, "acme") == before
 
     async def test_pending_authorizations_are_rotated(

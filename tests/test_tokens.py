@@ -22,6 +22,7 @@ from nbgateway.errors import AccountNotFound, ReauthorizationRequired, RefreshBa
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus, EventKind
 from nbgateway.redact import Secret
+from nbgateway.store import SQLiteStore
 from nbgateway.tokens import Backoff, IssuedToken
 
 SLUG = "acme"
@@ -164,7 +165,7 @@ class TestSingleFlight:
         async def obtain(slug: str, force: bool, stale: int | None) -> IssuedToken:
             calls.append(force)
             await gate.wait()
-            return IssuedToken(Secret("token-value-0123"), 2 if force else 1, 1e12)
+            return IssuedToken(Secret("token-value-0123"), 2 if force else 1, 1e12, 1e12)
 
         monkeypatch.setattr(tokens, "_obtain", obtain)
         first = asyncio.create_task(tokens.access_token("acme"))
@@ -551,7 +552,9 @@ class TestCache:
 
         monkeypatch.setattr(gateway.store, "get_account", forbidden)
         monkeypatch.setattr(gateway.store, "refresh_lock", forbidden)
-        monkeypatch.setattr(gateway.store._cipher, "decrypt", forbidden)
+        store = gateway.store
+        assert isinstance(store, SQLiteStore)
+        monkeypatch.setattr(store._cipher, "decrypt", forbidden)
         clock.advance(LIFETIME - MARGIN - 10)  # older, but still outside the margin
         statuses = [await fetch(gateway) for _ in range(20)]
         assert statuses == [200] * 20

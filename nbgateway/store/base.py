@@ -1,0 +1,281 @@
+"""The store interface and what both backends share: protocols, row <-> model, sealing.
+
+`TokenStore` is everything the token manager, the account service and the CLI need from
+storage; `AccountLock` is one account held under the cross-process refresh coordination
+(`TokenStore.refresh_lock`). Both backends (`sqlite.py`, `postgres.py`) implement them
+with the same columns and the same `Cipher` associated data, so rows move between them
+unchanged (`dump` / `load`, used by `nbgateway migrate`). Nothing here does I/O.
+
+Refresh coordination, as every backend must provide it:
+
+- `refresh_lock(slug)` gives exclusive use of one account's refresh across every process
+  sharing the database, and never blocks another account. It waits (without polling the
+  lock itself) while another live holder has it; a holder that died is replaced: at once
+  where the database notices (PostgreSQL drops a dead connection's lock), after the lease
+  deadline where it cannot (SQLite).
+- `AccountLock.begin_refresh()` durably records a "refresh in flight" marker before the
+  token call; `save_tokens`, `save_refresh_token`, `record_failure` and
+  `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a
+  dead predecessor sees it as `interrupted_at` (and `AccountInfo.refresh_started_at`
+  shows it to the start-up recovery and the admin pages).
+- `save_tokens` is a compare-and-set on the generation read when the lock was taken: if
+  another writer (a re-connect by an admin) changed the account meanwhile, it raises
+  `GenerationConflict` and stores nothing.
+- No transaction stays open during the token call on SQLite; on PostgreSQL only the lock's
+  own connection is held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from nbgateway.crypto import Cipher
+from nbgateway.errors import CorruptRecordError, StoreError
+from nbgateway.models import Account, AccountInfo, AccountStatus, Event, EventKind, TokenSet
+from nbgateway.redact import Secret
+
+
+class Row(Protocol):
+    """A stored row read by column name (sqlite3.Row, asyncpg.Record, a dict)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+SecretListener = Callable[[Secret, str], None]
+
+# Columns every backend stores, in this order (also the layout `dump`/`load` exchange).
+ACCOUNT_FIELDS: tuple[str, ...] = (
+    "slug",
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "scope",
+    "status",
+    "generation",
+    "last_refresh_at",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "refresh_owner",
+    "refresh_deadline",
+    "refresh_started_at",
+)
+INFO_FIELDS: tuple[str, ...] = tuple(
+    f for f in ACCOUNT_FIELDS if f not in ("access_token", "refresh_token")
+)
+EVENT_FIELDS: tuple[str, ...] = ("id", "slug", "kind", "at", "detail")
+STATE_FIELDS: tuple[str, ...] = (
+    "state_hash",
+    "slug",
+    "verifier",
+    "binding",
+    "created_at",
+    "expires_at",
+)
+LAST_ERROR_MAX = 300
+# Events kept per account: enough history for the admin page and debugging, bounded even
+# through a long outage (a failure is recorded at most once per backoff period).
+EVENTS_KEPT = 1000
+# Pending authorizations kept at once (oldest dropped first) and their longest life.
+STATES_KEPT = 500
+
+
+class GenerationConflict(StoreError):
+    """The account changed (another writer) since the refresh lock read it; nothing stored."""
+
+
+def lease_seconds(token_timeout: float) -> float:
+    """How long a refresh lease lasts: longer than the bounded token call it covers."""
+    return 2 * token_timeout + 5
+
+
+def state_hash(state: str) -> str:
+    """Only a hash of `state` is stored: a copy of the database cannot complete a flow."""
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _status(value: Any, slug: str) -> AccountStatus:
+    try:
+        return AccountStatus(value)
+    except ValueError:
+        raise CorruptRecordError(f"account {slug!r} has an unknown status {value!r}") from None
+
+
+def _number(value: Any, slug: str, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CorruptRecordError(f"{name} of account {slug!r} is not a number")
+    return float(value)
+
+
+def info_from_row(row: Row) -> AccountInfo:
+    """An account's public part from a stored row (nothing decrypted)."""
+    slug = row["slug"]
+    created = _number(row["created_at"], slug, "created_at")
+    updated = _number(row["updated_at"], slug, "updated_at")
+    return AccountInfo(
+        slug=slug,
+        status=_status(row["status"], slug),
+        expires_at=_number(row["expires_at"], slug, "expires_at"),
+        scope=row["scope"] or "",
+        generation=int(row["generation"]),
+        last_refresh_at=_number(row["last_refresh_at"], slug, "last_refresh_at"),
+        last_error=row["last_error"],
+        created_at=created or 0.0,
+        updated_at=updated or 0.0,
+        refresh_started_at=(
+            _number(row["refresh_started_at"], slug, "refresh_started_at")
+            if row["refresh_owner"] is not None
+            else None
+        ),
+    )
+
+
+def event_from_row(row: Row) -> Event:
+    return Event(int(row["id"]), row["slug"], EventKind(row["kind"]), row["at"], row["detail"])
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAuthorization:
+    """A consumed authorization state: which nation it was for and its PKCE verifier."""
+
+    slug: str
+    code_verifier: Secret
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RotationReport:
+    """What `rotate_keys` did: rows re-encrypted, and rows skipped because they are unreadable."""
+
+    changed: int
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StoreDump:
+    """Every stored row as it is (ciphertexts untouched), for copying between databases."""
+
+    accounts: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    auth_states: list[dict[str, Any]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {f.name: len(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+class Sealer:
+    """Seals and opens the encrypted columns (tokens, PKCE verifiers) with `Cipher`.
+
+    Every opened or sealed secret is reported to `on_secret` (the log redactor).
+    """
+
+    def __init__(self, cipher: Cipher, on_secret: SecretListener | None = None) -> None:
+        self.cipher = cipher
+        self._on_secret = on_secret
+
+    def seal(self, secret: Secret, slug: str, field: str) -> bytes:
+        if self._on_secret is not None:
+            self._on_secret(secret, f"{slug}/{field}")
+        return self.cipher.encrypt(secret.reveal(), slug=slug, field=field)
+
+    def open(self, blob: Any, slug: str, field: str) -> Secret | None:
+        if blob is None:
+            return None
+        if isinstance(blob, memoryview):
+            blob = bytes(blob)
+        if not isinstance(blob, bytes):
+            raise CorruptRecordError(f"{field} of account {slug!r} is not a ciphertext")
+        secret = self.cipher.decrypt(blob, slug=slug, field=field)
+        if self._on_secret is not None:
+            self._on_secret(secret, f"{slug}/{field}")
+        return secret
+
+    def account(self, row: Row) -> Account:
+        """The account with its tokens decrypted (DecryptError/CorruptRecordError on a bad row)."""
+        info = info_from_row(row)
+        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(AccountInfo)}
+        return Account(
+            **fields,
+            access_token=self.open(row["access_token"], info.slug, "access_token"),
+            refresh_token=self.open(row["refresh_token"], info.slug, "refresh_token"),
+        )
+
+    def check_row(self, row: Row) -> None:
+        """Raise unless every encrypted column of an account row opens."""
+        self.account(row)
+
+    def unknown_key_ids(self, blobs: Sequence[Any]) -> list[str]:
+        """Key ids of well-formed ciphertexts that no configured key matches."""
+        known = set(self.cipher.key_ids)
+        found: set[str] = set()
+        for blob in blobs:
+            if isinstance(blob, memoryview):
+                blob = bytes(blob)
+            if isinstance(blob, bytes) and len(blob) >= 33 and blob[:1] == b"\x01":
+                found.add(blob[1:5].hex())
+        return sorted(found - known)
+
+
+class AccountLock(Protocol):
+    """One account under the cross-process refresh coordination (see the module docstring)."""
+
+    slug: str
+    # When a holder that died left a "refresh in flight" marker behind: its start time.
+    interrupted_at: float | None
+
+    async def read(self) -> Account: ...
+    async def begin_refresh(self) -> None: ...
+    async def save_tokens(self, tokens: TokenSet) -> Account: ...
+    async def save_refresh_token(self, refresh_token: Secret, message: str) -> Account: ...
+    async def record_failure(self, message: str) -> None: ...
+    async def mark_needs_reauth(self, message: str) -> None: ...
+
+
+class TokenStore(Protocol):
+    """What the token manager, the account service and the CLI need from storage.
+
+    An async context manager: `async with store:` opens (migrating, checking the key) and
+    closes it.
+    """
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    @property
+    def description(self) -> str:
+        """Where the data lives, for messages (a path, or a URL without its password)."""
+        ...
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def get_account(self, slug: str) -> Account | None: ...
+    async def list_accounts(self) -> list[AccountInfo]: ...
+    async def change_counter(self) -> int: ...
+    def refresh_lock(self, slug: str) -> AbstractAsyncContextManager[AccountLock]: ...
+    async def save_tokens(self, slug: str, tokens: TokenSet, kind: EventKind) -> Account: ...
+    async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None: ...
+    async def remove_account(self, slug: str) -> bool: ...
+    async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]: ...
+    async def create_state(
+        self, state: str, slug: str, verifier: Secret, binding: str, ttl: float
+    ) -> None: ...
+    async def consume_state(self, state: str, binding: str) -> PendingAuthorization: ...
+    async def rotate_keys(self) -> RotationReport: ...
+    async def verify(self) -> list[str]: ...
+    async def ping(self) -> None: ...
+    async def check_writable(self) -> None: ...
+    async def dump(self) -> StoreDump: ...
+    async def load(self, dump: StoreDump) -> None: ...

@@ -1,0 +1,764 @@
+"""The SQLite backend of `TokenStore`: one file, WAL mode, for a single host.
+
+aiosqlite with one reading connection and one writing connection per store; every write
+is a short `BEGIN IMMEDIATE` transaction on the writer (serialised in-process by an
+asyncio lock, across processes by SQLite's writer lock). Schema versions live in
+`PRAGMA user_version`.
+
+Refresh coordination is a per-account lease in the account row (owner, deadline, marker):
+claiming it, recording the marker and storing the result are each their own short write
+transaction, so the token call runs with no transaction open and a refresh of one nation
+never waits for another. The lease outlives the bounded token call (`lease_seconds`); a
+lease whose holder died is taken over only after its deadline. A process waiting for a
+lease held elsewhere watches `PRAGMA data_version` (the change counter) rather than the
+lock, re-checking at least once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from nbgateway.clock import Clock
+from nbgateway.crypto import Cipher
+from nbgateway.errors import (
+    AccountNotFound,
+    CorruptRecordError,
+    DecryptError,
+    StateError,
+    StoreError,
+    StoreUnavailable,
+)
+from nbgateway.models import Account, AccountInfo, AccountStatus, Event, EventKind, TokenSet
+from nbgateway.redact import Secret
+from nbgateway.store.base import (
+    ACCOUNT_FIELDS,
+    EVENT_FIELDS,
+    EVENTS_KEPT,
+    INFO_FIELDS,
+    LAST_ERROR_MAX,
+    STATE_FIELDS,
+    STATES_KEPT,
+    GenerationConflict,
+    PendingAuthorization,
+    RotationReport,
+    Sealer,
+    SecretListener,
+    StoreDump,
+    event_from_row,
+    info_from_row,
+    lease_seconds,
+    state_hash,
+)
+
+# Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE accounts (
+        slug            TEXT PRIMARY KEY,
+        access_token    BLOB,
+        refresh_token   BLOB,
+        expires_at      REAL,
+        scope           TEXT NOT NULL DEFAULT '',
+        status          TEXT NOT NULL,
+        generation      INTEGER NOT NULL DEFAULT 0,
+        last_refresh_at REAL,
+        last_error      TEXT,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        slug   TEXT NOT NULL,
+        kind   TEXT NOT NULL,
+        at     REAL NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_by_slug ON events (slug, id);
+    CREATE TABLE auth_states (
+        state_hash TEXT PRIMARY KEY,
+        slug       TEXT NOT NULL,
+        verifier   BLOB NOT NULL,
+        binding    TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
+    # v2: the per-account refresh lease and its "refresh in flight" marker.
+    """
+    ALTER TABLE accounts ADD COLUMN refresh_owner TEXT;
+    ALTER TABLE accounts ADD COLUMN refresh_deadline REAL;
+    ALTER TABLE accounts ADD COLUMN refresh_started_at REAL;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
+_INFO_COLUMNS = ", ".join(INFO_FIELDS)
+_CLEAR_LEASE = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
+# How often a waiter re-checks a lease held elsewhere even if nothing was committed.
+_LEASE_RECHECK = 1.0
+_CHANGE_POLL = 0.05
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+class _Lease:
+    """An account row under this process's refresh lease (`AccountLock`)."""
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        slug: str,
+        owner: str,
+        generation: int,
+        interrupted_at: float | None,
+    ) -> None:
+        self._store = store
+        self.slug = slug
+        self._owner = owner
+        self._generation = generation
+        self.interrupted_at = interrupted_at
+        self.released = False
+
+    async def read(self) -> Account:
+        account = await self._store.get_account(self.slug)
+        if account is None:
+            raise AccountNotFound(self.slug)
+        return account
+
+    async def begin_refresh(self) -> None:
+        store = self._store
+        async with store._write() as conn:
+            now = store._clock.now()
+            await conn.execute(
+                "UPDATE accounts SET refresh_started_at = ?, refresh_deadline = ? "
+                "WHERE slug = ? AND refresh_owner = ?",
+                (now, now + store.lease, self.slug, self._owner),
+            )
+
+    async def save_tokens(self, tokens: TokenSet) -> Account:
+        store = self._store
+        async with store._write() as conn:
+            account = await store._write_tokens(
+                conn, self.slug, tokens, EventKind.REFRESHED, expect_generation=self._generation
+            )
+        self.released = True
+        self._generation = account.generation
+        return account
+
+    async def save_refresh_token(self, refresh_token: Secret, message: str) -> Account:
+        store = self._store
+        sealed = store._sealer.seal(refresh_token, self.slug, "refresh_token")
+        async with store._write() as conn:
+            cur = await conn.execute(
+                "UPDATE accounts SET access_token = NULL, refresh_token = ?, expires_at = 0, "
+                f"generation = generation + 1, last_error = ?, updated_at = ?, {_CLEAR_LEASE} "
+                "WHERE slug = ? AND generation = ?",
+                (sealed, message[:LAST_ERROR_MAX], store._clock.now(), self.slug, self._generation),
+            )
+            changed = cur.rowcount
+            await cur.close()
+            if changed == 0:
+                raise GenerationConflict(f"account {self.slug!r} changed during the refresh")
+            await store._insert_event(conn, self.slug, EventKind.REFRESH_FAILED, message)
+            account = await store._read_account(conn, self.slug)
+        assert account is not None
+        self.released = True
+        self._generation = account.generation
+        return account
+
+    async def record_failure(self, message: str) -> None:
+        async with self._store._write() as conn:
+            await self._store._write_failure(conn, self.slug, message, needs_reauth=False)
+        self.released = True
+
+    async def mark_needs_reauth(self, message: str) -> None:
+        async with self._store._write() as conn:
+            await self._store._write_failure(conn, self.slug, message, needs_reauth=True)
+        self.released = True
+
+    async def release(self) -> None:
+        if self.released:
+            return
+        async with self._store._write() as conn:
+            await conn.execute(
+                f"UPDATE accounts SET {_CLEAR_LEASE} WHERE slug = ? AND refresh_owner = ?",
+                (self.slug, self._owner),
+            )
+        self.released = True
+
+
+class SQLiteStore:
+    """The SQLite implementation of `TokenStore`. Use as an async context manager."""
+
+    def __init__(
+        self,
+        path: Path,
+        cipher: Cipher,
+        clock: Clock,
+        *,
+        busy_timeout: float = 10.0,
+        token_timeout: float = 15.0,
+        on_secret: SecretListener | None = None,
+        events_kept: int = EVENTS_KEPT,
+    ) -> None:
+        self.path = Path(path)
+        self._sealer = Sealer(cipher, on_secret)
+        self._cipher = cipher
+        self._clock = clock
+        self._busy_ms = int(busy_timeout * 1000)
+        self.lease = lease_seconds(token_timeout)
+        self.events_kept = events_kept
+        self._owner = _owner_id()
+        self._conn: aiosqlite.Connection | None = None
+        self._writer: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from None
+        conn.row_factory = sqlite3.Row
+        try:
+            # _scalar reads and closes each cursor: a PRAGMA left unread keeps a lock.
+            await self._scalar(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
+            # FULL: a committed rotated refresh token survives a power cut, not just a crash.
+            await self._scalar(conn, "PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot use database {self.path}: {exc}") from None
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        """Open, check the keys against existing rows, then migrate. A wrong key writes nothing."""
+        if not self.path.parent.exists():
+            raise StoreError(f"directory {self.path.parent} for NBGW_DATABASE does not exist")
+        conn = await self._connect()
+        try:
+            version = await self._user_version(conn)
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"nbgateway understands ({SCHEMA_VERSION}); upgrade nbgateway"
+                )
+            if version > 0:
+                await self._check_key_ids(conn)
+            await self._migrate(conn, version)
+            mode = await self._scalar(conn, "PRAGMA journal_mode")
+            if str(mode).lower() != "wal":
+                await self._scalar(conn, "PRAGMA journal_mode = WAL")
+        except sqlite3.DatabaseError as exc:
+            await conn.close()
+            raise StoreError(f"database {self.path} is not usable: {exc}") from None
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.close()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise StoreError("the store is not open")
+        return self._conn
+
+    @staticmethod
+    async def _scalar(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        async with conn.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    async def _user_version(self, conn: aiosqlite.Connection) -> int:
+        return int(await self._scalar(conn, "PRAGMA user_version"))
+
+    async def _migrate(self, conn: aiosqlite.Connection, version: int) -> None:
+        for target in range(version, SCHEMA_VERSION):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have migrated while we waited for the lock.
+                if await self._user_version(conn) > target:
+                    await conn.execute("COMMIT")
+                    continue
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {target + 1}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+
+    async def _check_key_ids(self, conn: aiosqlite.Connection) -> None:
+        """Refuse to run when a stored value was sealed by a key we do not have."""
+        blobs: list[Any] = []
+        for sql in (
+            "SELECT refresh_token FROM accounts UNION ALL SELECT access_token FROM accounts",
+            "SELECT verifier FROM auth_states",
+        ):
+            async with conn.execute(sql) as cur:
+                blobs.extend([row[0] async for row in cur])
+        unknown = self._sealer.unknown_key_ids(blobs)
+        if unknown:
+            raise DecryptError(
+                f"database {self.path} holds tokens encrypted with key id(s) "
+                f"{', '.join(unknown)}, which NBGW_ENCRYPTION_KEY does not contain "
+                f"(configured: {', '.join(self._cipher.key_ids)}). Nothing was changed; "
+                "set the right key (old keys may follow the new one, comma-separated)."
+            )
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the database answers."""
+        try:
+            await self._scalar(self.conn, "SELECT count(*) FROM accounts")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database not reachable: {exc}") from None
+
+    async def check_writable(self) -> None:
+        """Raise StoreError unless a write can be committed now (disk full, read-only, deleted)."""
+        if not self.path.exists():
+            raise StoreUnavailable(f"database file {self.path} no longer exists")
+        async with self._write() as conn:
+            # A real page write that changes nothing visible: touch the schema version row.
+            await conn.execute("CREATE TABLE IF NOT EXISTS write_probe (at REAL)")
+            await conn.execute("DELETE FROM write_probe")
+            await conn.execute("INSERT INTO write_probe (at) VALUES (?)", (self._clock.now(),))
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _read_account(self, conn: aiosqlite.Connection, slug: str) -> Account | None:
+        async with conn.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE slug = ?", (slug,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else self._sealer.account(row)
+
+    async def get_account(self, slug: str) -> Account | None:
+        """The account with its tokens decrypted, or None. DecryptError on a bad row."""
+        try:
+            return await self._read_account(self.conn, slug)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        """Every account without its tokens (nothing is decrypted)."""
+        try:
+            async with self.conn.execute(
+                f"SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug"
+            ) as cur:
+                return [info_from_row(row) async for row in cur]
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+
+    async def change_counter(self) -> int:
+        """Changes whenever another connection commits (PRAGMA data_version)."""
+        try:
+            return int(await self._scalar(self.conn, "PRAGMA data_version"))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+
+    async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
+        """Most recent events first, for one account or all."""
+        columns = ", ".join(EVENT_FIELDS)
+        if slug is None:
+            sql, params = f"SELECT {columns} FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        else:
+            sql = f"SELECT {columns} FROM events WHERE slug = ? ORDER BY id DESC LIMIT ?"
+            params = (slug, limit)  # type: ignore[assignment]
+        async with self.conn.execute(sql, params) as cur:
+            return [event_from_row(row) async for row in cur]
+
+    # -- writing ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A short write transaction on the writer connection; StoreError if it fails."""
+        async with self._write_lock:
+            if self._writer is None:
+                self._writer = await self._connect()
+            conn = self._writer
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                await self._drop_writer()
+                raise StoreUnavailable(f"database {self.path} cannot be written: {exc}") from None
+            try:
+                yield conn
+                await conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    await conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    await self._drop_writer()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreUnavailable(
+                        f"database {self.path} cannot be written: {exc}"
+                    ) from None
+                raise
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                await writer.close()
+            except sqlite3.Error:
+                pass
+
+    async def _insert_event(
+        self, conn: aiosqlite.Connection, slug: str, kind: EventKind, detail: str
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO events (slug, kind, at, detail) VALUES (?, ?, ?, ?)",
+            (slug, kind.value, self._clock.now(), detail[:LAST_ERROR_MAX]),
+        )
+        await conn.execute(
+            "DELETE FROM events WHERE slug = ? AND id <= (SELECT id FROM events WHERE slug = ? "
+            "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (slug, slug, self.events_kept),
+        )
+
+    async def _write_tokens(
+        self,
+        conn: aiosqlite.Connection,
+        slug: str,
+        tokens: TokenSet,
+        kind: EventKind,
+        *,
+        expect_generation: int | None = None,
+    ) -> Account:
+        now = self._clock.now()
+        access = self._sealer.seal(tokens.access_token, slug, "access_token")
+        refresh = self._sealer.seal(tokens.refresh_token, slug, "refresh_token")
+        values = (access, refresh, tokens.expires_at, tokens.scope, AccountStatus.ACTIVE.value)
+        if expect_generation is None:
+            await conn.execute(
+                "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
+                "status, generation, last_refresh_at, last_error, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?, NULL, ?, ?) "
+                "ON CONFLICT (slug) DO UPDATE SET access_token = excluded.access_token, "
+                "refresh_token = excluded.refresh_token, expires_at = excluded.expires_at, "
+                "scope = excluded.scope, status = excluded.status, "
+                "generation = accounts.generation + 1, last_refresh_at = excluded.last_refresh_at, "
+                f"last_error = NULL, updated_at = excluded.updated_at, {_CLEAR_LEASE}",
+                (slug, *values, now, now, now),
+            )
+        else:
+            cur = await conn.execute(
+                "UPDATE accounts SET access_token = ?, refresh_token = ?, expires_at = ?, "
+                "scope = ?, status = ?, generation = generation + 1, last_refresh_at = ?, "
+                f"last_error = NULL, updated_at = ?, {_CLEAR_LEASE} "
+                "WHERE slug = ? AND generation = ?",
+                (*values, now, now, slug, expect_generation),
+            )
+            changed = cur.rowcount
+            await cur.close()
+            if changed == 0:
+                raise GenerationConflict(f"account {slug!r} changed during the refresh")
+        await self._insert_event(conn, slug, kind, "")
+        account = await self._read_account(conn, slug)
+        assert account is not None
+        return account
+
+    async def _write_failure(
+        self, conn: aiosqlite.Connection, slug: str, message: str, *, needs_reauth: bool
+    ) -> None:
+        message = message[:LAST_ERROR_MAX]
+        if needs_reauth:
+            await conn.execute(
+                "UPDATE accounts SET status = ?, last_error = ?, updated_at = ?, "
+                f"generation = generation + 1, {_CLEAR_LEASE} WHERE slug = ?",
+                (AccountStatus.NEEDS_REAUTH.value, message, self._clock.now(), slug),
+            )
+            await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
+        else:
+            await conn.execute(
+                f"UPDATE accounts SET last_error = ?, updated_at = ?, {_CLEAR_LEASE} "
+                "WHERE slug = ?",
+                (message, self._clock.now(), slug),
+            )
+            await self._insert_event(conn, slug, EventKind.REFRESH_FAILED, message)
+
+    async def _claim(self, slug: str) -> _Lease:
+        """Take the account's refresh lease, waiting while a live holder elsewhere has it."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2 * self.lease
+        owner = f"{self._owner}/{uuid.uuid4().hex[:6]}"
+        while True:
+            async with self._write() as conn:
+                async with conn.execute(
+                    "SELECT generation, refresh_owner, refresh_deadline, refresh_started_at "
+                    "FROM accounts WHERE slug = ?",
+                    (slug,),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    raise AccountNotFound(slug)
+                now = self._clock.now()
+                holder, deadline = row["refresh_owner"], row["refresh_deadline"]
+                # A lease of this store's own is stale: the token manager holds at most one
+                # per account at a time, so it is left over from a failed release.
+                own = holder is not None and holder.startswith(self._owner + "/")
+                if holder is None or deadline is None or deadline <= now or own:
+                    await conn.execute(
+                        "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
+                        "refresh_started_at = NULL WHERE slug = ?",
+                        (owner, now + self.lease, slug),
+                    )
+                    interrupted = (
+                        row["refresh_started_at"] if holder is not None and not own else None
+                    )
+                    return _Lease(self, slug, owner, int(row["generation"]), interrupted)
+                wait = min(deadline - now, _LEASE_RECHECK)
+            if loop.time() >= give_up:
+                raise StoreError(
+                    f"another process has held the refresh of account {slug!r} for too long"
+                )
+            await self._wait_for_change(wait)
+
+    async def _wait_for_change(self, seconds: float) -> None:
+        """Return once another connection committed, or after `seconds`."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(seconds, _CHANGE_POLL)
+        start = await self.change_counter()
+        while loop.time() < until:
+            await asyncio.sleep(_CHANGE_POLL)
+            if await self.change_counter() != start:
+                return
+
+    @asynccontextmanager
+    async def refresh_lock(self, slug: str) -> AsyncIterator[_Lease]:
+        """Hold the account's refresh lease; released (or settled by a write) on exit."""
+        lease = await self._claim(slug)
+        try:
+            yield lease
+        finally:
+            try:
+                await asyncio.shield(lease.release())
+            except StoreError:
+                pass  # the lease lapses at its deadline; the write failure is reported elsewhere
+
+    async def save_tokens(self, slug: str, tokens: TokenSet, kind: EventKind) -> Account:
+        """Store tokens from a new authorization or an import (bumps the generation)."""
+        async with self._write() as conn:
+            return await self._write_tokens(conn, slug, tokens, kind)
+
+    async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None:
+        """Store a refresh token alone (legacy-token migration); the access token comes later."""
+        now = self._clock.now()
+        sealed = self._sealer.seal(refresh_token, slug, "refresh_token")
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
+                "status, generation, last_refresh_at, last_error, created_at, updated_at) "
+                "VALUES (?, NULL, ?, 0, '', ?, 1, NULL, NULL, ?, ?) "
+                "ON CONFLICT (slug) DO UPDATE SET access_token = NULL, "
+                "refresh_token = excluded.refresh_token, expires_at = 0, status = excluded.status, "
+                "generation = accounts.generation + 1, last_error = NULL, "
+                f"updated_at = excluded.updated_at, {_CLEAR_LEASE}",
+                (slug, sealed, AccountStatus.ACTIVE.value, now, now),
+            )
+            await self._insert_event(conn, slug, EventKind.IMPORTED, "")
+
+    async def remove_account(self, slug: str) -> bool:
+        """Delete an account's tokens; its events stay as history. False if it did not exist."""
+        async with self._write() as conn:
+            cur = await conn.execute("DELETE FROM accounts WHERE slug = ?", (slug,))
+            removed = cur.rowcount > 0
+            await cur.close()
+            if removed:
+                await self._insert_event(conn, slug, EventKind.REMOVED, "")
+        return removed
+
+    # -- authorization states -----------------------------------------------------------
+
+    async def create_state(
+        self, state: str, slug: str, verifier: Secret, binding: str, ttl: float
+    ) -> None:
+        """Remember a started authorization (state hash, nation, sealed PKCE verifier).
+
+        Expired states are dropped, and at most STATES_KEPT stay pending (oldest go first).
+        """
+        now = self._clock.now()
+        sealed = self._sealer.cipher.encrypt(verifier.reveal(), slug=slug, field="code_verifier")
+        async with self._write() as conn:
+            await conn.execute("DELETE FROM auth_states WHERE expires_at < ?", (now,))
+            await conn.execute(
+                "DELETE FROM auth_states WHERE state_hash IN (SELECT state_hash FROM auth_states "
+                "ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (STATES_KEPT - 1,),
+            )
+            await conn.execute(
+                "INSERT INTO auth_states (state_hash, slug, verifier, binding, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (state_hash(state), slug, sealed, binding, now, now + ttl),
+            )
+
+    async def consume_state(self, state: str, binding: str) -> PendingAuthorization:
+        """Take a state exactly once. StateError if unknown, used, expired or bound elsewhere.
+
+        A state bound to another session is left in place: a foreign browser hitting the
+        callback cannot burn the admin's authorization.
+        """
+        digest = state_hash(state)
+        async with self._write() as conn:
+            async with conn.execute(
+                "SELECT slug, verifier, binding, created_at, expires_at FROM auth_states "
+                "WHERE state_hash = ?",
+                (digest,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                raise StateError("this authorization link is unknown or was already used")
+            if row["binding"] and row["binding"] != binding:
+                raise StateError("this authorization was started in another session")
+            await conn.execute("DELETE FROM auth_states WHERE state_hash = ?", (digest,))
+        if row["expires_at"] < self._clock.now():
+            raise StateError("this authorization link has expired")
+        verifier = self._cipher.decrypt(row["verifier"], slug=row["slug"], field="code_verifier")
+        return PendingAuthorization(row["slug"], verifier, row["created_at"])
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    async def rotate_keys(self) -> RotationReport:
+        """Re-encrypt every value not sealed by the first key; unreadable rows are skipped."""
+        changed = 0
+        skipped: list[str] = []
+        async with self._write() as conn:
+            async with conn.execute(
+                "SELECT slug, access_token, refresh_token FROM accounts"
+            ) as cur:
+                rows = await cur.fetchall()
+            for row in rows:
+                slug = row["slug"]
+                updates: dict[str, bytes] = {}
+                try:
+                    for name in ("access_token", "refresh_token"):
+                        blob = row[name]
+                        if blob is not None and self._cipher.needs_rotation(blob):
+                            plain = self._cipher.decrypt(blob, slug=slug, field=name)
+                            updates[name] = self._cipher.encrypt(
+                                plain.reveal(), slug=slug, field=name
+                            )
+                except (DecryptError, CorruptRecordError, TypeError, ValueError) as exc:
+                    skipped.append(f"account {slug!r}: {exc}")
+                    continue
+                if updates:
+                    assignments = ", ".join(f"{name} = ?" for name in updates)
+                    await conn.execute(
+                        f"UPDATE accounts SET {assignments} WHERE slug = ?",
+                        (*updates.values(), slug),
+                    )
+                    changed += 1
+            async with conn.execute("SELECT state_hash, slug, verifier FROM auth_states") as cur:
+                states = await cur.fetchall()
+            for row in states:
+                try:
+                    if not self._cipher.needs_rotation(row["verifier"]):
+                        continue
+                    plain = self._cipher.decrypt(
+                        row["verifier"], slug=row["slug"], field="code_verifier"
+                    )
+                except (DecryptError, CorruptRecordError, TypeError, ValueError):
+                    # A pending authorization is disposable: drop it rather than keep it
+                    # under a key that is being retired.
+                    await conn.execute(
+                        "DELETE FROM auth_states WHERE state_hash = ?", (row["state_hash"],)
+                    )
+                    continue
+                await conn.execute(
+                    "UPDATE auth_states SET verifier = ? WHERE state_hash = ?",
+                    (
+                        self._cipher.encrypt(
+                            plain.reveal(), slug=row["slug"], field="code_verifier"
+                        ),
+                        row["state_hash"],
+                    ),
+                )
+        return RotationReport(changed, skipped)
+
+    async def verify(self) -> list[str]:
+        """Try to decrypt every row; return one plain message per unreadable account."""
+        problems: list[str] = []
+        async with self.conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts") as cur:
+            rows = await cur.fetchall()
+        for row in rows:
+            try:
+                self._sealer.check_row(row)
+            except (DecryptError, CorruptRecordError) as exc:
+                problems.append(str(exc))
+        return problems
+
+    # -- copying between databases -------------------------------------------------------
+
+    async def dump(self) -> StoreDump:
+        """Every row as stored (ciphertexts untouched)."""
+        out = StoreDump()
+        for table, fields, target in (
+            ("accounts", ACCOUNT_FIELDS, out.accounts),
+            ("events", EVENT_FIELDS, out.events),
+            ("auth_states", STATE_FIELDS, out.auth_states),
+        ):
+            async with self.conn.execute(
+                f"SELECT {', '.join(fields)} FROM {table} ORDER BY 1"
+            ) as cur:
+                target.extend([{f: row[f] for f in fields} async for row in cur])
+        for account in out.accounts:  # a copy starts with no refresh in flight
+            account.update(refresh_owner=None, refresh_deadline=None, refresh_started_at=None)
+        return out
+
+    async def load(self, dump: StoreDump) -> None:
+        """Insert a dump into this (account-free) database in one transaction."""
+        async with self._write() as conn:
+            if await self._scalar(conn, "SELECT count(*) FROM accounts"):
+                raise StoreError(f"database {self.path} already holds accounts; nothing copied")
+            for table, fields, rows in (
+                ("accounts", ACCOUNT_FIELDS, dump.accounts),
+                ("events", EVENT_FIELDS, dump.events),
+                ("auth_states", STATE_FIELDS, dump.auth_states),
+            ):
+                marks = ", ".join("?" for _ in fields)
+                await conn.executemany(
+                    f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({marks})",
+                    [tuple(row[f] for f in fields) for row in rows],
+                )
