@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from nbgateway import __version__
@@ -26,6 +27,8 @@ from nbgateway.config import (
     SETTINGS,
     Settings,
     load_settings,
+    parse_database,
+    same_database,
 )
 from nbgateway.crypto import generate_key
 from nbgateway.errors import (
@@ -40,6 +43,7 @@ from nbgateway.metrics import Metrics
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import run_until_stopped
 from nbgateway.services import open_services, store_for
+from nbgateway.store import copy_store
 
 log = logging.getLogger("nbgateway.cli")
 
@@ -149,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-encrypt every stored token with the first key of NBGW_ENCRYPTION_KEY. "
         "Put the new key first (new,old), run this, then drop the old key.",
     )
+    migrate = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy every account, event and pending authorization to another database",
+        description="Copy everything the configured database (NBGW_DATABASE) holds to TARGET, "
+        "rows still encrypted, in one transaction. TARGET is a SQLite file path or a "
+        "postgresql:// URL and must not hold accounts yet. The source is left as it is.",
+    )
+    migrate.add_argument(
+        "--to", required=True, metavar="TARGET", help="a SQLite file path or a postgresql:// URL"
+    )
     return parser
 
 
@@ -256,6 +271,28 @@ async def _rotate(settings: Settings, redactor: Redactor) -> int:
     return EXIT_FAILED if report.skipped else EXIT_OK
 
 
+async def _migrate(settings: Settings, redactor: Redactor, target: str) -> int:
+    database = parse_database(target, "--to")
+    if same_database(settings.database, database):
+        print("error: --to names the configured database itself", file=sys.stderr)
+        return EXIT_USAGE
+    target_settings = replace(settings, database=database)
+    for secret in target_settings.secrets():  # a password in the target URL
+        redactor.add(secret)
+    clock = SystemClock()
+    async with (
+        store_for(settings, clock, redactor) as source,
+        store_for(target_settings, clock, redactor) as destination,
+    ):
+        counts = await copy_store(source, destination)
+    print(
+        f"copied {counts['accounts']} account(s), {counts['events']} event(s) and "
+        f"{counts['auth_states']} pending authorization(s) from {source.description} "
+        f"to {destination.description}"
+    )
+    return EXIT_OK
+
+
 async def serve(settings: Settings, redactor: Redactor) -> None:
     """Run the gateway until SIGINT or SIGTERM."""
     from nbgateway.app import create_app
@@ -304,6 +341,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             return asyncio.run(_check(settings, redactor))
         if args.command == "rotate-key":
             return asyncio.run(_rotate(settings, redactor))
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings, redactor, args.to))
         return asyncio.run(_accounts(args, settings, redactor))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -258,18 +258,29 @@ def is_postgres_url(database: str | Path) -> bool:
     return isinstance(database, str) and database.startswith(POSTGRES_SCHEMES)
 
 
-def _parse_database(raw: str) -> Path | str:
+def same_database(a: Path | str, b: Path | str) -> bool:
+    """True when two NBGW_DATABASE values name the same database."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return a == b
+
+
+def parse_database(raw: str, env: str = "NBGW_DATABASE") -> Path | str:
+    """A SQLite path, or a checked postgresql:// URL (ConfigError naming `env` otherwise)."""
+    raw = raw.strip()
+    if not raw:
+        raise _fail(env, "empty")
     if not raw.startswith(POSTGRES_SCHEMES):
         return Path(raw)
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError:
-        raise _fail("NBGW_DATABASE", "the postgresql:// URL is malformed") from None
+        raise _fail(env, "the postgresql:// URL is malformed") from None
     if not parts.hostname and "host=" not in parts.query:
-        raise _fail("NBGW_DATABASE", "the postgresql:// URL names no host")
+        raise _fail(env, "the postgresql:// URL names no host")
     if not parts.path.strip("/"):
-        raise _fail("NBGW_DATABASE", "the postgresql:// URL names no database (…/dbname)")
+        raise _fail(env, "the postgresql:// URL names no database (…/dbname)")
     return raw
 
 
@@ -379,7 +390,7 @@ def load_settings(
         host=host,
         port=int(port_s),
         public_url=public_url,
-        database=_parse_database(get("NBGW_DATABASE")),
+        database=parse_database(get("NBGW_DATABASE")),
         nation_url=nation_url,
         default_account=default_account,
         refresh_margin=_parse_number("NBGW_REFRESH_MARGIN", get("NBGW_REFRESH_MARGIN"), int, 0),

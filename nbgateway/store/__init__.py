@@ -14,6 +14,7 @@ from pathlib import Path
 from nbgateway.clock import Clock
 from nbgateway.config import is_postgres_url
 from nbgateway.crypto import Cipher
+from nbgateway.errors import StoreError
 from nbgateway.store.base import (
     EVENTS_KEPT,
     AccountLock,
@@ -37,10 +38,28 @@ __all__ = [
     "SQLiteStore",
     "StoreDump",
     "TokenStore",
+    "copy_store",
     "is_postgres_url",
     "lease_seconds",
     "make_store",
 ]
+
+
+async def copy_store(source: TokenStore, target: TokenStore) -> dict[str, int]:
+    """Copy every row of `source` into the empty `target` (ciphertexts as they are).
+
+    Refuses (StoreError, nothing written) when a source row does not decrypt with the
+    configured keys, or when the target already holds accounts. Returns the row counts.
+    """
+    problems = await source.verify()
+    if problems:
+        raise StoreError(
+            f"{len(problems)} account(s) in {source.description} cannot be read with the "
+            f"configured keys; nothing was copied (first: {problems[0]})"
+        )
+    dump = await source.dump()
+    await target.load(dump)
+    return dump.counts()
 
 
 def make_store(
