@@ -835,7 +835,14 @@ class FakeNationBuilder:
         if kind == "close":
             return _drop_connection(request)
         assert kind == "hang"
-        return await self._never_answer(request)
+        # A hung token call counts as pending, so tests can wait until it is in place.
+        self._pending_tokens += 1
+        self._pending_changed.set()
+        try:
+            return await self._never_answer(request)
+        finally:
+            self._pending_tokens -= 1
+            self._pending_changed.set()
 
     # ------------------------------------------------------------------ API
 
