@@ -1,9 +1,10 @@
 """The `/connect` sub-application's machine side: `/connect/api/*` and `/connect/callback`.
 
-`/connect/api/accounts` speaks JSON and requires `Authorization: Bearer NBGW_ADMIN_TOKEN`
-(compared in constant time). `/connect/callback` is NationBuilder's redirect target: it
-finishes the authorization started by the API or the admin pages. Both call
-`AccountService`, the same code the CLI uses.
+`/connect/api/accounts`, `/connect/api/clients` and `/connect/api/audit` speak JSON and
+require `Authorization: Bearer NBGW_ADMIN_TOKEN` (compared in constant time).
+`/connect/callback` is NationBuilder's redirect target: it finishes the authorization
+started by the API or the admin pages. They call `AccountService` and `ClientRegistry`,
+the same code the CLI uses.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from aiohttp import web
 
 from nbgateway import keys
 from nbgateway.accounts import account_json, check_slug
+from nbgateway.clients import audit_json, client_json
 from nbgateway.errors import (
     AdminUnauthorized,
     AuthorizationFailed,
     InvalidRequest,
+    NotFound,
     StoreError,
     TokenUnavailable,
     UnknownAccount,
     token_error,
 )
+from nbgateway.store import ClientExists
 
 CallbackRenderer = Callable[
     [web.Request, str | None, Exception | None], Awaitable[web.StreamResponse]
@@ -100,6 +104,61 @@ async def remove_account(request: web.Request) -> web.Response:
     return _json({"removed": slug})
 
 
+async def list_clients(request: web.Request) -> web.Response:
+    require_bearer(request)
+    infos = await request.config_dict[keys.CLIENTS].list()
+    return _json({"clients": [client_json(info) for info in infos]})
+
+
+async def add_client(request: web.Request) -> web.Response:
+    """POST {"name": ..., "nations": [...], "read_only": bool} -> the client and its key (once)."""
+    require_bearer(request)
+    usage = 'send a JSON body like {"name": "sync-job", "nations": ["acme"], "read_only": true}'
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError:
+        raise InvalidRequest(usage) from None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        raise InvalidRequest(usage)
+    nations = body.get("nations", [])
+    read_only = body.get("read_only", False)
+    if not isinstance(nations, list) or not all(isinstance(n, str) for n in nations):
+        raise InvalidRequest(usage)
+    if not isinstance(read_only, bool):
+        raise InvalidRequest(usage)
+    try:
+        info, key = await request.config_dict[keys.CLIENTS].add(
+            body["name"].strip(), tuple(n.strip() for n in nations), read_only
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    except ClientExists as exc:
+        raise InvalidRequest(str(exc)) from None
+    return _json({"client": client_json(info), "key": key.reveal()}, status=201)
+
+
+async def remove_client(request: web.Request) -> web.Response:
+    require_bearer(request)
+    name = request.match_info["name"]
+    if not await request.config_dict[keys.CLIENTS].remove(name):
+        raise NotFound(f"no client named {name!r}")
+    return _json({"removed": name})
+
+
+async def audit_trail(request: web.Request) -> web.Response:
+    """GET ?nation=&client=&limit= : the newest proxied writes."""
+    require_bearer(request)
+    query = request.query
+    try:
+        limit = min(1000, max(1, int(query.get("limit", "100"))))
+    except ValueError:
+        raise InvalidRequest("limit must be a whole number") from None
+    entries = await request.config_dict[keys.STORE].audit(
+        nation=query.get("nation") or None, client=query.get("client") or None, limit=limit
+    )
+    return _json({"audit": [audit_json(e) for e in entries]})
+
+
 async def callback(request: web.Request) -> web.StreamResponse:
     """NationBuilder redirects here with ?code&state or ?error&state."""
     query = request.query
@@ -132,4 +191,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/accounts", start_connect)
     app.router.add_post("/api/accounts/{slug}/refresh", refresh_account)
     app.router.add_delete("/api/accounts/{slug}", remove_account)
+    app.router.add_get("/api/clients", list_clients)
+    app.router.add_post("/api/clients", add_client)
+    app.router.add_delete("/api/clients/{name}", remove_client)
+    app.router.add_get("/api/audit", audit_trail)
     app.router.add_get("/callback", callback)

@@ -79,17 +79,24 @@ def create_app(
             app[keys.STORE] = svc.store
             app[keys.TOKENS] = svc.tokens
             app[keys.ACCOUNTS] = svc.accounts
-            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics)
-            task: asyncio.Task[None] | None = None
+            app[keys.CLIENTS] = svc.clients
+            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients)
+            tasks: list[asyncio.Task[None]] = []
             if background:
-                task = asyncio.create_task(
-                    svc.tokens.run(refresh_interval=REFRESH_INTERVAL, sync_interval=SYNC_INTERVAL)
-                )
+                tasks = [
+                    asyncio.create_task(
+                        svc.tokens.run(
+                            refresh_interval=REFRESH_INTERVAL, sync_interval=SYNC_INTERVAL
+                        )
+                    ),
+                    asyncio.create_task(svc.clients.run(SYNC_INTERVAL)),
+                ]
             try:
                 yield
             finally:
-                if task is not None:
+                for task in tasks:
                     task.cancel()
+                for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
 

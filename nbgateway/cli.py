@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nbgateway import __version__
 from nbgateway.accounts import account_json
+from nbgateway.clients import audit_json, client_json
 from nbgateway.clock import SystemClock
 from nbgateway.config import (
     REQUIRED_FOR_OAUTH,
@@ -153,6 +154,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-encrypt every stored token with the first key of NBGW_ENCRYPTION_KEY. "
         "Put the new key first (new,old), run this, then drop the old key.",
     )
+    clients = sub.add_parser(
+        "clients",
+        parents=[common],
+        help="register and remove the tools that may use the gateway (client keys)",
+        description="Client keys identify each tool, limit it to nations and to reading, "
+        "and name it in the audit trail (see NBGW_CLIENT_AUTH).",
+    )
+    cl = clients.add_subparsers(dest="clients_command", required=True, metavar="ACTION")
+    add = cl.add_parser(
+        "add",
+        parents=[common],
+        help="register a tool and print its key once",
+        description="Register a tool and print its key (nbgw_...) once; only a hash is stored.",
+    )
+    add.add_argument("name", metavar="NAME", help="the tool's name (letters, digits, .-_)")
+    add.add_argument(
+        "--nation",
+        action="append",
+        default=[],
+        metavar="SLUG",
+        help="a nation the key may use (repeat for several; none means every nation)",
+    )
+    add.add_argument("--read-only", action="store_true", help="allow GET, HEAD and OPTIONS only")
+    client_list = cl.add_parser(
+        "list",
+        parents=[common],
+        help="name, nations, read-only, created, last used",
+        description="List the registered tools. Never prints a key.",
+    )
+    client_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    client_remove = cl.add_parser(
+        "remove",
+        parents=[common],
+        help="remove a tool; its key stops working in every process",
+        description="Remove a tool; its key stops working within a couple of seconds in every "
+        "running gateway process.",
+    )
+    client_remove.add_argument("name", metavar="NAME")
+    audit = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="the write requests proxied: time, client, nation, method, path, status",
+        description="Show the audit trail of proxied writes (POST, PUT, PATCH, DELETE), newest "
+        "first. The query string is never recorded.",
+    )
+    audit.add_argument("--nation", metavar="SLUG", help="only this nation")
+    audit.add_argument("--client", metavar="NAME", help="only this client (or anonymous)")
+    audit.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (50)")
+    audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     migrate = sub.add_parser(
         "migrate",
         parents=[common],
@@ -271,6 +321,61 @@ async def _rotate(settings: Settings, redactor: Redactor) -> int:
     return EXIT_FAILED if report.skipped else EXIT_OK
 
 
+async def _clients(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with open_services(
+        settings, clock=SystemClock(), metrics=Metrics(), redactor=redactor
+    ) as svc:
+        registry = svc.clients
+        if args.command == "audit":
+            entries = await svc.store.audit(
+                nation=args.nation, client=args.client, limit=max(1, args.limit)
+            )
+            rows = [audit_json(e) for e in entries]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return EXIT_OK
+            print(f"{'TIME (UTC)':<26} {'CLIENT':<20} {'NATION':<20} {'METHOD':<7} STATUS PATH")
+            for r in rows:
+                print(
+                    f"{_ts(r['at'])!s:<26} {r['client']!s:<20} {r['nation']!s:<20} "  # type: ignore[arg-type]
+                    f"{r['method']!s:<7} {r['status']!s:<6} {r['path']}"
+                )
+            return EXIT_OK
+        command = args.clients_command
+        if command == "add":
+            try:
+                info, key = await registry.add(args.name, tuple(args.nation), args.read_only)
+            except ValueError as exc:
+                print(f"invalid: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            scope = ", ".join(info.nations) or "every nation"
+            mode = "read-only" if info.read_only else "read and write"
+            print(f"added client {info.name!r} ({scope}; {mode}). Its key, shown only now:")
+            print(key.reveal())
+            return EXIT_OK
+        if command == "remove":
+            if not await registry.remove(args.name):
+                print(f"no client named {args.name!r}", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"removed client {args.name!r}")
+            return EXIT_OK
+        rows = [client_json(info) for info in await registry.list()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print("no clients; add one with `nbgateway clients add NAME`")
+        else:
+            print(f"{'NAME':<24} {'NATIONS':<30} {'ACCESS':<11} {'LAST USED (UTC)':<26} KEY")
+            for r in rows:
+                nations = r["nations"] if isinstance(r["nations"], str) else ",".join(r["nations"])  # type: ignore[arg-type]
+                access = "read-only" if r["read_only"] else "read-write"
+                print(
+                    f"{r['name']!s:<24} {nations:<30} {access:<11} "
+                    f"{_ts(r['last_used_at'])!s:<26} {r['key_hint']}"  # type: ignore[arg-type]
+                )
+    return EXIT_OK
+
+
 async def _migrate(settings: Settings, redactor: Redactor, target: str) -> int:
     database = parse_database(target, "--to")
     if same_database(settings.database, database):
@@ -343,6 +448,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             return asyncio.run(_rotate(settings, redactor))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings, redactor, args.to))
+        if args.command in ("clients", "audit"):
+            return asyncio.run(_clients(args, settings, redactor))
         return asyncio.run(_accounts(args, settings, redactor))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

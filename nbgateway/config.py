@@ -119,6 +119,19 @@ SETTINGS: tuple[Setting, ...] = (
         "401; larger ones stream and are not retried",
         "a whole number of bytes >= 0",
     ),
+    Setting(
+        "NBGW_CLIENT_AUTH",
+        "off",
+        "client keys: off (allow-list only), optional (a presented key is checked and "
+        "recorded, requests without one pass), required (every proxied request needs a key)",
+        "off, optional or required",
+    ),
+    Setting(
+        "NBGW_AUDIT_RETENTION_DAYS",
+        "90",
+        "days the audit trail of proxied writes is kept",
+        "a number of days > 0",
+    ),
     Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json"),
     Setting("NBGW_LOG_LEVEL", "INFO", "log level", "DEBUG, INFO, WARNING or ERROR"),
     Setting(
@@ -166,6 +179,8 @@ class Settings:
     token_timeout: float = 15.0
     max_request_body: int = 10 * 1024 * 1024
     retry_buffer: int = 1024 * 1024
+    client_auth: str = "off"
+    audit_retention_days: float = 90.0
     log_format: str = "text"
     log_level: str = "INFO"
     access_log: bool = True
@@ -364,6 +379,10 @@ def load_settings(
     if default_account and not is_valid_slug(default_account):
         raise _fail("NBGW_DEFAULT_ACCOUNT", f"{default_account!r} is not a valid slug")
 
+    client_auth = get("NBGW_CLIENT_AUTH").lower()
+    if client_auth not in ("off", "optional", "required"):
+        raise _fail("NBGW_CLIENT_AUTH", f"{client_auth!r} is not a mode")
+
     log_format = get("NBGW_LOG_FORMAT").lower()
     if log_format not in ("text", "json"):
         raise _fail("NBGW_LOG_FORMAT", f"{log_format!r} is not a known format")
@@ -405,6 +424,14 @@ def load_settings(
             _parse_number("NBGW_MAX_REQUEST_BODY", get("NBGW_MAX_REQUEST_BODY"), int, 1)
         ),
         retry_buffer=int(_parse_number("NBGW_RETRY_BUFFER", get("NBGW_RETRY_BUFFER"), int, 0)),
+        client_auth=client_auth,
+        audit_retention_days=_parse_number(
+            "NBGW_AUDIT_RETENTION_DAYS",
+            get("NBGW_AUDIT_RETENTION_DAYS"),
+            float,
+            0,
+            exclusive=True,
+        ),
         log_format=log_format,
         log_level=log_level,
         access_log=access_log in ("on", "true", "1", "yes"),

@@ -18,6 +18,7 @@
         ├── UnknownAccount, NoAccountSelected, AccountNeedsReauthorization,
         ├── TokenRefreshFailed, UpstreamUnreachable, UpstreamTimeout,
         ├── TokenStoreError, TokenStoreUnavailable,
+        ├── ClientKeyRequired, ClientKeyInvalid, ClientForbidden,
         └── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
@@ -183,6 +184,18 @@ class TokenStoreError(GatewayError):
 
 class TokenStoreUnavailable(GatewayError):
     status, code, title = 503, "store_unavailable", "Token store unavailable"
+
+
+class ClientKeyRequired(GatewayError):
+    status, code, title = 401, "client_key_required", "Client key required"
+
+
+class ClientKeyInvalid(GatewayError):
+    status, code, title = 401, "client_key_invalid", "Client key not recognised"
+
+
+class ClientForbidden(GatewayError):
+    status, code, title = 403, "client_forbidden", "Not allowed for this client key"
 
 
 class NotFound(GatewayError):

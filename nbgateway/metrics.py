@@ -120,6 +120,12 @@ class Metrics:
             ["account", "outcome"],
             registry=r,
         )
+        self.client_requests = Counter(
+            "nbgw_client_requests_total",
+            "Proxied requests by client key (registered name, or anonymous) and status.",
+            ["client", "account", "code"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "nbgw_proxy_in_flight_requests",
             "Proxied requests being served right now.",
@@ -142,6 +148,7 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._upstream_children: dict[str, Histogram] = {}
+        self._client_children: dict[tuple[str, str, int], Counter] = {}
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -157,6 +164,24 @@ class Metrics:
         if histogram is None:
             histogram = self._duration_children[account] = self.proxy_duration.labels(account)
         histogram.observe(seconds)
+
+    def client_request(self, client: str, account: str, code: int) -> None:
+        """Count one proxied request for a client (a registered name or "anonymous")."""
+        key = (client, account, code)
+        counter = self._client_children.get(key)
+        if counter is None:
+            counter = self.client_requests.labels(client, account, str(code))
+            self._client_children[key] = counter
+        counter.inc()
+
+    def forget_client(self, name: str) -> None:
+        """Drop a removed client's series (label values stay bounded to registered names)."""
+        for key in [k for k in self._client_children if k[0] == name]:
+            del self._client_children[key]
+            try:
+                self.client_requests.remove(*key[:2], str(key[2]))
+            except KeyError:
+                pass
 
     def upstream_answered(self, account: str, seconds: float) -> None:
         """Time to an upstream response's headers."""

@@ -94,3 +94,41 @@ class Event:
     kind: EventKind
     at: float
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """A registered tool (client key) as shown to admins: never the key itself.
+
+    `nations` empty means every nation. `key_hint` is the key's public prefix.
+    """
+
+    name: str
+    nations: tuple[str, ...]
+    read_only: bool
+    created_at: float
+    last_used_at: float | None
+    key_hint: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """A stored client key: its public lookup id, salt and salted hash (never the key)."""
+
+    info: ClientInfo
+    key_id: str
+    salt: bytes
+    key_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One proxied write: who, which nation, what, and what NationBuilder answered."""
+
+    at: float
+    client: str
+    nation: str
+    method: str
+    path: str
+    status: int
+    request_id: str

@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from nbgateway.clients import KEY_PREFIX, ClientAuth, ClientRegistry, looks_like_key
 from nbgateway.config import Settings
 from nbgateway.errors import (
     AccountNotFound,
@@ -41,12 +42,13 @@ from nbgateway.errors import (
 from nbgateway.links import rewrite_links
 from nbgateway.metrics import NO_ACCOUNT, Metrics
 from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, request_id_of
-from nbgateway.models import is_valid_slug
+from nbgateway.models import ClientInfo, is_valid_slug
 from nbgateway.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger("nbgateway.proxy")
 
 NATION_HEADER = "X-NB-Nation"
+CLIENT_KEY_HEADER = "X-NBGW-Key"
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
@@ -62,7 +64,13 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Never forwarded upstream: ours to set, or the client's credentials.
-_DROP_UPSTREAM = HOP_BY_HOP | {"host", "authorization", "content-length", NATION_HEADER.lower()}
+_DROP_UPSTREAM = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "content-length",
+    NATION_HEADER.lower(),
+    CLIENT_KEY_HEADER.lower(),
+}
 _DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length"}
 _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
@@ -108,6 +116,26 @@ def _check_tail(raw_tail: str) -> None:
             raise InvalidRequest("the request path contains control characters")
 
 
+def presented_key(request: web.Request) -> str | None:
+    """The client key a request presents (X-NBGW-Key, Bearer nbgw_..., ?access_token=nbgw_...).
+
+    Any other bearer token or access_token (an old NationBuilder token) is no client key.
+    """
+    found = {value.strip() for value in request.headers.getall(CLIENT_KEY_HEADER, ())}
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer " and looks_like_key(auth[7:].strip()):
+        found.add(auth[7:].strip())
+    query = request.raw_path.partition("?")[2]
+    if KEY_PREFIX in query:
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if unquote(name).strip().lower() == "access_token" and looks_like_key(unquote(value)):
+                found.add(unquote(value))
+    if len(found) > 1:
+        raise InvalidRequest("several different client keys were presented")
+    return next(iter(found), None)
+
+
 def _filter_query(query: str) -> str:
     """Drop every access_token parameter (any case or encoding), keeping all other bytes."""
     if not query:
@@ -129,9 +157,11 @@ class Proxy:
         tokens: TokenManager,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        clients: ClientRegistry,
     ) -> None:
         self._settings = settings
         self._tokens = tokens
+        self._clients = clients
         self._session = session
         self._metrics = metrics
         self._public = settings.public_url.rstrip("/")
@@ -208,10 +238,16 @@ class Proxy:
         account = NO_ACCOUNT
         status = 500
         info = request.get(ACCESS_INFO)
+        route: Route | None = None
+        client: ClientInfo | None = None
+        clients = self._clients
         try:
             if not self._client_allowed(request.remote):
                 raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
             route = self.route(request)
+            if clients.mode is not ClientAuth.OFF:
+                client = clients.identify(presented_key(request))
+                clients.authorize(client, route.slug, request.method)
             length = request.content_length
             if length is not None and length > self._settings.max_request_body:
                 raise self._too_large()
@@ -230,6 +266,16 @@ class Proxy:
         finally:
             metrics.in_flight.dec()
             metrics.proxied(account, request.method, status, time.perf_counter() - started)
+            if route is not None:
+                metrics.client_request(clients.label(client), account, status)
+                clients.record(
+                    client,
+                    route.slug,
+                    request.method,
+                    f"/api/{route.raw_tail}",
+                    status,
+                    request_id_of(request),
+                )
 
     async def _token(self, slug: str, stale: IssuedToken | None = None) -> IssuedToken:
         """A token from the manager, with its failures as gateway errors."""

@@ -30,6 +30,8 @@ _PATTERNS = (
     ),
     # An authorization code or state in a callback query string.
     re.compile(r"([?&](?:code|state)=)[^&\s\"']+"),
+    # A gateway client key, wherever it appears.
+    re.compile(r"(nbgw_)[A-Za-z0-9_-]{16,}"),
 )
 
 
@@ -78,6 +80,7 @@ _SHAPE_HINTS = (
         "password",
     ),
     ("code=", "state="),
+    ("nbgw_",),
 )
 # Values remembered per slot (an account's token field): the current one and a few before.
 SLOT_HISTORY = 3

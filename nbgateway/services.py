@@ -1,9 +1,9 @@
 """The gateway's service graph, opened and closed as one unit.
 
-`open_services` builds store, upstream HTTP session, OAuth client, token manager and
-account service from the settings, in dependency order, and closes them in reverse. The
-server (`app.py`) and the CLI's account commands both use it, so `nbgateway accounts
-refresh` runs exactly the code the server runs.
+`open_services` builds store, upstream HTTP session, OAuth client, token manager,
+account service and client-key registry from the settings, in dependency order, and
+closes them in reverse. The server (`app.py`) and the CLI's account and client commands
+both use it, so `nbgateway accounts refresh` runs exactly the code the server runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from nbgateway.accounts import AccountService
+from nbgateway.clients import ClientAuth, ClientRegistry
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
 from nbgateway.crypto import Cipher
@@ -32,6 +33,7 @@ class Services:
     oauth: NationBuilderOAuth
     tokens: TokenManager
     accounts: AccountService
+    clients: ClientRegistry
 
 
 def new_upstream_session() -> aiohttp.ClientSession:
@@ -81,13 +83,25 @@ async def open_services(
                 on_needs_reauth=on_needs_reauth,
             )
             await tokens.sync(force=True)
-            yield Services(
-                store=store,
-                http=http,
-                oauth=oauth,
-                tokens=tokens,
-                accounts=AccountService(store, tokens, oauth),
+            clients = ClientRegistry(
+                store,
+                clock,
+                metrics,
+                mode=ClientAuth(settings.client_auth),
+                audit_retention=settings.audit_retention_days * 86400,
             )
+            await clients.sync(force=True)
+            try:
+                yield Services(
+                    store=store,
+                    http=http,
+                    oauth=oauth,
+                    tokens=tokens,
+                    accounts=AccountService(store, tokens, oauth),
+                    clients=clients,
+                )
+            finally:
+                await clients.flush()  # the audit entries still queued
         finally:
             if session is None:
                 await http.close()

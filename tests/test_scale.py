@@ -65,7 +65,8 @@ class TestManyNations:
         assert statuses == [200] * NATIONS
         refreshed = sorted(r.params()["refresh_token"] for r in fake_nb.token_requests)
         assert len(refreshed) == NATIONS == len(set(refreshed))
-        assert peak > NATIONS // 2, f"only {peak} token calls overlapped"
+        # Refreshes run one at a time behind a global lock would never overlap at all.
+        assert peak >= NATIONS // 10, f"only {peak} token calls overlapped"
 
 
 class TestHungNation:

@@ -18,6 +18,7 @@ from nbgateway.errors import StoreError
 from nbgateway.store.base import (
     EVENTS_KEPT,
     AccountLock,
+    ClientExists,
     GenerationConflict,
     PendingAuthorization,
     RotationReport,
@@ -32,6 +33,7 @@ __all__ = [
     "EVENTS_KEPT",
     "SCHEMA_VERSION",
     "AccountLock",
+    "ClientExists",
     "GenerationConflict",
     "PendingAuthorization",
     "RotationReport",

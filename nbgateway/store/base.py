@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -37,7 +37,17 @@ from typing import Any, Protocol, Self
 
 from nbgateway.crypto import Cipher
 from nbgateway.errors import CorruptRecordError, StoreError
-from nbgateway.models import Account, AccountInfo, AccountStatus, Event, EventKind, TokenSet
+from nbgateway.models import (
+    Account,
+    AccountInfo,
+    AccountStatus,
+    AuditEntry,
+    ClientInfo,
+    ClientRecord,
+    Event,
+    EventKind,
+    TokenSet,
+)
 from nbgateway.redact import Secret
 
 
@@ -78,12 +88,38 @@ STATE_FIELDS: tuple[str, ...] = (
     "created_at",
     "expires_at",
 )
+CLIENT_FIELDS: tuple[str, ...] = (
+    "name",
+    "key_id",
+    "salt",
+    "key_hash",
+    "nations",
+    "read_only",
+    "created_at",
+    "last_used_at",
+)
+AUDIT_FIELDS: tuple[str, ...] = (
+    "id",
+    "at",
+    "client",
+    "nation",
+    "method",
+    "path",
+    "status",
+    "request_id",
+)
 LAST_ERROR_MAX = 300
+# Longest path kept in an audit entry (the query string is never kept).
+AUDIT_PATH_MAX = 500
 # Events kept per account: enough history for the admin page and debugging, bounded even
 # through a long outage (a failure is recorded at most once per backoff period).
 EVENTS_KEPT = 1000
 # Pending authorizations kept at once (oldest dropped first) and their longest life.
 STATES_KEPT = 500
+
+
+class ClientExists(StoreError):
+    """A client with that name is already registered."""
 
 
 class GenerationConflict(StoreError):
@@ -138,6 +174,47 @@ def info_from_row(row: Row) -> AccountInfo:
     )
 
 
+def client_from_row(row: Row) -> ClientRecord:
+    nations = tuple(n for n in str(row["nations"] or "").split(",") if n)
+    key_id = str(row["key_id"])
+    info = ClientInfo(
+        name=row["name"],
+        nations=nations,
+        read_only=bool(row["read_only"]),
+        created_at=float(row["created_at"]),
+        last_used_at=None if row["last_used_at"] is None else float(row["last_used_at"]),
+        key_hint=f"nbgw_{key_id[:4]}…",
+    )
+    salt, digest = row["salt"], row["key_hash"]
+    return ClientRecord(info, key_id, bytes(salt), bytes(digest))
+
+
+def client_row(record: ClientRecord) -> dict[str, Any]:
+    info = record.info
+    return {
+        "name": info.name,
+        "key_id": record.key_id,
+        "salt": record.salt,
+        "key_hash": record.key_hash,
+        "nations": ",".join(info.nations),
+        "read_only": 1 if info.read_only else 0,
+        "created_at": info.created_at,
+        "last_used_at": info.last_used_at,
+    }
+
+
+def audit_from_row(row: Row) -> AuditEntry:
+    return AuditEntry(
+        at=float(row["at"]),
+        client=row["client"],
+        nation=row["nation"],
+        method=row["method"],
+        path=row["path"],
+        status=int(row["status"]),
+        request_id=row["request_id"],
+    )
+
+
 def event_from_row(row: Row) -> Event:
     return Event(int(row["id"]), row["slug"], EventKind(row["kind"]), row["at"], row["detail"])
 
@@ -166,6 +243,8 @@ class StoreDump:
     accounts: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     auth_states: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {f.name: len(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -279,3 +358,12 @@ class TokenStore(Protocol):
     async def check_writable(self) -> None: ...
     async def dump(self) -> StoreDump: ...
     async def load(self, dump: StoreDump) -> None: ...
+    # client keys and the audit trail
+    async def add_client(self, record: ClientRecord) -> None: ...
+    async def list_clients(self) -> list[ClientRecord]: ...
+    async def remove_client(self, name: str) -> bool: ...
+    async def touch_clients(self, used: Mapping[str, float]) -> None: ...
+    async def record_audit(self, entries: Sequence[AuditEntry], keep_after: float) -> None: ...
+    async def audit(
+        self, *, nation: str | None = None, client: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]: ...

@@ -21,7 +21,7 @@ import os
 import socket
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -39,22 +39,38 @@ from nbgateway.errors import (
     StoreError,
     StoreUnavailable,
 )
-from nbgateway.models import Account, AccountInfo, AccountStatus, Event, EventKind, TokenSet
+from nbgateway.models import (
+    Account,
+    AccountInfo,
+    AccountStatus,
+    AuditEntry,
+    ClientRecord,
+    Event,
+    EventKind,
+    TokenSet,
+)
 from nbgateway.redact import Secret
 from nbgateway.store.base import (
     ACCOUNT_FIELDS,
+    AUDIT_FIELDS,
+    AUDIT_PATH_MAX,
+    CLIENT_FIELDS,
     EVENT_FIELDS,
     EVENTS_KEPT,
     INFO_FIELDS,
     LAST_ERROR_MAX,
     STATE_FIELDS,
     STATES_KEPT,
+    ClientExists,
     GenerationConflict,
     PendingAuthorization,
     RotationReport,
     Sealer,
     SecretListener,
     StoreDump,
+    audit_from_row,
+    client_from_row,
+    client_row,
     event_from_row,
     info_from_row,
     lease_seconds,
@@ -100,6 +116,32 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE accounts ADD COLUMN refresh_deadline REAL;
     ALTER TABLE accounts ADD COLUMN refresh_started_at REAL;
     """,
+    # v3: client keys (only salted hashes) and the audit trail of proxied writes.
+    """
+    CREATE TABLE clients (
+        name         TEXT PRIMARY KEY,
+        key_id       TEXT NOT NULL UNIQUE,
+        salt         BLOB NOT NULL,
+        key_hash     BLOB NOT NULL,
+        nations      TEXT NOT NULL DEFAULT '',
+        read_only    INTEGER NOT NULL DEFAULT 0,
+        created_at   REAL NOT NULL,
+        last_used_at REAL
+    );
+    CREATE TABLE audit (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at         REAL NOT NULL,
+        client     TEXT NOT NULL,
+        nation     TEXT NOT NULL,
+        method     TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        status     INTEGER NOT NULL,
+        request_id TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_nation ON audit (nation, id);
+    CREATE INDEX audit_by_client ON audit (client, id);
+    CREATE INDEX audit_by_time ON audit (at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -141,7 +183,7 @@ class _Lease:
 
     async def begin_refresh(self) -> None:
         store = self._store
-        async with store._write() as conn:
+        async with store._write(durable=False) as conn:
             now = store._clock.now()
             await conn.execute(
                 "UPDATE accounts SET refresh_started_at = ?, refresh_deadline = ? "
@@ -193,7 +235,7 @@ class _Lease:
     async def release(self) -> None:
         if self.released:
             return
-        async with self._store._write() as conn:
+        async with self._store._write(durable=False) as conn:
             await conn.execute(
                 f"UPDATE accounts SET {_CLEAR_LEASE} WHERE slug = ? AND refresh_owner = ?",
                 (self.slug, self._owner),
@@ -412,13 +454,20 @@ class SQLiteStore:
     # -- writing ---------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A short write transaction on the writer connection; StoreError if it fails."""
+    async def _write(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """A short write transaction on the writer connection; StoreError if it fails.
+
+        `durable=False` (lease bookkeeping only) commits without waiting for the disk: in WAL
+        mode it still survives a process crash, just not a power cut, and the next durable
+        commit makes it durable too. Tokens are always written durably.
+        """
         async with self._write_lock:
             if self._writer is None:
                 self._writer = await self._connect()
             conn = self._writer
             try:
+                if not durable:
+                    await self._scalar(conn, "PRAGMA synchronous = NORMAL")
                 await conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 await self._drop_writer()
@@ -436,6 +485,12 @@ class SQLiteStore:
                         f"database {self.path} cannot be written: {exc}"
                     ) from None
                 raise
+            finally:
+                if not durable and self._writer is conn:
+                    try:
+                        await self._scalar(conn, "PRAGMA synchronous = FULL")
+                    except sqlite3.Error:
+                        await self._drop_writer()
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -525,7 +580,7 @@ class SQLiteStore:
         give_up = loop.time() + 2 * self.lease
         owner = f"{self._owner}/{uuid.uuid4().hex[:6]}"
         while True:
-            async with self._write() as conn:
+            async with self._write(durable=False) as conn:
                 async with conn.execute(
                     "SELECT generation, refresh_owner, refresh_deadline, refresh_started_at "
                     "FROM accounts WHERE slug = ?",
@@ -738,6 +793,8 @@ class SQLiteStore:
             ("accounts", ACCOUNT_FIELDS, out.accounts),
             ("events", EVENT_FIELDS, out.events),
             ("auth_states", STATE_FIELDS, out.auth_states),
+            ("clients", CLIENT_FIELDS, out.clients),
+            ("audit", AUDIT_FIELDS, out.audit),
         ):
             async with self.conn.execute(
                 f"SELECT {', '.join(fields)} FROM {table} ORDER BY 1"
@@ -756,9 +813,95 @@ class SQLiteStore:
                 ("accounts", ACCOUNT_FIELDS, dump.accounts),
                 ("events", EVENT_FIELDS, dump.events),
                 ("auth_states", STATE_FIELDS, dump.auth_states),
+                ("clients", CLIENT_FIELDS, dump.clients),
+                ("audit", AUDIT_FIELDS, dump.audit),
             ):
                 marks = ", ".join("?" for _ in fields)
                 await conn.executemany(
                     f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({marks})",
                     [tuple(row[f] for f in fields) for row in rows],
                 )
+
+    # -- client keys and the audit trail --------------------------------------------------
+
+    async def add_client(self, record: ClientRecord) -> None:
+        """Register a client key (its salted hash). ClientExists if the name is taken."""
+        row = client_row(record)
+        marks = ", ".join("?" for _ in CLIENT_FIELDS)
+        async with self._write() as conn:
+            if await self._scalar(
+                conn, "SELECT 1 FROM clients WHERE name = ?", (record.info.name,)
+            ):
+                raise ClientExists(f"a client named {record.info.name!r} already exists")
+            await conn.execute(
+                f"INSERT INTO clients ({', '.join(CLIENT_FIELDS)}) VALUES ({marks})",
+                tuple(row[f] for f in CLIENT_FIELDS),
+            )
+
+    async def list_clients(self) -> list[ClientRecord]:
+        """Every registered client, by name."""
+        try:
+            async with self.conn.execute(
+                f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
+            ) as cur:
+                return [client_from_row(row) async for row in cur]
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+
+    async def remove_client(self, name: str) -> bool:
+        """Delete a client key. False if no client has that name."""
+        async with self._write() as conn:
+            cur = await conn.execute("DELETE FROM clients WHERE name = ?", (name,))
+            removed = cur.rowcount > 0
+            await cur.close()
+        return removed
+
+    async def touch_clients(self, used: Mapping[str, float]) -> None:
+        """Record when each client was last seen (batched by the caller)."""
+        if not used:
+            return
+        async with self._write() as conn:
+            await conn.executemany(
+                "UPDATE clients SET last_used_at = max(coalesce(last_used_at, 0), ?) "
+                "WHERE name = ?",
+                [(at, name) for name, at in used.items()],
+            )
+
+    async def record_audit(self, entries: Sequence[AuditEntry], keep_after: float) -> None:
+        """Append audit entries and drop those older than `keep_after` (epoch seconds)."""
+        async with self._write() as conn:
+            await conn.executemany(
+                "INSERT INTO audit (at, client, nation, method, path, status, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.at,
+                        e.client,
+                        e.nation,
+                        e.method,
+                        e.path[:AUDIT_PATH_MAX],
+                        e.status,
+                        e.request_id,
+                    )
+                    for e in entries
+                ],
+            )
+            await conn.execute("DELETE FROM audit WHERE at < ?", (keep_after,))
+
+    async def audit(
+        self, *, nation: str | None = None, client: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Newest audit entries first, optionally for one nation and/or one client."""
+        where, params = [], []
+        if nation is not None:
+            where.append("nation = ?")
+            params.append(nation)
+        if client is not None:
+            where.append("client = ?")
+            params.append(client)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self.conn.execute(
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {clause} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        ) as cur:
+            return [audit_from_row(row) async for row in cur]

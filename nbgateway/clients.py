@@ -1,0 +1,298 @@
+"""Client keys: who may use which nation, and the audit trail of what they changed.
+
+- A key is `nbgw_` + 43 url-safe characters (32 random bytes). Its first 12 characters
+  after the prefix are a public lookup id; the store keeps that id, a random salt and
+  SHA-256(salt + key), never the key. Keys are random, not passwords: a fast salted hash
+  is enough (no stretching), and the id makes the lookup one dictionary access.
+- `ClientRegistry` holds every registered key in memory, kept in step with the store
+  through its change counter (a key removed in one process stops working in every other
+  within about a second), so identifying the caller costs no database round trip.
+- `identify` and `authorize` answer the proxy's one question per request (which client,
+  and may it do this); `record` queues the per-client bookkeeping (last use, and an audit
+  entry for each write), which `flush` writes in batches off the request path.
+
+It knows nothing of HTTP: the proxy extracts the presented key and passes it in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from nbgateway.clock import Clock
+from nbgateway.errors import (
+    ClientForbidden,
+    ClientKeyInvalid,
+    ClientKeyRequired,
+    StoreError,
+)
+from nbgateway.metrics import Metrics
+from nbgateway.models import AuditEntry, ClientInfo, ClientRecord, is_valid_slug
+from nbgateway.redact import Secret
+from nbgateway.store import TokenStore
+
+log = logging.getLogger("nbgateway.clients")
+
+KEY_PREFIX = "nbgw_"
+_KEY_ID_LENGTH = 12
+_KEY_RE = re.compile(r"^nbgw_[A-Za-z0-9_-]{43}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ANONYMOUS = "anonymous"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Audit entries waiting to be written; beyond this (a long store outage) the oldest go.
+_AUDIT_BUFFER = 10_000
+
+
+class ClientAuth(StrEnum):
+    """NBGW_CLIENT_AUTH."""
+
+    OFF = "off"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+def new_key() -> Secret:
+    """A fresh client key (shown once; only its hash is stored)."""
+    return Secret(KEY_PREFIX + secrets.token_urlsafe(32))
+
+
+def looks_like_key(value: str) -> bool:
+    """True for a string of the client-key form (the proxy's cheap first test)."""
+    return value.startswith(KEY_PREFIX)
+
+
+def hash_key(key: str, salt: bytes) -> bytes:
+    return hashlib.sha256(salt + key.encode()).digest()
+
+
+def make_record(
+    name: str, key: Secret, nations: tuple[str, ...], read_only: bool, now: float
+) -> ClientRecord:
+    """The stored form of a new key: lookup id, salt and salted hash."""
+    value = key.reveal()
+    key_id = value[len(KEY_PREFIX) : len(KEY_PREFIX) + _KEY_ID_LENGTH]
+    salt = secrets.token_bytes(16)
+    info = ClientInfo(
+        name=name,
+        nations=nations,
+        read_only=read_only,
+        created_at=now,
+        last_used_at=None,
+        key_hint=f"{KEY_PREFIX}{key_id[:4]}…",
+    )
+    return ClientRecord(info, key_id, salt, hash_key(value, salt))
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or name == ANONYMOUS:
+        raise ValueError(
+            "a client name is 1-64 letters, digits, dots, dashes or underscores, starting "
+            f"with a letter or digit (and not {ANONYMOUS!r})"
+        )
+    return name
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def client_json(info: ClientInfo) -> dict[str, object]:
+    """A client as JSON for `clients list --json` and `/connect/api/clients` (never the key)."""
+    return {
+        "name": info.name,
+        "nations": list(info.nations) or "all",
+        "read_only": info.read_only,
+        "created_at": _iso(info.created_at),
+        "last_used_at": _iso(info.last_used_at),
+        "key_hint": info.key_hint,
+    }
+
+
+def audit_json(entry: AuditEntry) -> dict[str, object]:
+    """An audit entry as JSON for `nbgateway audit --json` and the admin API."""
+    return {
+        "at": _iso(entry.at),
+        "client": entry.client,
+        "nation": entry.nation,
+        "method": entry.method,
+        "path": entry.path,
+        "status": entry.status,
+        "request_id": entry.request_id,
+    }
+
+
+class ClientRegistry:
+    """Registered client keys in memory, the scope checks, and the batched bookkeeping."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        mode: ClientAuth,
+        audit_retention: float,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self.mode = mode
+        self._retention = audit_retention
+        self._by_key_id: dict[str, ClientRecord] = {}
+        self._names: set[str] = set()
+        self._counter: int | None = None
+        self._used: dict[str, float] = {}
+        self._audit: list[AuditEntry] = []
+
+    # -- the request path ----------------------------------------------------------------
+
+    def identify(self, presented: str | None) -> ClientInfo | None:
+        """The client a presented key belongs to; None for an anonymous request.
+
+        Raises ClientKeyRequired (mode required, no key) or ClientKeyInvalid.
+        """
+        if presented is None:
+            if self.mode is ClientAuth.REQUIRED:
+                raise ClientKeyRequired(
+                    "this gateway needs a client key: send it as Authorization: Bearer "
+                    "nbgw_..., the access_token query parameter, or X-NBGW-Key"
+                )
+            return None
+        record = None
+        if _KEY_RE.fullmatch(presented):
+            record = self._by_key_id.get(
+                presented[len(KEY_PREFIX) : len(KEY_PREFIX) + _KEY_ID_LENGTH]
+            )
+        if record is None or not hmac.compare_digest(
+            hash_key(presented, record.salt), record.key_hash
+        ):
+            raise ClientKeyInvalid("the client key presented is not registered (or was removed)")
+        self._used[record.info.name] = self._clock.now()
+        return record.info
+
+    @staticmethod
+    def authorize(client: ClientInfo | None, slug: str, method: str) -> None:
+        """Raise ClientForbidden unless `client` may send `method` to nation `slug`."""
+        if client is None:
+            return
+        if client.nations and slug not in client.nations:
+            raise ClientForbidden(f"the client key {client.name!r} may not use the nation {slug!r}")
+        if client.read_only and method not in READ_METHODS:
+            raise ClientForbidden(
+                f"the client key {client.name!r} is read-only: {method} is not allowed"
+            )
+
+    def label(self, client: ClientInfo | None) -> str:
+        """The metric label for a client: its registered name, or anonymous."""
+        if client is None or client.name not in self._names:
+            return ANONYMOUS
+        return client.name
+
+    def record(
+        self,
+        client: ClientInfo | None,
+        nation: str,
+        method: str,
+        path: str,
+        status: int,
+        request_id: str,
+    ) -> None:
+        """Queue an audit entry for a write (written by `flush`, never on the request path)."""
+        if method not in WRITE_METHODS:
+            return
+        if len(self._audit) >= _AUDIT_BUFFER:
+            del self._audit[: len(self._audit) - _AUDIT_BUFFER + 1]
+            log.warning("audit buffer full; dropping the oldest entry")
+        self._audit.append(
+            AuditEntry(
+                at=self._clock.now(),
+                client=client.name if client is not None else ANONYMOUS,
+                nation=nation,
+                method=method,
+                path=path,
+                status=status,
+                request_id=request_id,
+            )
+        )
+
+    # -- keeping up with the store ---------------------------------------------------------
+
+    async def sync(self, *, force: bool = False) -> bool:
+        """Reload the keys if anyone committed since the last look. True when it reloaded."""
+        counter = await self._store.change_counter()
+        if not force and counter == self._counter:
+            return False
+        records = await self._store.list_clients()
+        self._counter = counter
+        self._by_key_id = {r.key_id: r for r in records}
+        names = {r.info.name for r in records}
+        for gone in self._names - names:
+            self._metrics.forget_client(gone)
+        self._names = names
+        return True
+
+    async def flush(self) -> None:
+        """Write queued audit entries and last-use times; kept for the next try on failure."""
+        entries, self._audit = self._audit, []
+        used, self._used = self._used, {}
+        try:
+            if entries:
+                await self._store.record_audit(entries, self._clock.now() - self._retention)
+            if used:
+                await self._store.touch_clients(used)
+        except StoreError as exc:
+            log.warning("could not write the audit trail; retrying", extra={"error": str(exc)})
+            self._audit[:0] = entries
+            for name, at in used.items():
+                self._used.setdefault(name, at)
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Background loop: follow the store's keys and write the bookkeeping."""
+        while True:
+            try:
+                await self.sync()
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("client key maintenance failed; continuing")
+            await asyncio.sleep(interval)
+
+    # -- admin operations ------------------------------------------------------------------
+
+    async def add(
+        self, name: str, nations: tuple[str, ...] = (), read_only: bool = False
+    ) -> tuple[ClientInfo, Secret]:
+        """Register a client; returns it and its key (the only time the key is seen)."""
+        check_name(name)
+        for slug in nations:
+            if not is_valid_slug(slug):
+                raise ValueError(f"{slug!r} is not a nation slug")
+        key = new_key()
+        record = make_record(name, key, tuple(sorted(set(nations))), read_only, self._clock.now())
+        await self._store.add_client(record)
+        await self.sync(force=True)
+        log.info("client key added", extra={"client": name})
+        return record.info, key
+
+    async def list(self) -> list[ClientInfo]:
+        return [r.info for r in await self._store.list_clients()]
+
+    async def remove(self, name: str) -> bool:
+        removed = await self._store.remove_client(name)
+        await self.sync(force=True)
+        if removed:
+            log.info("client key removed", extra={"client": name})
+        return removed

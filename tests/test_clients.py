@@ -1,0 +1,376 @@
+"""Client keys: modes, presentations, scopes, removal across processes, hashing, the audit
+trail, metrics, and the CLI/admin API surfaces. Real gateway, real fake NationBuilder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ConnectAccount, Gateway, GatewayFactory
+
+from nbgateway import keys
+from nbgateway.clients import ClientRegistry, hash_key
+from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.log import configure_logging
+from nbgateway.redact import Redactor, Secret
+
+SIGNUP = {"data": {"type": "signups", "attributes": {"email": "audit@example.org"}}}
+
+
+def registry(gw: Gateway) -> ClientRegistry:
+    return gw.app[keys.CLIENTS]
+
+
+async def add_key(
+    gw: Gateway, name: str, nations: tuple[str, ...] = (), read_only: bool = False
+) -> str:
+    _info, key = await registry(gw).add(name, nations, read_only)
+    return key.reveal()
+
+
+async def get(gw: Gateway, path: str, **kwargs: Any) -> tuple[int, str | None]:
+    resp = await gw.client.get(path, **kwargs)
+    await resp.read()
+    return resp.status, resp.headers.get("X-NBGW-Error")
+
+
+async def eventually(probe: Any, expected: int, within: float = 10.0) -> bool:
+    """Whether `probe()` returns `expected` within `within` seconds (checked every 0.1 s)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if await probe() == expected:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+async def gw(gateway_factory: GatewayFactory, connect_account: ConnectAccount) -> Gateway:
+    gateway = await gateway_factory(client_auth="required")
+    await connect_account(gateway, "acme")
+    await connect_account(gateway, "bravo")
+    return gateway
+
+
+class TestModes:
+    async def test_required_refuses_a_request_without_a_key_before_upstream(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """required: no key -> 401 client_key_required, and nothing reaches NationBuilder."""
+        fake_nb.clear_recordings()
+        assert await get(gw, "/n/acme/api/v2/signups/me") == (401, "client_key_required")
+        assert fake_nb.api_requests == []
+
+    async def test_unknown_key_is_refused_in_required_and_optional(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount
+    ) -> None:
+        """A key of the right shape that is not registered -> 401 client_key_invalid."""
+        forged = "nbgw_" + "A" * 43
+        for mode in ("required", "optional"):
+            gateway = await gateway_factory(client_auth=mode)
+            await connect_account(gateway, "acme")
+            status = await get(gateway, "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": forged})
+            assert status == (401, "client_key_invalid"), mode
+
+    async def test_optional_lets_anonymous_requests_pass(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount
+    ) -> None:
+        """optional: no key passes (counted as anonymous); a valid key is recorded by name."""
+        gateway = await gateway_factory(client_auth="optional")
+        await connect_account(gateway, "acme")
+        key = await add_key(gateway, "dash")
+        assert (await get(gateway, "/n/acme/api/v2/signups/me"))[0] == 200
+        assert (await get(gateway, "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": key}))[
+            0
+        ] == 200
+        assert (
+            gateway.metric(
+                "nbgw_client_requests_total", client="anonymous", account="acme", code="200"
+            )
+            == 1.0
+        )
+        assert (
+            gateway.metric("nbgw_client_requests_total", client="dash", account="acme", code="200")
+            == 1.0
+        )
+
+    async def test_off_ignores_keys_entirely(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount
+    ) -> None:
+        """off (the default): even a forged key is not looked at; the allow-list decides."""
+        gateway = await gateway_factory()
+        await connect_account(gateway, "acme")
+        headers = {"X-NBGW-Key": "nbgw_" + "B" * 43}
+        assert (await get(gateway, "/n/acme/api/v2/signups/me", headers=headers))[0] == 200
+
+    async def test_allow_list_applies_in_every_mode(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount
+    ) -> None:
+        """A valid key from an address outside NBGW_ALLOWED_CLIENTS is still refused."""
+        import ipaddress
+
+        gateway = await gateway_factory(
+            client_auth="required", allowed_clients=(ipaddress.ip_network("10.99.0.0/16"),)
+        )
+        await connect_account(gateway, "acme")
+        key = await add_key(gateway, "dash")
+        status = await get(gateway, "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": key})
+        assert status == (403, "client_not_allowed")
+
+
+class TestPresentation:
+    @pytest.mark.parametrize("how", ["bearer", "query", "header", "query-v1"])
+    async def test_every_presentation_works_and_the_key_never_goes_upstream(
+        self, gw: Gateway, fake_nb: FakeNationBuilder, how: str
+    ) -> None:
+        """Bearer, ?access_token= (v2 and a v1 path) and X-NBGW-Key all identify the tool; the
+        fake sees the NationBuilder token instead and no trace of the key."""
+        key = await add_key(gw, "sync")
+        path = "/n/acme/api/v1/people/me" if how == "query-v1" else "/n/acme/api/v2/signups/me"
+        headers: dict[str, str] = {}
+        if how == "bearer":
+            headers["Authorization"] = f"Bearer {key}"
+        elif how == "header":
+            headers["X-NBGW-Key"] = key
+        else:
+            path += f"?access_token={key}&limit=1"
+        fake_nb.clear_recordings()
+        assert await get(gw, path, headers=headers) == (200, None)
+        [seen] = fake_nb.api_requests
+        assert seen.headers["Authorization"].startswith("Bearer nbfake-at-")
+        dump = f"{seen.path}?{seen.query_string} {dict(seen.headers)} {seen.body!r}"
+        assert key not in dump
+        assert "nbgw_" not in dump
+        if how.startswith("query"):
+            assert seen.query_string == "limit=1"
+        assert (
+            gw.metric("nbgw_client_requests_total", client="sync", account="acme", code="200")
+            == 1.0
+        )
+
+    async def test_two_different_keys_are_refused(self, gw: Gateway) -> None:
+        """A request presenting two different keys is ambiguous: 400 invalid_request."""
+        one, two = await add_key(gw, "one"), await add_key(gw, "two")
+        status = await get(
+            gw,
+            "/n/acme/api/v2/signups/me",
+            headers={"X-NBGW-Key": one, "Authorization": f"Bearer {two}"},
+        )
+        assert status == (400, "invalid_request")
+
+    async def test_an_old_nationbuilder_token_is_not_a_key(self, gw: Gateway) -> None:
+        """A legacy tool still sending its old NationBuilder token has no client key."""
+        status = await get(
+            gw, "/n/acme/api/v2/signups/me", headers={"Authorization": "Bearer legacy-token-123"}
+        )
+        assert status == (401, "client_key_required")
+
+
+class TestScopes:
+    async def test_a_key_limited_to_nations_is_refused_elsewhere(self, gw: Gateway) -> None:
+        """403 client_forbidden names the nation and the key's name, never the key."""
+        key = await add_key(gw, "acme-only", nations=("acme",))
+        headers = {"X-NBGW-Key": key}
+        assert (await get(gw, "/n/acme/api/v2/signups/me", headers=headers))[0] == 200
+        resp = await gw.client.get("/n/bravo/api/v2/signups/me", headers=headers)
+        body = await resp.json()
+        assert resp.status == 403
+        assert resp.headers["X-NBGW-Error"] == "client_forbidden"
+        detail = body["errors"][0]["detail"]
+        assert "bravo" in detail and "acme-only" in detail and key not in detail
+
+    async def test_a_read_only_key_may_only_read(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """GET, HEAD and OPTIONS pass; POST, PUT, PATCH and DELETE get 403 before upstream."""
+        key = await add_key(gw, "reader", read_only=True)
+        headers = {"X-NBGW-Key": key}
+        for method in ("GET", "HEAD", "OPTIONS"):
+            resp = await gw.client.request(method, "/n/acme/api/v2/signups/me", headers=headers)
+            assert resp.headers.get("X-NBGW-Error") != "client_forbidden", method
+        fake_nb.clear_recordings()
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            resp = await gw.client.request(
+                method, "/n/acme/api/v2/signups/1", headers=headers, json=SIGNUP
+            )
+            assert (resp.status, resp.headers.get("X-NBGW-Error")) == (403, "client_forbidden")
+        assert fake_nb.api_requests == []
+
+
+class TestRemoval:
+    async def test_removed_key_stops_working_in_another_process_within_seconds(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount, tmp_path: Path
+    ) -> None:
+        """Two gateways on one database, background sync on: a key removed through one is
+        refused by the other after its next sync (about a second)."""
+        one = await gateway_factory(client_auth="required", background=True)
+        await connect_account(one, "acme")
+        two = await gateway_factory(one.settings, background=True)
+        key = await add_key(one, "temp")
+        headers = {"X-NBGW-Key": key}
+
+        async def status_in_two() -> int:
+            return (await get(two, "/n/acme/api/v2/signups/me", headers=headers))[0]
+
+        assert await eventually(status_in_two, 200)  # two learns of the new key within a sync
+        assert await registry(one).remove("temp")
+        assert await eventually(status_in_two, 401)
+        assert await get(two, "/n/acme/api/v2/signups/me", headers=headers) == (
+            401,
+            "client_key_invalid",
+        )
+
+
+class TestSecrecy:
+    async def test_only_salted_hashes_reach_the_database_file(self, gw: Gateway) -> None:
+        """The key's bytes are nowhere in the database files; its salted hash is."""
+        key = await add_key(gw, "sync")
+        [record] = await gw.store.list_clients()
+        assert record.key_hash == hash_key(key, record.salt)
+        database = Path(gw.settings.database)
+        raw = b"".join(
+            p.read_bytes() for p in database.parent.glob(database.name + "*") if p.is_file()
+        )
+        assert key.encode() not in raw
+        assert key[5:].encode() not in raw  # nor the random part alone
+        assert record.key_hash in raw
+
+    async def test_keys_are_absent_from_logs_metrics_and_listings(
+        self, gw: Gateway, admin_headers: dict[str, str], capture_logs: Any
+    ) -> None:
+        """Use a key in every presentation, fail with a forged one, list and scrape: the key
+        appears in no log line, no /metrics sample and no listing."""
+        logs: io.StringIO = capture_logs(gw.redactor, "text")
+        key = await add_key(gw, "sync")
+        await get(gw, f"/n/acme/api/v2/signups/me?access_token={key}")
+        await get(gw, "/n/acme/api/v2/signups/me", headers={"Authorization": f"Bearer {key}"})
+        await get(gw, "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": key + "x"})
+        forged = key[:-4] + "AAAA"
+        await get(gw, f"/n/acme/api/v2/signups/me?access_token={forged}")
+        metrics = await (await gw.client.get("/metrics")).text()
+        listing = await (await gw.client.get("/connect/api/clients", headers=admin_headers)).text()
+        text = logs.getvalue()
+        assert "/n/acme/api/v2/signups/me" in text  # the access log was captured
+        for output in (text, metrics, listing):
+            assert key not in output and key[5:20] not in output
+            assert forged not in output
+        assert 'client="sync"' in metrics
+
+
+class TestAudit:
+    async def test_writes_are_recorded_and_reads_are_not(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """POST/PATCH/DELETE through a key (and a refused write) leave entries with time,
+        client, nation, method, path without query, status and request id; GETs leave none."""
+        key = await add_key(gw, "sync")
+        reader = await add_key(gw, "reader", read_only=True)
+        headers = {"X-NBGW-Key": key}
+        await get(gw, "/n/acme/api/v2/signups?page[size]=1", headers=headers)
+        created = await gw.client.post(
+            "/n/acme/api/v2/signups?secret=1",
+            json=SIGNUP,
+            headers={**headers, "X-Request-ID": "req-1"},
+        )
+        assert created.status == 201
+        person = (await created.json())["data"]["id"]
+        patched = await gw.client.patch(
+            f"/n/bravo/api/v2/signups/{person}", json=SIGNUP, headers=headers
+        )
+        deleted = await gw.client.delete(f"/n/acme/api/v2/signups/{person}", headers=headers)
+        refused = await gw.client.post(
+            "/n/acme/api/v2/signups", json=SIGNUP, headers={"X-NBGW-Key": reader}
+        )
+        assert refused.status == 403
+        await registry(gw).flush()
+
+        entries = await gw.store.audit(limit=10)
+        got = [(e.client, e.nation, e.method, e.path, e.status) for e in reversed(entries)]
+        assert got == [
+            ("sync", "acme", "POST", "/api/v2/signups", 201),
+            ("sync", "bravo", "PATCH", f"/api/v2/signups/{person}", patched.status),
+            ("sync", "acme", "DELETE", f"/api/v2/signups/{person}", deleted.status),
+            ("reader", "acme", "POST", "/api/v2/signups", 403),
+        ]
+        assert entries[-1].request_id == "req-1"
+        assert all(e.at > 0 for e in entries)
+        assert [e.nation for e in await gw.store.audit(nation="bravo")] == ["bravo"]
+        assert {e.client for e in await gw.store.audit(client="reader")} == {"reader"}
+
+    async def test_retention_drops_old_entries(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount, clock: Any
+    ) -> None:
+        """Entries older than NBGW_AUDIT_RETENTION_DAYS go when new ones are written."""
+        gateway = await gateway_factory(audit_retention_days=1.0)
+        await connect_account(gateway, "acme")
+        await gateway.client.post("/n/acme/api/v2/signups", json=SIGNUP)
+        await registry(gateway).flush()
+        clock.advance(2 * 86400)
+        await connect_account(gateway, "acme")  # fresh token after the jump
+        await gateway.client.post("/n/acme/api/v2/signups", json=SIGNUP)
+        await registry(gateway).flush()
+        [entry] = await gateway.store.audit()
+        assert entry.at == clock.now()
+        assert entry.client == "anonymous"
+
+
+class TestAdminApi:
+    async def test_create_list_remove_through_the_api(
+        self, gw: Gateway, admin_headers: dict[str, str]
+    ) -> None:
+        """POST shows the key once; GET lists without it; DELETE removes; unknown -> 404."""
+        api = "/connect/api/clients"
+        created = await gw.client.post(
+            api, json={"name": "etl", "nations": ["acme"], "read_only": True}, headers=admin_headers
+        )
+        assert created.status == 201
+        body = await created.json()
+        key = body["key"]
+        assert key.startswith("nbgw_") and len(key) >= 5 + 43
+        assert body["client"]["nations"] == ["acme"] and body["client"]["read_only"] is True
+        assert (await get(gw, "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": key}))[0] == 200
+        dup = await gw.client.post(api, json={"name": "etl"}, headers=admin_headers)
+        assert dup.status == 400
+        listing = await (await gw.client.get(api, headers=admin_headers)).json()
+        assert [c["name"] for c in listing["clients"]] == ["etl"]
+        assert key not in str(listing)
+        assert (await gw.client.delete(f"{api}/etl", headers=admin_headers)).status == 200
+        assert (await gw.client.delete(f"{api}/etl", headers=admin_headers)).status == 404
+        assert (await gw.client.get(api)).status == 401
+
+
+@pytest.fixture
+def capture_logs() -> Iterator[Any]:
+    """configure_logging() into a buffer; the process-wide logging state is restored after."""
+    loggers = [logging.getLogger(name) for name in ("nbgateway", "aiohttp")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    access = logging.getLogger("aiohttp.access")
+    access_disabled = access.disabled
+
+    def install(redactor: Redactor, fmt: str) -> io.StringIO:
+        buf = io.StringIO()
+        configure_logging(redactor, fmt=fmt, level="DEBUG", stream=buf)
+        return buf
+
+    yield install
+    for lg, old_handlers, level, propagate in saved:
+        lg.handlers[:] = old_handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    access.disabled = access_disabled
+
+
+def test_secret_type_is_used_for_keys() -> None:
+    """A new key travels as a Secret: printing it by mistake shows nothing."""
+    from nbgateway.clients import new_key
+
+    key = new_key()
+    assert isinstance(key, Secret)
+    assert "nbgw_" not in f"{key}" and "nbgw_" not in repr(key)
