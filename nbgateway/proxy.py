@@ -408,19 +408,17 @@ class Proxy:
         address the tool used; root-relative ones (`/api/...`, NationBuilder's usual form)
         gain `/n/{slug}` on that route and are already right on the plain /api/ route (the
         default account, or the X-NB-Nation header the tool sends again). Anything else,
-        including links outside the nation's /api/, is left as it is."""
+        including links outside the nation's /api/, is left as it is. The mapper is pure,
+        so it may run in a worker thread."""
         nation = self._settings.nation_base(route.slug).rstrip("/")
         prefix = f"/n/{route.slug}" if route.by_prefix else ""
-        origin: str | None = None
+        origin = self._origin(request)
 
         def mapper(link: str) -> str | None:
-            nonlocal origin
             if link.startswith(nation):
                 tail = link[len(nation) :]
                 if not _is_api_path(tail):
                     return None
-                if origin is None:
-                    origin = self._origin(request)
                 return f"{origin}{prefix}{tail}"
             if prefix and _is_api_path(link):
                 return f"{prefix}{link}"
@@ -429,7 +427,7 @@ class Proxy:
         return mapper
 
     async def _rewrite(
-        self, route: Route, raw: bytes, encoding: str, mapper: LinkMapper
+        self, request: web.Request, route: Route, raw: bytes, encoding: str
     ) -> bytes | None:
         """The body with its links mapped, or None to pass it on exactly as it came.
 
@@ -438,7 +436,10 @@ class Proxy:
         nation = self._settings.nation_base(route.slug).rstrip("/")
         # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
         needles = (nation.encode(), b"\\/") + ((b"/api",) if route.by_prefix else ())
+        if not any(needle in raw for needle in needles) and encoding == "identity":
+            return None  # nothing that could be a link: no mapper, no parse
         try:
+            mapper = self._link_mapper(request, route)
             if encoding == "identity" and len(raw) <= _INLINE_REWRITE:
                 return rewrite_body(raw, encoding, mapper, needles, _REWRITE_LIMIT)
             loop = asyncio.get_running_loop()
@@ -454,7 +455,6 @@ class Proxy:
     async def _respond(
         self, request: web.Request, route: Route, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        mapper = self._link_mapper(request, route)
         headers: CIMultiDict[str] = CIMultiDict()
         connection_listed = {
             h.strip().lower() for h in upstream.headers.get("Connection", "").split(",") if h
@@ -464,7 +464,7 @@ class Proxy:
             if lower in _DROP_DOWNSTREAM or lower in connection_listed:
                 continue
             if lower in _LINK_HEADERS:
-                value = mapper(value.strip()) or value
+                value = self._link_mapper(request, route)(value.strip()) or value
             headers.add(name, value)
 
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
@@ -479,7 +479,7 @@ class Proxy:
         ):
             head, complete = await self._read_upto(upstream, _REWRITE_LIMIT)
             if complete:
-                rewritten = await self._rewrite(route, head, encoding, mapper) if head else None
+                rewritten = await self._rewrite(request, route, head, encoding) if head else None
                 if rewritten is not None:
                     headers.popall("Content-Encoding", None)
                     headers.popall("ETag", None)  # the body changed; the tag no longer fits
