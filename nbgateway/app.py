@@ -88,6 +88,7 @@ def create_app(
             try:
                 yield
             finally:
+                app[PROXY].close()
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

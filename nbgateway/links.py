@@ -263,7 +263,7 @@ def rewrite_links(text: str, mapper: LinkMapper) -> str | None:
     return "".join(parts)
 
 
-def _inflate(raw: bytes, limit: int) -> bytes | None:
+def inflate(raw: bytes, limit: int) -> bytes | None:
     """A complete gzip or zlib body inflated to at most `limit` bytes; None otherwise."""
     inflater = zlib.decompressobj(wbits=47)  # 47: gzip or zlib header
     try:
@@ -273,6 +273,19 @@ def _inflate(raw: bytes, limit: int) -> bytes | None:
     if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
         return None  # too large, truncated or followed by more: passed through as sent
     return plain
+
+
+def rewrite_json(plain: bytes, mapper: LinkMapper, needles: tuple[bytes, ...]) -> bytes | None:
+    """The UTF-8 JSON body `plain` with its links mapped, or None to pass it on unchanged.
+    It is only parsed when one of `needles` occurs in it (a cheap byte search first)."""
+    if not plain or not any(needle in plain for needle in needles):
+        return None
+    try:
+        text = plain.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    rewritten = rewrite_links(text, mapper)
+    return None if rewritten is None else rewritten.encode("utf-8")
 
 
 def rewrite_body(
@@ -285,16 +298,6 @@ def rewrite_body(
     """The rewritten (identity-encoded) body, or None to pass `raw` on as it came.
 
     `encoding` is the upstream Content-Encoding (identity, gzip or deflate; compressed
-    bodies are inflated to at most `limit` bytes). The text is only parsed when one of
-    `needles` occurs in it (a cheap byte search first)."""
-    plain: bytes | None = raw
-    if encoding != "identity":
-        plain = _inflate(raw, limit)
-    if not plain or not any(needle in plain for needle in needles):
-        return None
-    try:
-        text = plain.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    rewritten = rewrite_links(text, mapper)
-    return None if rewritten is None else rewritten.encode("utf-8")
+    bodies are inflated to at most `limit` bytes)."""
+    plain = raw if encoding == "identity" else inflate(raw, limit)
+    return None if plain is None else rewrite_json(plain, mapper, needles)

@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -39,7 +40,7 @@ from nbgateway.errors import (
     UpstreamUnreachable,
     token_error,
 )
-from nbgateway.links import LinkMapper, rewrite_body
+from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
 from nbgateway.metrics import NO_ACCOUNT, Metrics
 from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, request_id_of
 from nbgateway.models import is_valid_slug
@@ -72,8 +73,9 @@ _LINK_HEADERS = frozenset({"location", "content-location"})
 _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
-# Identity-encoded bodies up to this size are rewritten on the event loop; larger or
-# compressed ones in a worker thread, so one big page does not stall every other client.
+# Bodies up to this size (on the wire and inflated) are rewritten on the event loop; larger
+# ones in the rewrite thread, so one big page does not stall every other client. One thread:
+# Python runs one thread at a time, and every extra one would take the loop's turns.
 _INLINE_REWRITE = 64 * 1024
 # A Host header usable in a link: a DNS name (or bracketed IPv6 literal) and a port.
 _HOST_RE = re.compile(
@@ -154,6 +156,11 @@ class Proxy:
         self._peer_decisions: dict[str, bool] = {}
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+        self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
+
+    def close(self) -> None:
+        """Stop the rewrite thread (queued rewrites are dropped; their requests are gone)."""
+        self._rewriter.shutdown(wait=False, cancel_futures=True)
 
     def _client_allowed(self, peer: str | None) -> bool:
         """The allow-list decision, remembered per peer address (bounded)."""
@@ -440,11 +447,13 @@ class Proxy:
             return None  # nothing that could be a link: no mapper, no parse
         try:
             mapper = self._link_mapper(request, route)
-            if encoding == "identity" and len(raw) <= _INLINE_REWRITE:
-                return rewrite_body(raw, encoding, mapper, needles, _REWRITE_LIMIT)
+            if len(raw) <= _INLINE_REWRITE:
+                plain = raw if encoding == "identity" else inflate(raw, _INLINE_REWRITE)
+                if plain is not None:
+                    return rewrite_json(plain, mapper, needles)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                None, rewrite_body, raw, encoding, mapper, needles, _REWRITE_LIMIT
+                self._rewriter, rewrite_body, raw, encoding, mapper, needles, _REWRITE_LIMIT
             )
         except Exception:
             log.exception(
