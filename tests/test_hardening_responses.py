@@ -356,6 +356,46 @@ class TestInvalidAnswers:
         assert "a" * 100 not in error["detail"]
         assert len(fake_nb.api_requests) == 1
 
+    @pytest.mark.parametrize(
+        ("answer", "code"),
+        [
+            (b"HTTP/1.1 200 OK\r\nThis is not a header\r\n\r\n", "upstream_invalid_response"),
+            (b"SMTP ready\r\n\r\n", "upstream_invalid_response"),
+            (b"", "upstream_unreachable"),
+        ],
+        ids=["bad-header-line", "not-http", "closed-without-answer"],
+    )
+    async def test_raw_upstream_answers(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        answer: bytes,
+        code: str,
+    ) -> None:
+        """An upstream that answers with a head that is not HTTP is upstream_invalid_response;
+        one that closes the connection without answering is still upstream_unreachable."""
+        received = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            received.set()
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            gw = await gateway_factory(nation_url=f"http://127.0.0.1:{port}/{{slug}}")
+            await connect_account(gw, "acme")
+            resp = await gw.client.get("/api/v2/signups")
+            assert resp.status == 502
+            assert resp.headers["X-NBGW-Error"] == code
+            assert received.is_set()
+        finally:
+            server.close()
+            await server.wait_closed()
+
 
 # ---------------------------------------------------------------------- the address links use
 
