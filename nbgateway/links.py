@@ -28,12 +28,14 @@ _scanstring = cast(Callable[[str, int, bool], tuple[str, int]], vars(json.decode
 LinkMapper = Callable[[str], str | None]
 
 _WS = re.compile(r"[ \t\n\r]*")
-# One object member's head: whitespace, the key (raw, escapes undecoded), ':' and whitespace.
-_KEY = re.compile(r'[ \t\n\r]*"((?:[^"\\\x00-\x1f]|\\.)*)"[ \t\n\r]*:[ \t\n\r]*', re.DOTALL)
-# What follows a member or element: whitespace and ',' or the closing bracket.
-_AFTER_MEMBER = re.compile(r"[ \t\n\r]*([,}])")
-_AFTER_ELEMENT = re.compile(r"[ \t\n\r]*([,\]])")
-_EMPTY = re.compile(r"[\[{][ \t\n\r]*[\]}]")
+# Where a walk goes next, in one match each: the first member of an object (key raw,
+# escapes undecoded) or its end; a following member after ',' or the end; the same for
+# arrays (group 1 is set at the end).
+_MEMBER_HEAD = r'"((?:[^"\\\x00-\x1f]|\\.)*)"[ \t\n\r]*:[ \t\n\r]*'
+_OBJECT_FIRST = re.compile(r"\{[ \t\n\r]*(?:" + _MEMBER_HEAD + r"|\})", re.DOTALL)
+_OBJECT_NEXT = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*" + _MEMBER_HEAD + r"|\})", re.DOTALL)
+_ARRAY_FIRST = re.compile(r"\[[ \t\n\r]*(\])?")
+_ARRAY_NEXT = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*|(\]))")
 # Inside a skipped value: a whole string, or a bracket (everything else is skipped over).
 _SKIP_TOKEN = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"|[\[\]{}"]', re.DOTALL)
 _CLOSER = {"[": "]", "{": "}"}
@@ -123,42 +125,27 @@ class _Walk:
     def obj(self, i: int, member: Callable[[str, int], int]) -> int:
         """Walk the object at s[i] == '{', calling member(key, value start) -> value end."""
         s = self.s
-        empty = _EMPTY.match(s, i)
-        if empty is not None:
-            if empty.group()[-1] != "}":
-                raise NotRewritable("'}' was expected")
-            return empty.end()
-        i += 1
+        head = _OBJECT_FIRST.match(s, i)
         while True:
-            head = _KEY.match(s, i)
             if head is None:
-                raise NotRewritable("an object member was expected")
+                raise NotRewritable("an object member or '}' was expected")
             key = head.group(1)
+            if key is None:
+                return head.end()
             if "\\" in key:
                 key = self.string(head.start(1) - 1)[0]
-            after = _AFTER_MEMBER.match(s, member(key, head.end()))
-            if after is None:
-                raise NotRewritable("',' or '}' was expected")
-            if after.group(1) == "}":
-                return after.end()
-            i = after.end()
+            head = _OBJECT_NEXT.match(s, member(key, head.end()))
 
     def array(self, i: int, element: Callable[[int], int]) -> int:
         """Walk the array at s[i] == '[', calling element(value start) -> value end."""
         s = self.s
-        empty = _EMPTY.match(s, i)
-        if empty is not None:
-            if empty.group()[-1] != "]":
-                raise NotRewritable("']' was expected")
-            return empty.end()
-        i = self.ws(i + 1)
+        head = _ARRAY_FIRST.match(s, i)
         while True:
-            after = _AFTER_ELEMENT.match(s, element(i))
-            if after is None:
+            if head is None:
                 raise NotRewritable("',' or ']' was expected")
-            if after.group(1) == "]":
-                return after.end()
-            i = self.ws(after.end())
+            if head.group(1) is not None:
+                return head.end()
+            head = _ARRAY_NEXT.match(s, element(head.end()))
 
     # -- the link members
 
