@@ -94,6 +94,7 @@ def create_app(
             try:
                 yield
             finally:
+                app[PROXY].close()
                 for task in tasks:
                     task.cancel()
                 for task in tasks:

@@ -19,6 +19,7 @@
         ├── TokenRefreshFailed, UpstreamUnreachable, UpstreamTimeout,
         ├── TokenStoreError, TokenStoreUnavailable,
         ├── ClientKeyRequired, ClientKeyInvalid, ClientForbidden,
+        ├── UpstreamInvalidResponse,
         └── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
@@ -156,6 +157,10 @@ class TokenRefreshFailed(GatewayError):
 
 class UpstreamUnreachable(GatewayError):
     status, code, title = 502, "upstream_unreachable", "NationBuilder unreachable"
+
+
+class UpstreamInvalidResponse(GatewayError):
+    status, code, title = 502, "upstream_invalid_response", "NationBuilder sent an invalid response"
 
 
 class UpstreamTimeout(GatewayError):

@@ -34,7 +34,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from yarl import URL
 
-__all__ = ["FAIL_KINDS", "FakeNationBuilder", "RecordedRequest", "main"]
+__all__ = ["FAIL_KINDS", "CannedAnswer", "FakeNationBuilder", "RecordedRequest", "main"]
 
 SLUG_RE: Final = re.compile(r"[a-z0-9-]+")
 # Every fail_token() kind; see FakeNationBuilder.fail_token for what each one does.
@@ -134,6 +134,20 @@ class RecordedRequest:
     def params(self) -> dict[str, str]:
         """Form or JSON body parameters (what a token request carried); {} if neither parses."""
         return _parse_body_params(self.headers.get("Content-Type", ""), self.body) or {}
+
+
+@dataclass(frozen=True)
+class CannedAnswer:
+    """What ``/api/_test/canned`` answers: any status, headers and body bytes, exactly.
+
+    For a misbehaving NationBuilder: cookies, redirects, JSON that Python cannot round-trip,
+    huge bodies or headers. ``{nation}`` in a header value or the body is replaced with the
+    nation's own base URL (``{base_url}/{slug}``), so absolute links can be canned too.
+    """
+
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
 
 
 @dataclass
@@ -292,6 +306,7 @@ class FakeNationBuilder:
         self.api_fail_401_times: int = 0
         self.api_delay: float = 0.0
         self.api_hang: bool = False
+        self.canned = CannedAnswer()
         self._token_failures: list[str] = []
         self._tokens_held = False
         self._token_gate = asyncio.Event()
@@ -346,6 +361,7 @@ class FakeNationBuilder:
             (_m("GET"), re.compile(r"_test/bytes"), self._test_bytes),
             (_ANY_METHOD, re.compile(r"_test/status/(?P<code>\d{3})"), self._test_status),
             (_m("GET"), re.compile(r"_test/absolute-links"), self._test_absolute_links),
+            (_ANY_METHOD, re.compile(r"_test/canned"), self._test_canned),
         ]
 
     # ------------------------------------------------------------------ lifecycle
@@ -477,8 +493,23 @@ class FakeNationBuilder:
                 self._pending_changed.clear()
                 await self._pending_changed.wait()
 
+    def set_canned(
+        self,
+        *,
+        status: int = 200,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes | str = b"",
+    ) -> None:
+        """Make ``/api/_test/canned`` answer exactly this (see CannedAnswer)."""
+        if not 200 <= status <= 599:
+            raise ValueError("status must be 200..599")
+        raw = body.encode() if isinstance(body, str) else bytes(body)
+        self.canned = CannedAnswer(status, tuple((str(n), str(v)) for n, v in headers), raw)
+
     def reset_switches(self) -> None:
-        """Undo every failure switch: queued failures, delays, holds and API 401s/hangs."""
+        """Undo every failure switch: queued failures, delays, holds, API 401s/hangs and the
+        canned answer."""
+        self.canned = CannedAnswer()
         self._token_failures.clear()
         self.token_delay = 0.0
         self.api_fail_401_times = 0
@@ -1176,6 +1207,17 @@ class FakeNationBuilder:
         }
         return web.json_response(doc, content_type=V2_TYPE)
 
+    async def _test_canned(self, call: _ApiCall) -> web.StreamResponse:
+        canned = self.canned
+        nation = f"{self._public_base(call.request)}/{call.nation.slug}"
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name, value.replace("{nation}", nation)) for name, value in canned.headers
+        )
+        body = canned.body.replace(b"{nation}", nation.encode()) if canned.body else b""
+        if canned.status in (204, 304):
+            return web.Response(status=canned.status, headers=headers)
+        return web.Response(status=canned.status, headers=headers, body=body)
+
     # ------------------------------------------------------------------ control endpoints
 
     async def _state_handler(self, request: web.Request) -> web.StreamResponse:
@@ -1243,6 +1285,24 @@ class FakeNationBuilder:
             if not isinstance(token, str) or not token:
                 raise TypeError("token must be a non-empty string")
             self.add_legacy_token(_required(slug, "slug"), token)
+        elif action == "canned":
+            status = command.get("status", 200)
+            if not isinstance(status, int) or isinstance(status, bool):
+                raise TypeError("status must be an integer")
+            pairs = command.get("headers", [])
+            if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                for p in pairs
+            ):
+                raise TypeError("headers must be a list of [name, value] strings")
+            if "body_b64" in command:
+                body = base64.b64decode(str(command["body_b64"]), validate=True)
+            else:
+                text = command.get("body", "")
+                if not isinstance(text, str):
+                    raise TypeError("body must be a string (or give body_b64)")
+                body = text.encode()
+            self.set_canned(status=status, headers=[(n, v) for n, v in pairs], body=body)
         elif action == "set":
             updates = {k: v for k, v in command.items() if k != "action"}
             for name, value in updates.items():

@@ -9,12 +9,13 @@ knows tokens only through `TokenManager`; it knows nothing of SQL.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-import json
 import logging
+import re
 import time
-import zlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -35,11 +36,12 @@ from nbgateway.errors import (
     StoreError,
     TokenUnavailable,
     UnknownAccount,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
     token_error,
 )
-from nbgateway.links import rewrite_links
+from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
 from nbgateway.metrics import NO_ACCOUNT, Metrics
 from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, request_id_of
 from nbgateway.models import ClientInfo, is_valid_slug
@@ -71,10 +73,22 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     NATION_HEADER.lower(),
     CLIENT_KEY_HEADER.lower(),
 }
-_DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length"}
+# Never passed to the client: hop-by-hop, ours to set, or cookies for our origin (the
+# gateway's own /connect session lives there).
+_DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+# Response headers holding a URL that is mapped like the links in a body.
+_LINK_HEADERS = frozenset({"location", "content-location"})
 _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
+# Bodies up to this size (on the wire and inflated) are rewritten on the event loop; larger
+# ones in the rewrite thread, so one big page does not stall every other client. One thread:
+# Python runs one thread at a time, and every extra one would take the loop's turns.
+_INLINE_REWRITE = 64 * 1024
+# A Host header usable in a link: a DNS name (or bracketed IPv6 literal) and a port.
+_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 _CHUNK = 64 * 1024
 # Peer addresses whose allow-list decision is remembered (then the memory starts over).
 _PEER_CACHE_SIZE = 4096
@@ -136,6 +150,10 @@ def presented_key(request: web.Request) -> str | None:
     return next(iter(found), None)
 
 
+def _is_api_path(path: str) -> bool:
+    return path == "/api" or path.startswith(("/api/", "/api?", "/api#"))
+
+
 def _filter_query(query: str) -> str:
     """Drop every access_token parameter (any case or encoding), keeping all other bytes."""
     if not query:
@@ -168,6 +186,11 @@ class Proxy:
         self._peer_decisions: dict[str, bool] = {}
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+        self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
+
+    def close(self) -> None:
+        """Stop the rewrite thread (queued rewrites are dropped; their requests are gone)."""
+        self._rewriter.shutdown(wait=False, cancel_futures=True)
 
     def _client_allowed(self, peer: str | None) -> bool:
         """The allow-list decision, remembered per peer address (bounded)."""
@@ -353,6 +376,14 @@ class Proxy:
             if request.get(BODY_TOO_LARGE):
                 # aiohttp wraps the error our body generator raised; the client's fault.
                 raise self._too_large() from None
+            if isinstance(exc, aiohttp.ClientResponseError):
+                # It answered, but its status line or headers cannot be parsed (a header
+                # line over aiohttp's limit, for one). The message quotes upstream bytes.
+                raise UpstreamInvalidResponse(
+                    "NationBuilder answered with a response head the gateway cannot read "
+                    "(a malformed status line or header, or a header line over 8190 bytes); "
+                    "nothing of it was forwarded"
+                ) from None
             raise UpstreamUnreachable(
                 f"NationBuilder could not be reached ({type(exc).__name__})"
             ) from None
@@ -409,30 +440,72 @@ class Proxy:
 
     # -- the response --------------------------------------------------------------------
 
-    def _rewrite(self, route: Route, raw: bytes) -> bytes | None:
-        nation, prefix = self._settings.nation_base(route.slug), f"/n/{route.slug}"
-        # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
-        if (
-            nation.encode() not in raw
-            and not (route.by_prefix and b"/api/" in raw)
-            and b"\\/" not in raw
-        ):
-            return None
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return None
+    def _origin(self, request: web.Request) -> str:
+        """Where the tool reached the gateway: scheme and Host of this request.
+
+        The scheme is X-Forwarded-Proto's first value when it is http or https (a TLS proxy
+        in front says so), else the connection's own. Without a usable Host header the
+        links fall back to NBGW_PUBLIC_URL. Both only shape links in this request's own
+        answer."""
+        host = request.headers.get("Host", "")
+        if not _HOST_RE.fullmatch(host):
+            return self._public
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",", 1)[0].strip().lower()
+        scheme = proto if proto in ("http", "https") else request.scheme
+        return f"{scheme}://{host}"
+
+    def _link_mapper(self, request: web.Request, route: Route) -> LinkMapper:
+        """Map a link into the nation's /api/ back through the route the tool used.
+
+        Absolute links (`{nation_url}/api/...`) become `{origin}{route}/api/...` on the
+        address the tool used; root-relative ones (`/api/...`, NationBuilder's usual form)
+        gain `/n/{slug}` on that route and are already right on the plain /api/ route (the
+        default account, or the X-NB-Nation header the tool sends again). Anything else,
+        including links outside the nation's /api/, is left as it is. The mapper is pure,
+        so it may run in a worker thread."""
+        nation = self._settings.nation_base(route.slug).rstrip("/")
+        prefix = f"/n/{route.slug}" if route.by_prefix else ""
+        origin = self._origin(request)
 
         def mapper(link: str) -> str | None:
-            if link.startswith(nation + "/api/") or link == nation + "/api":
-                return f"{self._public}{prefix}{link[len(nation) :]}"
-            if route.by_prefix and (link.startswith("/api/") or link == "/api"):
+            if link.startswith(nation):
+                tail = link[len(nation) :]
+                if not _is_api_path(tail):
+                    return None
+                return f"{origin}{prefix}{tail}"
+            if prefix and _is_api_path(link):
                 return f"{prefix}{link}"
             return None
 
-        if not rewrite_links(doc, mapper):
+        return mapper
+
+    async def _rewrite(
+        self, request: web.Request, route: Route, raw: bytes, encoding: str
+    ) -> bytes | None:
+        """The body with its links mapped, or None to pass it on exactly as it came.
+
+        Never an error: whatever goes wrong here, the upstream answer (perhaps to a POST
+        that already executed) still reaches the client."""
+        nation = self._settings.nation_base(route.slug).rstrip("/")
+        # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
+        needles = (nation.encode(), b"\\/") + ((b"/api",) if route.by_prefix else ())
+        if not any(needle in raw for needle in needles) and encoding == "identity":
+            return None  # nothing that could be a link: no mapper, no parse
+        try:
+            mapper = self._link_mapper(request, route)
+            if len(raw) <= _INLINE_REWRITE:
+                plain = raw if encoding == "identity" else inflate(raw, _INLINE_REWRITE)
+                if plain is not None:
+                    return rewrite_json(plain, mapper, needles)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._rewriter, rewrite_body, raw, encoding, mapper, needles, _REWRITE_LIMIT
+            )
+        except Exception:
+            log.exception(
+                "link rewriting failed; body passed on as sent", extra={"account": route.slug}
+            )
             return None
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
     async def _respond(
         self, request: web.Request, route: Route, upstream: aiohttp.ClientResponse
@@ -443,11 +516,14 @@ class Proxy:
         }
         for name, value in upstream.headers.items():
             lower = name.lower()
-            if lower not in _DROP_DOWNSTREAM and lower not in connection_listed:
-                headers.add(name, value)
+            if lower in _DROP_DOWNSTREAM or lower in connection_listed:
+                continue
+            if lower in _LINK_HEADERS:
+                value = self._link_mapper(request, route)(value.strip()) or value
+            headers.add(name, value)
 
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
         length = upstream.content_length
         head = b""
         if (
@@ -458,17 +534,7 @@ class Proxy:
         ):
             head, complete = await self._read_upto(upstream, _REWRITE_LIMIT)
             if complete:
-                plain = head
-                if encoding != "identity":
-                    # Bounded: a small compressed body must not expand without limit.
-                    inflater = zlib.decompressobj(wbits=47)  # 47: gzip or zlib header
-                    try:
-                        plain = inflater.decompress(head, _REWRITE_LIMIT)
-                    except zlib.error:
-                        plain = b""
-                    if inflater.unconsumed_tail:
-                        plain = b""  # too large to rewrite: passed through as sent
-                rewritten = self._rewrite(route, plain) if plain else None
+                rewritten = await self._rewrite(request, route, head, encoding) if head else None
                 if rewritten is not None:
                     headers.popall("Content-Encoding", None)
                     headers.popall("ETag", None)  # the body changed; the tag no longer fits

@@ -845,6 +845,54 @@ async def test_status_endpoint(client: Client, fake: FakeNationBuilder, code: in
         assert "cf-error-details" in text
 
 
+async def test_canned_endpoint_answers_exactly_what_was_set(
+    client: Client, fake: FakeNationBuilder
+) -> None:
+    """/api/_test/canned answers the set status, headers and body bytes, {nation} filled in."""
+    token = fake.issue_tokens("acme")["access_token"]
+    body = b'{"n":1e400,"next":"{nation}/api/v2/x"}'
+    fake.set_canned(
+        status=201,
+        headers=[("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Location", "{nation}/api/y")],
+        body=body,
+    )
+    resp = await client.post(
+        "/acme/api/_test/canned", headers={"Authorization": f"Bearer {token}"}, data=b"x"
+    )
+    nation = fake.nation_url("acme")
+    assert resp.status == 201
+    assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert resp.headers["Location"] == f"{nation}/api/y"
+    assert await resp.read() == body.replace(b"{nation}", nation.encode())
+    assert fake.api_requests[-1].method == "POST"
+    fake.reset_switches()
+    resp = await client.get("/acme/api/_test/canned", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 200
+    assert await resp.read() == b""
+
+
+async def test_canned_answer_through_the_control_endpoint(
+    client: Client, fake: FakeNationBuilder
+) -> None:
+    """The control action "canned" takes status, [name, value] headers and body or body_b64."""
+    token = fake.issue_tokens("acme")["access_token"]
+    raw = b'{"s":"\\ud800"}\xff'
+    command = {
+        "action": "canned",
+        "status": 202,
+        "headers": [["Content-Type", "application/json"]],
+        "body_b64": base64.b64encode(raw).decode(),
+    }
+    assert (await client.post("/_fake/control", json=command)).status == 200
+    resp = await client.get("/acme/api/_test/canned", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 202
+    assert resp.headers["Content-Type"] == "application/json"
+    assert await resp.read() == raw
+    for bad in ({"headers": [["X"]]}, {"status": "200"}, {"body": 3}, {"status": 99}):
+        resp = await client.post("/_fake/control", json={"action": "canned", **bad})
+        assert resp.status == 400, bad
+
+
 # ---------------------------------------------------------------------- lifecycle
 
 
