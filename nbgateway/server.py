@@ -1,4 +1,8 @@
-"""Running an aiohttp application on a port until SIGINT or SIGTERM (serve and demo)."""
+"""Running an aiohttp application on a port until SIGINT or SIGTERM (serve and demo).
+
+`serving` opens the listening socket with the app's `ConnectionGuard` (connections.py)
+making each connection's handler, so its limits apply before any request is read.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from nbgateway.connections import GUARD
 from nbgateway.errors import NBGatewayError
 
 log = logging.getLogger("nbgateway.server")
@@ -30,6 +36,27 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+@asynccontextmanager
+async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+    """Serve `app` on host:port (port 0: any free one) while inside; yields the bound port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        assert runner.server is not None
+        factory = app[GUARD].protocol_factory(runner.server, access_log=None)
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(factory, host, port, backlog=128)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            yield server.sockets[0].getsockname()[1]
+        finally:
+            server.close()
+    finally:
+        await runner.cleanup()
+
+
 async def run_until_stopped(
     app: web.Application,
     host: str,
@@ -42,21 +69,12 @@ async def run_until_stopped(
     `after_start` runs once the port is open; returning False stops at once (the demo's
     self-test), True keeps serving until a signal.
     """
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    async with serving(app, host, port):
         log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
         tune_garbage_collector()
         if after_start is None or await after_start():
             await stop.wait()
-    finally:
-        await runner.cleanup()
