@@ -3,8 +3,10 @@
 - `error_response`: a `GatewayError` as a JSON:API error document with `X-NBGW-Error`.
 - `only_from`: a middleware refusing (403 client_not_allowed) peers outside an allow-list.
 - `request_context`: accepts or generates X-Request-ID (returned on every response), puts
-  it in the logging context, renders `GatewayError`s, turns unexpected exceptions into a
-  500 without details, and writes one access-log line per request.
+  it in the logging context, answers TRACE and CONNECT with 405 on every path (TRACE
+  would reflect the bearer token the proxy adds), renders `GatewayError`s, turns
+  unexpected exceptions into a 500 without details, and writes one access-log line per
+  request.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from nbgateway.allowlist import AllowList
-from nbgateway.errors import ClientNotAllowed, GatewayError, NotFound
+from nbgateway.errors import ClientNotAllowed, GatewayError, MethodNotAllowed, NotFound
 from nbgateway.log import request_id_var
 
 log = logging.getLogger("nbgateway.access")
@@ -29,6 +31,10 @@ errlog = logging.getLogger("nbgateway.errors")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID_HEADER = "X-Request-ID"
+# Never served nor forwarded: TRACE echoes the request (with the injected token), CONNECT
+# asks for a tunnel.
+REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Per-request facts handlers add for the access log (account, upstream timing ...).
 ACCESS_INFO: web.RequestKey[dict[str, Any]] = web.RequestKey("nbgw_access_info", dict)
@@ -110,6 +116,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     status = 500
     try:
         try:
+            if request.method in REFUSED_METHODS:
+                raise MethodNotAllowed(
+                    f"the gateway does not serve or forward {request.method} requests",
+                    headers={"Allow": ALLOWED_METHODS},
+                )
             response = await handler(request)
         except GatewayError as err:
             response = error_response(err)

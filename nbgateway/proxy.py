@@ -1,7 +1,8 @@
 """The transparent proxy: `/api/...`, `/n/{slug}/api/...` and `X-NB-Nation`.
 
-Per request: check the client's address, refuse what the gateway will not forward (TRACE
-and CONNECT, transfer codings other than chunked, a duplicated X-NB-Nation), pick and
+Per request: check the client's address, refuse what the gateway will not forward
+(transfer codings other than chunked, a duplicated X-NB-Nation; TRACE and CONNECT are
+refused for every path by `middleware.request_context`), pick and
 validate the account, refuse anything that could leave the nation's `/api/` (before any
 upstream connection), attach a valid bearer token, send only the client's own headers (no
 Accept, Accept-Encoding, Content-Type or User-Agent of aiohttp's), stream the body up and
@@ -32,7 +33,6 @@ from nbgateway.errors import (
     ClientNotAllowed,
     GatewayError,
     InvalidRequest,
-    MethodNotAllowed,
     NoAccountSelected,
     NotImplementedByGateway,
     RequestTooLarge,
@@ -75,9 +75,6 @@ _REWRITE_LIMIT = 16 * 1024 * 1024
 _CHUNK = 64 * 1024
 # Headers aiohttp's client would add on its own; upstream gets only what the client sent.
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User-Agent"})
-# TRACE would reflect the injected bearer token; CONNECT asks for a tunnel.
-_REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
-_ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # Set on a request whose streamed body went over NBGW_MAX_REQUEST_BODY.
 BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
 
@@ -140,14 +137,9 @@ class Proxy:
     # -- routing -----------------------------------------------------------------------
 
     def _refuse_early(self, request: web.Request) -> None:
-        """What is refused before routing: the peer, the method, the body's framing, size."""
+        """What is refused before routing: the peer, the body's framing and size."""
         if not self._allowed.allows(request.remote):
             raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
-        if request.method in _REFUSED_METHODS:
-            raise MethodNotAllowed(
-                f"the gateway does not forward {request.method} requests",
-                headers={"Allow": _ALLOWED_METHODS},
-            )
         codings = [
             coding.strip().lower()
             for value in request.headers.getall("Transfer-Encoding", ())
@@ -166,7 +158,7 @@ class Proxy:
     async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
         """The route's Expect handler: 100 Continue only for a request the gateway would take.
 
-        Refusals here (413 for a declared body over NBGW_MAX_REQUEST_BODY, 403, 405, 501)
+        Refusals here (413 for a declared body over NBGW_MAX_REQUEST_BODY, 403, 501)
         go out before the client sends its body, and close the connection.
         """
         try:

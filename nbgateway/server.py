@@ -2,6 +2,7 @@
 
 `serving` opens the listening socket with the app's `ConnectionGuard` (connections.py)
 making each connection's handler, so its limits apply before any request is read.
+`raise_open_files_limit` lifts the soft descriptor limit to the hard one before serving.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +25,27 @@ log = logging.getLogger("nbgateway.server")
 
 class ListenError(NBGatewayError):
     """The listen address cannot be bound (in use, or not allowed)."""
+
+
+# The soft open-files limit is raised to the hard limit, but not beyond this.
+OPEN_FILES_TARGET = 65536
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit; return the soft limit in force.
+
+    Each client connection holds a descriptor, and the common soft default of 1,024 runs
+    out under load; only the hard limit needs the administrator (LimitNOFILE, --ulimit).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_TARGET if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; the log line below says what it is
+    return soft
 
 
 def tune_garbage_collector() -> None:
@@ -73,8 +96,10 @@ async def run_until_stopped(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    open_files = raise_open_files_limit()
     async with serving(app, host, port):
         log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
+        log.info("open files limit %s", open_files, extra={"limit": open_files})
         tune_garbage_collector()
         if after_start is None or await after_start():
             await stop.wait()
