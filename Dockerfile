@@ -1,9 +1,12 @@
 # nbgateway container image.
 #
 #   docker build -t nbgateway .
-#   docker run --rm --env-file .env -p 127.0.0.1:8080:8080 -v nbgw-data:/data nbgateway
+#   docker run --rm --env-file .env -p 127.0.0.1:8080:8080 -v nbgw-data:/data \
+#       --ulimit nofile=65536:65536 nbgateway
 #
-# See docs/deployment.md.
+# An image cannot set its own open-files limit: pass --ulimit (docker-compose.yml sets
+# `ulimits`); the gateway raises its soft limit to the hard one at start. See
+# docs/deployment.md ("File descriptors").
 
 # ---- build stage: install the package and its dependencies into a virtualenv ----------
 FROM python:3.11-slim AS build

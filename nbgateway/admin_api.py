@@ -1,16 +1,18 @@
 """The `/connect` sub-application's machine side: `/connect/api/*` and `/connect/callback`.
 
 `/connect/api/accounts`, `/connect/api/clients` and `/connect/api/audit` speak JSON and
-require `Authorization: Bearer NBGW_ADMIN_TOKEN` (compared in constant time).
-`/connect/callback` is NationBuilder's redirect target: it finishes the authorization
-started by the API or the admin pages. They call `AccountService` and `ClientRegistry`,
-the same code the CLI uses.
+require `Authorization: Bearer NBGW_ADMIN_TOKEN` (compared in constant time); wrong tokens
+count against the client address in the same throttle as the login form
+(`keys.ADMIN_THROTTLE`), and a throttled address gets 429. `/connect/callback` is
+NationBuilder's redirect target: it finishes the authorization started by the API or the
+admin pages. They call `AccountService` and `ClientRegistry`, the same code the CLI uses.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -25,10 +27,13 @@ from nbgateway.errors import (
     NotFound,
     StoreError,
     TokenUnavailable,
+    TooManyAttempts,
     UnknownAccount,
     token_error,
 )
 from nbgateway.store import ClientExists
+
+log = logging.getLogger("nbgateway.admin")
 
 CallbackRenderer = Callable[
     [web.Request, str | None, Exception | None], Awaitable[web.StreamResponse]
@@ -43,13 +48,27 @@ def admin_token_matches(request: web.Request, candidate: str) -> bool:
 
 
 def require_bearer(request: web.Request) -> None:
+    """The admin token as Bearer, or 401; an address that sent too many wrong ones gets 429."""
+    throttle = request.config_dict[keys.ADMIN_THROTTLE]
+    now = request.config_dict[keys.CLOCK].now()
+    client = request.remote or "unknown"
+    wait = throttle.retry_after(client, now)
+    if wait is not None:
+        raise TooManyAttempts(
+            f"too many wrong admin tokens from this address; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not admin_token_matches(request, value.strip()):
+        if header:  # a guess; a request without credentials guesses nothing
+            throttle.failed(client, now)
+            log.warning("admin API refused: wrong admin token", extra={"peer": client})
         raise AdminUnauthorized(
             "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
             headers={"WWW-Authenticate": 'Bearer realm="nbgateway-admin"'},
         )
+    throttle.succeeded(client)
 
 
 def _json(data: object, status: int = 200) -> web.Response:

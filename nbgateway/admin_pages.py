@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from nbgateway import admin_api, keys
-from nbgateway.admin_session import LoginThrottle, Session, Signer
+from nbgateway.admin_session import Session, Signer
 from nbgateway.config import Settings
 from nbgateway.errors import (
     AccountNotFound,
@@ -239,7 +239,6 @@ class AdminPages:
         self.base = f"{prefix}/connect"  # as the browser sees it (behind a path prefix too)
         self.secure = settings.secure_cookies
         self.signer = Signer(settings.admin_token.reveal())
-        self.throttle = LoginThrottle()
         self.csp = (
             "default-src 'none'; style-src 'self'; img-src 'self'; "
             f"form-action {form_action_sources(settings.nation_url)}; "
@@ -401,7 +400,8 @@ class AdminPages:
     async def login(self, request: web.Request) -> web.StreamResponse:
         now = self._now(request)
         client = request.remote or "unknown"
-        wait = self.throttle.retry_after(client, now)
+        throttle = request.config_dict[keys.ADMIN_THROTTLE]
+        wait = throttle.retry_after(client, now)
         if wait is not None:
             return await self.render(
                 request,
@@ -414,7 +414,7 @@ class AdminPages:
         form = await request.post()
         token = form.get("token")
         if not isinstance(token, str) or not admin_api.admin_token_matches(request, token):
-            self.throttle.failed(client, now)
+            throttle.failed(client, now)
             log.warning("admin login failed: wrong token", extra={"peer": client})
             return await self.render(
                 request,
@@ -423,7 +423,7 @@ class AdminPages:
                 status=401,
                 error="That is not the admin token (NBGW_ADMIN_TOKEN). Check it and try again.",
             )
-        self.throttle.succeeded(client)
+        throttle.succeeded(client)
         session = self.signer.session(secrets.token_urlsafe(18), int(now) + SESSION_TTL)
         response = self._redirect(self.base)
         self._cookie(response, SESSION_COOKIE, self.signer.session_cookie(session), SESSION_TTL)

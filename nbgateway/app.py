@@ -5,6 +5,11 @@ Every external collaborator (clock, metrics registry, upstream HTTP session, red
 be passed in; otherwise production defaults are built. Services are opened and closed in
 `cleanup_ctx` order: the alert notifier, then the store, HTTP session, token manager and
 its background task (closed in reverse).
+
+Who may use what: the proxy checks NBGW_ALLOWED_CLIENTS itself; `/connect` (pages, API,
+callback) is limited to NBGW_ADMIN_ALLOWED_CLIENTS and `/metrics` to
+NBGW_METRICS_ALLOWED_CLIENTS; `/healthz` and `/readyz` answer every peer the connection
+guard (`connections.py`, used by `server.serving`) lets in.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from nbgateway import admin_api, admin_pages, keys
+from nbgateway.admin_session import LoginThrottle
+from nbgateway.allowlist import AllowList
 from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import Settings
-from nbgateway.errors import NBGatewayError
+from nbgateway.connections import GUARD, ConnectionGuard, track_requests
+from nbgateway.errors import ClientNotAllowed, NBGatewayError
 from nbgateway.metrics import Metrics
-from nbgateway.middleware import request_context
+from nbgateway.middleware import only_from, request_context
 from nbgateway.notify import Notifier, combine
 from nbgateway.proxy import Proxy
 from nbgateway.redact import Redactor
@@ -56,8 +64,12 @@ def create_app(
     redactor = redactor or Redactor()
     metrics = Metrics(registry)
 
-    app = web.Application(middlewares=[request_context], client_max_size=settings.max_request_body)
+    app = web.Application(
+        middlewares=[track_requests, request_context], client_max_size=settings.max_request_body
+    )
     app[keys.SETTINGS] = settings
+    app[GUARD] = ConnectionGuard(settings, metrics)
+    app[keys.ADMIN_THROTTLE] = LoginThrottle()
     app[keys.CLOCK] = clock
     app[keys.REDACTOR] = redactor
     notifier = Notifier(
@@ -106,14 +118,29 @@ def create_app(
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return await request.app[PROXY].handle(request)
 
+    async def proxy_expect(request: web.Request) -> web.StreamResponse | None:
+        return await request.app[PROXY].expect_continue(request)
+
     for pattern in ("/api", "/api/{tail:.*}", "/n/{slug}/api", "/n/{slug}/api/{tail:.*}"):
-        app.router.add_route("*", pattern, proxy_handler)
+        app.router.add_route("*", pattern, proxy_handler, expect_handler=proxy_expect)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    prometheus = make_aiohttp_handler(metrics.registry)
+    metrics_allowed = AllowList(settings.metrics_allowed_clients)
 
-    connect = web.Application()
+    async def metrics_handler(request: web.Request) -> web.StreamResponse:
+        if not metrics_allowed.allows(request.remote):
+            raise ClientNotAllowed("this client address is not in NBGW_METRICS_ALLOWED_CLIENTS")
+        return await prometheus(request)
+
+    app.router.add_get("/metrics", metrics_handler)
+
+    connect = web.Application(
+        middlewares=[
+            only_from(AllowList(settings.admin_allowed_clients), "NBGW_ADMIN_ALLOWED_CLIENTS")
+        ]
+    )
     admin_api.add_routes(connect)
     admin_pages.setup(connect, settings)
     app.add_subapp("/connect", connect)

@@ -95,6 +95,38 @@ SETTINGS: tuple[Setting, ...] = (
         "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
     ),
     Setting(
+        "NBGW_ADMIN_ALLOWED_CLIENTS",
+        "",
+        "CIDRs allowed to use the admin pages and /connect/api (default: NBGW_ALLOWED_CLIENTS)",
+        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
+    ),
+    Setting(
+        "NBGW_METRICS_ALLOWED_CLIENTS",
+        "",
+        "CIDRs allowed to read /metrics (default: NBGW_ALLOWED_CLIENTS)",
+        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
+    ),
+    Setting(
+        "NBGW_HEADER_TIMEOUT",
+        "10",
+        "seconds a client may take to send a complete request head (from connecting, or from "
+        "the first byte of a later request on the connection) before the connection is closed",
+        "a number of seconds > 0",
+    ),
+    Setting(
+        "NBGW_BODY_TIMEOUT",
+        "30",
+        "seconds a request body may stall (no byte arriving while the gateway waits for one) "
+        "before the connection is closed",
+        "a number of seconds > 0",
+    ),
+    Setting(
+        "NBGW_MAX_CONNECTIONS_PER_CLIENT",
+        "100",
+        "open connections allowed from one client address; more are answered 429 and closed",
+        "a whole number >= 1",
+    ),
+    Setting(
         "NBGW_UPSTREAM_TIMEOUT",
         "60",
         "seconds to wait for NationBuilder (connect and each read) before 504",
@@ -175,6 +207,11 @@ class Settings:
     default_account: str = ""
     refresh_margin: float = 300.0
     allowed_clients: tuple[IPNetwork, ...] = ()
+    admin_allowed_clients: tuple[IPNetwork, ...] = ()  # () = same as allowed_clients
+    metrics_allowed_clients: tuple[IPNetwork, ...] = ()  # () = same as allowed_clients
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections_per_client: int = 100
     upstream_timeout: float = 60.0
     token_timeout: float = 15.0
     max_request_body: int = 10 * 1024 * 1024
@@ -196,6 +233,9 @@ class Settings:
                 "allowed_clients",
                 _parse_cidrs("NBGW_ALLOWED_CLIENTS", DEFAULT_ALLOWED_CLIENTS),
             )
+        for name in ("admin_allowed_clients", "metrics_allowed_clients"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.allowed_clients)
 
     def nation_base(self, slug: str) -> str:
         """The base URL of a nation (no trailing slash)."""
@@ -243,6 +283,12 @@ def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
     if not nets:
         raise _fail(env, "no CIDR given")
     return tuple(nets)
+
+
+def _optional_cidrs(env: str, get: Callable[[str], str]) -> tuple[IPNetwork, ...]:
+    """A CIDR list that may be left empty (then `Settings` fills in NBGW_ALLOWED_CLIENTS)."""
+    raw = get(env)
+    return _parse_cidrs(env, raw) if raw else ()
 
 
 def _parse_number(
@@ -414,6 +460,19 @@ def load_settings(
         default_account=default_account,
         refresh_margin=_parse_number("NBGW_REFRESH_MARGIN", get("NBGW_REFRESH_MARGIN"), int, 0),
         allowed_clients=_parse_cidrs("NBGW_ALLOWED_CLIENTS", get("NBGW_ALLOWED_CLIENTS")),
+        admin_allowed_clients=_optional_cidrs("NBGW_ADMIN_ALLOWED_CLIENTS", get),
+        metrics_allowed_clients=_optional_cidrs("NBGW_METRICS_ALLOWED_CLIENTS", get),
+        header_timeout=_parse_number(
+            "NBGW_HEADER_TIMEOUT", get("NBGW_HEADER_TIMEOUT"), float, 0, exclusive=True
+        ),
+        body_timeout=_parse_number(
+            "NBGW_BODY_TIMEOUT", get("NBGW_BODY_TIMEOUT"), float, 0, exclusive=True
+        ),
+        max_connections_per_client=int(
+            _parse_number(
+                "NBGW_MAX_CONNECTIONS_PER_CLIENT", get("NBGW_MAX_CONNECTIONS_PER_CLIENT"), int, 1
+            )
+        ),
         upstream_timeout=_parse_number(
             "NBGW_UPSTREAM_TIMEOUT", get("NBGW_UPSTREAM_TIMEOUT"), float, 0, exclusive=True
         ),

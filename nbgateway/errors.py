@@ -20,7 +20,9 @@
         ├── TokenStoreError, TokenStoreUnavailable,
         ├── ClientKeyRequired, ClientKeyInvalid, ClientForbidden,
         ├── UpstreamInvalidResponse,
-        └── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized
+        ├── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized,
+        ├── TooManyAttempts (wrong admin tokens), TooManyConnections (per client address),
+        └── MethodNotAllowed (TRACE, CONNECT), NotImplementedByGateway (transfer codings)
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
 data; `middleware.error_response` is the one place that renders it, and `token_error`
@@ -181,6 +183,22 @@ class InvalidRequest(GatewayError):
 
 class AdminUnauthorized(GatewayError):
     status, code, title = 401, "admin_unauthorized", "Admin authorization required"
+
+
+class TooManyAttempts(GatewayError):
+    status, code, title = 429, "too_many_attempts", "Too many wrong admin tokens"
+
+
+class TooManyConnections(GatewayError):
+    status, code, title = 429, "too_many_connections", "Too many connections"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
+class NotImplementedByGateway(GatewayError):
+    status, code, title = 501, "not_implemented", "Not implemented"
 
 
 class TokenStoreError(GatewayError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from nbgateway.accounts import AccountService
+from nbgateway.admin_session import LoginThrottle
 from nbgateway.clients import ClientRegistry
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
@@ -26,3 +27,5 @@ STORE = web.AppKey("store", TokenStore)
 TOKENS = web.AppKey("tokens", TokenManager)
 ACCOUNTS = web.AppKey("accounts", AccountService)
 CLIENTS = web.AppKey("clients", ClientRegistry)
+# Wrong admin tokens per client address: the login form and /connect/api share it.
+ADMIN_THROTTLE = web.AppKey("admin_throttle", LoginThrottle)

@@ -144,6 +144,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "nbgw_connections_closed_total",
+            "Client connections the gateway closed itself, by reason (not_allowed, "
+            "client_limit, header_timeout, body_timeout).",
+            ["reason"],
+            registry=r,
+        )
         # Labelled children cached for the per-request path; keys are bounded like labels.
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}

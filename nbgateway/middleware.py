@@ -1,9 +1,12 @@
 """aiohttp middlewares and the one renderer of gateway errors.
 
 - `error_response`: a `GatewayError` as a JSON:API error document with `X-NBGW-Error`.
+- `only_from`: a middleware refusing (403 client_not_allowed) peers outside an allow-list.
 - `request_context`: accepts or generates X-Request-ID (returned on every response), puts
-  it in the logging context, renders `GatewayError`s, turns unexpected exceptions into a
-  500 without details, and writes one access-log line per request.
+  it in the logging context, answers TRACE and CONNECT with 405 on every path (TRACE
+  would reflect the bearer token the proxy adds), renders `GatewayError`s, turns
+  unexpected exceptions into a 500 without details, and writes one access-log line per
+  request.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import logging
 import os
 import re
 import time
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
-from nbgateway.errors import GatewayError, NotFound
+from nbgateway.allowlist import AllowList
+from nbgateway.errors import ClientNotAllowed, GatewayError, MethodNotAllowed, NotFound
 from nbgateway.log import request_id_var
 
 log = logging.getLogger("nbgateway.access")
@@ -26,25 +31,51 @@ errlog = logging.getLogger("nbgateway.errors")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REQUEST_ID_HEADER = "X-Request-ID"
+# Never served nor forwarded: TRACE echoes the request (with the injected token), CONNECT
+# asks for a tunnel.
+REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Per-request facts handlers add for the access log (account, upstream timing ...).
 ACCESS_INFO: web.RequestKey[dict[str, Any]] = web.RequestKey("nbgw_access_info", dict)
 
 
-def error_response(err: GatewayError) -> web.Response:
-    """Render a gateway error: JSON:API body, status, X-NBGW-Error and extra headers."""
+def error_document(err: GatewayError) -> bytes:
+    """The JSON:API error body of a gateway error."""
     body = {
         "errors": [
             {"status": str(err.status), "code": err.code, "title": err.title, "detail": err.detail}
         ]
     }
+    return json.dumps(body).encode()
+
+
+def error_response(err: GatewayError) -> web.Response:
+    """Render a gateway error: JSON:API body, status, X-NBGW-Error and extra headers."""
     headers = {"X-NBGW-Error": err.code, "Cache-Control": "no-store", **err.headers}
     return web.Response(
         status=err.status,
-        body=json.dumps(body).encode(),
+        body=error_document(err),
         content_type="application/vnd.api+json",
         headers=headers,
     )
+
+
+def raw_error_response(err: GatewayError) -> bytes:
+    """A gateway error as a complete HTTP/1.1 response that closes the connection.
+
+    For answers written on a connection before (or instead of) reading a request.
+    """
+    body = error_document(err)
+    head = (
+        f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"
+        "Content-Type: application/vnd.api+json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-NBGW-Error: {err.code}\r\n"
+        "Cache-Control: no-store\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
 
 
 def request_id_of(request: web.Request) -> str:
@@ -61,6 +92,18 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
+def only_from(allowed: AllowList, setting: str) -> Middleware:
+    """Refuse every request from a peer outside `allowed` (the list named by `setting`)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not allowed.allows(request.remote):
+            raise ClientNotAllowed(f"this client address is not in {setting}")
+        return await handler(request)
+
+    return check
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, error rendering and the access log."""
@@ -73,6 +116,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     status = 500
     try:
         try:
+            if request.method in REFUSED_METHODS:
+                raise MethodNotAllowed(
+                    f"the gateway does not serve or forward {request.method} requests",
+                    headers={"Allow": ALLOWED_METHODS},
+                )
             response = await handler(request)
         except GatewayError as err:
             response = error_response(err)

@@ -1,16 +1,19 @@
 """The transparent proxy: `/api/...`, `/n/{slug}/api/...` and `X-NB-Nation`.
 
-Per request: check the client's address, pick and validate the account, refuse anything
-that could leave the nation's `/api/` (before any upstream connection), attach a valid
-bearer token, stream the body up and the response down, retry once after an upstream 401
-when the body can be replayed, and map upstream failures to gateway errors. The proxy
-knows tokens only through `TokenManager`; it knows nothing of SQL.
+Per request: check the client's address, refuse what the gateway will not forward
+(transfer codings other than chunked, a duplicated X-NB-Nation; TRACE and CONNECT are
+refused for every path by `middleware.request_context`), pick and
+validate the account, refuse anything that could leave the nation's `/api/` (before any
+upstream connection), attach a valid bearer token, send only the client's own headers (no
+Accept, Accept-Encoding, Content-Type or User-Agent of aiohttp's), stream the body up and
+the response down, retry once after an upstream 401 when the body can be replayed, and map
+upstream failures to gateway errors. The proxy knows tokens only through `TokenManager`;
+it knows nothing of SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import time
@@ -24,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from nbgateway.allowlist import AllowList
 from nbgateway.clients import KEY_PREFIX, ClientAuth, ClientRegistry, looks_like_key
 from nbgateway.config import Settings
 from nbgateway.errors import (
@@ -32,6 +36,7 @@ from nbgateway.errors import (
     GatewayError,
     InvalidRequest,
     NoAccountSelected,
+    NotImplementedByGateway,
     RequestTooLarge,
     StoreError,
     TokenUnavailable,
@@ -43,7 +48,7 @@ from nbgateway.errors import (
 )
 from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
 from nbgateway.metrics import NO_ACCOUNT, Metrics
-from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, request_id_of
+from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, error_response, request_id_of
 from nbgateway.models import ClientInfo, is_valid_slug
 from nbgateway.tokens import IssuedToken, TokenManager
 
@@ -90,8 +95,8 @@ _HOST_RE = re.compile(
     r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
 )
 _CHUNK = 64 * 1024
-# Peer addresses whose allow-list decision is remembered (then the memory starts over).
-_PEER_CACHE_SIZE = 4096
+# Headers aiohttp's client would add on its own; upstream gets only what the client sent.
+_NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User-Agent"})
 # Set on a request whose streamed body went over NBGW_MAX_REQUEST_BODY.
 BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
 
@@ -104,20 +109,6 @@ class Route:
     raw_tail: str  # percent-encoding kept exactly as the client sent it
     query: str
     by_prefix: bool
-
-
-def _allowed(
-    peer: str | None, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
-    if not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in net for net in networks)
 
 
 def _check_tail(raw_tail: str) -> None:
@@ -183,7 +174,7 @@ class Proxy:
         self._session = session
         self._metrics = metrics
         self._public = settings.public_url.rstrip("/")
-        self._peer_decisions: dict[str, bool] = {}
+        self._allowed = AllowList(settings.allowed_clients)
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
         self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
@@ -192,24 +183,55 @@ class Proxy:
         """Stop the rewrite thread (queued rewrites are dropped; their requests are gone)."""
         self._rewriter.shutdown(wait=False, cancel_futures=True)
 
-    def _client_allowed(self, peer: str | None) -> bool:
-        """The allow-list decision, remembered per peer address (bounded)."""
-        key = peer or ""
-        decision = self._peer_decisions.get(key)
-        if decision is None:
-            decision = _allowed(peer, self._settings.allowed_clients)
-            if len(self._peer_decisions) >= _PEER_CACHE_SIZE:
-                self._peer_decisions.clear()
-            self._peer_decisions[key] = decision
-        return decision
-
     def _too_large(self) -> RequestTooLarge:
         limit = self._settings.max_request_body
         return RequestTooLarge(f"the request body exceeds NBGW_MAX_REQUEST_BODY ({limit} bytes)")
 
     # -- routing -----------------------------------------------------------------------
 
+    def _refuse_early(self, request: web.Request) -> None:
+        """What is refused before routing: the peer, the body's framing and size."""
+        if not self._allowed.allows(request.remote):
+            raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
+        codings = [
+            coding.strip().lower()
+            for value in request.headers.getall("Transfer-Encoding", ())
+            for coding in value.split(",")
+            if coding.strip()
+        ]
+        if any(coding != "chunked" for coding in codings):
+            raise NotImplementedByGateway(
+                "the gateway accepts no transfer coding but chunked; send the body plain "
+                "(Content-Encoding may say how it is compressed)"
+            )
+        length = request.content_length
+        if length is not None and length > self._settings.max_request_body:
+            raise self._too_large()
+
+    async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
+        """The route's Expect handler: 100 Continue only for a request the gateway would take.
+
+        Refusals here (413 for a declared body over NBGW_MAX_REQUEST_BODY, 403, 501)
+        go out before the client sends its body, and close the connection.
+        """
+        try:
+            self._refuse_early(request)
+        except GatewayError as err:
+            response = error_response(err)
+            response.headers[REQUEST_ID_HEADER] = request_id_of(request)
+            response.force_close()
+            return response
+        expect = request.headers.get("Expect", "")
+        if request.version >= (1, 1):
+            if expect.lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
     def route(self, request: web.Request) -> Route:
+        if len(request.headers.getall(NATION_HEADER, ())) > 1:
+            # A front proxy may pin the nation with this header; a second one must not win.
+            raise InvalidRequest(f"send at most one {NATION_HEADER} header")
         raw = request.raw_path
         # Absolute-form targets ("GET http://elsewhere/ HTTP/1.1") and "//host" are refused.
         if not raw.startswith("/") or raw.startswith("//"):
@@ -233,9 +255,9 @@ class Proxy:
         return Route(slug=slug, raw_tail=tail, query=_filter_query(query), by_prefix=by_prefix)
 
     def _select_account(self, request: web.Request) -> str:
-        named = request.headers.get(NATION_HEADER)
-        if named is not None:
-            named = named.strip()
+        values = request.headers.getall(NATION_HEADER, ())
+        if values:
+            named = values[0].strip()
             if not is_valid_slug(named):
                 raise InvalidRequest(
                     f"the {NATION_HEADER} header must be a nation slug: lowercase letters, "
@@ -265,15 +287,11 @@ class Proxy:
         client: ClientInfo | None = None
         clients = self._clients
         try:
-            if not self._client_allowed(request.remote):
-                raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
+            self._refuse_early(request)
             route = self.route(request)
             if clients.mode is not ClientAuth.OFF:
                 client = clients.identify(presented_key(request))
                 clients.authorize(client, route.slug, request.method)
-            length = request.content_length
-            if length is not None and length > self._settings.max_request_body:
-                raise self._too_large()
             account = route.slug
             if info is not None:
                 info["account"] = account
@@ -362,6 +380,7 @@ class Proxy:
                 URL(url, encoded=True),
                 headers=self._upstream_headers(request, token),
                 data=body,
+                skip_auto_headers=_NO_AUTO_HEADERS,
                 allow_redirects=False,
                 timeout=self._timeout,
                 auto_decompress=False,

@@ -1,15 +1,23 @@
-"""Running an aiohttp application on a port until SIGINT or SIGTERM (serve and demo)."""
+"""Running an aiohttp application on a port until SIGINT or SIGTERM (serve and demo).
+
+`serving` opens the listening socket with the app's `ConnectionGuard` (connections.py)
+making each connection's handler, so its limits apply before any request is read.
+`raise_open_files_limit` lifts the soft descriptor limit to the hard one before serving.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import resource
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from nbgateway.connections import GUARD
 from nbgateway.errors import NBGatewayError
 
 log = logging.getLogger("nbgateway.server")
@@ -17,6 +25,27 @@ log = logging.getLogger("nbgateway.server")
 
 class ListenError(NBGatewayError):
     """The listen address cannot be bound (in use, or not allowed)."""
+
+
+# The soft open-files limit is raised to the hard limit, but not beyond this.
+OPEN_FILES_TARGET = 65536
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit; return the soft limit in force.
+
+    Each client connection holds a descriptor, and the common soft default of 1,024 runs
+    out under load; only the hard limit needs the administrator (LimitNOFILE, --ulimit).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_TARGET if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; the log line below says what it is
+    return soft
 
 
 def tune_garbage_collector() -> None:
@@ -28,6 +57,27 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+    """Serve `app` on host:port (port 0: any free one) while inside; yields the bound port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        assert runner.server is not None
+        factory = app[GUARD].protocol_factory(runner.server, access_log=None)
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(factory, host, port, backlog=128)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            yield server.sockets[0].getsockname()[1]
+        finally:
+            server.close()
+    finally:
+        await runner.cleanup()
 
 
 async def run_until_stopped(
@@ -42,21 +92,14 @@ async def run_until_stopped(
     `after_start` runs once the port is open; returning False stops at once (the demo's
     self-test), True keeps serving until a signal.
     """
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    open_files = raise_open_files_limit()
+    async with serving(app, host, port):
         log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
+        log.info("open files limit %s", open_files, extra={"limit": open_files})
         tune_garbage_collector()
         if after_start is None or await after_start():
             await stop.wait()
-    finally:
-        await runner.cleanup()

@@ -71,6 +71,20 @@ NON_DEFAULT: dict[str, tuple[str, Callable[[Settings], bool]]] = {
             == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("192.0.2.7/32"))
         ),
     ),
+    "NBGW_ADMIN_ALLOWED_CLIENTS": (
+        "192.168.1.0/24",
+        lambda s: s.admin_allowed_clients == (ipaddress.ip_network("192.168.1.0/24"),),
+    ),
+    "NBGW_METRICS_ALLOWED_CLIENTS": (
+        "10.2.0.0/16,::1",
+        lambda s: (
+            s.metrics_allowed_clients
+            == (ipaddress.ip_network("10.2.0.0/16"), ipaddress.ip_network("::1/128"))
+        ),
+    ),
+    "NBGW_HEADER_TIMEOUT": ("2.5", lambda s: s.header_timeout == 2.5),
+    "NBGW_BODY_TIMEOUT": ("7", lambda s: s.body_timeout == 7.0),
+    "NBGW_MAX_CONNECTIONS_PER_CLIENT": ("3", lambda s: s.max_connections_per_client == 3),
     "NBGW_UPSTREAM_TIMEOUT": ("2.5", lambda s: s.upstream_timeout == 2.5),
     "NBGW_TOKEN_TIMEOUT": ("4.5", lambda s: s.token_timeout == 4.5),
     "NBGW_CLIENT_AUTH": ("Required", lambda s: s.client_auth == "required"),
@@ -96,6 +110,13 @@ MALFORMED = [
     ("NBGW_ALLOWED_CLIENTS", "not-a-cidr"),
     ("NBGW_ALLOWED_CLIENTS", "10.0.0.0/33"),
     ("NBGW_ALLOWED_CLIENTS", "127.0.0.1/32,10.0.0.0/8,bogus"),
+    ("NBGW_ADMIN_ALLOWED_CLIENTS", "nonsense"),
+    ("NBGW_METRICS_ALLOWED_CLIENTS", "10.0.0.0/33"),
+    ("NBGW_HEADER_TIMEOUT", "0"),
+    ("NBGW_BODY_TIMEOUT", "-1"),
+    ("NBGW_BODY_TIMEOUT", "slow"),
+    ("NBGW_MAX_CONNECTIONS_PER_CLIENT", "0"),
+    ("NBGW_MAX_CONNECTIONS_PER_CLIENT", "1.5"),
     ("NBGW_REFRESH_MARGIN", "soon"),
     ("NBGW_REFRESH_MARGIN", "-5"),
     ("NBGW_UPSTREAM_TIMEOUT", "fast"),

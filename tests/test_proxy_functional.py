@@ -1004,12 +1004,12 @@ class TestAllowList:
         await expect_error(resp, 403, "client_not_allowed")
         assert fake_nb.requests == []
 
-    async def test_health_and_metrics_still_answer(self, fenced: Gateway) -> None:
-        """The allow-list guards the proxy only: /healthz and /metrics still answer."""
+    async def test_probes_still_answer_and_metrics_follow_the_list(self, fenced: Gateway) -> None:
+        """/healthz and /readyz answer probes from outside the list; /metrics, whose own list
+        defaults to NBGW_ALLOWED_CLIENTS, does not."""
         assert (await fenced.client.get("/healthz")).status == 200
-        resp = await fenced.client.get("/metrics")
-        assert resp.status == 200
-        assert "nbgw_proxy_requests_total" in await resp.text()
+        assert (await fenced.client.get("/readyz")).status == 200
+        await expect_error(await fenced.client.get("/metrics"), 403, "client_not_allowed")
 
 
 # ---------------------------------------------------------------------- request ids

@@ -1,0 +1,225 @@
+"""Connection-level defences, applied from the moment a client connects.
+
+- A peer outside every allow-list (the union of NBGW_ALLOWED_CLIENTS,
+  NBGW_ADMIN_ALLOWED_CLIENTS and NBGW_METRICS_ALLOWED_CLIENTS) gets a canned 403
+  client_not_allowed and the connection is closed at once: nothing it sends is read.
+- At most NBGW_MAX_CONNECTIONS_PER_CLIENT open connections per client address; one more
+  gets a canned 429 too_many_connections and is closed.
+- A request head must be complete within NBGW_HEADER_TIMEOUT seconds of the connection
+  opening, or of the first byte of a later request on it; a request body that stalls (no
+  byte while the gateway waits for one) for NBGW_BODY_TIMEOUT seconds closes the
+  connection. Idle keep-alive connections close after KEEPALIVE_TIMEOUT seconds.
+
+`ConnectionGuard` holds the policy and the per-address counts (one per app, under
+`GUARD`); `GuardedHandler` is aiohttp's `RequestHandler` with these checks, made by
+`ConnectionGuard.protocol_factory` for the listening socket; `track_requests` is the
+middleware that tells the handler when a request is being handled. Every closed
+connection is counted in `nbgw_connections_closed_total{reason}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from nbgateway.allowlist import AllowList, peer_address
+from nbgateway.config import Settings
+from nbgateway.errors import ClientNotAllowed, TooManyConnections
+from nbgateway.metrics import Metrics
+from nbgateway.middleware import raw_error_response
+
+# Seconds an idle keep-alive connection stays open (aiohttp's keepalive_timeout).
+KEEPALIVE_TIMEOUT = 75.0
+
+_NOT_ALLOWED = raw_error_response(
+    ClientNotAllowed(
+        "this client address is in none of NBGW_ALLOWED_CLIENTS, NBGW_ADMIN_ALLOWED_CLIENTS "
+        "and NBGW_METRICS_ALLOWED_CLIENTS"
+    )
+)
+
+
+class ConnectionGuard:
+    """Who may connect, how many connections per address, and the time limits."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.allowed = AllowList(
+            settings.allowed_clients,
+            settings.admin_allowed_clients,
+            settings.metrics_allowed_clients,
+        )
+        self.per_client = settings.max_connections_per_client
+        self.header_timeout = settings.header_timeout
+        self.body_timeout = settings.body_timeout
+        self._closed = metrics.connections_refused
+        self._open: dict[str, int] = {}
+        self._too_many = raw_error_response(
+            TooManyConnections(
+                f"this client address already has {self.per_client} open connections "
+                "(NBGW_MAX_CONNECTIONS_PER_CLIENT)"
+            )
+        )
+
+    def open_connections(self, address: str) -> int:
+        """How many connections from `address` are open now."""
+        return self._open.get(address, 0)
+
+    def admit(self, peer: str | None) -> tuple[str | None, bytes | None]:
+        """(the address the connection is counted under, or the refusal to write)."""
+        if not self.allowed.allows(peer):
+            self.closed("not_allowed")
+            return None, _NOT_ALLOWED
+        address = str(peer_address(peer))
+        count = self._open.get(address, 0)
+        if count >= self.per_client:
+            self.closed("client_limit")
+            return None, self._too_many
+        self._open[address] = count + 1
+        return address, None
+
+    def release(self, address: str) -> None:
+        count = self._open.get(address, 0) - 1
+        if count > 0:
+            self._open[address] = count
+        else:
+            self._open.pop(address, None)
+
+    def closed(self, reason: str) -> None:
+        self._closed.labels(reason).inc()
+
+    def protocol_factory(
+        self, server: web.Server, **handler_args: Any
+    ) -> Callable[[], GuardedHandler]:
+        """What `loop.create_server` needs: one guarded handler per accepted connection."""
+        loop = asyncio.get_running_loop()
+        handler_args.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT)
+
+        def make() -> GuardedHandler:
+            return GuardedHandler(server, self, loop=loop, **handler_args)
+
+        return make
+
+
+class GuardedHandler(web.RequestHandler):
+    """aiohttp's request handler, refusing peers and closing slow heads and stalled bodies."""
+
+    def __init__(
+        self,
+        server: web.Server,
+        guard: ConnectionGuard,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        **kw: Any,
+    ) -> None:
+        super().__init__(server, loop=loop, **kw)
+        self._guard = guard
+        self._address: str | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._in_request = False
+        self._last_data = 0.0
+
+    # -- the connection --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peername = transport.get_extra_info("peername")
+        peer = peername[0] if isinstance(peername, tuple) and peername else None
+        self._address, refusal = self._guard.admit(peer)
+        if refusal is not None:
+            # Nothing of the request is read: answer, close, forget.
+            if self.transport is not None:
+                self.transport.write(refusal)
+            self.force_close()
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timers()
+        if self._address is not None:
+            self._guard.release(self._address)
+            self._address = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self._loop.time()
+        if not self._in_request and self._head_timer is None and self._address is not None:
+            self._arm_head_timer()  # the first byte of the next request head
+        super().data_received(data)
+
+    # -- requests (told by `track_requests`) --------------------------------------------------
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        self._in_request = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        content = request.content
+        if request.body_exists and not content.is_eof():
+            self._last_data = self._loop.time()
+            self._body_timer = self._loop.call_at(
+                self._last_data + self._guard.body_timeout, self._check_body
+            )
+            content.on_eof(self._body_complete)
+
+    def request_finished(self) -> None:
+        self._in_request = False
+        self._body_complete()
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self._guard.header_timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self._in_request and self.transport is not None:
+            self._guard.closed("header_timeout")
+            self.force_close()
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        now = self._loop.time()
+        if not transport.is_reading():
+            # Paused because the gateway has not consumed what came: not the client's stall.
+            self._last_data = now
+        due = self._last_data + self._guard.body_timeout
+        if now >= due:
+            self._guard.closed("body_timeout")
+            self.force_close()
+        else:
+            self._body_timer = self._loop.call_at(due, self._check_body)
+
+    def _body_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _cancel_timers(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._body_complete()
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell a guarded connection that a request is being handled (stops the head timer)."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedHandler):
+        return await handler(request)  # served by another runner (the test client)
+    protocol.request_started(request)
+    try:
+        return await handler(request)
+    finally:
+        protocol.request_finished()
+
+
+GUARD = web.AppKey("connection_guard", ConnectionGuard)

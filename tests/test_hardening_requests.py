@@ -1,0 +1,739 @@
+"""Request-side hardening (issue 8): hostile connections and requests, on real sockets.
+
+- Slowloris: peers outside every allow-list are refused when they connect, one address
+  holds at most NBGW_MAX_CONNECTIONS_PER_CLIENT connections, request heads that are not
+  complete within NBGW_HEADER_TIMEOUT and bodies that stall for NBGW_BODY_TIMEOUT are
+  closed; a gateway with a small descriptor limit keeps serving allowed clients.
+- The admin API's Bearer shares the login form's throttle.
+- TRACE and CONNECT are answered 405 without contacting NationBuilder.
+- Duplicate X-NB-Nation headers are refused.
+- The admin pages, /connect/api and /metrics have their own allow-lists; /healthz and
+  /readyz answer probes.
+- Upstream gets the client's own headers only (Accept-Encoding as sent, nothing invented);
+  transfer codings other than chunked get 501; `Expect: 100-continue` with a declared body
+  over the limit gets 413, not 100.
+
+The connection-level tests run the gateway through `server.serving` (the listening path of
+`nbgateway serve`); the others use the usual test client. Peers other than 127.0.0.1 are
+other loopback addresses (127.0.0.2, 127.0.0.3), which Linux routes to the same host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import resource
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory, SettingsFactory
+from multidict import CIMultiDict
+from procs import (
+    Processes,
+    clean_os_environ,
+    free_port,
+    gateway_env,
+    http_request,
+    scrape,
+    wait_until,
+)
+from prometheus_client import CollectorRegistry
+
+from nbgateway import keys
+from nbgateway.admin_session import LOGIN_FAILURES, LOGIN_WINDOW
+from nbgateway.app import create_app
+from nbgateway.clock import FakeClock
+from nbgateway.config import Settings, load_settings
+from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.models import EventKind, TokenSet
+from nbgateway.redact import Secret
+from nbgateway.server import OPEN_FILES_TARGET, raise_open_files_limit, serving
+
+ECHO = "/n/acme/api/_test/echo"
+REFUSED_PEER = "127.0.0.2"
+OTHER_PEER = "127.0.0.3"
+
+
+def net(cidr: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return (ipaddress.ip_network(cidr),)
+
+
+# ---------------------------------------------------------------------- raw HTTP on sockets
+
+
+@dataclass
+class Answer:
+    """One HTTP/1.1 response read off a socket."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def error_code(self) -> str:
+        code: str = json.loads(self.body)["errors"][0]["code"]
+        assert self.headers["X-NBGW-Error"] == code
+        return code
+
+
+async def connect(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    lines = head.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers.add(name.strip(), value.strip())
+    body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+    return Answer(int(lines[0].split(" ", 2)[1]), headers, body)
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts too)."""
+    received = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 20):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def request_bytes(
+    method: str, target: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+) -> bytes:
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: gateway.test",
+        *(f"{n}: {v}" for n, v in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except ConnectionError:
+        pass
+
+
+async def exchange(port: int, data: bytes, source: str = "127.0.0.1") -> Answer:
+    reader, writer = await connect(port, source)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await read_answer(reader)
+    finally:
+        await hang_up(writer)
+
+
+HALF_HEAD = b"GET /api/v2/people HTTP/1.1\r\nHost: gateway.test\r\nX-Slow: "
+
+
+# ---------------------------------------------------------------------- a served gateway
+
+
+@dataclass
+class Served:
+    """A gateway listening through `server.serving`, and its metrics."""
+
+    port: int
+    registry: CollectorRegistry
+
+    def closed(self, reason: str) -> float:
+        value = self.registry.get_sample_value("nbgw_connections_closed_total", {"reason": reason})
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def serve(
+    settings_factory: SettingsFactory, clock: FakeClock, fake_nb: FakeNationBuilder
+) -> AsyncIterator[Any]:
+    """Start gateways on real ports the way `nbgateway serve` does; each has account acme."""
+    started: list[Any] = []
+
+    async def start(**overrides: Any) -> Served:
+        settings = settings_factory(**overrides)
+        registry = CollectorRegistry()
+        app = create_app(settings, clock=clock, registry=registry, background=False)
+        context = serving(app, "127.0.0.1", 0)
+        port = await context.__aenter__()
+        started.append(context)
+        issued = fake_nb.issue_tokens("acme")
+        await app[keys.STORE].save_tokens(
+            "acme",
+            TokenSet(
+                access_token=Secret(issued["access_token"]),
+                refresh_token=Secret(issued["refresh_token"]),
+                expires_at=clock.now() + float(issued["expires_in"]),
+                scope=issued["scope"],
+            ),
+            EventKind.CONNECTED,
+        )
+        await app[keys.TOKENS].sync(force=True)
+        return Served(port, registry)
+
+    yield start
+    for context in reversed(started):
+        await context.__aexit__(None, None, None)
+
+
+# ---------------------------------------------------------------------- point 5: slowloris
+
+
+class TestConnectionGuard:
+    async def test_refused_peer_is_answered_and_closed_without_being_read(self, serve: Any) -> None:
+        """A peer outside every allow-list gets 403 client_not_allowed at once, each of its
+        half-sent heads is closed, and an allowed client is served meanwhile."""
+        gw = await serve(allowed_clients=net("127.0.0.1/32"))
+        held = [await connect(gw.port, REFUSED_PEER) for _ in range(50)]
+        for _, writer in held:
+            writer.write(HALF_HEAD)
+        for reader, writer in held:
+            received = await until_closed(reader)
+            await hang_up(writer)
+            # The canned answer, unless the half head arriving after it turned it into a reset.
+            assert received == b"" or received.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+        assert gw.closed("not_allowed") == 50
+        answer = await exchange(gw.port, request_bytes("GET", ECHO, [("Connection", "close")]))
+        assert answer.status == 200
+
+    async def test_refusal_names_the_lists(self, serve: Any) -> None:
+        """The refusal written to a silent refused peer is the JSON:API client_not_allowed."""
+        gw = await serve(allowed_clients=net("127.0.0.1/32"))
+        reader, writer = await connect(gw.port, REFUSED_PEER)
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == 403
+        assert answer.error_code() == "client_not_allowed"
+        assert "NBGW_ADMIN_ALLOWED_CLIENTS" in answer.body.decode()
+
+    async def test_a_peer_allowed_only_for_metrics_is_let_in(self, serve: Any) -> None:
+        """The accept-time check uses the union of the lists: a peer in only
+        NBGW_METRICS_ALLOWED_CLIENTS reaches /metrics (and the proxy still refuses it)."""
+        gw = await serve(
+            allowed_clients=net("127.0.0.1/32"), metrics_allowed_clients=net("127.0.0.2/32")
+        )
+        close = [("Connection", "close")]
+        metrics = await exchange(gw.port, request_bytes("GET", "/metrics", close), REFUSED_PEER)
+        assert metrics.status == 200
+        proxied = await exchange(gw.port, request_bytes("GET", ECHO, close), REFUSED_PEER)
+        assert proxied.status == 403
+        assert proxied.error_code() == "client_not_allowed"
+
+    async def test_connections_beyond_the_per_client_cap_are_refused(self, serve: Any) -> None:
+        """One address holds at most NBGW_MAX_CONNECTIONS_PER_CLIENT connections: the next
+        gets 429 too_many_connections; other addresses are served, and closing one of the
+        held connections makes room again."""
+        gw = await serve(max_connections_per_client=5, header_timeout=60.0)
+        held = [await connect(gw.port, OTHER_PEER) for _ in range(5)]
+        for _, writer in held:
+            writer.write(HALF_HEAD)
+            await writer.drain()
+        reader, writer = await connect(gw.port, OTHER_PEER)
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == 429
+        assert answer.error_code() == "too_many_connections"
+        assert gw.closed("client_limit") == 1
+
+        served = await exchange(gw.port, request_bytes("GET", ECHO, [("Connection", "close")]))
+        assert served.status == 200
+
+        first_reader, first_writer = held.pop(0)
+        await hang_up(first_writer)
+        await until_closed(first_reader)
+        again = await until_served(gw.port, OTHER_PEER)
+        assert again.status == 200
+        for _, w in held:
+            await hang_up(w)
+
+    async def test_half_sent_head_is_closed_after_the_header_timeout(self, serve: Any) -> None:
+        """A head that never completes is closed (header_timeout), however slowly it trickles
+        on: the server hangs up long before the head could be complete."""
+        gw = await serve(header_timeout=0.3)
+        reader, writer = await connect(gw.port)
+        head = request_bytes("GET", "/healthz", [("X-Pad", "a" * 400)])
+        hung_up = asyncio.create_task(until_closed(reader))
+        sent = 0
+        while sent < len(head) and not hung_up.done():
+            writer.write(head[sent : sent + 1])
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+            sent += 1
+            await asyncio.sleep(0.05)
+        assert await hung_up == b""
+        assert sent < len(head)
+        await hang_up(writer)
+        assert gw.closed("header_timeout") == 1
+
+    async def test_next_head_on_a_kept_alive_connection_is_timed_too(self, serve: Any) -> None:
+        """After a served request, a second head that stalls is closed the same way."""
+        gw = await serve(header_timeout=0.3)
+        reader, writer = await connect(gw.port)
+        writer.write(request_bytes("GET", "/healthz"))
+        assert (await read_answer(reader)).status == 200
+        writer.write(HALF_HEAD)
+        assert await until_closed(reader) == b""
+        await hang_up(writer)
+        assert gw.closed("header_timeout") == 1
+
+    async def test_stalled_body_is_closed_and_nothing_goes_upstream(
+        self, serve: Any, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A body that stops arriving is closed after the body timeout; the buffered request
+        never reaches NationBuilder."""
+        gw = await serve(body_timeout=0.3)
+        reader, writer = await connect(gw.port)
+        writer.write(request_bytes("POST", ECHO, [("Content-Length", "100")], b"x" * 10))
+        assert await until_closed(reader) == b""
+        await hang_up(writer)
+        assert gw.closed("body_timeout") == 1
+        assert fake_nb.api_requests == []
+
+    async def test_body_that_keeps_arriving_is_not_cut(
+        self, serve: Any, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Each arriving byte restarts the body timeout: a body sent in pieces over longer than
+        the timeout, never pausing that long, is forwarded whole."""
+        gw = await serve(body_timeout=1.5)
+        reader, writer = await connect(gw.port)
+        pieces = [bytes([65 + i]) * 10 for i in range(10)]
+        writer.write(request_bytes("POST", ECHO, [("Content-Length", "100")]))
+        for piece in pieces:
+            await asyncio.sleep(0.25)
+            writer.write(piece)
+            await writer.drain()
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == 200
+        assert base64.b64decode(json.loads(answer.body)["body_b64"]) == b"".join(pieces)
+        assert gw.closed("body_timeout") == 0
+
+
+async def until_served(port: int, source: str) -> Answer:
+    """A request from `source` once the gateway has noticed a closed connection of it."""
+    for _ in range(100):
+        answer = await exchange(
+            port, request_bytes("GET", "/healthz", [("Connection", "close")]), source
+        )
+        if answer.status != 429:
+            return answer
+        await asyncio.sleep(0.05)
+    raise AssertionError("the closed connection was never released")
+
+
+# ---------------------------------------------------------------------- the descriptor limit
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    with procs.explained(tail=4000):
+        yield procs
+    procs.stop_all()
+
+
+def test_small_descriptor_limit_survives_a_flood_of_half_heads(
+    processes: Processes, tmp_path: Path
+) -> None:
+    """`nbgateway serve` under a 400-descriptor limit: 300 half-sent heads from a refused
+    peer and 300 from an allowed peer over its cap leave it serving other clients, and the
+    capped peer's own half heads are closed after the header timeout."""
+    port = free_port()
+    env = {
+        **clean_os_environ(),
+        **gateway_env(tmp_path / "gw.db", ADMIN_TOKEN),
+        "NBGW_LISTEN": f"127.0.0.1:{port}",
+        "NBGW_ALLOWED_CLIENTS": "127.0.0.1/32,127.0.0.3/32",
+        "NBGW_MAX_CONNECTIONS_PER_CLIENT": "20",
+        "NBGW_HEADER_TIMEOUT": "2",
+        "NBGW_LOG_LEVEL": "WARNING",
+    }
+    argv = [
+        "sh",
+        "-c",
+        'ulimit -n 400 && exec "$0" "$@"',
+        sys.executable,
+        "-m",
+        "nbgateway",
+        "serve",
+    ]
+    process = processes.start("gateway", argv, env)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: process.answers(f"{url}/healthz"), 20, "the gateway to start")
+
+    held: list[socket.socket] = []
+    try:
+        for source in (REFUSED_PEER, OTHER_PEER):
+            for _ in range(300):
+                sock = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+                try:
+                    sock.sendall(HALF_HEAD)
+                except OSError:
+                    pass  # already refused and closed: that is the point
+                held.append(sock)
+        status, _, _ = http_request("GET", f"{url}/healthz", timeout=10)
+        assert status == 200
+        wait_until(
+            lambda: scrape(url, "nbgw_connections_closed_total", reason="not_allowed") == 300,
+            20,
+            "every refused connection to be counted",
+        )
+
+        def capped_peer_done() -> bool:
+            # Each of its 300 connections was refused over the cap or, once admitted, closed
+            # by the header timeout (which also makes room for later ones: hence the sum).
+            limit = scrape(url, "nbgw_connections_closed_total", reason="client_limit") or 0
+            late = scrape(url, "nbgw_connections_closed_total", reason="header_timeout") or 0
+            return limit + late == 300 and late >= 20
+
+        wait_until(capped_peer_done, 20, "the capped peer's connections to be refused or closed")
+        status, _, _ = http_request("GET", f"{url}/healthz", timeout=10)
+        assert status == 200
+        assert "Too many open files" not in process.output()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_soft_open_files_limit_is_raised_to_the_hard_one() -> None:
+    """Before serving, a low soft descriptor limit is lifted to the hard limit (capped)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = OPEN_FILES_TARGET if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_TARGET)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, expected), hard))
+    try:
+        assert raise_open_files_limit() == expected
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == expected
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---------------------------------------------------------------------- point 6: Bearer throttle
+
+
+class TestAdminTokenThrottle:
+    async def test_wrong_bearers_are_throttled_like_the_login_form(
+        self, gateway: Gateway, clock: FakeClock, admin_headers: dict[str, str]
+    ) -> None:
+        """After LOGIN_FAILURES wrong Bearer tokens the address gets 429 too_many_attempts
+        with Retry-After, even with the right token, until the window has passed."""
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+        for _ in range(LOGIN_FAILURES):
+            resp = await gateway.client.get("/connect/api/accounts", headers=wrong)
+            assert resp.status == 401
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 429
+        assert resp.headers["X-NBGW-Error"] == "too_many_attempts"
+        assert 1 <= int(resp.headers["Retry-After"]) <= LOGIN_WINDOW
+        clock.advance(LOGIN_WINDOW + 1)
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 200
+
+    async def test_one_throttle_for_the_form_and_the_api(
+        self, gateway: Gateway, admin_headers: dict[str, str]
+    ) -> None:
+        """Wrong tokens at the login form count for /connect/api, and wrong Bearers lock the
+        login form."""
+        for _ in range(LOGIN_FAILURES - 1):
+            resp = await gateway.client.post("/connect/login", data={"token": "wrong-token"})
+            assert resp.status == 401
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+        assert (await gateway.client.get("/connect/api/accounts", headers=wrong)).status == 401
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 429
+        form = await gateway.client.post(
+            "/connect/login", data={"token": ADMIN_TOKEN}, allow_redirects=False
+        )
+        assert form.status == 429
+
+    async def test_requests_without_credentials_do_not_lock_anyone_out(
+        self, gateway: Gateway, admin_headers: dict[str, str]
+    ) -> None:
+        """A request with no Authorization header guesses nothing and is not counted."""
+        for _ in range(LOGIN_FAILURES * 2):
+            assert (await gateway.client.get("/connect/api/accounts")).status == 401
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 200
+
+
+# ---------------------------------------------------------------------- points 7, 10, 14: the proxy
+
+
+@pytest.fixture
+async def acme(gateway_factory: GatewayFactory, connect_account: ConnectAccount) -> Gateway:
+    gw = await gateway_factory()
+    await connect_account(gw, "acme")
+    return gw
+
+
+def port_of(gw: Gateway) -> int:
+    port = gw.client.server.port
+    assert port is not None
+    return port
+
+
+class TestRefusedMethods:
+    @pytest.mark.parametrize("method", ["TRACE", "CONNECT"])
+    async def test_method_is_405_and_never_forwarded(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, method: str
+    ) -> None:
+        """TRACE (which would reflect the injected token) and CONNECT get 405
+        method_not_allowed with an Allow header; NationBuilder sees nothing."""
+        fake_nb.clear_recordings()
+        for target in (ECHO, "/api/_test/echo"):
+            answer = await exchange(
+                port_of(acme), request_bytes(method, target, [("Connection", "close")])
+            )
+            assert answer.status == 405
+            assert answer.error_code() == "method_not_allowed"
+            assert "TRACE" not in answer.headers["Allow"]
+            assert "GET" in answer.headers["Allow"]
+        assert fake_nb.requests == []
+
+
+class TestNationHeader:
+    async def test_duplicate_nation_headers_are_refused(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Two X-NB-Nation headers (different or equal) are 400 invalid_request, on either
+        path form; nothing goes upstream."""
+        fake_nb.clear_recordings()
+        for values, target in (
+            (("acme", "other"), "/api/_test/echo"),
+            (("acme", "acme"), "/api/_test/echo"),
+            (("acme", "other"), ECHO),
+        ):
+            headers = [("X-NB-Nation", v) for v in values] + [("Connection", "close")]
+            answer = await exchange(port_of(acme), request_bytes("GET", target, headers))
+            assert answer.status == 400
+            assert answer.error_code() == "invalid_request"
+            assert "X-NB-Nation" in json.loads(answer.body)["errors"][0]["detail"]
+        assert fake_nb.requests == []
+
+    async def test_one_nation_header_still_selects(self, acme: Gateway) -> None:
+        """A single X-NB-Nation header still picks the account."""
+        answer = await exchange(
+            port_of(acme),
+            request_bytes(
+                "GET", "/api/_test/echo", [("X-NB-Nation", "acme"), ("Connection", "close")]
+            ),
+        )
+        assert answer.status == 200
+
+
+class TestRequestHeadersUpstream:
+    async def test_no_accept_encoding_from_the_client_means_none_upstream(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A client that sends no Accept-Encoding gets none added upstream."""
+        fake_nb.clear_recordings()
+        answer = await exchange(
+            port_of(acme), request_bytes("GET", ECHO, [("Connection", "close")])
+        )
+        assert answer.status == 200
+        [recorded] = fake_nb.api_requests
+        assert "Accept-Encoding" not in recorded.headers
+
+    async def test_accept_encoding_is_forwarded_exactly(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """The client's Accept-Encoding reaches NationBuilder byte for byte."""
+        fake_nb.clear_recordings()
+        sent = "br;q=1.0, identity;q=0.5"
+        headers = [("Accept-Encoding", sent), ("Connection", "close")]
+        assert (await exchange(port_of(acme), request_bytes("GET", ECHO, headers))).status == 200
+        [recorded] = fake_nb.api_requests
+        assert recorded.headers.getall("Accept-Encoding") == [sent]
+
+    @pytest.mark.parametrize("body", [b"", b'{"a": 1}'])
+    async def test_bare_post_gains_no_headers(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, body: bytes
+    ) -> None:
+        """A POST with only Host and Content-Length reaches NationBuilder without
+        Content-Type, Accept, Accept-Encoding or a User-Agent of aiohttp's."""
+        fake_nb.clear_recordings()
+        headers = [("Content-Length", str(len(body))), ("Connection", "close")]
+        answer = await exchange(port_of(acme), request_bytes("POST", ECHO, headers, body))
+        assert answer.status == 200
+        [recorded] = fake_nb.api_requests
+        for name in ("Content-Type", "Accept", "Accept-Encoding", "User-Agent"):
+            assert name not in recorded.headers, name
+        assert recorded.body == body
+
+    async def test_client_headers_are_kept(self, acme: Gateway, fake_nb: FakeNationBuilder) -> None:
+        """What the client did send (Content-Type, Accept, User-Agent) is forwarded as sent."""
+        fake_nb.clear_recordings()
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port_of(acme)}{ECHO}"
+            sent = {
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": "tool/1.0",
+            }
+            async with session.post(url, data=b"{}", headers=sent) as resp:
+                assert resp.status == 200
+        [recorded] = fake_nb.api_requests
+        for name, value in sent.items():
+            assert recorded.headers.getall(name) == [value]
+
+
+class TestTransferCoding:
+    @pytest.mark.parametrize("coding", ["gzip, chunked", "deflate, chunked", "x-custom,chunked"])
+    async def test_transfer_codings_but_chunked_are_501(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, coding: str
+    ) -> None:
+        """A request body in a transfer coding other than chunked is 501 not_implemented,
+        never forwarded undecoded."""
+        fake_nb.clear_recordings()
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+        headers = [("Transfer-Encoding", coding), ("Connection", "close")]
+        answer = await exchange(port_of(acme), request_bytes("POST", ECHO, headers, body))
+        assert answer.status == 501
+        assert answer.error_code() == "not_implemented"
+        assert fake_nb.api_requests == []
+
+    async def test_unframed_transfer_coding_is_refused(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """`Transfer-Encoding: gzip` alone leaves the body's length unknown: refused with 400
+        (RFC 9112 section 6.3) before anything is read or forwarded."""
+        fake_nb.clear_recordings()
+        headers = [("Transfer-Encoding", "gzip"), ("Connection", "close")]
+        answer = await exchange(port_of(acme), request_bytes("POST", ECHO, headers, b"hello"))
+        assert answer.status == 400
+        assert fake_nb.api_requests == []
+
+    async def test_chunked_still_streams(self, acme: Gateway, fake_nb: FakeNationBuilder) -> None:
+        """A chunked body is still accepted and forwarded."""
+        fake_nb.clear_recordings()
+        headers = [("Transfer-Encoding", "chunked"), ("Connection", "close")]
+        body = b"5\r\nhello\r\n0\r\n\r\n"
+        answer = await exchange(port_of(acme), request_bytes("POST", ECHO, headers, body))
+        assert answer.status == 200
+        assert fake_nb.api_requests[0].body == b"hello"
+
+
+class TestExpectContinue:
+    async def test_declared_body_over_the_limit_gets_413_not_100(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """`Expect: 100-continue` with a Content-Length over NBGW_MAX_REQUEST_BODY is
+        answered 413 request_too_large at once (no 100 first); nothing goes upstream."""
+        gw = await gateway_factory(max_request_body=1000)
+        await connect_account(gw, "acme")
+        fake_nb.clear_recordings()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+        writer.write(
+            request_bytes("POST", ECHO, [("Content-Length", "5000"), ("Expect", "100-continue")])
+        )
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == 413
+        assert answer.error_code() == "request_too_large"
+        assert fake_nb.api_requests == []
+
+    async def test_acceptable_body_gets_100_and_is_forwarded(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Within the limit, the client gets 100 Continue, then its body is forwarded."""
+        fake_nb.clear_recordings()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(acme))
+        writer.write(
+            request_bytes(
+                "POST",
+                ECHO,
+                [("Content-Length", "5"), ("Expect", "100-continue"), ("Connection", "close")],
+            )
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == 200
+        assert fake_nb.api_requests[0].body == b"hello"
+
+
+# ---------------------------------------------------------------------- point 11: allow-lists
+
+
+class TestAdminAndMetricsAllowLists:
+    async def test_admin_pages_api_and_metrics_follow_the_proxy_list_by_default(
+        self, gateway_factory: GatewayFactory, admin_headers: dict[str, str]
+    ) -> None:
+        """With only NBGW_ALLOWED_CLIENTS set (and 127.0.0.1 outside it), the admin pages,
+        /connect/api, the callback and /metrics answer 403 client_not_allowed; /healthz and
+        /readyz still answer."""
+        gw = await gateway_factory(allowed_clients=net("10.0.0.0/8"))
+        for path in ("/connect", "/connect/login", "/connect/api/accounts", "/connect/callback"):
+            resp = await gw.client.get(path, headers=admin_headers, allow_redirects=False)
+            assert resp.status == 403, path
+            assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
+            assert "NBGW_ADMIN_ALLOWED_CLIENTS" in await resp.text()
+        resp = await gw.client.get("/metrics")
+        assert resp.status == 403
+        assert "NBGW_METRICS_ALLOWED_CLIENTS" in await resp.text()
+        assert (await gw.client.get("/healthz")).status == 200
+        assert (await gw.client.get("/readyz")).status == 200
+
+    async def test_own_lists_open_admin_and_metrics_only(
+        self, gateway_factory: GatewayFactory, admin_headers: dict[str, str]
+    ) -> None:
+        """NBGW_ADMIN_ALLOWED_CLIENTS and NBGW_METRICS_ALLOWED_CLIENTS let a peer use the admin
+        side and /metrics without letting it use the proxy."""
+        gw = await gateway_factory(
+            allowed_clients=net("10.0.0.0/8"),
+            admin_allowed_clients=net("127.0.0.1/32"),
+            metrics_allowed_clients=net("127.0.0.1/32"),
+        )
+        assert (await gw.client.get("/connect/api/accounts", headers=admin_headers)).status == 200
+        assert (await gw.client.get("/metrics")).status == 200
+        resp = await gw.client.get("/n/acme/api/v2/people")
+        assert resp.status == 403
+        assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
+
+    async def test_proxy_peer_can_be_kept_off_the_admin_side(
+        self, gateway_factory: GatewayFactory, admin_headers: dict[str, str]
+    ) -> None:
+        """A peer the proxy serves is refused by the admin side when outside its list."""
+        gw = await gateway_factory(
+            admin_allowed_clients=net("10.9.9.9/32"), metrics_allowed_clients=net("10.9.9.9/32")
+        )
+        resp = await gw.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 403
+        assert (await gw.client.get("/metrics")).status == 403
+
+
+class TestAllowListSettings:
+    def test_admin_and_metrics_lists_default_to_the_proxy_list(self) -> None:
+        """Unset, the admin and metrics lists are NBGW_ALLOWED_CLIENTS."""
+        s = load_settings({"NBGW_ALLOWED_CLIENTS": "10.1.0.0/16"}, required=())
+        assert s.admin_allowed_clients == s.allowed_clients == net("10.1.0.0/16")
+        assert s.metrics_allowed_clients == s.allowed_clients
+
+    def test_connection_settings_have_defaults(self) -> None:
+        """Header and body timeouts and the per-client cap have sensible defaults."""
+        s: Settings = load_settings({}, required=())
+        assert s.header_timeout == 10.0
+        assert s.body_timeout == 30.0
+        assert s.max_connections_per_client == 100
