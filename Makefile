@@ -45,6 +45,7 @@ test: lint type system-deps
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/refresh_scale.py
 
 ## Regenerate docs/cli.md and the settings table of docs/configuration.md.
 docs: install
