@@ -28,7 +28,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from nbgateway.allowlist import AllowList
-from nbgateway.clients import KEY_PREFIX, ClientAuth, ClientRegistry, looks_like_key
+from nbgateway.clients import (
+    KEY_PREFIX,
+    WRITE_METHODS,
+    ClientAuth,
+    ClientRegistry,
+    looks_like_key,
+)
 from nbgateway.config import Settings
 from nbgateway.errors import (
     AccountNotFound,
@@ -309,14 +315,15 @@ class Proxy:
             metrics.proxied(account, request.method, status, time.perf_counter() - started)
             if route is not None:
                 metrics.client_request(clients.label(client), account, status)
-                clients.record(
-                    client,
-                    route.slug,
-                    request.method,
-                    f"/api/{route.raw_tail}",
-                    status,
-                    request_id_of(request),
-                )
+                if request.method in WRITE_METHODS:  # the audit trail: writes only
+                    clients.record(
+                        client,
+                        route.slug,
+                        request.method,
+                        f"/api/{route.raw_tail}",
+                        status,
+                        request_id_of(request),
+                    )
 
     async def _token(self, slug: str, stale: IssuedToken | None = None) -> IssuedToken:
         """A token from the manager, with its failures as gateway errors."""
