@@ -153,10 +153,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The database answers and the configured key opens what it holds."""
+    """The database answers and can be written, the configured key opens what it holds, and
+    no rotated token pair is held only in memory."""
     store = request.app[keys.STORE]
     try:
         await store.ping()
+        await store.check_writable()
         problems = await store.verify()
     except NBGatewayError as exc:
         # The details (paths, key ids) go to the log, not to whoever can reach /readyz.
@@ -168,6 +170,13 @@ async def readyz(request: web.Request) -> web.Response:
     if problems:
         return web.json_response(
             {"status": "degraded", "detail": f"{len(problems)} account(s) unreadable"},
+            status=503,
+        )
+    held = request.app[keys.TOKENS].unpersisted
+    if held:
+        log.error("not ready: token pairs held only in memory", extra={"accounts": ", ".join(held)})
+        return web.json_response(
+            {"status": "degraded", "detail": f"{len(held)} token pair(s) not yet stored"},
             status=503,
         )
     return web.json_response({"status": "ok"})

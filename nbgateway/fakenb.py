@@ -308,6 +308,9 @@ class FakeNationBuilder:
         self.api_hang: bool = False
         self.canned = CannedAnswer()
         self._token_failures: list[str] = []
+        # Fields replaced in the next successful token answers (the grant happens as usual:
+        # a rotated refresh token is spent), for answers that are wrong in other ways.
+        self._token_answers: list[dict[str, Any]] = []
         self._tokens_held = False
         self._token_gate = asyncio.Event()
         self._token_gate.set()
@@ -467,6 +470,14 @@ class FakeNationBuilder:
             raise ValueError("times must be >= 0")
         self._token_failures.extend([kind] * times)
 
+    def mangle_token_answers(self, fields: dict[str, Any], times: int = 1) -> None:
+        """Replace `fields` in the next `times` successful token answers (after the grant:
+        NationBuilder has rotated), e.g. {"token_type": "mac"} or {"expires_in": 1e20}.
+        Floats such as inf and nan go out as the JSON extensions Infinity and NaN."""
+        if times < 0:
+            raise ValueError("times must be >= 0")
+        self._token_answers.extend([dict(fields)] * times)
+
     def hold_tokens(self) -> None:
         """Block every token request until release_tokens() (or stop())."""
         self._tokens_held = True
@@ -511,6 +522,7 @@ class FakeNationBuilder:
         canned answer."""
         self.canned = CannedAnswer()
         self._token_failures.clear()
+        self._token_answers.clear()
         self.token_delay = 0.0
         self.api_fail_401_times = 0
         self.api_delay = 0.0
@@ -812,6 +824,8 @@ class FakeNationBuilder:
                 raise _TokenError("unsupported_grant_type")
         except _TokenError as exc:
             return self._token_error(exc.error, params)
+        if self._token_answers:
+            pair = {**pair, **self._token_answers.pop(0)}
         return web.json_response(pair, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
     def _authenticate_client(self, request: web.Request, params: dict[str, str]) -> None:
@@ -1272,6 +1286,13 @@ class FakeNationBuilder:
             self.fail_token(str(command.get("kind")), times)
         elif action == "reset":
             self.reset_switches()
+        elif action == "mangle_token_answers":
+            fields, times = command.get("fields"), command.get("times", 1)
+            if not isinstance(fields, dict):
+                raise TypeError("fields must be an object")
+            if not isinstance(times, int) or isinstance(times, bool):
+                raise TypeError("times must be an integer")
+            self.mangle_token_answers(fields, times)
         elif action == "hold_tokens":
             self.hold_tokens()
         elif action == "release_tokens":

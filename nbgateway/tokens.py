@@ -76,6 +76,7 @@ class _Unpersisted:
     message: str
     failures: int = 0
     next_attempt: float = 0.0
+    issued_at: float = 0.0  # when NationBuilder issued `tokens` (for the effective margin)
 
 
 @dataclass(slots=True)
@@ -415,6 +416,7 @@ class TokenManager:
 
     def _hold(self, slug: str, pending: _Unpersisted) -> None:
         self._unpersisted[slug] = pending
+        pending.issued_at = self._clock.now()
         pending.next_attempt = self._clock.monotonic() + PERSIST_RETRY_BASE
         self._metrics.persist_failures.labels(slug).inc()
         self._metrics.unpersisted.labels(slug).set(1)
@@ -430,7 +432,7 @@ class TokenManager:
                 slug, f"the token of {slug!r} cannot be stored right now; retrying", 5.0
             )
         tokens = pending.tokens
-        margin = self.effective_margin(tokens.expires_at, self._clock.now())
+        margin = self.effective_margin(tokens.expires_at, pending.issued_at)
         # A generation no stored row has: a 401 on it forces a refresh from memory.
         token = IssuedToken(tokens.access_token, -1, tokens.expires_at, tokens.expires_at - margin)
         self._cache[slug] = token
@@ -489,10 +491,7 @@ class TokenManager:
             return None
         tokens = pending.tokens
         now = self._clock.now()
-        fresh_enough = tokens is not None and tokens.expires_at - now > self.effective_margin(
-            tokens.expires_at, None
-        )
-        if fresh_enough and not force:
+        if not force and not self._held_due(pending, 0.0):
             return self._issue_unpersisted(slug)
         # Only this process holds the valid refresh token, so refreshing it needs no lock;
         # the consumed one is never sent again.
@@ -509,9 +508,22 @@ class TokenManager:
                 self._backoff_policy.delay(1),
             ) from None
         pending.refresh_token, pending.tokens = fresh.refresh_token, fresh
+        pending.issued_at = now
         if await self._persist(slug, pending):
             return None
         return self._issue_unpersisted(slug)
+
+    def _held_due(self, pending: _Unpersisted, lead: float) -> bool:
+        """Whether a held pair needs refreshing within `lead` seconds (as `_usable` judges a
+        stored one: inside its effective margin, and not refreshed moments ago)."""
+        tokens = pending.tokens
+        if tokens is None:
+            return True  # no usable access token: only a refresh yields one
+        now = self._clock.now()
+        if now - pending.issued_at < MIN_REFRESH_INTERVAL and tokens.expires_at > now:
+            return False
+        margin = self.effective_margin(tokens.expires_at, pending.issued_at)
+        return tokens.expires_at - now <= margin + lead
 
     async def _call_token_endpoint(self, slug: str, refresh_token: Secret) -> TokenSet:
         """One refresh call, measured: in-flight gauge, duration and outcome."""
@@ -608,8 +620,15 @@ class TokenManager:
         for info in await self._store.list_accounts():
             if info.status is not AccountStatus.ACTIVE or info.expires_at is None:
                 continue
-            margin = self.effective_margin(info.expires_at, info.last_refresh_at)
-            if info.expires_at - now > margin + lead:
+            held = self._unpersisted.get(info.slug)
+            if held is not None:
+                # The row is stale: the pair held in memory is the one that counts.
+                if not self._held_due(held, lead):
+                    continue
+            elif (
+                info.expires_at - now
+                > self.effective_margin(info.expires_at, info.last_refresh_at) + lead
+            ):
                 continue
             state = self._backoff.get(info.slug)
             if state is not None and state.next_attempt_at > now:

@@ -401,6 +401,11 @@ class SQLiteStore:
         """Raise StoreError unless a write can be committed now (disk full, read-only, deleted)."""
         if not self.path.exists():
             raise StoreUnavailable(f"database file {self.path} no longer exists")
+        # An open connection keeps writing through its descriptor after the file was made
+        # read-only or immutable (commits land in the WAL, checkpoints fail, a restart
+        # cannot write): ask the filesystem too.
+        if not os.access(self.path, os.W_OK):
+            raise StoreUnavailable(f"database file {self.path} is read-only")
         async with self._write() as conn:
             # A real page write that changes nothing visible: touch the schema version row.
             await conn.execute("CREATE TABLE IF NOT EXISTS write_probe (at REAL)")

@@ -1,0 +1,347 @@
+"""A rotated refresh token is never thrown away, and readiness tells the truth about the store.
+
+Issue 8, "Data loss" points 1, 2 and 4 and point 15, reproduced against the real gateway and
+the fake NationBuilder on sockets: a SQLite database on a real tmpfs that is filled until
+SQLite answers "database or disk is full" (and remounted read-only, or deleted), token
+answers that rotate but are wrong in another way, and absurd token lifetimes.
+
+Mounting needs root (or CAP_SYS_ADMIN); without it the tmpfs tests are skipped saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ConnectAccount, Gateway, GatewayFactory
+
+from nbgateway.clock import FakeClock
+from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
+from nbgateway.models import AccountStatus
+
+SLUG = "acme"
+ME = "/api/v2/signups/me"
+LIFETIME = 86400.0  # the fake's access-token lifetime
+PERSIST_FAILURES = "nbgw_token_persist_failures_total"
+UNPERSISTED = "nbgw_token_unpersisted"
+NEEDS_REAUTH = "nbgw_account_needs_reauth"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def bearer(record: RecordedRequest) -> str:
+    """The access token a recorded upstream request carried."""
+    return record.headers["Authorization"].removeprefix("Bearer ")
+
+
+def refresh_tokens_sent(fake_nb: FakeNationBuilder) -> list[str]:
+    """The refresh tokens the token endpoint received, in order."""
+    return [
+        r.params()["refresh_token"]
+        for r in fake_nb.token_requests
+        if r.params().get("grant_type") == "refresh_token"
+    ]
+
+
+async def fetch(gw: Gateway, path: str = ME) -> int:
+    """GET through the gateway; the status once the body is read."""
+    resp = await gw.client.get(path)
+    await resp.read()
+    return resp.status
+
+
+async def readyz(gw: Gateway) -> tuple[int, str]:
+    resp = await gw.client.get("/readyz")
+    return resp.status, await resp.text()
+
+
+async def stored_refresh_token(gw: Gateway) -> str:
+    account = await gw.store.get_account(SLUG)
+    assert account is not None and account.refresh_token is not None
+    return account.refresh_token.reveal()
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into `directory` until its filesystem has no byte left; return it."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as out:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 8, 1):
+            chunk = b"\0" * size
+            while True:
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    return filler
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def chattr(flag: str, path: Path) -> bool:
+    """Set or clear a file attribute (+i: immutable, even for root); False if unsupported."""
+    return subprocess.run(["chattr", flag, str(path)], check=False).returncode == 0
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A small real tmpfs, mounted for this test only (the database goes there)."""
+    with mounted_tmpfs(tmp_path / "disk", "4m") as where:
+        yield where
+
+
+# ---------------------------------------------------------------------- point 1: disk full
+
+
+class TestDiskFullDuringRefresh:
+    async def test_rotated_pair_is_served_held_and_stored_once_space_returns(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        disk: Path,
+    ) -> None:
+        """The COMMIT of a rotated pair fails with a full disk: the request is still served
+        with the new access token, the consumed refresh token is never sent again (not even
+        by the next refresh), the pair is retried and counted, /readyz says 503, the account
+        is never marked needs-reauth; once space is freed the held pair is stored."""
+        gw = await gateway_factory(database=disk / "gateway.db")
+        issued = await connect_account(gw, SLUG)
+        assert await fetch(gw) == 200
+        assert (await readyz(gw))[0] == 200
+
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        request = asyncio.create_task(fetch(gw))
+        await fake_nb.wait_for_pending_tokens(1)  # lease and in-flight marker are committed
+        filler = fill(disk)
+        fake_nb.release_tokens()
+        assert await request == 200
+
+        # The commit really failed: the row still holds the consumed token.
+        assert await stored_refresh_token(gw) == issued["refresh_token"]
+        assert gw.metric(PERSIST_FAILURES, account=SLUG) >= 1
+        assert gw.metric(UNPERSISTED, account=SLUG) == 1
+        assert gw.tokens.unpersisted == [SLUG]
+        new_access = bearer(fake_nb.api_requests[-1])
+        assert new_access != issued["access_token"]
+
+        # Served from memory meanwhile; retries are counted and keep failing.
+        for _ in range(5):
+            assert await fetch(gw) == 200
+        assert {bearer(r) for r in fake_nb.api_requests[-5:]} == {new_access}
+        failures = gw.metric(PERSIST_FAILURES, account=SLUG)
+        clock.advance(5.0)
+        await gw.tokens.persist_pending()
+        assert gw.metric(PERSIST_FAILURES, account=SLUG) > failures
+        status, body = await readyz(gw)
+        assert status == 503
+        assert "gateway.db" not in body and str(disk) not in body
+
+        # The in-memory pair expires as well: the next refresh uses the in-memory refresh
+        # token, never the consumed one.
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        sent = refresh_tokens_sent(fake_nb)
+        assert len(sent) == 2
+        assert sent.count(issued["refresh_token"]) == 1
+        assert fake_nb.token_requests[-1].params()["refresh_token"] != issued["refresh_token"]
+
+        info = await gw.accounts.get(SLUG)
+        assert info.status is AccountStatus.ACTIVE
+        assert gw.metric(NEEDS_REAUTH, account=SLUG) == 0
+
+        # Space comes back: still not ready until the held pair is stored.
+        filler.unlink()
+        assert (await readyz(gw))[0] == 503
+        await gw.tokens.persist_pending(force=True)
+        assert gw.tokens.unpersisted == []
+        assert gw.metric(UNPERSISTED, account=SLUG) == 0
+        assert (await readyz(gw))[0] == 200
+        latest = await stored_refresh_token(gw)
+        assert latest not in (issued["refresh_token"], sent[1])
+
+        # And the stored pair is the live one: the next refresh succeeds with it.
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        assert refresh_tokens_sent(fake_nb)[-1] == latest
+        assert (await gw.accounts.get(SLUG)).status is AccountStatus.ACTIVE
+        assert len(refresh_tokens_sent(fake_nb)) == len(set(refresh_tokens_sent(fake_nb)))
+
+    async def test_background_sweeps_do_not_rotate_a_held_pair_that_is_still_fresh(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        disk: Path,
+    ) -> None:
+        """While a fresh pair is held in memory, the stored row looks expired; the background
+        refresher must go by the held pair and not rotate it on every sweep."""
+        gw = await gateway_factory(database=disk / "gateway.db")
+        await connect_account(gw, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        request = asyncio.create_task(fetch(gw))
+        await fake_nb.wait_for_pending_tokens(1)
+        filler = fill(disk)
+        fake_nb.release_tokens()
+        assert await request == 200
+        assert gw.tokens.unpersisted == [SLUG]
+
+        for _ in range(3):
+            clock.advance(30.0)
+            await gw.tokens.refresh_due(lead=60.0)
+        assert len(refresh_tokens_sent(fake_nb)) == 1
+        filler.unlink()
+        await gw.tokens.persist_pending(force=True)
+        assert gw.tokens.unpersisted == []
+
+
+# ---------------------------------------------------------------------- point 2
+
+
+class TestAnswerRefusedButRotated:
+    @pytest.mark.parametrize(
+        "fields", [{"token_type": "mac"}, {"access_token": ""}], ids=["mac", "empty-access"]
+    )
+    async def test_new_refresh_token_is_stored_first_and_bad_access_token_never_used(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        fields: dict[str, Any],
+    ) -> None:
+        """A 200 that carries a new refresh token but an unusable access token: the request
+        gets 503 token_refresh_failed (no bad token goes upstream), the new refresh token is
+        stored, and the next refresh uses it and succeeds; the account stays active."""
+        issued = await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers(fields)
+        fake_nb.clear_recordings()
+
+        resp = await gateway.client.get(ME)
+        await resp.read()
+        assert resp.status == 503
+        assert resp.headers["X-NBGW-Error"] == "token_refresh_failed"
+        assert fake_nb.api_requests == []
+
+        rotated = await stored_refresh_token(gateway)
+        assert rotated != issued["refresh_token"]
+        assert (await gateway.accounts.get(SLUG)).status is AccountStatus.ACTIVE
+
+        clock.advance(600.0)  # past the backoff
+        assert await fetch(gateway) == 200
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"], rotated]
+        used = bearer(fake_nb.api_requests[-1])
+        assert used == (await gateway.store.get_account(SLUG)).access_token.reveal()  # type: ignore[union-attr]
+        info = await gateway.accounts.get(SLUG)
+        assert info.status is AccountStatus.ACTIVE
+        assert info.last_error is None
+
+    async def test_refused_rotation_while_the_disk_is_full_is_held_in_memory(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        disk: Path,
+    ) -> None:
+        """A mac answer whose refresh token cannot be stored: the refresh token is kept in
+        memory and used for the next refresh; the consumed one is never sent again."""
+        gw = await gateway_factory(database=disk / "gateway.db")
+        issued = await connect_account(gw, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"token_type": "mac"})
+        fake_nb.hold_tokens()
+        request = asyncio.create_task(fetch(gw))
+        await fake_nb.wait_for_pending_tokens(1)
+        filler = fill(disk)
+        fake_nb.release_tokens()
+        assert await request == 503
+        assert gw.tokens.unpersisted == [SLUG]
+
+        clock.advance(600.0)
+        assert await fetch(gw) == 200
+        sent = refresh_tokens_sent(fake_nb)
+        assert len(sent) == 2 and sent[1] != issued["refresh_token"]
+        filler.unlink()
+        await gw.tokens.persist_pending(force=True)
+        assert gw.tokens.unpersisted == []
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        assert (await gw.accounts.get(SLUG)).status is AccountStatus.ACTIVE
+
+
+# ---------------------------------------------------------------------- point 15: /readyz
+
+
+class TestReadinessChecksWrites:
+    async def test_full_disk_is_not_ready(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount, disk: Path
+    ) -> None:
+        """A store whose disk is full answers reads, but /readyz is 503 until space returns."""
+        gw = await gateway_factory(database=disk / "gateway.db")
+        await connect_account(gw, SLUG)
+        assert (await readyz(gw))[0] == 200
+        filler = fill(disk)
+        # Enough probes to use up whatever the last WAL page had left.
+        statuses = [(await readyz(gw))[0] for _ in range(3)]
+        assert statuses[-1] == 503
+        filler.unlink()
+        assert (await readyz(gw))[0] == 200
+
+    async def test_read_only_database_file_is_not_ready(
+        self, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """The database file made immutable (even root cannot write it): /readyz is 503."""
+        await connect_account(gateway, SLUG)
+        path = gateway.settings.database
+        assert isinstance(path, Path)
+        if not chattr("+i", path):
+            pytest.skip("chattr +i is not supported on this filesystem")
+        try:
+            status, _ = await readyz(gateway)
+        finally:
+            assert chattr("-i", path)
+        assert status == 503
+        assert (await readyz(gateway))[0] == 200
+
+    async def test_deleted_database_file_is_not_ready(
+        self, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """The database file deleted under a running gateway: /readyz is 503 (whatever it
+        writes now would be lost at the next start)."""
+        await connect_account(gateway, SLUG)
+        assert (await readyz(gateway))[0] == 200
+        path = gateway.settings.database
+        assert isinstance(path, Path)
+        path.unlink()
+        status, body = await readyz(gateway)
+        assert status == 503
+        assert str(path) not in body
