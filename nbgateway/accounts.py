@@ -8,8 +8,8 @@ code, store the tokens). One implementation, so every admin path behaves the sam
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 
+from nbgateway.clock import utc_datetime
 from nbgateway.errors import (
     AccountNotFound,
     AuthorizationFailed,
@@ -29,9 +29,9 @@ STATE_TTL = 600.0
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None or ts <= 0:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
+    """ISO 8601 UTC, or None for no date (0 or less) and for one no calendar can show."""
+    when = utc_datetime(ts) if ts is not None and ts > 0 else None
+    return None if when is None else when.isoformat(timespec="seconds")
 
 
 def account_json(info: AccountInfo) -> dict[str, object]:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -30,6 +30,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from nbgateway import admin_api, keys
 from nbgateway.admin_session import Session, Signer
+from nbgateway.clock import utc_datetime
 from nbgateway.config import Settings
 from nbgateway.errors import (
     AccountNotFound,
@@ -77,6 +78,8 @@ _PLAIN_ERRORS = (
 
 def span(seconds: float) -> str:
     """A duration in words, to the nearest unit: "5 minutes", "24 hours", "3 days"."""
+    if not math.isfinite(seconds):
+        return "an unknown time"
     s = abs(seconds)
     if s < 60:
         return "less than a minute"
@@ -98,12 +101,14 @@ class Moment:
 
 
 def moment(ts: float, now: float, *, expiry: bool = False) -> Moment:
+    when = utc_datetime(ts)
+    if when is None:  # a stored date no calendar can show (written before lifetimes were clamped)
+        return Moment("at an unknown time", "unknown time", "")
     delta = ts - now
     if expiry:
         relative = f"in {span(delta)}" if delta > 0 else f"expired {span(delta)} ago"
     else:
         relative = "just now" if abs(delta) < 60 else f"{span(delta)} ago"
-    when = datetime.fromtimestamp(ts, tz=UTC)
     return Moment(
         relative, when.strftime("%Y-%m-%d %H:%M:%S UTC"), when.strftime("%Y-%m-%dT%H:%M:%SZ")
     )

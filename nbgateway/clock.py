@@ -6,8 +6,21 @@ so tests move time with `FakeClock.advance()` instead of sleeping.
 
 from __future__ import annotations
 
+import math
 import time
+from datetime import UTC, datetime
 from typing import Protocol
+
+
+def utc_datetime(ts: float | None) -> datetime | None:
+    """`ts` (epoch seconds) as an aware UTC datetime; None when it is missing, not finite or
+    outside what a datetime can hold (a row stored with an absurd expiry must still render)."""
+    if ts is None or not math.isfinite(ts):
+        return None
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class Clock(Protocol):

@@ -22,9 +22,8 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from nbgateway.clock import Clock
+from nbgateway.clock import Clock, utc_datetime
 from nbgateway.errors import (
     AccountNotFound,
     OAuthError,
@@ -106,10 +105,8 @@ NeedsReauthListener = Callable[[str, str], None]
 
 
 def _iso(ts: float) -> str:
-    try:
-        return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
-    except (OverflowError, OSError, ValueError):
-        return "an unknown time"
+    when = utc_datetime(ts)
+    return "an unknown time" if when is None else when.isoformat(timespec="seconds")
 
 
 class TokenManager:

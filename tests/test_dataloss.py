@@ -13,17 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
+import math
+import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from conftest import ConnectAccount, Gateway, GatewayFactory
+from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
+from procs import clean_os_environ, gateway_env, run_command
+from test_admin_pages import Browser
 
 from nbgateway.clock import FakeClock
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus
+from nbgateway.oauth import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
+from nbgateway.tokens import MIN_REFRESH_INTERVAL
 
 SLUG = "acme"
 ME = "/api/v2/signups/me"
@@ -345,3 +354,151 @@ class TestReadinessChecksWrites:
         status, body = await readyz(gateway)
         assert status == 503
         assert str(path) not in body
+
+
+# ---------------------------------------------------------------------- point 4: lifetimes
+
+
+def cli_accounts_json(gw: Gateway, encryption_key: str) -> subprocess.CompletedProcess[str]:
+    """`nbgateway accounts list --json` on the gateway's database, as a separate process."""
+    database = gw.settings.database
+    assert isinstance(database, Path)
+    env = {**clean_os_environ(), **gateway_env(database, ADMIN_TOKEN, key=encryption_key)}
+    return run_command([sys.executable, "-m", "nbgateway", "accounts", "list", "--json"], env=env)
+
+
+async def every_admin_surface_lists(
+    gw: Gateway, encryption_key: str, slugs: list[str]
+) -> dict[str, Any]:
+    """The accounts API, the /connect page and `accounts list --json` all answer and name
+    every account; returns the API's account objects by slug."""
+    resp = await gw.client.get(
+        "/connect/api/accounts", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert resp.status == 200, await resp.text()
+    api = {a["slug"]: a for a in (await resp.json())["accounts"]}
+    assert sorted(api) == sorted(slugs)
+
+    async with aiohttp.ClientSession(base_url=str(gw.client.make_url("/"))) as http:
+        browser = Browser(http)
+        status, _, _ = await browser.login()
+        assert status == 303
+        status, page, _ = await browser.get("/connect")
+    assert status == 200, page
+    for slug in slugs:
+        assert slug in page
+
+    done = await asyncio.to_thread(cli_accounts_json, gw, encryption_key)
+    assert done.returncode == 0, done.stderr
+    assert sorted(row["slug"] for row in json.loads(done.stdout)) == sorted(slugs)
+    return api
+
+
+class TestAbsurdLifetimes:
+    @pytest.mark.parametrize(
+        ("expires_in", "lifetime"),
+        [
+            (1e12, MAX_LIFETIME),
+            (1e20, MAX_LIFETIME),
+            (math.inf, MAX_LIFETIME),  # sent as the JSON extension Infinity (what 1e400 parses to)
+            ("Infinity", MAX_LIFETIME),
+            (math.nan, DEFAULT_LIFETIME),
+            ("soon", DEFAULT_LIFETIME),
+            (-5, MIN_LIFETIME),
+            (0, MIN_LIFETIME),
+        ],
+        ids=["1e12", "1e20", "inf", "Infinity-string", "nan", "text", "negative", "zero"],
+    )
+    async def test_stored_lifetime_is_clamped_and_every_surface_still_lists(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        encryption_key: str,
+        expires_in: Any,
+        lifetime: float,
+    ) -> None:
+        """A refresh answering an absurd expires_in stores a lifetime within the sane range;
+        the accounts API, the /connect page and the CLI keep listing every account."""
+        await connect_account(gateway, SLUG)
+        await connect_account(gateway, "other")
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"expires_in": expires_in})
+        assert await fetch(gateway, f"/n/{SLUG}{ME}") == 200
+        account = await gateway.store.get_account(SLUG)
+        assert account is not None and account.expires_at is not None
+        assert account.expires_at - clock.now() == lifetime
+        await every_admin_surface_lists(gateway, encryption_key, [SLUG, "other"])
+
+    async def test_dates_written_by_an_older_version_render(
+        self, gateway: Gateway, connect_account: ConnectAccount, encryption_key: str
+    ) -> None:
+        """Rows stored before lifetimes were clamped (expiry 1e20, infinity, -1e20, a
+        connection time far beyond year 9999) do not break any listing."""
+        slugs = [SLUG, "huge", "infinite", "negative"]
+        for slug in slugs:
+            await connect_account(gateway, slug)
+        path = gateway.settings.database
+        assert isinstance(path, Path)
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            for slug, value in (("huge", 1e20), ("infinite", math.inf), ("negative", -1e20)):
+                conn.execute(
+                    "UPDATE accounts SET expires_at = ?, last_refresh_at = ?, created_at = ? "
+                    "WHERE slug = ?",
+                    (value, value, abs(value), slug),
+                )
+        await gateway.tokens.sync(force=True)
+        api = await every_admin_surface_lists(gateway, encryption_key, slugs)
+        assert api[SLUG]["access_token_expires_at"] is not None
+        for slug in ("huge", "infinite", "negative"):
+            assert api[slug]["access_token_expires_at"] is None
+
+    @pytest.mark.parametrize(
+        ("expires_in", "most"),
+        # 100 s: renewed at half its life. Negative: clamped to MIN_LIFETIME (60 s), renewed
+        # no more often than MIN_REFRESH_INTERVAL (30 s): at 0, 30, 60 and 90 s.
+        [(100, 2), (-5, 1 + int(95 // MIN_REFRESH_INTERVAL))],
+        ids=["shorter-than-margin", "negative"],
+    )
+    async def test_short_lifetime_does_not_refresh_on_every_request(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        expires_in: int,
+        most: int,
+    ) -> None:
+        """Lifetimes not longer than the margin (300 s): 20 requests over 95 s make a few
+        refreshes (margin = min(margin, lifetime / 2), and a minimum interval between
+        refreshes), not one per request."""
+        await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"expires_in": expires_in}, times=50)
+        fake_nb.clear_recordings()
+        statuses = [await fetch(gateway)]
+        for _ in range(19):
+            clock.advance(5.0)
+            statuses.append(await fetch(gateway))
+        assert statuses == [200] * 20
+        assert 1 <= len(refresh_tokens_sent(fake_nb)) <= most
+
+    @pytest.mark.parametrize("expires_in", [100, -5, 0], ids=["100s", "negative", "zero"])
+    async def test_twenty_requests_at_one_instant_refresh_once(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        expires_in: int,
+    ) -> None:
+        """20 requests at one instant after a refresh that answered a lifetime not longer
+        than the margin: one refresh in all (the issue saw 21 for 20)."""
+        await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"expires_in": expires_in}, times=50)
+        fake_nb.clear_recordings()
+        for _ in range(20):
+            assert await fetch(gateway) == 200
+        assert len(refresh_tokens_sent(fake_nb)) == 1
