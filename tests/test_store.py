@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -72,6 +73,13 @@ def assert_absent(files: dict[str, bytes], *values: str) -> None:
     for name, data in files.items():
         for value in values:
             assert value.encode() not in data, f"{value!r} found in clear in {name}"
+
+
+def dead_process_id() -> int:
+    """The pid of a process of this host that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def raw_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
@@ -529,6 +537,37 @@ class TestRefreshLock:
             account = await b.get_account("acme")
         assert account is not None
         assert account.access_token == token_set(clock, "2").access_token
+
+    @pytest.mark.parametrize("holder", ["dead-here", "live-elsewhere"])
+    async def test_lease_of_a_dead_process_on_this_host_is_taken_at_once(
+        self, db_path: Path, clock: FakeClock, key: str, holder: str
+    ) -> None:
+        """A lease left by a process of this host that no longer runs (kill -9 mid-refresh)
+        is taken over at once, its marker reported as interrupted; a lease held from
+        another host is waited for (its process cannot be checked)."""
+        await create_database(db_path, clock, key)
+        async with make_store(db_path, clock, key) as a, make_store(db_path, clock, key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                [(owner,)] = raw_query(db_path, "SELECT refresh_owner FROM accounts")
+                host, namespace, _pid, rest = owner.split("/", 3)
+                if holder == "dead-here":
+                    stolen = f"{host}/{namespace}/{dead_process_id()}/{rest}"
+                else:
+                    stolen = f"elsewhere.example/{namespace}/1/{rest}"
+                raw_execute(db_path, "UPDATE accounts SET refresh_owner = ?", (stolen,))
+
+                async def claim_in_b() -> float | None:
+                    async with b.refresh_lock("acme") as locked_b:
+                        return locked_b.interrupted_at
+
+                if holder == "dead-here":
+                    interrupted = await asyncio.wait_for(claim_in_b(), 5)
+                    assert interrupted == clock.now()
+                else:
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(claim_in_b(), 0.3)
 
 
 class TestEncryptionAtRest:

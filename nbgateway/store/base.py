@@ -11,8 +11,9 @@ Refresh coordination, as every backend must provide it:
 - `refresh_lock(slug)` gives exclusive use of one account's refresh across every process
   sharing the database, and never blocks another account. It waits (without polling the
   lock itself) while another live holder has it; a holder that died is replaced: at once
-  where the database notices (PostgreSQL drops a dead connection's lock), after the lease
-  deadline where it cannot (SQLite).
+  where the database notices (PostgreSQL drops a dead connection's lock; SQLite when the
+  holder was a process of the same host that no longer runs), after the lease deadline
+  where it cannot (SQLite, a holder on another host).
 - `AccountLock.begin_refresh()` durably records a "refresh in flight" marker before the
   token call; `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a

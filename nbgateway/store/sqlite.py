@@ -9,7 +9,8 @@ Refresh coordination is a per-account lease in the account row (owner, deadline,
 claiming it, recording the marker and storing the result are each their own short write
 transaction, so the token call runs with no transaction open and a refresh of one nation
 never waits for another. The lease outlives the bounded token call (`lease_seconds`); a
-lease whose holder died is taken over only after its deadline. A process waiting for a
+lease whose holder died is taken over after its deadline, or at once when the holder was a
+process of this host (and PID namespace) that no longer runs. A process waiting for a
 lease held elsewhere watches `PRAGMA data_version` (the change counter) rather than the
 lock, re-checking at least once a second.
 """
@@ -153,8 +154,36 @@ _LEASE_RECHECK = 1.0
 _CHANGE_POLL = 0.05
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace ("-" where it cannot be known): a pid means the same
+    process only to another process of the same host and namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
 def _owner_id() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()}/{_pid_namespace()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def _holder_died(holder: str) -> bool:
+    """True only when the lease holder was a process of this host and PID namespace that no
+    longer runs (killed mid-refresh): its lease need not be waited out. Anything unknown
+    (another host, another namespace, a reused pid) counts as alive."""
+    parts = holder.split("/")
+    if len(parts) < 4 or parts[1] == "-":
+        return False
+    host, namespace, pid = parts[0], parts[1], parts[2]
+    if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
 
 
 class _Lease:
@@ -599,7 +628,13 @@ class SQLiteStore:
                 # A lease of this store's own is stale: the token manager holds at most one
                 # per account at a time, so it is left over from a failed release.
                 own = holder is not None and holder.startswith(self._owner + "/")
-                if holder is None or deadline is None or deadline <= now or own:
+                if (
+                    holder is None
+                    or deadline is None
+                    or deadline <= now
+                    or own
+                    or _holder_died(holder)
+                ):
                     await conn.execute(
                         "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
                         "refresh_started_at = NULL WHERE slug = ?",
