@@ -7,16 +7,19 @@ code, store the tokens). One implementation, so every admin path behaves the sam
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from nbgateway.clock import utc_datetime
 from nbgateway.errors import (
     AccountNotFound,
     AuthorizationFailed,
+    CorruptRecordError,
+    DecryptError,
     OAuthError,
     StateError,
 )
-from nbgateway.models import AccountInfo, Event, EventKind, is_valid_slug
+from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, is_valid_slug
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
 from nbgateway.store import TokenStore
@@ -72,12 +75,27 @@ class AccountService:
         self._oauth = oauth
 
     async def list_accounts(self) -> list[AccountInfo]:
-        return await self._store.list_accounts()
+        """Every account; one whose stored tokens do not decrypt is shown as UNREADABLE with
+        the problem as its error (the store's listing decrypts nothing, so check here)."""
+        return [await self._checked(info) for info in await self._store.list_accounts()]
+
+    async def _checked(self, info: AccountInfo) -> AccountInfo:
+        if info.status is AccountStatus.UNREADABLE:
+            return info
+        try:
+            await self._store.get_account(info.slug)
+        except (DecryptError, CorruptRecordError) as exc:
+            return dataclasses.replace(
+                info,
+                status=AccountStatus.UNREADABLE,
+                last_error=f"the stored credentials cannot be read: {exc}",
+            )
+        return info
 
     async def get(self, slug: str) -> AccountInfo:
         for info in await self._store.list_accounts():
             if info.slug == slug:
-                return info
+                return await self._checked(info)
         raise AccountNotFound(slug)
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:

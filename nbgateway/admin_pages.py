@@ -183,6 +183,8 @@ def account_view(
 ) -> AccountView:
     if info.status is AccountStatus.NEEDS_REAUTH:
         status, css = "needs re-authorization", "reauth"
+    elif info.status is AccountStatus.UNREADABLE:
+        status, css = "stored credentials unreadable", "reauth"
     elif info.expires_at is None or info.expires_at - now <= margin + SOON_LEAD:
         status, css = "refreshing soon", "soon"
     else:

@@ -23,6 +23,8 @@ def is_valid_slug(value: str) -> bool:
 class AccountStatus(StrEnum):
     ACTIVE = "active"
     NEEDS_REAUTH = "needs_reauth"
+    # Never stored: how a listing shows a row whose stored values cannot be read.
+    UNREADABLE = "unreadable"
 
 
 class RefreshOutcome(StrEnum):

@@ -45,6 +45,7 @@ from nbgateway.errors import (
     NotImplementedByGateway,
     RequestTooLarge,
     StoreError,
+    StoreUnavailable,
     TokenUnavailable,
     UnknownAccount,
     UpstreamInvalidResponse,
@@ -333,9 +334,12 @@ class Proxy:
             return await self._tokens.force_refresh(slug, stale.generation)
         except (TokenUnavailable, StoreError) as exc:
             if isinstance(exc, StoreError) and not isinstance(exc, AccountNotFound):
-                log.error(
-                    "stored credentials unreadable", extra={"account": slug, "error": str(exc)}
+                what = (
+                    "token store unavailable"
+                    if isinstance(exc, StoreUnavailable)
+                    else "stored credentials unreadable"
                 )
+                log.error(what, extra={"account": slug, "error": str(exc)})
             raise token_error(slug, exc, f"{self._public}/connect") from None
 
     def _upstream_headers(self, request: web.Request, token: IssuedToken) -> CIMultiDict[str]:

@@ -139,9 +139,12 @@ def state_hash(state: str) -> str:
 
 def _status(value: Any, slug: str) -> AccountStatus:
     try:
-        return AccountStatus(value)
+        status = AccountStatus(value)
     except ValueError:
-        raise CorruptRecordError(f"account {slug!r} has an unknown status {value!r}") from None
+        status = AccountStatus.UNREADABLE
+    if status is AccountStatus.UNREADABLE:  # shown only, never stored
+        raise CorruptRecordError(f"account {slug!r} has an unknown status {value!r}")
+    return status
 
 
 def _number(value: Any, slug: str, name: str) -> float | None:
@@ -214,6 +217,27 @@ def audit_from_row(row: Row) -> AuditEntry:
         status=int(row["status"]),
         request_id=row["request_id"],
     )
+
+
+def listed_info_from_row(row: Row) -> AccountInfo:
+    """`info_from_row` for listings: a row whose own columns are corrupt is listed as
+    UNREADABLE with the problem as its error, so one bad row does not hide the others."""
+    try:
+        return info_from_row(row)
+    except (CorruptRecordError, TypeError, ValueError) as exc:
+        slug = str(row["slug"])
+        return AccountInfo(
+            slug=slug,
+            status=AccountStatus.UNREADABLE,
+            expires_at=None,
+            scope="",
+            generation=0,
+            last_refresh_at=None,
+            last_error=f"the stored account cannot be read: {exc}"[:LAST_ERROR_MAX],
+            created_at=0.0,
+            updated_at=0.0,
+            refresh_started_at=None,
+        )
 
 
 def event_from_row(row: Row) -> Event:

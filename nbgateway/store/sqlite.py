@@ -73,8 +73,8 @@ from nbgateway.store.base import (
     client_from_row,
     client_row,
     event_from_row,
-    info_from_row,
     lease_seconds,
+    listed_info_from_row,
     state_hash,
 )
 
@@ -463,7 +463,7 @@ class SQLiteStore:
             async with self.conn.execute(
                 f"SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug"
             ) as cur:
-                return [info_from_row(row) async for row in cur]
+                return [listed_info_from_row(row) async for row in cur]
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
 
@@ -720,7 +720,8 @@ class SQLiteStore:
             await conn.execute("DELETE FROM auth_states WHERE expires_at < ?", (now,))
             await conn.execute(
                 "DELETE FROM auth_states WHERE state_hash IN (SELECT state_hash FROM auth_states "
-                "ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                # rowid breaks ties: states started within one clock tick go oldest first.
+                "ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
                 (STATES_KEPT - 1,),
             )
             await conn.execute(

@@ -1,0 +1,265 @@
+"""The store under bad conditions, through the real gateway, admin surfaces and CLI.
+
+Issue 8, point 16 (the store's parts): an immutable database is reported as unwritable, not
+as unreadable credentials; a corrupt row is listed as unreadable (never as active with no
+error) and does not hide the other accounts; one corrupt row does not stop `rotate-key`;
+pending authorizations are capped and expire; a foreign session hitting the callback does
+not burn the admin's authorization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
+from procs import clean_os_environ, gateway_env, run_command
+from test_admin_pages import BrowserFactory, browsers, consent, start  # noqa: F401 (fixture)
+from yarl import URL
+
+from nbgateway.accounts import STATE_TTL
+from nbgateway.clock import FakeClock
+from nbgateway.crypto import Cipher, generate_key
+from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.models import AccountStatus
+from nbgateway.redact import Secret
+from nbgateway.store.base import STATES_KEPT
+
+ME = "/api/v2/signups/me"
+LIFETIME = 86400.0
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def database_of(gw: Gateway) -> Path:
+    path = gw.settings.database
+    assert isinstance(path, Path)
+    return path
+
+
+def chattr(flag: str, path: Path) -> bool:
+    """Set or clear a file attribute (+i: immutable, even for root); False if unsupported."""
+    done = run_command(["chattr", flag, str(path)])
+    return done.returncode == 0
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    if not chattr("+i", path):
+        pytest.skip("chattr +i is not supported on this filesystem")
+    try:
+        yield
+    finally:
+        assert chattr("-i", path)
+
+
+def raw_execute(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(sql, params)
+
+
+def corrupt_refresh_token(path: Path, slug: str) -> None:
+    """Flip one ciphertext byte of the stored refresh token (the key id stays intact)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        (blob,) = conn.execute(
+            "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,)
+        ).fetchone()
+        damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
+        conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))
+
+
+def cli(gw: Gateway, key: str, *argv: str) -> Any:
+    """Run `nbgateway ARGV` on the gateway's database with NBGW_ENCRYPTION_KEY=key."""
+    env = {**clean_os_environ(), **gateway_env(database_of(gw), ADMIN_TOKEN, key=key)}
+    return run_command([sys.executable, "-m", "nbgateway", *argv], env=env)
+
+
+async def api_accounts(gw: Gateway) -> dict[str, dict[str, Any]]:
+    resp = await gw.client.get("/connect/api/accounts", headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    return {a["slug"]: a for a in (await resp.json())["accounts"]}
+
+
+# ---------------------------------------------------------------------- immutable database
+
+
+class TestImmutableDatabase:
+    async def test_is_reported_as_unwritable_not_as_unreadable_credentials(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A gateway on an immutable database file: a request that needs a refresh, and an
+        admin refresh, get 503 store_unavailable (the database cannot be written), the log
+        says so, nothing claims the stored credentials are unreadable; /readyz is 503."""
+        first = await gateway_factory()
+        await connect_account(first, "acme")
+        path = database_of(first)
+        await first.client.close()
+        with immutable(path):
+            gw = await gateway_factory(first.settings)
+            clock.advance(LIFETIME)
+            with caplog.at_level(logging.ERROR, logger="nbgateway"):
+                resp = await gw.client.get(ME)
+                body = await resp.text()
+                admin = await gw.client.post("/connect/api/accounts/acme/refresh", headers=AUTH)
+                admin_body = await admin.text()
+                ready = await gw.client.get("/readyz")
+        assert resp.status == 503, body
+        assert resp.headers["X-NBGW-Error"] == "store_unavailable"
+        assert admin.status == 503, admin_body
+        assert admin.headers["X-NBGW-Error"] == "store_unavailable"
+        assert ready.status == 503
+        messages = [r.getMessage() for r in caplog.records]
+        assert "token store unavailable" in messages
+        assert not any("unreadable" in m for m in messages)
+        assert "cannot be read" not in body + admin_body
+
+
+# ---------------------------------------------------------------------- corrupt rows
+
+
+class TestCorruptRows:
+    async def test_undecryptable_row_is_listed_as_unreadable_with_its_error(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        browsers: BrowserFactory,
+        encryption_key: str,
+    ) -> None:
+        """A row whose refresh token fails authentication is shown as unreadable with the
+        problem, in the admin API, the /connect page and `accounts list --json`; the other
+        account stays active with no error."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        corrupt_refresh_token(database_of(gateway), "acme")
+
+        listed = await api_accounts(gateway)
+        assert listed["acme"]["status"] == "unreadable"
+        assert "cannot be read" in listed["acme"]["last_error"]
+        assert listed["beta"]["status"] == "active"
+        assert listed["beta"]["last_error"] is None
+
+        status, page, _ = await (await browsers()).get("/connect")
+        assert status == 200
+        assert "stored credentials unreadable" in page
+
+        done = await asyncio.to_thread(cli, gateway, encryption_key, "accounts", "list", "--json")
+        assert done.returncode == 0, done.stderr
+        rows = {r["slug"]: r for r in json.loads(done.stdout)}
+        assert rows["acme"]["status"] == "unreadable"
+        assert rows["beta"]["status"] == "active"
+        assert "nbfake-" not in done.stdout + done.stderr
+
+    async def test_row_with_an_unknown_status_does_not_hide_the_others(
+        self, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """A row whose status column holds nonsense is listed as unreadable; the listing of
+        every other account, and the token manager's sync, keep working."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        raw_execute(
+            database_of(gateway), "UPDATE accounts SET status = 'zombie' WHERE slug = ?", ("acme",)
+        )
+        await gateway.tokens.sync(force=True)
+        listed = await api_accounts(gateway)
+        assert listed["acme"]["status"] == "unreadable"
+        assert "unknown status" in listed["acme"]["last_error"]
+        assert listed["beta"]["status"] == "active"
+        resp = await gateway.client.get(f"/n/beta{ME}")
+        assert resp.status == 200
+        assert [i.slug for i in await gateway.store.list_accounts()] == ["acme", "beta"]
+        assert (await gateway.store.list_accounts())[0].status is AccountStatus.UNREADABLE
+
+    async def test_rotate_key_skips_and_names_a_corrupt_row(
+        self, gateway: Gateway, connect_account: ConnectAccount, encryption_key: str
+    ) -> None:
+        """`rotate-key` with one corrupt row re-encrypts the others, names the skipped one on
+        stderr and exits non-zero; afterwards the new key alone opens the good row."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        corrupt_refresh_token(database_of(gateway), "acme")
+        new = generate_key()
+        done = await asyncio.to_thread(cli, gateway, f"{new},{encryption_key}", "rotate-key")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "re-encrypted 1 account(s)" in done.stdout
+        assert "'acme'" in done.stderr
+        assert "'beta'" not in done.stderr
+        with contextlib.closing(sqlite3.connect(database_of(gateway))) as conn:
+            blobs = dict(conn.execute("SELECT slug, refresh_token FROM accounts").fetchall())
+        assert blobs["beta"][1:5].hex() == Cipher([Secret(new)]).primary_key_id
+        assert blobs["acme"][1:5].hex() == Cipher([Secret(encryption_key)]).primary_key_id
+        checked = await asyncio.to_thread(cli, gateway, f"{new},{encryption_key}", "check")
+        assert checked.returncode == 1
+        assert "'acme'" in checked.stderr and "'beta'" not in checked.stderr
+
+
+# ---------------------------------------------------------------------- authorization states
+
+
+def state_of(url: str) -> str:
+    return URL(url).query["state"]
+
+
+async def pending_states(gw: Gateway) -> int:
+    def count() -> int:
+        with contextlib.closing(sqlite3.connect(database_of(gw))) as conn:
+            (n,) = conn.execute("SELECT count(*) FROM auth_states").fetchone()
+            return int(n)
+
+    return await asyncio.to_thread(count)
+
+
+class TestPendingAuthorizations:
+    async def test_are_capped_oldest_first(
+        self, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """More started authorizations than STATES_KEPT: at most STATES_KEPT stay pending,
+        the oldest is refused at the callback, the newest still completes."""
+        urls = [await gateway.accounts.start_connect("acme") for _ in range(STATES_KEPT + 5)]
+        assert await pending_states(gateway) == STATES_KEPT
+
+        oldest = await gateway.client.get(await consent(fake_nb, urls[0], "approve"))
+        assert oldest.status == 400
+        assert "unknown" in await oldest.text()
+        newest = await gateway.client.get(await consent(fake_nb, urls[-1], "approve"))
+        assert newest.status == 200, await newest.text()
+        assert [i.slug for i in await gateway.accounts.list_accounts()] == ["acme"]
+
+    async def test_expire_and_are_purged(
+        self, gateway: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """A pending authorization older than its TTL is refused and purged by the next."""
+        url = await gateway.accounts.start_connect("acme")
+        callback = await consent(fake_nb, url, "approve")
+        clock.advance(STATE_TTL + 1)
+        await gateway.accounts.start_connect("beta")
+        assert await pending_states(gateway) == 1
+        resp = await gateway.client.get(callback)
+        assert resp.status == 400
+        assert await gateway.accounts.list_accounts() == []
+
+    async def test_foreign_session_at_the_callback_does_not_burn_the_admins_state(
+        self, gateway: Gateway, browsers: BrowserFactory, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Another browser (logged in or not) opening the admin's callback URL is refused,
+        and the admin's own browser then completes the same authorization."""
+        admin, other, anon = await browsers(), await browsers(), await browsers(logged_in=False)
+        callback = await consent(fake_nb, await start(admin, "acme"), "approve")
+        for foreign in (other, anon):
+            status, text, _ = await foreign.get(callback)
+            assert status == 400
+            assert "another session" in text
+        assert await gateway.accounts.list_accounts() == []
+        status, text, _ = await admin.get(callback)
+        assert status == 303, text  # connected: back to the accounts page
+        assert [i.slug for i in await gateway.accounts.list_accounts()] == ["acme"]
