@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_admin_pages
 from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
 from procs import clean_os_environ, gateway_env, run_command
-from test_admin_pages import BrowserFactory, browsers, consent, start  # noqa: F401 (fixture)
+from test_admin_pages import BrowserFactory, consent, start
 from yarl import URL
 
 from nbgateway.accounts import STATE_TTL
@@ -32,6 +33,9 @@ from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus
 from nbgateway.redact import Secret
 from nbgateway.store.base import STATES_KEPT
+
+# The admin pages' browser fixture (separate cookie stores against the test gateway).
+browsers = test_admin_pages.browsers
 
 ME = "/api/v2/signups/me"
 LIFETIME = 86400.0
