@@ -29,14 +29,17 @@ from procs import (
     clean_os_environ,
     free_port,
     gateway_env,
-    open_store,
     start_fake,
     token_set,
     wait_ready,
 )
 from test_admin_pages import Browser
 
+from nbgateway.clock import SystemClock
+from nbgateway.crypto import Cipher
 from nbgateway.models import AccountInfo, AccountStatus, EventKind
+from nbgateway.redact import Secret
+from nbgateway.store import TokenStore, make_store
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +96,12 @@ async def webhook(aiohttp_server: Any) -> AsyncIterator[tuple[str, list[dict[str
     yield str(server.make_url("/alert")), received
 
 
+def open_store(env: dict[str, str]) -> TokenStore:
+    """The store the gateway of `env` uses, whichever backend NBGW_DATABASE names."""
+    cipher = Cipher([Secret(k) for k in env["NBGW_ENCRYPTION_KEY"].split(",")])
+    return make_store(env["NBGW_DATABASE"], cipher, SystemClock())
+
+
 async def read_info(env: dict[str, str]) -> AccountInfo:
     async with open_store(env) as store:
         [info] = [i for i in await store.list_accounts() if i.slug == SLUG]
@@ -128,6 +137,7 @@ async def test_restart_after_kill_during_the_token_call_reports_the_interrupted_
     env = {
         **clean_os_environ(),
         **gateway_env(Path(database), ADMIN_TOKEN, fake.url),
+        "NBGW_DATABASE": database,
         "NBGW_DEFAULT_ACCOUNT": SLUG,
         "NBGW_ALERT_WEBHOOK": hook_url,
     }
