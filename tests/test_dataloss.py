@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
+from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory, SettingsFactory
 from procs import clean_os_environ, gateway_env, run_command
 from test_admin_pages import Browser
 
@@ -229,6 +229,60 @@ class TestDiskFullDuringRefresh:
         filler.unlink()
         await gw.tokens.persist_pending(force=True)
         assert gw.tokens.unpersisted == []
+
+    async def test_another_process_waits_for_the_holder_instead_of_spending_the_token(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        disk: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        settings_factory: SettingsFactory,
+    ) -> None:
+        """Two processes on one full disk: A holds the rotated pair in memory and could not
+        release its lease. Once space returns and A's lease has lapsed, B (needing a fresh
+        token too) must not send the consumed refresh token (invalid_grant, needs-reauth):
+        it waits while A lives and adopts the pair A stores."""
+        settings = settings_factory(database=disk / "gateway.db")
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        issued = await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        assert await fetch(b) == 200
+
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        request = asyncio.create_task(fetch(a))
+        await fake_nb.wait_for_pending_tokens(1)
+        filler = fill(disk)
+        fake_nb.release_tokens()
+        assert await request == 200
+        assert a.tokens.unpersisted == [SLUG]
+
+        filler.unlink()
+        clock.advance(2 * a.store.lease)  # type: ignore[attr-defined]
+        asked: list[str] = []
+        original = b.store.refresh_lock
+
+        def refresh_lock(slug: str) -> Any:
+            asked.append(slug)
+            return original(slug)
+
+        monkeypatch.setattr(b.store, "refresh_lock", refresh_lock)
+        waiting = asyncio.create_task(fetch(b))
+        for _ in range(500):
+            if asked:
+                break
+            await asyncio.sleep(0.01)
+        assert asked == [SLUG]
+        await asyncio.sleep(0.2)  # B is at the lease; it must not have called the endpoint
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
+        await a.tokens.persist_pending(force=True)
+        assert await asyncio.wait_for(waiting, 30) == 200
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
+        assert (await b.accounts.get(SLUG)).status is AccountStatus.ACTIVE
+        assert b.metric(NEEDS_REAUTH, account=SLUG) == 0
 
 
 # ---------------------------------------------------------------------- point 2

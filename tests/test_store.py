@@ -538,33 +538,65 @@ class TestRefreshLock:
         assert account is not None
         assert account.access_token == token_set(clock, "2").access_token
 
-    @pytest.mark.parametrize("holder", ["dead-here", "live-elsewhere"])
-    async def test_lease_of_a_dead_process_on_this_host_is_taken_at_once(
-        self, db_path: Path, clock: FakeClock, key: str, holder: str
+    @pytest.mark.parametrize(
+        ("holder", "lapsed", "marker", "taken"),
+        [
+            ("dead-here", False, True, True),
+            ("live-elsewhere", False, True, False),
+            ("live-here", True, True, False),
+            ("live-here", True, False, True),
+            ("live-elsewhere", True, True, True),
+        ],
+        ids=[
+            "dead-process-here-at-once",
+            "live-elsewhere-before-deadline-waits",
+            "live-here-lapsed-mid-call-waits",
+            "live-here-lapsed-before-call-taken",
+            "elsewhere-lapsed-taken",
+        ],
+    )
+    async def test_who_may_take_over_a_lease(
+        self,
+        db_path: Path,
+        clock: FakeClock,
+        key: str,
+        holder: str,
+        lapsed: bool,
+        marker: bool,
+        taken: bool,
     ) -> None:
         """A lease left by a process of this host that no longer runs (kill -9 mid-refresh)
-        is taken over at once, its marker reported as interrupted; a lease held from
-        another host is waited for (its process cannot be checked)."""
+        is taken at once, its marker reported as interrupted. Another host's lease is
+        waited for until its deadline. A live process of this host whose lease lapsed
+        during its token call (it could not store the result and may hold the rotated pair
+        in memory) is waited for; before any token call, a lapsed lease is taken."""
         await create_database(db_path, clock, key)
         async with make_store(db_path, clock, key) as a, make_store(db_path, clock, key) as b:
             await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
             async with a.refresh_lock("acme") as locked:
-                await locked.begin_refresh()
+                if marker:
+                    await locked.begin_refresh()
                 [(owner,)] = raw_query(db_path, "SELECT refresh_owner FROM accounts")
-                host, namespace, _pid, rest = owner.split("/", 3)
+                host, namespace, pid, rest = owner.split("/", 3)
                 if holder == "dead-here":
-                    stolen = f"{host}/{namespace}/{dead_process_id()}/{rest}"
-                else:
-                    stolen = f"elsewhere.example/{namespace}/1/{rest}"
-                raw_execute(db_path, "UPDATE accounts SET refresh_owner = ?", (stolen,))
+                    pid = str(dead_process_id())
+                elif holder == "live-elsewhere":
+                    host = "elsewhere.example"
+                raw_execute(
+                    db_path,
+                    "UPDATE accounts SET refresh_owner = ?",
+                    (f"{host}/{namespace}/{pid}/{rest}",),
+                )
+                if lapsed:
+                    clock.advance(b.lease + 1)
 
                 async def claim_in_b() -> float | None:
                     async with b.refresh_lock("acme") as locked_b:
                         return locked_b.interrupted_at
 
-                if holder == "dead-here":
+                if taken:
                     interrupted = await asyncio.wait_for(claim_in_b(), 5)
-                    assert interrupted == clock.now()
+                    assert (interrupted is not None) == marker
                 else:
                     with pytest.raises(TimeoutError):
                         await asyncio.wait_for(claim_in_b(), 0.3)

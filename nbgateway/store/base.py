@@ -13,7 +13,10 @@ Refresh coordination, as every backend must provide it:
   lock itself) while another live holder has it; a holder that died is replaced: at once
   where the database notices (PostgreSQL drops a dead connection's lock; SQLite when the
   holder was a process of the same host that no longer runs), after the lease deadline
-  where it cannot (SQLite, a holder on another host).
+  where it cannot (SQLite, a holder on another host). A holder that is alive but could
+  not write the result of its token call (disk full) keeps the account: the rotated pair
+  may exist only in its memory (TokenManager stores it once it can), so it is not
+  replaced while it runs (SQLite on one host; on PostgreSQL its lock stays held).
 - `AccountLock.begin_refresh()` durably records a "refresh in flight" marker before the
   token call; `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a

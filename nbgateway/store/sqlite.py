@@ -10,7 +10,9 @@ claiming it, recording the marker and storing the result are each their own shor
 transaction, so the token call runs with no transaction open and a refresh of one nation
 never waits for another. The lease outlives the bounded token call (`lease_seconds`); a
 lease whose holder died is taken over after its deadline, or at once when the holder was a
-process of this host (and PID namespace) that no longer runs. A process waiting for a
+process of this host (and PID namespace) that no longer runs. A holder of this host that
+still runs but let its lease lapse during a refresh (it could not store the result: the
+rotated pair may exist only in its memory) is waited for, not replaced. A process waiting for a
 lease held elsewhere watches `PRAGMA data_version` (the change counter) rather than the
 lock, re-checking at least once a second.
 """
@@ -167,23 +169,22 @@ def _owner_id() -> str:
     return f"{socket.gethostname()}/{_pid_namespace()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-def _holder_died(holder: str) -> bool:
-    """True only when the lease holder was a process of this host and PID namespace that no
-    longer runs (killed mid-refresh): its lease need not be waited out. Anything unknown
-    (another host, another namespace, a reused pid) counts as alive."""
+def _holder_runs(holder: str) -> bool | None:
+    """Whether the lease holder's process still runs: known only for a process of this
+    host and PID namespace (None for anything else: another host or namespace)."""
     parts = holder.split("/")
     if len(parts) < 4 or parts[1] == "-":
-        return False
+        return None
     host, namespace, pid = parts[0], parts[1], parts[2]
     if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
-        return False
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return True
+        return False
     except OSError:
-        return False  # exists, owned by someone else
-    return False
+        return True  # exists, owned by someone else
+    return True
 
 
 class _Lease:
@@ -628,13 +629,15 @@ class SQLiteStore:
                 # A lease of this store's own is stale: the token manager holds at most one
                 # per account at a time, so it is left over from a failed release.
                 own = holder is not None and holder.startswith(self._owner + "/")
-                if (
-                    holder is None
-                    or deadline is None
-                    or deadline <= now
-                    or own
-                    or _holder_died(holder)
-                ):
+                runs = None if holder is None or own else _holder_runs(holder)
+                lapsed = deadline is None or deadline <= now
+                # A holder of this host that still runs, past its deadline with its marker
+                # set, could not store the result of its token call (disk full, say) and
+                # may hold the rotated pair in memory: the old refresh token is spent, so
+                # wait for it rather than take over. A holder that no longer runs is
+                # replaced at once.
+                stuck_with_result = runs is True and row["refresh_started_at"] is not None
+                if holder is None or own or runs is False or (lapsed and not stuck_with_result):
                     await conn.execute(
                         "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
                         "refresh_started_at = NULL WHERE slug = ?",
@@ -644,9 +647,9 @@ class SQLiteStore:
                         row["refresh_started_at"] if holder is not None and not own else None
                     )
                     return _Lease(self, slug, owner, int(row["generation"]), interrupted)
-                wait = min(deadline - now, _LEASE_RECHECK)
+                wait = _LEASE_RECHECK if lapsed else min(deadline - now, _LEASE_RECHECK)
             if loop.time() >= give_up:
-                raise StoreError(
+                raise StoreUnavailable(
                     f"another process has held the refresh of account {slug!r} for too long"
                 )
             await self._wait_for_change(wait)
