@@ -16,7 +16,9 @@ Refresh coordination, as every backend must provide it:
   where it cannot (SQLite, a holder on another host). A holder that is alive but could
   not write the result of its token call (disk full) keeps the account: the rotated pair
   may exist only in its memory (TokenManager stores it once it can), so it is not
-  replaced while it runs (SQLite on one host; on PostgreSQL its lock stays held).
+  replaced while it runs. SQLite does this on one host (the lease stays in the row);
+  PostgreSQL needs the "refresh in flight" marker left in the row to mean the same while
+  the marking session is alive, since leaving the block releases its lock.
 - `AccountLock.begin_refresh()` durably records a "refresh in flight" marker before the
   token call; `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a
