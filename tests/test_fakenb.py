@@ -288,6 +288,32 @@ async def test_refresh_rotates_and_old_token_dies(client: Client) -> None:
     assert (await refresh(client, second["refresh_token"]))[0] == 200
 
 
+async def test_mangled_answer_still_rotates(client: Client, fake: FakeNationBuilder) -> None:
+    """mangle_token_answers replaces fields of the next answer after the grant: the used
+    refresh token is spent and the answer's new refresh token works; the next answer is
+    whole again. Floats outside JSON go out as Infinity/NaN."""
+    first = await exchange(client)
+    fake.mangle_token_answers({"token_type": "mac", "expires_in": float("inf")})
+    resp = await client.post(
+        "/acme/oauth/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": first["refresh_token"],
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        },
+    )
+    raw = await resp.text()
+    assert resp.status == 200
+    assert '"expires_in": Infinity' in raw
+    second = json.loads(raw)
+    assert second["token_type"] == "mac"
+    assert (await refresh(client, first["refresh_token"]))[0] == 400
+    status, third = await refresh(client, second["refresh_token"])
+    assert status == 200
+    assert third["token_type"] == "Bearer"
+
+
 async def test_refresh_grace_window(
     client: Client, fake: FakeNationBuilder, clock: FakeClock
 ) -> None:
