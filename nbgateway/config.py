@@ -1,20 +1,24 @@
 """Settings: declared once, read from the environment and an optional TOML file.
 
-`SETTINGS` is the single declaration (name, default, meaning, parser). The TOML file may hold
-the same keys lower-cased without the `NBGW_` prefix; environment variables win. Any missing
-or malformed value raises `ConfigError` naming the variable and what is expected.
+`SETTINGS` is the single declaration (name, default, meaning, what is expected). The TOML
+file may hold the same keys lower-cased without the `NBGW_` prefix; environment variables
+win. `validate_settings` checks everything at once and returns every problem, one message
+each naming the variable (missing, malformed or unworkable values, unknown `NBGW_*`
+variables and TOML keys); `load_settings` raises them together as one `ConfigError`.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
+import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
+from urllib.parse import SplitResult, urlsplit
 
 from nbgateway.errors import ConfigError
 from nbgateway.models import is_valid_slug
@@ -23,6 +27,16 @@ from nbgateway.redact import Secret
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_ALLOWED_CLIENTS = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+# NationBuilder access tokens live 24 h and every refresh rotates the refresh token. A margin
+# close to that life would refresh on (nearly) every request; an hour is twelve times the
+# default and already rides out an hour-long token-endpoint outage before a token expires.
+MAX_REFRESH_MARGIN = 3600
+# Waiting longer than an hour for one read from NationBuilder means the connection is hung;
+# the store's lock wait is derived from this value, so it must stay a sane number too.
+MAX_UPSTREAM_TIMEOUT = 3600.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,18 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("NBGW_LISTEN", "127.0.0.1:8080", "host:port to bind", "host:port"),
+    Setting(
+        "NBGW_LISTEN",
+        "127.0.0.1:8080",
+        "host:port to bind",
+        "host:port such as 0.0.0.0:8080 or [::1]:8080 (no scheme), port 1-65535",
+    ),
     Setting(
         "NBGW_PUBLIC_URL",
         "",
         "external base URL; redirect_uri is {PUBLIC_URL}/connect/callback "
         "(default http://{NBGW_LISTEN})",
-        "an http:// or https:// URL",
+        "an http:// or https:// URL with a host, optionally a path prefix, no query",
     ),
     Setting(
         "NBGW_DATABASE",
@@ -62,13 +81,23 @@ SETTINGS: tuple[Setting, ...] = (
         "comma-separated keys from `nbgateway keygen`; the first encrypts, all decrypt",
         "one or more keys printed by `nbgateway keygen`, comma-separated",
     ),
-    Setting("NBGW_CLIENT_ID", None, "the NationBuilder app's OAuth client id", "a client id"),
-    Setting("NBGW_CLIENT_SECRET", None, "the NationBuilder app's OAuth client secret", "a secret"),
+    Setting(
+        "NBGW_CLIENT_ID",
+        None,
+        "the NationBuilder app's OAuth client id",
+        "a client id (no spaces)",
+    ),
+    Setting(
+        "NBGW_CLIENT_SECRET",
+        None,
+        "the NationBuilder app's OAuth client secret",
+        "a secret (no spaces)",
+    ),
     Setting(
         "NBGW_ADMIN_TOKEN",
         None,
         "admin secret: /connect login and Bearer for /connect/api",
-        "a secret of at least 16 characters",
+        "a secret of at least 16 characters, no spaces",
     ),
     Setting(
         "NBGW_NATION_URL",
@@ -86,7 +115,7 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_REFRESH_MARGIN",
         "300",
         "seconds before expiry at which a token is refreshed",
-        "a whole number of seconds >= 0",
+        f"a whole number of seconds from 0 to {MAX_REFRESH_MARGIN}",
     ),
     Setting(
         "NBGW_ALLOWED_CLIENTS",
@@ -130,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_UPSTREAM_TIMEOUT",
         "60",
         "seconds to wait for NationBuilder (connect and each read) before 504",
-        "a number of seconds > 0",
+        f"a number of seconds > 0 and at most {MAX_UPSTREAM_TIMEOUT:.0f}",
     ),
     Setting(
         "NBGW_TOKEN_TIMEOUT",
@@ -270,6 +299,78 @@ def _fail(env: str, expected: str) -> ConfigError:
     return ConfigError(f"{env} is invalid: {expected}; expected {expects}")
 
 
+def _closest(name: str, known: Collection[str]) -> str:
+    """' (did you mean X?)' for the known name closest to a likely typo, else ''."""
+    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per `NBGW_*` variable that is not a setting (a likely typo)."""
+    return [
+        f"{name} is not a known setting{_closest(name, SETTINGS_BY_ENV)}; "
+        "`nbgateway --help` lists them"
+        for name in sorted(environ)
+        if name.startswith("NBGW_") and name not in SETTINGS_BY_ENV
+    ]
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a DNS name, or None when it is one."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host.removesuffix(".")
+    if (
+        not name
+        or len(name) > 253
+        or re.fullmatch(r"[0-9.]+", name)  # looks like IPv4 but is not one
+        or not all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+    ):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
+def _parse_listen(env: str, raw: str) -> tuple[str, int]:
+    """host:port (IPv6 in brackets) -> (host, port)."""
+    if "://" in raw or "/" in raw:
+        raise _fail(
+            env,
+            f"{raw!r} is a URL, not host:port: drop the scheme and path (the public address "
+            "goes in NBGW_PUBLIC_URL)",
+        )
+    bracketed = re.fullmatch(r"\[([^\]]*)\]:([^:]*)", raw)
+    if bracketed:
+        host, port_s = bracketed.groups()
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError(host)
+        except ValueError:
+            raise _fail(env, f"{host!r} in brackets is not an IPv6 address") from None
+    else:
+        host, sep, port_s = raw.rpartition(":")
+        if not sep or not host:
+            raise _fail(env, f"{raw!r} is not host:port")
+        if ":" in host:
+            raise _fail(env, f"{raw!r}: an IPv6 address needs brackets, such as [::1]:8080")
+        problem = _host_problem(host)
+        if problem:
+            raise _fail(env, problem)
+    if not port_s.isdigit():
+        raise _fail(env, f"port {port_s!r} is not a number")
+    port = int(port_s)
+    if port == 0:
+        raise _fail(env, "port 0 would bind a random port, so no redirect URI could match it")
+    if port > 65535:
+        raise _fail(env, f"port {port} is out of range")
+    return host, port
+
+
 def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
     nets: list[IPNetwork] = []
     for part in raw.split(","):
@@ -285,29 +386,63 @@ def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def _optional_cidrs(env: str, get: Callable[[str], str]) -> tuple[IPNetwork, ...]:
+def _parse_optional_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
     """A CIDR list that may be left empty (then `Settings` fills in NBGW_ALLOWED_CLIENTS)."""
-    raw = get(env)
     return _parse_cidrs(env, raw) if raw else ()
 
 
 def _parse_number(
-    env: str, raw: str, kind: Callable[[str], float], minimum: float, *, exclusive: bool = False
+    env: str,
+    raw: str,
+    kind: Callable[[str], float],
+    minimum: float,
+    *,
+    exclusive: bool = False,
+    maximum: float | None = None,
+    why: str = "",
 ) -> float:
-    """A finite number >= minimum (> minimum when `exclusive`)."""
+    """A finite number >= minimum (> minimum when `exclusive`), <= maximum when given.
+
+    `why` says why the maximum exists; it goes into the message of a value above it.
+    """
     try:
         value = kind(raw)
     except ValueError:
-        raise _fail(env, f"{raw!r} is not a number") from None
+        noun = "a whole number" if kind is int else "a number"
+        raise _fail(env, f"{raw!r} is not {noun}") from None
     if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
         raise _fail(env, f"{raw!r} is out of range")
+    if maximum is not None and value > maximum:
+        reason = f": {why}" if why else ""
+        raise _fail(env, f"{raw!r} is above the maximum of {maximum:g}{reason}")
     return value
 
 
-def _parse_url(env: str, raw: str) -> str:
-    parts = urlsplit(raw.replace("{slug}", "slug"))
+def _split_url(env: str, raw: str, *, shown: str) -> SplitResult:
+    """Split an http(s) URL with a valid host and port; `shown` is how the value is quoted."""
+    parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _fail(env, f"{raw!r} is not an http(s) URL")
+        raise _fail(env, f"{shown} is not an http(s) URL with a host")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise _fail(env, f"{shown} has an invalid port") from None
+    problem = _host_problem(host or "")
+    if problem:
+        raise _fail(env, f"{shown}: {problem}")
+    if port == 0:
+        raise _fail(env, f"{shown} has port 0")
+    return parts
+
+
+def _parse_url(env: str, raw: str) -> str:
+    """An http(s) base URL: scheme, host, optional port and path; no query or fragment."""
+    if "@" in urlsplit(raw).netloc:
+        # Not echoed: what precedes the @ may be a password.
+        raise _fail(env, "the URL contains a user name or password")
+    parts = _split_url(env, raw.replace("{slug}", "slug"), shown=repr(raw))
+    if parts.query or parts.fragment or raw.endswith("?") or "#" in raw:
+        raise _fail(env, f"{raw!r} has a query or fragment; give a base URL")
     return raw.rstrip("/")
 
 
@@ -345,25 +480,247 @@ def parse_database(raw: str, env: str = "NBGW_DATABASE") -> Path | str:
     return raw
 
 
-def _read_toml(path: Path) -> dict[str, str]:
+def _parse_optional_url(env: str, raw: str) -> str:
+    return _parse_url(env, raw) if raw else ""
+
+
+def _parse_nation_url(env: str, raw: str) -> str:
+    url = _parse_url(env, raw)
+    if "{slug}" not in url:
+        raise _fail(env, "it does not contain {slug}")
+    return url
+
+
+def _parse_webhook(env: str, raw: str) -> str:
+    if raw:
+        # Not echoed: webhook URLs often carry a secret.
+        _split_url(env, raw, shown="the URL")
+    return raw
+
+
+def _parse_database(env: str, raw: str) -> Path | str:
+    """`parse_database`, and a SQLite path that can name a file."""
+    if "://" in raw and not raw.startswith(POSTGRES_SCHEMES):
+        # Not echoed: a URL may carry a password.
+        raise _fail(env, "the value is a URL, but only postgresql:// URLs name a database")
+    database = parse_database(raw, env)
+    if isinstance(database, str):
+        return database
+    if "\x00" in raw:
+        raise _fail(env, "the path contains a NUL character")
+    if raw.endswith(("/", "\\")) or database.is_dir():
+        raise _fail(env, f"{raw!r} is a directory; name the database file inside it")
+    return database
+
+
+def _parse_keys(env: str, raw: str) -> tuple[Secret, ...]:
+    keys = tuple(Secret(k.strip()) for k in raw.split(",") if k.strip())
+    if raw:
+        if not keys:
+            raise _fail(env, "no key given")
+        # crypto sits above config in the layering (it raises ConfigError): import late.
+        from nbgateway.crypto import validate_key
+
+        for index, key in enumerate(keys):
+            if not validate_key(key):
+                raise _fail(env, f"key #{index + 1} is not a 32-byte url-safe base64 key")
+    return keys
+
+
+def _parse_word(env: str, raw: str, *, secret: bool = False, min_length: int = 0) -> str:
+    """One token of printable characters without spaces (a secret is never echoed)."""
+    if any(ch.isspace() or not ch.isprintable() for ch in raw):
+        shown = "it" if secret else repr(raw)
+        raise _fail(env, f"{shown} contains spaces or control characters")
+    if raw and len(raw) < min_length:
+        raise _fail(env, f"too short ({len(raw)} characters)")
+    return raw
+
+
+def _parse_slug(env: str, raw: str) -> str:
+    if raw and not is_valid_slug(raw):
+        raise _fail(env, f"{raw!r} is not a valid slug")
+    return raw
+
+
+def _parse_choice(env: str, raw: str, choices: Collection[str]) -> str:
+    if raw not in choices:
+        raise _fail(env, f"{raw!r} is not one of {', '.join(sorted(choices))}")
+    return raw
+
+
+_ON = ("on", "true", "1", "yes")
+_OFF = ("off", "false", "0", "no")
+
+
+def _parse_switch(env: str, raw: str) -> bool:
+    value = raw.lower()
+    if value not in _ON + _OFF:
+        raise _fail(env, f"{raw!r} is not on or off")
+    return value in _ON
+
+
+def _read_toml(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The settings a TOML file holds (by variable name) and one message per problem in it."""
     try:
         with path.open("rb") as fh:
             data: dict[str, Any] = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        return {}, [f"config file {path} does not exist"]
+    except OSError as exc:
+        return {}, [f"config file {path} cannot be read: {exc.strerror or exc}"]
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        return {}, [f"config file {path} is not valid TOML: {exc}"]
     known = {s.key: s for s in SETTINGS}
     values: dict[str, str] = {}
+    problems: list[str] = []
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            if key.upper() in SETTINGS_BY_ENV:
+                hint = f" (write it as {SETTINGS_BY_ENV[key.upper()].key!r} in the file)"
+            else:
+                hint = _closest(key, known)
+            problems.append(f"config file {path}: unknown setting {key!r}{hint}")
+            continue
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
         elif isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(f"config file {path}: {key} must be a string or number")
+            problems.append(f"config file {path}: {key} must be a string or number")
+            continue
         values[known[key].env] = str(value)
-    return values
+    return values, problems
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The outcome of `validate_settings`.
+
+    `settings` holds every accepted value, with the default in place of a refused one, so a
+    caller (`nbgateway check`) can go on checking what does not depend on the refused ones.
+    """
+
+    settings: Settings
+    problems: tuple[str, ...]
+    refused: frozenset[str]  # variables whose value was missing or refused
+
+
+def validate_settings(
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+    *,
+    required: Collection[str] = REQUIRED_FOR_SERVE,
+) -> Validation:
+    """Read and validate every setting; collect every problem instead of stopping at the first.
+
+    Environment wins over the TOML file. Each value is parsed by the function named next to
+    its variable below; a parser raises `_fail(env, why)` and never sees another variable.
+    """
+    problems: list[str] = []
+    refused: set[str] = set()
+    raw: dict[str, str] = {}
+    if config_file is not None:
+        file_values, file_problems = _read_toml(config_file)
+        raw.update(file_values)
+        problems.extend(file_problems)
+    problems.extend(unknown_variables(environ))
+    for setting in SETTINGS:
+        # An empty variable (as an env file with `NBGW_X=` leaves) does not hide the file.
+        if environ.get(setting.env, "").strip():
+            raw[setting.env] = environ[setting.env]
+
+    def take(env: str, parse: Callable[[str, str], T]) -> T:
+        """The parsed value of `env`; on a problem, record it and use the default."""
+        fallback = SETTINGS_BY_ENV[env].default or ""
+        value = raw.get(env, "").strip()
+        try:
+            if not value:
+                if SETTINGS_BY_ENV[env].default is None and env in required:
+                    raise _fail(env, "")
+                value = fallback
+            return parse(env, value)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            refused.add(env)
+            return parse(env, fallback)
+
+    host, port = take("NBGW_LISTEN", _parse_listen)
+    settings = Settings(
+        host=host,
+        port=port,
+        public_url=take("NBGW_PUBLIC_URL", _parse_optional_url),
+        database=take("NBGW_DATABASE", _parse_database),
+        encryption_keys=take("NBGW_ENCRYPTION_KEY", _parse_keys),
+        client_id=take("NBGW_CLIENT_ID", _parse_word),
+        client_secret=Secret(
+            take("NBGW_CLIENT_SECRET", lambda e, r: _parse_word(e, r, secret=True))
+        ),
+        admin_token=Secret(
+            take(
+                "NBGW_ADMIN_TOKEN", lambda e, r: _parse_word(e, r, secret=True, min_length=16)
+            )
+        ),
+        nation_url=take("NBGW_NATION_URL", _parse_nation_url),
+        default_account=take("NBGW_DEFAULT_ACCOUNT", _parse_slug),
+        refresh_margin=take(
+            "NBGW_REFRESH_MARGIN",
+            lambda e, r: _parse_number(
+                e,
+                r,
+                int,
+                0,
+                maximum=MAX_REFRESH_MARGIN,
+                why="NationBuilder access tokens live 24 h and each refresh rotates the "
+                "refresh token, so a margin near that life would refresh on nearly every "
+                "request",
+            ),
+        ),
+        allowed_clients=take("NBGW_ALLOWED_CLIENTS", _parse_cidrs),
+        admin_allowed_clients=take("NBGW_ADMIN_ALLOWED_CLIENTS", _parse_optional_cidrs),
+        metrics_allowed_clients=take("NBGW_METRICS_ALLOWED_CLIENTS", _parse_optional_cidrs),
+        header_timeout=take(
+            "NBGW_HEADER_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0, exclusive=True)
+        ),
+        body_timeout=take(
+            "NBGW_BODY_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0, exclusive=True)
+        ),
+        max_connections_per_client=int(
+            take("NBGW_MAX_CONNECTIONS_PER_CLIENT", lambda e, r: _parse_number(e, r, int, 1))
+        ),
+        upstream_timeout=take(
+            "NBGW_UPSTREAM_TIMEOUT",
+            lambda e, r: _parse_number(
+                e,
+                r,
+                float,
+                0,
+                exclusive=True,
+                maximum=MAX_UPSTREAM_TIMEOUT,
+                why="a read that waits longer than an hour is a hung connection",
+            ),
+        ),
+        token_timeout=take(
+            "NBGW_TOKEN_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0, exclusive=True)
+        ),
+        max_request_body=int(
+            take("NBGW_MAX_REQUEST_BODY", lambda e, r: _parse_number(e, r, int, 1))
+        ),
+        retry_buffer=int(take("NBGW_RETRY_BUFFER", lambda e, r: _parse_number(e, r, int, 0))),
+        client_auth=take("NBGW_CLIENT_AUTH", lambda e, r: _parse_choice(e, r.lower(), _AUTH)),
+        audit_retention_days=take(
+            "NBGW_AUDIT_RETENTION_DAYS",
+            lambda e, r: _parse_number(e, r, float, 0, exclusive=True),
+        ),
+        log_format=take("NBGW_LOG_FORMAT", lambda e, r: _parse_choice(e, r.lower(), _FORMATS)),
+        log_level=take("NBGW_LOG_LEVEL", lambda e, r: _parse_choice(e, r.upper(), _LEVELS)),
+        access_log=take("NBGW_ACCESS_LOG", _parse_switch),
+        alert_webhook=take("NBGW_ALERT_WEBHOOK", _parse_webhook),
+    )
+    return Validation(settings, tuple(problems), frozenset(refused))
+
+
+_AUTH = ("off", "optional", "required")
+_FORMATS = ("text", "json")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def load_settings(
@@ -372,127 +729,8 @@ def load_settings(
     *,
     required: Collection[str] = REQUIRED_FOR_SERVE,
 ) -> Settings:
-    """Read, validate and return the settings. Environment wins over the TOML file."""
-    raw: dict[str, str] = {}
-    if config_file is not None:
-        raw.update(_read_toml(config_file))
-    for setting in SETTINGS:
-        # An empty variable (as an env file with `NBGW_X=` leaves) does not hide the file.
-        if environ.get(setting.env, "").strip():
-            raw[setting.env] = environ[setting.env]
-
-    def get(env: str) -> str:
-        value = raw.get(env, "").strip()
-        if value:
-            return value
-        default = SETTINGS_BY_ENV[env].default
-        if default is None and env in required:
-            raise _fail(env, "")
-        return default or ""
-
-    listen = get("NBGW_LISTEN")
-    host, sep, port_s = listen.rpartition(":")
-    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise _fail("NBGW_LISTEN", f"{listen!r} is not host:port")
-    host = host.strip("[]")
-
-    keys_raw = get("NBGW_ENCRYPTION_KEY")
-    keys = tuple(Secret(k.strip()) for k in keys_raw.split(",") if k.strip())
-    if keys_raw:
-        # crypto sits above config in the layering (it raises ConfigError): import late.
-        from nbgateway.crypto import validate_key
-
-        for index, key in enumerate(keys):
-            if not validate_key(key):
-                raise _fail(
-                    "NBGW_ENCRYPTION_KEY",
-                    f"key #{index + 1} is not a 32-byte url-safe base64 key",
-                )
-
-    admin = get("NBGW_ADMIN_TOKEN")
-    if admin and len(admin) < 16:
-        raise _fail("NBGW_ADMIN_TOKEN", "too short")
-
-    nation_url = _parse_url("NBGW_NATION_URL", get("NBGW_NATION_URL"))
-    if "{slug}" not in nation_url:
-        raise _fail("NBGW_NATION_URL", "it does not contain {slug}")
-
-    public_url = get("NBGW_PUBLIC_URL")
-    if public_url:
-        public_url = _parse_url("NBGW_PUBLIC_URL", public_url)
-
-    default_account = get("NBGW_DEFAULT_ACCOUNT")
-    if default_account and not is_valid_slug(default_account):
-        raise _fail("NBGW_DEFAULT_ACCOUNT", f"{default_account!r} is not a valid slug")
-
-    client_auth = get("NBGW_CLIENT_AUTH").lower()
-    if client_auth not in ("off", "optional", "required"):
-        raise _fail("NBGW_CLIENT_AUTH", f"{client_auth!r} is not a mode")
-
-    log_format = get("NBGW_LOG_FORMAT").lower()
-    if log_format not in ("text", "json"):
-        raise _fail("NBGW_LOG_FORMAT", f"{log_format!r} is not a known format")
-    log_level = get("NBGW_LOG_LEVEL").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise _fail("NBGW_LOG_LEVEL", f"{log_level!r} is not a level")
-
-    access_log = get("NBGW_ACCESS_LOG").lower()
-    if access_log not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-        raise _fail("NBGW_ACCESS_LOG", f"{access_log!r} is not on or off")
-
-    webhook = get("NBGW_ALERT_WEBHOOK")
-    if webhook:
-        parts = urlsplit(webhook)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            # Not echoed: webhook URLs often carry a secret.
-            raise _fail("NBGW_ALERT_WEBHOOK", "not an http(s) URL")
-
-    return Settings(
-        encryption_keys=keys,
-        client_id=get("NBGW_CLIENT_ID"),
-        client_secret=Secret(get("NBGW_CLIENT_SECRET")),
-        admin_token=Secret(admin),
-        host=host,
-        port=int(port_s),
-        public_url=public_url,
-        database=parse_database(get("NBGW_DATABASE")),
-        nation_url=nation_url,
-        default_account=default_account,
-        refresh_margin=_parse_number("NBGW_REFRESH_MARGIN", get("NBGW_REFRESH_MARGIN"), int, 0),
-        allowed_clients=_parse_cidrs("NBGW_ALLOWED_CLIENTS", get("NBGW_ALLOWED_CLIENTS")),
-        admin_allowed_clients=_optional_cidrs("NBGW_ADMIN_ALLOWED_CLIENTS", get),
-        metrics_allowed_clients=_optional_cidrs("NBGW_METRICS_ALLOWED_CLIENTS", get),
-        header_timeout=_parse_number(
-            "NBGW_HEADER_TIMEOUT", get("NBGW_HEADER_TIMEOUT"), float, 0, exclusive=True
-        ),
-        body_timeout=_parse_number(
-            "NBGW_BODY_TIMEOUT", get("NBGW_BODY_TIMEOUT"), float, 0, exclusive=True
-        ),
-        max_connections_per_client=int(
-            _parse_number(
-                "NBGW_MAX_CONNECTIONS_PER_CLIENT", get("NBGW_MAX_CONNECTIONS_PER_CLIENT"), int, 1
-            )
-        ),
-        upstream_timeout=_parse_number(
-            "NBGW_UPSTREAM_TIMEOUT", get("NBGW_UPSTREAM_TIMEOUT"), float, 0, exclusive=True
-        ),
-        token_timeout=_parse_number(
-            "NBGW_TOKEN_TIMEOUT", get("NBGW_TOKEN_TIMEOUT"), float, 0, exclusive=True
-        ),
-        max_request_body=int(
-            _parse_number("NBGW_MAX_REQUEST_BODY", get("NBGW_MAX_REQUEST_BODY"), int, 1)
-        ),
-        retry_buffer=int(_parse_number("NBGW_RETRY_BUFFER", get("NBGW_RETRY_BUFFER"), int, 0)),
-        client_auth=client_auth,
-        audit_retention_days=_parse_number(
-            "NBGW_AUDIT_RETENTION_DAYS",
-            get("NBGW_AUDIT_RETENTION_DAYS"),
-            float,
-            0,
-            exclusive=True,
-        ),
-        log_format=log_format,
-        log_level=log_level,
-        access_log=access_log in ("on", "true", "1", "yes"),
-        alert_webhook=webhook,
-    )
+    """Read, validate and return the settings, or raise one ConfigError listing every problem."""
+    result = validate_settings(environ, config_file, required=required)
+    if result.problems:
+        raise ConfigError(*result.problems)
+    return result.settings

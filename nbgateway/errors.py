@@ -42,7 +42,11 @@ class NBGatewayError(Exception):
 
 
 class ConfigError(NBGatewayError):
-    """A setting is missing or malformed."""
+    """One or more settings are missing or malformed; `problems` holds one message each."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 class StoreError(NBGatewayError):

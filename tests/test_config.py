@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from nbgateway.cli import main
 from nbgateway.config import (
     REQUIRED_FOR_SERVE,
     REQUIRED_FOR_STORE,
     SETTINGS,
     SETTINGS_BY_ENV,
+    Setting,
     Settings,
     load_settings,
 )
@@ -145,6 +147,110 @@ MALFORMED = [
 ]
 
 
+# Values every setting must refuse, with a message naming the variable (never a traceback).
+# Each setting in config.SETTINGS needs an entry: test_bad_values_are_refused fails for a
+# setting without one. To add yours, list values that are malformed and values that parse
+# but cannot work, e.g.
+#     "NBGW_SOMETHING_TIMEOUT": ["soon", "0", "-1", "nan", "1e9"],
+BAD_VALUES: dict[str, list[str]] = {
+    "NBGW_LISTEN": [
+        "http://0.0.0.0:8080",
+        "0.0.0.0:8080/path",
+        "8080",
+        "localhost",
+        ":8080",
+        "localhost:http",
+        "localhost:70000",
+        "0.0.0.0:0",
+        "::1:8080",
+        "[127.0.0.1]:8080",
+        "not a host:8080",
+        "999.1.1.1:8080",
+    ],
+    "NBGW_PUBLIC_URL": [
+        "gateway.example.org",
+        "ftp://gw.example.org",
+        "https://",
+        "https://gw example.org",
+        "https://gw.example.org:99999",
+        "https://gw.example.org:0",
+        "https://gw.example.org/?x=1",
+        "https://gw.example.org/#top",
+        "https://user:SECRETCANARY@gw.example.org",
+    ],
+    "NBGW_DATABASE": [
+        ".",
+        "/",
+        "data/",
+        "bad\x00path",
+        "mysql://user:SECRETCANARY@db.example.org/nbgw",
+        "postgresql://db.example.org",
+        "postgresql://db.example.org:99999/nbgw",
+    ],
+    "NBGW_ENCRYPTION_KEY": ["not-a-key", "c2hvcnQ=", f"{KEY},also-not-a-key", ","],
+    "NBGW_CLIENT_ID": ["two words", "id\x01x"],
+    "NBGW_CLIENT_SECRET": ["secret with spaces", "secret\x01x"],
+    "NBGW_ADMIN_TOKEN": ["too-short", "an admin token with spaces"],
+    "NBGW_NATION_URL": [
+        "https://acme.nationbuilder.com",
+        "ftp://{slug}.nationbuilder.com",
+        "{slug}.nationbuilder.com",
+        "https://{slug}.nationbuilder.com:0",
+        "https://{slug}.nation builder.com",
+        "https://{slug}.nationbuilder.com/?x=1",
+    ],
+    "NBGW_DEFAULT_ACCOUNT": ["Not_A_Slug", "acme nation", "-acme"],
+    "NBGW_REFRESH_MARGIN": ["soon", "-5", "90000", "3601", "1.5", "nan"],
+    "NBGW_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", "127.0.0.1/32,bogus", ","],
+    "NBGW_ADMIN_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ","],
+    "NBGW_METRICS_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ","],
+    "NBGW_HEADER_TIMEOUT": ["soon", "0", "-1", "nan", "inf"],
+    "NBGW_BODY_TIMEOUT": ["soon", "0", "-1", "nan", "inf"],
+    "NBGW_MAX_CONNECTIONS_PER_CLIENT": ["many", "0", "-1", "1.5"],
+    "NBGW_UPSTREAM_TIMEOUT": ["fast", "0", "-1", "nan", "inf", "1e9"],
+    "NBGW_TOKEN_TIMEOUT": ["slow", "0", "-1", "nan", "inf"],
+    "NBGW_MAX_REQUEST_BODY": ["big", "0", "-1", "1.5", "10MB"],
+    "NBGW_RETRY_BUFFER": ["-1", "lots", "1.5"],
+    "NBGW_CLIENT_AUTH": ["on", "yes", "mandatory"],
+    "NBGW_AUDIT_RETENTION_DAYS": ["forever", "0", "-1", "nan", "inf"],
+    "NBGW_LOG_FORMAT": ["xml", "JSONL"],
+    "NBGW_LOG_LEVEL": ["LOUD", "TRACE", "10"],
+    "NBGW_ACCESS_LOG": ["sometimes", "2"],
+    "NBGW_ALERT_WEBHOOK": [
+        "hooks.example.org/x",
+        "ftp://hooks.example.org/x",
+        "https://",
+        "https://hooks.example.org:99999/x",
+    ],
+}
+# Settings whose refused value must not be echoed (it may be, or contain, a secret).
+NOT_ECHOED = {"NBGW_ENCRYPTION_KEY", "NBGW_CLIENT_SECRET", "NBGW_ADMIN_TOKEN", "NBGW_ALERT_WEBHOOK"}
+
+
+def bad_values(env: str) -> list[str]:
+    """The table's bad values for `env`; fails loudly when the setting has no entry."""
+    if env not in BAD_VALUES:
+        pytest.fail(
+            f"{env} has no entry in BAD_VALUES (tests/test_config.py): add the values it "
+            "must refuse, so a wrong value is known to give a message and no traceback"
+        )
+    return BAD_VALUES[env]
+
+
+def assert_clear_problem(env: str, value: str, problems: Sequence[str]) -> None:
+    """One message for the bad value: it names the variable, says what is expected, and
+    does not echo a secret."""
+    assert len(problems) == 1, problems
+    [problem] = problems
+    assert problem.startswith(f"{env} is invalid: "), problem
+    assert SETTINGS_BY_ENV[env].expects in problem
+    assert "Traceback" not in problem
+    if (env in NOT_ECHOED and len(value) > 3) or "SECRETCANARY" in value:
+        assert value not in problem
+        assert "SECRETCANARY" not in problem
+    assert_no_secrets(problem)
+
+
 def write_toml(tmp_path: Path, values: dict[str, object]) -> Path:
     """Write a TOML file from plain values (strings are JSON-quoted, valid TOML strings)."""
     lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
@@ -179,8 +285,21 @@ class TestEnvironment:
 
     def test_only_nbgw_variables_are_read(self) -> None:
         """Unrelated environment variables are ignored rather than rejected."""
-        settings = load_settings({**BASE, "HOME": "/root", "NBGW_LISTENX": "x"})
+        settings = load_settings({**BASE, "HOME": "/root", "NBGWX_LISTEN": "x"})
         assert settings.port == 8080
+
+    def test_unknown_nbgw_variable_is_named_as_a_likely_typo(self) -> None:
+        """An NBGW_* variable that is not a setting is refused, naming the closest setting."""
+        error = load_error({**BASE, "NBGW_LISTN": "0.0.0.0:9000"})
+        assert error.problems == (
+            "NBGW_LISTN is not a known setting (did you mean NBGW_LISTEN?); "
+            "`nbgateway --help` lists them",
+        )
+
+    def test_unknown_variable_without_a_close_setting(self) -> None:
+        """A variable resembling no setting is refused without a suggestion."""
+        [problem] = load_error({**BASE, "NBGW_ZZZZZZZZ": "1"}).problems
+        assert problem.startswith("NBGW_ZZZZZZZZ is not a known setting;")
 
     def test_ipv6_listen_address_is_split_into_host_and_port(self) -> None:
         """A bracketed IPv6 NBGW_LISTEN yields the bare host and the port."""
@@ -296,6 +415,13 @@ class TestRequired:
         assert settings.client_id == ""
         assert not settings.client_secret
 
+    def test_every_missing_required_value_is_reported_at_once(self) -> None:
+        """An empty environment names each variable `serve` requires, one message each."""
+        problems = load_error({}).problems
+        assert len(problems) == len(REQUIRED_FOR_SERVE)
+        for env in REQUIRED_FOR_SERVE:
+            assert sum(p.startswith(f"{env} is required") for p in problems) == 1
+
     def test_nothing_required(self) -> None:
         """With required=() an empty environment loads the defaults and no key."""
         settings = load_settings({}, required=())
@@ -324,6 +450,38 @@ class TestMalformed:
         """A value that is present but malformed is not called 'required'."""
         message = str(load_error({**BASE, env: value}))
         assert "required" not in message
+
+    def test_several_wrong_values_are_all_reported(self) -> None:
+        """Five wrong settings give five messages, in the order of SETTINGS, one each."""
+        wrong = {
+            "NBGW_LISTEN": "http://0.0.0.0:8080",
+            "NBGW_REFRESH_MARGIN": "90000",
+            "NBGW_LOG_LEVEL": "LOUD",
+            "NBGW_ALLOWED_CLIENTS": "bogus",
+            "NBGW_TYPO": "1",
+        }
+        problems = load_error({**BASE, **wrong}).problems
+        assert [p.split(" ")[0] for p in problems] == [
+            "NBGW_TYPO",
+            "NBGW_LISTEN",
+            "NBGW_REFRESH_MARGIN",
+            "NBGW_ALLOWED_CLIENTS",
+            "NBGW_LOG_LEVEL",
+        ]
+
+    def test_listen_url_says_to_drop_the_scheme(self) -> None:
+        """NBGW_LISTEN given as a URL (which once crashed serve) is refused with the fix."""
+        [problem] = load_error({**BASE, "NBGW_LISTEN": "http://0.0.0.0:8080"}).problems
+        assert "drop the scheme" in problem
+        assert "NBGW_PUBLIC_URL" in problem
+
+    def test_refresh_margin_beyond_the_bound_says_why(self) -> None:
+        """A margin above an hour is refused, and the message cites the 24 h token life."""
+        [problem] = load_error({**BASE, "NBGW_REFRESH_MARGIN": "90000"}).problems
+        assert "NBGW_REFRESH_MARGIN" in problem
+        assert "3600" in problem
+        assert "24 h" in problem
+        assert load_settings({**BASE, "NBGW_REFRESH_MARGIN": "3600"}).refresh_margin == 3600
 
     @pytest.mark.parametrize("value", ["nan", "inf"])
     def test_timeout_must_be_a_finite_number(self, value: str) -> None:
@@ -403,16 +561,29 @@ class TestTomlFile:
         )
 
     def test_unknown_key_is_rejected(self, tmp_path: Path) -> None:
-        """A key that is not a setting raises ConfigError naming the key and the file."""
+        """A key that is not a setting is refused naming the key, the file and the closest key."""
         toml = write_toml(tmp_path, {"listn": "0.0.0.0:9000"})
-        message = str(load_error(BASE, toml))
-        assert "listn" in message
-        assert str(toml) in message
+        assert load_error(BASE, toml).problems == (
+            f"config file {toml}: unknown setting 'listn' (did you mean listen?)",
+        )
 
     def test_prefixed_upper_case_key_is_rejected(self, tmp_path: Path) -> None:
-        """The environment spelling (NBGW_LISTEN) is not a TOML key."""
+        """The environment spelling (NBGW_LISTEN) is not a TOML key; the message gives the key."""
         toml = write_toml(tmp_path, {"NBGW_LISTEN": "0.0.0.0:9000"})
-        assert "NBGW_LISTEN" in str(load_error(BASE, toml))
+        [problem] = load_error(BASE, toml).problems
+        assert "'NBGW_LISTEN'" in problem
+        assert "write it as 'listen'" in problem
+
+    def test_every_file_problem_is_reported(self, tmp_path: Path) -> None:
+        """Two unknown keys and a malformed value in the file give three messages."""
+        toml = write_toml(
+            tmp_path, {"listn": "x", "refresh_margn": 10, "upstream_timeout": "soon"}
+        )
+        problems = load_error(BASE, toml).problems
+        assert len(problems) == 3
+        assert "'listn'" in problems[0]
+        assert "'refresh_margn'" in problems[1]
+        assert problems[2].startswith("NBGW_UPSTREAM_TIMEOUT is invalid")
 
     def test_boolean_value_is_rejected(self, tmp_path: Path) -> None:
         """A TOML boolean raises ConfigError naming the key."""
@@ -442,3 +613,30 @@ class TestTomlFile:
         toml = write_toml(tmp_path, {"client_id": "c", "client_secret": CLIENT_SECRET})
         environ = {"NBGW_ENCRYPTION_KEY": KEY}
         assert "NBGW_ADMIN_TOKEN" in str(load_error(environ, toml))
+
+
+class TestBadValues:
+    @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.env)
+    def test_bad_values_are_refused(self, setting: Setting) -> None:
+        """Every bad value of every setting gives one clear ConfigError naming the variable."""
+        for value in bad_values(setting.env):
+            with pytest.raises(ConfigError) as info:
+                load_settings({**BASE, setting.env: value})
+            assert_clear_problem(setting.env, value, info.value.problems)
+
+    @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.env)
+    def test_bad_values_through_check(
+        self, setting: Setting, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`nbgateway check` prints the same message for each bad value, exits 2, and
+        prints no traceback."""
+        environ = {**BASE, "NBGW_DATABASE": str(tmp_path / "gw.db")}
+        for value in bad_values(setting.env):
+            code = main(["check"], {**environ, setting.env: value})
+            captured = capsys.readouterr()
+            assert code == 2, (value, captured.err)
+            prefix = "configuration error: "
+            lines = captured.err.splitlines()
+            assert all(line.startswith(prefix) for line in lines), lines
+            assert_clear_problem(setting.env, value, [line[len(prefix) :] for line in lines])
+            assert "Traceback" not in captured.out + captured.err
