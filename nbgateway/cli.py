@@ -41,6 +41,7 @@ from nbgateway.errors import (
 )
 from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
+from nbgateway.preflight import run_preflight
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import run_until_stopped
 from nbgateway.services import open_services, store_for
@@ -117,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "check",
         parents=[common],
-        help="validate configuration, key and database",
-        description="Validate settings, the encryption key and every stored row. Exits 1 "
-        "with a message per problem.",
+        help="validate every setting serve needs, the key and the database",
+        description="Validate settings, the encryption key and the database as serve needs "
+        "them: required and malformed settings, unknown NBGW_* variables and config keys, "
+        "the database directory (writable), the file, its schema and every stored row. "
+        "Prints one line per problem, all of them; exits 2 for configuration problems, 1 "
+        "for database problems, 0 when serve can start.",
     )
     accounts = sub.add_parser(
         "accounts",
@@ -289,27 +293,20 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
     return EXIT_OK
 
 
-async def _check(settings: Settings, redactor: Redactor) -> int:
-    print("configuration: ok")
-    if isinstance(settings.database, Path) and not settings.database.parent.is_dir():
-        print(
-            f"problem: directory {settings.database.parent} for NBGW_DATABASE does not exist",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    if isinstance(settings.database, Path) and not settings.database.exists():
-        print(f"database: {settings.database} does not exist yet; it is created on first start")
+async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Redactor) -> int:
+    """`check`, and the start of `serve`: print every problem found; return the exit code."""
+    report = await run_preflight(env, args.config, redactor)
+    if args.command == "check":
+        for note in report.notes:
+            print(note)
+    for line in report.problem_lines():
+        print(line, file=sys.stderr)
+    if report.ok:
         return EXIT_OK
-    async with store_for(settings, SystemClock(), redactor) as store:
-        await store.ping()
-        problems = await store.verify()
-        infos = await store.list_accounts()
-    if problems:
-        for problem in problems:
-            print(f"problem: {problem}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"database: ok ({len(infos)} account(s), every stored token decrypts)")
-    return EXIT_OK
+    count = len(report.config_problems) + len(report.database_problems)
+    summary = f"{count} problem(s) found" if args.command == "check" else "not starting"
+    print(f"{summary}; fix them and run `nbgateway check` again", file=sys.stderr)
+    return EXIT_USAGE if report.config_problems else EXIT_FAILED
 
 
 async def _rotate(settings: Settings, redactor: Redactor) -> int:
@@ -422,11 +419,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             return asyncio.run(
                 run_demo(port=args.port, check_only=args.self_test, redactor=redactor)
             )
-        required = {
-            "serve": REQUIRED_FOR_SERVE,
-            "check": REQUIRED_FOR_STORE,
-            "rotate-key": REQUIRED_FOR_STORE,
-        }.get(args.command, REQUIRED_FOR_STORE)
+        if args.command in ("check", "serve"):
+            # One pre-flight for both: serve refuses what check reports, in the same words.
+            code = asyncio.run(_preflight(args, env, redactor))
+            if code != EXIT_OK or args.command == "check":
+                return code
+        required = REQUIRED_FOR_SERVE if args.command == "serve" else REQUIRED_FOR_STORE
         if args.command == "accounts" and args.accounts_command in ("refresh", "import"):
             required = REQUIRED_FOR_OAUTH
         settings = _load(args, env, required)
@@ -442,8 +440,6 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         if args.command == "serve":
             asyncio.run(serve(settings, redactor))
             return EXIT_OK
-        if args.command == "check":
-            return asyncio.run(_check(settings, redactor))
         if args.command == "rotate-key":
             return asyncio.run(_rotate(settings, redactor))
         if args.command == "migrate":
@@ -452,7 +448,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             return asyncio.run(_clients(args, settings, redactor))
         return asyncio.run(_accounts(args, settings, redactor))
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"configuration error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except NBGatewayError as exc:
         print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)

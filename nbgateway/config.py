@@ -408,7 +408,7 @@ def _parse_number(
     try:
         value = kind(raw)
     except ValueError:
-        noun = "a whole number" if kind is int else "a number"
+        noun = "a number" if kind is float else "a whole number"
         raise _fail(env, f"{raw!r} is not {noun}") from None
     if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
         raise _fail(env, f"{raw!r} is out of range")
@@ -655,9 +655,7 @@ def validate_settings(
             take("NBGW_CLIENT_SECRET", lambda e, r: _parse_word(e, r, secret=True))
         ),
         admin_token=Secret(
-            take(
-                "NBGW_ADMIN_TOKEN", lambda e, r: _parse_word(e, r, secret=True, min_length=16)
-            )
+            take("NBGW_ADMIN_TOKEN", lambda e, r: _parse_word(e, r, secret=True, min_length=16))
         ),
         nation_url=take("NBGW_NATION_URL", _parse_nation_url),
         default_account=take("NBGW_DEFAULT_ACCOUNT", _parse_slug),

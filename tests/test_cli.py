@@ -12,9 +12,11 @@ import asyncio
 import io
 import json
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import pytest
 from procs import FakeNB, Processes, gateway_env, open_store, run_command, seed_account, start_fake
 
 from nbgateway.cli import main
+from nbgateway.config import REQUIRED_FOR_SERVE
 from nbgateway.crypto import Cipher, generate_key, validate_key
 from nbgateway.models import Account, EventKind
 from nbgateway.redact import Secret
@@ -98,6 +101,34 @@ def db_snapshot(environ: dict[str, str]) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.parent.glob(path.name + "*"))}
 
 
+def problem_lines(result: Result) -> list[str]:
+    """The problem lines a check or refused serve printed (without the closing count)."""
+    return [
+        line
+        for line in result.err.splitlines()
+        if line.startswith(("configuration error: ", "problem: "))
+    ]
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory that exists but where no file can be created, even by root."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        yield locked
+        locked.chmod(0o700)
+        return
+    # Root ignores permission bits; sysfs is read-only for everyone.
+    try:
+        with tempfile.TemporaryFile(dir="/sys"):
+            pass
+    except OSError:
+        yield Path("/sys")
+        return
+    pytest.skip("no unwritable directory available to root here")
+
+
 def corrupt_refresh_token(environ: dict[str, str], slug: str) -> None:
     """Flip one ciphertext byte of the stored refresh token (the key id stays intact)."""
     with sqlite3.connect(environ["NBGW_DATABASE"]) as conn:
@@ -117,7 +148,7 @@ HELP_CASES = [
     (["serve"], "Run the gateway"),
     (["demo"], "fake NationBuilder"),
     (["keygen"], "NBGW_ENCRYPTION_KEY"),
-    (["check"], "Validate settings, the encryption key"),
+    (["check"], "Validate settings, the encryption key and the database as serve needs"),
     (["accounts"], "the nations whose tokens the gateway holds"),
     (["accounts", "list"], "access-token expiry"),
     (["accounts", "refresh"], "refresh the account's access token now"),
@@ -240,6 +271,133 @@ class TestCheck:
         assert stored_id in result.err
         assert "NBGW_ENCRYPTION_KEY" in result.err
         assert db_snapshot(env) == before
+
+    def test_only_the_key_is_not_enough(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With only NBGW_ENCRYPTION_KEY, check names every other setting serve requires."""
+        only_key = {k: env[k] for k in ("NBGW_ENCRYPTION_KEY", "NBGW_DATABASE")}
+        result = run(["check"], only_key, capsys)
+        assert result.code == 2
+        assert "configuration: ok" not in result.out
+        for name in REQUIRED_FOR_SERVE - {"NBGW_ENCRYPTION_KEY"}:
+            assert f"configuration error: {name} is required" in result.err
+
+    @pytest.mark.parametrize("name", sorted(REQUIRED_FOR_SERVE))
+    def test_each_missing_required_setting(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str], name: str
+    ) -> None:
+        """Each setting serve requires, missing, gives one line naming it and exit 2."""
+        del env[name]
+        result = run(["check"], env, capsys)
+        assert result.code == 2
+        problems = problem_lines(result)
+        assert len(problems) == 1
+        assert problems[0].startswith(f"configuration error: {name} is required: expected ")
+
+    def test_every_problem_is_reported_in_one_run(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Five wrong settings and a typo'd variable give six lines in one run, then a count."""
+        env.update(
+            {
+                "NBGW_LISTEN": "http://0.0.0.0:8080",
+                "NBGW_PUBLIC_URL": "gateway.example.org",
+                "NBGW_REFRESH_MARGIN": "90000",
+                "NBGW_UPSTREAM_TIMEOUT": "0",
+                "NBGW_LOG_LEVEL": "LOUD",
+                "NBGW_ALOWED_CLIENTS": "10.0.0.0/8",
+            }
+        )
+        del env["NBGW_CLIENT_ID"]
+        result = run(["check"], env, capsys)
+        assert result.code == 2
+        named = [line.split(" ")[2] for line in problem_lines(result)]
+        assert named == [
+            "NBGW_ALOWED_CLIENTS",
+            "NBGW_LISTEN",
+            "NBGW_PUBLIC_URL",
+            "NBGW_CLIENT_ID",
+            "NBGW_REFRESH_MARGIN",
+            "NBGW_UPSTREAM_TIMEOUT",
+            "NBGW_LOG_LEVEL",
+        ]
+        assert "did you mean NBGW_ALLOWED_CLIENTS?" in result.err
+        assert result.err.splitlines()[-1].startswith("7 problem(s) found")
+
+    def test_typo_in_the_config_file(
+        self, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A misspelt TOML key is named with the closest setting, and check exits 2."""
+        toml = tmp_path / "gateway.toml"
+        toml.write_text("refresh_margn = 60\n", encoding="utf-8")
+        result = run(["check", "--config", str(toml)], env, capsys)
+        assert result.code == 2
+        assert problem_lines(result) == [
+            f"configuration error: config file {toml}: unknown setting 'refresh_margn' "
+            "(did you mean refresh_margin?)"
+        ]
+
+    def test_missing_directory(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A database directory that does not exist is a database problem: exit 1."""
+        missing = Path(env["NBGW_DATABASE"]).parent / "absent"
+        env["NBGW_DATABASE"] = str(missing / "gateway.db")
+        result = run(["check"], env, capsys)
+        assert result.code == 1
+        assert problem_lines(result) == [
+            f"problem: directory {missing} for NBGW_DATABASE does not exist"
+        ]
+
+    def test_unwritable_directory(
+        self, env: dict[str, str], unwritable_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A directory that exists but cannot take new files is reported: SQLite needs it."""
+        env["NBGW_DATABASE"] = str(unwritable_dir / "gateway.db")
+        result = run(["check"], env, capsys)
+        assert result.code == 1
+        [line] = problem_lines(result)
+        assert line.startswith(f"problem: directory {unwritable_dir} for NBGW_DATABASE is not ")
+        assert "gateway.db-wal" in line
+
+    def test_configuration_and_database_problems_together(
+        self, env: dict[str, str], unwritable_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A missing setting and an unwritable directory are both reported; exit 2."""
+        env["NBGW_DATABASE"] = str(unwritable_dir / "gateway.db")
+        del env["NBGW_ADMIN_TOKEN"]
+        result = run(["check"], env, capsys)
+        assert result.code == 2
+        lines = problem_lines(result)
+        assert len(lines) == 2
+        assert lines[0].startswith("configuration error: NBGW_ADMIN_TOKEN is required")
+        assert lines[1].startswith(f"problem: directory {unwritable_dir}")
+
+    def test_serve_refuses_with_the_same_messages(
+        self, env: dict[str, str], unwritable_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """serve prints exactly check's problem lines, does not start, and exits the same."""
+        env["NBGW_DATABASE"] = str(unwritable_dir / "gateway.db")
+        env["NBGW_LISTEN"] = "http://0.0.0.0:8080"
+        env["NBGW_LOG_LEVL"] = "DEBUG"
+        checked = run(["check"], env, capsys)
+        served = run(["serve"], env, capsys)
+        assert served.code == checked.code == 2
+        assert problem_lines(served) == problem_lines(checked)
+        assert len(problem_lines(served)) == 3
+        assert "not starting" in served.err.splitlines()[-1]
+
+    def test_serve_refuses_a_database_with_a_corrupt_row(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A row that does not decrypt stops serve with check's message for that account."""
+        seed(env, "acme", "nbfake-at-check-5", "nbfake-rt-check-5")
+        corrupt_refresh_token(env, "acme")
+        served = run(["serve"], env, capsys)
+        assert served.code == 1
+        assert problem_lines(served) == problem_lines(run(["check"], env, capsys))
+        assert "'acme'" in problem_lines(served)[0]
 
 
 # ---------------------------------------------------------------------- accounts (offline)

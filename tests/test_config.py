@@ -576,9 +576,7 @@ class TestTomlFile:
 
     def test_every_file_problem_is_reported(self, tmp_path: Path) -> None:
         """Two unknown keys and a malformed value in the file give three messages."""
-        toml = write_toml(
-            tmp_path, {"listn": "x", "refresh_margn": 10, "upstream_timeout": "soon"}
-        )
+        toml = write_toml(tmp_path, {"listn": "x", "refresh_margn": 10, "upstream_timeout": "soon"})
         problems = load_error(BASE, toml).problems
         assert len(problems) == 3
         assert "'listn'" in problems[0]
@@ -636,7 +634,8 @@ class TestBadValues:
             captured = capsys.readouterr()
             assert code == 2, (value, captured.err)
             prefix = "configuration error: "
-            lines = captured.err.splitlines()
+            *lines, summary = captured.err.splitlines()
             assert all(line.startswith(prefix) for line in lines), lines
             assert_clear_problem(setting.env, value, [line[len(prefix) :] for line in lines])
+            assert summary.startswith("1 problem(s) found")
             assert "Traceback" not in captured.out + captured.err

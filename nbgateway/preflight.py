@@ -1,0 +1,128 @@
+"""The pre-flight check: everything `serve` needs, verified before it starts.
+
+`nbgateway check` prints this report and `serve` refuses to start on the same problems with
+the same messages. It collects every problem instead of stopping at the first: each setting
+(through `config.validate_settings`), then the database: for SQLite, its directory exists
+and is writable (SQLite creates the -wal and -shm files next to it) and the file is
+readable and writable; for both SQLite and PostgreSQL, it opens with the configured keys at
+a schema version this nbgateway understands, and every stored row decrypts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nbgateway.clock import SystemClock
+from nbgateway.config import REQUIRED_FOR_SERVE, Settings, validate_settings
+from nbgateway.errors import NBGatewayError
+from nbgateway.redact import Redactor
+from nbgateway.services import store_for
+
+
+@dataclass
+class Report:
+    """What the check found: problems by kind, and lines saying what is fine."""
+
+    settings: Settings
+    config_problems: list[str] = field(default_factory=list)
+    database_problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.config_problems and not self.database_problems
+
+    def problem_lines(self) -> list[str]:
+        """One line per problem, as `check` and `serve` print them."""
+        return [f"configuration error: {p}" for p in self.config_problems] + [
+            f"problem: {p}" for p in self.database_problems
+        ]
+
+
+def _directory_problems(database: Path) -> list[str]:
+    """Why SQLite could not create or use files in the database's directory."""
+    directory = database.parent
+    if not directory.exists():
+        return [f"directory {directory} for NBGW_DATABASE does not exist"]
+    if not directory.is_dir():
+        return [f"{directory} for NBGW_DATABASE is not a directory"]
+    try:
+        # Really create a file: permission bits alone do not tell (read-only mounts, root).
+        with tempfile.TemporaryFile(dir=directory, prefix=".nbgateway-check-"):
+            pass
+    except OSError as exc:
+        return [
+            f"directory {directory} for NBGW_DATABASE is not writable "
+            f"({exc.strerror or exc}); SQLite creates {database.name}-wal and "
+            f"{database.name}-shm next to the database"
+        ]
+    return []
+
+
+def _file_problems(database: Path) -> list[str]:
+    if not database.is_file():
+        return [f"NBGW_DATABASE {database} exists but is not a regular file"]
+    try:
+        with database.open("r+b"):
+            pass
+    except OSError as exc:
+        return [f"database {database} cannot be opened for writing ({exc.strerror or exc})"]
+    if not os.access(database, os.R_OK | os.W_OK):
+        return [f"database {database} is not readable and writable by this user"]
+    return []
+
+
+async def _store_problems(settings: Settings, redactor: Redactor, notes: list[str]) -> list[str]:
+    """Open the store (key ids, schema version), then decrypt every row."""
+    try:
+        async with store_for(settings, SystemClock(), redactor) as store:
+            await store.ping()
+            problems = await store.verify()
+            infos = await store.list_accounts()
+    except NBGatewayError as exc:
+        return [redactor.scrub(str(exc))]
+    if not problems:
+        notes.append(f"database: ok ({len(infos)} account(s), every stored token decrypts)")
+    return problems
+
+
+async def run_preflight(
+    environ: Mapping[str, str],
+    config_file: Path | None,
+    redactor: Redactor,
+    *,
+    required: Collection[str] = REQUIRED_FOR_SERVE,
+) -> Report:
+    """Check the settings and the database; return every problem found."""
+    validation = validate_settings(environ, config_file, required=required)
+    settings = validation.settings
+    for secret in settings.secrets():
+        redactor.add(secret)
+    report = Report(settings, config_problems=list(validation.problems))
+    if not report.config_problems:
+        report.notes.append("configuration: ok")
+    if "NBGW_DATABASE" in validation.refused:
+        return report
+    database = settings.database
+    if not isinstance(database, Path):  # a postgresql:// URL: the server is the check
+        if "NBGW_ENCRYPTION_KEY" not in validation.refused:
+            report.database_problems.extend(
+                await _store_problems(settings, redactor, report.notes)
+            )
+        return report
+    report.database_problems.extend(_directory_problems(database))
+    if not database.exists():
+        if not report.database_problems:
+            report.notes.append(
+                f"database: {database} does not exist yet; it is created on first start"
+            )
+        return report
+    report.database_problems.extend(_file_problems(database))
+    if report.database_problems or "NBGW_ENCRYPTION_KEY" in validation.refused:
+        return report  # opening needs a usable file and the keys
+    report.database_problems.extend(await _store_problems(settings, redactor, report.notes))
+    return report
