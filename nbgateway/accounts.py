@@ -17,6 +17,7 @@ from nbgateway.errors import (
     CorruptRecordError,
     DecryptError,
     OAuthError,
+    ReauthorizationRequired,
     StateError,
 )
 from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, is_valid_slug
@@ -116,13 +117,39 @@ class AccountService:
     async def import_legacy(self, slug: str, legacy_token: Secret) -> AccountInfo:
         """NationBuilder's migration: the legacy access token serves as the refresh token.
 
-        The token is stored first (so a transient failure loses nothing and the background
-        refresher retries), then exchanged at once.
+        Refused (AuthorizationFailed "invalid", nothing changed) for a slug that holds a
+        working pair: the import would overwrite it. The token is stored first, then
+        exchanged at once. NationBuilder refusing it (ReauthorizationRequired) removes what
+        was stored and raises AuthorizationFailed "exchange"; a transient failure
+        (RefreshBackoff) keeps it, so the background refresher retries.
         """
         check_slug(slug)
+        existing = next((i for i in await self._store.list_accounts() if i.slug == slug), None)
+        if existing is not None and existing.status is AccountStatus.ACTIVE and existing.expires_at:
+            raise AuthorizationFailed(
+                "invalid",
+                f"{slug!r} is already connected with a working token; to replace it, remove "
+                f"it first (`nbgateway accounts remove {slug}`)",
+                slug,
+            )
         await self._store.import_refresh_token(slug, legacy_token)
         await self._tokens.account_changed(slug)
-        await self._tokens.refresh_now(slug)
+        try:
+            await self._tokens.refresh_now(slug)
+        except ReauthorizationRequired:
+            refused = (
+                f"NationBuilder refused the legacy token for {slug!r} (invalid_grant): it is "
+                "unknown, revoked or already exchanged"
+            )
+            if existing is not None and existing.expires_at:
+                # A connected account whose refresh token had died: it stays as it was.
+                raise AuthorizationFailed(
+                    "exchange", f"{refused}; the account still needs re-authorization", slug
+                ) from None
+            # Nothing usable was there before: leave nothing behind.
+            await self._store.remove_account(slug)
+            await self._tokens.account_changed(slug)
+            raise AuthorizationFailed("exchange", f"{refused}; nothing was stored", slug) from None
         return await self.get(slug)
 
     async def start_connect(self, slug: str, binding: str = "") -> str:

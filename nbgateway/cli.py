@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nbgateway import __version__
-from nbgateway.accounts import account_json
+from nbgateway.accounts import AccountService, account_json
 from nbgateway.clients import audit_json, client_json
 from nbgateway.clock import SystemClock
 from nbgateway.config import (
@@ -34,6 +34,7 @@ from nbgateway.config import (
 from nbgateway.crypto import generate_key
 from nbgateway.errors import (
     AccountNotFound,
+    AuthorizationFailed,
     ConfigError,
     NBGatewayError,
     ReauthorizationRequired,
@@ -270,11 +271,7 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
                 if not token:
                     print("no token on stdin: pipe the legacy access token in", file=sys.stderr)
                     return EXIT_USAGE
-                info = await svc.accounts.import_legacy(slug, Secret(token))
-                print(
-                    f"imported {slug}; access token valid until "
-                    f"{account_json(info)['access_token_expires_at']}"
-                )
+                return await _import(svc.accounts, settings, slug, Secret(token))
         except AccountNotFound:
             print(f"no account named {slug!r}", file=sys.stderr)
             return EXIT_FAILED
@@ -290,6 +287,33 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
         except RefreshBackoff as exc:
             print(f"refresh failed: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _import(accounts: AccountService, settings: Settings, slug: str, token: Secret) -> int:
+    """`accounts import`: exchange a legacy token; say plainly what became of it."""
+    connect = f"{settings.public_url}/connect"
+    try:
+        info = await accounts.import_legacy(slug, token)
+    except AuthorizationFailed as exc:
+        hint = (
+            f"; check the token, or connect the nation at {connect}"
+            if exc.reason == "exchange"
+            else ""
+        )
+        print(f"not imported: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    except RefreshBackoff as exc:
+        print(
+            f"imported {slug}, but exchanging the token failed for now ({exc}); the token is "
+            "stored and a running gateway retries in the background (or run `nbgateway "
+            f"accounts refresh {slug}`); `nbgateway accounts list` shows the outcome",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"imported {slug}; access token valid until {account_json(info)['access_token_expires_at']}"
+    )
     return EXIT_OK
 
 

@@ -604,6 +604,77 @@ class TestAccountsAgainstFake:
         assert account.refresh_token.reveal() != legacy
         assert event_kinds(fake_env, "cli-import") == [EventKind.REFRESHED, EventKind.IMPORTED]
 
+    def test_import_of_a_rejected_token_leaves_nothing_behind(
+        self,
+        fake_env: dict[str, str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A legacy token NationBuilder refuses (invalid_grant): exit 1, a message saying
+        so, no account stored, and no /connect URL but the configured public one."""
+        fake_env["NBGW_PUBLIC_URL"] = "https://gw.example.org/nbgw"
+        refused = "legacy-token-nobody-issued-0123456789"
+        monkeypatch.setattr(sys, "stdin", io.StringIO(refused + "\n"))
+
+        result = run(["accounts", "import", "cli-refused"], fake_env, capsys)
+        assert result.code == 1
+        assert "NationBuilder refused the legacy token for 'cli-refused'" in result.err
+        assert "nothing was stored" in result.err
+        assert "https://gw.example.org/nbgw/connect" in result.err
+        assert "127.0.0.1" not in result.err
+        assert refused not in result.out + result.err
+        assert read_account(fake_env, "cli-refused") is None
+        assert json.loads(run(["accounts", "list", "--json"], fake_env, capsys).out) == []
+
+    def test_import_during_an_outage_keeps_the_token(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeNB,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A transient token-endpoint failure keeps the imported token for the background
+        refresher, says so, and exits 1; the next refresh then completes the import."""
+        legacy = "legacy-token-cli-outage-0123456789"
+        fake_process.control(action="add_legacy_token", slug="cli-import-later", token=legacy)
+        fake_process.control(action="fail_token", kind="server_error")
+        monkeypatch.setattr(sys, "stdin", io.StringIO(legacy + "\n"))
+
+        result = run(["accounts", "import", "cli-import-later"], fake_env, capsys)
+        assert result.code == 1
+        assert "the token is stored" in result.err
+        assert "retries in the background" in result.err
+        account = read_account(fake_env, "cli-import-later")
+        assert account is not None
+        assert account.refresh_token == Secret(legacy)
+
+        again = run(["accounts", "refresh", "cli-import-later"], fake_env, capsys)
+        assert again.code == 0, again.err
+        account = read_account(fake_env, "cli-import-later")
+        assert account is not None
+        assert account.status.value == "active"
+        assert account.refresh_token is not None
+        assert account.refresh_token.reveal().startswith("nbfake-rt-")
+
+    def test_import_over_a_connected_account_is_refused(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeNB,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Importing for a slug that holds a working pair changes nothing and says why."""
+        issued = connected(fake_env, fake_process, "cli-already")
+        monkeypatch.setattr(sys, "stdin", io.StringIO("legacy-token-cli-already-0123\n"))
+
+        result = run(["accounts", "import", "cli-already"], fake_env, capsys)
+        assert result.code == 1
+        assert "already connected" in result.err
+        assert "nbgateway accounts remove cli-already" in result.err
+        account = read_account(fake_env, "cli-already")
+        assert account is not None
+        assert account.refresh_token == Secret(issued["refresh_token"])
+
     def test_refresh_of_a_revoked_account_points_at_connect(
         self,
         fake_env: dict[str, str],
