@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## Run the gateway against the built-in fake NationBuilder (no credentials needed).
+## `make demo PORT=8081` when 8080 is taken.
+PORT ?= 8080
 demo: install
-	$(BIN)/nbgateway demo
+	$(BIN)/nbgateway demo --port $(PORT)
 
 ## Install the Debian packages the tests need, when missing.
 system-deps:

@@ -2,13 +2,15 @@
 
 Starts the fake on a free loopback port, the gateway on the requested port with a fresh
 key and a temporary database, connects the nation `demo` through the real authorization-
-code flow (the fake approves automatically), and prints commands to try. `--self-test`
-runs those commands itself and exits (used by the tests).
+code flow (the fake approves automatically), and prints commands to try, among them the
+control call that stops the automatic approval so the consent and Deny pages can be seen.
+`--self-test` runs those commands itself and exits (used by the tests).
 """
 
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -59,6 +61,23 @@ async def connect_demo_nation(app: web.Application, session: aiohttp.ClientSessi
     return DEMO_NATION
 
 
+# The fake's control calls that stop and resume approving authorizations by itself.
+APPROVE_OFF = '{"action":"set","auto_approve":false}'
+APPROVE_ON = '{"action":"set","auto_approve":true}'
+
+
+def port_busy_hint(port: int) -> str:
+    """What to run instead when `port` is taken: a command this shell can find."""
+    other = port + 1 if port < 65535 else 8081
+    if shutil.which("nbgateway"):
+        return f"try `nbgateway demo --port {other}`"
+    # Installed in a virtualenv that is not on PATH (as `make demo` does).
+    return (
+        f"try `make demo PORT={other}` in the source tree, or "
+        f"`{sys.executable} -m nbgateway demo --port {other}`"
+    )
+
+
 def instructions(gateway: str, fake: str, admin_token: str) -> str:
     return f"""
 nbgateway demo is running.
@@ -79,6 +98,11 @@ Try, in another terminal:
   curl -s {gateway}/metrics | grep -E '^nbgw_(token_refresh_total|upstream_401|proxy_requests)'
   # 5. account status through the admin API
   curl -s -H 'Authorization: Bearer {admin_token}' {gateway}/connect/api/accounts
+
+See the consent page and its Deny button: the fake approves on its own until told not to:
+  curl -s -X POST {fake}/_fake/control -d '{APPROVE_OFF}'
+  # then open {gateway}/connect, log in with the admin token, and connect a nation
+  # (e.g. "demo2"); the fake now asks. '{APPROVE_ON}' turns it back on.
 
 Stop with Ctrl-C.
 """
@@ -135,7 +159,7 @@ async def run_demo(*, port: int, check_only: bool, redactor: Redactor) -> int:
         try:
             await run_until_stopped(app, settings.host, port, after_start=after_start)
         except ListenError as exc:
-            print(f"{exc}; try `nbgateway demo --port 8081`", file=sys.stderr)
+            print(f"{exc}; {port_busy_hint(port)}", file=sys.stderr)
             return 1
         finally:
             await fake.stop()

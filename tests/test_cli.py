@@ -13,6 +13,9 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,12 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from procs import FakeNB, Processes, gateway_env, open_store, run_command, seed_account, start_fake
 
 from nbgateway.cli import main
 from nbgateway.config import REQUIRED_FOR_SERVE
 from nbgateway.crypto import Cipher, generate_key, validate_key
+from nbgateway.demo import instructions
+from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import Account, EventKind
 from nbgateway.redact import Secret
 
@@ -749,6 +755,62 @@ def test_demo_self_test(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo self-test: ok" in done.stdout
+
+
+def test_demo_on_a_busy_port_suggests_a_command_that_exists(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With the port taken, demo exits 1 and suggests another port through a command this
+    shell can run (the virtualenv's nbgateway is often not on PATH: then `make demo PORT=`)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run(["demo", "--port", str(port)], {}, capsys)
+    assert result.code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.err
+    commands = re.findall(r"`([^`]+)`", result.err)
+    assert commands, result.err
+    for command in commands:
+        program = command.split()[0]
+        assert shutil.which(program) or Path(program).is_file(), command
+        assert f"{port + 1}" in command
+    if not shutil.which("nbgateway"):
+        assert f"make demo PORT={port + 1}" in commands
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_passes_the_port() -> None:
+    """`make demo PORT=N` runs the demo on port N."""
+    done = run_command(["make", "-n", "demo", "PORT=8123"], cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].endswith("nbgateway demo --port 8123")
+
+
+async def test_demo_prints_the_call_that_shows_the_consent_page(aiohttp_server: Any) -> None:
+    """The control call the demo prints stops the fake's automatic approval: the authorize
+    URL then shows the consent page with its Deny button."""
+    fake = FakeNationBuilder(auto_approve=True)
+    server = await aiohttp_server(fake.app)
+    fake_url = str(server.make_url("")).rstrip("/")
+    text = instructions("http://127.0.0.1:8080", fake_url, "admin-token")
+    [call] = re.findall(r"curl -s -X POST (\S+) -d '(\{[^']*auto_approve[^']*\})'", text)
+    url, body = call
+    query = {
+        "response_type": "code",
+        "client_id": fake.client_id,
+        "redirect_uri": "http://127.0.0.1:8080/connect/callback",
+        "state": "s",
+    }
+    async with aiohttp.ClientSession() as session:
+        authorize = f"{fake_url}/demo/oauth/authorize"
+        async with session.get(authorize, params=query, allow_redirects=False) as resp:
+            assert resp.status == 302  # approved on its own
+        async with session.post(url, data=body) as resp:
+            assert resp.status == 200, await resp.text()
+        async with session.get(authorize, params=query, allow_redirects=False) as resp:
+            assert resp.status == 200
+            assert 'value="deny"' in await resp.text()
 
 
 # ---------------------------------------------------------------------- database locking
