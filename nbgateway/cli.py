@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the gateway against the built-in fake NationBuilder (no credentials needed)",
         description="Start a fake NationBuilder and the gateway, connect a demo nation "
-        "through the real OAuth flow, and print commands to try.",
+        "through the real OAuth flow, and print commands to try, among them the control call "
+        "that stops the fake approving by itself (to see the consent and Deny pages).",
     )
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     demo.add_argument(

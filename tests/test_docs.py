@@ -13,6 +13,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -396,6 +397,220 @@ class TestMetricsDocumented:
 
 
 # -- links between the docs ------------------------------------------------------------------
+
+
+# -- deployment pieces ----------------------------------------------------------------------
+
+CONFIG = ROOT / "config"
+UNIT = CONFIG / "nbgateway.service"
+NGINX = CONFIG / "nginx.conf.example"
+CADDY = CONFIG / "Caddyfile.example"
+
+
+def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values]}}; fails on a line that is not one."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if re.fullmatch(r"\[[A-Za-z]+\]", line):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None and re.fullmatch(r"[A-Za-z]+", key), (
+            f"{UNIT.name}:{number}: not a key=value line in a section: {line!r}"
+        )
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def section(page: str, heading: str) -> str:
+    """The text of a markdown section (up to the next heading of the same or higher level)."""
+    match = re.search(rf"^(#+) {re.escape(heading)}\n", page, re.M)
+    assert match, f"no section {heading!r}"
+    level = len(match.group(1))
+    rest = page[match.end() :]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+class TestDeployment:
+    def test_systemd_unit_has_the_required_keys(self) -> None:
+        """The unit runs `nbgateway serve` as its own user, hardened, and writes only the
+        database directory the docs name."""
+        unit = unit_sections(read(UNIT))
+        assert set(unit) == {"Unit", "Service", "Install"}
+        service = unit["Service"]
+        expected = {
+            "Type": ["exec"],
+            "User": ["nbgateway"],
+            "ExecStart": ["/opt/nbgateway/bin/nbgateway serve"],
+            "EnvironmentFile": ["/etc/nbgateway/nbgateway.env"],
+            "NoNewPrivileges": ["yes"],
+            "ProtectSystem": ["strict"],
+            "ReadWritePaths": ["/var/lib/nbgateway"],
+            "PrivateTmp": ["yes"],
+            "ProtectHome": ["yes"],
+            "LimitNOFILE": ["65536"],
+            "CapabilityBoundingSet": [""],
+            "Restart": ["on-failure"],
+            "RestartPreventExitStatus": ["2"],
+        }
+        for key, values in expected.items():
+            assert service.get(key) == values, key
+        assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+        deployment = read(DOCS / "deployment.md")
+        assert "NBGW_DATABASE=/var/lib/nbgateway/nbgateway.db" in deployment
+        assert "config/nbgateway.service /etc/systemd/system/nbgateway.service" in deployment
+
+    @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
+    def test_systemd_unit_verifies(self, tmp_path: Path) -> None:
+        """`systemd-analyze verify` finds nothing wrong but the absent install path."""
+        unit = tmp_path / "nbgateway.service"
+        unit.write_text(read(UNIT))
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        complaints = [
+            line
+            for line in (done.stdout + done.stderr).splitlines()
+            if line.strip() and "/opt/nbgateway/bin/nbgateway is not executable" not in line
+        ]
+        assert not complaints, complaints
+
+    @pytest.mark.parametrize("path", [NGINX, CADDY], ids=["nginx", "caddy"])
+    def test_proxy_examples_cover_tls_callback_and_forwarding(self, path: Path) -> None:
+        """Each proxy example names the public URL and the callback, passes /connect,
+        forwards the client's address and scheme, restricts the API and strips a prefix."""
+        text = read(path)
+        for needle in (
+            "NBGW_PUBLIC_URL=https://gateway.example.org",
+            "/connect/callback",
+            "X-Forwarded-For",
+            "X-Forwarded-Proto",
+            "NBGW_ALLOWED_CLIENTS",
+            "NBGW_UPSTREAM_TIMEOUT",
+            "NBGW_PUBLIC_URL=https://ops.example.org/nbgw",
+        ):
+            assert needle in text, f"{path.name}: {needle}"
+        if path == NGINX:
+            for needle in (
+                "ssl_certificate ",
+                "location /connect/",
+                "proxy_buffering off;",
+                "proxy_read_timeout 90s;",
+                "deny all;",
+                "proxy_pass http://nbgateway/;",  # strips the prefix
+            ):
+                assert needle in text, needle
+        else:
+            for needle in (
+                "/connect/*",
+                "flush_interval -1",
+                "not remote_ip",
+                "handle_path /nbgw/*",
+            ):
+                assert needle in text, needle
+
+    @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed")
+    def test_nginx_example_is_valid(self, tmp_path: Path) -> None:
+        """`nginx -t` accepts the example (with a throwaway certificate)."""
+        cert, key = self_signed_certificate(tmp_path)
+        site = read(NGINX).replace(
+            "/etc/letsencrypt/live/gateway.example.org/fullchain.pem", str(cert)
+        )
+        site = site.replace("/etc/letsencrypt/live/gateway.example.org/privkey.pem", str(key))
+        (tmp_path / "site.conf").write_text(site)
+        main_conf = tmp_path / "nginx.conf"
+        main_conf.write_text(
+            f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+            f"http {{\n access_log off;\n include {tmp_path}/site.conf;\n}}\n"
+        )
+        done = subprocess.run(
+            ["nginx", "-t", "-q", "-c", str(main_conf), "-e", str(tmp_path / "error.log")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+    @pytest.mark.skipif(not shutil.which("caddy"), reason="caddy is not installed")
+    def test_caddy_example_is_valid(self, tmp_path: Path) -> None:
+        """`caddy validate` accepts the example."""
+        done = subprocess.run(
+            ["caddy", "validate", "--adapter", "caddyfile", "--config", str(CADDY)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def test_backup_uses_sqlite_backup_and_restore_moves_the_wal(self) -> None:
+        """Backups use SQLite's online backup (never cp of the live file); a restore moves
+        the -wal and -shm files aside with the old database."""
+        page = read(DOCS / "deployment.md")
+        backup = section(page, "Backing up (SQLite)")
+        assert 'nbgateway.db \\\n     ".backup ' in backup
+        assert "VACUUM INTO" in backup
+        assert "PRAGMA\n   integrity_check" in backup
+        restore = section(page, "Restoring (SQLite)")
+        assert "mv nbgateway.db nbgateway.db-wal nbgateway.db-shm replaced/" in restore
+        assert "nbgateway check" in restore
+        assert "systemctl stop nbgateway" in restore
+
+    def test_legacy_tool_section_shows_v1_and_v2(self) -> None:
+        """The legacy-tool section maps the nation URL to /n/{slug} for v1 and v2 and
+        shows where a client key goes."""
+        text = section(read(DOCS / "deployment.md"), "Pointing a legacy tool at the gateway")
+        assert "https://acme.nationbuilder.com/api/v2/signups" in text
+        assert "http://gateway:8080/n/acme/api/v2/signups" in text
+        assert "https://acme.nationbuilder.com/api/v1/people?limit=10&access_token=" in text
+        assert "http://gateway:8080/n/acme/api/v1/people?limit=10'" in text
+        for form in ("?access_token=nbgw_", "Authorization: Bearer nbgw_", "X-NBGW-Key: nbgw_"):
+            assert form in text, form
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for gateway.example.org, as PEM files."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.example.org")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 def github_anchor(heading: str) -> str:
