@@ -110,9 +110,7 @@ async def run_preflight(
     database = settings.database
     if not isinstance(database, Path):  # a postgresql:// URL: the server is the check
         if "NBGW_ENCRYPTION_KEY" not in validation.refused:
-            report.database_problems.extend(
-                await _store_problems(settings, redactor, report.notes)
-            )
+            report.database_problems.extend(await _store_problems(settings, redactor, report.notes))
         return report
     report.database_problems.extend(_directory_problems(database))
     if not database.exists():
