@@ -24,6 +24,8 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 NO_ACCOUNT = "none"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Rate waits run from none to a whole window (10 s) and up to NBGW_RATE_QUEUE_TIMEOUT.
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 
 
 def method_label(method: str) -> str:
@@ -126,6 +128,25 @@ class Metrics:
             ["client", "account", "code"],
             registry=r,
         )
+        self.rate_limit_wait = Histogram(
+            "nbgw_rate_limit_wait_seconds",
+            "Time a request waited for its nation's rate budget before going upstream.",
+            ["account"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.rate_limit_remaining = Gauge(
+            "nbgw_rate_limit_remaining",
+            "The last RateLimit-Remaining NationBuilder announced for the account.",
+            ["account"],
+            registry=r,
+        )
+        self.upstream_429 = Counter(
+            "nbgw_upstream_429_total",
+            "429 (too many requests) answers from NationBuilder.",
+            ["account"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "nbgw_proxy_in_flight_requests",
             "Proxied requests being served right now.",
@@ -204,6 +225,7 @@ class Metrics:
             self.needs_reauth,
             self.last_refresh_success,
             self.unpersisted,
+            self.rate_limit_remaining,
         ):
             try:
                 gauge.remove(slug)
