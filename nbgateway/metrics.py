@@ -141,6 +141,12 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.rate_limit_limit = Gauge(
+            "nbgw_rate_limit_limit",
+            "The last RateLimit-Limit NationBuilder announced for the account.",
+            ["account"],
+            registry=r,
+        )
         self.upstream_429 = Counter(
             "nbgw_upstream_429_total",
             "429 (too many requests) answers from NationBuilder.",
@@ -226,6 +232,7 @@ class Metrics:
             self.last_refresh_success,
             self.unpersisted,
             self.rate_limit_remaining,
+            self.rate_limit_limit,
         ):
             try:
                 gauge.remove(slug)

@@ -439,6 +439,7 @@ class RateLimiter:
             self._metrics.rate_limit_remaining.labels(account).set(seen.remaining)
         if seen.limit is not None:
             b.limit = seen.limit
+            self._metrics.rate_limit_limit.labels(account).set(seen.limit)
         fresh = seen.remaining is not None and seen.reset_at is not None and seen.reset_at > now
         if fresh and seen.reset_at is not None and seen.remaining is not None:
             b.local = False

@@ -824,6 +824,7 @@ async def test_absolute_links_test_endpoint(client: Client, fake: FakeNationBuil
 
 async def test_bytes_endpoint_streams_exact_length(client: Client, fake: FakeNationBuilder) -> None:
     """/api/_test/bytes streams n bytes (p % 256 pattern) with Content-Length set."""
+    fake.rate_limit = 250
     token = fake.issue_tokens("acme")["access_token"]
     n = 200_003
     resp = await api_get(client, f"/acme/api/_test/bytes?n={n}&chunk=4096", token)
