@@ -13,7 +13,8 @@ from those announcements (or from `NBGW_RATE_DEFAULT_LIMIT` for nations that sen
   announced Remaining (so other processes and other users of the same token are seen), and
   a 429 holds the account's queue until its Retry-After (bounded by `MAX_HOLD`).
 
-Several processes share a budget without talking to each other: each follows the upstream's
+The first request to a nation goes alone; the budget its answer announces (or the absence
+of one: no pacing) decides for the rest. Several processes share a budget without talking to each other: each follows the upstream's
 Remaining, and none keeps more than half of the last announced Remaining in flight, so two
 processes together stay within it (docs/architecture.md, "Rate budget").
 
@@ -147,6 +148,7 @@ class _Budget:
     last_reset: float | None = None  # the previous window's reset (to learn the period)
     hold_until: float = 0.0
     local: bool = False  # windows counted by the gateway (NBGW_RATE_DEFAULT_LIMIT)
+    answered: bool = False  # an answer has been seen (with or without headers)
     in_flight: int = 0
     queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
     queued: int = 0
@@ -314,7 +316,7 @@ class RateLimiter:
         self._metrics.rate_limit_wait.labels(account).observe(max(0.0, seconds))
 
     def _refusal(self, b: _Budget, wait: float) -> RateLimited:
-        retry = max(1, math.ceil(wait))
+        retry = max(1, math.ceil(wait - RESET_MARGIN))  # whole seconds, as NationBuilder says
         return RateLimited(
             f"the nation's rate budget is spent; the wait would exceed "
             f"NBGW_RATE_QUEUE_TIMEOUT ({self._timeout:g} s); retry in {retry} s",
@@ -342,8 +344,12 @@ class RateLimiter:
     def _can_go(self, b: _Budget, now: float) -> bool:
         if now < b.hold_until:
             return False
+        if not b.answered and not b.local:
+            # Nothing is known yet: one request goes alone, and its answer says whether
+            # (and to what) the rest are paced. No limit is guessed.
+            return b.in_flight == 0
         if b.remaining is None:
-            return True  # nothing learnt yet: no pacing
+            return True  # no budget announced: no pacing
         if b.remaining <= 0:
             return False
         # Keep at most half the announced Remaining in flight: another process following
@@ -431,6 +437,7 @@ class RateLimiter:
         if b is None:
             return  # forgotten meanwhile
         b.in_flight = max(0, b.in_flight - 1)
+        b.answered = b.answered or status is not None
         now = self._now()
         if status == 429:
             self._metrics.upstream_429.labels(account).inc()
