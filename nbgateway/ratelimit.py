@@ -14,9 +14,10 @@ from those announcements (or from `NBGW_RATE_DEFAULT_LIMIT` for nations that sen
   a 429 holds the account's queue until its Retry-After (bounded by `MAX_HOLD`).
 
 The first request to a nation goes alone; the budget its answer announces (or the absence
-of one: no pacing) decides for the rest. Several processes share a budget without talking to each other: each follows the upstream's
-Remaining, and none keeps more than half of the last announced Remaining in flight, so two
-processes together stay within it (docs/architecture.md, "Rate budget").
+of one: no pacing) decides for the rest. Several processes share a budget without talking
+to each other: each follows the upstream's Remaining, none keeps more than half of the last
+announced Remaining in flight, and a new window counts as half announced until its first
+answer; what that guarantees is in docs/architecture.md, "Rate budget".
 
 Waiting never polls: waiters are futures, woken by a report or by one timer per account at
 the window's reset (`call_later`, injectable so tests drive it with a fake clock). A waiter
@@ -339,7 +340,9 @@ class RateLimiter:
             b.remaining = b.announced = None
         else:
             b.remaining = b.limit - b.in_flight
-            b.announced = b.limit
+            # Until an answer from the new window says otherwise, count half the limit as
+            # announced: another process starting the same window then takes its share too.
+            b.announced = math.ceil(b.limit / 2)
 
     def _can_go(self, b: _Budget, now: float) -> bool:
         if now < b.hold_until:
@@ -453,9 +456,15 @@ class RateLimiter:
             self._learn(b, seen.remaining, seen.reset_at)
         if status == 429 and self.pacing:
             hold = parse_retry_after(headers.get("Retry-After"), now)
-            if hold is None and seen.reset_at is not None and seen.reset_at > now:
-                hold = seen.reset_at - now
-            hold = min(MAX_HOLD, max(MIN_HOLD, hold if hold is not None else MIN_HOLD))
+            to_reset = seen.reset_at - now if seen.reset_at is not None else None
+            if to_reset is not None and to_reset > 0 and (hold is None or hold <= to_reset + 1):
+                # The announced reset is exact where Retry-After is rounded up to a whole
+                # second; holding past the reset would start this process's window late,
+                # mid-way through another process's use of it.
+                hold = to_reset + RESET_MARGIN
+            else:
+                hold = max(MIN_HOLD, hold if hold is not None else MIN_HOLD)
+            hold = min(MAX_HOLD, hold)
             b.hold_until = max(b.hold_until, now + hold)
             b.remaining = 0
         elif (

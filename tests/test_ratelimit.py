@@ -215,7 +215,7 @@ class TestPacing:
     ) -> None:
         """With Remaining 0, requests wait until the reset and then go first come, first served."""
         limiter = make_limiter()
-        await learn(limiter, remaining=0, reset=NOW + 10)
+        await learn(limiter, remaining=0, limit=12, reset=NOW + 10)
         order: list[int] = []
 
         async def one(i: int) -> Slot:
