@@ -183,6 +183,9 @@ class Metrics:
         self._duration_children: dict[str, Histogram] = {}
         self._upstream_children: dict[str, Histogram] = {}
         self._client_children: dict[tuple[str, str, int], Counter] = {}
+        self._wait_children: dict[str, Histogram] = {}
+        self._remaining_children: dict[str, Gauge] = {}
+        self._limit_children: dict[str, Gauge] = {}
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -224,6 +227,28 @@ class Metrics:
             histogram = self._upstream_children[account] = self.upstream_duration.labels(account)
         histogram.observe(seconds)
 
+    def rate_waited(self, account: str, seconds: float) -> None:
+        """Time one request waited for its nation's rate budget (hot path)."""
+        histogram = self._wait_children.get(account)
+        if histogram is None:
+            histogram = self._wait_children[account] = self.rate_limit_wait.labels(account)
+        histogram.observe(seconds)
+
+    def rate_announced(self, account: str, remaining: int | None, limit: int | None) -> None:
+        """The RateLimit figures of one upstream answer (hot path)."""
+        if remaining is not None:
+            gauge = self._remaining_children.get(account)
+            if gauge is None:
+                gauge = self._remaining_children[account] = self.rate_limit_remaining.labels(
+                    account
+                )
+            gauge.set(remaining)
+        if limit is not None:
+            gauge = self._limit_children.get(account)
+            if gauge is None:
+                gauge = self._limit_children[account] = self.rate_limit_limit.labels(account)
+            gauge.set(limit)
+
     def forget_account(self, slug: str) -> None:
         """Drop an account's per-account gauges (after it is removed)."""
         for gauge in (
@@ -238,3 +263,5 @@ class Metrics:
                 gauge.remove(slug)
             except KeyError:
                 pass
+        self._remaining_children.pop(slug, None)
+        self._limit_children.pop(slug, None)

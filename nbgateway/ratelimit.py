@@ -72,6 +72,9 @@ class Announced:
     reset_at: float | None  # epoch seconds
 
 
+_NOTHING = Announced(None, None, None)
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     for prefix in _SPELLINGS:
         value = headers.get(prefix + name)
@@ -314,7 +317,7 @@ class RateLimiter:
         return b
 
     def _observe_wait(self, account: str, seconds: float) -> None:
-        self._metrics.rate_limit_wait.labels(account).observe(max(0.0, seconds))
+        self._metrics.rate_waited(account, max(0.0, seconds))
 
     def _refusal(self, b: _Budget, wait: float) -> RateLimited:
         retry = max(1, math.ceil(wait - RESET_MARGIN))  # whole seconds, as NationBuilder says
@@ -444,12 +447,11 @@ class RateLimiter:
         now = self._now()
         if status == 429:
             self._metrics.upstream_429.labels(account).inc()
-        seen = parse_announced(headers, now) if status is not None else Announced(None, None, None)
-        if seen.remaining is not None:
-            self._metrics.rate_limit_remaining.labels(account).set(seen.remaining)
+        seen = parse_announced(headers, now) if status is not None else _NOTHING
+        changed_limit = seen.limit if seen.limit != b.limit else None
+        self._metrics.rate_announced(account, seen.remaining, changed_limit)
         if seen.limit is not None:
             b.limit = seen.limit
-            self._metrics.rate_limit_limit.labels(account).set(seen.limit)
         fresh = seen.remaining is not None and seen.reset_at is not None and seen.reset_at > now
         if fresh and seen.reset_at is not None and seen.remaining is not None:
             b.local = False
@@ -475,7 +477,8 @@ class RateLimiter:
             and not b.local
         ):
             b.remaining = None  # spent, but no horizon to wait for: do not pace blind
-        self._dispatch(b)
+        if b.queued:
+            self._dispatch(b)
 
     def _learn(self, b: _Budget, remaining: int, reset_at: float) -> None:
         if b.reset_at is None or reset_at > b.reset_at + SAME_WINDOW:
