@@ -230,19 +230,6 @@ class RateLimiter:
             )
         return views
 
-    def forget(self, account: str) -> None:
-        """Drop an account's budget (after the account is removed); waiters are refused."""
-        b = self._budgets.pop(account, None)
-        if b is None:
-            return
-        if b.timer is not None:
-            b.timer.cancel()
-        for queue in b.queues.values():
-            for waiter in queue:
-                if not waiter.future.done():
-                    waiter.future.set_exception(self._refusal(b, 1.0))
-        b.queues.clear()
-
     # -- asking for a slot -----------------------------------------------------------------
 
     async def acquire(self, account: str, client: str, *, replay: bool = False) -> Slot:
@@ -263,7 +250,7 @@ class RateLimiter:
             return Slot(self, account)
         known_wait = self._known_wait(b, now)
         if known_wait > self._timeout:
-            raise self._refusal(b, known_wait)
+            raise self._refusal(known_wait)
 
         started = self._clock.monotonic()
         waiter = _Waiter(client, asyncio.get_running_loop().create_future())
@@ -277,7 +264,7 @@ class RateLimiter:
         def on_timeout() -> None:
             if not waiter.future.done():
                 self._remove(b, waiter)
-                waiter.future.set_exception(self._refusal(b, self._known_wait(b, self._now())))
+                waiter.future.set_exception(self._refusal(self._known_wait(b, self._now())))
 
         deadline = self._later(self._timeout, on_timeout)
         self._dispatch(b)
@@ -319,7 +306,7 @@ class RateLimiter:
     def _observe_wait(self, account: str, seconds: float) -> None:
         self._metrics.rate_waited(account, max(0.0, seconds))
 
-    def _refusal(self, b: _Budget, wait: float) -> RateLimited:
+    def _refusal(self, wait: float) -> RateLimited:
         retry = max(1, math.ceil(wait - RESET_MARGIN))  # whole seconds, as NationBuilder says
         return RateLimited(
             f"the nation's rate budget is spent; the wait would exceed "
