@@ -48,6 +48,7 @@ test: lint type system-deps
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/refresh_scale.py
+	$(BIN)/python bench/budget.py
 
 ## Regenerate docs/cli.md and the settings table of docs/configuration.md.
 docs: install

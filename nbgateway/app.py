@@ -35,6 +35,7 @@ from nbgateway.metrics import Metrics
 from nbgateway.middleware import only_from, request_context
 from nbgateway.notify import Notifier, combine
 from nbgateway.proxy import Proxy
+from nbgateway.ratelimit import RateLimiter
 from nbgateway.redact import Redactor
 from nbgateway.services import open_services
 from nbgateway.tokens import NeedsReauthListener
@@ -72,6 +73,13 @@ def create_app(
     app[keys.ADMIN_THROTTLE] = LoginThrottle()
     app[keys.CLOCK] = clock
     app[keys.REDACTOR] = redactor
+    limiter = RateLimiter(
+        clock,
+        metrics,
+        queue_timeout=settings.rate_queue_timeout,
+        default_limit=settings.rate_default_limit,
+    )
+    app[keys.RATE_LIMITER] = limiter
     notifier = Notifier(
         settings.alert_webhook, settings.public_url, metrics=metrics, redactor=redactor, clock=clock
     )
@@ -92,7 +100,7 @@ def create_app(
             app[keys.TOKENS] = svc.tokens
             app[keys.ACCOUNTS] = svc.accounts
             app[keys.CLIENTS] = svc.clients
-            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients)
+            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients, limiter)
             tasks: list[asyncio.Task[None]] = []
             if background:
                 tasks = [

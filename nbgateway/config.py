@@ -193,6 +193,20 @@ SETTINGS: tuple[Setting, ...] = (
         "days the audit trail of proxied writes is kept",
         "a number of days > 0",
     ),
+    Setting(
+        "NBGW_RATE_QUEUE_TIMEOUT",
+        "30",
+        "longest a request waits for its nation's rate budget before the gateway answers 429 "
+        "itself; 0 turns pacing off",
+        "a number of seconds >= 0",
+    ),
+    Setting(
+        "NBGW_RATE_DEFAULT_LIMIT",
+        "",
+        "budget assumed for nations whose responses carry no RateLimit headers, as "
+        "REQUESTS/SECONDS (for example 250/10); empty: no pacing for them",
+        "REQUESTS/SECONDS with whole numbers > 0, or empty",
+    ),
     Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json"),
     Setting("NBGW_LOG_LEVEL", "INFO", "log level", "DEBUG, INFO, WARNING or ERROR"),
     Setting(
@@ -247,6 +261,8 @@ class Settings:
     retry_buffer: int = 1024 * 1024
     client_auth: str = "off"
     audit_retention_days: float = 90.0
+    rate_queue_timeout: float = 30.0
+    rate_default_limit: tuple[int, float] | None = None
     log_format: str = "text"
     log_level: str = "INFO"
     access_log: bool = True
@@ -416,6 +432,18 @@ def _parse_number(
         reason = f": {why}" if why else ""
         raise _fail(env, f"{raw!r} is above the maximum of {maximum:g}{reason}")
     return value
+
+
+def _parse_rate(env: str, raw: str) -> tuple[int, float] | None:
+    """REQUESTS/SECONDS as (requests, seconds); empty means none."""
+    if not raw:
+        return None
+    count, sep, seconds = raw.partition("/")
+    if not sep or not count.strip().isdigit() or not seconds.strip().isdigit():
+        raise _fail(env, f"{raw!r} is not REQUESTS/SECONDS")
+    if int(count) <= 0 or int(seconds) <= 0:
+        raise _fail(env, f"{raw!r} is out of range")
+    return int(count), float(seconds)
 
 
 def _split_url(env: str, raw: str, *, shown: str) -> SplitResult:
@@ -708,6 +736,10 @@ def validate_settings(
             "NBGW_AUDIT_RETENTION_DAYS",
             lambda e, r: _parse_number(e, r, float, 0, exclusive=True),
         ),
+        rate_queue_timeout=take(
+            "NBGW_RATE_QUEUE_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0)
+        ),
+        rate_default_limit=take("NBGW_RATE_DEFAULT_LIMIT", _parse_rate),
         log_format=take("NBGW_LOG_FORMAT", lambda e, r: _parse_choice(e, r.lower(), _FORMATS)),
         log_level=take("NBGW_LOG_LEVEL", lambda e, r: _parse_choice(e, r.upper(), _LEVELS)),
         access_log=take("NBGW_ACCESS_LOG", _parse_switch),

@@ -96,7 +96,13 @@ Try, in another terminal:
   curl -sg '{gateway}/api/v2/signups?page[size]=1'
   # 4. what happened, as Prometheus sees it
   curl -s {gateway}/metrics | grep -E '^nbgw_(token_refresh_total|upstream_401|proxy_requests)'
-  # 5. account status through the admin API
+  # 5. the nation's rate budget: shrink it to 5 requests per 10 s, send 12 at once; the
+  #    gateway paces them (all answer 200, the last ones after the window resets)
+  curl -s -X POST {fake}/_fake/control -d '{{"action":"set","rate_limit":5}}'
+  seq 12 | xargs -P12 -I{{}} curl -s -o /dev/null -w '%{{http_code}} %{{time_total}}s\n' \
+    '{gateway}/api/v2/signups/me'
+  curl -s {gateway}/metrics | grep -E '^nbgw_(rate_limit|upstream_429)'
+  # 6. account status through the admin API
   curl -s -H 'Authorization: Bearer {admin_token}' {gateway}/connect/api/accounts
 
 See the consent page and its Deny button: the fake approves on its own until told not to:
@@ -132,7 +138,8 @@ async def self_test(gateway: str, fake: str, session: aiohttp.ClientSession) -> 
 
 
 async def run_demo(*, port: int, check_only: bool, redactor: Redactor) -> int:
-    fake = FakeNationBuilder(auto_approve=True)
+    # NationBuilder v2's budget, so the gateway's pacing can be watched (step 5).
+    fake = FakeNationBuilder(auto_approve=True, rate_limit=250, rate_window=10)
     fake_url = await fake.start("127.0.0.1", _free_port())
     if port == 0:
         port = _free_port()

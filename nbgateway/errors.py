@@ -22,7 +22,8 @@
         ├── UpstreamInvalidResponse,
         ├── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized,
         ├── TooManyAttempts (wrong admin tokens), TooManyConnections (per client address),
-        └── MethodNotAllowed (TRACE, CONNECT), NotImplementedByGateway (transfer codings)
+        ├── MethodNotAllowed (TRACE, CONNECT), NotImplementedByGateway (transfer codings)
+        └── RateLimited          the nation's rate budget would not free up in time
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
 data; `middleware.error_response` is the one place that renders it, and `token_error`
@@ -183,6 +184,10 @@ class RequestTooLarge(GatewayError):
 
 class InvalidRequest(GatewayError):
     status, code, title = 400, "invalid_request", "Invalid request"
+
+
+class RateLimited(GatewayError):
+    status, code, title = 429, "rate_limited", "Rate limited"
 
 
 class AdminUnauthorized(GatewayError):

@@ -280,7 +280,7 @@ class FakeNationBuilder:
         auto_approve: bool = False,
         access_token_lifetime: int = 86400,
         absolute_links: bool = False,
-        rate_limit: int = 250,
+        rate_limit: int = 0,
         rate_window: int = 10,
     ) -> None:
         self.client_id = client_id
@@ -288,8 +288,11 @@ class FakeNationBuilder:
         self.auto_approve = auto_approve
         self.access_token_lifetime = access_token_lifetime
         self.absolute_links = absolute_links
+        # Requests per token per window (NationBuilder v2: 250 per 10 s); 0: no limit and no
+        # RateLimit headers, so tests that do not care never meet a 429.
         self.rate_limit = rate_limit
         self.rate_window = rate_window
+        self.rate_limited_count = 0  # 429 answers given for an exhausted budget
         self.app_name = "NB Gateway"
         self.base_url = ""
         self._clock = clock
@@ -451,6 +454,7 @@ class FakeNationBuilder:
         self.requests.clear()
         self.token_requests.clear()
         self.api_requests.clear()
+        self.rate_limited_count = 0
 
     # ------------------------------------------------------------------ switches
 
@@ -640,18 +644,27 @@ class FakeNationBuilder:
         return "unauthorized"
 
     def _rate_limit(self, token: str) -> tuple[bool, dict[str, str]]:
-        """Count one request against the token's fixed window; (allowed, RateLimit-* headers)."""
+        """Count one request against the token's fixed window; (allowed, RateLimit-* headers).
+
+        Windows are aligned to multiples of `rate_window` epoch seconds (as a Rack::Attack
+        style throttle counts them), so the announced reset is exact in whole seconds.
+        """
+        if self.rate_limit <= 0:
+            return True, {}
         now = self._now()
+        window = max(1, self.rate_window)
+        start = math.floor(now / window) * window
         bucket = self._buckets.get(token)
-        if bucket is None or now >= bucket.window_start + self.rate_window:
-            bucket = _Bucket(window_start=now)
+        if bucket is None or bucket.window_start != start:
+            bucket = _Bucket(window_start=start)
             self._buckets[token] = bucket
-        reset_at = bucket.window_start + self.rate_window
+        reset_at = bucket.window_start + window
         headers = {
             "RateLimit-Limit": str(self.rate_limit),
             "RateLimit-Reset": str(math.ceil(reset_at)),
         }
         if bucket.count >= self.rate_limit:
+            self.rate_limited_count += 1
             headers["RateLimit-Remaining"] = "0"
             headers["Retry-After"] = str(max(1, math.ceil(reset_at - now)))
             return False, headers
@@ -1251,6 +1264,9 @@ class FakeNationBuilder:
                 "api_requests": api_counts,
                 "api_requests_total": len(self.api_requests),
                 "pending_token_requests": self._pending_tokens,
+                "rate_limit": self.rate_limit,
+                "rate_window": self.rate_window,
+                "rate_limited_total": self.rate_limited_count,
                 "queued_token_failures": list(self._token_failures),
                 "nations": sorted(self._nations),
             }

@@ -16,6 +16,7 @@ from nbgateway.admin_session import LoginThrottle
 from nbgateway.clients import ClientRegistry
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
+from nbgateway.ratelimit import RateLimiter
 from nbgateway.redact import Redactor
 from nbgateway.store import TokenStore
 from nbgateway.tokens import TokenManager
@@ -29,3 +30,4 @@ ACCOUNTS = web.AppKey("accounts", AccountService)
 CLIENTS = web.AppKey("clients", ClientRegistry)
 # Wrong admin tokens per client address: the login form and /connect/api share it.
 ADMIN_THROTTLE = web.AppKey("admin_throttle", LoginThrottle)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # snapshot() for admin pages

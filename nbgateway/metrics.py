@@ -24,6 +24,8 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 NO_ACCOUNT = "none"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Rate waits run from none to a whole window (10 s) and up to NBGW_RATE_QUEUE_TIMEOUT.
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 
 
 def method_label(method: str) -> str:
@@ -126,6 +128,31 @@ class Metrics:
             ["client", "account", "code"],
             registry=r,
         )
+        self.rate_limit_wait = Histogram(
+            "nbgw_rate_limit_wait_seconds",
+            "Time a request waited for its nation's rate budget before going upstream.",
+            ["account"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.rate_limit_remaining = Gauge(
+            "nbgw_rate_limit_remaining",
+            "The last RateLimit-Remaining NationBuilder announced for the account.",
+            ["account"],
+            registry=r,
+        )
+        self.rate_limit_limit = Gauge(
+            "nbgw_rate_limit_limit",
+            "The last RateLimit-Limit NationBuilder announced for the account.",
+            ["account"],
+            registry=r,
+        )
+        self.upstream_429 = Counter(
+            "nbgw_upstream_429_total",
+            "429 (too many requests) answers from NationBuilder.",
+            ["account"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "nbgw_proxy_in_flight_requests",
             "Proxied requests being served right now.",
@@ -156,6 +183,9 @@ class Metrics:
         self._duration_children: dict[str, Histogram] = {}
         self._upstream_children: dict[str, Histogram] = {}
         self._client_children: dict[tuple[str, str, int], Counter] = {}
+        self._wait_children: dict[str, Histogram] = {}
+        self._remaining_children: dict[str, Gauge] = {}
+        self._limit_children: dict[str, Gauge] = {}
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -197,6 +227,28 @@ class Metrics:
             histogram = self._upstream_children[account] = self.upstream_duration.labels(account)
         histogram.observe(seconds)
 
+    def rate_waited(self, account: str, seconds: float) -> None:
+        """Time one request waited for its nation's rate budget (hot path)."""
+        histogram = self._wait_children.get(account)
+        if histogram is None:
+            histogram = self._wait_children[account] = self.rate_limit_wait.labels(account)
+        histogram.observe(seconds)
+
+    def rate_announced(self, account: str, remaining: int | None, limit: int | None) -> None:
+        """The RateLimit figures of one upstream answer (hot path)."""
+        if remaining is not None:
+            gauge = self._remaining_children.get(account)
+            if gauge is None:
+                gauge = self._remaining_children[account] = self.rate_limit_remaining.labels(
+                    account
+                )
+            gauge.set(remaining)
+        if limit is not None:
+            gauge = self._limit_children.get(account)
+            if gauge is None:
+                gauge = self._limit_children[account] = self.rate_limit_limit.labels(account)
+            gauge.set(limit)
+
     def forget_account(self, slug: str) -> None:
         """Drop an account's per-account gauges (after it is removed)."""
         for gauge in (
@@ -204,8 +256,12 @@ class Metrics:
             self.needs_reauth,
             self.last_refresh_success,
             self.unpersisted,
+            self.rate_limit_remaining,
+            self.rate_limit_limit,
         ):
             try:
                 gauge.remove(slug)
             except KeyError:
                 pass
+        self._remaining_children.pop(slug, None)
+        self._limit_children.pop(slug, None)

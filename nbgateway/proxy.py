@@ -7,8 +7,10 @@ validate the account, refuse anything that could leave the nation's `/api/` (bef
 upstream connection), attach a valid bearer token, send only the client's own headers (no
 Accept, Accept-Encoding, Content-Type or User-Agent of aiohttp's), stream the body up and
 the response down, retry once after an upstream 401 when the body can be replayed, and map
-upstream failures to gateway errors. The proxy knows tokens only through `TokenManager`;
-it knows nothing of SQL.
+upstream failures to gateway errors. Every upstream send takes a slot from the
+`RateLimiter` first and reports its answer back; an upstream 429 is replayed once (after
+the limiter's hold) when the body can be replayed. The proxy knows tokens only through
+`TokenManager`; it knows nothing of SQL.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
 from nbgateway.metrics import NO_ACCOUNT, Metrics
 from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, error_response, request_id_of
 from nbgateway.models import ClientInfo, is_valid_slug
+from nbgateway.ratelimit import RateLimiter
 from nbgateway.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger("nbgateway.proxy")
@@ -106,6 +109,8 @@ _CHUNK = 64 * 1024
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User-Agent"})
 # Set on a request whose streamed body went over NBGW_MAX_REQUEST_BODY.
 BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
+# The registered client key's name, once identified (the rate queue's fairness unit).
+CLIENT_NAME = web.RequestKey("nbgw_client_name", str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +179,10 @@ class Proxy:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         clients: ClientRegistry,
+        limiter: RateLimiter,
     ) -> None:
         self._settings = settings
+        self._limiter = limiter
         self._tokens = tokens
         self._clients = clients
         self._session = session
@@ -189,6 +196,13 @@ class Proxy:
     def close(self) -> None:
         """Stop the rewrite thread (queued rewrites are dropped; their requests are gone)."""
         self._rewriter.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def client_identity(request: web.Request) -> str:
+        """Who is asking, for fairness in the rate queue: the client key's name when the
+        request presented one, else the peer address."""
+        name = request.get(CLIENT_NAME)
+        return f"key:{name}" if name is not None else f"addr:{request.remote or ''}"
 
     def _too_large(self) -> RequestTooLarge:
         limit = self._settings.max_request_body
@@ -299,6 +313,8 @@ class Proxy:
             if clients.mode is not ClientAuth.OFF:
                 client = clients.identify(presented_key(request))
                 clients.authorize(client, route.slug, request.method)
+                if client is not None:
+                    request[CLIENT_NAME] = client.name
             account = route.slug
             if info is not None:
                 info["account"] = account
@@ -380,6 +396,25 @@ class Proxy:
         route: Route,
         token: IssuedToken,
         body: bytes | AsyncIterator[bytes] | None,
+        *,
+        replay: bool = False,
+    ) -> aiohttp.ClientResponse:
+        """One upstream request inside a rate slot; its answer goes back to the limiter."""
+        slot = await self._limiter.acquire(route.slug, self.client_identity(request), replay=replay)
+        try:
+            response = await self._request(request, route, token, body)
+        except BaseException:
+            slot.report(None)  # no answer (failed or cancelled): the slot is not kept
+            raise
+        slot.report(response.status, response.headers)
+        return response
+
+    async def _request(
+        self,
+        request: web.Request,
+        route: Route,
+        token: IssuedToken,
+        body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
         url = f"{self._settings.nation_base(route.slug)}/api/{route.raw_tail}"
         if route.query:
@@ -433,6 +468,10 @@ class Proxy:
             body, replayable = self._stream_body(request), False
 
         upstream = await self._send(request, route, token, body)
+        if upstream.status == 429 and replayable and self._limiter.pacing:
+            # NationBuilder did not process it: replay once, after the limiter's hold.
+            upstream.release()
+            upstream = await self._send(request, route, token, body, replay=True)
         if upstream.status == 401:
             upstream = await self._after_401(request, route, token, body, replayable, upstream)
         try:

@@ -62,7 +62,9 @@ def tune_garbage_collector() -> None:
 @asynccontextmanager
 async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
     """Serve `app` on host:port (port 0: any free one) while inside; yields the bound port."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its handler, so a request
+    # queued for the rate budget leaves the queue (the tests' TestServer does the same).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     try:
         assert runner.server is not None

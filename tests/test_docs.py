@@ -69,6 +69,7 @@ CONTRACT_SETTINGS: dict[str, str] = {
     "NBGW_UPSTREAM_TIMEOUT": "60",
     "NBGW_MAX_REQUEST_BODY": "10485760",
     "NBGW_LOG_FORMAT": "text",
+    "NBGW_RATE_QUEUE_TIMEOUT": "30",
 }
 # Contract defaults described in words rather than given as a literal value.
 DESCRIBED_DEFAULTS = {"NBGW_PUBLIC_URL", "NBGW_ALLOWED_CLIENTS"}
@@ -83,6 +84,7 @@ CONTRACT_ERRORS: dict[str, int] = {
     "client_not_allowed": 403,
     "request_too_large": 413,
     "invalid_request": 400,
+    "rate_limited": 429,
 }
 
 # name -> (type, label names)
@@ -96,6 +98,9 @@ CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nbgw_proxy_request_duration_seconds": ("histogram", ("account",)),
     "nbgw_upstream_401_retries_total": ("counter", ("account", "outcome")),
     "nbgw_proxy_in_flight_requests": ("gauge", ()),
+    "nbgw_rate_limit_wait_seconds": ("histogram", ("account",)),
+    "nbgw_rate_limit_remaining": ("gauge", ("account",)),
+    "nbgw_upstream_429_total": ("counter", ("account",)),
 }
 
 

@@ -633,6 +633,29 @@ async def test_rate_limit_headers_and_429(client: Client, clock: FakeClock) -> N
         await test_client.close()
 
 
+async def test_rate_limit_is_off_by_default_and_set_by_control(
+    client: Client, fake: FakeNationBuilder, clock: FakeClock
+) -> None:
+    """No limit and no RateLimit headers by default; the control endpoint turns a limit on,
+    windows are aligned to multiples of the window, and /_fake/state counts the 429s."""
+    token = fake.issue_tokens("acme")["access_token"]
+    resp = await api_get(client, "/acme/api/v2/signups/me", token)
+    assert resp.status == 200
+    assert "RateLimit-Limit" not in resp.headers
+    clock.advance(3)  # 3 s into a 10 s window
+    ok = await client.post(
+        "/_fake/control", json={"action": "set", "rate_limit": 1, "rate_window": 10}
+    )
+    assert ok.status == 200
+    first = await api_get(client, "/acme/api/v2/signups/me", token)
+    assert first.headers["RateLimit-Reset"] == str(int(clock.now) - 3 + 10)
+    second = await api_get(client, "/acme/api/v2/signups/me", token)
+    assert second.status == 429
+    assert second.headers["Retry-After"] == "7"
+    state = await (await client.get("/_fake/state")).json()
+    assert (state["rate_limit"], state["rate_window"], state["rate_limited_total"]) == (1, 10, 1)
+
+
 # ---------------------------------------------------------------------- injected failures
 
 
@@ -824,6 +847,7 @@ async def test_absolute_links_test_endpoint(client: Client, fake: FakeNationBuil
 
 async def test_bytes_endpoint_streams_exact_length(client: Client, fake: FakeNationBuilder) -> None:
     """/api/_test/bytes streams n bytes (p % 256 pattern) with Content-Length set."""
+    fake.rate_limit = 250
     token = fake.issue_tokens("acme")["access_token"]
     n = 200_003
     resp = await api_get(client, f"/acme/api/_test/bytes?n={n}&chunk=4096", token)

@@ -237,3 +237,28 @@ async def test_cli_refresh_while_serving_is_adopted(
     assert account["last_error"] is None
     assert account["generation"] == 2
     assert "nbfake-" not in json.dumps(account)
+
+
+@pytest.mark.usefixtures("seeded")
+async def test_two_serve_processes_share_one_rate_budget(
+    serve: ServeFactory, fake: AsyncFake, http: aiohttp.ClientSession
+) -> None:
+    """Two `nbgateway serve` processes, five tools each, on a budget of 10 per second: every
+    tool request answers 200, and NationBuilder refuses at most 3 requests per window the
+    burst needs (each one held and replayed by its gateway)."""
+    tolerance = 3  # per window; tests/test_ratelimit_functional.py states the same bound
+    gateways = [await serve("gateway-a"), await serve("gateway-b")]
+    await fake.control(action="set", rate_limit=10, rate_window=1)
+
+    async def tool(gateway: str) -> list[int]:
+        return [(await proxied(http, gateway))[0] for _ in range(4)]
+
+    results = await asyncio.gather(*(tool(gw) for gw in gateways for _ in range(5)))
+    assert [s for statuses in results for s in statuses] == [200] * 40
+    state = await fake.state()
+    windows_needed = 40 // 10 + 1  # the first window may be partial
+    assert state["rate_limited_total"] <= tolerance * windows_needed
+    upstream_429 = [
+        await metric(gw, "nbgw_upstream_429_total", account=SLUG) or 0.0 for gw in gateways
+    ]
+    assert sum(upstream_429) == state["rate_limited_total"]

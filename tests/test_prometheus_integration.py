@@ -87,6 +87,10 @@ PRODUCED = {
     "nbgw_upstream_request_duration_seconds",
     "nbgw_upstream_401_retries_total",
     "nbgw_proxy_in_flight_requests",
+    "nbgw_rate_limit_wait_seconds",
+    "nbgw_rate_limit_remaining",
+    "nbgw_rate_limit_limit",
+    "nbgw_upstream_429_total",
     "nbgw_build_info",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
@@ -220,7 +224,7 @@ class Stack:
 
 
 def drive_traffic(stack: Stack) -> None:
-    """Normal requests, a forced refresh, a needs-reauth, 404s and upstream 5xx."""
+    """Normal requests, a forced refresh, a needs-reauth, 404s, upstream 5xx and 429s."""
     gw, fake = stack.gateway_url, stack.fake
     assert fake is not None
     control = fake.control
@@ -273,6 +277,15 @@ def drive_traffic(stack: Stack) -> None:
     get("/n/alpha/api/v2/signups/999999", 404)
     # Upstream 5xx, passed through.
     get("/n/alpha/api/_test/status/503", 503)
+    # The rate budget: NationBuilder's own 429 holds alpha's queue, is replayed once and
+    # then passed on; then a budget of 2 in a window of 11 days: two requests pass, and the
+    # gateway answers the third itself (rate_limited) without sending it.
+    get("/n/alpha/api/_test/status/429", 429)
+    control(action="set", rate_limit=2, rate_window=1_000_000)
+    get("/n/alpha/api/v2/signups/me", 200)
+    get("/n/alpha/api/v2/signups/me", 200)
+    get("/n/alpha/api/v2/signups/me", 429)
+    control(action="set", rate_limit=0)
     stack.traffic = counts
 
 
@@ -453,6 +466,10 @@ class TestLiveStack:
             assert all(v > 0 for v in expiry.values())
             assert value('sum(nbgw_proxy_requests_total{account="none", code="404"})') == {"": 2.0}
             assert value('sum(nbgw_proxy_requests_total{account="alpha", code="503"})') == {"": 1.0}
+            assert value('sum(nbgw_proxy_requests_total{account="alpha", code="429"})') == {"": 2.0}
+            # The first 429 and its one replay; the gateway's own 429 sent nothing.
+            assert value("sum by (account) (nbgw_upstream_429_total)") == {"account=alpha": 2.0}
+            assert value("min by (account) (nbgw_rate_limit_remaining)") == {"account=alpha": 0.0}
             assert value("sum(nbgw_proxy_requests_total)") == {
                 "": float(sum(live.traffic.values()))
             }

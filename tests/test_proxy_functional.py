@@ -537,8 +537,11 @@ class TestRequestHeaders:
 
 
 class TestResponseHeaders:
-    async def test_upstream_headers_pass_through(self, acme: Gateway) -> None:
+    async def test_upstream_headers_pass_through(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
         """RateLimit-*, ETag and custom upstream headers reach the client."""
+        fake_nb.rate_limit = 250
         resp = await acme.client.get("/api/_test/echo")
         assert resp.status == 200
         assert resp.headers["ETag"] == '"echo"'
@@ -548,9 +551,15 @@ class TestResponseHeaders:
         assert "RateLimit-Reset" in resp.headers
 
     async def test_rate_limited_answer_passes_through(
-        self, acme: Gateway, fake_nb: FakeNationBuilder
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
     ) -> None:
-        """NationBuilder's 429 reaches the client with Retry-After and RateLimit-* intact."""
+        """With pacing off, NationBuilder's 429 reaches the client with Retry-After and
+        RateLimit-* intact (and is not replayed)."""
+        acme = await gateway_factory(rate_queue_timeout=0)
+        await connect_account(acme, "acme")
         fake_nb.rate_limit = 1
         assert (await acme.client.get("/api/v2/signups/me")).status == 200
         resp = await acme.client.get("/api/v2/signups/me")
@@ -560,6 +569,8 @@ class TestResponseHeaders:
         assert resp.headers["RateLimit-Remaining"] == "0"
         assert "X-NBGW-Error" not in resp.headers
         assert "too many requests" in (await resp.json(content_type=None))["message"].lower()
+        assert len(fake_nb.api_requests) == 2
+        assert acme.metric("nbgw_upstream_429_total", account="acme") == 1
 
 
 # ---------------------------------------------------------------------- bodies

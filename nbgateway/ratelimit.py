@@ -1,0 +1,483 @@
+"""Each nation's rate budget, shared by every tool: learn it, pace to it, hold on a 429.
+
+NationBuilder allows a fixed number of requests per access token per window and announces
+the window on every response (`RateLimit-Limit`, `-Remaining`, `-Reset`; the older
+`X-RateLimit-*` spellings too). `RateLimiter` keeps one `_Budget` per account, learnt only
+from those announcements (or from `NBGW_RATE_DEFAULT_LIMIT` for nations that send none):
+
+- `acquire(account, client)` gives a `Slot` at once while the budget lasts; when it is
+  spent, the request waits in a queue (FIFO per client, round-robin between clients) until
+  the window resets, and no longer than the queue timeout: beyond it, or when the wait is
+  known to be longer, it raises `RateLimited` (429 with Retry-After) before anything is sent.
+- `Slot.report(status, headers)` feeds every upstream answer back: the budget follows the
+  announced Remaining (so other processes and other users of the same token are seen), and
+  a 429 holds the account's queue until its Retry-After (bounded by `MAX_HOLD`).
+
+The first request to a nation goes alone; the budget its answer announces (or the absence
+of one: no pacing) decides for the rest. Several processes share a budget without talking
+to each other: each follows the upstream's Remaining, none keeps more than half of the last
+announced Remaining in flight, and a new window counts as half announced until its first
+answer; what that guarantees is in docs/architecture.md, "Rate budget".
+
+Waiting never polls: waiters are futures, woken by a report or by one timer per account at
+the window's reset (`call_later`, injectable so tests drive it with a fake clock). A waiter
+whose task is cancelled (the client went away) leaves the queue, or hands its slot back.
+Time comes from the injected `Clock`. Nothing here knows HTTP routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nbgateway.clock import Clock
+from nbgateway.errors import RateLimited
+from nbgateway.metrics import Metrics
+
+# Longest an upstream 429 may hold a nation's queue, whatever its Retry-After says.
+MAX_HOLD = 60.0
+# Shortest hold after a 429 (a missing or zero Retry-After must not turn into a hot loop).
+MIN_HOLD = 1.0
+# Seconds after the announced reset before a new window is assumed: covers clocks that
+# differ by a little between the gateway and NationBuilder.
+RESET_MARGIN = 0.05
+# Reset values up to this are delta-seconds; from EPOCH_FLOOR on they are epoch seconds;
+# anything in between is neither and is ignored.
+DELTA_CEILING = 86_400.0
+EPOCH_FLOOR = 1_000_000_000.0
+# Two announced resets closer than this belong to one window (rounding, delta jitter).
+SAME_WINDOW = 0.5
+
+_SPELLINGS = ("RateLimit-", "X-RateLimit-")
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+CallLater = Callable[[float, Callable[[], None]], TimerHandle]
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """What one response said about its window (each part None when absent or unusable)."""
+
+    limit: int | None
+    remaining: int | None
+    reset_at: float | None  # epoch seconds
+
+
+_NOTHING = Announced(None, None, None)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    for prefix in _SPELLINGS:
+        value = headers.get(prefix + name)
+        if value is not None:
+            return value.strip()
+    return None
+
+
+def _count(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def parse_announced(headers: Mapping[str, str], now: float) -> Announced:
+    """Read the RateLimit headers of a response; `now` turns a delta-seconds reset into epoch."""
+    limit = _count(_header(headers, "Limit"))
+    remaining = _count(_header(headers, "Remaining"))
+    reset_at: float | None = None
+    raw = _header(headers, "Reset")
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            if value <= DELTA_CEILING:
+                reset_at = now + value
+            elif value >= EPOCH_FLOOR:
+                reset_at = value
+    if limit == 0:
+        limit = None  # a limit of nothing is not a limit anyone can pace to
+    return Announced(limit=limit, remaining=remaining, reset_at=reset_at)
+
+
+def parse_retry_after(raw: str | None, now: float) -> float | None:
+    """Retry-After as seconds from now (delta-seconds or an HTTP date); None if unusable."""
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    client: str
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Budget:
+    limit: int | None = None
+    # What this process may still send in the current window (None: unknown, no pacing).
+    remaining: int | None = None
+    # The lowest Remaining announced in the current window (caps what is kept in flight).
+    announced: int | None = None
+    reset_at: float | None = None
+    period: float | None = None  # window length, when learnt or configured
+    last_reset: float | None = None  # the previous window's reset (to learn the period)
+    hold_until: float = 0.0
+    local: bool = False  # windows counted by the gateway (NBGW_RATE_DEFAULT_LIMIT)
+    answered: bool = False  # an answer has been seen (with or without headers)
+    in_flight: int = 0
+    queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
+    queued: int = 0
+    timer: TimerHandle | None = None
+    timer_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    """One account's budget as an admin page shows it."""
+
+    limit: int | None
+    remaining: int | None
+    reset_at: float | None
+    hold_until: float | None
+    queued: int
+    in_flight: int
+
+
+class Slot:
+    """Permission to send one request upstream; report its answer (or its failure) once."""
+
+    __slots__ = ("_done", "_limiter", "account")
+
+    def __init__(self, limiter: RateLimiter, account: str) -> None:
+        self._limiter = limiter
+        self.account = account
+        self._done = False
+
+    def report(self, status: int | None, headers: Mapping[str, str] | None = None) -> None:
+        """The upstream answered `status` with `headers`; None: no answer (error, timeout)."""
+        if self._done:
+            return
+        self._done = True
+        self._limiter._report(self.account, status, headers or {})
+
+
+class RateLimiter:
+    """Per-account budgets, the wait queue and the 429 hold. One instance per process."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        queue_timeout: float,
+        default_limit: tuple[int, float] | None = None,
+        call_later: CallLater | None = None,
+    ) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = queue_timeout
+        self._default = default_limit
+        self._call_later = call_later
+        self._budgets: dict[str, _Budget] = {}
+
+    @property
+    def pacing(self) -> bool:
+        """False when NBGW_RATE_QUEUE_TIMEOUT is 0: learn and count, but never wait or replay."""
+        return self._timeout > 0
+
+    def snapshot(self) -> dict[str, BudgetView]:
+        """Every known account's last learnt budget."""
+        now = self._clock.now()
+        views = {}
+        for slug, b in sorted(self._budgets.items()):
+            self._roll(b, now)
+            views[slug] = BudgetView(
+                limit=b.limit,
+                remaining=b.announced if b.announced is not None else b.remaining,
+                reset_at=b.reset_at,
+                hold_until=b.hold_until if b.hold_until > now else None,
+                queued=b.queued,
+                in_flight=b.in_flight,
+            )
+        return views
+
+    # -- asking for a slot -----------------------------------------------------------------
+
+    async def acquire(self, account: str, client: str, *, replay: bool = False) -> Slot:
+        """A slot for one upstream request: at once, after a wait, or `RateLimited`.
+
+        `client` names the tool (fairness is round-robin between clients); `replay` puts
+        the request at the head of its client's queue (it was sent once already).
+        """
+        b = self._budget(account)
+        if not self.pacing:
+            self._grant(b)
+            return Slot(self, account)
+        now = self._clock.now()
+        self._roll(b, now)
+        if b.queued == 0 and self._can_go(b, now):
+            self._grant(b)
+            self._observe_wait(account, 0.0)
+            return Slot(self, account)
+        known_wait = self._known_wait(b, now)
+        if known_wait > self._timeout:
+            raise self._refusal(known_wait)
+
+        started = self._clock.monotonic()
+        waiter = _Waiter(client, asyncio.get_running_loop().create_future())
+        queue = b.queues.setdefault(client, deque())
+        if replay:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
+        b.queued += 1
+
+        def on_timeout() -> None:
+            if not waiter.future.done():
+                self._remove(b, waiter)
+                waiter.future.set_exception(self._refusal(self._known_wait(b, self._now())))
+
+        deadline = self._later(self._timeout, on_timeout)
+        self._dispatch(b)
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                if waiter.future.exception() is None:
+                    self._give_back(b)  # granted, but the client went away before using it
+            else:
+                self._remove(b, waiter)
+                self._dispatch(b)
+            raise
+        finally:
+            deadline.cancel()
+        self._observe_wait(account, self._clock.monotonic() - started)
+        return Slot(self, account)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.now()
+
+    def _later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        if self._call_later is not None:
+            return self._call_later(delay, callback)
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+    def _budget(self, account: str) -> _Budget:
+        b = self._budgets.get(account)
+        if b is None:
+            b = self._budgets[account] = _Budget()
+            if self._default is not None:
+                limit, period = self._default
+                b.local, b.limit, b.period = True, limit, period
+                b.remaining = b.announced = limit
+        return b
+
+    def _observe_wait(self, account: str, seconds: float) -> None:
+        self._metrics.rate_waited(account, max(0.0, seconds))
+
+    def _refusal(self, wait: float) -> RateLimited:
+        retry = max(1, math.ceil(wait - RESET_MARGIN))  # whole seconds, as NationBuilder says
+        return RateLimited(
+            f"the nation's rate budget is spent; the wait would exceed "
+            f"NBGW_RATE_QUEUE_TIMEOUT ({self._timeout:g} s); retry in {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
+
+    def _roll(self, b: _Budget, now: float) -> None:
+        """Start a new window when the announced reset (or a 429 hold) has passed."""
+        if b.hold_until and now >= b.hold_until:
+            b.hold_until = 0.0
+            self._new_window(b)
+        elif b.reset_at is not None and now >= b.reset_at + RESET_MARGIN:
+            self._new_window(b)
+
+    def _new_window(self, b: _Budget) -> None:
+        if b.reset_at is not None:
+            b.last_reset = b.reset_at
+        b.reset_at = None  # learnt again from the next answer (or started by the next grant)
+        if b.limit is None:
+            b.remaining = b.announced = None
+        else:
+            b.remaining = b.limit - b.in_flight
+            # Until an answer from the new window says otherwise, count half the limit as
+            # announced: another process starting the same window then takes its share too.
+            b.announced = math.ceil(b.limit / 2)
+
+    def _can_go(self, b: _Budget, now: float) -> bool:
+        if now < b.hold_until:
+            return False
+        if not b.answered and not b.local:
+            # Nothing is known yet: one request goes alone, and its answer says whether
+            # (and to what) the rest are paced. No limit is guessed.
+            return b.in_flight == 0
+        if b.remaining is None:
+            return True  # no budget announced: no pacing
+        if b.remaining <= 0:
+            return False
+        # Keep at most half the announced Remaining in flight: another process following
+        # the same announcements then cannot push the sum over the budget.
+        cap = max(1, math.ceil((b.announced if b.announced is not None else b.remaining) / 2))
+        return b.local or b.in_flight < cap
+
+    def _known_wait(self, b: _Budget, now: float) -> float:
+        """A lower bound on how long a request joining the queue now must wait."""
+        wait = 0.0
+        if now < b.hold_until:
+            wait = b.hold_until - now
+        elif b.remaining is not None and b.remaining <= 0 and b.reset_at is not None:
+            wait = b.reset_at + RESET_MARGIN - now
+        if b.limit and b.period:
+            beyond = b.queued + 1 - max(0, b.remaining or 0)
+            if beyond > 0:
+                wait += ((beyond - 1) // b.limit) * b.period
+        return max(0.0, wait)
+
+    def _grant(self, b: _Budget) -> None:
+        b.in_flight += 1
+        if b.remaining is not None:
+            b.remaining -= 1
+        if b.local and b.reset_at is None and b.period is not None:
+            b.reset_at = self._now() + b.period
+
+    def _give_back(self, b: _Budget) -> None:
+        b.in_flight -= 1
+        if b.remaining is not None:
+            b.remaining += 1
+        self._dispatch(b)
+
+    def _remove(self, b: _Budget, waiter: _Waiter) -> None:
+        queue = b.queues.get(waiter.client)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        b.queued -= 1
+        if not queue:
+            del b.queues[waiter.client]
+
+    def _next_waiter(self, b: _Budget) -> _Waiter:
+        client = next(iter(b.queues))
+        queue = b.queues.pop(client)
+        waiter = queue.popleft()
+        b.queued -= 1
+        if queue:
+            b.queues[client] = queue  # to the back of the round
+        return waiter
+
+    def _dispatch(self, b: _Budget) -> None:
+        """Wake as many queued requests as the budget allows; arm the timer for the rest."""
+        now = self._now()
+        self._roll(b, now)
+        while b.queued and self._can_go(b, now):
+            waiter = self._next_waiter(b)
+            if waiter.future.done():
+                continue
+            self._grant(b)
+            waiter.future.set_result(None)
+        if not b.queued:
+            return
+        if now < b.hold_until:
+            self._arm(b, b.hold_until)
+        elif b.reset_at is not None and b.remaining is not None and b.remaining <= 0:
+            self._arm(b, b.reset_at + RESET_MARGIN)
+        # Otherwise what blocks the queue is requests in flight: their reports wake it.
+
+    def _arm(self, b: _Budget, at: float) -> None:
+        if b.timer is not None:
+            if b.timer_at <= at:
+                return  # an earlier wake-up re-arms for the rest
+            b.timer.cancel()
+
+        def fire() -> None:
+            b.timer = None
+            self._dispatch(b)
+
+        b.timer_at = at
+        b.timer = self._later(max(0.0, at - self._now()), fire)
+
+    def _report(self, account: str, status: int | None, headers: Mapping[str, str]) -> None:
+        b = self._budgets.get(account)
+        if b is None:
+            return  # forgotten meanwhile
+        b.in_flight = max(0, b.in_flight - 1)
+        b.answered = b.answered or status is not None
+        now = self._now()
+        if status == 429:
+            self._metrics.upstream_429.labels(account).inc()
+        seen = parse_announced(headers, now) if status is not None else _NOTHING
+        changed_limit = seen.limit if seen.limit != b.limit else None
+        self._metrics.rate_announced(account, seen.remaining, changed_limit)
+        if seen.limit is not None:
+            b.limit = seen.limit
+        fresh = seen.remaining is not None and seen.reset_at is not None and seen.reset_at > now
+        if fresh and seen.reset_at is not None and seen.remaining is not None:
+            b.local = False
+            self._learn(b, seen.remaining, seen.reset_at)
+        if status == 429 and self.pacing:
+            hold = parse_retry_after(headers.get("Retry-After"), now)
+            to_reset = seen.reset_at - now if seen.reset_at is not None else None
+            if to_reset is not None and to_reset > 0 and (hold is None or hold <= to_reset + 1):
+                # The announced reset is exact where Retry-After is rounded up to a whole
+                # second; holding past the reset would start this process's window late,
+                # mid-way through another process's use of it.
+                hold = to_reset + RESET_MARGIN
+            else:
+                hold = max(MIN_HOLD, hold if hold is not None else MIN_HOLD)
+            hold = min(MAX_HOLD, hold)
+            b.hold_until = max(b.hold_until, now + hold)
+            b.remaining = 0
+        elif (
+            b.reset_at is None
+            and b.in_flight == 0
+            and b.remaining is not None
+            and b.remaining <= 0
+            and not b.local
+        ):
+            b.remaining = None  # spent, but no horizon to wait for: do not pace blind
+        if b.queued:
+            self._dispatch(b)
+
+    def _learn(self, b: _Budget, remaining: int, reset_at: float) -> None:
+        if b.reset_at is None or reset_at > b.reset_at + SAME_WINDOW:
+            previous = b.reset_at if b.reset_at is not None else b.last_reset
+            if previous is not None and SAME_WINDOW < reset_at - previous <= 3600:
+                b.period = reset_at - previous
+            b.reset_at = reset_at
+            b.remaining = remaining - b.in_flight
+            b.announced = remaining
+        elif reset_at >= b.reset_at - SAME_WINDOW:
+            # The same window: the lower figure wins (answers can overtake each other).
+            own = b.remaining if b.remaining is not None else remaining
+            b.remaining = min(own, remaining - b.in_flight)
+            b.announced = min(b.announced if b.announced is not None else remaining, remaining)
+        # An older window's answer arriving late says nothing about this one.
