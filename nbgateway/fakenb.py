@@ -318,6 +318,8 @@ class FakeNationBuilder:
         self._token_gate = asyncio.Event()
         self._token_gate.set()
         self._pending_tokens = 0
+        # The most token requests held or delayed at once (how far refreshes overlapped).
+        self.peak_pending_tokens = 0
         self._pending_changed = asyncio.Event()  # pulsed whenever _pending_tokens changes
         # Set while the server shuts down so hung and held handlers return instead of
         # making runner.cleanup() wait out its shutdown timeout.
@@ -809,6 +811,7 @@ class FakeNationBuilder:
         self._nation(slug)
         body = await request.read()
         self._pending_tokens += 1
+        self.peak_pending_tokens = max(self.peak_pending_tokens, self._pending_tokens)
         self._pending_changed.set()
         try:
             await self._token_gate.wait()

@@ -28,15 +28,6 @@ async def fetch(client: TestClient[Any, Any], slug: str) -> int:
     return resp.status
 
 
-async def peak_pending(fake_nb: FakeNationBuilder, stop: asyncio.Event) -> int:
-    """The most token calls the fake held at once while `stop` was not set."""
-    peak = 0
-    while not stop.is_set():
-        peak = max(peak, fake_nb.pending_token_requests)
-        await asyncio.sleep(0.005)
-    return peak
-
-
 class TestManyNations:
     async def test_expiring_together_refresh_concurrently(
         self,
@@ -56,11 +47,9 @@ class TestManyNations:
         fake_nb.token_delay = 0.2
         fake_nb.clear_recordings()
 
-        stop = asyncio.Event()
-        watcher = asyncio.create_task(peak_pending(fake_nb, stop))
+        fake_nb.peak_pending_tokens = 0
         statuses = await asyncio.gather(*(fetch(gateway.client, s) for s in slugs))
-        stop.set()
-        peak = await watcher
+        peak = fake_nb.peak_pending_tokens
 
         assert statuses == [200] * NATIONS
         refreshed = sorted(r.params()["refresh_token"] for r in fake_nb.token_requests)
