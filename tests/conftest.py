@@ -9,7 +9,7 @@ background task is off unless a test asks for it).
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pgserver import SKIP_REASON, PgServer, find_bin_dir
 from prometheus_client import CollectorRegistry
 
 from nbgateway import keys
@@ -177,3 +178,45 @@ def connect_account(fake_nb: FakeNationBuilder, clock: FakeClock) -> ConnectAcco
 @pytest.fixture
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+# -- PostgreSQL (a server started by the tests themselves; see tests/pgserver.py) ----------
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[PgServer]:
+    """An initialised, never started cluster that servers are copied from."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(SKIP_REASON)
+    template = PgServer(bin_dir)
+    yield template
+    template.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_template: PgServer) -> Iterator[PgServer]:
+    """One PostgreSQL server for the session (tests that stop a server use `pg_own_server`)."""
+    server = PgServer(pg_template.bin_dir, template=pg_template)
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, empty database on the session's server."""
+    if not pg_server.running:
+        pg_server.start()  # a failed test may have left it stopped
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def pg_own_server(pg_template: PgServer) -> Iterator[PgServer]:
+    """A PostgreSQL server of this test's own, free to stop and start."""
+    server = PgServer(pg_template.bin_dir, template=pg_template)
+    server.start()
+    yield server
+    server.destroy()

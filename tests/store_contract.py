@@ -1,0 +1,1049 @@
+"""The store contract: one behaviour suite that every `TokenStore` backend must pass.
+
+Every test here runs twice, on SQLite (a real file) and on PostgreSQL (a real server the
+suite starts, tests/pgserver.py), through the `backend` fixture. A behaviour that exists
+on one backend only cannot pass. Tests see the store only as `TokenStore`; what they must
+do behind its back (corrupt a row, read a raw ciphertext, make a lock holder vanish) goes
+through the backend's `Backend` helper, the way an operator's tools would.
+
+SQLite-only matters (WAL files, bytes on disk, PRAGMAs) stay in tests/test_store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pgserver import PgServer
+
+from nbgateway.clock import FakeClock
+from nbgateway.crypto import Cipher, generate_key
+from nbgateway.errors import (
+    AccountNotFound,
+    CorruptRecordError,
+    DecryptError,
+    StateError,
+    StoreError,
+)
+from nbgateway.models import AccountInfo, AccountStatus, EventKind, TokenSet
+from nbgateway.redact import Secret
+from nbgateway.store import (
+    AccountLock,
+    GenerationConflict,
+    StoreDump,
+    TokenStore,
+    lease_seconds,
+)
+from nbgateway.store.base import STATES_KEPT, state_hash
+from nbgateway.store.postgres import PostgresStore
+from nbgateway.store.sqlite import SQLiteStore
+
+STATE_TTL = 600.0
+# The longest a test waits for something that must happen (a notice, a lock handed over).
+PROMPTLY = 10.0
+
+
+def token_set(clock: FakeClock, label: str, expires_in: float = 3600.0) -> TokenSet:
+    return TokenSet(
+        access_token=Secret(f"access-CANARY-{label}-9f8e7d6c"),
+        refresh_token=Secret(f"refresh-CANARY-{label}-1a2b3c4d"),
+        expires_at=clock.now() + expires_in,
+        scope="default",
+    )
+
+
+async def event_kinds(store: TokenStore, slug: str) -> list[EventKind]:
+    """The account's event kinds, oldest first."""
+    return [e.kind for e in reversed(await store.events(slug, limit=100))]
+
+
+# -- the two backends -----------------------------------------------------------------------
+
+
+class Backend:
+    """One backend's database and the raw access the tests need behind the store's back."""
+
+    name: str
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    description: str
+
+    def make(self, *keys: str, **kwargs: Any) -> TokenStore:
+        """A new (unopened) store on this backend's database."""
+        raise NotImplementedError
+
+    def fresh(self) -> Backend:
+        """The same kind of backend on a new, empty database."""
+        raise NotImplementedError
+
+    async def set_column(self, slug: str, column: str, value: Any) -> None:
+        raise NotImplementedError
+
+    async def copy_column(self, column: str, from_slug: str, to_slug: str, to_column: str) -> None:
+        """Copy one raw account column into another row or column (ciphertext untouched)."""
+        value = await self.column(from_slug, column)
+        await self.set_column(to_slug, to_column, value)
+
+    async def column(self, slug: str, column: str) -> Any:
+        row = await self.row(slug)
+        return row[column]
+
+    async def row(self, slug: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def blobs(self) -> list[bytes]:
+        """Every stored token ciphertext, raw."""
+        raise NotImplementedError
+
+    async def state_hashes(self) -> list[str]:
+        raise NotImplementedError
+
+    async def abandon(self, store: TokenStore, lock: AccountLock) -> None:
+        """Make `lock`'s holder vanish without releasing it (as a killed process would)."""
+        raise NotImplementedError
+
+
+class SQLiteBackend(Backend):
+    name = "sqlite"
+
+    def __init__(self, clock: FakeClock, path: Path) -> None:
+        super().__init__(clock)
+        self.path = path
+        self.description = str(path)
+
+    def fresh(self) -> Backend:
+        n = len(list(self.path.parent.glob("fresh-*.db")))
+        return SQLiteBackend(self.clock, self.path.parent / f"fresh-{n}.db")
+
+    def make(self, *keys: str, **kwargs: Any) -> TokenStore:
+        return SQLiteStore(self.path, Cipher([Secret(k) for k in keys]), self.clock, **kwargs)
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with closing(sqlite3.connect(self.path, timeout=5)) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(sql, params).fetchall()
+            conn.commit()
+            return rows
+
+    async def set_column(self, slug: str, column: str, value: Any) -> None:
+        self._query(f"UPDATE accounts SET {column} = ? WHERE slug = ?", (value, slug))
+
+    async def row(self, slug: str) -> dict[str, Any]:
+        [row] = self._query("SELECT * FROM accounts WHERE slug = ?", (slug,))
+        return dict(row)
+
+    async def blobs(self) -> list[bytes]:
+        rows = self._query(
+            "SELECT access_token FROM accounts WHERE access_token IS NOT NULL "
+            "UNION ALL SELECT refresh_token FROM accounts"
+        )
+        return [r[0] for r in rows]
+
+    async def state_hashes(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT state_hash FROM auth_states")]
+
+    async def abandon(self, store: TokenStore, lock: AccountLock) -> None:
+        # SQLite cannot notice a dead holder: its lease is taken over after the deadline.
+        self.clock.advance(lease_seconds(15.0) + 1)
+
+
+class PostgresBackend(Backend):
+    name = "postgres"
+
+    def __init__(self, clock: FakeClock, server: PgServer, url: str) -> None:
+        super().__init__(clock)
+        self.server = server
+        self.url = url
+        self.description = url  # the test URLs carry no password
+
+    def fresh(self) -> Backend:
+        return PostgresBackend(self.clock, self.server, self.server.create_database())
+
+    def make(self, *keys: str, **kwargs: Any) -> TokenStore:
+        return PostgresStore(self.url, Cipher([Secret(k) for k in keys]), self.clock, **kwargs)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(self.url)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    async def set_column(self, slug: str, column: str, value: Any) -> None:
+        await self._fetch(f"UPDATE accounts SET {column} = $1 WHERE slug = $2", value, slug)
+
+    async def row(self, slug: str) -> dict[str, Any]:
+        [row] = await self._fetch("SELECT * FROM accounts WHERE slug = $1", slug)
+        return dict(row)
+
+    async def blobs(self) -> list[bytes]:
+        rows = await self._fetch(
+            "SELECT access_token FROM accounts WHERE access_token IS NOT NULL "
+            "UNION ALL SELECT refresh_token FROM accounts"
+        )
+        return [r[0] for r in rows]
+
+    async def state_hashes(self) -> list[str]:
+        return [r[0] for r in await self._fetch("SELECT state_hash FROM auth_states")]
+
+    async def abandon(self, store: TokenStore, lock: AccountLock) -> None:
+        # A killed process's connection goes away; PostgreSQL drops its advisory locks.
+        rows = await self._fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted AND database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database())"
+        )
+        assert rows, "no advisory lock was held"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Backend:
+    if request.param == "sqlite":
+        return SQLiteBackend(clock, tmp_path / "gateway.db")
+    url = request.getfixturevalue("pg_url")
+    return PostgresBackend(clock, request.getfixturevalue("pg_server"), url)
+
+
+@pytest.fixture
+def key() -> str:
+    return generate_key()
+
+
+@pytest.fixture
+def other_key() -> str:
+    return generate_key()
+
+
+async def create_database(backend: Backend, key: str) -> None:
+    """Create and migrate the database once, as an earlier run or `nbgateway check` would."""
+    async with backend.make(key):
+        pass
+
+
+@pytest.fixture
+async def store(backend: Backend, key: str) -> AsyncIterator[TokenStore]:
+    """An open store on a database created by an earlier open."""
+    await create_database(backend, key)
+    async with backend.make(key) as opened:
+        yield opened
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+class TestOpen:
+    async def test_reopening_keeps_data(self, backend: Backend, clock: FakeClock, key: str) -> None:
+        """A second open neither migrates again nor loses rows."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with backend.make(key) as store:
+            account = await store.get_account("acme")
+        assert account is not None
+        assert account.access_token == token_set(clock, "1").access_token
+
+    async def test_first_write_on_a_new_database(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A brand-new database accepts a write straight after the first open."""
+        async with backend.make(key) as store:
+            await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            assert await store.get_account("acme") is not None
+
+    async def test_ping_and_check_writable(self, store: TokenStore) -> None:
+        """ping() and check_writable() succeed on an open, healthy store."""
+        await store.ping()
+        await store.check_writable()
+
+    async def test_ping_after_close(self, backend: Backend, key: str) -> None:
+        """ping() raises StoreError once the store is closed."""
+        store = backend.make(key)
+        await store.open()
+        await store.close()
+        with pytest.raises(StoreError):
+            await store.ping()
+
+    async def test_description_names_the_database(
+        self, store: TokenStore, backend: Backend
+    ) -> None:
+        """description says where the data lives."""
+        assert store.description == backend.description
+
+
+class TestAccounts:
+    async def test_round_trip(self, store: TokenStore, clock: FakeClock) -> None:
+        """save_tokens then get_account returns the same tokens and metadata."""
+        tokens = token_set(clock, "1")
+        saved = await store.save_tokens("acme", tokens, EventKind.CONNECTED)
+        account = await store.get_account("acme")
+        assert account == saved
+        assert account is not None
+        assert account.access_token == tokens.access_token
+        assert account.refresh_token == tokens.refresh_token
+        assert account.expires_at == tokens.expires_at
+        assert account.scope == "default"
+        assert account.status is AccountStatus.ACTIVE
+        assert account.generation == 1
+        assert account.last_refresh_at == clock.now()
+        assert account.last_error is None
+        assert account.created_at == account.updated_at == clock.now()
+        assert account.refresh_started_at is None
+
+    async def test_unknown_account(self, store: TokenStore) -> None:
+        """get_account of an unknown slug is None."""
+        assert await store.get_account("nobody") is None
+
+    async def test_generation_increments_on_every_save(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """Each token save, direct or under the refresh lock, bumps the generation by one."""
+        generations = []
+        for label in ("1", "2", "3"):
+            saved = await store.save_tokens("acme", token_set(clock, label), EventKind.CONNECTED)
+            generations.append(saved.generation)
+        async with store.refresh_lock("acme") as locked:
+            generations.append((await locked.save_tokens(token_set(clock, "4"))).generation)
+        assert generations == [1, 2, 3, 4]
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.generation == 4
+        assert account.access_token == token_set(clock, "4").access_token
+
+    async def test_update_keeps_created_at(self, store: TokenStore, clock: FakeClock) -> None:
+        """A later save moves updated_at and last_refresh_at but keeps created_at."""
+        first = await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        clock.advance(100)
+        second = await store.save_tokens("acme", token_set(clock, "2"), EventKind.CONNECTED)
+        assert second.created_at == first.created_at
+        assert second.updated_at == first.updated_at + 100
+        assert second.last_refresh_at == clock.now()
+
+    async def test_accounts_are_separate(self, store: TokenStore, clock: FakeClock) -> None:
+        """Two accounts keep their own tokens and generations."""
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        await store.save_tokens("beta", token_set(clock, "b"), EventKind.CONNECTED)
+        await store.save_tokens("beta", token_set(clock, "b2"), EventKind.CONNECTED)
+        acme = await store.get_account("acme")
+        beta = await store.get_account("beta")
+        assert acme is not None and beta is not None
+        assert acme.refresh_token == token_set(clock, "a").refresh_token
+        assert beta.refresh_token == token_set(clock, "b2").refresh_token
+        assert (acme.generation, beta.generation) == (1, 2)
+
+    async def test_list_accounts_has_no_tokens(self, store: TokenStore, clock: FakeClock) -> None:
+        """list_accounts returns sorted AccountInfo without any token value."""
+        await store.save_tokens("zeta", token_set(clock, "z"), EventKind.CONNECTED)
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        infos = await store.list_accounts()
+        assert [i.slug for i in infos] == ["acme", "zeta"]
+        assert all(type(i) is AccountInfo for i in infos)
+        text = repr(infos)
+        for label in ("a", "z"):
+            tokens = token_set(clock, label)
+            assert tokens.access_token.reveal() not in text
+            assert tokens.refresh_token.reveal() not in text
+
+    async def test_list_accounts_decrypts_nothing(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """An undecryptable row still shows in list_accounts."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        await backend.set_column("acme", "access_token", b"\x00")
+        assert [i.slug for i in await store.list_accounts()] == ["acme"]
+
+    async def test_import_refresh_token(self, store: TokenStore) -> None:
+        """An imported refresh token is stored alone; the access token comes later."""
+        await store.import_refresh_token("acme", Secret("legacy-token-CANARY-0123"))
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.refresh_token == Secret("legacy-token-CANARY-0123")
+        assert account.access_token is None
+        assert account.status is AccountStatus.ACTIVE
+        assert account.generation == 1
+
+    async def test_import_over_dead_account(self, store: TokenStore, clock: FakeClock) -> None:
+        """Importing over an account needing re-auth makes it active and bumps the generation."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.mark_needs_reauth("invalid_grant")
+        await store.import_refresh_token("acme", Secret("legacy-token-CANARY-0123"))
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.status is AccountStatus.ACTIVE
+        assert account.last_error is None
+        assert account.access_token is None
+        assert account.refresh_token == Secret("legacy-token-CANARY-0123")
+        assert account.generation == 3
+
+    async def test_new_tokens_clear_needs_reauth(self, store: TokenStore, clock: FakeClock) -> None:
+        """Saving tokens after needs_reauth makes the account active with no last error."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.mark_needs_reauth("invalid_grant")
+        account = await store.save_tokens("acme", token_set(clock, "2"), EventKind.CONNECTED)
+        assert account.status is AccountStatus.ACTIVE
+        assert account.last_error is None
+
+    async def test_remove_account(self, store: TokenStore, clock: FakeClock) -> None:
+        """remove_account deletes the account once and reports whether it existed."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        assert await store.remove_account("acme") is True
+        assert await store.get_account("acme") is None
+        assert await store.list_accounts() == []
+        assert await store.remove_account("acme") is False
+
+    async def test_decrypted_tokens_are_reported(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """on_secret receives every token the store writes or decrypts (for the log redactor)."""
+        await create_database(backend, key)
+        tokens = token_set(clock, "1")
+        async with backend.make(key) as writer:
+            await writer.save_tokens("acme", tokens, EventKind.CONNECTED)
+        seen: list[tuple[Secret, str]] = []
+        async with backend.make(
+            key, on_secret=lambda secret, slot: seen.append((secret, slot))
+        ) as reader:
+            await reader.get_account("acme")
+        assert (tokens.access_token, "acme/access_token") in seen
+        assert (tokens.refresh_token, "acme/refresh_token") in seen
+
+
+class TestEvents:
+    async def test_history_is_bounded_per_account(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """Only the newest `events_kept` events of an account are kept; others' are untouched."""
+        await create_database(backend, key)
+        async with backend.make(key, events_kept=3) as store:
+            await store.save_tokens("other", token_set(clock, "0"), EventKind.CONNECTED)
+            await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            for n in range(5):
+                async with store.refresh_lock("acme") as locked:
+                    await locked.record_failure(f"failure {n}")
+            details = [e.detail for e in await store.events("acme", limit=10)]
+            assert details == ["failure 4", "failure 3", "failure 2"]
+            assert [e.kind for e in await store.events("other")] == [EventKind.CONNECTED]
+
+    async def test_connected(self, store: TokenStore, clock: FakeClock) -> None:
+        """save_tokens with CONNECTED records a connected event."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        assert await event_kinds(store, "acme") == [EventKind.CONNECTED]
+
+    async def test_refreshed(self, store: TokenStore, clock: FakeClock) -> None:
+        """Saving tokens under the refresh lock records a refreshed event."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.save_tokens(token_set(clock, "2"))
+        assert await event_kinds(store, "acme") == [EventKind.CONNECTED, EventKind.REFRESHED]
+
+    async def test_refresh_failed(self, store: TokenStore, clock: FakeClock) -> None:
+        """record_failure records refresh_failed with the message and keeps tokens and status."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.record_failure("token endpoint returned 503")
+        events = await store.events("acme")
+        assert events[0].kind is EventKind.REFRESH_FAILED
+        assert events[0].detail == "token endpoint returned 503"
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.last_error == "token endpoint returned 503"
+        assert account.status is AccountStatus.ACTIVE
+        assert account.generation == 1
+        assert account.refresh_token == token_set(clock, "1").refresh_token
+
+    async def test_needs_reauth(self, store: TokenStore, clock: FakeClock) -> None:
+        """mark_needs_reauth records needs_reauth, sets the status and bumps the generation."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.mark_needs_reauth("invalid_grant: token revoked")
+        assert (await event_kinds(store, "acme"))[-1] is EventKind.NEEDS_REAUTH
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.status is AccountStatus.NEEDS_REAUTH
+        assert account.last_error == "invalid_grant: token revoked"
+        assert account.generation == 2
+        [info] = await store.list_accounts()
+        assert info.status is AccountStatus.NEEDS_REAUTH
+
+    async def test_removed_event_survives_the_account(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """remove_account records removed; the history stays after the row is gone."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        await store.remove_account("acme")
+        assert await event_kinds(store, "acme") == [EventKind.CONNECTED, EventKind.REMOVED]
+
+    async def test_removing_unknown_account_records_nothing(self, store: TokenStore) -> None:
+        """remove_account of an unknown slug adds no event."""
+        await store.remove_account("nobody")
+        assert await store.events("nobody") == []
+
+    async def test_imported(self, store: TokenStore) -> None:
+        """import_refresh_token records an imported event."""
+        await store.import_refresh_token("acme", Secret("legacy-token-CANARY-0123"))
+        assert await event_kinds(store, "acme") == [EventKind.IMPORTED]
+
+    async def test_last_error_is_truncated(self, store: TokenStore, clock: FakeClock) -> None:
+        """A very long failure message is stored, cut short, on the account and the event."""
+        message = "upstream said: " + "x" * 5000
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.record_failure(message)
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.last_error is not None
+        assert message.startswith(account.last_error)
+        assert account.last_error.startswith("upstream said: ")
+        assert len(account.last_error) < 1000
+        detail = (await store.events("acme"))[0].detail
+        assert message.startswith(detail)
+        assert len(detail) < 1000
+
+    async def test_events_newest_first_and_limited(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """events() lists the most recent first, across accounts when no slug is given."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        clock.advance(1)
+        await store.save_tokens("beta", token_set(clock, "2"), EventKind.CONNECTED)
+        clock.advance(1)
+        await store.remove_account("acme")
+        every = await store.events()
+        assert [(e.slug, e.kind) for e in every] == [
+            ("acme", EventKind.REMOVED),
+            ("beta", EventKind.CONNECTED),
+            ("acme", EventKind.CONNECTED),
+        ]
+        assert [e.at for e in every] == [clock.now(), clock.now() - 1, clock.now() - 2]
+        assert len(await store.events(limit=2)) == 2
+
+
+class TestRefreshLock:
+    async def test_read_sees_the_row(self, store: TokenStore, clock: FakeClock) -> None:
+        """AccountLock.read returns the current row with its tokens."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            account = await locked.read()
+            assert locked.interrupted_at is None
+        assert account.refresh_token == token_set(clock, "1").refresh_token
+
+    async def test_read_of_missing_account(self, store: TokenStore) -> None:
+        """Locking (or reading) an unknown slug raises AccountNotFound."""
+        with pytest.raises(AccountNotFound):
+            async with store.refresh_lock("nobody") as locked:
+                await locked.read()
+
+    async def test_exception_releases_the_lock(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """An exception inside the lock releases it: another store takes it at once and sees
+        no refresh in flight (writes made before the exception stay committed)."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            with pytest.raises(RuntimeError, match="boom"):
+                async with a.refresh_lock("acme") as locked:
+                    await locked.begin_refresh()
+                    raise RuntimeError("boom")
+            async with b.refresh_lock("acme") as locked_b:
+                assert locked_b.interrupted_at is None
+                account = await locked_b.read()
+            assert await event_kinds(a, "acme") == [EventKind.CONNECTED]
+        assert account.generation == 1
+        assert account.refresh_started_at is None
+
+    async def test_second_store_waits_then_sees_the_new_generation(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """While one store holds an account's lock another cannot enter; once it is released
+        the other enters and reads the generation the first one stored."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            b_entered = asyncio.Event()
+
+            async def refresh_in_b() -> int:
+                async with b.refresh_lock("acme") as locked:
+                    b_entered.set()
+                    return (await locked.read()).generation
+
+            async with a.refresh_lock("acme") as locked_a:
+                b_task = asyncio.create_task(refresh_in_b())
+                # Waiting for something NOT to happen: B must still be outside the lock.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(b_entered.wait()), 0.3)
+                await locked_a.save_tokens(token_set(clock, "2"))
+            generation_seen_by_b = await asyncio.wait_for(b_task, 30)
+        assert generation_seen_by_b == 2
+
+    async def test_other_account_never_waits(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """While one store holds account A's lock (mid-refresh), another store takes,
+        uses and releases account B's lock; A's lock is still held throughout."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "a1"), EventKind.CONNECTED)
+            await a.save_tokens("beta", token_set(clock, "b1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked_a:
+                await locked_a.begin_refresh()
+                async with b.refresh_lock("beta") as locked_b:
+                    await locked_b.begin_refresh()
+                    saved_b = await locked_b.save_tokens(token_set(clock, "b2"))
+                # A is still held: its marker is there and B's save did not touch it.
+                infos = {i.slug: i for i in await b.list_accounts()}
+                assert infos["acme"].refresh_started_at is not None
+                assert infos["beta"].refresh_started_at is None
+                saved_a = await locked_a.save_tokens(token_set(clock, "a2"))
+        assert (saved_a.generation, saved_b.generation) == (2, 2)
+
+    async def test_begin_refresh_leaves_a_visible_marker(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """begin_refresh records when the refresh started, visible to every store as
+        AccountInfo.refresh_started_at; storing the result clears it."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                started = clock.now()
+                clock.advance(2)
+                [info] = await b.list_accounts()
+                assert info.refresh_started_at == started
+                account = await b.get_account("acme")
+                assert account is not None and account.refresh_started_at == started
+                await locked.save_tokens(token_set(clock, "2"))
+                [info] = await b.list_accounts()
+                assert info.refresh_started_at is None
+
+    async def test_marker_cleared_when_the_lock_ends_without_a_result(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """A lock left after begin_refresh with no result stored leaves no marker behind."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.begin_refresh()
+        [info] = await store.list_accounts()
+        assert info.refresh_started_at is None
+
+    @pytest.mark.parametrize(
+        "settle", ["record_failure", "mark_needs_reauth", "save_refresh_token"]
+    )
+    async def test_every_result_clears_the_marker(
+        self, store: TokenStore, clock: FakeClock, settle: str
+    ) -> None:
+        """Each way of storing a refresh's outcome clears the in-flight marker."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.begin_refresh()
+            if settle == "record_failure":
+                await locked.record_failure("503")
+            elif settle == "mark_needs_reauth":
+                await locked.mark_needs_reauth("invalid_grant")
+            else:
+                await locked.save_refresh_token(Secret("rotated-CANARY-1"), "bad answer")
+            [info] = await store.list_accounts()
+            assert info.refresh_started_at is None
+        if settle == "save_refresh_token":
+            account = await store.get_account("acme")
+            assert account is not None
+            assert account.refresh_token == Secret("rotated-CANARY-1")
+            assert account.access_token is None
+            assert account.generation == 2
+
+    async def test_vanished_holder_is_replaced_and_reported(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A holder that dies mid-refresh without releasing is replaced, and the new holder
+        sees when the interrupted refresh started (interrupted_at)."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked_a:
+                await locked_a.begin_refresh()
+                started = clock.now()
+                await backend.abandon(a, locked_a)
+                async with b.refresh_lock("acme") as locked_b:
+                    assert locked_b.interrupted_at == started
+                    saved = await locked_b.save_tokens(token_set(clock, "2"))
+            # The vanished holder's exit neither raised nor undid the new holder's work.
+            account = await b.get_account("acme")
+        assert account is not None
+        assert account.generation == saved.generation == 2
+        assert account.refresh_started_at is None
+        assert account.access_token == token_set(clock, "2").access_token
+
+    async def test_save_after_another_writer_conflicts(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """save_tokens under the lock after another writer (a re-connect) changed the account
+        raises GenerationConflict and stores nothing; the other writer's pair stays."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                await b.save_tokens("acme", token_set(clock, "admin"), EventKind.CONNECTED)
+                with pytest.raises(GenerationConflict):
+                    await locked.save_tokens(token_set(clock, "refreshed"))
+                with pytest.raises(GenerationConflict):
+                    await locked.save_refresh_token(Secret("rotated-CANARY-2"), "refused")
+            account = await a.get_account("acme")
+            kinds = await event_kinds(a, "acme")
+        assert account is not None
+        assert account.refresh_token == token_set(clock, "admin").refresh_token
+        assert account.generation == 2
+        assert kinds == [EventKind.CONNECTED, EventKind.CONNECTED]
+
+    async def test_writes_commit_at_once(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A refresh saved under the lock is visible to another store before the lock ends."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.save_tokens(token_set(clock, "2"))
+                account = await b.get_account("acme")
+        assert account is not None
+        assert account.access_token == token_set(clock, "2").access_token
+
+    async def test_change_counter_moves_after_another_store_writes(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """change_counter() changes once another store commits a change."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            before = await a.change_counter()
+            await b.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with asyncio.timeout(PROMPTLY):
+                while await a.change_counter() == before:  # noqa: ASYNC110 - polled API
+                    await asyncio.sleep(0.02)  # a notice arrives on another connection
+
+
+class TestEncryptionAtRest:
+    async def test_wrong_key_changes_nothing(
+        self, backend: Backend, clock: FakeClock, key: str, other_key: str
+    ) -> None:
+        """Opening with a key that does not match raises DecryptError and changes nothing."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            await store.create_state("state-1", "acme", Secret("verifier-1"), "", STATE_TTL)
+            before = await store.dump()
+        with pytest.raises(DecryptError) as info:
+            async with backend.make(other_key):
+                pass
+        message = str(info.value)
+        assert Cipher([Secret(key)]).primary_key_id in message
+        assert "nothing was changed" in message.lower()
+        assert key not in message
+        assert other_key not in message
+        async with backend.make(key) as store:
+            assert await store.dump() == before
+            account = await store.get_account("acme")
+        assert account is not None
+        assert account.refresh_token == token_set(clock, "1").refresh_token
+
+    async def test_corrupt_row(self, store: TokenStore, clock: FakeClock, backend: Backend) -> None:
+        """A garbage token column fails to decrypt naming the account; verify lists it; no write."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        await store.save_tokens("beta", token_set(clock, "2"), EventKind.CONNECTED)
+        await backend.set_column("acme", "access_token", b"garbage, not a ciphertext at all")
+        before = await backend.row("acme")
+        with pytest.raises((DecryptError, CorruptRecordError)) as info:
+            await store.get_account("acme")
+        assert "'acme'" in str(info.value)
+        problems = await store.verify()
+        assert len(problems) == 1
+        assert "'acme'" in problems[0]
+        assert await store.get_account("beta") is not None
+        assert await backend.row("acme") == before
+
+    async def test_tampered_ciphertext(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """A single flipped byte in a stored ciphertext fails to decrypt and is reported."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        blob = bytearray(await backend.column("acme", "refresh_token"))
+        blob[-1] ^= 0x01
+        await backend.set_column("acme", "refresh_token", bytes(blob))
+        with pytest.raises(DecryptError, match="acme"):
+            await store.get_account("acme")
+        assert any("acme" in p for p in await store.verify())
+
+    async def test_ciphertext_moved_to_another_account(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """A refresh token copied from account a into account b's row does not decrypt."""
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        await store.save_tokens("beta", token_set(clock, "b"), EventKind.CONNECTED)
+        await backend.copy_column("refresh_token", "acme", "beta", "refresh_token")
+        with pytest.raises(DecryptError, match="beta"):
+            await store.get_account("beta")
+        assert await store.get_account("acme") is not None
+        problems = await store.verify()
+        assert len(problems) == 1
+        assert "beta" in problems[0]
+
+    async def test_ciphertext_moved_to_another_column(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """A refresh token copied into the same row's access_token column does not decrypt."""
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        await backend.copy_column("refresh_token", "acme", "acme", "access_token")
+        with pytest.raises(DecryptError, match="access_token"):
+            await store.get_account("acme")
+
+    async def test_verify_healthy_store(self, store: TokenStore, clock: FakeClock) -> None:
+        """verify() reports nothing when every row decrypts."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        await store.import_refresh_token("beta", Secret("legacy-token-CANARY-0123"))
+        assert await store.verify() == []
+
+    async def test_store_with_a_corrupt_row_still_opens(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """After a restart, a corrupt row is reported by verify() rather than blocking open."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            await store.save_tokens("beta", token_set(clock, "2"), EventKind.CONNECTED)
+        await backend.set_column("acme", "access_token", b"\xde\xad\xbe\xef")
+        async with backend.make(key) as store:
+            problems = await store.verify()
+            assert await store.get_account("beta") is not None
+        assert len(problems) == 1
+        assert "acme" in problems[0]
+
+
+class TestRotateKeys:
+    async def test_rotation_reencrypts_under_the_first_key(
+        self, backend: Backend, clock: FakeClock, key: str, other_key: str
+    ) -> None:
+        """rotate_keys re-seals old-key rows with the first key, returns the count, keeps data."""
+        old_key, new_key = key, other_key
+        await create_database(backend, old_key)
+        async with backend.make(old_key) as store:
+            await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+            await store.save_tokens("beta", token_set(clock, "b"), EventKind.CONNECTED)
+            await store.import_refresh_token("gamma", Secret("legacy-token-CANARY-0123"))
+
+        cipher = Cipher([Secret(new_key), Secret(old_key)])
+        new_id, old_id = cipher.key_ids
+        assert {cipher.key_id_of(b) for b in await backend.blobs()} == {old_id}
+
+        async with backend.make(new_key, old_key) as store:
+            assert (await store.rotate_keys()).changed == 3
+            assert {cipher.key_id_of(b) for b in await backend.blobs()} == {new_id}
+            assert (await store.rotate_keys()).changed == 0
+
+        async with backend.make(new_key) as store:  # the old key can go now
+            acme = await store.get_account("acme")
+            gamma = await store.get_account("gamma")
+            assert await store.verify() == []
+        assert acme is not None and gamma is not None
+        assert acme.access_token == token_set(clock, "a").access_token
+        assert acme.refresh_token == token_set(clock, "a").refresh_token
+        assert gamma.refresh_token == Secret("legacy-token-CANARY-0123")
+
+    async def test_rotation_skips_an_unreadable_row(
+        self, backend: Backend, clock: FakeClock, key: str, other_key: str
+    ) -> None:
+        """A row that does not decrypt is reported as skipped and left as it is; the others
+        are re-encrypted."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+            await store.save_tokens("beta", token_set(clock, "b"), EventKind.CONNECTED)
+        good = bytearray(await backend.column("acme", "refresh_token"))
+        good[-1] ^= 0x01  # still sealed under the old key id, but no longer opens
+        await backend.set_column("acme", "refresh_token", bytes(good))
+        before = await backend.row("acme")
+        async with backend.make(other_key, key) as store:
+            report = await store.rotate_keys()
+            beta = await store.get_account("beta")
+        assert report.changed == 1
+        assert len(report.skipped) == 1
+        assert "'acme'" in report.skipped[0]
+        assert await backend.row("acme") == before
+        assert beta is not None
+        assert beta.refresh_token == token_set(clock, "b").refresh_token
+
+    async def test_rotation_keeps_generation_and_events(
+        self, backend: Backend, clock: FakeClock, key: str, other_key: str
+    ) -> None:
+        """Re-encryption is not a token change: generation and history stay as they were."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        async with backend.make(other_key, key) as store:
+            await store.rotate_keys()
+            account = await store.get_account("acme")
+            kinds = await event_kinds(store, "acme")
+        assert account is not None
+        assert account.generation == 1
+        assert kinds == [EventKind.CONNECTED]
+
+    async def test_nothing_to_rotate(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """With every row already under the first key, rotate_keys changes nothing."""
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        before = await backend.row("acme")
+        assert (await store.rotate_keys()).changed == 0
+        assert await backend.row("acme") == before
+
+    async def test_pending_authorizations_are_rotated(
+        self, backend: Backend, clock: FakeClock, key: str, other_key: str
+    ) -> None:
+        """A state created under the old key can be consumed with only the new key afterwards."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.create_state("state-1", "acme", Secret("verifier-1"), "", STATE_TTL)
+        async with backend.make(other_key, key) as store:
+            await store.rotate_keys()
+        async with backend.make(other_key) as store:
+            pending = await store.consume_state("state-1", "")
+        assert pending.code_verifier == Secret("verifier-1")
+
+
+class TestAuthStates:
+    async def test_round_trip(self, store: TokenStore, clock: FakeClock) -> None:
+        """consume_state returns the nation, the PKCE verifier and when it started."""
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "sess-1", STATE_TTL)
+        pending = await store.consume_state("state-1", "sess-1")
+        assert pending.slug == "acme"
+        assert pending.code_verifier == Secret("verifier-1")
+        assert pending.created_at == clock.now()
+
+    async def test_single_use(self, store: TokenStore) -> None:
+        """A state can be consumed only once."""
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "sess-1", STATE_TTL)
+        await store.consume_state("state-1", "sess-1")
+        with pytest.raises(StateError):
+            await store.consume_state("state-1", "sess-1")
+
+    async def test_unknown_state(self, store: TokenStore) -> None:
+        """A state never created raises StateError."""
+        with pytest.raises(StateError):
+            await store.consume_state("never-made", "sess-1")
+
+    async def test_expired(self, store: TokenStore, clock: FakeClock) -> None:
+        """A state older than its ttl raises StateError."""
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "sess-1", STATE_TTL)
+        clock.advance(601)
+        with pytest.raises(StateError, match="expired"):
+            await store.consume_state("state-1", "sess-1")
+
+    async def test_valid_until_ttl(self, store: TokenStore, clock: FakeClock) -> None:
+        """A state is still accepted just before its ttl runs out."""
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "sess-1", STATE_TTL)
+        clock.advance(599)
+        assert (await store.consume_state("state-1", "sess-1")).slug == "acme"
+
+    async def test_binding_mismatch_leaves_the_state(self, store: TokenStore) -> None:
+        """A state bound to one session raises StateError when consumed from another, and
+        stays usable by its own session."""
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "sess-1", STATE_TTL)
+        with pytest.raises(StateError):
+            await store.consume_state("state-1", "sess-2")
+        assert (await store.consume_state("state-1", "sess-1")).slug == "acme"
+
+    async def test_states_are_independent(self, store: TokenStore) -> None:
+        """Several pending states each return their own nation and verifier."""
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "s", STATE_TTL)
+        await store.create_state("state-2", "beta", Secret("verifier-2"), "s", STATE_TTL)
+        second = await store.consume_state("state-2", "s")
+        first = await store.consume_state("state-1", "s")
+        assert (first.slug, first.code_verifier) == ("acme", Secret("verifier-1"))
+        assert (second.slug, second.code_verifier) == ("beta", Secret("verifier-2"))
+
+    async def test_state_stored_only_as_hash(self, store: TokenStore, backend: Backend) -> None:
+        """The database holds sha256(state) as the state's key, never the state itself."""
+        await store.create_state("state-CANARY-55aa66bb", "acme", Secret("v"), "s", STATE_TTL)
+        assert await backend.state_hashes() == [state_hash("state-CANARY-55aa66bb")]
+
+    async def test_expired_states_are_purged(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """Creating a state removes pending states that have expired."""
+        await store.create_state("old", "acme", Secret("verifier-1"), "s", STATE_TTL)
+        clock.advance(601)
+        await store.create_state("new", "acme", Secret("verifier-2"), "s", STATE_TTL)
+        assert await backend.state_hashes() == [state_hash("new")]
+
+    async def test_pending_states_are_capped(self, store: TokenStore, clock: FakeClock) -> None:
+        """At most STATES_KEPT authorizations stay pending; the oldest goes first."""
+        for n in range(STATES_KEPT + 1):
+            await store.create_state(f"state-{n}", "acme", Secret("v"), "s", STATE_TTL)
+            clock.advance(0.001)
+        with pytest.raises(StateError):
+            await store.consume_state("state-0", "s")
+        assert (await store.consume_state("state-1", "s")).slug == "acme"
+        assert (await store.consume_state(f"state-{STATES_KEPT}", "s")).slug == "acme"
+
+
+class TestDumpLoad:
+    async def _fill(self, store: TokenStore, clock: FakeClock) -> None:
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.record_failure("503")
+        await store.import_refresh_token("beta", Secret("legacy-token-CANARY-0123"))
+        await store.save_tokens("gone", token_set(clock, "g"), EventKind.CONNECTED)
+        await store.remove_account("gone")
+        await store.create_state("state-1", "acme", Secret("verifier-1"), "sess", STATE_TTL)
+
+    async def test_round_trip_through_sqlite_and_back(
+        self, backend: Backend, clock: FakeClock, key: str, tmp_path: Path
+    ) -> None:
+        """A dump loaded into an empty SQLite file, dumped from there and loaded into an empty
+        database of this backend gives the same rows, accounts, events and pending states,
+        readable with the same key; events added afterwards get new ids."""
+        await create_database(backend, key)
+        async with backend.make(key) as source:
+            await self._fill(source, clock)
+            dump = await source.dump()
+            accounts = [await source.get_account(i.slug) for i in await source.list_accounts()]
+            events = await source.events(limit=100)
+        assert dump.counts() == {"accounts": 2, "events": 5, "auth_states": 1}
+        async with SQLiteStore(tmp_path / "copy.db", Cipher([Secret(key)]), clock) as middle:
+            await middle.load(dump)
+            copied = await middle.dump()
+        assert copied == dump
+        async with backend.fresh().make(key) as target:
+            await target.load(copied)
+            assert await target.dump() == dump
+            assert [await target.get_account(i.slug) for i in await target.list_accounts()] == (
+                accounts
+            )
+            assert await target.events(limit=100) == events
+            pending = await target.consume_state("state-1", "sess")
+            assert pending.code_verifier == Secret("verifier-1")
+            await target.save_tokens("delta", token_set(clock, "d"), EventKind.CONNECTED)
+            [newest] = await target.events(limit=1)
+        assert newest.slug == "delta"
+        assert newest.id > max(e.id for e in events)
+
+    async def test_load_refused_when_accounts_exist(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """load into a database that holds accounts raises StoreError and copies nothing."""
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        dump = StoreDump(
+            accounts=[{**(await store.dump()).accounts[0], "slug": "other"}],
+        )
+        before = await store.dump()
+        with pytest.raises(StoreError, match="already holds accounts"):
+            await store.load(dump)
+        assert await store.dump() == before
