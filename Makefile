@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the browser and Prometheus tests drive.
-SYSTEM_PACKAGES := chromium prometheus
+# Debian packages the browser, Prometheus and PostgreSQL tests drive.
+SYSTEM_PACKAGES := chromium prometheus postgresql
 
 .PHONY: install demo test lint type system-deps bench docs clean
 
@@ -28,6 +28,7 @@ system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \

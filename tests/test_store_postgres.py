@@ -1,0 +1,196 @@
+"""PostgreSQL-only tests of the token store, on a real server the tests start (pgserver.py):
+the password kept out of descriptions and errors, migrations (newer schema, replicas
+starting together), bounded lock waits, a cancelled waiter, and the server going away and
+coming back under an open store. The behaviour both backends share is in store_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from pgserver import PgServer
+
+from nbgateway.clock import FakeClock
+from nbgateway.crypto import Cipher, generate_key
+from nbgateway.errors import StoreError, StoreUnavailable
+from nbgateway.models import EventKind, TokenSet
+from nbgateway.redact import Secret
+from nbgateway.store import make_store
+from nbgateway.store.base import SecretListener
+from nbgateway.store.postgres import SCHEMA_VERSION, PostgresStore, split_password
+
+PASSWORD = "pw-CANARY-5e6f7a8b"
+PROMPTLY = 15.0  # the listener's reconnect backoff is capped at 5 s
+
+
+def token_set(clock: FakeClock, label: str) -> TokenSet:
+    return TokenSet(
+        access_token=Secret(f"access-CANARY-{label}"),
+        refresh_token=Secret(f"refresh-CANARY-{label}"),
+        expires_at=clock.now() + 3600,
+        scope="default",
+    )
+
+
+@pytest.fixture
+def key() -> str:
+    return generate_key()
+
+
+def open_store(
+    url: str, clock: FakeClock, key: str, on_secret: SecretListener | None = None
+) -> PostgresStore:
+    """The store `make_store` picks for a postgresql:// URL (not yet opened)."""
+    store = make_store(url, Cipher([Secret(key)]), clock, on_secret=on_secret)
+    assert isinstance(store, PostgresStore)
+    return store
+
+
+async def fetchval(url: str, sql: str) -> object:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+def test_split_password() -> None:
+    """The URL shown in messages keeps user, hosts, database and options but no password."""
+    assert split_password(f"postgresql://gw:{PASSWORD}@db1:5432,db2/tokens?sslmode=require") == (
+        "postgresql://gw@db1:5432,db2/tokens?sslmode=require",
+        PASSWORD,
+    )
+    assert split_password(f"postgres://db/tokens?user=gw&password={PASSWORD}") == (
+        "postgres://db/tokens?user=gw",
+        PASSWORD,
+    )
+    assert split_password("postgresql://db/tokens") == ("postgresql://db/tokens", None)
+
+
+async def test_password_stays_out_of_descriptions_and_errors(
+    pg_own_server: PgServer, clock: FakeClock, key: str
+) -> None:
+    """With a password in NBGW_DATABASE, neither `description` nor the errors raised while
+    the server is down contain it; the log redactor is told about it."""
+    url = pg_own_server.url().replace("postgres@", f"postgres:{PASSWORD}@")
+    told: list[tuple[str, str]] = []
+    store = open_store(url, clock, key, on_secret=lambda s, slot: told.append((s.reveal(), slot)))
+    assert PASSWORD not in store.description
+    assert (PASSWORD, "database/password") in told
+    async with store:
+        pg_own_server.stop()
+        for call in (store.ping(), store.get_account("acme"), store.check_writable()):
+            with pytest.raises(StoreUnavailable) as info:
+                await call
+            assert PASSWORD not in str(info.value)
+            assert store.description in str(info.value)
+    with pytest.raises(StoreUnavailable) as info:
+        async with store:
+            pass
+    assert PASSWORD not in str(info.value)
+
+
+async def test_newer_schema_is_refused_without_change(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """A database from a newer nbgateway raises StoreError naming the version; nothing is
+    written."""
+    async with open_store(pg_url, clock, key) as store:
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+    await fetchval(pg_url, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError) as info:
+        async with open_store(pg_url, clock, key):
+            pass
+    assert str(SCHEMA_VERSION + 1) in str(info.value)
+    assert "upgrade" in str(info.value)
+    assert await fetchval(pg_url, "SELECT version FROM schema_version") == SCHEMA_VERSION + 1
+    assert await fetchval(pg_url, "SELECT count(*) FROM events") == 1
+
+
+async def test_replicas_starting_together_migrate_once(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """Several stores opening one empty database at once all open; the schema is created
+    once and records the current version."""
+    stores = [open_store(pg_url, clock, key) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await stores[0].save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        for store in stores:
+            assert await store.get_account("acme") is not None
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    assert await fetchval(pg_url, "SELECT count(*) FROM schema_version") == 1
+    assert await fetchval(pg_url, "SELECT version FROM schema_version") == SCHEMA_VERSION
+
+
+async def test_lock_wait_is_bounded(pg_url: str, clock: FakeClock, key: str) -> None:
+    """Waiting for an account's lock held elsewhere ends with StoreError naming the account
+    after twice the lease (shortened here)."""
+    async with open_store(pg_url, clock, key) as a, open_store(pg_url, clock, key) as b:
+        await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        b.lease = 0.25
+        async with a.refresh_lock("acme"):
+            with pytest.raises(StoreError, match="'acme'") as info:
+                async with b.refresh_lock("acme"):
+                    pass
+        assert "too long" in str(info.value)
+        async with b.refresh_lock("acme") as locked:  # free again afterwards
+            assert (await locked.read()).generation == 1
+
+
+async def test_cancelled_waiter_leaks_no_lock(pg_url: str, clock: FakeClock, key: str) -> None:
+    """A task cancelled while waiting for a lock leaves nothing held: once the holder
+    releases, a third party takes the lock."""
+    async with open_store(pg_url, clock, key) as a, open_store(pg_url, clock, key) as b:
+        await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        entered = asyncio.Event()
+
+        async def wait_in_b() -> None:
+            async with b.refresh_lock("acme"):
+                entered.set()
+
+        async with a.refresh_lock("acme"):
+            waiter = asyncio.create_task(wait_in_b())
+            queued = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            while not await fetchval(pg_url, queued):  # noqa: ASYNC110 - another process's state
+                await asyncio.sleep(0.02)  # until B is queued for the lock
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        assert not entered.is_set()
+        async with asyncio.timeout(PROMPTLY), a.refresh_lock("acme") as locked:
+            assert (await locked.read()).generation == 1
+
+
+async def test_server_down_and_back(pg_own_server: PgServer, clock: FakeClock, key: str) -> None:
+    """While PostgreSQL is stopped reads, writes and locks raise StoreUnavailable and the
+    change counter still answers; once it is back the same store works again without being
+    reopened, nothing stored before is lost, and the change counter moves (the listener
+    reconnected, so the token manager reloads)."""
+    url = pg_own_server.url()
+    async with open_store(url, clock, key) as store:
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        pg_own_server.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.get_account("acme")
+        with pytest.raises(StoreUnavailable):
+            await store.save_tokens("beta", token_set(clock, "b"), EventKind.CONNECTED)
+        with pytest.raises(StoreUnavailable):
+            async with store.refresh_lock("acme"):
+                pass
+        counter = await store.change_counter()
+        pg_own_server.start()
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.access_token == token_set(clock, "1").access_token
+        async with store.refresh_lock("acme") as locked:
+            await locked.begin_refresh()
+            saved = await locked.save_tokens(token_set(clock, "2"))
+        assert saved.generation == 2
+        assert await store.get_account("beta") is None
+        async with asyncio.timeout(PROMPTLY):
+            while await store.change_counter() == counter:  # noqa: ASYNC110 - polled API
+                await asyncio.sleep(0.05)
