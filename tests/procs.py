@@ -33,7 +33,7 @@ from nbgateway.clock import SystemClock
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Secret
-from nbgateway.store import SQLiteStore
+from nbgateway.store import TokenStore, is_postgres_url, make_store
 
 READY_TIMEOUT = 20.0  # seconds for a subprocess to start serving
 STOP_TIMEOUT = 10.0  # seconds for a subprocess to exit after SIGTERM (and again after SIGKILL)
@@ -288,7 +288,7 @@ def start_fake(processes: Processes, name: str = "fakenb", within: float = READY
 
 
 def gateway_env(
-    database: Path, admin_token: str, fake_url: str | None = None, key: str | None = None
+    database: Path | str, admin_token: str, fake_url: str | None = None, key: str | None = None
 ) -> dict[str, str]:
     """The NBGW_* settings of a gateway on `database` (a fresh key unless `key` is given),
     the fake's client credentials and, with `fake_url`, the fake as every nation's URL."""
@@ -328,12 +328,15 @@ def start_gateway(
 # ---------------------------------------------------------------------- seeding the database
 
 
-def open_store(env: Mapping[str, str], keys: str | None = None) -> SQLiteStore:
-    """A store on the environment's NBGW_DATABASE, opened with `keys` (comma-separated) or
-    its NBGW_ENCRYPTION_KEY; use it as `async with`."""
+def open_store(env: Mapping[str, str], keys: str | None = None) -> TokenStore:
+    """A store on the environment's NBGW_DATABASE (a SQLite path or a postgresql:// URL),
+    opened with `keys` (comma-separated) or its NBGW_ENCRYPTION_KEY; use it as `async with`."""
     key_list = (keys or env["NBGW_ENCRYPTION_KEY"]).split(",")
-    return SQLiteStore(
-        Path(env["NBGW_DATABASE"]), Cipher([Secret(k) for k in key_list]), SystemClock()
+    database = env["NBGW_DATABASE"]
+    return make_store(
+        database if is_postgres_url(database) else Path(database),
+        Cipher([Secret(k) for k in key_list]),
+        SystemClock(),
     )
 
 

@@ -1,0 +1,192 @@
+"""The gateway on PostgreSQL when things fail: the database going away and coming back,
+and a process killed in the middle of a refresh.
+
+The PostgreSQL servers are started by the tests (pgserver.py). The first test runs the
+gateway in-process with the test clock; the second runs real `nbgateway serve` processes
+against the fake NationBuilder subprocess, as in test_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from conftest import ConnectAccount, GatewayFactory
+from pgserver import PgServer
+from procs import (
+    Processes,
+    clean_os_environ,
+    gateway_env,
+    open_store,
+    seed_account,
+    start_fake,
+    start_gateway,
+)
+
+from nbgateway.clock import FakeClock
+from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.models import AccountStatus, EventKind
+
+pytestmark = pytest.mark.slow
+
+SLUG = "acme"
+ADMIN_TOKEN = "postgres-admin-token-0123456789"
+WAIT_TIMEOUT = 20.0  # seconds for a condition in another process to become true
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, within: float = WAIT_TIMEOUT
+) -> None:
+    """Poll `check` until it is true; fail naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_postgres_down_cached_token_served_then_reconnects(
+    gateway_factory: GatewayFactory,
+    connect_account: ConnectAccount,
+    fake_nb: FakeNationBuilder,
+    clock: FakeClock,
+    pg_own_server: PgServer,
+) -> None:
+    """With PostgreSQL stopped, a request with a valid cached token is still served while
+    /readyz says 503 and a request needing a refresh gets 503 store_unavailable; once
+    PostgreSQL is back (no gateway restart) /readyz is 200, the refresh works, and
+    nothing stored before is lost."""
+    gw = await gateway_factory(database=pg_own_server.url())
+    issued = await connect_account(gw, SLUG)
+    assert (await gw.client.get("/api/v2/signups/me")).status == 200
+    assert (await gw.client.get("/readyz")).status == 200
+
+    pg_own_server.stop()
+    resp = await gw.client.get("/api/v2/signups/me")
+    assert resp.status == 200  # the hot path never touches the database
+    assert fake_nb.api_requests[-1].headers["Authorization"] == f"Bearer {issued['access_token']}"
+    assert (await gw.client.get("/readyz")).status == 503
+    clock.advance(86400 - 100)  # now the token needs a refresh, which needs the database
+    resp = await gw.client.get("/api/v2/signups/me")
+    assert resp.status == 503
+    assert resp.headers["X-NBGW-Error"] == "store_unavailable"
+    assert fake_nb.token_requests == []  # no refresh without a place to keep its result
+
+    pg_own_server.start()
+    assert (await gw.client.get("/readyz")).status == 200
+    resp = await gw.client.get("/api/v2/signups/me")
+    assert resp.status == 200
+    assert len(fake_nb.token_requests) == 1
+    assert fake_nb.api_requests[-1].headers["Authorization"] != f"Bearer {issued['access_token']}"
+    account = await gw.store.get_account(SLUG)
+    assert account is not None
+    assert account.generation == 2
+    assert account.refresh_started_at is None
+    kinds = [e.kind for e in reversed(await gw.store.events(SLUG))]
+    assert kinds == [EventKind.CONNECTED, EventKind.REFRESHED]
+
+
+# -- a killed process ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Every subprocess of the test; stopped at teardown, their output printed."""
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        print(procs.report())  # shown by pytest only when the test failed
+
+
+async def advisory_locks(url: str) -> int:
+    """Advisory locks held on the server right now."""
+    conn = await asyncpg.connect(url)
+    try:
+        held: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        )
+    finally:
+        await conn.close()
+    return held
+
+
+async def proxied(http: aiohttp.ClientSession, gateway: str) -> tuple[int, str]:
+    async with http.get(f"{gateway}/api/v2/signups/me") as resp:
+        return resp.status, await resp.text()
+
+
+async def test_kill_9_during_a_refresh_does_not_wedge_the_account(
+    pg_url: str, processes: Processes
+) -> None:
+    """A `serve` process killed (SIGKILL) while its refresh call is in flight leaves no lock
+    behind: another process refreshes the account right afterwards, sees the interrupted
+    marker and stores the new pair; the account stays active."""
+    fake = await asyncio.to_thread(start_fake, processes)
+    env = {
+        **clean_os_environ(),
+        **gateway_env(pg_url, ADMIN_TOKEN, fake.url),
+        "NBGW_DEFAULT_ACCOUNT": SLUG,
+        "NBGW_UPSTREAM_TIMEOUT": "10",
+    }
+    issued: dict[str, Any] = await asyncio.to_thread(fake.issue_tokens, SLUG)
+    await seed_account(env, SLUG, issued)
+    first = await asyncio.to_thread(start_gateway, processes, env, "gateway-a")
+    victim = processes.started[-1]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        assert (await proxied(http, first))[0] == 200  # warm: the seeded pair
+        await asyncio.to_thread(fake.control, action="expire_access_tokens")
+        await asyncio.to_thread(fake.control, action="hold_tokens")
+        pending = asyncio.create_task(proxied(http, first))
+
+        async def refresh_held() -> bool:
+            state = await asyncio.to_thread(fake.state)
+            return bool(state["pending_token_requests"] == 1)
+
+        await eventually(refresh_held, "gateway-a's refresh call to be held")
+        async with open_store(env) as store:
+            [info] = await store.list_accounts()
+        assert info.refresh_started_at is not None  # the marker is durable before the call
+        assert await advisory_locks(pg_url) == 1  # gateway-a holds the account's lock
+
+        victim.popen.kill()
+        await asyncio.to_thread(victim.popen.wait, 10)
+        with pytest.raises(aiohttp.ClientError):
+            await pending
+
+        async def nothing_pending() -> bool:
+            state = await asyncio.to_thread(fake.state)
+            return bool(state["pending_token_requests"] == 0)
+
+        # The fake drops the held call when its client goes: it never reached the grant.
+        await eventually(nothing_pending, "the fake to drop the dead process's call")
+
+        async def no_lock_held() -> bool:
+            return await advisory_locks(pg_url) == 0
+
+        # PostgreSQL dropped the dead connection's lock by itself.
+        await eventually(no_lock_held, "PostgreSQL to release the dead process's lock")
+        await asyncio.to_thread(fake.control, action="release_tokens")
+
+        second = await asyncio.to_thread(start_gateway, processes, env, "gateway-b")
+        status, body = await proxied(http, second)
+        assert status == 200, body
+        assert (await proxied(http, second))[0] == 200
+
+    # gateway-a's call (dropped before NationBuilder answered it) and gateway-b's refresh.
+    assert await asyncio.to_thread(fake.grants, SLUG) == 2
+    async with open_store(env) as store:
+        [info] = await store.list_accounts()
+        kinds = [e.kind for e in reversed(await store.events(SLUG))]
+    assert info.status is AccountStatus.ACTIVE
+    assert info.refresh_started_at is None
+    assert info.generation == 2
+    assert kinds == [EventKind.CONNECTED, EventKind.REFRESHED]
