@@ -585,18 +585,21 @@ class TestRefreshLock:
             generation_seen_by_b = await asyncio.wait_for(b_task, 30)
         assert generation_seen_by_b == 2
 
+    @pytest.mark.parametrize("same_store", [True, False], ids=["same-store", "other-store"])
     async def test_other_account_never_waits(
-        self, backend: Backend, clock: FakeClock, key: str
+        self, backend: Backend, clock: FakeClock, key: str, same_store: bool
     ) -> None:
-        """While one store holds account A's lock (mid-refresh), another store takes,
-        uses and releases account B's lock; A's lock is still held throughout."""
+        """While account A's lock is held (mid-refresh), account B's lock is taken, used and
+        released, by the same store (one process) or another (a second process); A's lock
+        stays held throughout. (A wait would end only with the bounded lock timeout.)"""
         await create_database(backend, key)
         async with backend.make(key) as a, backend.make(key) as b:
+            other = a if same_store else b
             await a.save_tokens("acme", token_set(clock, "a1"), EventKind.CONNECTED)
             await a.save_tokens("beta", token_set(clock, "b1"), EventKind.CONNECTED)
             async with a.refresh_lock("acme") as locked_a:
                 await locked_a.begin_refresh()
-                async with b.refresh_lock("beta") as locked_b:
+                async with asyncio.timeout(PROMPTLY), other.refresh_lock("beta") as locked_b:
                     await locked_b.begin_refresh()
                     saved_b = await locked_b.save_tokens(token_set(clock, "b2"))
                 # A is still held: its marker is there and B's save did not touch it.
