@@ -31,10 +31,19 @@ from nbgateway.errors import (
     StateError,
     StoreError,
 )
-from nbgateway.models import AccountInfo, AccountStatus, EventKind, TokenSet
+from nbgateway.models import (
+    AccountInfo,
+    AccountStatus,
+    AuditEntry,
+    ClientInfo,
+    ClientRecord,
+    EventKind,
+    TokenSet,
+)
 from nbgateway.redact import Secret
 from nbgateway.store import (
     AccountLock,
+    ClientExists,
     GenerationConflict,
     StoreDump,
     TokenStore,
@@ -47,6 +56,18 @@ from nbgateway.store.sqlite import SQLiteStore
 STATE_TTL = 600.0
 # The longest a test waits for something that must happen (a notice, a lock handed over).
 PROMPTLY = 10.0
+
+
+def client_record(
+    name: str, clock: FakeClock, nations: tuple[str, ...] = (), read_only: bool = False
+) -> ClientRecord:
+    key_id = f"{name[:4]:x<4}{len(name):04d}"
+    info = ClientInfo(name, nations, read_only, clock.now(), None, f"nbgw_{key_id[:4]}…")
+    return ClientRecord(info, key_id, b"salt-" + name.encode(), b"hash-" + name.encode())
+
+
+def audit_entry(clock: FakeClock, client: str, nation: str, request_id: str) -> AuditEntry:
+    return AuditEntry(clock.now(), client, nation, "POST", "/api/v2/signups", 201, request_id)
 
 
 def token_set(clock: FakeClock, label: str, expires_in: float = 3600.0) -> TokenSet:
@@ -1006,6 +1027,8 @@ class TestDumpLoad:
         await store.save_tokens("gone", token_set(clock, "g"), EventKind.CONNECTED)
         await store.remove_account("gone")
         await store.create_state("state-1", "acme", Secret("verifier-1"), "sess", STATE_TTL)
+        await store.add_client(client_record("reader", clock, ("acme",), read_only=True))
+        await store.record_audit([audit_entry(clock, "reader", "acme", "req-1")], 0.0)
 
     async def test_round_trip_through_sqlite_and_back(
         self, backend: Backend, clock: FakeClock, key: str, tmp_path: Path
@@ -1019,7 +1042,13 @@ class TestDumpLoad:
             dump = await source.dump()
             accounts = [await source.get_account(i.slug) for i in await source.list_accounts()]
             events = await source.events(limit=100)
-        assert dump.counts() == {"accounts": 2, "events": 5, "auth_states": 1}
+        assert dump.counts() == {
+            "accounts": 2,
+            "events": 5,
+            "auth_states": 1,
+            "clients": 1,
+            "audit": 1,
+        }
         async with SQLiteStore(tmp_path / "copy.db", Cipher([Secret(key)]), clock) as middle:
             await middle.load(dump)
             copied = await middle.dump()
@@ -1033,8 +1062,13 @@ class TestDumpLoad:
             assert await target.events(limit=100) == events
             pending = await target.consume_state("state-1", "sess")
             assert pending.code_verifier == Secret("verifier-1")
+            assert await target.list_clients() == [
+                client_record("reader", clock, ("acme",), read_only=True)
+            ]
             await target.save_tokens("delta", token_set(clock, "d"), EventKind.CONNECTED)
             [newest] = await target.events(limit=1)
+            await target.record_audit([audit_entry(clock, "reader", "acme", "req-2")], 0.0)
+            assert [e.request_id for e in await target.audit()] == ["req-2", "req-1"]
         assert newest.slug == "delta"
         assert newest.id > max(e.id for e in events)
 
@@ -1050,3 +1084,78 @@ class TestDumpLoad:
         with pytest.raises(StoreError, match="already holds accounts"):
             await store.load(dump)
         assert await store.dump() == before
+
+
+class TestClients:
+    async def test_add_list_remove(self, store: TokenStore, clock: FakeClock) -> None:
+        """Clients are listed by name with what was stored; removal reports whether one
+        existed."""
+        zed = client_record("zed", clock)
+        reader = client_record("reader", clock, ("acme", "beta"), read_only=True)
+        await store.add_client(zed)
+        await store.add_client(reader)
+        assert await store.list_clients() == [reader, zed]
+        assert await store.remove_client("zed") is True
+        assert await store.remove_client("zed") is False
+        assert await store.list_clients() == [reader]
+
+    async def test_name_taken(self, store: TokenStore, clock: FakeClock) -> None:
+        """A second client with a taken name raises ClientExists and changes nothing."""
+        first = client_record("tool", clock)
+        await store.add_client(first)
+        with pytest.raises(ClientExists):
+            await store.add_client(client_record("tool", clock, read_only=True))
+        assert await store.list_clients() == [first]
+
+    async def test_touch_keeps_the_latest_use(self, store: TokenStore, clock: FakeClock) -> None:
+        """touch_clients records the last use and never moves it back; unknown names are
+        ignored."""
+        await store.add_client(client_record("tool", clock))
+        await store.touch_clients({"tool": 200.0, "ghost": 300.0})
+        await store.touch_clients({"tool": 100.0})
+        await store.touch_clients({})
+        [record] = await store.list_clients()
+        assert record.info.last_used_at == 200.0
+
+    async def test_another_store_notices_a_client_change(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """change_counter() changes once another store adds a client key."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            before = await a.change_counter()
+            await b.add_client(client_record("tool", clock))
+            async with asyncio.timeout(PROMPTLY):
+                while await a.change_counter() == before:  # noqa: ASYNC110 - polled API
+                    await asyncio.sleep(0.02)
+
+
+class TestAudit:
+    async def test_newest_first_and_filtered(self, store: TokenStore, clock: FakeClock) -> None:
+        """audit() lists newest first, by nation and/or client, limited."""
+        await store.record_audit(
+            [
+                audit_entry(clock, "reader", "acme", "r1"),
+                audit_entry(clock, "writer", "acme", "r2"),
+                audit_entry(clock, "writer", "beta", "r3"),
+            ],
+            0.0,
+        )
+        assert [e.request_id for e in await store.audit()] == ["r3", "r2", "r1"]
+        assert [e.request_id for e in await store.audit(nation="acme")] == ["r2", "r1"]
+        assert [e.request_id for e in await store.audit(client="writer")] == ["r3", "r2"]
+        assert [e.request_id for e in await store.audit(nation="acme", client="writer")] == ["r2"]
+        assert [e.request_id for e in await store.audit(limit=1)] == ["r3"]
+        [entry] = await store.audit(nation="beta")
+        assert entry == audit_entry(clock, "writer", "beta", "r3")
+
+    async def test_retention_and_path_limit(self, store: TokenStore, clock: FakeClock) -> None:
+        """Entries older than keep_after go when new ones are recorded; long paths are cut."""
+        await store.record_audit([audit_entry(clock, "tool", "acme", "old")], 0.0)
+        clock.advance(100)
+        long = AuditEntry(clock.now(), "tool", "acme", "PUT", "/x" * 1000, 200, "new")
+        await store.record_audit([long], clock.now() - 50)
+        [entry] = await store.audit()
+        assert entry.request_id == "new"
+        assert long.path.startswith(entry.path)
+        assert len(entry.path) < len(long.path)
