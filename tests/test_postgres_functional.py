@@ -107,11 +107,12 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 async def advisory_locks(url: str) -> int:
-    """Advisory locks held on the server right now."""
+    """Advisory locks held in this database right now."""
     conn = await asyncpg.connect(url)
     try:
         held: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
     finally:
         await conn.close()

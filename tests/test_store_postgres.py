@@ -154,7 +154,10 @@ async def test_cancelled_waiter_leaks_no_lock(pg_url: str, clock: FakeClock, key
 
         async with a.refresh_lock("acme"):
             waiter = asyncio.create_task(wait_in_b())
-            queued = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            queued = (
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
             while not await fetchval(pg_url, queued):  # noqa: ASYNC110 - another process's state
                 await asyncio.sleep(0.02)  # until B is queued for the lock
             waiter.cancel()
@@ -193,4 +196,27 @@ async def test_server_down_and_back(pg_own_server: PgServer, clock: FakeClock, k
         assert await store.get_account("beta") is None
         async with asyncio.timeout(PROMPTLY):
             while await store.change_counter() == counter:  # noqa: ASYNC110 - polled API
+                await asyncio.sleep(0.05)
+
+
+async def test_lost_listener_reconnects_and_bumps_the_counter(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """When the LISTEN connection is killed, the store reconnects it by itself and moves the
+    change counter (notices may have been missed); later notices arrive again."""
+    async with open_store(pg_url, clock, key) as store, open_store(pg_url, clock, key) as other:
+        before = await store.change_counter()
+        killed = await fetchval(
+            pg_url,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'nbgateway-listener' AND datname = current_database()",
+        )
+        assert killed == 2  # one listener per store
+        async with asyncio.timeout(PROMPTLY):
+            while await store.change_counter() == before:  # noqa: ASYNC110 - polled API
+                await asyncio.sleep(0.05)
+        after_reconnect = await store.change_counter()
+        await other.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with asyncio.timeout(PROMPTLY):
+            while await store.change_counter() == after_reconnect:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
