@@ -12,8 +12,9 @@ Refresh coordination is a session-level advisory lock keyed by the account
 (`pg_advisory_lock` on a 64-bit hash of the slug), held on a dedicated pooled connection
 for the whole token call: PostgreSQL queues the waiters (no polling) and releases the lock
 by itself if the holder's process or connection dies. The lock's writes commit at once on
-that connection; `save_tokens` under it is a compare-and-set on the generation read when
-the lock was taken. The in-flight marker columns are the same as SQLite's; a marker found
+that connection, so a write under the lock can only succeed while the session, and with it
+the lock, is alive; `save_tokens` under it is also a compare-and-set on the generation read
+when the lock was taken. The in-flight marker columns are the same as SQLite's; a marker found
 when the lock is taken was left by a holder that died.
 
 Every change to an account (and its events) sends `NOTIFY nbgateway_changes, '<slug>'` in
