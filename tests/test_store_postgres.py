@@ -19,7 +19,8 @@ from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Secret
 from nbgateway.store import make_store
 from nbgateway.store.base import SecretListener
-from nbgateway.store.postgres import SCHEMA_VERSION, PostgresStore, split_password
+from nbgateway.store.pgconn import LISTENER_NAME, split_password
+from nbgateway.store.postgres import SCHEMA_VERSION, PostgresStore
 
 PASSWORD = "pw-CANARY-5e6f7a8b"
 PROMPTLY = 15.0  # the listener's reconnect backoff is capped at 5 s
@@ -209,7 +210,7 @@ async def test_lost_listener_reconnects_and_bumps_the_counter(
         killed = await fetchval(
             pg_url,
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'nbgateway-listener' AND datname = current_database()",
+            f"WHERE application_name = '{LISTENER_NAME}' AND datname = current_database()",
         )
         assert killed == 2  # one listener per store
         async with asyncio.timeout(PROMPTLY):

@@ -38,7 +38,6 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self, TypeAlias
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -89,6 +88,13 @@ from nbgateway.store.base import (
     info_from_row,
     lease_seconds,
     state_hash,
+)
+from nbgateway.store.pgconn import (
+    CHANNEL,
+    DRIVER_ERRORS,
+    UNAVAILABLE_ERRORS,
+    ChangeListener,
+    split_password,
 )
 
 log = logging.getLogger("nbgateway.store")
@@ -160,7 +166,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-CHANNEL = "nbgateway_changes"
 # The notice payload of a client key added or removed (accounts send their slug).
 _CLIENTS_CHANGED = "*clients"
 # Connections for reads and short writes, and (separately) for accounts being refreshed:
@@ -170,29 +175,11 @@ LOCK_POOL_MAX = 20
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 15.0
 POOL_CLOSE_TIMEOUT = 5.0
-# The change listener: reconnect delay (doubling up to the cap) and liveness check period.
-LISTEN_RETRY_BASE = 0.2
-LISTEN_RETRY_CAP = 5.0
-LISTEN_KEEPALIVE = 10.0
-
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
 
-# Errors meaning "PostgreSQL cannot be reached or written right now" (StoreUnavailable).
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, timed out (TimeoutError is an OSError)
-    asyncpg.exceptions.InterfaceError,  # the connection is closed, the pool is closing
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, cancelled
-    asyncpg.exceptions.InsufficientResourcesError,  # disk full, too many connections
-    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby or a read-only database
-)
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    *_UNAVAILABLE,
-    asyncpg.exceptions.PostgresError,
-)
-_RELEASE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *_DRIVER_ERRORS)
+_RELEASE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *DRIVER_ERRORS)
 
 # Generic only in the type stubs, so the alias is a string.
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -211,23 +198,6 @@ _MIGRATION_KEY = int.from_bytes(
 
 def _owner_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-
-
-def split_password(url: str) -> tuple[str, str | None]:
-    """The URL without its password (for messages), and the password if it has one."""
-    parts = urlsplit(url)
-    password: str | None = None
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hosts = netloc.rsplit("@", 1)
-        user, sep, secret = userinfo.partition(":")
-        if sep:
-            password = unquote(secret)
-        netloc = f"{user}@{hosts}" if user else hosts
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(k, v) for k, v in query if k.lower() != "password"]
-    password = password or next((v for k, v in query if k.lower() == "password"), None)
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(kept))), password
 
 
 def _status_count(status: str) -> int:
@@ -372,9 +342,7 @@ class PostgresStore:
         self._owner = _owner_id()
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._lock_pool: asyncpg.Pool[asyncpg.Record] | None = None
-        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
-        self._listen_task: asyncio.Task[None] | None = None
-        self._changes = 0
+        self._listener: ChangeListener | None = None
 
     @property
     def description(self) -> str:
@@ -393,7 +361,7 @@ class PostgresStore:
         """Turn driver errors into StoreUnavailable / StoreError naming the database."""
         try:
             yield
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(
                 f"database {self._description} {action}: {self._scrub(exc)}"
             ) from None
@@ -432,21 +400,17 @@ class PostgresStore:
                 async with self._pool.acquire() as conn:
                     await self._migrate(conn)
                 self._lock_pool = await self._create_pool(0, self._lock_pool_max)
-                self._listener = await self._connect_listener()
+                listener = ChangeListener(self._url, self._connect_timeout, self._command_timeout)
+                await listener.start()
+                self._listener = listener
         except BaseException:
             await self.close()
             raise
-        self._listen_task = asyncio.create_task(self._listen(), name="nbgateway-pg-listener")
 
     async def close(self) -> None:
-        task, self._listen_task = self._listen_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.terminate()
+            await listener.close()
         for name in ("_lock_pool", "_pool"):
             pool: asyncpg.Pool[asyncpg.Record] | None = getattr(self, name)
             setattr(self, name, None)
@@ -454,7 +418,7 @@ class PostgresStore:
                 continue
             try:
                 await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
-            except _DRIVER_ERRORS:
+            except DRIVER_ERRORS:
                 pool.terminate()
 
     @property
@@ -522,57 +486,11 @@ class PostgresStore:
 
     # -- change notices ----------------------------------------------------------------
 
-    def _on_notice(self, *_args: object) -> None:
-        self._changes += 1
-
-    async def _connect_listener(self) -> asyncpg.Connection[asyncpg.Record]:
-        conn = await asyncpg.connect(
-            self._url,
-            timeout=self._connect_timeout,
-            command_timeout=self._command_timeout,
-            server_settings={"application_name": "nbgateway-listener"},
-        )
-        try:
-            await conn.add_listener(CHANNEL, self._on_notice)
-        except BaseException:
-            conn.terminate()
-            raise
-        return conn
-
-    async def _listen(self) -> None:
-        """Keep one LISTEN connection; after losing it, reconnect and bump the counter."""
-        delay = LISTEN_RETRY_BASE
-        while True:
-            conn = self._listener
-            if conn is not None:
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _conn, event=lost: event.set())
-                while not lost.is_set() and not conn.is_closed():
-                    try:
-                        await asyncio.wait_for(lost.wait(), LISTEN_KEEPALIVE)
-                    except TimeoutError:
-                        try:  # a silent network failure shows only when we ask
-                            await conn.execute("SELECT 1", timeout=LISTEN_KEEPALIVE)
-                        except _DRIVER_ERRORS:
-                            break
-                self._listener = None
-                conn.terminate()
-                log.warning("lost the PostgreSQL change listener; reconnecting")
-            await asyncio.sleep(delay)
-            try:
-                self._listener = await self._connect_listener()
-            except _DRIVER_ERRORS:
-                delay = min(delay * 2, LISTEN_RETRY_CAP)
-                continue
-            delay = LISTEN_RETRY_BASE
-            # Notices sent while we were away are lost: make the token manager reload.
-            self._changes += 1
-            log.info("PostgreSQL change listener reconnected")
-
     async def change_counter(self) -> int:
         """Changes whenever an account changes (NOTIFY) or the listener reconnects."""
-        self.pool  # noqa: B018 - raises StoreError when the store is not open
-        return self._changes
+        if self._listener is None:
+            raise StoreError("the store is not open")
+        return self._listener.counter
 
     # -- reading -------------------------------------------------------------------------
 
@@ -800,7 +718,7 @@ class PostgresStore:
                 pass  # already closed, and handed back to the pool by asyncpg
         try:
             await pool.release(conn)
-        except _DRIVER_ERRORS:
+        except DRIVER_ERRORS:
             pass
 
     # -- direct writes --------------------------------------------------------------------
