@@ -100,7 +100,7 @@ async def one_each(url: str, slugs: list[str]) -> tuple[float, list[float], dict
 
 
 @contextlib.contextmanager
-def temporary_postgres(tmp: Path) -> Iterator[str | None]:
+def temporary_postgres(tmp: Path) -> Iterator[object | None]:
     """A throwaway PostgreSQL server (the test suite's harness), or None with a reason."""
     try:
         import pgserver  # tests/pgserver.py

@@ -142,17 +142,17 @@ class PgServer:
             raise RuntimeError(f"psql failed: {done.stderr}")
         return done.stdout.strip()
 
-    def create_database(self) -> str:
-        """A new empty database; its URL."""
+    def create_database(self, name: str | None = None) -> str:
+        """A new empty database (named, or numbered); its URL."""
         self._databases += 1
-        name = f"nbgw_test_{self._databases}"
-        self.sql(f"CREATE DATABASE {name}")
+        name = name or f"nbgw_test_{self._databases}"
+        self.sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
         name = url.rsplit("/", 1)[-1]
         if self.running:
-            self.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def start(self) -> None:
         options = " ".join(f"-c {k}='{v}'" for k, v in _SETTINGS.items())
@@ -187,3 +187,37 @@ class PgServer:
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresServer:
+    """A started throw-away server for scripts outside pytest (bench/refresh_scale.py).
+
+    `start(path)` raises RuntimeError saying why when there are no binaries. The cluster
+    lives in its own directory under the system temp dir (which the `postgres` user can
+    reach when running as root), not under `path`; `stop()` stops and removes it.
+    """
+
+    def __init__(self, server: PgServer) -> None:
+        self.server = server
+
+    @classmethod
+    def start(cls, path: Path | None = None) -> PostgresServer:
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError(SKIP_REASON)
+        server = PgServer(bin_dir)
+        try:
+            server.start()
+        except BaseException:
+            server.destroy()
+            raise
+        return cls(server)
+
+    def url(self, database: str = "postgres") -> str:
+        return self.server.url(database)
+
+    def create_database(self, name: str | None = None) -> str:
+        return self.server.create_database(name)
+
+    def stop(self) -> None:
+        self.server.destroy()
