@@ -169,9 +169,13 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # The notice payload of a client key added or removed (accounts send their slug).
 _CLIENTS_CHANGED = "*clients"
 # Connections for reads and short writes, and (separately) for accounts being refreshed:
-# at most LOCK_POOL_MAX nations of one replica refresh at the same moment.
+# at most LOCK_POOL_MAX nations of one replica refresh at the same moment (the token
+# manager's background refresher runs 32 at once). One replica uses at most
+# POOL_MAX + LOCK_POOL_MAX + 1 (the listener) connections; idle lock connections close
+# after LOCK_IDLE_CLOSE seconds.
 POOL_MIN, POOL_MAX = 1, 10
-LOCK_POOL_MAX = 20
+LOCK_POOL_MAX = 32
+LOCK_IDLE_CLOSE = 60.0
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 15.0
 POOL_CLOSE_TIMEOUT = 5.0
@@ -382,11 +386,14 @@ class PostgresStore:
     ) -> None:
         await self.close()
 
-    async def _create_pool(self, min_size: int, max_size: int) -> asyncpg.Pool[asyncpg.Record]:
+    async def _create_pool(
+        self, min_size: int, max_size: int, idle_close: float = 300.0
+    ) -> asyncpg.Pool[asyncpg.Record]:
         return await asyncpg.create_pool(
             self._url,
             min_size=min_size,
             max_size=max_size,
+            max_inactive_connection_lifetime=idle_close,
             timeout=self._connect_timeout,
             command_timeout=self._command_timeout,
             server_settings={"application_name": "nbgateway"},
@@ -399,7 +406,7 @@ class PostgresStore:
                 self._pool = await self._create_pool(POOL_MIN, self._pool_max)
                 async with self._pool.acquire() as conn:
                     await self._migrate(conn)
-                self._lock_pool = await self._create_pool(0, self._lock_pool_max)
+                self._lock_pool = await self._create_pool(0, self._lock_pool_max, LOCK_IDLE_CLOSE)
                 listener = ChangeListener(self._url, self._connect_timeout, self._command_timeout)
                 await listener.start()
                 self._listener = listener
@@ -651,13 +658,15 @@ class PostgresStore:
         try:
             remaining = max(give_up - loop.time(), 0.001)
             with self._errors("cannot be reached"):
-                await conn.execute(
-                    "SELECT set_config('lock_timeout', $1, false)", str(int(remaining * 1000))
-                )
                 locked = None
                 try:
+                    # One round trip; both values are integers we computed. lock_timeout
+                    # stays set for the lock's writes and is reset when the pool takes the
+                    # connection back.
                     await conn.execute(
-                        "SELECT pg_advisory_lock($1)", key, timeout=remaining + CONNECT_TIMEOUT
+                        f"SET lock_timeout = {int(remaining * 1000)}; "
+                        f"SELECT pg_advisory_lock({int(key)})",
+                        timeout=remaining + CONNECT_TIMEOUT,
                     )
                 except asyncpg.exceptions.LockNotAvailableError:
                     locked = False
@@ -666,7 +675,6 @@ class PostgresStore:
                     ) from None
             locked = True
             with self._errors("cannot be read"):
-                await conn.execute("SELECT set_config('lock_timeout', '0', false)")
                 row = await conn.fetchrow(
                     "SELECT generation, refresh_owner, refresh_started_at "
                     "FROM accounts WHERE slug = $1",
