@@ -128,13 +128,13 @@ async def test_replicas_starting_together_migrate_once(
 
 
 async def test_lock_wait_is_bounded(pg_url: str, clock: FakeClock, key: str) -> None:
-    """Waiting for an account's lock held elsewhere ends with StoreError naming the account
-    after twice the lease (shortened here)."""
+    """Waiting for an account's lock held elsewhere ends with StoreUnavailable naming the
+    account after twice the lease (shortened here)."""
     async with open_store(pg_url, clock, key) as a, open_store(pg_url, clock, key) as b:
         await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         b.lease = 0.25
         async with a.refresh_lock("acme"):
-            with pytest.raises(StoreError, match="'acme'") as info:
+            with pytest.raises(StoreUnavailable, match="'acme'") as info:
                 async with b.refresh_lock("acme"):
                     pass
         assert "too long" in str(info.value)

@@ -639,8 +639,8 @@ class PostgresStore:
     async def refresh_lock(self, slug: str) -> AsyncIterator[_AdvisoryLock]:
         """Hold the account's advisory refresh lock on a connection of its own.
 
-        Waits (in PostgreSQL's lock queue) at most twice the lease; StoreError naming the
-        account after that. On exit a marker still set is cleared and the lock released;
+        Waits (in PostgreSQL's lock queue) at most twice the lease; StoreUnavailable naming
+        the account after that. On exit a marker still set is cleared and the lock released;
         if that fails the connection is closed, which releases the lock as well.
         """
         if self._lock_pool is None:
@@ -670,7 +670,7 @@ class PostgresStore:
                     )
                 except asyncpg.exceptions.LockNotAvailableError:
                     locked = False
-                    raise StoreError(
+                    raise StoreUnavailable(
                         f"another process has held the refresh of account {slug!r} for too long"
                     ) from None
             locked = True
