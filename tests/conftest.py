@@ -220,3 +220,13 @@ def pg_own_server(pg_template: PgServer) -> Iterator[PgServer]:
     server.start()
     yield server
     server.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """NBGW_DATABASE on each backend in turn: a fresh SQLite file, then a fresh PostgreSQL
+    database (skipped with the harness's reason when PostgreSQL is not installed)."""
+    if request.param == "sqlite":
+        return tmp_path / "gateway.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url

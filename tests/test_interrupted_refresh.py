@@ -71,9 +71,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> str:
-    """NBGW_DATABASE for this test (a SQLite file; a PostgreSQL URL once parametrized)."""
-    return str(tmp_path / "gateway.db")
+def database(any_database: Path | str) -> str:
+    """NBGW_DATABASE for this test, on each backend in turn."""
+    return str(any_database)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ADMIN_TOKEN, CLIENT_ID, CLIENT_SECRET, ConnectAccount, GatewayFactory
 
+from nbgateway import keys
 from nbgateway.cli import main
 from nbgateway.config import Settings
 from nbgateway.fakenb import FakeNationBuilder
@@ -48,6 +49,36 @@ async def migrate(
 
 
 class TestMigrate:
+    async def test_sqlite_to_postgresql_and_back(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        pg_url: str,
+    ) -> None:
+        """SQLite -> PostgreSQL -> a new SQLite file: the last copy serves without a refresh,
+        with the same generation and events as the first."""
+        source = await gateway_factory()
+        issued = await connect_account(source, "acme")
+        before = await source.accounts.get("acme")
+        assert (await migrate(source.settings, pg_url, capsys))[0] == 0
+        on_pg = await gateway_factory(database=pg_url)
+        back = tmp_path / "back.db"
+        code, _out, err = await migrate(on_pg.settings, str(back), capsys)
+        assert code == 0, err
+        fake_nb.clear_recordings()
+        final = await gateway_factory(database=back)
+        resp = await final.client.get("/n/acme/api/v2/signups/me")
+        assert resp.status == 200
+        assert fake_nb.token_requests == []
+        [call] = fake_nb.api_requests
+        assert call.headers["Authorization"] == f"Bearer {issued['access_token']}"
+        after = await final.accounts.get("acme")
+        assert after.generation == before.generation
+        assert await final.accounts.events("acme") == await source.accounts.events("acme")
+
     async def test_copy_and_serve_from_the_target_without_a_refresh(
         self,
         gateway_factory: GatewayFactory,
@@ -55,23 +86,29 @@ class TestMigrate:
         fake_nb: FakeNationBuilder,
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
+        any_database: Path | str,
     ) -> None:
-        """Accounts, events and pending authorizations arrive in the target; a gateway on the
-        target serves with the copied access token, making no token call."""
+        """Accounts, events, pending authorizations and client keys arrive in the target (a
+        SQLite file or a PostgreSQL database); a gateway on the target serves with the
+        copied access token, making no token call, and the copied key still works."""
         source = await gateway_factory()
         issued = await connect_account(source, "acme")
         await connect_account(source, "bravo")
         await source.accounts.start_connect("charlie")
+        _info, key = await source.app[keys.CLIENTS].add("sync")
         events_before = await source.accounts.events(limit=100)
 
-        target = tmp_path / "copy.db"
+        # The SQLite variant's file would be the source's own: copy next to it instead.
+        target = tmp_path / "copy.db" if isinstance(any_database, Path) else any_database
         code, out, err = await migrate(source.settings, str(target), capsys)
         assert code == 0, err
         assert "copied 2 account(s), 2 event(s) and 1 pending authorization(s)" in out
 
         fake_nb.clear_recordings()
-        copy = await gateway_factory(database=target)
-        resp = await copy.client.get("/n/acme/api/v2/signups/me")
+        copy = await gateway_factory(database=target, client_auth="required")
+        resp = await copy.client.get(
+            "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": key.reveal()}
+        )
         assert resp.status == 200
         assert fake_nb.token_requests == []
         [call] = fake_nb.api_requests

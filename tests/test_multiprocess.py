@@ -97,11 +97,12 @@ async def fake(processes: Processes) -> AsyncFake:
 
 
 @pytest.fixture
-def base_env(tmp_path: Path, fake: AsyncFake) -> dict[str, str]:
-    """What every gateway process shares: database, key, NationBuilder app, admin token."""
+def base_env(any_database: Path | str, fake: AsyncFake) -> dict[str, str]:
+    """What every gateway process shares: database (SQLite, then PostgreSQL), key,
+    NationBuilder app, admin token."""
     return {
         **clean_os_environ(),
-        **gateway_env(tmp_path / "gateway.db", ADMIN_TOKEN, fake.url),
+        **gateway_env(any_database, ADMIN_TOKEN, fake.url),
         "NBGW_DEFAULT_ACCOUNT": SLUG,
         "NBGW_UPSTREAM_TIMEOUT": "10",
     }
@@ -186,6 +187,28 @@ async def test_two_processes_refresh_once(
     info = await read_info(base_env)
     assert info.status is AccountStatus.ACTIVE
     assert info.generation == 2  # one rotation, stored once
+
+
+@pytest.mark.usefixtures("seeded")
+async def test_three_serve_processes_refresh_an_expired_token_once(
+    fake: AsyncFake,
+    serve: ServeFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Three servers on one database, concurrent requests through all three while the
+    access token has expired upstream: exactly one token call between them, every request
+    answered 200."""
+    gateways = [await serve(f"gateway-{n}") for n in range(3)]
+    for gw in gateways:
+        assert (await proxied(http, gw))[0] == 200
+    await fake.control(action="expire_access_tokens")
+    await fake.control(action="clear_recordings")
+    results = await asyncio.wait_for(
+        asyncio.gather(*(proxied(http, gw) for gw in gateways for _ in range(4))),
+        timeout=WAIT_TIMEOUT,
+    )
+    assert [status for status, _ in results] == [200] * 12, results
+    assert (await fake.state())["token_requests"] == {SLUG: {"refresh_token": 1}}
 
 
 @pytest.mark.usefixtures("seeded")

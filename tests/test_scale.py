@@ -2,13 +2,14 @@
 
 Many nations expiring together refresh concurrently, and a nation whose token endpoint
 hangs holds up nobody else: not another nation's refresh, not a connect, not the admin
-list. Concurrency is asserted on what the fake NationBuilder saw (overlapping token
-calls, completion order), never on wall-clock thresholds.
+list, on either store backend. Concurrency is asserted on what the fake NationBuilder saw
+(overlapping token calls, completion order), never on wall-clock thresholds.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -35,11 +36,12 @@ class TestManyNations:
         connect_account: ConnectAccount,
         fake_nb: FakeNationBuilder,
         clock: FakeClock,
+        any_database: Path | str,
     ) -> None:
         """100 nations whose tokens expire at once, token endpoint answering in 0.2 s: one
         request each, all answered 200, one token call per nation, and the calls overlap
         (serialised refreshes would never have more than one pending at a time)."""
-        gateway = await gateway_factory()
+        gateway = await gateway_factory(database=any_database)
         slugs = [f"nation-{n:03d}" for n in range(NATIONS)]
         for slug in slugs:
             await connect_account(gateway, slug)
@@ -66,10 +68,11 @@ class TestHungNation:
         fake_nb: FakeNationBuilder,
         clock: FakeClock,
         admin_headers: dict[str, str],
+        any_database: Path | str,
     ) -> None:
         """While nation A's token call hangs (until NBGW_TOKEN_TIMEOUT), nation B's refresh,
         connecting nation C and the admin list all complete; A then gets 503."""
-        gateway: Gateway = await gateway_factory(token_timeout=5.0)
+        gateway: Gateway = await gateway_factory(database=any_database, token_timeout=5.0)
         await connect_account(gateway, "alpha")
         await connect_account(gateway, "bravo")
         clock.advance(LIFETIME + 1)
