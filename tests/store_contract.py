@@ -805,6 +805,19 @@ class TestEncryptionAtRest:
         assert await store.get_account("beta") is not None
         assert await backend.row("acme") == before
 
+    async def test_a_row_with_an_unknown_status_is_listed_as_unreadable(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """One row whose status column is garbage does not break the listing: it is listed as
+        unreadable with the reason, and the others as they are."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        await store.save_tokens("beta", token_set(clock, "2"), EventKind.CONNECTED)
+        await backend.set_column("acme", "status", "half-deleted")
+        listed = {info.slug: info for info in await store.list_accounts()}
+        assert listed["acme"].status is AccountStatus.UNREADABLE
+        assert "cannot be read" in (listed["acme"].last_error or "")
+        assert listed["beta"].status is AccountStatus.ACTIVE
+
     async def test_tampered_ciphertext(
         self, store: TokenStore, clock: FakeClock, backend: Backend
     ) -> None:

@@ -85,8 +85,8 @@ from nbgateway.store.base import (
     client_from_row,
     client_row,
     event_from_row,
-    info_from_row,
     lease_seconds,
+    listed_info_from_row,
     state_hash,
 )
 from nbgateway.store.pgconn import (
@@ -513,7 +513,7 @@ class PostgresStore:
         """Every account without its tokens (nothing is decrypted)."""
         with self._errors("cannot be read"):
             rows = await self.pool.fetch(f"SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug")
-        return [info_from_row(row) for row in rows]
+        return [listed_info_from_row(row) for row in rows]
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
         """Most recent events first, for one account or all."""
@@ -781,7 +781,8 @@ class PostgresStore:
             await conn.execute("DELETE FROM auth_states WHERE expires_at < $1", now)
             await conn.execute(
                 "DELETE FROM auth_states WHERE state_hash IN (SELECT state_hash FROM auth_states "
-                "ORDER BY created_at DESC OFFSET $1)",
+                # ctid breaks ties of one clock tick by storage order (insertion order here).
+                "ORDER BY created_at DESC, ctid DESC OFFSET $1)",
                 STATES_KEPT - 1,
             )
             await conn.execute(
