@@ -285,7 +285,7 @@ def admin_flow(servers: Servers, tmp_path: Path) -> None:
             page.get_by_role("navigation").get_by_role("link", name="Nations").click()
             expect(page.locator("table.nations tbody tr")).to_have_count(1)
             expect(card.locator(".badge")).to_have_text("active")
-            shot("accounts-active")
+            shot("nations-1")
 
             # Connect beta and deny: an explanation and a way to try again.
             page.get_by_label("Nation slug").fill("beta")
