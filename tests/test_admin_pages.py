@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -889,6 +890,29 @@ class TestRetryAfterBackoff:
         clock.advance(3600)
         assert await gateway.tokens.retry_after_backoff() == []  # nothing left to retry
         assert len(fake_nb.token_requests) == 2
+
+    async def test_the_background_loop_runs_the_retry(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """With the background loop on, nothing else is needed: the retry comes by itself
+        within a tick or two once the backoff has ended."""
+        gw = await gateway_factory(background=True)
+        await connect_account(gw, "acme")
+        fake_nb.fail_token("server_error")
+        with pytest.raises(RefreshBackoff):
+            await gw.tokens.refresh_now("acme")
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(300)  # beyond any first delay
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while len(fake_nb.token_requests) < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(fake_nb.token_requests) == 2
+        assert (await gw.accounts.get("acme")).last_error is None
 
     async def test_a_retry_that_fails_again_backs_off_longer(
         self,
