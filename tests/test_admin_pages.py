@@ -375,6 +375,7 @@ class TestAccountsPage:
         assert "1 nation needs re-authorization" in text
         assert 'class="badge badge-reauth">needs re-authorization<' in text
         assert "NationBuilder no longer accepts the stored refresh token." in text
+        assert 'title="the token endpoint answered HTTP 400 (invalid_grant)"' in text  # exact
         assert text.count(">Re-authorize acme</button>") == 1  # the banner
         assert '<input type="hidden" name="nation" value="acme">' in text
         _, text, _ = await admin.get("/connect/nations/acme")
