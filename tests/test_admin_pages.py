@@ -910,12 +910,14 @@ class TestRetryAfterBackoff:
         clock.advance(300)  # beyond any first delay
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
-        while loop.time() < deadline:
-            if len(fake_nb.token_requests) >= 2:
+        while loop.time() < deadline:  # until the retried refresh is stored
+            info = await gw.accounts.get("acme")
+            if info.last_error is None and info.refresh_started_at is None:
                 break
             await asyncio.sleep(0.1)
+        assert info.last_error is None
+        assert info.last_refresh_at == clock.now()
         assert len(fake_nb.token_requests) == 2
-        assert (await gw.accounts.get("acme")).last_error is None
 
     async def test_a_retry_that_fails_again_backs_off_longer(
         self,
