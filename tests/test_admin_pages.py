@@ -783,13 +783,26 @@ class TestNationsTable:
         reading.reset_at = None
         assert rate_words(reading, 1000.0) == "41 left"
 
-    async def test_without_a_rate_limiter_the_column_says_not_known(
-        self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount
+    async def test_rate_limit_column_reads_the_limiter(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
     ) -> None:
-        """No rate limiter in the process: the table says the reading is not known."""
+        """Before any answer announced a budget the column says "not known"; after one, it
+        shows what the rate limiter learnt, on the table and on the nation's page."""
         await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
         _, text, _ = await admin.get("/connect")
-        assert "<td>not known</td>" in text
+        assert text.count("<td>not known</td>") == 2
+        fake_nb.rate_limit = 100
+        assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+        _, text, _ = await admin.get("/connect")
+        assert re.search(r'nation-acme".*?<td>99 of 100 left', text, re.S)
+        assert text.count("<td>not known</td>") == 1  # beta
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "<dd>99 of 100 left" in text
 
 
 class TestActivity:

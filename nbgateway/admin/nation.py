@@ -10,7 +10,6 @@ from aiohttp import web
 from nbgateway import keys
 from nbgateway.admin.core import AdminCore
 from nbgateway.admin.views import (
-    RATE_READINGS,
     audit_views,
     event_views,
     moment,
@@ -58,8 +57,7 @@ class NationPages:
             return self._missing(request, slug)
         now = core.now(request)
         scrub = request.config_dict[keys.REDACTOR].scrub
-        readings_of = request.config_dict.get(RATE_READINGS)
-        reading = readings_of().get(slug) if readings_of is not None else None
+        reading = request.config_dict[keys.RATE_LIMITER].snapshot().get(slug)
         row = nation_row(
             info,
             now,

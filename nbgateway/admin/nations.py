@@ -4,7 +4,7 @@ NationBuilder's redirect (the OAuth callback) lands a human.
 
 The table costs one store query for the accounts, whatever their number; the requests in the
 last hour come from `keys.ACTIVITY` and the rate-limit readings from the optional
-`views.RATE_READINGS`.
+the rate limiter's `snapshot()` (`keys.RATE_LIMITER`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from aiohttp import web
 from nbgateway import keys
 from nbgateway.admin.core import AdminCore
 from nbgateway.admin.views import (
-    RATE_READINGS,
     callback_explanation,
     matching,
     nation_row,
@@ -56,8 +55,7 @@ class NationsPages:
         margin = request.config_dict[keys.SETTINGS].refresh_margin
         scrub = request.config_dict[keys.REDACTOR].scrub
         counts = request.config_dict[keys.ACTIVITY].last_hour()
-        readings_of = request.config_dict.get(RATE_READINGS)
-        readings = readings_of() if readings_of is not None else {}
+        readings = request.config_dict[keys.RATE_LIMITER].snapshot()
         rows = ordered(
             [
                 nation_row(i, now, margin, scrub, counts.get(i.slug, 0), readings.get(i.slug))

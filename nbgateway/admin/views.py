@@ -9,12 +9,10 @@ the event, audit and client tables.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote, urlsplit
-
-from aiohttp import web
 
 from nbgateway.clock import utc_datetime
 from nbgateway.errors import AuthorizationFailed
@@ -54,11 +52,6 @@ class RateReading(Protocol):
     def remaining(self) -> int | None: ...
     @property
     def reset_at(self) -> float | None: ...
-
-
-# Optional: the rate limiter's `snapshot` (slug -> reading). Absent, the column says
-# "not known". app.py sets it once a rate limiter exists in the process.
-RATE_READINGS: web.AppKey[Callable[[], Mapping[str, RateReading]]] = web.AppKey("rate_readings")
 
 
 def span(seconds: float) -> str:
