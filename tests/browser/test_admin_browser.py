@@ -117,11 +117,13 @@ def test_fifty_nations_and_client_keys_in_chromium(servers: Servers, tmp_path: P
     a nation's page has its actions, events and audit trail; a client key is shown once
     (not after reload or back) and can be removed."""
     slugs = asyncio.run(seed_nations(servers, 50))
-    # A write through the gateway, for nation-05's audit trail.
+    # A write through the gateway, for nation-05's audit trail and rate-limit reading.
+    servers.fake.control(action="set", rate_limit=100)
     status = http_request(
         "POST", f"{servers.gateway}/n/nation-05/api/v2/signups", body={"data": {}}
     )[0]
     assert status < 500
+    assert http_request("GET", f"{servers.gateway}/n/nation-05/api/v2/signups/me")[0] == 200
     with servers.processes.explained():
         many_nations_flow(servers, tmp_path, slugs)
 
@@ -173,6 +175,7 @@ def many_nations_flow(servers: Servers, tmp_path: Path, slugs: list[str]) -> Non
             audit = page.locator("table.audit tbody tr")
             expect(audit).to_have_count(1, timeout=10_000)  # written within about a second
             expect(audit.first).to_contain_text("POST /api/v2/signups")
+            expect(page.locator("dl.facts")).to_contain_text(re.compile(r"\d+ of 100 left"))
             page.screenshot(path=str(shots / "nation-page.png"), full_page=True)
             page.goto(f"{gw}/connect/nations/nation-42")
             expect(
