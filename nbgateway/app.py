@@ -24,8 +24,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from nbgateway import admin_api, admin_pages, keys
-from nbgateway.admin_session import LoginThrottle
+from nbgateway import admin_api, keys
+from nbgateway.activity import RequestActivity
+from nbgateway.admin import routes as admin_routes
+from nbgateway.admin.session import LoginThrottle
 from nbgateway.allowlist import AllowList
 from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import Settings
@@ -80,6 +82,8 @@ def create_app(
         default_limit=settings.rate_default_limit,
     )
     app[keys.RATE_LIMITER] = limiter
+    activity = RequestActivity(metrics, clock)
+    app[keys.ACTIVITY] = activity
     notifier = Notifier(
         settings.alert_webhook, settings.public_url, metrics=metrics, redactor=redactor, clock=clock
     )
@@ -110,6 +114,7 @@ def create_app(
                         )
                     ),
                     asyncio.create_task(svc.clients.run(SYNC_INTERVAL)),
+                    asyncio.create_task(activity.run()),
                 ]
             try:
                 yield
@@ -150,7 +155,7 @@ def create_app(
         ]
     )
     admin_api.add_routes(connect)
-    admin_pages.setup(connect, settings)
+    admin_routes.setup(connect, settings)
     app.add_subapp("/connect", connect)
     return app
 

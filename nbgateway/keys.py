@@ -12,7 +12,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from nbgateway.accounts import AccountService
-from nbgateway.admin_session import LoginThrottle
+from nbgateway.activity import RequestActivity
+from nbgateway.admin.session import LoginThrottle
 from nbgateway.clients import ClientRegistry
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
@@ -28,6 +29,8 @@ STORE = web.AppKey("store", TokenStore)
 TOKENS = web.AppKey("tokens", TokenManager)
 ACCOUNTS = web.AppKey("accounts", AccountService)
 CLIENTS = web.AppKey("clients", ClientRegistry)
+# Proxied requests per account in the last hour (read by the admin pages).
+ACTIVITY = web.AppKey("activity", RequestActivity)
 # Wrong admin tokens per client address: the login form and /connect/api share it.
 ADMIN_THROTTLE = web.AppKey("admin_throttle", LoginThrottle)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # snapshot() for admin pages

@@ -289,8 +289,10 @@ class Proxy:
             return self._settings.default_account
         only = self._tokens.only_account()
         if only is None:
+            if self._tokens.account_count() == 0:
+                raise NoAccountSelected("no nation is connected yet: connect one at /connect")
             raise NoAccountSelected(
-                "several or no accounts are connected: name one with /n/{slug}/api/..., the "
+                "several nations are connected: name one with /n/{slug}/api/..., the "
                 f"{NATION_HEADER} header, or NBGW_DEFAULT_ACCOUNT"
             )
         return only

@@ -165,6 +165,10 @@ class TokenManager:
             return next(iter(self._accounts))
         return None
 
+    def account_count(self) -> int:
+        """How many accounts are stored (as of the last sync)."""
+        return len(self._accounts)
+
     async def account_changed(self, slug: str) -> None:
         """This process changed `slug` in the store (connect, import, removal): start afresh."""
         self.invalidate(slug)
@@ -634,6 +638,29 @@ class TokenManager:
         await self._refresh_each(due, "background refresh failed")
         return [info.slug for info in due]
 
+    async def retry_after_backoff(self) -> list[str]:
+        """Refresh every active account whose backoff after a failed refresh has ended.
+
+        A failure (an admin's "Refresh now", a refresh on the request path) sets a backoff
+        and the admin page promises a retry when it ends; `refresh_due` alone would wait
+        until the token nears expiry. A further failure backs off longer (up to the cap);
+        success, or another process having refreshed meanwhile, ends the backoff.
+        """
+        now = self._clock.now()
+        ended = {slug: s for slug, s in self._backoff.items() if s.next_attempt_at <= now}
+        if not ended:
+            return []
+        due = [
+            info
+            for info in await self._store.list_accounts()
+            if info.slug in ended and info.status is AccountStatus.ACTIVE
+        ]
+        await self._refresh_each(due, "retrying a failed refresh failed")
+        for slug, state in ended.items():
+            if self._backoff.get(slug) is state:  # not failed again: nothing left to retry
+                del self._backoff[slug]
+        return [info.slug for info in due]
+
     async def recover_interrupted(self) -> list[str]:
         """Refresh at once every account whose store row still carries a "refresh in flight"
         marker (a process stopped during its token call). If NationBuilder then refuses the
@@ -670,7 +697,8 @@ class TokenManager:
 
     async def run(self, *, refresh_interval: float = 30.0, sync_interval: float = 1.0) -> None:
         """Background loop: recover interrupted refreshes once, then notice other processes'
-        changes, retry storing held pairs, and refresh tokens ahead of time."""
+        changes, retry storing held pairs, retry refreshes whose backoff ended, and refresh
+        tokens ahead of time."""
         try:
             await self.recover_interrupted()
         except asyncio.CancelledError:
@@ -682,6 +710,7 @@ class TokenManager:
             try:
                 await self.sync()
                 await self.persist_pending()
+                await self.retry_after_backoff()
                 if since_refresh >= refresh_interval:
                     since_refresh = 0.0
                     await self.refresh_due(lead=2 * refresh_interval)

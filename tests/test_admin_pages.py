@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -10,18 +11,24 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
+from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from nbgateway.admin_pages import (
-    FLASH_COOKIE,
-    SESSION_COOKIE,
+from nbgateway import keys
+from nbgateway.activity import RequestActivity
+from nbgateway.admin.core import FLASH_COOKIE, SESSION_COOKIE
+from nbgateway.admin.session import Signer
+from nbgateway.admin.views import (
     form_action_sources,
     normalize_nation,
+    parse_nations,
+    rate_words,
     span,
 )
-from nbgateway.admin_session import Signer
 from nbgateway.clock import FakeClock
+from nbgateway.errors import RefreshBackoff
 from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.metrics import Metrics
 from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Secret
 
@@ -322,17 +329,22 @@ class TestAccountsPage:
         connect_account: ConnectAccount,
         clock: FakeClock,
     ) -> None:
-        """An account shows its status in words, relative and exact expiry, and its events."""
+        """The table shows status in words, expiry (relative, exact on hover) and last refresh;
+        the nation's own page adds its events."""
         await connect_account(gateway, "acme")
         clock.advance(3600)
         status, text, _ = await admin.get("/connect")
         assert status == 200
-        assert "acme" in text
+        assert '<a href="/connect/nations/acme">acme</a>' in text
         assert 'class="badge badge-ok">active<' in text
         assert ">in 23 hours</time>" in text
         assert '<time datetime="2023-11-15T22:13:20Z" title="2023-11-15 22:13:20 UTC">' in text
         assert ">1 hour ago</time>" in text  # last refresh
+        assert "<td>connected</td>" not in text  # events are on the nation's page
+        status, text, _ = await admin.get("/connect/nations/acme")
+        assert status == 200
         assert "<td>connected</td>" in text
+        assert ">in 23 hours</time>" in text
 
     async def test_refreshing_soon_and_expired(
         self,
@@ -363,8 +375,11 @@ class TestAccountsPage:
         assert "1 nation needs re-authorization" in text
         assert 'class="badge badge-reauth">needs re-authorization<' in text
         assert "NationBuilder no longer accepts the stored refresh token." in text
-        assert text.count(">Re-authorize acme</button>") == 2  # banner and card
+        assert 'title="the token endpoint answered HTTP 400 (invalid_grant)"' in text  # exact
+        assert text.count(">Re-authorize acme</button>") == 1  # the banner
         assert '<input type="hidden" name="nation" value="acme">' in text
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert text.count(">Re-authorize acme</button>") == 2  # banner and the nation's card
 
     async def test_banner_is_on_every_admin_page(
         self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount
@@ -389,12 +404,17 @@ class TestAccountsPage:
         await gateway.store.save_tokens(hostile, tokens, EventKind.CONNECTED)
         _, text, _ = await admin.get("/connect")
         assert "<script>alert(1)</script>" not in text
-        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
         assert "<img src=x" not in text
         assert "&lt;img src=x onerror=&#34;alert(2)&#34;&gt;" in text
-        assert (
-            "/connect/accounts/%3Cimg%20src%3Dx%20onerror%3D%22alert%282%29%22%3E/refresh" in text
-        )
+        quoted = "%3Cimg%20src%3Dx%20onerror%3D%22alert%282%29%22%3E"
+        assert f'href="/connect/nations/{quoted}"' in text
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "<script>alert(1)</script>" not in text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+        status, text, _ = await admin.get(f"/connect/nations/{quoted}")
+        assert status == 200
+        assert "<img src=x" not in text
+        assert f"/connect/accounts/{quoted}/refresh" in text
 
     async def test_no_token_material_on_any_page(
         self,
@@ -410,6 +430,8 @@ class TestAccountsPage:
             await admin.get("/connect"),
             await admin.post("/connect/accounts/acme/refresh", {"csrf": csrf}),
             await admin.get("/connect"),
+            await admin.get("/connect/nations/acme"),
+            await admin.get("/connect/clients"),
             await admin.get("/connect/accounts/acme/disconnect"),
             await admin.get("/connect/login"),
         ]
@@ -427,6 +449,8 @@ class TestAccountsPage:
         anon = await browsers(logged_in=False)
         responses = [
             await admin.get("/connect"),
+            await admin.get("/connect/nations/acme"),  # 303 back: not connected
+            await admin.get("/connect/clients"),
             await admin.get("/connect/static/admin.css"),
             await admin.post("/connect/accounts", {"nation": "x"}),  # 403 page
             await anon.get("/connect/login"),
@@ -486,13 +510,13 @@ class TestConnect:
     async def test_approved_flow_lands_on_accounts_with_a_message(
         self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder
     ) -> None:
-        """After consent the callback stores tokens and the accounts page says so."""
+        """After consent the callback stores tokens and the nation's page says so."""
         callback = await consent(fake_nb, await start(admin, "acme"), "approve")
         status, _, headers = await admin.get(callback)
         assert status == 303
-        assert headers["Location"] == "/connect"
+        assert headers["Location"] == "/connect/nations/acme"
         assert FLASH_COOKIE in admin.cookies
-        _, text, _ = await admin.get("/connect")
+        _, text, _ = await admin.get("/connect/nations/acme")
         assert "Connected acme." in text
         assert 'class="badge badge-ok">active<' in text
         assert FLASH_COOKIE not in admin.cookies  # shown once
@@ -599,9 +623,9 @@ class TestActions:
         clock.advance(7200)
         status, _, headers = await admin.submit("/connect/accounts/acme/refresh")
         assert status == 303
-        assert headers["Location"] == "/connect"
+        assert headers["Location"] == "/connect/nations/acme"
         assert len(fake_nb.token_requests) == 1
-        _, text, _ = await admin.get("/connect")
+        _, text, _ = await admin.get("/connect/nations/acme")
         assert "Refreshed acme. Its new access token expires in 24 hours" in text
         assert "<td>token refreshed</td>" in text
 
@@ -670,3 +694,379 @@ class TestActions:
         assert headers["Location"] == "/connect"
         _, text, _ = await admin.get("/connect")
         assert "There is no account named ghost." in text
+
+
+ROW_RE = re.compile(r'<tr id="nation-([^"]+)" class="row-')
+KEY_RE = re.compile(r"nbgw_[A-Za-z0-9_-]{43}")
+
+
+def table_order(text: str) -> list[str]:
+    """The slugs of the nations table, top to bottom."""
+    return ROW_RE.findall(text)
+
+
+class TestNationsTable:
+    async def test_no_nation_says_so(self, admin: Browser) -> None:
+        """Without nations the page says none is connected and shows no table or search."""
+        _, text, _ = await admin.get("/connect")
+        assert "No nation is connected yet." in text
+        assert "<table" not in text
+        assert 'name="q"' not in text
+
+    async def test_needs_reauth_first_then_failing_then_the_rest(
+        self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount, clock: FakeClock
+    ) -> None:
+        """Status decides the order: needs re-authorization, failing refreshes, about to
+        expire, active; alphabetical within each."""
+        for slug in ("alpha", "bravo", "charlie", "delta", "echo"):
+            await connect_account(gateway, slug)
+        await mark_needs_reauth(gateway, "echo", "invalid_grant")
+        async with gateway.store.refresh_lock("delta") as locked:
+            await locked.record_failure("the token endpoint answered HTTP 502")
+        _, text, _ = await admin.get("/connect")
+        assert table_order(text) == ["echo", "delta", "alpha", "bravo", "charlie"]
+        assert 'class="badge badge-fail">refresh failing<' in text
+        assert "NationBuilder answered with a server error." in text
+        assert "5 nations</h2>" in text
+
+    async def test_search_filters_by_slug_without_javascript(
+        self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """The search is a GET form; ?q= keeps the nations whose slug contains the text."""
+        for slug in ("north-east", "north-west", "south"):
+            await connect_account(gateway, slug)
+        _, text, _ = await admin.get("/connect")
+        assert '<form method="get" action="/connect" class="search" role="search">' in text
+        _, text, _ = await admin.get("/connect?q=NORTH")
+        assert table_order(text) == ["north-east", "north-west"]
+        assert "2 match “NORTH”" in text
+        assert 'value="NORTH"' in text
+        _, text, _ = await admin.get("/connect?q=zzz")
+        assert table_order(text) == []
+        assert "No nation matches “zzz”." in text
+        _, text, _ = await admin.get("/connect?q=%3Cb%3E")
+        assert "<b>" not in text
+
+    async def test_requests_in_the_last_hour(
+        self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount, clock: FakeClock
+    ) -> None:
+        """The column counts proxied requests per nation over the last hour, then forgets."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        for _ in range(3):
+            assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+        assert (await gateway.client.get("/n/beta/api/v2/signups/me")).status == 200
+        assert gateway.app[keys.ACTIVITY].last_hour() == {"acme": 3, "beta": 1}
+        _, text, _ = await admin.get("/connect")
+        assert re.search(r'nation-acme".*?<td class="num">3</td>', text, re.S)
+        clock.advance(120)  # a sample after the requests ...
+        assert gateway.app[keys.ACTIVITY].last_hour() == {"acme": 3, "beta": 1}
+        clock.advance(3600)  # ... is the baseline an hour later
+        assert (await gateway.client.get("/n/beta/api/v2/signups/me")).status == 200
+        assert gateway.app[keys.ACTIVITY].last_hour() == {"beta": 1}
+        await admin.login()  # the session expired meanwhile
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "<dt>Requests, last hour</dt>\n    <dd>0</dd>" in text
+
+    async def test_rate_limit_reading_in_words(self) -> None:
+        """The rate-limit column reads remaining, limit and reset, or "not known"."""
+
+        class Reading:
+            limit: int | None = 100
+            remaining: int | None = 41
+            reset_at: float | None = 1300.0
+
+        assert rate_words(None, 1000.0) == "not known"
+        assert rate_words(Reading(), 1000.0) == "41 of 100 left, resets in 5 minutes"
+        reading = Reading()
+        reading.limit = None
+        reading.reset_at = None
+        assert rate_words(reading, 1000.0) == "41 left"
+
+    async def test_rate_limit_column_reads_the_limiter(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """Before any answer announced a budget the column says "not known"; after one, it
+        shows what the rate limiter learnt, on the table and on the nation's page."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        _, text, _ = await admin.get("/connect")
+        assert text.count("<td>not known</td>") == 2
+        fake_nb.rate_limit = 100
+        assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+        _, text, _ = await admin.get("/connect")
+        assert re.search(r'nation-acme".*?<td>99 of 100 left', text, re.S)
+        assert text.count("<td>not known</td>") == 1  # beta
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "<dd>99 of 100 left" in text
+
+
+class TestActivity:
+    def test_counts_from_the_proxy_counter_with_a_rolling_baseline(self, clock: FakeClock) -> None:
+        """Samples at most once a step; an hour later the oldest useful sample is the base."""
+        metrics = Metrics(CollectorRegistry())
+        activity = RequestActivity(metrics, clock)
+        metrics.proxied("acme", "GET", 200, 0.01)
+        metrics.proxied("acme", "POST", 500, 0.01)
+        assert activity.last_hour() == {"acme": 2}
+        for _ in range(70):  # 70 minutes of samples, one request each minute
+            clock.advance(60)
+            metrics.proxied("acme", "GET", 200, 0.01)
+            activity.sample()
+        assert activity.last_hour() == {"acme": 60}
+
+
+class TestNationPage:
+    async def test_unknown_nation_goes_back_with_a_message(self, admin: Browser) -> None:
+        """The page of a nation that is not connected sends back to the list, saying so."""
+        status, _, headers = await admin.get("/connect/nations/ghost")
+        assert status == 303
+        assert headers["Location"] == "/connect"
+        _, text, _ = await admin.get("/connect")
+        assert "There is no account named ghost." in text
+
+    async def test_audit_trail_lists_writes_not_reads(
+        self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """The nation's page shows the proxied writes to it, newest first, and no reads."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        assert (await gateway.client.get("/n/acme/api/v2/signups/me")).status == 200
+        resp = await gateway.client.post("/n/acme/api/v2/signups?secret=1", json={"a": 1})
+        assert resp.status < 500
+        resp = await gateway.client.post("/n/beta/api/v2/donations", json={"a": 1})
+        await gateway.app[keys.CLIENTS].flush()
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "<code>POST /api/v2/signups</code>" in text
+        assert "secret=1" not in text
+        assert "<td>anonymous</td>" in text
+        assert "donations" not in text
+        assert "signups/me" not in text
+        _, text, _ = await admin.get("/connect/nations/beta")
+        assert "<code>POST /api/v2/donations</code>" in text
+
+    async def test_reauthorization_shows_when(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """Re-authorizing says "Re-authorized" and the page shows its time beside the first
+        connection, which stays."""
+        callback = await consent(fake_nb, await start(admin, "acme"), "approve")
+        assert (await admin.get(callback))[0] == 303
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "Connected acme." in text
+        assert "<dt>Re-authorized</dt>" not in text
+        clock.advance(3 * 86400)
+        await admin.login()
+        callback = await consent(fake_nb, await start(admin, "acme"), "approve")
+        status, _, headers = await admin.get(callback)
+        assert status == 303
+        assert headers["Location"] == "/connect/nations/acme"
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "Re-authorized acme." in text
+        assert re.search(r"<dt>Connected</dt>\s*<dd><time [^>]*>3 days ago</time>", text)
+        assert re.search(r"<dt>Re-authorized</dt>\s*<dd><time [^>]*>just now</time>", text)
+
+
+class TestRetryAfterBackoff:
+    async def test_failed_refresh_is_retried_when_its_backoff_ends(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """The page's "retries in N s" holds: once N s have passed, the background loop's
+        retry refreshes the nation, and then stops retrying."""
+        await connect_account(gateway, "acme")
+        fake_nb.fail_token("server_error")
+        await admin.submit("/connect/accounts/acme/refresh")
+        _, text, _ = await admin.get("/connect/nations/acme")
+        match = re.search(r"Refreshing acme failed; the gateway retries in (\d+) s\.", text)
+        assert match is not None
+        assert len(fake_nb.token_requests) == 1
+        assert await gateway.tokens.retry_after_backoff() == []  # not yet
+        clock.advance(int(match.group(1)))
+        assert await gateway.tokens.retry_after_backoff() == ["acme"]
+        assert len(fake_nb.token_requests) == 2
+        info = await gateway.accounts.get("acme")
+        assert info.last_error is None
+        assert info.last_refresh_at == clock.now()
+        clock.advance(3600)
+        assert await gateway.tokens.retry_after_backoff() == []  # nothing left to retry
+        assert len(fake_nb.token_requests) == 2
+
+    async def test_the_background_loop_runs_the_retry(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """With the background loop on, nothing else is needed: the retry comes by itself
+        within a tick or two once the backoff has ended."""
+        gw = await gateway_factory(background=True)
+        await connect_account(gw, "acme")
+        fake_nb.fail_token("server_error")
+        with pytest.raises(RefreshBackoff):
+            await gw.tokens.refresh_now("acme")
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(300)  # beyond any first delay
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while loop.time() < deadline:  # until the retried refresh is stored
+            info = await gw.accounts.get("acme")
+            if info.last_error is None and info.refresh_started_at is None:
+                break
+            await asyncio.sleep(0.1)
+        assert info.last_error is None
+        assert info.last_refresh_at == clock.now()
+        assert len(fake_nb.token_requests) == 2
+
+    async def test_a_retry_that_fails_again_backs_off_longer(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A retry that fails keeps the nation in backoff for a later retry (not every tick)."""
+        await connect_account(gateway, "acme")
+        fake_nb.fail_token("server_error", times=2)
+        with pytest.raises(RefreshBackoff):
+            await gateway.tokens.refresh_now("acme")
+        clock.advance(300)  # beyond any first delay
+        assert await gateway.tokens.retry_after_backoff() == ["acme"]
+        assert len(fake_nb.token_requests) == 2
+        assert await gateway.tokens.retry_after_backoff() == []  # backing off again
+        clock.advance(300)
+        assert await gateway.tokens.retry_after_backoff() == ["acme"]
+        assert len(fake_nb.token_requests) == 3
+        assert (await gateway.accounts.get("acme")).last_error is None
+
+
+async def create_client(admin: Browser, **fields: str) -> tuple[int, str, Any]:
+    return await admin.submit("/connect/clients", **fields)
+
+
+class TestClientsPage:
+    async def test_empty_list_and_the_form(self, admin: Browser) -> None:
+        """Without keys the page says so and offers the labelled form."""
+        status, text, _ = await admin.get("/connect/clients")
+        assert status == 200
+        assert "No client key exists yet." in text
+        assert '<label for="client-name">Name</label>' in text
+        assert '<label for="client-nations">Nations</label>' in text
+        assert 'name="read_only"' in text
+
+    async def test_created_key_is_shown_once_and_works(
+        self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """The POST answer shows the key (not a redirect, no cookie, no-store); the list then
+        shows its hint, never the key; the key opens its nation."""
+        await connect_account(gateway, "acme")
+        status, text, headers = await create_client(
+            admin, name="print-server", nations="acme, beta", read_only="on"
+        )
+        assert status == 200
+        assert headers["Cache-Control"] == "no-store"
+        assert "Location" not in headers
+        found = KEY_RE.findall(text)
+        assert len(set(found)) == 1
+        key = found[0]
+        assert "shown only this once" in text
+        assert all(key not in c for c in admin.last_set_cookie)
+        assert key[:9] not in str(admin.cookies)
+        clients = await gateway.app[keys.CLIENTS].list()
+        assert [(c.name, c.nations, c.read_only) for c in clients] == [
+            ("print-server", ("acme", "beta"), True)
+        ]
+        _, text, _ = await admin.get("/connect/clients")
+        assert key not in text
+        assert KEY_RE.search(text) is None
+        assert "<td>acme, beta</td>" in text
+        assert "<td>read-only</td>" in text
+        assert f"<code>{key[:9]}…</code>" in text
+        resp = await gateway.client.get(
+            "/n/acme/api/v2/signups/me", headers={"Authorization": f"Bearer {key}"}
+        )
+        assert resp.status == 200
+
+    async def test_resubmitting_the_form_does_not_show_a_key_again(
+        self, admin: Browser, gateway: Gateway
+    ) -> None:
+        """A reload re-posts the form: the name exists, so it is refused without a key."""
+        csrf = await admin.csrf()
+        form = {"name": "sync", "nations": "", "csrf": csrf}
+        status, text, _ = await admin.post("/connect/clients", form)
+        assert status == 200 and KEY_RE.search(text)
+        status, text, _ = await admin.post("/connect/clients", form)
+        assert status == 400
+        assert KEY_RE.search(text) is None
+        assert "already exists" in text
+        assert len(await gateway.app[keys.CLIENTS].list()) == 1
+
+    async def test_bad_input_is_explained_and_kept(self, admin: Browser, gateway: Gateway) -> None:
+        """A bad name or nation re-renders the form with the message and the typed values."""
+        status, text, _ = await create_client(admin, name="no spaces", nations="acme")
+        assert status == 400
+        assert "A client name is 1-64 letters" in text
+        assert 'value="no spaces"' in text
+        assert 'value="acme"' in text
+        status, text, _ = await create_client(admin, name="ok", nations="Not_A_Slug!")
+        assert status == 400
+        assert "is not a nation slug" in text
+        assert await gateway.app[keys.CLIENTS].list() == []
+
+    async def test_create_and_remove_need_the_csrf_token(
+        self, admin: Browser, gateway: Gateway
+    ) -> None:
+        """Without this session's CSRF token nothing is created or removed."""
+        status, text, _ = await admin.post("/connect/clients", {"name": "x"})
+        assert status == 403
+        assert KEY_RE.search(text) is None
+        await gateway.app[keys.CLIENTS].add("keep")
+        status, _, _ = await admin.post("/connect/clients/keep/remove", {"csrf": "wrong"})
+        assert status == 403
+        assert [c.name for c in await gateway.app[keys.CLIENTS].list()] == ["keep"]
+
+    async def test_remove_asks_then_removes(self, admin: Browser, gateway: Gateway) -> None:
+        """Removing shows a confirmation first; confirming removes the key at once."""
+        _, key = await gateway.app[keys.CLIENTS].add("old-tool")
+        status, text, _ = await admin.get("/connect/clients/old-tool/remove")
+        assert status == 200
+        assert "Remove the client key old-tool?" in text
+        assert len(await gateway.app[keys.CLIENTS].list()) == 1
+        match = CSRF_RE.search(text)
+        assert match is not None
+        status, _, headers = await admin.post(
+            "/connect/clients/old-tool/remove", {"csrf": match.group(1)}
+        )
+        assert status == 303
+        assert headers["Location"] == "/connect/clients"
+        _, text, _ = await admin.get("/connect/clients")
+        assert "Removed the client key old-tool. It no longer works." in text
+        assert await gateway.app[keys.CLIENTS].list() == []
+        assert key.reveal() not in text
+
+    async def test_removing_an_unknown_key_says_so(self, admin: Browser) -> None:
+        """Asking to remove a key that does not exist goes back with a message."""
+        status, _, headers = await admin.get("/connect/clients/ghost/remove")
+        assert status == 303
+        assert headers["Location"] == "/connect/clients"
+        _, text, _ = await admin.get("/connect/clients")
+        assert "There is no client key named ghost." in text
+
+    def test_nations_field_accepts_commas_spaces_and_hostnames(self) -> None:
+        """The nations field splits on commas and spaces and normalizes each nation."""
+        assert parse_nations(" acme, Beta.nationbuilder.com  gamma,,") == ("acme", "beta", "gamma")
+        assert parse_nations("") == ()

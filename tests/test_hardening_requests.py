@@ -48,7 +48,7 @@ from procs import (
 from prometheus_client import CollectorRegistry
 
 from nbgateway import keys
-from nbgateway.admin_session import LOGIN_FAILURES, LOGIN_WINDOW
+from nbgateway.admin.session import LOGIN_FAILURES, LOGIN_WINDOW
 from nbgateway.app import create_app
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings, load_settings

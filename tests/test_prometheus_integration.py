@@ -91,6 +91,7 @@ PRODUCED = {
     "nbgw_rate_limit_remaining",
     "nbgw_rate_limit_limit",
     "nbgw_upstream_429_total",
+    "nbgw_client_requests_total",  # every request is counted, as "anonymous" without a key
     "nbgw_build_info",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",

@@ -275,8 +275,19 @@ class TestRouting:
         await connect_account(gateway, "acme")
         await connect_account(gateway, "beta")
         resp = await gateway.client.get("/api/v2/signups/me")
-        await expect_error(resp, 400, "no_account_selected")
+        doc = await expect_error(resp, 400, "no_account_selected")
         assert resp.content_type == "application/vnd.api+json"
+        assert doc["detail"].startswith("several nations are connected: name one with")
+        assert fake_nb.requests == []
+
+    async def test_no_account_at_all_says_none_is_connected(
+        self, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """With no nation connected, the error says exactly that and where to connect one."""
+        resp = await gateway.client.get("/api/v2/signups/me")
+        doc = await expect_error(resp, 400, "no_account_selected")
+        assert doc["detail"] == "no nation is connected yet: connect one at /connect"
+        assert "several" not in doc["detail"]
         assert fake_nb.requests == []
 
     async def test_prefix_route_selects_the_account(

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from procs import FakeNB, Processes, gateway_env, http_request, start_fake, start_gateway
+from procs import (
+    FakeNB,
+    Processes,
+    gateway_env,
+    http_request,
+    open_store,
+    start_fake,
+    start_gateway,
+    token_set,
+)
+
+from nbgateway.models import EventKind
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -39,6 +52,15 @@ class Servers:
     gateway: str
     fake: FakeNB
     processes: Processes
+    env: dict[str, str]
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where screenshots go: $ADMIN_SCREENSHOTS when set (docs/screenshots is made that
+    way: ADMIN_SCREENSHOTS=docs/screenshots), else the test's temporary directory."""
+    shots = Path(os.environ.get("ADMIN_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
 
 
 @pytest.fixture
@@ -49,7 +71,7 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
         fake = start_fake(processes)
         env = gateway_env(tmp_path / "gateway.db", ADMIN_TOKEN, fake.url)
         gateway_url = start_gateway(processes, env, public=True)
-        yield Servers(gateway_url, fake, processes)
+        yield Servers(gateway_url, fake, processes, env)
     finally:
         processes.stop_all()
 
@@ -64,11 +86,168 @@ def test_admin_pages_in_chromium(servers: Servers, tmp_path: Path) -> None:
         admin_flow(servers, tmp_path)
 
 
+async def seed_nations(servers: Servers, count: int) -> list[str]:
+    """`count` connected nations in the gateway's database (tokens issued by the fake):
+    nation-17 and nation-42 need re-authorization, nation-33's last refresh failed."""
+    slugs = [f"nation-{n:02d}" for n in range(1, count + 1)]
+    async with open_store(servers.env) as store:
+        await store.ping()
+        for slug in slugs:
+            await store.save_tokens(
+                slug, token_set(servers.fake.issue_tokens(slug)), EventKind.CONNECTED
+            )
+        for slug in ("nation-17", "nation-42"):
+            async with store.refresh_lock(slug) as locked:
+                await locked.mark_needs_reauth(
+                    "the token endpoint answered HTTP 400 (invalid_grant)"
+                )
+        async with store.refresh_lock("nation-33") as locked:
+            await locked.record_failure("the token endpoint answered HTTP 502")
+    return slugs
+
+
+def login(page: Any, gateway: str) -> None:
+    page.goto(f"{gateway}/connect/login")
+    page.get_by_label("Admin token").fill(ADMIN_TOKEN)
+    page.get_by_role("button", name="Log in").click()
+
+
+def test_fifty_nations_and_client_keys_in_chromium(servers: Servers, tmp_path: Path) -> None:
+    """With 50 nations: needs-reauth first, then the failing one; search narrows the table;
+    a nation's page has its actions, events and audit trail; a client key is shown once
+    (not after reload or back) and can be removed."""
+    slugs = asyncio.run(seed_nations(servers, 50))
+    # A write through the gateway, for nation-05's audit trail and rate-limit reading.
+    servers.fake.control(action="set", rate_limit=100)
+    status = http_request(
+        "POST", f"{servers.gateway}/n/nation-05/api/v2/signups", body={"data": {}}
+    )[0]
+    assert status < 500
+    assert http_request("GET", f"{servers.gateway}/n/nation-05/api/v2/signups/me")[0] == 200
+    with servers.processes.explained():
+        many_nations_flow(servers, tmp_path, slugs)
+
+
+def many_nations_flow(servers: Servers, tmp_path: Path, slugs: list[str]) -> None:
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = screenshot_dir(tmp_path)
+    gw = servers.gateway
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1100, "height": 900})
+            page = context.new_page()
+            login(page, gw)
+            rows = page.locator("table.nations tbody tr")
+            expect(rows).to_have_count(50)
+            order = [row.get_attribute("id") for row in rows.all()]
+            assert order[:3] == ["nation-nation-17", "nation-nation-42", "nation-nation-33"]
+            first = ["nation-17", "nation-42", "nation-33"]
+            assert order[3:] == [f"nation-{s}" for s in slugs if s not in first]
+            expect(rows.nth(0).locator(".badge")).to_have_text("needs re-authorization")
+            expect(rows.nth(2).locator(".badge")).to_have_text("refresh failing")
+            expect(page.get_by_role("heading", name="50 nations")).to_be_visible()
+            expect(page.get_by_role("alert")).to_contain_text("2 nations need re-authorization")
+            page.screenshot(path=str(shots / "nations-50.png"), full_page=True)
+
+            # Search (a plain GET form).
+            page.get_by_label("Search nations").fill("nation-4")
+            page.get_by_role("button", name="Search").click()
+            expect(page).to_have_url(f"{gw}/connect?q=nation-4")
+            expect(rows).to_have_count(10)  # nation-40 ... nation-49
+            expect(rows.nth(0)).to_have_attribute("id", "nation-nation-42")
+            page.get_by_label("Search nations").fill("no-such")
+            page.get_by_role("button", name="Search").click()
+            expect(page.get_by_text("No nation matches “no-such”.")).to_be_visible()
+            page.get_by_role("link", name="Show all").click()
+            expect(rows).to_have_count(50)
+
+            # A nation's page: actions, events, audit trail.
+            page.get_by_role("link", name="nation-05", exact=True).click()
+            expect(page).to_have_url(f"{gw}/connect/nations/nation-05")
+            expect(page.get_by_role("heading", name="nation-05")).to_be_visible()
+            for button in ("Refresh now", "Re-authorize"):
+                expect(page.get_by_role("button", name=button, exact=True)).to_be_visible()
+            expect(page.get_by_role("link", name="Disconnect…")).to_be_visible()
+            expect(page.locator("table.events")).to_contain_text("connected")
+            audit = page.locator("table.audit tbody tr")
+            expect(audit).to_have_count(1, timeout=10_000)  # written within about a second
+            expect(audit.first).to_contain_text("POST /api/v2/signups")
+            expect(page.locator("dl.facts")).to_contain_text(re.compile(r"\d+ of 100 left"))
+            page.screenshot(path=str(shots / "nation-page.png"), full_page=True)
+            page.goto(f"{gw}/connect/nations/nation-42")
+            expect(
+                page.locator("#nation-nation-42").get_by_role(
+                    "button", name="Re-authorize nation-42"
+                )
+            ).to_be_visible()
+
+            # Client keys: create, shown once.
+            page.get_by_role("link", name="Client keys").click()
+            expect(page.get_by_text("No client key exists yet.")).to_be_visible()
+            page.get_by_label("Name", exact=True).fill("print-server")
+            page.get_by_label("Nations", exact=True).fill("nation-05, nation-06")
+            page.get_by_label("Read-only").check()
+            page.get_by_role("button", name="Create key").click()
+            key_field = page.get_by_label("Key", exact=True)
+            key = key_field.input_value()
+            assert re.fullmatch(r"nbgw_[A-Za-z0-9_-]{43}", key), key
+            expect(page.get_by_text("it is shown only this once")).to_be_visible()
+            assert all(key not in c["value"] for c in context.cookies())
+            assert key not in page.url
+            table = page.locator("table.clients tbody tr")
+            expect(table).to_have_count(1)
+            expect(table.first).to_contain_text("nation-05, nation-06")
+            expect(table.first).to_contain_text("read-only")
+            page.screenshot(path=str(shots / "clients.png"), full_page=True)
+            # The key opens its nation, read-only.
+            assert (
+                http_request(
+                    "GET", f"{gw}/n/nation-05/api/v2/signups/me", headers={"X-NBGW-Key": key}
+                )[0]
+                == 200
+            )
+
+            # Reload re-posts the form: refused (the name exists), no key on the page.
+            shown = page.locator(f'input[value="{key}"]')
+            page.reload()
+            expect(page.get_by_text("already exists")).to_be_visible()
+            expect(shown).to_have_count(0)
+            expect(page.locator("body")).not_to_contain_text(key)
+            # Away and back: the browser keeps no copy (Cache-Control: no-store).
+            page.goto(f"{gw}/connect")
+            try:
+                page.go_back()
+            except PlaywrightError as exc:  # Chromium refuses to show an uncached POST answer
+                assert "ERR_CACHE_MISS" in str(exc), exc
+            expect(shown).to_have_count(0)
+            expect(page.locator("body")).not_to_contain_text(key)
+            page.goto(f"{gw}/connect/clients")
+            expect(shown).to_have_count(0)
+            expect(page.locator("body")).not_to_contain_text(key)
+
+            # Remove, with confirmation.
+            page.get_by_role("link", name="Remove…").click()
+            expect(
+                page.get_by_role("heading", name="Remove the client key print-server?")
+            ).to_be_visible()
+            page.get_by_role("button", name="Remove print-server").click()
+            expect(page).to_have_url(f"{gw}/connect/clients")
+            expect(
+                page.get_by_text("Removed the client key print-server. It no longer works.")
+            ).to_be_visible()
+            expect(page.get_by_text("No client key exists yet.")).to_be_visible()
+            context.close()
+        finally:
+            browser.close()
+
+
 def admin_flow(servers: Servers, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    shots = screenshot_dir(tmp_path)
     problems: list[str] = []
 
     with sync_playwright() as pw:
@@ -101,11 +280,15 @@ def admin_flow(servers: Servers, tmp_path: Path) -> None:
                 re.compile(re.escape(f"{servers.fake.url}/acme/oauth/authorize?"))
             )
             page.locator("#approve").click()
-            expect(page).to_have_url(f"{servers.gateway}/connect")
+            nation_page = f"{servers.gateway}/connect/nations/acme"
+            expect(page).to_have_url(nation_page)
             expect(page.get_by_text("Connected acme.")).to_be_visible()
             card = page.locator("#nation-acme")
             expect(card.locator(".badge")).to_have_text("active")
-            shot("accounts-active")
+            page.get_by_role("navigation").get_by_role("link", name="Nations").click()
+            expect(page.locator("table.nations tbody tr")).to_have_count(1)
+            expect(card.locator(".badge")).to_have_text("active")
+            shot("nations-1")
 
             # Connect beta and deny: an explanation and a way to try again.
             page.get_by_label("Nation slug").fill("beta")
@@ -123,6 +306,8 @@ def admin_flow(servers: Servers, tmp_path: Path) -> None:
             banner = page.get_by_role("alert").filter(has_text="needs re-authorization")
             expect(banner).to_contain_text("1 nation needs re-authorization")
             expect(card.locator(".badge")).to_have_text("needs re-authorization")
+            card.get_by_role("link", name="acme").click()
+            expect(page).to_have_url(nation_page)
             reauthorize = card.get_by_role("button", name="Re-authorize acme")
             expect(reauthorize).to_be_visible()
             shot("needs-reauth")
@@ -133,7 +318,9 @@ def admin_flow(servers: Servers, tmp_path: Path) -> None:
             # Re-authorize through the consent page: active again.
             reauthorize.click()
             page.locator("#approve").click()
-            expect(page.get_by_text("Connected acme.")).to_be_visible()
+            expect(page).to_have_url(nation_page)
+            expect(page.get_by_text("Re-authorized acme.")).to_be_visible()
+            expect(card.get_by_text("Re-authorized", exact=True)).to_be_visible()
             expect(card.locator(".badge")).to_have_text("active")
             expect(page.get_by_text("nation needs re-authorization")).to_have_count(0)
             assert proxied_status(servers, "/n/acme/api/v2/signups/me") == 200

@@ -1,0 +1,243 @@
+"""The plumbing every admin page shares: sessions from cookies, flash messages, rendering,
+CSRF-checked forms, redirects, and the security headers of every `/connect` response.
+
+One `AdminCore` per `/connect` sub-application; the page modules (`login`, `nations`,
+`nation`, `clients`) hold a reference to it and add their handlers. No JavaScript; Jinja2
+templates with autoescaping; a strict Content-Security-Policy on every response.
+
+Logging out revokes the session in this process's memory; the signed cookie itself stays
+valid elsewhere (other processes, a restart) until it expires (12 h) or NBGW_ADMIN_TOKEN
+changes. None of this runs on the proxy path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import jinja2
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from nbgateway import keys
+from nbgateway.admin.session import Session, Signer
+from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
+from nbgateway.config import Settings
+from nbgateway.models import AccountInfo, AccountStatus
+
+log = logging.getLogger("nbgateway.admin")
+
+SESSION_COOKIE = "nbgw_session"
+FLASH_COOKIE = "nbgw_flash"
+SESSION_TTL = 12 * 3600
+FLASH_TTL = 120
+# The needs-reauth banner names at most this many nations (the table lists them all).
+BANNER_SHOWN = 10
+
+
+class AdminCore:
+    """What the page handlers share; one instance per `/connect` sub-application."""
+
+    def __init__(self, settings: Settings) -> None:
+        prefix = urlsplit(settings.public_url).path.rstrip("/")
+        self.base = f"{prefix}/connect"  # as the browser sees it (behind a path prefix too)
+        self.secure = settings.secure_cookies
+        self.signer = Signer(settings.admin_token.reveal())
+        self.csp = (
+            "default-src 'none'; style-src 'self'; img-src 'self'; "
+            f"form-action {form_action_sources(settings.nation_url)}; "
+            "frame-ancestors 'none'; base-uri 'none'"
+        )
+        self.css = resources.files("nbgateway").joinpath("static/admin.css").read_bytes()
+        self.env = jinja2.Environment(
+            loader=jinja2.PackageLoader("nbgateway", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.revoked: dict[str, int] = {}  # logged-out session ids until they expire
+
+    @staticmethod
+    def now(request: web.Request) -> float:
+        return request.config_dict[keys.CLOCK].now()
+
+    def session_of(self, request: web.Request) -> Session | None:
+        value = request.cookies.get(SESSION_COOKIE)
+        if not value:
+            return None
+        session = self.signer.read_session(value, self.now(request))
+        if session is None or session.sid in self.revoked:
+            return None
+        return session
+
+    def binding_of(self, request: web.Request) -> str:
+        """admin_api.BINDING: the session a started authorization belongs to ("" if none)."""
+        session = self.session_of(request)
+        return session.binding if session is not None else ""
+
+    def cookie(self, response: web.StreamResponse, name: str, value: str, max_age: int) -> None:
+        # SameSite=Lax, not Strict: NationBuilder's redirect back to /connect/callback is a
+        # cross-site navigation, and under Strict the browser would not send the session
+        # cookie with it, so the callback could not match the authorization to the session
+        # that started it. Lax still withholds the cookie from cross-site POSTs; every POST
+        # also needs the CSRF token.
+        response.set_cookie(
+            name,
+            value,
+            max_age=max_age,
+            path=self.base,
+            secure=self.secure,
+            httponly=True,
+            samesite="Lax",
+        )
+
+    def forget_cookie(self, response: web.StreamResponse, name: str) -> None:
+        response.del_cookie(name, path=self.base, secure=self.secure, httponly=True, samesite="Lax")
+
+    def flash(self, request: web.Request, response: web.StreamResponse, **message: Any) -> None:
+        """Attach a one-time message to a redirect (never a secret: it is a signed cookie)."""
+        message["exp"] = self.now(request) + FLASH_TTL
+        self.cookie(response, FLASH_COOKIE, self.signer.flash_cookie(message), FLASH_TTL)
+
+    @staticmethod
+    def redirect(location: str) -> web.Response:
+        return web.Response(status=303, headers={"Location": location})
+
+    def to_login(self) -> web.Response:
+        return self.redirect(f"{self.base}/login")
+
+    def nation_url(self, slug: str) -> str:
+        return f"{self.base}/nations/{path_part(slug)}"
+
+    def flash_text(self, request: web.Request, message: dict[str, Any]) -> tuple[str, str]:
+        """(level, text) of a flash message."""
+        kind, slug = str(message.get("kind", "")), str(message.get("slug", ""))
+        now = self.now(request)
+        if kind == "connected":
+            return "ok", f"Connected {slug}."
+        if kind == "reauthorized":
+            return "ok", f"Re-authorized {slug}."
+        if kind == "refreshed":
+            expiry = moment(float(message.get("expires_at", now)), now, expiry=True)
+            return "ok", (
+                f"Refreshed {slug}. Its new access token expires {expiry.relative} "
+                f"({expiry.exact})."
+            )
+        if kind == "reauth":
+            return "error", (
+                f"{slug} needs re-authorization: NationBuilder no longer accepts its refresh "
+                "token. Use its Re-authorize button."
+            )
+        if kind == "backoff":
+            # TokenManager.retry_after_backoff (in the background loop) keeps this promise.
+            return "error", (
+                f"Refreshing {slug} failed; the gateway retries in {message.get('retry', 0)} s. "
+                f"{message.get('detail', '')}"
+            ).strip()
+        if kind == "failed":
+            return "error", f"Refreshing {slug} failed: {message.get('detail', '')}"
+        if kind == "missing":
+            return "error", f"There is no account named {slug}."
+        if kind == "disconnected":
+            return "ok", f"Disconnected {slug}. Its tokens were deleted."
+        if kind == "client_removed":
+            return "ok", f"Removed the client key {message.get('name', '')}. It no longer works."
+        if kind == "client_missing":
+            return "error", f"There is no client key named {message.get('name', '')}."
+        if kind == "logged_out":
+            return "ok", "You are logged out."
+        return "ok", ""
+
+    async def render(
+        self,
+        request: web.Request,
+        template: str,
+        *,
+        session: Session | None,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        accounts: list[AccountInfo] | None = None,
+        **context: Any,
+    ) -> web.Response:
+        """Render a page: the needs-reauth banner and any flash message come with it."""
+        banner: list[NationLink] = []
+        if session is not None:
+            if accounts is None:
+                accounts = await request.config_dict[keys.ACCOUNTS].list_accounts()
+            banner = [
+                NationLink(a.slug, path_part(a.slug))
+                for a in accounts
+                if a.status is AccountStatus.NEEDS_REAUTH
+            ]
+        flash = None
+        raw_flash = request.cookies.get(FLASH_COOKIE)
+        if raw_flash:
+            message = self.signer.read_flash(raw_flash, self.now(request))
+            if message is not None:
+                flash = self.flash_text(request, message)
+        body = self.env.get_template(template).render(
+            base=self.base,
+            csrf=session.csrf if session is not None else "",
+            banner=banner[:BANNER_SHOWN],
+            banner_more=max(0, len(banner) - BANNER_SHOWN),
+            banner_count=len(banner),
+            flash=flash,
+            **context,
+        )
+        response = web.Response(text=body, status=status, content_type="text/html", headers=headers)
+        if raw_flash:
+            self.forget_cookie(response, FLASH_COOKIE)
+        return response
+
+    async def checked_form(
+        self, request: web.Request
+    ) -> tuple[Session, dict[str, str]] | web.Response:
+        """A POST form's session and fields, or the response refusing it (login, 403)."""
+        session = self.session_of(request)
+        if session is None:
+            return self.to_login()
+        form = await request.post()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if not hmac.compare_digest(fields.get("csrf", "").encode(), session.csrf.encode()):
+            log.warning(
+                "admin form refused: missing or wrong CSRF token", extra={"path": request.path}
+            )
+            return await self.render(request, "forbidden.html", session=session, status=403)
+        return session, fields
+
+    async def stylesheet(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.css, content_type="text/css")
+
+
+def security_headers(csp: str) -> Middleware:
+    """A middleware adding the admin pages' security headers to every /connect response.
+
+    `Cache-Control: no-store` keeps pages (the one showing a new client key above all) out
+    of every cache, including the browser's back-forward history.
+    """
+    headers = {
+        "Content-Security-Policy": csp,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",  # the callback URL carries the code and state
+        "Cache-Control": "no-store",
+    }
+
+    @web.middleware
+    async def add_security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            for name, value in headers.items():
+                exc.headers.setdefault(name, value)
+            raise
+        if not response.prepared:
+            for name, value in headers.items():
+                response.headers.setdefault(name, value)
+        return response
+
+    return add_security_headers

@@ -1,0 +1,82 @@
+"""The login and logout pages of `/connect`: the admin token in, a signed session cookie out.
+
+Wrong tokens count against the client address in the shared throttle (`keys.ADMIN_THROTTLE`,
+also used by the `/connect/api` Bearer check).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from aiohttp import web
+
+from nbgateway import admin_api, keys
+from nbgateway.admin.core import SESSION_COOKIE, SESSION_TTL, AdminCore
+from nbgateway.admin.views import span
+
+log = logging.getLogger("nbgateway.admin")
+
+
+class LoginPages:
+    def __init__(self, core: AdminCore) -> None:
+        self.core = core
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/login", self.login_page)
+        router.add_post("/login", self.login)
+        router.add_post("/logout", self.logout)
+
+    async def login_page(self, request: web.Request) -> web.StreamResponse:
+        core = self.core
+        if core.session_of(request) is not None:
+            return core.redirect(core.base)
+        return await core.render(request, "login.html", session=None, error=None)
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        core = self.core
+        now = core.now(request)
+        client = request.remote or "unknown"
+        throttle = request.config_dict[keys.ADMIN_THROTTLE]
+        wait = throttle.retry_after(client, now)
+        if wait is not None:
+            return await core.render(
+                request,
+                "login.html",
+                session=None,
+                status=429,
+                headers={"Retry-After": str(wait)},
+                error=f"Too many wrong admin tokens from your address. Try again in {span(wait)}.",
+            )
+        form = await request.post()
+        token = form.get("token")
+        if not isinstance(token, str) or not admin_api.admin_token_matches(request, token):
+            throttle.failed(client, now)
+            log.warning("admin login failed: wrong token", extra={"peer": client})
+            return await core.render(
+                request,
+                "login.html",
+                session=None,
+                status=401,
+                error="That is not the admin token (NBGW_ADMIN_TOKEN). Check it and try again.",
+            )
+        throttle.succeeded(client)
+        session = core.signer.session(secrets.token_urlsafe(18), int(now) + SESSION_TTL)
+        response = core.redirect(core.base)
+        core.cookie(response, SESSION_COOKIE, core.signer.session_cookie(session), SESSION_TTL)
+        log.info("admin logged in", extra={"peer": client})
+        return response
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        core = self.core
+        checked = await core.checked_form(request)
+        if isinstance(checked, web.Response):
+            return checked
+        session, _ = checked
+        now = core.now(request)
+        core.revoked = {sid: exp for sid, exp in core.revoked.items() if exp > now}
+        core.revoked[session.sid] = session.expires_at
+        response = core.to_login()
+        core.forget_cookie(response, SESSION_COOKIE)
+        core.flash(request, response, kind="logged_out")
+        return response
