@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -61,11 +62,15 @@ def create_app(
     redactor: Redactor | None = None,
     background: bool = True,
     on_needs_reauth: NeedsReauthListener | None = None,
+    metrics_dir: Path | None = None,
 ) -> web.Application:
-    """Build the gateway application. Nothing is opened until the app starts."""
+    """Build the gateway application. Nothing is opened until the app starts.
+
+    `metrics_dir` is set in a `serve --workers` worker: /metrics then shows every worker.
+    """
     clock = clock or SystemClock()
     redactor = redactor or Redactor()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, multiprocess_dir=metrics_dir)
 
     app = web.Application(
         middlewares=[track_requests, request_context], client_max_size=settings.max_request_body
@@ -139,7 +144,7 @@ def create_app(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    prometheus = make_aiohttp_handler(metrics.registry)
+    prometheus = make_aiohttp_handler(metrics.exposition)
     metrics_allowed = AllowList(settings.metrics_allowed_clients)
 
     async def metrics_handler(request: web.Request) -> web.StreamResponse:

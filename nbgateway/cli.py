@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from nbgateway.accounts import AccountService, account_json
 from nbgateway.clients import audit_json, client_json
 from nbgateway.clock import SystemClock
 from nbgateway.config import (
+    MAX_WORKERS,
     REQUIRED_FOR_OAUTH,
     REQUIRED_FOR_SERVE,
     REQUIRED_FOR_STORE,
@@ -44,9 +46,10 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import run_until_stopped
+from nbgateway.server import bind, run_until_stopped
 from nbgateway.services import open_services, store_for
 from nbgateway.store import copy_store
+from nbgateway.workers import MULTIPROC_ENV, Workers
 
 log = logging.getLogger("nbgateway.cli")
 
@@ -91,12 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser(
+    serve_parser = sub.add_parser(
         "serve",
         help="run the gateway",
         description="Run the gateway until stopped.",
         parents=[common],
     )
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serving processes on the one listen address (default NBGW_WORKERS, 1)",
+    )
+    # Set by the --workers parent for its workers: the inherited listening socket and the
+    # read end of the pipe that tells a worker its parent is gone. Not for people.
+    serve_parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    serve_parser.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo",
         parents=[common],
@@ -420,12 +433,57 @@ async def _migrate(settings: Settings, redactor: Redactor, target: str) -> int:
     return EXIT_OK
 
 
-async def serve(settings: Settings, redactor: Redactor) -> None:
-    """Run the gateway until SIGINT or SIGTERM."""
+async def serve(
+    settings: Settings,
+    redactor: Redactor,
+    *,
+    listen_fd: int | None = None,
+    parent_fd: int | None = None,
+    metrics_dir: Path | None = None,
+) -> None:
+    """Run the gateway until SIGINT or SIGTERM (as one worker when given the fds)."""
     from nbgateway.app import create_app
 
-    app = create_app(settings, redactor=redactor)
-    await run_until_stopped(app, settings.host, settings.port)
+    app = create_app(settings, redactor=redactor, metrics_dir=metrics_dir)
+    sock = None if listen_fd is None else socket.socket(fileno=listen_fd)
+    await run_until_stopped(app, settings.host, settings.port, sock=sock, parent_fd=parent_fd)
+
+
+def _serve(
+    args: argparse.Namespace, settings: Settings, env: dict[str, str], redactor: Redactor
+) -> int:
+    """`serve`: one process, the parent of `--workers N` processes, or one of those workers."""
+    if args.listen_fd is not None:
+        metrics_dir = env.get(MULTIPROC_ENV)
+        asyncio.run(
+            serve(
+                settings,
+                redactor,
+                listen_fd=args.listen_fd,
+                parent_fd=args.parent_fd,
+                metrics_dir=Path(metrics_dir) if metrics_dir else None,
+            )
+        )
+        return EXIT_OK
+    if settings.workers == 1:
+        asyncio.run(serve(settings, redactor))
+        return EXIT_OK
+    config = [] if args.config is None else ["--config", str(args.config)]
+
+    def command(listen_fd: int, parent_fd: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "nbgateway",
+            "serve",
+            *config,
+            f"--listen-fd={listen_fd}",
+            f"--parent-fd={parent_fd}",
+        ]
+
+    sock = bind(settings.host, settings.port)
+    log.info("nbgateway listening", extra={"listen": f"{settings.host}:{settings.port}"})
+    return Workers(command, env, settings.workers, sock).run()
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -453,6 +511,14 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         if args.command == "accounts" and args.accounts_command in ("refresh", "import"):
             required = REQUIRED_FOR_OAUTH
         settings = _load(args, env, required)
+        if args.command == "serve" and args.workers is not None:
+            if not 1 <= args.workers <= MAX_WORKERS:
+                print(
+                    f"configuration error: --workers must be from 1 to {MAX_WORKERS}",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+            settings = replace(settings, workers=args.workers)
         configure_logging(
             redactor,
             fmt=settings.log_format,
@@ -463,8 +529,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         for secret in settings.secrets():
             redactor.add(secret)
         if args.command == "serve":
-            asyncio.run(serve(settings, redactor))
-            return EXIT_OK
+            return _serve(args, settings, env, redactor)
         if args.command == "rotate-key":
             return asyncio.run(_rotate(settings, redactor))
         if args.command == "migrate":

@@ -26,6 +26,9 @@ from nbgateway.redact import Secret
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# More serving processes than this is a typo, not a deployment (each holds its own pools).
+MAX_WORKERS = 64
+
 DEFAULT_ALLOWED_CLIENTS = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
 
 # NationBuilder access tokens live 24 h and every refresh rotates the refresh token. A margin
@@ -207,6 +210,13 @@ SETTINGS: tuple[Setting, ...] = (
         "REQUESTS/SECONDS (for example 250/10); empty: no pacing for them",
         "REQUESTS/SECONDS with whole numbers > 0, or empty",
     ),
+    Setting(
+        "NBGW_WORKERS",
+        "1",
+        "serving processes on the one listen address (`serve --workers`); one /metrics view "
+        "over all of them",
+        f"a whole number from 1 to {MAX_WORKERS}",
+    ),
     Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json"),
     Setting("NBGW_LOG_LEVEL", "INFO", "log level", "DEBUG, INFO, WARNING or ERROR"),
     Setting(
@@ -263,6 +273,7 @@ class Settings:
     audit_retention_days: float = 90.0
     rate_queue_timeout: float = 30.0
     rate_default_limit: tuple[int, float] | None = None
+    workers: int = 1
     log_format: str = "text"
     log_level: str = "INFO"
     access_log: bool = True
@@ -740,6 +751,14 @@ def validate_settings(
             "NBGW_RATE_QUEUE_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0)
         ),
         rate_default_limit=take("NBGW_RATE_DEFAULT_LIMIT", _parse_rate),
+        workers=int(
+            take(
+                "NBGW_WORKERS",
+                lambda e, r: _parse_number(
+                    e, r, int, 1, maximum=MAX_WORKERS, why="one worker per core is the most that helps"
+                ),
+            )
+        ),
         log_format=take("NBGW_LOG_FORMAT", lambda e, r: _parse_choice(e, r.lower(), _FORMATS)),
         log_level=take("NBGW_LOG_LEVEL", lambda e, r: _parse_choice(e, r.upper(), _LEVELS)),
         access_log=take("NBGW_ACCESS_LOG", _parse_switch),

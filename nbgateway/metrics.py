@@ -3,11 +3,31 @@
 Names and labels follow the contract. Label values are bounded: the account is a slug
 that exists (or "none"), the method one of a fixed set, the code an HTTP status; paths and
 ids never become labels.
+
+With `serve --workers N` each worker is started with PROMETHEUS_MULTIPROC_DIR set
+(prometheus_client picks its value class from that variable when it is first imported), so
+every value lives in a per-process file of that directory. `Metrics(multiprocess_dir=...)`
+then serves /metrics from a registry holding a `MultiProcessCollector` over the directory:
+counters and histograms are summed over the workers (those that exited included), and each
+gauge is merged as its `multiprocess_mode` says (single-process mode ignores the mode):
+
+- in-flight gauges: `livesum` (what the running workers are doing now);
+- per-account expiry and last-success timestamps: `livemax` (they only move forward, and
+  every worker follows the same store, so the largest is the newest);
+- needs-reauth: `livemax` (1 while any running worker has seen the account refused; each
+  worker re-reads the store within a second of a change, so a reconnect clears it);
+- build info: `livemax` (1).
+
+(The `mostrecent` modes would forbid `inc()` on these gauges in every mode.)
+
+The process_* and python_info series describe the worker that answered the scrape.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +37,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from nbgateway import __version__
 
@@ -34,10 +55,30 @@ def method_label(method: str) -> str:
 
 
 class Metrics:
-    """Owns the collectors. One instance per app; tests pass a fresh registry."""
+    """Owns the collectors. One instance per app; tests pass a fresh registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `registry` holds the collectors; `exposition` is what /metrics serves: the same registry
+    in single-process mode, the merged view over every worker with `multiprocess_dir`.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_dir is not None
+        if multiprocess_dir is not None:
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != str(multiprocess_dir):
+                # Values would stay in this process's memory and /metrics would miss them.
+                raise ValueError(
+                    "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set to "
+                    f"{multiprocess_dir} before prometheus_client is imported"
+                )
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            ProcessCollector(registry=self.exposition)
+            PlatformCollector(registry=self.exposition)
+        else:
+            self.exposition = self.registry
         r = self.registry
         self.refresh_total = Counter(
             "nbgw_token_refresh_total",
@@ -62,12 +103,14 @@ class Metrics:
             "nbgw_token_refresh_in_flight",
             "Token-endpoint refresh calls in flight.",
             ["account"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.token_expiry = Gauge(
             "nbgw_access_token_expiry_timestamp_seconds",
             "When the account's current access token expires (epoch seconds).",
             ["account"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.persist_failures = Counter(
@@ -82,18 +125,21 @@ class Metrics:
             "1 while the account's current token pair exists only in this process's memory "
             "because the store could not be written.",
             ["account"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.last_refresh_success = Gauge(
             "nbgw_account_last_refresh_success_timestamp_seconds",
             "When the account's tokens were last obtained successfully (epoch seconds).",
             ["account"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.needs_reauth = Gauge(
             "nbgw_account_needs_reauth",
             "1 when the account needs an admin to re-authorize it at /connect.",
             ["account"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.proxy_requests = Counter(
@@ -156,12 +202,14 @@ class Metrics:
         self.in_flight = Gauge(
             "nbgw_proxy_in_flight_requests",
             "Proxied requests being served right now.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.build_info = Gauge(
             "nbgw_build_info",
             "Build information; the value is always 1.",
             ["version", "python"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
@@ -186,8 +234,9 @@ class Metrics:
         self._wait_children: dict[str, Histogram] = {}
         self._remaining_children: dict[str, Gauge] = {}
         self._limit_children: dict[str, Gauge] = {}
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        if not self.multiprocess:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
 
     def proxied(self, account: str, method: str, code: int, seconds: float) -> None:
         """Count one answered proxy request (labelled children are reused: hot path)."""
@@ -250,7 +299,16 @@ class Metrics:
             gauge.set(limit)
 
     def forget_account(self, slug: str) -> None:
-        """Drop an account's per-account gauges (after it is removed)."""
+        """Drop an account's per-account gauges (after it is removed).
+
+        Multiprocess files cannot drop a series: the account's needs-reauth and unpersisted
+        gauges read 0 (no alert for an account that is gone) and its series leave /metrics
+        when the workers restart.
+        """
+        if self.multiprocess:
+            self.needs_reauth.labels(slug).set(0)
+            self.unpersisted.labels(slug).set(0)
+            return
         for gauge in (
             self.token_expiry,
             self.needs_reauth,

@@ -3,6 +3,8 @@
 `serving` opens the listening socket with the app's `ConnectionGuard` (connections.py)
 making each connection's handler, so its limits apply before any request is read.
 `raise_open_files_limit` lifts the soft descriptor limit to the hard one before serving.
+A `serve --workers` worker serves on the listening socket its parent bound for it (`bind`)
+and passed down, and stops as well when its parent goes away (end of file on `parent_fd`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import resource
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -21,6 +25,11 @@ from nbgateway.connections import GUARD
 from nbgateway.errors import NBGatewayError
 
 log = logging.getLogger("nbgateway.server")
+
+# Response header naming the worker process that answered (`serve --workers` only).
+WORKER_HEADER = "X-NBGW-Worker"
+# Pending connections the kernel queues for the listening socket (aiohttp's default).
+BACKLOG = 128
 
 
 class ListenError(NBGatewayError):
@@ -48,6 +57,31 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def bind(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listening TCP sockets on host:port, one per worker, in one SO_REUSEPORT group.
+
+    The kernel spreads new connections evenly over the group (by a hash of the addresses);
+    one socket shared by all workers would let whichever worker wakes first take a burst
+    of them. A plain bind comes first, so an address that anything (another gateway's
+    group included) already listens on is refused here, as one process would be.
+    """
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = info[0][0]
+        with socket.create_server((host, port), family=family) as probe:
+            port = probe.getsockname()[1]  # the port chosen when 0 was asked for
+        return [
+            socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=True)
+            for _ in range(count)
+        ]
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+async def _name_worker(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[WORKER_HEADER] = str(os.getpid())
+
+
 def tune_garbage_collector() -> None:
     """Move start-up objects out of the collector's way and collect young objects less often.
 
@@ -60,8 +94,11 @@ def tune_garbage_collector() -> None:
 
 
 @asynccontextmanager
-async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
-    """Serve `app` on host:port (port 0: any free one) while inside; yields the bound port."""
+async def serving(
+    app: web.Application, host: str, port: int, *, sock: socket.socket | None = None
+) -> AsyncIterator[int]:
+    """Serve `app` on host:port (port 0: any free one), or on the listening `sock` a
+    `--workers` parent passed down, while inside; yields the bound port."""
     # handler_cancellation: a client that disconnects cancels its handler, so a request
     # queued for the rate budget leaves the queue (the tests' TestServer does the same).
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
@@ -71,7 +108,10 @@ async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[i
         factory = app[GUARD].protocol_factory(runner.server, access_log=None)
         loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(factory, host, port, backlog=128)
+            if sock is None:
+                server = await loop.create_server(factory, host, port, backlog=BACKLOG)
+            else:
+                server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         try:
@@ -88,20 +128,43 @@ async def run_until_stopped(
     port: int,
     *,
     after_start: Callable[[], Awaitable[bool]] | None = None,
+    sock: socket.socket | None = None,
+    parent_fd: int | None = None,
 ) -> None:
     """Serve `app` on host:port until SIGINT/SIGTERM.
 
     `after_start` runs once the port is open; returning False stops at once (the demo's
-    self-test), True keeps serving until a signal.
+    self-test), True keeps serving until a signal. A worker passes the inherited listening
+    `sock` (host and port are then only named in the log) and `parent_fd`, the read end of
+    a pipe its parent holds open: when it becomes readable (end of file: the parent exited,
+    even by SIGKILL) the worker stops as on SIGTERM. Workers name themselves in every
+    response's X-NBGW-Worker header (their process id).
     """
+    if sock is not None:
+        app.on_response_prepare.append(_name_worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if parent_fd is not None:
+
+        def parent_gone() -> None:
+            loop.remove_reader(parent_fd)
+            log.warning("parent process gone; worker stopping")
+            stop.set()
+
+        loop.add_reader(parent_fd, parent_gone)
     open_files = raise_open_files_limit()
-    async with serving(app, host, port):
-        log.info("nbgateway listening", extra={"listen": f"{host}:{port}"})
-        log.info("open files limit %s", open_files, extra={"limit": open_files})
-        tune_garbage_collector()
-        if after_start is None or await after_start():
-            await stop.wait()
+    try:
+        async with serving(app, host, port, sock=sock):
+            where: dict[str, object] = {"listen": f"{host}:{port}"}
+            if sock is not None:
+                where["pid"] = os.getpid()
+            log.info("nbgateway listening", extra=where)
+            log.info("open files limit %s", open_files, extra={"limit": open_files})
+            tune_garbage_collector()
+            if after_start is None or await after_start():
+                await stop.wait()
+    finally:
+        if parent_fd is not None:
+            loop.remove_reader(parent_fd)

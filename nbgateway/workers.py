@@ -1,0 +1,184 @@
+"""The `serve --workers N` parent: start the worker processes, watch them, stop them.
+
+The parent binds the listening socket once (a port in use fails here, before any worker
+starts) and starts N workers with `python -m nbgateway serve` plus two hidden options
+naming inherited file descriptors: the listening socket, which every worker accepts on
+(the kernel hands each connection to one of them; a worker that dies loses no queued
+connection), and the read end of a pipe whose write end only the parent holds, so a
+worker sees end of file and stops when the parent exits in any way (SIGKILL included).
+
+A worker that exits on its own is logged and started again; one that dies within
+`STEADY_AFTER` seconds of its start waits before the restart, twice as long each time up to
+`MAX_BACKOFF`, so a crash loop does not spin. A worker exiting with the usage code (the
+configuration cannot work) stops everything: restarting cannot help.
+
+SIGTERM or SIGINT to the parent: SIGTERM to every worker, SIGKILL to those still running
+after `grace` seconds, and return once all are reaped. PROMETHEUS_MULTIPROC_DIR is a fresh
+directory for this run (removed at the end); `mark_process_dead` is called for each worker
+that exits so its live gauges leave /metrics while its counters stay in the totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
+
+log = logging.getLogger("nbgateway.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# aiohttp gives open connections 60 s to finish after SIGTERM; the parent waits that plus
+# a little before it kills.
+SHUTDOWN_GRACE = 65.0
+# A worker that ran this long before dying is restarted at once (not a crash loop).
+STEADY_AFTER = 10.0
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+POLL_INTERVAL = 0.1  # seconds between two looks at the workers
+EXIT_USAGE = 2
+
+# (listening socket fd, parent pipe fd) -> the worker's argv.
+WorkerCommand = Callable[[int, int], list[str]]
+
+
+@dataclass
+class _Slot:
+    """One worker position: its current process, when it started, its restart backoff."""
+
+    number: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = 0.0
+    restart_at: float = 0.0
+
+
+class Workers:
+    """Runs `count` workers on `sock` until a signal (see the module docstring)."""
+
+    def __init__(
+        self,
+        command: WorkerCommand,
+        env: Mapping[str, str],
+        count: int,
+        sock: socket.socket,
+        *,
+        grace: float = SHUTDOWN_GRACE,
+    ) -> None:
+        self._command = command
+        self._env = dict(env)
+        self._sock = sock
+        self._grace = grace
+        self._slots = [_Slot(n) for n in range(1, count + 1)]
+        self._stopping = threading.Event()
+        self._metrics_dir: Path | None = None
+        self._pipe_read = -1
+        self._pipe_write = -1
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; 0, or the usage code when a worker reported one."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="nbgateway-metrics-"))
+        self._pipe_read, self._pipe_write = os.pipe()
+        code = 0
+        try:
+            log.info(
+                "starting workers",
+                extra={"workers": len(self._slots), "parent_pid": os.getpid()},
+            )
+            for slot in self._slots:
+                self._start(slot)
+            code = self._watch()
+        finally:
+            self._stop_all()
+            os.close(self._pipe_write)
+            os.close(self._pipe_read)
+            self._sock.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return code
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping.set()
+
+    def _start(self, slot: _Slot) -> None:
+        assert self._metrics_dir is not None
+        env = {**self._env, MULTIPROC_ENV: str(self._metrics_dir)}
+        fds = (self._sock.fileno(), self._pipe_read)
+        # The command is this program with fixed arguments, not user input.
+        slot.process = subprocess.Popen(self._command(*fds), env=env, pass_fds=fds)  # noqa: S603
+        slot.started = time.monotonic()
+        log.info("worker started", extra={"worker": slot.number, "pid": slot.process.pid})
+
+    def _watch(self) -> int:
+        while not self._stopping.wait(POLL_INTERVAL):
+            now = time.monotonic()
+            for slot in self._slots:
+                if slot.process is None:
+                    if now >= slot.restart_at:
+                        self._start(slot)
+                    continue
+                returncode = slot.process.poll()
+                if returncode is None:
+                    continue
+                self._reaped(slot.process)
+                slot.process = None
+                if returncode == EXIT_USAGE:
+                    log.error(
+                        "worker refused the configuration; stopping",
+                        extra={"worker": slot.number},
+                    )
+                    return EXIT_USAGE
+                ran = now - slot.started
+                slot.backoff = (
+                    0.0
+                    if ran >= STEADY_AFTER
+                    else min(MAX_BACKOFF, slot.backoff * 2 or FIRST_BACKOFF)
+                )
+                slot.restart_at = now + slot.backoff
+                log.error(
+                    "worker exited; restarting",
+                    extra={
+                        "worker": slot.number,
+                        "exit_code": returncode,
+                        "ran_seconds": round(ran, 1),
+                        "restart_in_seconds": slot.backoff,
+                    },
+                )
+        return 0
+
+    def _reaped(self, process: subprocess.Popen[bytes]) -> None:
+        assert self._metrics_dir is not None
+        mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+
+    def _stop_all(self) -> None:
+        running = [s.process for s in self._slots if s.process is not None]
+        log.info("stopping workers", extra={"workers": len(running)})
+        for process in running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._grace
+        for process in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop in time; killing", extra={"pid": process.pid})
+                process.kill()
+                process.wait()
+            self._reaped(process)
+        for slot in self._slots:
+            slot.process = None

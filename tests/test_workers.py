@@ -1,0 +1,505 @@
+"""`serve --workers N`: N processes on one address, watched and stopped by one parent.
+
+Real processes: the fake NationBuilder and `python -m nbgateway serve` with two workers on
+one SQLite file. Which worker answered is read from the X-NBGW-Worker header (its pid);
+a request is sent to a chosen worker over a keep-alive connection whose first answer came
+from it. Process states are read from /proc (Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import pytest
+from conftest import ADMIN_TOKEN
+from procs import (
+    FakeNB,
+    Process,
+    Processes,
+    clean_os_environ,
+    free_port,
+    gateway_env,
+    seed_account,
+    start_fake,
+    wait_ready,
+    wait_until,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from nbgateway.server import WORKER_HEADER
+
+pytestmark = pytest.mark.slow
+
+SLUG = "acme"
+WAIT = 20.0  # seconds for a condition between processes to become true
+CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class Gateway:
+    """A `serve --workers` parent on a free port and the tools to reach each worker."""
+
+    def __init__(self, process: Process, url: str) -> None:
+        self.process = process
+        self.url = url
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=30)
+
+    def worker_of(self, conn: http.client.HTTPConnection) -> int:
+        """The pid of the worker that answers /healthz on this connection."""
+        conn.request("GET", "/healthz")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200
+        return int(resp.headers[WORKER_HEADER])
+
+    def pinned(self, want: int | None = None, avoid: int | None = None) -> tuple[int, Any]:
+        """A keep-alive connection answered by worker `want` (or by any but `avoid`).
+
+        Workers start at their own pace: keep trying fresh connections until WAIT passes.
+        """
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            conn = self.connect()
+            try:
+                pid = self.worker_of(conn)
+            except BaseException:
+                conn.close()
+                raise
+            if (want is None or pid == want) and pid != avoid:
+                return pid, conn
+            conn.close()
+        raise AssertionError(f"no connection reached worker {want} (avoiding {avoid})")
+
+    def workers(self, count: int = 2) -> set[int]:
+        """The pids of `count` distinct workers, each seen answering on a fresh connection."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            conn = self.connect()
+            try:
+                seen.add(self.worker_of(conn))
+            finally:
+                conn.close()
+            if len(seen) == count:
+                return seen
+        raise AssertionError(f"only workers {seen} answered")
+
+    def metrics(self) -> tuple[int, dict[str, float]]:
+        """(answering worker, {sample name with labels: value}) from one fresh scrape."""
+        conn = self.connect()
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            assert resp.status == 200
+            samples: dict[str, float] = {}
+            for family in text_string_to_metric_families(body):
+                for s in family.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                    samples[f"{s.name}{{{labels}}}"] = s.value
+            return int(resp.headers[WORKER_HEADER]), samples
+        finally:
+            conn.close()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: str
+
+
+def send(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    form: dict[str, str] | None = None,
+) -> Answer:
+    """One request on `conn` (a form body when given); the whole answer."""
+    headers = dict(headers or {})
+    body = None
+    if form is not None:
+        body = urlencode(form)
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    return Answer(resp.status, resp.headers, resp.read().decode())
+
+
+def get(
+    conn: http.client.HTTPConnection, path: str, headers: dict[str, str] | None = None
+) -> Answer:
+    return send(conn, "GET", path, headers=headers)
+
+
+def proxied_total(samples: dict[str, float], name: str = "nbgw_proxy_requests_total") -> float:
+    return sum(v for k, v in samples.items() if k.startswith(name + "{"))
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None without such a process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+
+
+def state_of(pid: int) -> str:
+    """The process's state letter, or "gone" when no such process exists."""
+    fields = _stat(pid)
+    return "gone" if fields is None else fields[0]
+
+
+def parent_of(pid: int) -> int:
+    fields = _stat(pid)
+    assert fields is not None, f"no process {pid}"
+    return int(fields[1])
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its exit status is left (a zombie nobody reaped yet)."""
+    return state_of(pid) in ("gone", "Z", "X")
+
+
+def started_pids(process: Process) -> list[int]:
+    """Worker pids in the order the parent logged starting them."""
+    return [
+        int(p) for p in re.findall(r"worker started \[worker=\d+ pid=(\d+)\]", process.output())
+    ]
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        print(procs.report())  # shown by pytest only when the test failed
+
+
+@pytest.fixture
+def fake(processes: Processes) -> FakeNB:
+    return start_fake(processes)
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake: FakeNB) -> dict[str, str]:
+    """The environment of a two-worker gateway; temporary files go to tmp_path/tmp."""
+    (tmp_path / "tmp").mkdir()
+    return {
+        **clean_os_environ(),
+        **gateway_env(tmp_path / "gateway.db", ADMIN_TOKEN, fake.url),
+        "NBGW_DEFAULT_ACCOUNT": SLUG,
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
+
+
+def start(processes: Processes, env: dict[str, str], *, flag: bool = True) -> Gateway:
+    """`serve --workers 2` (or NBGW_WORKERS=2 when not `flag`) with its own URL as public."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    full = {**env, "NBGW_LISTEN": f"127.0.0.1:{port}", "NBGW_PUBLIC_URL": url}
+    argv = [sys.executable, "-m", "nbgateway", "serve"]
+    if flag:
+        argv += ["--workers", "2"]
+    else:
+        full["NBGW_WORKERS"] = "2"
+    process = processes.start("gateway", argv, full)
+    wait_ready(process, f"{url}/healthz")
+    return Gateway(process, url)
+
+
+def seed(env: dict[str, str], fake: FakeNB) -> None:
+    """Store a fresh pair from the fake for SLUG, as a completed /connect would."""
+    issued = fake.issue_tokens(SLUG)
+    asyncio.run(seed_account(env, SLUG, issued))
+
+
+@pytest.fixture
+def gateway(processes: Processes, env: dict[str, str], fake: FakeNB) -> Gateway:
+    """A seeded account and a two-worker gateway serving it."""
+    seed(env, fake)
+    return start(processes, env)
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_both_workers_serve_proxied_requests(gateway: Gateway, fake: FakeNB) -> None:
+    """Fresh connections reach two distinct worker processes, both children of the parent,
+    and each one proxies with the stored token."""
+    pids = gateway.workers(2)
+    assert pids == set(started_pids(gateway.process))
+    for pid in pids:
+        assert parent_of(pid) == gateway.process.popen.pid
+        _, conn = gateway.pinned(want=pid)
+        resp = get(conn, "/api/v2/signups/me")
+        assert resp.status == 200, resp.body
+        assert int(resp.headers[WORKER_HEADER]) == pid
+        conn.close()
+
+
+def test_nbgw_workers_setting_starts_workers(
+    processes: Processes, env: dict[str, str], fake: FakeNB
+) -> None:
+    """NBGW_WORKERS=2 without the flag starts two workers too."""
+    gateway = start(processes, env, flag=False)
+    assert len(gateway.workers(2)) == 2
+
+
+def test_expired_token_is_refreshed_once_across_workers(
+    processes: Processes, env: dict[str, str], fake: FakeNB
+) -> None:
+    """Concurrent requests on an access token NationBuilder expired, through both workers,
+    make one token call between them; every request is answered."""
+    seed(env, fake)
+    gateway = start(processes, env)
+    pids = sorted(gateway.workers(2))
+    fake.control(action="expire_access_tokens")
+    fake.control(action="hold_tokens")
+    fake.control(action="clear_recordings")
+    conns = [gateway.pinned(want=pid)[1] for pid in pids for _ in range(3)]
+    results: list[tuple[int, int]] = []
+
+    def one(conn: http.client.HTTPConnection) -> None:
+        resp = get(conn, "/api/v2/signups/me")
+        results.append((resp.status, int(resp.headers[WORKER_HEADER])))
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    try:
+
+        def all_waiting() -> bool:
+            _, samples = gateway.metrics()
+            in_flight = samples.get("nbgw_proxy_in_flight_requests{}", 0)
+            state = fake.state()
+            answered_401: int = state["api_requests"].get(SLUG, 0)
+            return (
+                in_flight == len(conns)
+                and answered_401 >= len(conns)
+                and state["pending_token_requests"] == 1
+            )
+
+        wait_until(all_waiting, WAIT, "every request in flight and one held token call")
+        time.sleep(0.5)  # give the other worker every chance to send a token call: it must not
+        assert fake.state()["token_requests_total"] == 1
+    finally:
+        fake.control(action="release_tokens")
+        for t in threads:
+            t.join(timeout=WAIT)
+    assert sorted(results) == sorted((200, pid) for pid in pids for _ in range(3))
+    assert fake.state()["token_requests"] == {SLUG: {"refresh_token": 1}}
+    for conn in conns:
+        conn.close()
+
+
+def test_metrics_total_every_worker_in_every_scrape(gateway: Gateway) -> None:
+    """/metrics counts the requests of all workers, whichever worker answers the scrape."""
+    pids = sorted(gateway.workers(2))
+    sent = {pid: 0 for pid in pids}
+    for i in range(20):
+        pid, conn = gateway.pinned(want=pids[i % 2])
+        assert get(conn, "/api/v2/signups/me").status == 200
+        sent[pid] += 1
+        conn.close()
+    answered_by: set[int] = set()
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        pid, samples = gateway.metrics()
+        answered_by.add(pid)
+        assert proxied_total(samples) == 20, samples
+        assert samples[f"nbgw_proxy_request_duration_seconds_count{{account={SLUG}}}"] == 20
+        assert samples.get("nbgw_proxy_in_flight_requests{}") == 0
+        assert samples["nbgw_account_needs_reauth{account=acme}"] == 0
+        python, version = build_labels(samples)
+        assert samples[f"nbgw_build_info{{python={python},version={version}}}"] == 1
+        if len(answered_by) == 2:
+            break
+    assert answered_by == set(pids)  # both workers answered a scrape with the same totals
+
+
+def build_labels(samples: dict[str, float]) -> tuple[str, str]:
+    [key] = [k for k in samples if k.startswith("nbgw_build_info{")]
+    labels = dict(part.split("=", 1) for part in key[len("nbgw_build_info{") : -1].split(","))
+    return labels["python"], labels["version"]
+
+
+def test_sigterm_stops_every_process(gateway: Gateway, tmp_path: Path) -> None:
+    """SIGTERM to the parent: it exits 0, no worker is left, the port and the metrics
+    directory are released."""
+    pids = gateway.workers(2)
+    assert any((tmp_path / "tmp").iterdir())  # the metrics directory of this run
+    gateway.process.popen.send_signal(signal.SIGTERM)
+    assert gateway.process.popen.wait(timeout=WAIT) == 0
+    for pid in pids:
+        assert gone(pid), (pid, state_of(pid))
+    assert list((tmp_path / "tmp").iterdir()) == []
+    with socket.create_server((gateway.host, gateway.port)):
+        pass  # the address can be bound again
+
+
+def test_killed_worker_is_replaced_and_counts_survive(gateway: Gateway) -> None:
+    """kill -9 of a worker: the parent logs it and starts another; serving resumes on
+    two workers and the dead worker's requests stay in the totals."""
+    victim, conn = gateway.pinned()
+    for _ in range(3):
+        assert get(conn, "/api/v2/signups/me").status == 200
+    conn.close()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(started_pids(gateway.process)) == 3, WAIT, "a replacement worker")
+    assert "worker exited; restarting" in gateway.process.output()
+    pids = gateway.workers(2)
+    assert victim not in pids
+    for pid in pids:
+        _, conn = gateway.pinned(want=pid)
+        assert get(conn, "/api/v2/signups/me").status == 200
+        conn.close()
+    for _ in range(4):
+        _, samples = gateway.metrics()
+        assert proxied_total(samples) == 5
+
+
+def test_workers_exit_when_the_parent_is_killed(gateway: Gateway) -> None:
+    """SIGKILL to the parent (no chance to clean up): the workers notice and exit."""
+    pids = gateway.workers(2)
+    gateway.process.popen.kill()
+    gateway.process.popen.wait(timeout=WAIT)
+    wait_until(lambda: all(gone(pid) for pid in pids), WAIT, "the orphaned workers to exit")
+
+
+def test_crash_looping_worker_backs_off(
+    processes: Processes, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Workers that die at once are restarted with a growing delay, not in a tight loop."""
+    # An unopenable database: each worker exits 1 right after it starts.
+    env = {**env, "NBGW_DATABASE": str(tmp_path / "no-such-dir" / "gateway.db")}
+    port = free_port()
+    process = processes.start(
+        "gateway",
+        [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
+        {**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+    )
+    wait_until(
+        lambda: process.output().count("worker exited; restarting") >= 6, WAIT, "six restarts"
+    )
+    delays = [float(d) for d in re.findall(r"restart_in_seconds=([\d.]+)", process.output())]
+    per_worker = [delays[0::2], delays[1::2]]
+    for d in per_worker:
+        assert d[:3] == sorted(d[:3]) and d[0] < d[2], delays  # doubling
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.popen.wait(timeout=WAIT) == 0
+
+
+def test_admin_login_and_connect_callback_on_different_workers(
+    processes: Processes, env: dict[str, str], fake: FakeNB
+) -> None:
+    """Log in on one worker, start /connect on the other, complete the callback on the
+    first: sessions and OAuth states do not belong to a process."""
+    gateway = start(processes, env)
+    first, a = gateway.pinned()
+    _, b = gateway.pinned(avoid=first)
+    cookies: dict[str, str] = {}
+
+    def browse(
+        conn: http.client.HTTPConnection, method: str, path: str, form: dict[str, str] | None = None
+    ) -> Answer:
+        """A browser's request: the cookies it holds go along, those it is given are kept."""
+        cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        answer = send(conn, method, path, headers={"Cookie": cookie}, form=form)
+        for header in answer.headers.get_all("Set-Cookie") or []:
+            jar: SimpleCookie = SimpleCookie()
+            jar.load(header)
+            for name, morsel in jar.items():
+                cookies[name] = morsel.value
+        return answer
+
+    assert browse(a, "POST", "/connect/login", {"token": ADMIN_TOKEN}).status == 303
+    page = browse(b, "GET", "/connect")
+    assert page.status == 200, page.body
+    match = CSRF_RE.search(page.body)
+    assert match is not None
+    started = browse(b, "POST", "/connect/accounts", {"nation": SLUG, "csrf": match.group(1)})
+    assert started.status == 303, started.body
+    authorize = urlsplit(started.headers["Location"])
+    form = {**dict(parse_qsl(authorize.query)), "decision": "approve"}
+    approved = consent(fake, authorize.path, form)
+    assert approved.status == 302, approved.body
+    callback = urlsplit(approved.headers["Location"])
+    done = browse(a, "GET", f"{callback.path}?{callback.query}")
+    assert done.status == 303, done.body
+    assert done.headers["Location"] == "/connect"
+    listing = get(a, "/connect/api/accounts", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert [acc["slug"] for acc in json.loads(listing.body)["accounts"]] == [SLUG]
+    for conn in (a, b):
+        conn.close()
+
+
+def consent(fake: FakeNB, path: str, form: dict[str, str]) -> Answer:
+    """Press Authorize on the fake's consent page (a form POST)."""
+    parts = urlsplit(fake.url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        return send(conn, "POST", path, form=form)
+    finally:
+        conn.close()
+
+
+def test_port_in_use_is_refused_before_any_worker_starts(
+    processes: Processes, env: dict[str, str]
+) -> None:
+    """A busy listen address fails in the parent with the one-process message."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
+            env={**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "worker started" not in result.stderr
+
+
+@pytest.mark.parametrize("count", ["0", "65"])
+def test_out_of_range_worker_count_is_a_usage_error(env: dict[str, str], count: str) -> None:
+    """`serve --workers` outside 1..64 exits 2 with a message and starts nothing."""
+    result = subprocess.run(
+        [sys.executable, "-m", "nbgateway", "serve", "--workers", count],
+        env={**env, "NBGW_LISTEN": f"127.0.0.1:{free_port()}"},
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--workers must be from 1 to 64" in result.stderr
+    assert "worker started" not in result.stderr
