@@ -72,6 +72,7 @@ ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 TARGET_RATIO = 0.9
 TARGET_TOKEN_CALLS = 1
 TARGET_RSS_MIB = 30.0
+TARGET_WORKERS_RATIO = 1.8  # `--workers 2` against one process, on two cores
 # Other processes using more than this share of a core during a load run make it noisy.
 NOISY_OTHER_SHARE = 0.15
 
@@ -426,7 +427,7 @@ class Bench:
         wait_ready(child, "/_count" if role == "upstream" else "/api/v2/signups/me")
         return child
 
-    def spawn_gateway(self, name: str, upstream: Child, access_log: str) -> Child:
+    def spawn_gateway(self, name: str, upstream: Child, access_log: str, *serve_args: str) -> Child:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("NBGW_")}
         env.update(self.env)
@@ -434,7 +435,7 @@ class Bench:
         env["NBGW_NATION_URL"] = f"{upstream.url}/{{slug}}"
         env["NBGW_LOG_LEVEL"] = "INFO"
         env["NBGW_ACCESS_LOG"] = access_log
-        child = self.spawn(name, [*gateway_command(), "serve"], port, env)
+        child = self.spawn(name, [*gateway_command(), "serve", *serve_args], port, env)
         wait_ready(child, "/healthz")
         return child
 
@@ -443,8 +444,12 @@ class Bench:
             with contextlib.suppress(Exception):
                 child.stop()
 
-    def run_load(self, target: Child, upstream: Child) -> dict[str, Any]:
+    def run_load(
+        self, target: Child, upstream: Child, proxy_pids: list[int] | None = None
+    ) -> dict[str, Any]:
+        """One load run; `proxy_pids` (default: the target's) are metered as the proxy."""
         a = self.args
+        pids = proxy_pids or [target.pid]
         argv = [
             sys.executable,
             __file__,
@@ -457,8 +462,7 @@ class Bench:
             str(a.warmup),
             "--duration",
             str(a.duration),
-            "--pid",
-            f"proxy={target.pid}",
+            *(f"--pid=proxy{i or ''}={pid}" for i, pid in enumerate(pids)),
             "--pid",
             f"upstream={upstream.pid}",
         ]
@@ -473,6 +477,8 @@ class Bench:
                 f"the load generator against {target.name} failed:\n{done.stderr.decode()}"
             )
         result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        cpu = result["cpu_seconds"]
+        cpu["proxy"] = sum(cpu.pop(f"proxy{i or ''}") for i in range(len(pids)))
         if target.proc.poll() is not None:
             raise BenchError(f"{target.name} exited during the load:\n{target.tail()}")
         bad = {k: v for k, v in result["statuses"].items() if k != "200"}
@@ -793,6 +799,7 @@ def measure(bench: Bench, started: float) -> int:
     wrk_rows: dict[str, dict[str, Any]] = {}
     if args.wrk:
         wrk_rows = run_wrk(bench, targets)
+    workers_summary = compare_workers(bench, upstream, gateway) if args.workers > 1 else ""
     if quiet is not None:
         quiet.stop()  # one gateway on the database from here on
 
@@ -879,6 +886,8 @@ def measure(bench: Bench, started: float) -> int:
             f"  ratio gateway/passthrough req/s (NBGW_ACCESS_LOG=off): {quiet_ratio:.2f}"
             "  (informational)"
         )
+    if workers_summary:
+        print(workers_summary)
     refresh_ok = refreshes == TARGET_TOKEN_CALLS and ok_count == args.burst
     print(
         f"  {args.burst} concurrent requests, expired token: {refreshes} token call(s), "
@@ -905,6 +914,52 @@ def measure(bench: Bench, started: float) -> int:
         )
     print(f"  whole run: {time.monotonic() - started:.0f} s")
     return 0
+
+
+def worker_pids(gateway: Child, count: int, deadline: float = 30.0) -> list[int]:
+    """The pids of a `serve --workers` gateway's workers, once each has answered /healthz."""
+    seen: set[int] = set()
+    until = time.monotonic() + deadline
+    while len(seen) < count and time.monotonic() < until:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{gateway.url}/healthz", timeout=2) as resp,
+        ):
+            seen.add(int(resp.headers["X-NBGW-Worker"]))
+        time.sleep(0.02)
+    if len(seen) < count:
+        raise BenchError(f"only {len(seen)} of {count} workers answered:\n{gateway.tail()}")
+    return sorted(seen)
+
+
+def compare_workers(bench: Bench, upstream: Child, single: Child) -> str:
+    """[1c] The same load on `serve --workers N` and on the one-process gateway, alternating.
+
+    The proxy CPU of the workers is the sum over the worker processes. Returns the summary
+    line (ratio of req/s against the target).
+    """
+    a = bench.args
+    multi = bench.spawn_gateway("gateway-workers", upstream, "on", "--workers", str(a.workers))
+    pids = worker_pids(multi, a.workers)
+    asyncio.run(sanity(multi.url))
+    label_one, label_n = "gateway, 1 process", f"gateway, --workers {a.workers}"
+    results: dict[str, list[dict[str, Any]]] = {label_one: [], label_n: []}
+    print(f"\n[1c] one process against --workers {a.workers} (default logging)", flush=True)
+    print(load_header())
+    for round_no in range(1, a.rounds + 1):
+        for label, target, proxy_pids in ((label_one, single, None), (label_n, multi, pids)):
+            r = bench.run_load(target, upstream, proxy_pids)
+            results[label].append(r)
+            print(fmt_load_row(f"{label} #{round_no}", r), flush=True)
+    multi.stop()
+    one, many = mean_result(results[label_one]), mean_result(results[label_n])
+    ratio = many["rps"] / one["rps"]
+    return (
+        f"  ratio --workers {a.workers}/one process req/s: {ratio:.2f}"
+        f" ({many['rps']:.0f} against {one['rps']:.0f}; proxy CPU per request"
+        f" {cpu_per_request(many):.0f} us against {cpu_per_request(one):.0f} us)"
+        f"  target >= {TARGET_WORKERS_RATIO}: {verdict(ratio >= TARGET_WORKERS_RATIO)}"
+    )
 
 
 def run_wrk(bench: Bench, targets: list[tuple[str, Child]]) -> dict[str, dict[str, Any]]:
@@ -1021,6 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the extra gateway run with NBGW_ACCESS_LOG=off",
     )
     parser.add_argument("--wrk", action="store_true", help="also measure with wrk, if installed")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also measure `serve --workers N` next to one worker (default 2; 1 skips it)",
+    )
     return run(parser.parse_args(argv))
 
 
