@@ -481,9 +481,9 @@ def _serve(
             f"--parent-fd={parent_fd}",
         ]
 
-    sock = bind(settings.host, settings.port)
+    sockets = bind(settings.host, settings.port, settings.workers)
     log.info("nbgateway listening", extra={"listen": f"{settings.host}:{settings.port}"})
-    return Workers(command, env, settings.workers, sock).run()
+    return Workers(command, env, sockets).run()
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

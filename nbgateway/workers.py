@@ -1,11 +1,13 @@
 """The `serve --workers N` parent: start the worker processes, watch them, stop them.
 
-The parent binds the listening socket once (a port in use fails here, before any worker
-starts) and starts N workers with `python -m nbgateway serve` plus two hidden options
-naming inherited file descriptors: the listening socket, which every worker accepts on
-(the kernel hands each connection to one of them; a worker that dies loses no queued
-connection), and the read end of a pipe whose write end only the parent holds, so a
-worker sees end of file and stops when the parent exits in any way (SIGKILL included).
+The parent binds one listening socket per worker, all on the listen address in one
+SO_REUSEPORT group (`server.bind`: a port in use fails here, before any worker starts),
+and starts N workers with `python -m nbgateway serve` plus two hidden options naming
+inherited file descriptors: the worker's listening socket, and the read end of a pipe
+whose write end only the parent holds, so a worker sees end of file and stops when the
+parent exits in any way (SIGKILL included). The parent keeps every socket open: the
+connections the kernel queued for a worker that died wait for its replacement, which
+inherits the same socket, instead of being reset.
 
 A worker that exits on its own is logged and started again; one that dies within
 `STEADY_AFTER` seconds of its start waits before the restart, twice as long each time up to
@@ -58,6 +60,7 @@ class _Slot:
     """One worker position: its current process, when it started, its restart backoff."""
 
     number: int
+    sock: socket.socket
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     backoff: float = 0.0
@@ -65,22 +68,20 @@ class _Slot:
 
 
 class Workers:
-    """Runs `count` workers on `sock` until a signal (see the module docstring)."""
+    """Runs one worker per socket until a signal (see the module docstring)."""
 
     def __init__(
         self,
         command: WorkerCommand,
         env: Mapping[str, str],
-        count: int,
-        sock: socket.socket,
+        sockets: list[socket.socket],
         *,
         grace: float = SHUTDOWN_GRACE,
     ) -> None:
         self._command = command
         self._env = dict(env)
-        self._sock = sock
         self._grace = grace
-        self._slots = [_Slot(n) for n in range(1, count + 1)]
+        self._slots = [_Slot(n, sock) for n, sock in enumerate(sockets, start=1)]
         self._stopping = threading.Event()
         self._metrics_dir: Path | None = None
         self._pipe_read = -1
@@ -106,7 +107,8 @@ class Workers:
             self._stop_all()
             os.close(self._pipe_write)
             os.close(self._pipe_read)
-            self._sock.close()
+            for slot in self._slots:
+                slot.sock.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -118,7 +120,7 @@ class Workers:
     def _start(self, slot: _Slot) -> None:
         assert self._metrics_dir is not None
         env = {**self._env, MULTIPROC_ENV: str(self._metrics_dir)}
-        fds = (self._sock.fileno(), self._pipe_read)
+        fds = (slot.sock.fileno(), self._pipe_read)
         # The command is this program with fixed arguments, not user input.
         slot.process = subprocess.Popen(self._command(*fds), env=env, pass_fds=fds)  # noqa: S603
         slot.started = time.monotonic()

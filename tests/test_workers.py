@@ -470,23 +470,35 @@ def consent(fake: FakeNB, path: str, form: dict[str, str]) -> Answer:
         conn.close()
 
 
-def test_port_in_use_is_refused_before_any_worker_starts(
-    processes: Processes, env: dict[str, str]
-) -> None:
+def serve_twice(env: dict[str, str], port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
+        env={**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+
+def test_port_in_use_is_refused_before_any_worker_starts(env: dict[str, str]) -> None:
     """A busy listen address fails in the parent with the one-process message."""
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
-            env={**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
+        result = serve_twice(env, port)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "worker started" not in result.stderr
+
+
+def test_second_gateway_cannot_join_the_workers_address(
+    gateway: Gateway, env: dict[str, str]
+) -> None:
+    """The workers' SO_REUSEPORT group does not let another gateway share its address."""
+    result = serve_twice(env, gateway.port)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{gateway.port}" in result.stderr
+    assert len(gateway.workers(2)) == 2  # the running gateway is untouched
 
 
 @pytest.mark.parametrize("count", ["0", "65"])
