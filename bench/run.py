@@ -16,7 +16,8 @@ Measured, then summarised with PASS/MISS against each target:
   1. requests/s and latency p50/p90/p99 through the gateway and through the passthrough, in
      alternating rounds, and their ratio (target >= 0.9); the gateway with its default
      logging (NBGW_LOG_LEVEL=INFO, one access-log line per request) and, labelled, with
-     NBGW_ACCESS_LOG=off (every other log line kept)
+     NBGW_ACCESS_LOG=off (every other log line kept); then (--workers N, default 2) the
+     gateway with `serve --workers N` against one process, alternating (target >= 1.8x)
   2. 1,000 concurrent requests for an account whose access token has expired, while the
      upstream's token endpoint is slow: how many token calls it saw (target: exactly 1)
   3. a 100 MiB response through the gateway: peak growth of its resident memory (VmRSS,
