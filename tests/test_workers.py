@@ -350,12 +350,13 @@ def build_labels(samples: dict[str, float]) -> tuple[str, str]:
     return labels["python"], labels["version"]
 
 
-def test_sigterm_stops_every_process(gateway: Gateway, tmp_path: Path) -> None:
-    """SIGTERM to the parent: it exits 0, no worker is left, the port and the metrics
-    directory are released."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_every_process(gateway: Gateway, tmp_path: Path, signum: int) -> None:
+    """SIGTERM or SIGINT to the parent: it exits 0, no worker is left, the port and the
+    metrics directory are released."""
     pids = gateway.workers(2)
     assert any((tmp_path / "tmp").iterdir())  # the metrics directory of this run
-    gateway.process.popen.send_signal(signal.SIGTERM)
+    gateway.process.popen.send_signal(signum)
     assert gateway.process.popen.wait(timeout=WAIT) == 0
     for pid in pids:
         assert gone(pid), (pid, state_of(pid))
@@ -383,6 +384,36 @@ def test_killed_worker_is_replaced_and_counts_survive(gateway: Gateway) -> None:
     for _ in range(4):
         _, samples = gateway.metrics()
         assert proxied_total(samples) == 5
+
+
+STUBBORN_PARENT = """
+import os, sys
+from nbgateway.server import bind
+from nbgateway.workers import Workers
+
+child = (
+    "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ignoring SIGTERM', os.getpid(), flush=True); time.sleep(600)"
+)
+sockets = bind("127.0.0.1", 0, 2)
+command = lambda fd, pipe: [sys.executable, "-c", child]
+sys.exit(Workers(command, os.environ, sockets, grace=1).run())
+"""
+
+
+def test_workers_that_ignore_sigterm_are_killed_after_the_grace(processes: Processes) -> None:
+    """A worker still running when the shutdown grace ends gets SIGKILL; the parent then
+    exits 0 with nothing left behind."""
+    parent = processes.start("parent", [sys.executable, "-c", STUBBORN_PARENT], clean_os_environ())
+
+    def pids() -> list[int]:
+        return [int(p) for p in re.findall(r"ignoring SIGTERM (\d+)", parent.output())]
+
+    wait_until(lambda: len(pids()) == 2, WAIT, "two workers ignoring SIGTERM")
+    parent.popen.send_signal(signal.SIGTERM)
+    assert parent.popen.wait(timeout=WAIT) == 0
+    for pid in pids():
+        assert gone(pid), (pid, state_of(pid))
 
 
 def test_workers_exit_when_the_parent_is_killed(gateway: Gateway) -> None:
