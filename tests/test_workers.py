@@ -424,27 +424,54 @@ def test_workers_exit_when_the_parent_is_killed(gateway: Gateway) -> None:
     wait_until(lambda: all(gone(pid) for pid in pids), WAIT, "the orphaned workers to exit")
 
 
+def failing_workers(tmp_path: Path, env: dict[str, str], status: int) -> dict[str, str]:
+    """`env` where every worker (a `serve --listen-fd` process) exits with `status` as soon
+    as Python starts, through a sitecustomize module; the parent is not affected."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if any(a.startswith('--listen-fd') for a in sys.argv):\n"
+        f"    os._exit({status})\n"
+    )
+    return {**env, "PYTHONPATH": str(site), "NBGW_LISTEN": f"127.0.0.1:{free_port()}"}
+
+
 def test_crash_looping_worker_backs_off(
     processes: Processes, env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Workers that die at once are restarted with a growing delay, not in a tight loop."""
-    # An unopenable database: each worker exits 1 right after it starts.
-    env = {**env, "NBGW_DATABASE": str(tmp_path / "no-such-dir" / "gateway.db")}
-    port = free_port()
-    process = processes.start(
-        "gateway",
-        [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
-        {**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+    """Workers that die at once are restarted after 0.5 s, then 1 s, then 2 s (each its own
+    delay), not in a tight loop; SIGTERM still stops the parent cleanly."""
+    argv = [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"]
+    process = processes.start("gateway", argv, failing_workers(tmp_path, env, 1))
+    pattern = (
+        r"worker exited; restarting \[worker=(\d) exit_code=1 ran_seconds=[\d.]+ "
+        r"restart_in_seconds=([\d.]+)\]"
     )
-    wait_until(
-        lambda: process.output().count("worker exited; restarting") >= 6, WAIT, "six restarts"
-    )
-    delays = [float(d) for d in re.findall(r"restart_in_seconds=([\d.]+)", process.output())]
-    per_worker = [delays[0::2], delays[1::2]]
-    for d in per_worker:
-        assert d[:3] == sorted(d[:3]) and d[0] < d[2], delays  # doubling
+
+    def delays() -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {"1": [], "2": []}
+        for worker, delay in re.findall(pattern, process.output()):
+            found[worker].append(float(delay))
+        return found
+
+    wait_until(lambda: all(len(d) >= 3 for d in delays().values()), WAIT, "three restarts each")
+    for found in delays().values():
+        assert found[:3] == [0.5, 1.0, 2.0], delays()
     process.popen.send_signal(signal.SIGTERM)
     assert process.popen.wait(timeout=WAIT) == 0
+
+
+def test_worker_refusing_the_configuration_stops_the_parent(
+    processes: Processes, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker exiting with the usage status (2) is not restarted: the parent stops the
+    others and exits 2 itself."""
+    argv = [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"]
+    process = processes.start("gateway", argv, failing_workers(tmp_path, env, 2))
+    assert process.popen.wait(timeout=WAIT) == 2
+    assert "worker refused the configuration; stopping" in process.output()
+    assert "worker exited; restarting" not in process.output()
 
 
 def test_admin_login_and_connect_callback_on_different_workers(
