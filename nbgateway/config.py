@@ -755,7 +755,12 @@ def validate_settings(
             take(
                 "NBGW_WORKERS",
                 lambda e, r: _parse_number(
-                    e, r, int, 1, maximum=MAX_WORKERS, why="one worker per core is the most that helps"
+                    e,
+                    r,
+                    int,
+                    1,
+                    maximum=MAX_WORKERS,
+                    why="one worker per core is the most that helps",
                 ),
             )
         ),
