@@ -222,6 +222,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "NBGW_TOKEN_TIMEOUT": ["slow", "0", "-1", "nan", "inf"],
     "NBGW_MAX_REQUEST_BODY": ["big", "0", "-1", "1.5", "10MB"],
     "NBGW_RETRY_BUFFER": ["-1", "lots", "1.5"],
+    "NBGW_WORKERS": ["0", "-1", "two", "1.5", "65", "1e9"],
     "NBGW_CLIENT_AUTH": ["on", "yes", "mandatory"],
     "NBGW_AUDIT_RETENTION_DAYS": ["forever", "0", "-1", "nan", "inf"],
     "NBGW_RATE_QUEUE_TIMEOUT": ["soon", "-1", "nan", "inf"],
