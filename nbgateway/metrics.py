@@ -16,9 +16,11 @@ gauge is merged as its `multiprocess_mode` says (single-process mode ignores the
   every worker follows the same store, so the largest is the newest);
 - needs-reauth: `livemax` (1 while any running worker has seen the account refused; each
   worker re-reads the store within a second of a change, so a reconnect clears it);
+- rate-limit remaining: `livemin` (the lowest any running worker was last told: the
+  cautious reading of one shared budget); rate-limit limit: `livemax`;
 - build info: `livemax` (1).
 
-(The `mostrecent` modes would forbid `inc()` on these gauges in every mode.)
+(The `mostrecent` modes are not used: they forbid `inc()` in every mode.)
 
 The process_* and python_info series describe the worker that answered the scrape.
 """
@@ -185,12 +187,14 @@ class Metrics:
             "nbgw_rate_limit_remaining",
             "The last RateLimit-Remaining NationBuilder announced for the account.",
             ["account"],
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.rate_limit_limit = Gauge(
             "nbgw_rate_limit_limit",
             "The last RateLimit-Limit NationBuilder announced for the account.",
             ["account"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.upstream_429 = Counter(
@@ -308,7 +312,12 @@ class Metrics:
         if self.multiprocess:
             self.needs_reauth.labels(slug).set(0)
             self.unpersisted.labels(slug).set(0)
-            return
+        else:
+            self._forget_series(slug)
+        self._remaining_children.pop(slug, None)
+        self._limit_children.pop(slug, None)
+
+    def _forget_series(self, slug: str) -> None:
         for gauge in (
             self.token_expiry,
             self.needs_reauth,
@@ -321,5 +330,3 @@ class Metrics:
                 gauge.remove(slug)
             except KeyError:
                 pass
-        self._remaining_children.pop(slug, None)
-        self._limit_children.pop(slug, None)
