@@ -511,7 +511,7 @@ def test_admin_login_and_connect_callback_on_different_workers(
     callback = urlsplit(approved.headers["Location"])
     done = browse(a, "GET", f"{callback.path}?{callback.query}")
     assert done.status == 303, done.body
-    assert done.headers["Location"] == "/connect"
+    assert done.headers["Location"].startswith("/connect")
     listing = get(a, "/connect/api/accounts", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert [acc["slug"] for acc in json.loads(listing.body)["accounts"]] == [SLUG]
     for conn in (a, b):
