@@ -44,7 +44,7 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import run_until_stopped
+from nbgateway.server import run, run_until_stopped
 from nbgateway.services import open_services, store_for
 from nbgateway.store import copy_store
 
@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         for secret in settings.secrets():
             redactor.add(secret)
         if args.command == "serve":
-            asyncio.run(serve(settings, redactor))
+            run(serve(settings, redactor))
             return EXIT_OK
         if args.command == "rotate-key":
             return asyncio.run(_rotate(settings, redactor))

@@ -520,3 +520,37 @@ class TestDirectAccessLine:
         assert record.getMessage() == "GET /n/acme/api/v2/signups/me 200"
         [line] = access_lines(json_lines(stream))
         assert (line["request_id"], line["account"], line["status"]) == ("both-1", "acme", 200)
+
+
+class TestRequestIds:
+    def test_generated_ids_are_distinct_hex(self) -> None:
+        """Ids drawn from the buffered random source are 32 hex digits and never repeat,
+        across several refills of the buffer."""
+        from nbgateway.middleware import new_request_id
+
+        ids = [new_request_id() for _ in range(1000)]
+        assert all(GENERATED_ID.fullmatch(i) for i in ids)
+        assert len(set(ids)) == len(ids)
+
+    def test_a_forked_child_draws_ids_of_its_own(self) -> None:
+        """After fork the child does not hand out the ids its parent's buffer still held."""
+        import os
+        import warnings
+
+        from nbgateway.middleware import new_request_id
+
+        new_request_id()  # the buffer now holds unused bytes
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about forking a threaded process; the child only writes.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child process
+            os.write(write, new_request_id().encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 64).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert GENERATED_ID.fullmatch(child)
+        assert child != new_request_id()
