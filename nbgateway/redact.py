@@ -96,6 +96,7 @@ def _may_hold_a_shape(lower: str) -> bool:
         or "verifier" in lower
         or "code=" in lower
         or "state=" in lower
+        or "nbgw_" in lower
     )
 
 

@@ -232,6 +232,8 @@ class TestShapePrefilter:
         assert redact._may_hold_a_shape(f"x {hint} y")
         if hint == "bearer":
             texts = ["Authorization: Bearer value-0001"]
+        elif hint == "nbgw_":
+            texts = ["key nbgw_value-0001-abcdefghij"]
         elif hint.endswith("="):
             texts = [f"/cb?{hint}value-0001"]
         else:
