@@ -20,7 +20,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY nbgateway/ ./nbgateway/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[fast]'
 
 # ---- runtime stage: the virtualenv only, run as an unprivileged user -------------------
 FROM python:3.11-slim

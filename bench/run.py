@@ -59,6 +59,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from nbgateway.server import loop_factory
+
 HOST = "127.0.0.1"
 SLUG = "bench"
 EXPIRED_SLUG = "bench-expired"
@@ -712,9 +714,11 @@ def machine_line() -> str:
         )
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
+    loop = "uvloop" if loop_factory() is not asyncio.new_event_loop else "asyncio"
     return (
         f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
-        f"aiohttp {aiohttp.__version__}, {platform.system()} {platform.release()}"
+        f"aiohttp {aiohttp.__version__}, {platform.system()} {platform.release()}; "
+        f"gateway and passthrough on the {loop} event loop"
     )
 
 
@@ -1040,7 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--upstream", required=True)
         a = p.parse_args(argv[1:])
-        asyncio.run(_serve_forever(passthrough_app(a.upstream), a.port))
+        # The gateway's own choice of event loop (uvloop when installed): like for like.
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(_serve_forever(passthrough_app(a.upstream), a.port))
         return 0
     if argv and argv[0] == "_load":
         p = argparse.ArgumentParser(prog="run.py _load")

@@ -46,7 +46,7 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import bind, run_until_stopped
+from nbgateway.server import bind, run, run_until_stopped
 from nbgateway.services import open_services, store_for
 from nbgateway.store import copy_store
 from nbgateway.workers import MULTIPROC_ENV, Workers
@@ -455,7 +455,7 @@ def _serve(
     """`serve`: one process, the parent of `--workers N` processes, or one of those workers."""
     if args.listen_fd is not None:
         metrics_dir = env.get(MULTIPROC_ENV)
-        asyncio.run(
+        run(
             serve(
                 settings,
                 redactor,
@@ -466,7 +466,7 @@ def _serve(
         )
         return EXIT_OK
     if settings.workers == 1:
-        asyncio.run(serve(settings, redactor))
+        run(serve(settings, redactor))
         return EXIT_OK
     config = [] if args.config is None else ["--config", str(args.config)]
 

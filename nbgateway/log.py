@@ -4,14 +4,25 @@ Fields passed through `extra=` (account, method, status, durations, outcome) bec
 keys; the request id of the current request comes from a context variable set by the
 access-log middleware. The redaction filter runs on the final text, so a secret handed to a
 logger by mistake (in the message, an argument, an extra field or a traceback) is removed.
+
+The per-request access line is the one exception to "everything is a LogRecord": it is
+the most frequent line by far, so `configure_logging` gives its handler an `AccessLog`
+that renders the same line (same text or JSON, same fields, same order) straight from the
+request's fields, scrubbing each value once rather than the finished line, and hands it
+to the handler, which writes the lines of one event-loop turn together, in order with
+every other record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
+import math
 import sys
+import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from nbgateway.redact import Redactor
@@ -20,8 +31,20 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "nbgw_request_id", default=None
 )
 
+ACCESS_LOGGER = "nbgateway.access"
+
 # Attributes every LogRecord has; anything else was passed with `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Access-line fields with few distinct values, whose scrubbed form is remembered.
+_FEW_VALUES = frozenset({"method", "peer", "account"})
+_FEW_VALUES_KEPT = 1024
+# Access lines held before the handler writes them anyway (normally: once per loop turn).
+_PENDING_MAX = 256
+_NUMBERS = (int, float)  # a tuple: isinstance is quicker with it than with int | float
+# ",000" to ",999": the millisecond part of a text timestamp.
+_MILLIS = tuple(f",{n:03d}" for n in range(1000))
+# JSON string encoding as json.dumps(ensure_ascii=False) does it (C implementation).
+_json_str = json.encoder.encode_basestring
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -34,17 +57,22 @@ class RedactingFormatter(logging.Formatter):
     def __init__(self, redactor: Redactor, *, json_lines: bool) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._redactor = redactor
-        self._json = json_lines
+        self.json_lines = json_lines
         self._time_cache: tuple[int, str] = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        # strftime once per second, not once per line.
-        second = int(record.created)
-        if second != self._time_cache[0]:
-            self._time_cache = (second, super().formatTime(record, datefmt)[:-4])
-        return f"{self._time_cache[1]},{int(record.msecs):03d}"
+        return self.asctime(record.created)
 
-    def _scrub_fields(self, texts: dict[str, str]) -> dict[str, str]:
+    def asctime(self, created: float) -> str:
+        """`created` as logging's default %(asctime)s; strftime once per second, not per line."""
+        second = int(created)
+        if second != self._time_cache[0]:
+            stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._time_cache = (second, stamp)
+        # LogRecord.msecs is computed this way too.
+        return self._time_cache[1] + _MILLIS[int((created - second) * 1000)]
+
+    def scrub_fields(self, texts: dict[str, str]) -> dict[str, str]:
         values = list(texts.values())
         if not any("\n" in value for value in values):
             scrubbed = self._redactor.scrub("\n".join(values)).split("\n")
@@ -55,15 +83,16 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()
         extras = _extras(record)
-        if self._json:
+        if self.json_lines:
             doc: dict[str, Any] = {
                 "ts": round(record.created, 6),
                 "level": record.levelname.lower(),
                 "logger": record.name,
             }
-            if request_id is not None:
-                doc["request_id"] = request_id
             texts = {"message": record.getMessage()}
+            if request_id is not None:
+                doc["request_id"] = None  # its place; the scrubbed value follows
+                texts["request_id"] = request_id
             for key, value in extras.items():
                 if isinstance(value, int | float | bool) or value is None:
                     doc[key] = value
@@ -73,7 +102,10 @@ class RedactingFormatter(logging.Formatter):
                 texts["exception"] = self.formatException(record.exc_info)
             # Scrubbed before encoding (patterns must see raw text, not JSON escapes), all
             # fields in one pass: joined by newlines, which no secret pattern crosses.
-            doc.update(self._scrub_fields(texts))
+            scrubbed = self.scrub_fields(texts)
+            if request_id is not None:
+                doc["request_id"] = scrubbed.pop("request_id")
+            doc.update(scrubbed)
             return json.dumps(doc, ensure_ascii=False)
         else:
             text = super().format(record)
@@ -85,6 +117,183 @@ class RedactingFormatter(logging.Formatter):
         return self._redactor.scrub(text)
 
 
+class AccessLog:
+    """Renders the access line of one request without a LogRecord.
+
+    The line is the one `RedactingFormatter` makes of `log.info("%s %s %s", method, path,
+    status, extra=fields)` on the access logger: the same text or JSON, fields and order.
+    Redaction runs once per value instead of over the finished line (where the path, say,
+    appears twice): fields with few distinct values (method, peer, account) keep their
+    scrubbed form until the redactor learns a new secret; the others (path, request id, any
+    further text) are scrubbed together in one pass.
+    """
+
+    def __init__(self, formatter: RedactingFormatter, redactor: Redactor) -> None:
+        self._formatter = formatter
+        self._redactor = redactor
+        self._json = formatter.json_lines
+        self._known: dict[str, str] = {}
+        self._known_generation = -1
+
+    def _scrubbed_together(self, values: list[str]) -> list[str]:
+        """Each value scrubbed: in one pass when no value holds a newline (the separator,
+        which no secret pattern crosses), else one by one."""
+        scrub = self._redactor.scrub
+        if len(values) == 1:
+            return [scrub(values[0])]
+        joined = "\n".join(values)
+        if joined.count("\n") == len(values) - 1:
+            scrubbed = scrub(joined).split("\n")
+            if len(scrubbed) == len(values):
+                return scrubbed
+        return [scrub(value) for value in values]
+
+    def render(self, fields: Mapping[str, Any], request_id: str | None, created: float) -> str:
+        """The line for one request: `fields` are the access extras (method, path, peer,
+        duration_ms, account, status ...), in their order."""
+        redactor = self._redactor
+        known = self._known
+        if self._known_generation != redactor.generation or len(known) > _FEW_VALUES_KEPT:
+            known.clear()
+            self._known_generation = redactor.generation
+        json_lines = self._json
+        # Values to scrub in one pass, and where they go.
+        keys: list[str] = []
+        values: list[str] = []
+        if request_id is not None:
+            keys.append("request_id")
+            values.append(request_id)
+        shown: dict[str, str] = {}  # field -> its text (text format) or JSON literal
+        plain: set[str] = set()  # numbers, booleans and None: JSON literals, never scrubbed
+        for key, value in fields.items():
+            if isinstance(value, str):
+                if key in _FEW_VALUES:
+                    clean = known.get(value)
+                    if clean is None:
+                        clean = known[value] = redactor.scrub(value)
+                    shown[key] = clean
+                    continue
+                text = value
+            elif value is None or isinstance(value, _NUMBERS):
+                plain.add(key)
+                shown[key] = _json_literal(value) if json_lines else str(value)
+                continue
+            else:
+                text = str(value)
+            keys.append(key)
+            values.append(text)
+            shown[key] = text
+        if values:
+            for key, clean in zip(keys, self._scrubbed_together(values), strict=True):
+                if key == "request_id":
+                    request_id = clean
+                else:
+                    shown[key] = clean
+        message = f"{shown['method']} {shown['path']} {fields['status']}"
+        if not json_lines:
+            tail = " ".join([f"{k}={v}" for k, v in shown.items()])
+            if request_id is not None:
+                tail = f"request_id={request_id} {tail}"
+            return f"{self._formatter.asctime(created)} INFO {ACCESS_LOGGER}: {message} [{tail}]"
+        # Key order as RedactingFormatter's: ts, level, logger, request_id, the plain
+        # fields, the message, the text fields.
+        head = f'{{"ts": {round(created, 6)!r}, "level": "info", "logger": "{ACCESS_LOGGER}"'
+        parts = [head] if request_id is None else [head, f'"request_id": {_json_str(request_id)}']
+        texts = [f'"message": {_json_str(message)}']
+        for key, literal in shown.items():
+            if key in plain:
+                parts.append(f"{_json_str(key)}: {literal}")
+            else:
+                texts.append(f"{_json_str(key)}: {_json_str(literal)}")
+        return ", ".join(parts + texts) + "}"
+
+
+def _json_literal(value: float | bool | None) -> str:
+    """A number, boolean or None as json.dumps writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value)
+
+
+class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler `configure_logging` installs: records through `RedactingFormatter`,
+    access lines through `access(...)`.
+
+    Access lines are collected and written together once per event-loop turn (one write
+    instead of one per request); any other record, a flush and closing write them first,
+    so lines keep their order.
+    """
+
+    def __init__(self, stream: TextIO, formatter: RedactingFormatter, redactor: Redactor) -> None:
+        super().__init__(stream)
+        self.setFormatter(formatter)
+        self.access_log = AccessLog(formatter, redactor)
+        self._pending: list[str] = []
+
+    def access(self, fields: Mapping[str, Any], request_id: str | None) -> None:
+        """Log one request's access line (the fields as `AccessLog.render` takes them)."""
+        line = self.access_log.render(fields, request_id, time.time())
+        with self.lock:  # type: ignore[union-attr]
+            pending = self._pending
+            pending.append(line + self.terminator)
+            if len(pending) > 1 and len(pending) < _PENDING_MAX:
+                return  # a write is already scheduled
+        if len(pending) >= _PENDING_MAX:
+            self.flush()
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # not on an event loop: write now
+            self.flush()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._write_pending()
+            except Exception:
+                self._pending.clear()
+                raise
+        super().flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:
+            try:
+                self._write_pending()
+            except Exception:
+                self._pending.clear()
+                self.handleError(record)
+        super().emit(record)
+
+
+def access_handler(logger: logging.Logger) -> LogHandler | None:
+    """The handler to give `logger`'s INFO lines to directly, or None for `logger.info`.
+
+    Only when a record from `logger` would reach exactly one `LogHandler` and nothing else
+    (no filter, no other handler): then the direct line is the same as the record's.
+    """
+    if logger.handlers or logger.filters or not logger.propagate or logger.disabled:
+        return None
+    parent = logger.parent
+    if parent is None or parent.propagate or parent.filters or len(parent.handlers) != 1:
+        return None
+    handler = parent.handlers[0]
+    if type(handler) is not LogHandler or handler.filters or handler.level > logging.INFO:
+        return None
+    return handler
+
+
 def configure_logging(
     redactor: Redactor,
     *,
@@ -94,8 +303,8 @@ def configure_logging(
     access_log: bool = True,
 ) -> logging.Handler:
     """Route the `nbgateway` and `aiohttp` loggers through one redacting handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(RedactingFormatter(redactor, json_lines=fmt == "json"))
+    formatter = RedactingFormatter(redactor, json_lines=fmt == "json")
+    handler = LogHandler(stream or sys.stderr, formatter, redactor)
     for name in ("nbgateway", "aiohttp"):
         logger = logging.getLogger(name)
         for old in list(logger.handlers):
@@ -105,9 +314,7 @@ def configure_logging(
         logger.setLevel(level)
         logger.propagate = False
     # NBGW_ACCESS_LOG=off: the per-request lines go, everything else stays.
-    logging.getLogger("nbgateway.access").setLevel(
-        logging.NOTSET if access_log else logging.WARNING
-    )
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
     # aiohttp's own access log would print raw query strings; ours is redacted.
     logging.getLogger("aiohttp.access").disabled = True
     # Per-record facts nobody reads here; skipping them keeps an access line cheap

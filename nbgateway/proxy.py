@@ -123,13 +123,19 @@ class Route:
     by_prefix: bool
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Accounts whose nation base URL is remembered (then the memory starts over).
+_NATION_BASES_KEPT = 4096
+
+
 def _check_tail(raw_tail: str) -> None:
     """Refuse paths that could leave /api/ once NationBuilder decodes them."""
+    encoded = "%" in raw_tail
     for segment in raw_tail.split("/"):
-        decoded = unquote(segment)
+        decoded = unquote(segment) if encoded else segment
         if decoded in (".", "..") or "/" in decoded or "\\" in decoded or "\\" in segment:
             raise InvalidRequest("the request path must stay below /api/")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        if _CONTROL_CHARS.search(decoded):
             raise InvalidRequest("the request path contains control characters")
 
 
@@ -189,6 +195,7 @@ class Proxy:
         self._metrics = metrics
         self._public = settings.public_url.rstrip("/")
         self._allowed = AllowList(settings.allowed_clients)
+        self._nation_bases: dict[str, str] = {}
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
         self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
@@ -203,6 +210,15 @@ class Proxy:
         request presented one, else the peer address."""
         name = request.get(CLIENT_NAME)
         return f"key:{name}" if name is not None else f"addr:{request.remote or ''}"
+
+    def _nation_base(self, slug: str) -> str:
+        """`settings.nation_base(slug)`, remembered per account (bounded like the peers)."""
+        base = self._nation_bases.get(slug)
+        if base is None:
+            if len(self._nation_bases) >= _NATION_BASES_KEPT:
+                self._nation_bases.clear()
+            base = self._nation_bases[slug] = self._settings.nation_base(slug)
+        return base
 
     def _too_large(self) -> RequestTooLarge:
         limit = self._settings.max_request_body
@@ -418,7 +434,7 @@ class Proxy:
         token: IssuedToken,
         body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
-        url = f"{self._settings.nation_base(route.slug)}/api/{route.raw_tail}"
+        url = f"{self._nation_base(route.slug)}/api/{route.raw_tail}"
         if route.query:
             url = f"{url}?{route.query}"
         started = time.perf_counter()

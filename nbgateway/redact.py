@@ -10,6 +10,7 @@ it reaches a log line or an error body.
 
 from __future__ import annotations
 
+import operator
 import re
 import threading
 from collections import deque
@@ -82,6 +83,24 @@ _SHAPE_HINTS = (
     ("code=", "state="),
     ("nbgw_",),
 )
+
+
+def _may_hold_a_shape(lower: str) -> bool:
+    """False when no hint of `_SHAPE_HINTS` occurs in `lower`: a few substring tests (each
+    hint contains one of them), cheaper than testing every hint or one regex search."""
+    return (
+        "_token" in lower
+        or "bearer" in lower
+        or "secret" in lower
+        or "password" in lower
+        or "verifier" in lower
+        or "code=" in lower
+        or "state=" in lower
+        or "nbgw_" in lower
+    )
+
+
+_rstrip_dots = operator.methodcaller("rstrip", ".")
 # Values remembered per slot (an account's token field): the current one and a few before.
 SLOT_HISTORY = 3
 
@@ -101,6 +120,9 @@ class Redactor:
         self._words: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
+        # Bumped whenever the set of scrubbed values changes: what a cache of scrubbed text
+        # (the access log's) checks before reusing an earlier result.
+        self.generation = 0
         for value in values:
             self.add(value)
 
@@ -121,14 +143,19 @@ class Redactor:
                 if raw not in self._static:
                     self._static.add(raw)
                     self._pattern = None
+                    self.generation += 1
                 return
             history = self._slots.setdefault(slot, deque(maxlen=SLOT_HISTORY))
             if word in history:
                 return
             history.append(word)
             self._words = frozenset(w for h in self._slots.values() for w in h)
+            self.generation += 1
 
     def _value_pattern(self) -> re.Pattern[str] | None:
+        pattern = self._pattern
+        if pattern is not None or not self._static:
+            return pattern  # the common case needs no lock: add() replaces it whole
         with self._lock:
             if self._pattern is None and self._static:
                 # Longest first, so a secret that contains another is removed whole.
@@ -149,11 +176,15 @@ class Redactor:
         if pattern is not None:
             text = pattern.sub(REDACTED, text)
         words = self._words
-        # findall runs in C; the per-word callback only when a known token is present.
-        if words and any(w in words or w.rstrip(".") in words for w in _WORD.findall(text)):
-            text = _WORD.sub(self._replace_word, text)
+        # findall and the set tests run in C; the per-word callback only when a known token
+        # is present (possibly followed by full stops).
+        if words:
+            found = _WORD.findall(text)
+            if not words.isdisjoint(found) or not words.isdisjoint(map(_rstrip_dots, found)):
+                text = _WORD.sub(self._replace_word, text)
         lower = text.lower()
-        for shape, hints in zip(_PATTERNS, _SHAPE_HINTS, strict=True):
-            if any(hint in lower for hint in hints):
-                text = shape.sub(lambda m: m.group(1) + REDACTED, text)
+        if _may_hold_a_shape(lower):
+            for shape, hints in zip(_PATTERNS, _SHAPE_HINTS, strict=True):
+                if any(hint in lower for hint in hints):
+                    text = shape.sub(lambda m: m.group(1) + REDACTED, text)
         return text

@@ -8,6 +8,7 @@ drives real requests through the gateway and the fake NationBuilder.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -20,7 +21,14 @@ from conftest import ADMIN_TOKEN, CLIENT_SECRET, ConnectAccount, Gateway
 
 from nbgateway.clock import FakeClock
 from nbgateway.fakenb import FakeNationBuilder
-from nbgateway.log import configure_logging
+from nbgateway.log import (
+    ACCESS_LOGGER,
+    LogHandler,
+    RedactingFormatter,
+    access_handler,
+    configure_logging,
+    request_id_var,
+)
 from nbgateway.redact import REDACTED, Redactor
 
 LOGGERS = ("nbgateway", "aiohttp")
@@ -347,3 +355,202 @@ class TestSecretsStayOutOfLogs:
         leaked = sorted(s for s in planted if s in text)
         assert not leaked, f"secrets in the log: {leaked}"
         assert f"oops {REDACTED}" in text
+
+
+# A time with a fraction that rounds to six decimals and to milliseconds without ties.
+CREATED = 1796160124.361747
+
+
+def record_line(
+    formatter: RedactingFormatter, fields: dict[str, Any], request_id: str | None
+) -> str:
+    """The access line as the LogRecord path renders it (what `logger.info` would write)."""
+    record = logging.getLogger(ACCESS_LOGGER).makeRecord(
+        ACCESS_LOGGER,
+        logging.INFO,
+        __file__,
+        1,
+        "%s %s %s",
+        (fields["method"], fields["path"], fields["status"]),
+        None,
+        extra=fields,
+    )
+    record.created = CREATED
+    record.msecs = int((CREATED - int(CREATED)) * 1000) + 0.0
+    token = request_id_var.set(request_id)
+    try:
+        return formatter.format(record)
+    finally:
+        request_id_var.reset(token)
+
+
+KNOWN_TOKEN = "known-token-value-6f1d2a9e"
+STATIC_SECRET = "static-secret-value-42x"
+
+ACCESS_FIELDS = [
+    pytest.param(
+        {"account": "acme", "status": 200},
+        "0123456789abcdef0123456789abcdef",
+        id="plain",
+    ),
+    pytest.param({"status": 404}, "tool-run-42.a", id="no-account"),
+    pytest.param({"account": "acme", "status": 502, "upstream_ms": 12.5}, None, id="no-id"),
+    pytest.param(
+        {"account": "acme", "status": 200, "note": ["x", 1], "flag": True, "gone": None},
+        "r-1",
+        id="other-types",
+    ),
+]
+ACCESS_REQUESTS = [
+    pytest.param("GET", "/api/v2/signups/me", "127.0.0.1", id="get"),
+    pytest.param("POST", f"/api/v2/x/{STATIC_SECRET}/y", "::1", id="static-secret-in-path"),
+    pytest.param("GET", f"/n/acme/api/x {KNOWN_TOKEN}", "10.0.0.1", id="token-in-path"),
+    pytest.param("GET", '/api/access_token=abc12345/é"q', None, id="shape-quote-no-peer"),
+    pytest.param("PUT", "/api/a\nb", "127.0.0.1", id="newline-in-path"),
+]
+
+
+class TestDirectAccessLine:
+    @pytest.mark.parametrize("fmt", ["text", "json"])
+    @pytest.mark.parametrize(("info", "request_id"), ACCESS_FIELDS)
+    @pytest.mark.parametrize(("method", "path", "peer"), ACCESS_REQUESTS)
+    def test_direct_line_is_the_record_line(
+        self,
+        fmt: str,
+        info: dict[str, Any],
+        request_id: str | None,
+        method: str,
+        path: str,
+        peer: str | None,
+    ) -> None:
+        """The access line written without a LogRecord is the line the record would give,
+        byte for byte, in both formats, secrets in the path scrubbed alike."""
+        redactor = Redactor([STATIC_SECRET])
+        redactor.add(KNOWN_TOKEN, slot="acme/access_token")
+        handler = LogHandler(
+            io.StringIO(), RedactingFormatter(redactor, json_lines=fmt == "json"), redactor
+        )
+        assert isinstance(handler.formatter, RedactingFormatter)
+        fields = {"method": method, "path": path, "peer": peer, "duration_ms": 1.25, **info}
+        direct = handler.access_log.render(fields, request_id, CREATED)
+        assert direct == record_line(handler.formatter, fields, request_id)
+        assert STATIC_SECRET not in direct and KNOWN_TOKEN not in direct
+
+    @pytest.mark.parametrize("fmt", ["text", "json"])
+    def test_a_request_id_carrying_a_secret_is_scrubbed(self, fmt: str) -> None:
+        """A client that sends a known token as its X-Request-ID does not get it logged."""
+        redactor = Redactor()
+        redactor.add(KNOWN_TOKEN, slot="acme/access_token")
+        handler = LogHandler(
+            io.StringIO(), RedactingFormatter(redactor, json_lines=fmt == "json"), redactor
+        )
+        assert isinstance(handler.formatter, RedactingFormatter)
+        fields = {
+            "method": "GET",
+            "path": "/api/x",
+            "peer": "::1",
+            "duration_ms": 1.0,
+            "status": 200,
+        }
+        direct = handler.access_log.render(fields, KNOWN_TOKEN, CREATED)
+        assert KNOWN_TOKEN not in direct
+        assert KNOWN_TOKEN not in record_line(handler.formatter, fields, KNOWN_TOKEN)
+
+    def test_a_secret_learnt_later_is_scrubbed_from_remembered_values(self) -> None:
+        """Scrubbed method/peer/account values are remembered, but not past a new secret."""
+        redactor = Redactor()
+        handler = LogHandler(io.StringIO(), RedactingFormatter(redactor, json_lines=True), redactor)
+        fields = {"method": "GET", "path": "/api/x", "peer": "peer-value-1234567", "status": 200}
+        assert "peer-value-1234567" in handler.access_log.render(fields, None, CREATED)
+        redactor.add("peer-value-1234567")
+        assert "peer-value-1234567" not in handler.access_log.render(fields, None, CREATED)
+
+    async def test_lines_keep_their_order_with_other_records(
+        self, capture_logs: LogCapture
+    ) -> None:
+        """Access lines written in one loop turn come out in order with every other record,
+        and all of them by the next turn."""
+        stream = capture_logs(Redactor(), "json")
+        access = logging.getLogger(ACCESS_LOGGER)
+        handler = access_handler(access)
+        assert handler is not None
+        for n in range(3):
+            handler.access(
+                {"method": "GET", "path": f"/api/{n}", "peer": None, "status": 200}, None
+            )
+            logging.getLogger("nbgateway.test").warning("after %d", n)
+        handler.access({"method": "GET", "path": "/api/3", "peer": None, "status": 200}, None)
+        await asyncio.sleep(0)
+        messages = [d["message"] for d in json_lines(stream)]
+        assert messages == [
+            "GET /api/0 200",
+            "after 0",
+            "GET /api/1 200",
+            "after 1",
+            "GET /api/2 200",
+            "after 2",
+            "GET /api/3 200",
+        ]
+
+    async def test_another_destination_gets_the_record_as_before(
+        self, gateway: Gateway, acme_logs: AcmeLogs
+    ) -> None:
+        """With a further handler on the access logger, requests are logged as LogRecords
+        that reach it, and the gateway's own stream still gets the same line."""
+        stream = await acme_logs("json")
+        access = logging.getLogger(ACCESS_LOGGER)
+        assert isinstance(access_handler(access), LogHandler)
+        records: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        keep = Keep()
+        access.addHandler(keep)
+        try:
+            assert access_handler(access) is None
+            resp = await gateway.client.get(
+                "/n/acme/api/v2/signups/me", headers={"X-Request-ID": "both-1"}
+            )
+            assert resp.status == 200
+        finally:
+            access.removeHandler(keep)
+        [record] = records
+        assert record.getMessage() == "GET /n/acme/api/v2/signups/me 200"
+        [line] = access_lines(json_lines(stream))
+        assert (line["request_id"], line["account"], line["status"]) == ("both-1", "acme", 200)
+
+
+class TestRequestIds:
+    def test_generated_ids_are_distinct_hex(self) -> None:
+        """Ids drawn from the buffered random source are 32 hex digits and never repeat,
+        across several refills of the buffer."""
+        from nbgateway.middleware import new_request_id
+
+        ids = [new_request_id() for _ in range(1000)]
+        assert all(GENERATED_ID.fullmatch(i) for i in ids)
+        assert len(set(ids)) == len(ids)
+
+    def test_a_forked_child_draws_ids_of_its_own(self) -> None:
+        """After fork the child does not hand out the ids its parent's buffer still held."""
+        import os
+        import warnings
+
+        from nbgateway.middleware import new_request_id
+
+        new_request_id()  # the buffer now holds unused bytes
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about forking a threaded process; the child only writes.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child process
+            os.write(write, new_request_id().encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 64).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert GENERATED_ID.fullmatch(child)
+        assert child != new_request_id()

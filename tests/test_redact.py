@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from nbgateway import redact
 from nbgateway.redact import REDACTED, Redactor, Secret
 
 VALUE = "tok-CANARY-5a9e0c1f7b"
@@ -219,3 +220,29 @@ class TestSlots:
             f"it was {value}.",
         ):
             assert value not in redactor.scrub(text)
+
+
+class TestShapePrefilter:
+    @pytest.mark.parametrize(
+        "hint", [hint for hints in redact._SHAPE_HINTS for hint in hints], ids=str
+    )
+    def test_every_shape_hint_passes_the_quick_test(self, hint: str) -> None:
+        """The quick "may hold a shape" test lets through every hint a shape pattern needs,
+        so skipping the patterns when it says no never skips a secret."""
+        assert redact._may_hold_a_shape(f"x {hint} y")
+        if hint == "bearer":
+            texts = ["Authorization: Bearer value-0001"]
+        elif hint == "nbgw_":
+            texts = ["key nbgw_value-0001-abcdefghij"]
+        elif hint.endswith("="):
+            texts = [f"/cb?{hint}value-0001"]
+        else:
+            texts = [f"{hint}=value-0001", f'{{"{hint.upper()}": "value-0001"}}']
+        for text in texts:
+            assert "value-0001" not in Redactor().scrub(text), text
+
+    def test_text_without_hints_is_left_alone(self) -> None:
+        """Ordinary text passes the quick test as false and comes back unchanged."""
+        text = "GET /api/v2/signups/me 200 peer=127.0.0.1"
+        assert not redact._may_hold_a_shape(text.lower())
+        assert Redactor().scrub(text) == text
