@@ -46,6 +46,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ANONYMOUS = "anonymous"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Seconds between two writes of the clients' last-use times.
+LAST_USED_INTERVAL = 60.0
 # Audit entries waiting to be written; beyond this (a long store outage) the oldest go.
 _AUDIT_BUFFER = 10_000
 
@@ -154,6 +156,7 @@ class ClientRegistry:
         self._names: set[str] = set()
         self._counter: int | None = None
         self._used: dict[str, float] = {}
+        self._used_written = float("-inf")
         self._audit: list[AuditEntry] = []
 
     # -- the request path ----------------------------------------------------------------
@@ -243,10 +246,16 @@ class ClientRegistry:
         self._names = names
         return True
 
-    async def flush(self) -> None:
-        """Write queued audit entries and last-use times; kept for the next try on failure."""
+    async def flush(self, *, force: bool = False) -> None:
+        """Write queued audit entries, and last-use times at most once a minute (each write
+        moves the store's change counter, which makes every process reload); what cannot be
+        written is kept for the next try."""
         entries, self._audit = self._audit, []
-        used, self._used = self._used, {}
+        used: dict[str, float] = {}
+        now = self._clock.monotonic()
+        if force or now - self._used_written >= LAST_USED_INTERVAL:
+            used, self._used = self._used, {}
+            self._used_written = now
         try:
             if entries:
                 await self._store.record_audit(entries, self._clock.now() - self._retention)

@@ -101,7 +101,7 @@ async def open_services(
                     clients=clients,
                 )
             finally:
-                await clients.flush()  # the audit entries still queued
+                await clients.flush(force=True)  # what is still queued
         finally:
             if session is None:
                 await http.close()

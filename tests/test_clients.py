@@ -374,3 +374,23 @@ def test_secret_type_is_used_for_keys() -> None:
     key = new_key()
     assert isinstance(key, Secret)
     assert "nbgw_" not in f"{key}" and "nbgw_" not in repr(key)
+
+
+async def test_last_use_is_recorded_at_most_once_a_minute(gw: Gateway, clock: Any) -> None:
+    """Last-use times reach the store on the first flush, then at most once a minute (each
+    write makes every process reload its keys), and are never lost in between."""
+    key = await add_key(gw, "sync")
+    headers = {"X-NBGW-Key": key}
+    await get(gw, "/n/acme/api/v2/signups/me", headers=headers)
+    await registry(gw).flush()
+    [first] = await registry(gw).list()
+    assert first.last_used_at == clock.now()
+    clock.advance(10)
+    await get(gw, "/n/acme/api/v2/signups/me", headers=headers)
+    await registry(gw).flush()
+    [same] = await registry(gw).list()
+    assert same.last_used_at == first.last_used_at
+    clock.advance(60)
+    await registry(gw).flush()
+    [later] = await registry(gw).list()
+    assert later.last_used_at == first.last_used_at + 10
