@@ -384,6 +384,7 @@ async def test_last_use_is_recorded_at_most_once_a_minute(gw: Gateway, clock: An
     await get(gw, "/n/acme/api/v2/signups/me", headers=headers)
     await registry(gw).flush()
     [first] = await registry(gw).list()
+    assert first.last_used_at is not None
     assert first.last_used_at == clock.now()
     clock.advance(10)
     await get(gw, "/n/acme/api/v2/signups/me", headers=headers)
