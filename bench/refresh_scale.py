@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             "NBGW_CLIENT_SECRET": base.CLIENT_SECRET,
             "NBGW_ADMIN_TOKEN": base.ADMIN_TOKEN,
             "NBGW_TOKEN_TIMEOUT": "30",
+            # Every request comes from this one address: lift the per-address cap above N.
+            "NBGW_MAX_CONNECTIONS_PER_CLIENT": str(max(sizes) * 2 + 100),
         }
         try:
             upstream = bench.spawn_role("upstream", "--token-delay", str(TOKEN_DELAY))

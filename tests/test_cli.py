@@ -782,7 +782,12 @@ def test_demo_on_a_busy_port_suggests_a_command_that_exists(
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_demo_passes_the_port() -> None:
     """`make demo PORT=N` runs the demo on port N."""
-    done = run_command(["make", "-n", "demo", "PORT=8123"], cwd=Path(__file__).parent.parent)
+    # --no-print-directory: under `make test` this is a sub-make, which would otherwise add
+    # "Entering/Leaving directory" lines.
+    done = run_command(
+        ["make", "--no-print-directory", "-n", "demo", "PORT=8123"],
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].endswith("nbgateway demo --port 8123")
 
