@@ -393,7 +393,8 @@ from nbgateway.workers import Workers
 
 child = (
     "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "print('ignoring SIGTERM', os.getpid(), flush=True); time.sleep(600)"
+    # One write per line: two workers share the output, and print() may split a line.
+    "os.write(1, b'ignoring SIGTERM %d\\\\n' % os.getpid()); time.sleep(600)"
 )
 sockets = bind("127.0.0.1", 0, 2)
 command = lambda fd, pipe: [sys.executable, "-c", child]
