@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from nbgateway.clock import utc_datetime
+from nbgateway.clock import iso_utc
 from nbgateway.errors import (
     AccountNotFound,
     AuthorizationFailed,
@@ -32,23 +32,17 @@ log = logging.getLogger("nbgateway.accounts")
 STATE_TTL = 600.0
 
 
-def _iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC, or None for no date (0 or less) and for one no calendar can show."""
-    when = utc_datetime(ts) if ts is not None and ts > 0 else None
-    return None if when is None else when.isoformat(timespec="seconds")
-
-
 def account_json(info: AccountInfo) -> dict[str, object]:
     """An account as JSON for `accounts list --json` and `/connect/api` (never a token)."""
     return {
         "slug": info.slug,
         "status": info.status.value,
-        "access_token_expires_at": _iso(info.expires_at),
-        "last_refresh_at": _iso(info.last_refresh_at),
+        "access_token_expires_at": iso_utc(info.expires_at),
+        "last_refresh_at": iso_utc(info.last_refresh_at),
         "last_error": info.last_error,
         "scope": info.scope,
         "generation": info.generation,
-        "connected_at": _iso(info.created_at),
+        "connected_at": iso_utc(info.created_at),
     }
 
 

@@ -22,10 +22,9 @@ import hmac
 import logging
 import re
 import secrets
-from datetime import UTC, datetime
 from enum import StrEnum
 
-from nbgateway.clock import Clock
+from nbgateway.clock import Clock, iso_utc
 from nbgateway.errors import (
     ClientForbidden,
     ClientKeyInvalid,
@@ -101,23 +100,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    try:
-        return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
 def client_json(info: ClientInfo) -> dict[str, object]:
     """A client as JSON for `clients list --json` and `/connect/api/clients` (never the key)."""
     return {
         "name": info.name,
         "nations": list(info.nations) or "all",
         "read_only": info.read_only,
-        "created_at": _iso(info.created_at),
-        "last_used_at": _iso(info.last_used_at),
+        "created_at": iso_utc(info.created_at),
+        "last_used_at": iso_utc(info.last_used_at),
         "key_hint": info.key_hint,
     }
 
@@ -125,7 +115,7 @@ def client_json(info: ClientInfo) -> dict[str, object]:
 def audit_json(entry: AuditEntry) -> dict[str, object]:
     """An audit entry as JSON for `nbgateway audit --json` and the admin API."""
     return {
-        "at": _iso(entry.at),
+        "at": iso_utc(entry.at),
         "client": entry.client,
         "nation": entry.nation,
         "method": entry.method,

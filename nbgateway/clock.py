@@ -23,6 +23,13 @@ def utc_datetime(ts: float | None) -> datetime | None:
         return None
 
 
+def iso_utc(ts: float | None) -> str | None:
+    """ISO 8601 UTC to the second, or None for no date (missing, 0 or less) and for one no
+    calendar can show."""
+    when = utc_datetime(ts) if ts is not None and ts > 0 else None
+    return None if when is None else when.isoformat(timespec="seconds")
+
+
 class Clock(Protocol):
     """What token and session logic may ask about time."""
 

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nbgateway.clock import Clock, utc_datetime
+from nbgateway.clock import Clock, iso_utc
 from nbgateway.errors import (
     AccountNotFound,
     OAuthError,
@@ -102,11 +102,6 @@ class Backoff:
 
 
 NeedsReauthListener = Callable[[str, str], None]
-
-
-def _iso(ts: float) -> str:
-    when = utc_datetime(ts)
-    return "an unknown time" if when is None else when.isoformat(timespec="seconds")
 
 
 class TokenManager:
@@ -375,7 +370,7 @@ class TokenManager:
     def _terminal_reason(exc: OAuthError, interrupted_at: float | None) -> str:
         if interrupted_at is None:
             return str(exc)
-        when = _iso(interrupted_at)
+        when = iso_utc(interrupted_at) or "an unknown time"
         return (
             f"the gateway stopped during a refresh (at {when}) and NationBuilder no longer "
             f"accepts the refresh token it held: {exc}"
