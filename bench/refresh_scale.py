@@ -45,6 +45,7 @@ TOKEN_DELAY = 0.2
 async def seed(database: str, key: str, slugs: list[str], expires_in: float) -> None:
     """Store a token pair per slug (expired when `expires_in` < 0), as /connect would."""
     from nbgateway.clock import SystemClock
+    from nbgateway.config import parse_database
     from nbgateway.crypto import Cipher
     from nbgateway.models import EventKind, TokenSet
     from nbgateway.redact import Secret
@@ -52,7 +53,7 @@ async def seed(database: str, key: str, slugs: list[str], expires_in: float) -> 
 
     clock = SystemClock()
     async with make_store(
-        database if database.startswith("postgresql://") else Path(database),
+        parse_database(database),
         Cipher([Secret(key)]),
         clock,
     ) as store:

@@ -202,9 +202,8 @@ class ClientRegistry:
         status: int,
         request_id: str,
     ) -> None:
-        """Queue an audit entry for a write (written by `flush`, never on the request path)."""
-        if method not in WRITE_METHODS:
-            return
+        """Queue an audit entry for a write (WRITE_METHODS; the proxy calls it for those only).
+        `flush` writes it, never the request path."""
         if len(self._audit) >= _AUDIT_BUFFER:
             del self._audit[: len(self._audit) - _AUDIT_BUFFER + 1]
             log.warning("audit buffer full; dropping the oldest entry")

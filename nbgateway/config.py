@@ -501,11 +501,18 @@ def same_database(a: Path | str, b: Path | str) -> bool:
 
 
 def parse_database(raw: str, env: str = "NBGW_DATABASE") -> Path | str:
-    """A SQLite path, or a checked postgresql:// URL (ConfigError naming `env` otherwise)."""
+    """A SQLite file path, or a checked postgresql:// URL (ConfigError naming `env` otherwise)."""
     raw = raw.strip()
     if not raw:
         raise _fail(env, "empty")
+    if "://" in raw and not raw.startswith(POSTGRES_SCHEMES):
+        # Not echoed: a URL may carry a password.
+        raise _fail(env, "the value is a URL, but only postgresql:// URLs name a database")
     if not raw.startswith(POSTGRES_SCHEMES):
+        if "\x00" in raw:
+            raise _fail(env, "the path contains a NUL character")
+        if raw.endswith(("/", "\\")) or Path(raw).is_dir():
+            raise _fail(env, f"{raw!r} is a directory; name the database file inside it")
         return Path(raw)
     try:
         parts = urlsplit(raw)
@@ -535,21 +542,6 @@ def _parse_webhook(env: str, raw: str) -> str:
         # Not echoed: webhook URLs often carry a secret.
         _split_url(env, raw, shown="the URL")
     return raw
-
-
-def _parse_database(env: str, raw: str) -> Path | str:
-    """`parse_database`, and a SQLite path that can name a file."""
-    if "://" in raw and not raw.startswith(POSTGRES_SCHEMES):
-        # Not echoed: a URL may carry a password.
-        raise _fail(env, "the value is a URL, but only postgresql:// URLs name a database")
-    database = parse_database(raw, env)
-    if isinstance(database, str):
-        return database
-    if "\x00" in raw:
-        raise _fail(env, "the path contains a NUL character")
-    if raw.endswith(("/", "\\")) or database.is_dir():
-        raise _fail(env, f"{raw!r} is a directory; name the database file inside it")
-    return database
 
 
 def _parse_keys(env: str, raw: str) -> tuple[Secret, ...]:
@@ -687,7 +679,7 @@ def validate_settings(
         host=host,
         port=port,
         public_url=take("NBGW_PUBLIC_URL", _parse_optional_url),
-        database=take("NBGW_DATABASE", _parse_database),
+        database=take("NBGW_DATABASE", lambda e, r: parse_database(r, e)),
         encryption_keys=take("NBGW_ENCRYPTION_KEY", _parse_keys),
         client_id=take("NBGW_CLIENT_ID", _parse_word),
         client_secret=Secret(
