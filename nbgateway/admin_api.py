@@ -3,7 +3,9 @@
 `/connect/api/accounts`, `/connect/api/clients` and `/connect/api/audit` speak JSON and
 require `Authorization: Bearer NBGW_ADMIN_TOKEN` (compared in constant time); wrong tokens
 count against the client address in the same throttle as the login form
-(`keys.ADMIN_THROTTLE`), and a throttled address gets 429. `/connect/callback` is
+(`keys.ADMIN_THROTTLE`, kept in the store so every process counts together), and a
+throttled address gets 429; while the store cannot be read the API answers 503
+`store_unavailable` and checks no token. `/connect/callback` is
 NationBuilder's redirect target: it finishes the authorization started by the API or the
 admin pages. They call `AccountService` and `ClientRegistry`, the same code the CLI uses.
 """
@@ -26,6 +28,7 @@ from nbgateway.errors import (
     InvalidRequest,
     NotFound,
     StoreError,
+    TokenStoreUnavailable,
     TokenUnavailable,
     TooManyAttempts,
     UnknownAccount,
@@ -39,7 +42,7 @@ CallbackRenderer = Callable[
     [web.Request, str | None, Exception | None], Awaitable[web.StreamResponse]
 ]
 CALLBACK_RENDERER: web.AppKey[CallbackRenderer] = web.AppKey("callback_renderer")
-BINDING: web.AppKey[Callable[[web.Request], str]] = web.AppKey("binding_of")
+BINDING: web.AppKey[Callable[[web.Request], Awaitable[str]]] = web.AppKey("binding_of")
 
 
 def admin_token_matches(request: web.Request, candidate: str) -> bool:
@@ -47,12 +50,25 @@ def admin_token_matches(request: web.Request, candidate: str) -> bool:
     return bool(expected) and hmac.compare_digest(candidate.encode(), expected.encode())
 
 
-def require_bearer(request: web.Request) -> None:
-    """The admin token as Bearer, or 401; an address that sent too many wrong ones gets 429."""
+async def require_bearer(request: web.Request) -> None:
+    """The admin token as Bearer, or 401; an address that sent too many wrong ones gets 429.
+
+    503 when the store cannot say how many wrong tokens the address sent (fail closed).
+    """
     throttle = request.config_dict[keys.ADMIN_THROTTLE]
     now = request.config_dict[keys.CLOCK].now()
     client = request.remote or "unknown"
-    wait = throttle.retry_after(client, now)
+    try:
+        wait = await throttle.retry_after(client, now)
+    except StoreError as exc:
+        log.error(
+            "admin API refused: the throttle cannot be read from the store",
+            extra={"peer": client, "error": str(exc)},
+        )
+        raise TokenStoreUnavailable(
+            "the gateway cannot use its database right now; retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
     if wait is not None:
         raise TooManyAttempts(
             f"too many wrong admin tokens from this address; try again in {wait} s",
@@ -62,13 +78,13 @@ def require_bearer(request: web.Request) -> None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not admin_token_matches(request, value.strip()):
         if header:  # a guess; a request without credentials guesses nothing
-            throttle.failed(client, now)
+            await throttle.failed(client, now)
             log.warning("admin API refused: wrong admin token", extra={"peer": client})
         raise AdminUnauthorized(
             "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
             headers={"WWW-Authenticate": 'Bearer realm="nbgateway-admin"'},
         )
-    throttle.succeeded(client)
+    await throttle.succeeded(client)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -83,13 +99,13 @@ def _slug(request: web.Request) -> str:
 
 
 async def list_accounts(request: web.Request) -> web.Response:
-    require_bearer(request)
+    await require_bearer(request)
     accounts = await request.config_dict[keys.ACCOUNTS].list_accounts()
     return _json({"accounts": [account_json(a) for a in accounts]})
 
 
 async def start_connect(request: web.Request) -> web.Response:
-    require_bearer(request)
+    await require_bearer(request)
     try:
         body = await request.json(loads=json.loads)
     except ValueError:
@@ -105,7 +121,7 @@ async def start_connect(request: web.Request) -> web.Response:
 
 
 async def refresh_account(request: web.Request) -> web.Response:
-    require_bearer(request)
+    await require_bearer(request)
     slug = _slug(request)
     try:
         info = await request.config_dict[keys.ACCOUNTS].refresh(slug)
@@ -116,7 +132,7 @@ async def refresh_account(request: web.Request) -> web.Response:
 
 
 async def remove_account(request: web.Request) -> web.Response:
-    require_bearer(request)
+    await require_bearer(request)
     slug = _slug(request)
     if not await request.config_dict[keys.ACCOUNTS].remove(slug):
         raise UnknownAccount(f"no account named {slug!r}")
@@ -124,14 +140,14 @@ async def remove_account(request: web.Request) -> web.Response:
 
 
 async def list_clients(request: web.Request) -> web.Response:
-    require_bearer(request)
+    await require_bearer(request)
     infos = await request.config_dict[keys.CLIENTS].list()
     return _json({"clients": [client_json(info) for info in infos]})
 
 
 async def add_client(request: web.Request) -> web.Response:
     """POST {"name": ..., "nations": [...], "read_only": bool} -> the client and its key (once)."""
-    require_bearer(request)
+    await require_bearer(request)
     usage = 'send a JSON body like {"name": "sync-job", "nations": ["acme"], "read_only": true}'
     try:
         body = await request.json(loads=json.loads)
@@ -157,7 +173,7 @@ async def add_client(request: web.Request) -> web.Response:
 
 
 async def remove_client(request: web.Request) -> web.Response:
-    require_bearer(request)
+    await require_bearer(request)
     name = request.match_info["name"]
     if not await request.config_dict[keys.CLIENTS].remove(name):
         raise NotFound(f"no client named {name!r}")
@@ -166,7 +182,7 @@ async def remove_client(request: web.Request) -> web.Response:
 
 async def audit_trail(request: web.Request) -> web.Response:
     """GET ?nation=&client=&limit= : the newest proxied writes."""
-    require_bearer(request)
+    await require_bearer(request)
     query = request.query
     try:
         limit = min(1000, max(1, int(query.get("limit", "100"))))
@@ -182,7 +198,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     """NationBuilder redirects here with ?code&state or ?error&state."""
     query = request.query
     binding_of = request.config_dict.get(BINDING)
-    binding = binding_of(request) if binding_of is not None else ""
+    binding = await binding_of(request) if binding_of is not None else ""
     renderer = request.config_dict.get(CALLBACK_RENDERER, plain_callback_page)
     try:
         slug = await request.config_dict[keys.ACCOUNTS].finish_connect(

@@ -28,7 +28,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from nbgateway import admin_api, keys
 from nbgateway.activity import RequestActivity
 from nbgateway.admin import routes as admin_routes
-from nbgateway.admin.session import LoginThrottle
+from nbgateway.admin.session import LoginThrottle, SessionRevocations
 from nbgateway.allowlist import AllowList
 from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import Settings
@@ -77,7 +77,6 @@ def create_app(
     )
     app[keys.SETTINGS] = settings
     app[GUARD] = ConnectionGuard(settings, metrics)
-    app[keys.ADMIN_THROTTLE] = LoginThrottle()
     app[keys.CLOCK] = clock
     app[keys.REDACTOR] = redactor
     limiter = RateLimiter(
@@ -109,6 +108,8 @@ def create_app(
             app[keys.TOKENS] = svc.tokens
             app[keys.ACCOUNTS] = svc.accounts
             app[keys.CLIENTS] = svc.clients
+            app[keys.ADMIN_THROTTLE] = LoginThrottle(svc.store)
+            app[keys.SESSION_REVOCATIONS] = SessionRevocations(svc.store)
             app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients, limiter)
             tasks: list[asyncio.Task[None]] = []
             if background:

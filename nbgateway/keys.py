@@ -13,7 +13,7 @@ from aiohttp import web
 
 from nbgateway.accounts import AccountService
 from nbgateway.activity import RequestActivity
-from nbgateway.admin.session import LoginThrottle
+from nbgateway.admin.session import LoginThrottle, SessionRevocations
 from nbgateway.clients import ClientRegistry
 from nbgateway.clock import Clock
 from nbgateway.config import Settings
@@ -31,6 +31,9 @@ ACCOUNTS = web.AppKey("accounts", AccountService)
 CLIENTS = web.AppKey("clients", ClientRegistry)
 # Proxied requests per account in the last hour (read by the admin pages).
 ACTIVITY = web.AppKey("activity", RequestActivity)
-# Wrong admin tokens per client address: the login form and /connect/api share it.
+# Wrong admin tokens per client address (in the store): the login form and /connect/api
+# share it.
 ADMIN_THROTTLE = web.AppKey("admin_throttle", LoginThrottle)
+# Logged-out admin sessions (in the store), checked by every admin page.
+SESSION_REVOCATIONS = web.AppKey("session_revocations", SessionRevocations)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # snapshot() for admin pages

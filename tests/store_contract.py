@@ -49,7 +49,9 @@ from nbgateway.store import (
     StoreDump,
     TokenStore,
 )
-from nbgateway.store.base import STATES_KEPT, state_hash
+from nbgateway.store import postgres as pg_backend
+from nbgateway.store import sqlite as sqlite_backend
+from nbgateway.store.base import STATES_KEPT, session_hash, state_hash
 from nbgateway.store.postgres import PostgresStore
 from nbgateway.store.sqlite import SQLiteStore
 
@@ -138,6 +140,19 @@ class Backend:
         """Make `lock`'s holder vanish without releasing it (as a killed process would)."""
         raise NotImplementedError
 
+    async def table(self, name: str) -> list[dict[str, Any]]:
+        """Every raw row of a table."""
+        raise NotImplementedError
+
+    async def schema_version(self) -> int:
+        raise NotImplementedError
+
+    async def create_previous_schema(self, refresh_token: bytes) -> None:
+        """Build the database with every migration but the newest, as the previous release
+        left it, holding account 'acme' (generation 3, `refresh_token` as its sealed refresh
+        token), one event and one client key."""
+        raise NotImplementedError
+
 
 class SQLiteBackend(Backend):
     name = "sqlite"
@@ -185,6 +200,35 @@ class SQLiteBackend(Backend):
         host, namespace, _pid, rest = row[0].split("/", 3)
         dead = f"{host}/{namespace}/{dead_process_id()}/{rest}"
         self._query("UPDATE accounts SET refresh_owner = ? WHERE slug = ?", (dead, lock.slug))
+
+    async def table(self, name: str) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._query(f"SELECT * FROM {name}")]
+
+    async def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    async def create_previous_schema(self, refresh_token: bytes) -> None:
+        previous = sqlite_backend.MIGRATIONS[:-1]
+        with closing(sqlite3.connect(self.path)) as conn:
+            for migration in previous:
+                conn.executescript(migration)
+            conn.execute(f"PRAGMA user_version = {len(previous)}")
+            conn.execute(
+                "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
+                "status, generation, created_at, updated_at) "
+                "VALUES ('acme', NULL, ?, 0, 'default', 'active', 3, ?, ?)",
+                (refresh_token, self.clock.now(), self.clock.now()),
+            )
+            conn.execute(
+                "INSERT INTO events (slug, kind, at, detail) VALUES ('acme', 'connected', ?, '')",
+                (self.clock.now(),),
+            )
+            conn.execute(
+                "INSERT INTO clients (name, key_id, salt, key_hash, nations, read_only, "
+                "created_at) VALUES ('reader', 'read0006', ?, ?, 'acme', 1, ?)",
+                (b"salt-reader", b"hash-reader", self.clock.now()),
+            )
+            conn.commit()
 
 
 class PostgresBackend(Backend):
@@ -234,6 +278,43 @@ class PostgresBackend(Backend):
             "WHERE datname = current_database())"
         )
         assert rows, "no advisory lock was held"
+
+    async def table(self, name: str) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._fetch(f"SELECT * FROM {name}")]
+
+    async def schema_version(self) -> int:
+        [row] = await self._fetch("SELECT version FROM schema_version")
+        return int(row[0])
+
+    async def create_previous_schema(self, refresh_token: bytes) -> None:
+        previous = pg_backend.MIGRATIONS[:-1]
+        conn = await asyncpg.connect(self.url)
+        try:
+            for migration in previous:
+                await conn.execute(migration)
+            await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", len(previous))
+            now = self.clock.now()
+            await conn.execute(
+                "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
+                "status, generation, created_at, updated_at) "
+                "VALUES ('acme', NULL, $1, 0, 'default', 'active', 3, $2, $2)",
+                refresh_token,
+                now,
+            )
+            await conn.execute(
+                "INSERT INTO events (slug, kind, at, detail) VALUES ('acme', 'connected', $1, '')",
+                now,
+            )
+            await conn.execute(
+                "INSERT INTO clients (name, key_id, salt, key_hash, nations, read_only, "
+                "created_at) VALUES ('reader', 'read0006', $1, $2, 'acme', 1, $3)",
+                b"salt-reader",
+                b"hash-reader",
+                now,
+            )
+        finally:
+            await conn.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -1053,13 +1134,16 @@ class TestDumpLoad:
         await store.create_state("state-1", "acme", Secret("verifier-1"), "sess", STATE_TTL)
         await store.add_client(client_record("reader", clock, ("acme",), read_only=True))
         await store.record_audit([audit_entry(clock, "reader", "acme", "req-1")], 0.0)
+        await store.revoke_session("sid-1", clock.now() + 3600, clock.now())
+        await store.record_login_failure("192.0.2.1", clock.now(), clock.now() - 300)
 
     async def test_round_trip_through_sqlite_and_back(
         self, backend: Backend, clock: FakeClock, key: str, tmp_path: Path
     ) -> None:
         """A dump loaded into an empty SQLite file, dumped from there and loaded into an empty
         database of this backend gives the same rows, accounts, events and pending states,
-        readable with the same key; events added afterwards get new ids."""
+        readable with the same key; events added afterwards get new ids. Logged-out sessions
+        and wrong admin-token attempts are short-lived and not copied."""
         await create_database(backend, key)
         async with backend.make(key) as source:
             await self._fill(source, clock)
@@ -1093,6 +1177,8 @@ class TestDumpLoad:
             [newest] = await target.events(limit=1)
             await target.record_audit([audit_entry(clock, "reader", "acme", "req-2")], 0.0)
             assert [e.request_id for e in await target.audit()] == ["req-2", "req-1"]
+            assert await target.session_revoked("sid-1", clock.now()) is False
+            assert await target.login_failures("192.0.2.1", 0.0) == []
         assert newest.slug == "delta"
         assert newest.id > max(e.id for e in events)
 
@@ -1183,3 +1269,154 @@ class TestAudit:
         assert entry.request_id == "new"
         assert long.path.startswith(entry.path)
         assert len(entry.path) < len(long.path)
+
+
+class TestMigration:
+    async def test_previous_schema_gains_the_session_tables_with_its_data_intact(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A database left by the previous release (every migration but the newest) opens:
+        it moves to the current schema version, its account, event and client key are
+        unchanged and readable with the same key, and the new session and login-failure
+        tables work."""
+        sealed = Cipher([Secret(key)]).encrypt(
+            "refresh-CANARY-old-5e6f7a8b", slug="acme", field="refresh_token"
+        )
+        await backend.create_previous_schema(sealed)
+        async with backend.make(key) as store:
+            account = await store.get_account("acme")
+            assert account is not None
+            assert account.refresh_token == Secret("refresh-CANARY-old-5e6f7a8b")
+            assert account.generation == 3
+            assert await event_kinds(store, "acme") == [EventKind.CONNECTED]
+            assert [c.info.name for c in await store.list_clients()] == ["reader"]
+            assert await store.verify() == []
+            await store.revoke_session("sid-1", clock.now() + 60, clock.now())
+            assert await store.session_revoked("sid-1", clock.now()) is True
+            await store.record_login_failure("192.0.2.7", clock.now(), clock.now() - 300)
+            assert await store.login_failures("192.0.2.7", clock.now() - 300) == [clock.now()]
+        current = (
+            sqlite_backend.SCHEMA_VERSION if backend.name == "sqlite" else pg_backend.SCHEMA_VERSION
+        )
+        assert await backend.schema_version() == current
+
+
+class TestRevokedSessions:
+    async def test_revoked_until_it_would_have_expired(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """A revoked session is reported revoked until its expiry, and not after; another
+        session id is not revoked."""
+        now = clock.now()
+        await store.revoke_session("sid-CANARY-a1", now + 100, now)
+        assert await store.session_revoked("sid-CANARY-a1", now) is True
+        assert await store.session_revoked("sid-CANARY-a1", now + 99.5) is True
+        assert await store.session_revoked("sid-CANARY-a1", now + 100) is False
+        assert await store.session_revoked("sid-CANARY-b2", now) is False
+
+    async def test_another_store_sees_the_revocation(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A logout stored through one store is seen by another store on the same database
+        (another process or replica)."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            assert await b.session_revoked("sid-1", clock.now()) is False
+            await a.revoke_session("sid-1", clock.now() + 3600, clock.now())
+            assert await b.session_revoked("sid-1", clock.now()) is True
+
+    async def test_only_a_hash_of_the_session_id_is_stored(
+        self, store: TokenStore, backend: Backend, clock: FakeClock
+    ) -> None:
+        """The table holds a hash of the session id (a bearer secret of the cookie), never
+        the id itself."""
+        await store.revoke_session("sid-CANARY-77cc88dd", clock.now() + 60, clock.now())
+        [row] = await backend.table("revoked_sessions")
+        assert row["sid_hash"] == session_hash("sid-CANARY-77cc88dd")
+        assert "sid-CANARY-77cc88dd" not in repr(row)
+
+    async def test_expired_revocations_are_pruned(
+        self, store: TokenStore, backend: Backend, clock: FakeClock
+    ) -> None:
+        """Revoking a session drops the revocations that have expired: the table holds only
+        sessions that could still be presented."""
+        for n in range(3):
+            await store.revoke_session(f"old-{n}", clock.now() + 10, clock.now())
+        await store.revoke_session("long", clock.now() + 3600, clock.now())
+        clock.advance(10)
+        await store.revoke_session("new", clock.now() + 3600, clock.now())
+        hashes = sorted(row["sid_hash"] for row in await backend.table("revoked_sessions"))
+        assert hashes == sorted([session_hash("long"), session_hash("new")])
+
+    async def test_revoking_twice_keeps_the_later_expiry(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """Revoking the same session again never shortens its revocation."""
+        now = clock.now()
+        await store.revoke_session("sid", now + 100, now)
+        await store.revoke_session("sid", now + 50, now)
+        assert await store.session_revoked("sid", now + 75) is True
+
+
+class TestLoginFailures:
+    async def test_counted_within_the_window(self, store: TokenStore, clock: FakeClock) -> None:
+        """login_failures lists an address's attempts after `since`, oldest first."""
+        start = clock.now()
+        for offset in (0.0, 10.0, 20.0):
+            at = start + offset
+            await store.record_login_failure("192.0.2.1", at, at - 300)
+        assert await store.login_failures("192.0.2.1", start - 1) == [start, start + 10, start + 20]
+        assert await store.login_failures("192.0.2.1", start + 5) == [start + 10, start + 20]
+        assert await store.login_failures("192.0.2.1", start + 20) == []
+
+    async def test_addresses_are_independent_and_cleared_alone(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """Each address has its own count; clearing one leaves the others."""
+        now = clock.now()
+        for client in ("192.0.2.1", "192.0.2.1", "2001:db8::1"):
+            await store.record_login_failure(client, now, now - 300)
+        assert len(await store.login_failures("192.0.2.1", now - 300)) == 2
+        assert len(await store.login_failures("2001:db8::1", now - 300)) == 1
+        assert await store.login_failures("198.51.100.9", now - 300) == []
+        await store.clear_login_failures("192.0.2.1")
+        await store.clear_login_failures("198.51.100.9")  # nothing to clear is fine
+        assert await store.login_failures("192.0.2.1", now - 300) == []
+        assert await store.login_failures("2001:db8::1", now - 300) == [now]
+
+    async def test_another_store_counts_together(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """Attempts recorded by two stores on one database are one count."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            now = clock.now()
+            await a.record_login_failure("192.0.2.1", now, now - 300)
+            await b.record_login_failure("192.0.2.1", now + 1, now - 299)
+            assert await a.login_failures("192.0.2.1", now - 300) == [now, now + 1]
+            await b.clear_login_failures("192.0.2.1")
+            assert await a.login_failures("192.0.2.1", now - 300) == []
+
+    async def test_old_attempts_of_every_address_are_pruned(
+        self, store: TokenStore, backend: Backend, clock: FakeClock
+    ) -> None:
+        """Recording an attempt drops every address's attempts at or before `keep_after`."""
+        for n in range(5):
+            await store.record_login_failure(f"192.0.2.{n}", clock.now(), clock.now() - 300)
+        clock.advance(301)
+        await store.record_login_failure("198.51.100.1", clock.now(), clock.now() - 300)
+        assert [row["client"] for row in await backend.table("login_failures")] == ["198.51.100.1"]
+
+    async def test_rows_are_capped_oldest_first(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A flood of addresses within one window keeps at most `login_failures_kept` rows:
+        the newest attempts stay, the oldest go."""
+        await create_database(backend, key)
+        async with backend.make(key, login_failures_kept=3) as store:
+            for n in range(6):
+                await store.record_login_failure(f"192.0.2.{n}", clock.now(), clock.now() - 300)
+                clock.advance(0.5)
+            rows = await backend.table("login_failures")
+            assert sorted(row["client"] for row in rows) == ["192.0.2.3", "192.0.2.4", "192.0.2.5"]
+            assert await store.login_failures("192.0.2.0", 0.0) == []

@@ -60,7 +60,7 @@ class ClientPages:
         )
 
     async def clients_get(self, request: web.Request) -> web.StreamResponse:
-        session = self.core.session_of(request)
+        session = await self.core.session_of(request)
         if session is None:
             return self.core.to_login()
         return await self.clients_page(request, session)
@@ -96,7 +96,7 @@ class ClientPages:
 
     async def remove_page(self, request: web.Request) -> web.StreamResponse:
         core = self.core
-        session = core.session_of(request)
+        session = await core.session_of(request)
         if session is None:
             return core.to_login()
         name = request.match_info["name"]

@@ -5,9 +5,11 @@ One `AdminCore` per `/connect` sub-application; the page modules (`login`, `nati
 `nation`, `clients`) hold a reference to it and add their handlers. No JavaScript; Jinja2
 templates with autoescaping; a strict Content-Security-Policy on every response.
 
-Logging out revokes the session in this process's memory; the signed cookie itself stays
-valid elsewhere (other processes, a restart) until it expires (12 h) or NBGW_ADMIN_TOKEN
-changes. None of this runs on the proxy path.
+Logging out revokes the session in the store (`keys.SESSION_REVOCATIONS`, a hash of the
+session id), so every process sharing the database refuses that cookie from then on. When
+the store cannot be written the revocation is kept in this process's memory only (with a
+warning); when it cannot be read, `session_of` answers 503 (`store_unavailable`) rather
+than accept a session it cannot check. None of this runs on the proxy path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
 from nbgateway.config import Settings
+from nbgateway.errors import StoreError, TokenStoreUnavailable
 from nbgateway.models import AccountInfo, AccountStatus
 
 log = logging.getLogger("nbgateway.admin")
@@ -59,24 +62,42 @@ class AdminCore:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.revoked: dict[str, int] = {}  # logged-out session ids until they expire
 
     @staticmethod
     def now(request: web.Request) -> float:
         return request.config_dict[keys.CLOCK].now()
 
-    def session_of(self, request: web.Request) -> Session | None:
+    async def session_of(
+        self, request: web.Request, *, check_revoked: bool = True
+    ) -> Session | None:
+        """The request's valid, not logged-out session, or None.
+
+        TokenStoreUnavailable (503) when the store cannot say whether it was logged out.
+        `check_revoked=False` (logging out) skips that question: ending a session that has
+        already ended is harmless, and it must work while the store is down.
+        """
         value = request.cookies.get(SESSION_COOKIE)
         if not value:
             return None
-        session = self.signer.read_session(value, self.now(request))
-        if session is None or session.sid in self.revoked:
-            return None
-        return session
+        now = self.now(request)
+        session = self.signer.read_session(value, now)
+        if session is None or not check_revoked:
+            return session
+        try:
+            revoked = await request.config_dict[keys.SESSION_REVOCATIONS].revoked(session, now)
+        except StoreError as exc:
+            log.error(
+                "admin session not checked: the store cannot be read", extra={"error": str(exc)}
+            )
+            raise TokenStoreUnavailable(
+                "the gateway cannot use its database right now; retry shortly",
+                headers={"Retry-After": "5"},
+            ) from None
+        return None if revoked else session
 
-    def binding_of(self, request: web.Request) -> str:
+    async def binding_of(self, request: web.Request) -> str:
         """admin_api.BINDING: the session a started authorization belongs to ("" if none)."""
-        session = self.session_of(request)
+        session = await self.session_of(request)
         return session.binding if session is not None else ""
 
     def cookie(self, response: web.StreamResponse, name: str, value: str, max_age: int) -> None:
@@ -194,10 +215,10 @@ class AdminCore:
         return response
 
     async def checked_form(
-        self, request: web.Request
+        self, request: web.Request, *, check_revoked: bool = True
     ) -> tuple[Session, dict[str, str]] | web.Response:
         """A POST form's session and fields, or the response refusing it (login, 403)."""
-        session = self.session_of(request)
+        session = await self.session_of(request, check_revoked=check_revoked)
         if session is None:
             return self.to_login()
         form = await request.post()

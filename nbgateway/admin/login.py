@@ -1,7 +1,10 @@
 """The login and logout pages of `/connect`: the admin token in, a signed session cookie out.
 
 Wrong tokens count against the client address in the shared throttle (`keys.ADMIN_THROTTLE`,
-also used by the `/connect/api` Bearer check).
+in the store, also used by the `/connect/api` Bearer check); while the store cannot be read
+the form answers 503 and checks no token (fail closed). Logging out revokes the session in
+the store (`keys.SESSION_REVOCATIONS`); the cookie is cleared whether or not that write
+succeeds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from aiohttp import web
 from nbgateway import admin_api, keys
 from nbgateway.admin.core import SESSION_COOKIE, SESSION_TTL, AdminCore
 from nbgateway.admin.views import span
+from nbgateway.errors import StoreError
 
 log = logging.getLogger("nbgateway.admin")
 
@@ -29,7 +33,7 @@ class LoginPages:
 
     async def login_page(self, request: web.Request) -> web.StreamResponse:
         core = self.core
-        if core.session_of(request) is not None:
+        if await core.session_of(request) is not None:
             return core.redirect(core.base)
         return await core.render(request, "login.html", session=None, error=None)
 
@@ -38,7 +42,22 @@ class LoginPages:
         now = core.now(request)
         client = request.remote or "unknown"
         throttle = request.config_dict[keys.ADMIN_THROTTLE]
-        wait = throttle.retry_after(client, now)
+        try:
+            wait = await throttle.retry_after(client, now)
+        except StoreError as exc:
+            log.error(
+                "admin login refused: the throttle cannot be read from the store",
+                extra={"peer": client, "error": str(exc)},
+            )
+            return await core.render(
+                request,
+                "login.html",
+                session=None,
+                status=503,
+                headers={"Retry-After": "5"},
+                error="The gateway cannot use its database right now, so it cannot check "
+                "logins. Try again in a few seconds.",
+            )
         if wait is not None:
             return await core.render(
                 request,
@@ -51,7 +70,7 @@ class LoginPages:
         form = await request.post()
         token = form.get("token")
         if not isinstance(token, str) or not admin_api.admin_token_matches(request, token):
-            throttle.failed(client, now)
+            await throttle.failed(client, now)
             log.warning("admin login failed: wrong token", extra={"peer": client})
             return await core.render(
                 request,
@@ -60,7 +79,7 @@ class LoginPages:
                 status=401,
                 error="That is not the admin token (NBGW_ADMIN_TOKEN). Check it and try again.",
             )
-        throttle.succeeded(client)
+        await throttle.succeeded(client)
         session = core.signer.session(secrets.token_urlsafe(18), int(now) + SESSION_TTL)
         response = core.redirect(core.base)
         core.cookie(response, SESSION_COOKIE, core.signer.session_cookie(session), SESSION_TTL)
@@ -69,13 +88,11 @@ class LoginPages:
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         core = self.core
-        checked = await core.checked_form(request)
+        checked = await core.checked_form(request, check_revoked=False)
         if isinstance(checked, web.Response):
             return checked
         session, _ = checked
-        now = core.now(request)
-        core.revoked = {sid: exp for sid, exp in core.revoked.items() if exp > now}
-        core.revoked[session.sid] = session.expires_at
+        await request.config_dict[keys.SESSION_REVOCATIONS].revoke(session, core.now(request))
         response = core.to_login()
         core.forget_cookie(response, SESSION_COOKIE)
         core.flash(request, response, kind="logged_out")

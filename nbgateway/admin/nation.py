@@ -46,7 +46,7 @@ class NationPages:
 
     async def nation_page(self, request: web.Request) -> web.StreamResponse:
         core = self.core
-        session = core.session_of(request)
+        session = await core.session_of(request)
         if session is None:
             return core.to_login()
         slug = request.match_info["slug"]
@@ -108,7 +108,7 @@ class NationPages:
 
     async def disconnect_page(self, request: web.Request) -> web.StreamResponse:
         core = self.core
-        session = core.session_of(request)
+        session = await core.session_of(request)
         if session is None:
             return core.to_login()
         slug = request.match_info["slug"]

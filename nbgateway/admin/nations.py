@@ -45,7 +45,7 @@ class NationsPages:
         form_value: str = "",
     ) -> web.StreamResponse:
         core = self.core
-        session = core.session_of(request)
+        session = await core.session_of(request)
         if session is None:
             return core.to_login()
         infos = await request.config_dict[keys.ACCOUNTS].list_accounts()
@@ -107,7 +107,7 @@ class NationsPages:
     ) -> web.StreamResponse:
         """admin_api.CALLBACK_RENDERER: where NationBuilder's redirect lands a human."""
         core = self.core
-        session = core.session_of(request)
+        session = await core.session_of(request)
         if error is None:
             if session is not None and slug:
                 service = request.config_dict[keys.ACCOUNTS]

@@ -1,8 +1,17 @@
-"""Admin sessions for the `/connect` pages: signed cookies, CSRF tokens, login throttling.
+"""Admin sessions for the `/connect` pages: signed cookies, CSRF tokens, logged-out
+sessions, login throttling.
 
 Sessions are stateless: `sid.expiry.HMAC` under a key derived from NBGW_ADMIN_TOKEN, so
 changing the token logs everyone out. The CSRF token and the OAuth `binding` are HMACs of
-the session id. `LoginThrottle` counts wrong admin tokens per client address in memory.
+the session id. Two pieces of state sit in the store, so that every process sharing the
+database (`serve --workers`, replicas) agrees: `SessionRevocations` (sessions logged out
+before they expire) and `LoginThrottle` (wrong admin tokens per client address). Both take
+the store in their constructor and the time from their caller (the injected clock).
+
+When the store cannot be written, both keep what they could not store in this process's
+memory (with a warning in the log, never a session id) and go on: a logout still ends the
+session here, and a wrong token still counts here. When the store cannot be read, their
+checks raise `StoreError`; the pages answer 503 rather than guess (fail closed).
 Nothing here knows about HTTP routes or templates.
 """
 
@@ -12,15 +21,22 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from nbgateway.errors import StoreError
+from nbgateway.store import TokenStore
+
+log = logging.getLogger("nbgateway.admin")
+
 # At most LOGIN_FAILURES wrong tokens per client address within LOGIN_WINDOW seconds.
 LOGIN_FAILURES = 5
 LOGIN_WINDOW = 300.0
-# Addresses remembered at most (a flood of addresses must not grow memory without bound).
+# Addresses remembered at most in memory when the store could not take their failures
+# (a flood of addresses must not grow memory without bound; the store caps its own rows).
 THROTTLE_MAX_CLIENTS = 10_000
 
 
@@ -89,37 +105,116 @@ class Signer:
         return message
 
 
-class LoginThrottle:
-    """Wrong-token attempts per client address within a sliding window (in memory)."""
+class _MemoryFailures:
+    """Wrong-token times per client address, in memory: the attempts the store could not
+    take. Bounded by THROTTLE_MAX_CLIENTS addresses."""
 
-    def __init__(self, limit: int = LOGIN_FAILURES, window: float = LOGIN_WINDOW) -> None:
-        self.limit = limit
+    def __init__(self, window: float) -> None:
         self.window = window
         self._failures: dict[str, deque[float]] = {}
 
-    def _recent(self, client: str, now: float) -> deque[float]:
+    def recent(self, client: str, now: float) -> deque[float]:
         failures = self._failures.get(client, deque())
         while failures and failures[0] <= now - self.window:
             failures.popleft()
         return failures
 
-    def retry_after(self, client: str, now: float) -> int | None:
-        """Seconds until `client` may try again, or None when it may try now."""
-        failures = self._recent(client, now)
-        if len(failures) < self.limit:
-            return None
-        return max(1, math.ceil(failures[0] + self.window - now))
-
-    def failed(self, client: str, now: float) -> None:
+    def add(self, client: str, now: float) -> None:
         if client not in self._failures and len(self._failures) >= THROTTLE_MAX_CLIENTS:
             for known in list(self._failures):
-                if not self._recent(known, now):
+                if not self.recent(known, now):
                     del self._failures[known]
             if len(self._failures) >= THROTTLE_MAX_CLIENTS:
                 self._failures.pop(next(iter(self._failures)))
-        failures = self._recent(client, now)
+        failures = self.recent(client, now)
         failures.append(now)
         self._failures[client] = failures
 
-    def succeeded(self, client: str) -> None:
+    def forget(self, client: str) -> None:
         self._failures.pop(client, None)
+
+
+class LoginThrottle:
+    """Wrong-token attempts per client address within a sliding window, counted in the
+    store: every process sharing the database sees the same count.
+
+    `retry_after` raises StoreError when the store cannot be read (the caller refuses the
+    attempt: fail closed). A failure the store cannot take is counted in this process's
+    memory instead, with a warning; clearing after a success is best effort.
+    """
+
+    def __init__(
+        self, store: TokenStore, limit: int = LOGIN_FAILURES, window: float = LOGIN_WINDOW
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._store = store
+        self._unstored = _MemoryFailures(window)
+
+    async def retry_after(self, client: str, now: float) -> int | None:
+        """Seconds until `client` may try again, or None when it may try now."""
+        stored = await self._store.login_failures(client, now - self.window)
+        failures = sorted([*stored, *self._unstored.recent(client, now)])
+        if len(failures) < self.limit:
+            return None
+        # Processes racing may have stored more than `limit`: the address may try again
+        # once fewer than `limit` remain in the window.
+        return max(1, math.ceil(failures[-self.limit] + self.window - now))
+
+    async def failed(self, client: str, now: float) -> None:
+        try:
+            await self._store.record_login_failure(client, now, now - self.window)
+        except StoreError as exc:
+            log.warning(
+                "wrong admin token counted in this process only: the store cannot be written",
+                extra={"peer": client, "error": str(exc)},
+            )
+            self._unstored.add(client, now)
+
+    async def succeeded(self, client: str) -> None:
+        self._unstored.forget(client)
+        try:
+            await self._store.clear_login_failures(client)
+        except StoreError as exc:
+            # The earlier failures simply age out of the window.
+            log.warning(
+                "wrong admin tokens of a successful login not cleared: the store cannot be written",
+                extra={"peer": client, "error": str(exc)},
+            )
+
+
+class SessionRevocations:
+    """Sessions logged out before they expire, kept in the store (as a hash of the session
+    id) so that a logged-out cookie is refused by every process sharing the database.
+
+    A logout the store cannot take is remembered in this process's memory until the
+    session would have expired, with a warning: the other processes accept that cookie
+    until then (or until NBGW_ADMIN_TOKEN changes). `revoked` raises StoreError when the
+    store cannot be read; the caller answers 503 rather than accept a session it cannot
+    check.
+    """
+
+    def __init__(self, store: TokenStore) -> None:
+        self._store = store
+        self._unstored: dict[str, int] = {}  # session id -> expiry
+
+    async def revoke(self, session: Session, now: float) -> bool:
+        """End `session`; False when only this process will refuse it."""
+        self._unstored = {sid: exp for sid, exp in self._unstored.items() if exp > now}
+        try:
+            await self._store.revoke_session(session.sid, session.expires_at, now)
+        except StoreError as exc:
+            self._unstored[session.sid] = session.expires_at
+            log.warning(
+                "logout remembered by this process only: the store cannot be written; other "
+                "processes accept the session until it expires",
+                extra={"error": str(exc)},
+            )
+            return False
+        return True
+
+    async def revoked(self, session: Session, now: float) -> bool:
+        """Whether `session` was logged out (StoreError when that cannot be known)."""
+        if session.sid in self._unstored:
+            return True
+        return await self._store.session_revoked(session.sid, now)

@@ -29,6 +29,13 @@ Refresh coordination, as every backend must provide it:
   `GenerationConflict` and stores nothing.
 - No transaction stays open during the token call on SQLite; on PostgreSQL only the lock's
   own connection is held.
+
+Admin sessions and the wrong-admin-token throttle keep two small, short-lived tables here
+so that every process sharing the database sees the same state: logged-out sessions (only
+a hash of the session id, until the session would have expired) and wrong-token attempts
+per client address (pruned by age on every write and capped at LOGIN_FAILURES_KEPT rows).
+The policy (how many attempts, which window) is the caller's (`admin/session.py`); these
+rows are not part of `dump` / `load`.
 """
 
 from __future__ import annotations
@@ -122,6 +129,9 @@ AUDIT_PATH_MAX = 500
 EVENTS_KEPT = 1000
 # Pending authorizations kept at once (oldest dropped first) and their longest life.
 STATES_KEPT = 500
+# Wrong admin-token attempts kept at once, over every client address (oldest dropped
+# first): a flood from many addresses cannot grow the table without bound.
+LOGIN_FAILURES_KEPT = 50_000
 
 
 class ClientExists(StoreError):
@@ -140,6 +150,12 @@ def lease_seconds(token_timeout: float) -> float:
 def state_hash(state: str) -> str:
     """Only a hash of `state` is stored: a copy of the database cannot complete a flow."""
     return hashlib.sha256(state.encode()).hexdigest()
+
+
+def session_hash(sid: str) -> str:
+    """Only a hash of a logged-out session id is stored: the id is a bearer secret of the
+    cookie, and the hash is enough to refuse that cookie."""
+    return hashlib.sha256(b"nbgateway session:" + sid.encode()).hexdigest()
 
 
 def _status(value: Any, slug: str) -> AccountStatus:
@@ -268,7 +284,12 @@ class RotationReport:
 
 @dataclass(slots=True)
 class StoreDump:
-    """Every stored row as it is (ciphertexts untouched), for copying between databases."""
+    """Every stored row as it is (ciphertexts untouched), for copying between databases.
+
+    Logged-out sessions and wrong admin-token attempts are not copied: they last minutes to
+    hours, and a copy starts with none (a session logged out just before `migrate --to`
+    works again on the target until it expires, unless NBGW_ADMIN_TOKEN changes).
+    """
 
     accounts: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -397,3 +418,9 @@ class TokenStore(Protocol):
     async def audit(
         self, *, nation: str | None = None, client: str | None = None, limit: int = 100
     ) -> list[AuditEntry]: ...
+    # logged-out admin sessions and wrong admin-token attempts (not part of dump/load)
+    async def revoke_session(self, sid: str, expires_at: float, now: float) -> None: ...
+    async def session_revoked(self, sid: str, now: float) -> bool: ...
+    async def record_login_failure(self, client: str, at: float, keep_after: float) -> None: ...
+    async def login_failures(self, client: str, since: float) -> list[float]: ...
+    async def clear_login_failures(self, client: str) -> None: ...

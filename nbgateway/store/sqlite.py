@@ -62,6 +62,7 @@ from nbgateway.store.base import (
     EVENTS_KEPT,
     INFO_FIELDS,
     LAST_ERROR_MAX,
+    LOGIN_FAILURES_KEPT,
     STATE_FIELDS,
     STATES_KEPT,
     ClientExists,
@@ -77,6 +78,7 @@ from nbgateway.store.base import (
     event_from_row,
     lease_seconds,
     listed_info_from_row,
+    session_hash,
     state_hash,
 )
 
@@ -144,6 +146,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_by_nation ON audit (nation, id);
     CREATE INDEX audit_by_client ON audit (client, id);
     CREATE INDEX audit_by_time ON audit (at);
+    """,
+    # v4: logged-out admin sessions and wrong admin-token attempts, shared by every process.
+    """
+    CREATE TABLE revoked_sessions (
+        sid_hash   TEXT PRIMARY KEY,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX revoked_sessions_by_expiry ON revoked_sessions (expires_at);
+    CREATE TABLE login_failures (
+        id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        client TEXT NOT NULL,
+        at     REAL NOT NULL
+    );
+    CREATE INDEX login_failures_by_client ON login_failures (client, at);
+    CREATE INDEX login_failures_by_time ON login_failures (at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -286,6 +303,7 @@ class SQLiteStore:
         token_timeout: float = 15.0,
         on_secret: SecretListener | None = None,
         events_kept: int = EVENTS_KEPT,
+        login_failures_kept: int = LOGIN_FAILURES_KEPT,
     ) -> None:
         self.path = Path(path)
         self._sealer = Sealer(cipher, on_secret)
@@ -294,6 +312,7 @@ class SQLiteStore:
         self._busy_ms = int(busy_timeout * 1000)
         self.lease = lease_seconds(token_timeout)
         self.events_kept = events_kept
+        self.login_failures_kept = login_failures_kept
         self._owner = _owner_id()
         self._conn: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
@@ -948,3 +967,61 @@ class SQLiteStore:
             (*params, limit),
         ) as cur:
             return [audit_from_row(row) async for row in cur]
+
+    # -- admin sessions and the wrong-token throttle ------------------------------------
+
+    async def revoke_session(self, sid: str, expires_at: float, now: float) -> None:
+        """Remember a logged-out session (its id's hash) until `expires_at`; revocations
+        that have expired by `now` are dropped."""
+        async with self._write() as conn:
+            await conn.execute("DELETE FROM revoked_sessions WHERE expires_at <= ?", (now,))
+            await conn.execute(
+                "INSERT INTO revoked_sessions (sid_hash, expires_at) VALUES (?, ?) "
+                "ON CONFLICT (sid_hash) DO UPDATE SET "
+                "expires_at = max(expires_at, excluded.expires_at)",
+                (session_hash(sid), expires_at),
+            )
+
+    async def session_revoked(self, sid: str, now: float) -> bool:
+        """Whether the session was logged out (and would not have expired by `now`)."""
+        try:
+            found = await self._scalar(
+                self.conn,
+                "SELECT 1 FROM revoked_sessions WHERE sid_hash = ? AND expires_at > ?",
+                (session_hash(sid), now),
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+        return found is not None
+
+    async def record_login_failure(self, client: str, at: float, keep_after: float) -> None:
+        """Count a wrong admin token from `client` at `at`; attempts at or before
+        `keep_after` (every address's) are dropped, and at most `login_failures_kept` stay
+        (the oldest go first)."""
+        # Not durable: a count lost to a power cut only gives an address a fresh window.
+        async with self._write(durable=False) as conn:
+            await conn.execute("DELETE FROM login_failures WHERE at <= ?", (keep_after,))
+            await conn.execute(
+                "INSERT INTO login_failures (client, at) VALUES (?, ?)", (client, at)
+            )
+            await conn.execute(
+                "DELETE FROM login_failures WHERE id <= (SELECT id FROM login_failures "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.login_failures_kept,),
+            )
+
+    async def login_failures(self, client: str, since: float) -> list[float]:
+        """When `client` sent wrong admin tokens after `since`, oldest first."""
+        try:
+            async with self.conn.execute(
+                "SELECT at FROM login_failures WHERE client = ? AND at > ? ORDER BY at, id",
+                (client, since),
+            ) as cur:
+                return [float(row[0]) async for row in cur]
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+
+    async def clear_login_failures(self, client: str) -> None:
+        """Forget `client`'s wrong admin tokens (it sent the right one)."""
+        async with self._write(durable=False) as conn:
+            await conn.execute("DELETE FROM login_failures WHERE client = ?", (client,))
