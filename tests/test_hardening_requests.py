@@ -48,7 +48,7 @@ from procs import (
 from prometheus_client import CollectorRegistry
 
 from nbgateway import keys
-from nbgateway.admin.session import LOGIN_FAILURES, LOGIN_WINDOW
+from nbgateway.admin.session import LOGIN_FAILURES, LOGIN_WINDOW, LoginThrottle
 from nbgateway.app import create_app
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings, load_settings
@@ -462,6 +462,26 @@ class TestAdminTokenThrottle:
             "/connect/login", data={"token": ADMIN_TOKEN}, allow_redirects=False
         )
         assert form.status == 429
+
+    async def test_throttles_on_one_database_count_together(
+        self, gateway: Gateway, clock: FakeClock
+    ) -> None:
+        """Two throttles on one store (two processes) share one count per address: once
+        more than LOGIN_FAILURES are stored (processes racing), the address may try again
+        when fewer than LOGIN_FAILURES remain in the window; a success clears the count for
+        both, and other addresses are never affected."""
+        first, second = LoginThrottle(gateway.store), LoginThrottle(gateway.store)
+        start = clock.now()
+        for n in range(LOGIN_FAILURES + 1):
+            await (first, second)[n % 2].failed("192.0.2.1", start + n)
+        now = start + LOGIN_FAILURES
+        # The second-oldest attempt (start + 1) leaves the window first that matters.
+        expected = int(start + 1 + LOGIN_WINDOW - now)
+        assert await first.retry_after("192.0.2.1", now) == expected
+        assert await second.retry_after("192.0.2.1", now) == expected
+        assert await second.retry_after("192.0.2.2", now) is None
+        await second.succeeded("192.0.2.1")
+        assert await first.retry_after("192.0.2.1", now) is None
 
     async def test_requests_without_credentials_do_not_lock_anyone_out(
         self, gateway: Gateway, admin_headers: dict[str, str]

@@ -4,7 +4,9 @@ Issue 8, point 16 (the store's parts): an immutable database is reported as unwr
 as unreadable credentials; a corrupt row is listed as unreadable (never as active with no
 error) and does not hide the other accounts; one corrupt row does not stop `rotate-key`;
 pending authorizations are capped and expire; a foreign session hitting the callback does
-not burn the admin's authorization.
+not burn the admin's authorization. Issue 9, point 5 (admin state in the store): with a
+database that cannot be written, a logout still ends the session in this process and wrong
+admin tokens still count here, each with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from test_admin_pages import BrowserFactory, consent, start
 from yarl import URL
 
 from nbgateway.accounts import STATE_TTL
+from nbgateway.admin.core import SESSION_COOKIE
+from nbgateway.admin.session import LOGIN_FAILURES
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.fakenb import FakeNationBuilder
@@ -127,6 +131,63 @@ class TestImmutableDatabase:
         assert "token store unavailable" in messages
         assert not any("unreadable" in m for m in messages)
         assert "cannot be read" not in body + admin_body
+
+
+class TestAdminStateOnAnUnwritableDatabase:
+    async def test_logout_clears_the_cookie_and_is_kept_in_this_process(
+        self,
+        gateway_factory: GatewayFactory,
+        browsers: BrowserFactory,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A logout the store cannot take still clears the cookie and ends the session in
+        this process; the warning says so and holds no session id."""
+        first = await gateway_factory()
+        path = database_of(first)
+        await first.client.close()
+        with immutable(path):
+            gw = await gateway_factory(first.settings)
+            admin = await browsers(gw)
+            old = dict(admin.cookies)
+            sid = old[SESSION_COOKIE].split(".")[0]
+            with caplog.at_level(logging.WARNING, logger="nbgateway"):
+                status, _, headers = await admin.submit("/connect/logout")
+            assert status == 303
+            assert headers["Location"] == "/connect/login"
+            assert SESSION_COOKIE not in admin.cookies
+            admin.cookies = old
+            status, _, headers = await admin.get("/connect")
+            assert (status, headers["Location"]) == (303, "/connect/login")
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("logout remembered by this process only" in m for m in messages)
+        assert not any(sid in repr(r.__dict__) for r in caplog.records)
+
+    async def test_wrong_tokens_still_count_in_this_process(
+        self,
+        gateway_factory: GatewayFactory,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Wrong admin tokens the store cannot take are counted in this process: after
+        LOGIN_FAILURES of them the right token gets 429, and the log says why."""
+        first = await gateway_factory()
+        path = database_of(first)
+        await first.client.close()
+        with immutable(path):
+            gw = await gateway_factory(first.settings)
+            wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+            with caplog.at_level(logging.WARNING, logger="nbgateway"):
+                for _ in range(LOGIN_FAILURES):
+                    resp = await gw.client.get("/connect/api/accounts", headers=wrong)
+                    assert resp.status == 401
+            resp = await gw.client.get("/connect/api/accounts", headers=AUTH)
+            assert resp.status == 429
+            assert resp.headers["X-NBGW-Error"] == "too_many_attempts"
+            form = await gw.client.post(
+                "/connect/login", data={"token": ADMIN_TOKEN}, allow_redirects=False
+            )
+            assert form.status == 429
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("counted in this process only" in m for m in messages)
 
 
 # ---------------------------------------------------------------------- corrupt rows

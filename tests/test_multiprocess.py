@@ -1,20 +1,24 @@
-"""Several gateway processes on one SQLite file: one refresh between them, never two.
+"""Several gateway processes on one database (SQLite, then PostgreSQL): one refresh
+between them, never two; one admin login state between them.
 
 Real processes: the fake NationBuilder (`python -m nbgateway.fakenb`), two `nbgateway
 serve` instances and the `nbgateway accounts refresh` command, all sharing one database.
 NationBuilder's refresh tokens are single-use, so a second refresh of the same token would
 kill the account; these tests check the cross-process lock and the adoption of a pair that
-another process stored.
+another process stored. A logout on one process ends the session on the other, and wrong
+admin tokens sent to either count in one throttle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from procs import (
     start_gateway,
 )
 
+from nbgateway.admin.session import LOGIN_FAILURES, LOGIN_WINDOW
 from nbgateway.models import AccountInfo, AccountStatus
 
 pytestmark = pytest.mark.slow
@@ -285,3 +290,96 @@ async def test_two_serve_processes_share_one_rate_budget(
         await metric(gw, "nbgw_upstream_429_total", account=SLUG) or 0.0 for gw in gateways
     ]
     assert sum(upstream_429) == state["rate_limited_total"]
+
+
+# ---------------------------------------------------------------------- admin state
+
+
+CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
+WRONG_TOKEN = "not-the-admin-token-at-all-0000"
+
+
+async def admin_request(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    cookie: str | None = None,
+    **kwargs: Any,
+) -> tuple[int, Any, str]:
+    """One request as a browser holding the session `cookie` (redirects not followed)."""
+    headers = dict(kwargs.pop("headers", {}))
+    if cookie is not None:
+        headers["Cookie"] = f"nbgw_session={cookie}"
+    async with http.request(method, url, headers=headers, allow_redirects=False, **kwargs) as resp:
+        return resp.status, resp.headers, await resp.text()
+
+
+def session_cookie_cleared(headers: Any) -> bool:
+    """Whether the response tells the browser to drop its session cookie."""
+    for header in headers.getall("Set-Cookie", []):
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(header)
+        morsel = jar.get("nbgw_session")
+        if morsel is not None and morsel.value == "" and morsel["max-age"] == "0":
+            return True
+    return False
+
+
+async def test_logout_on_one_process_ends_the_session_on_the_other(
+    serve: ServeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Log in on A, use the session on B, log out on A: the same cookie is refused by B
+    (and by A) from then on."""
+    a, b = await serve("gateway-a"), await serve("gateway-b")
+    async with http.post(
+        f"{a}/connect/login", data={"token": ADMIN_TOKEN}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+        cookie = resp.cookies["nbgw_session"].value
+    status, _, page = await admin_request(http, "GET", f"{b}/connect", cookie=cookie)
+    assert status == 200, page
+    match = CSRF_RE.search(page)
+    assert match is not None
+    status, headers, body = await admin_request(
+        http, "POST", f"{a}/connect/logout", cookie=cookie, data={"csrf": match.group(1)}
+    )
+    assert status == 303, body
+    assert session_cookie_cleared(headers)
+    for gateway in (b, a):
+        status, headers, _ = await admin_request(http, "GET", f"{gateway}/connect", cookie=cookie)
+        assert (status, headers.get("Location")) == (303, "/connect/login")
+
+
+async def test_wrong_admin_tokens_count_across_processes(
+    serve: ServeFactory, http: aiohttp.ClientSession
+) -> None:
+    """LOGIN_FAILURES wrong admin tokens from one address, spread over A and B and over the
+    login form and the API's Bearer, lock that address out of both: the right token then
+    gets 429 with Retry-After on either process, by form and by API."""
+    a, b = await serve("gateway-a"), await serve("gateway-b")
+    wrong_bearer = {"Authorization": f"Bearer {WRONG_TOKEN}"}
+    for n in range(LOGIN_FAILURES):
+        gateway = (a, b)[n % 2]
+        if n % 3 == 0:
+            status, _, _ = await admin_request(
+                http, "POST", f"{gateway}/connect/login", data={"token": WRONG_TOKEN}
+            )
+        else:
+            status, _, _ = await admin_request(
+                http, "GET", f"{gateway}/connect/api/accounts", headers=wrong_bearer
+            )
+        assert status == 401, (n, gateway)
+    right_bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for gateway in (a, b):
+        status, headers, _ = await admin_request(
+            http, "GET", f"{gateway}/connect/api/accounts", headers=right_bearer
+        )
+        assert status == 429, gateway
+        assert headers["X-NBGW-Error"] == "too_many_attempts"
+        assert 1 <= int(headers["Retry-After"]) <= LOGIN_WINDOW
+        status, _, page = await admin_request(
+            http, "POST", f"{gateway}/connect/login", data={"token": ADMIN_TOKEN}
+        )
+        assert status == 429, gateway
+        assert "Too many wrong admin tokens" in page

@@ -1,8 +1,9 @@
-"""The gateway on PostgreSQL when things fail: the database going away and coming back,
-and a process killed in the middle of a refresh.
+"""The gateway on PostgreSQL when things fail: the database going away and coming back
+(the proxy, and the admin pages, which need it for sessions and the login throttle), and a
+process killed in the middle of a refresh.
 
-The PostgreSQL servers are started by the tests (pgserver.py). The first test runs the
-gateway in-process with the test clock; the second runs real `nbgateway serve` processes
+The PostgreSQL servers are started by the tests (pgserver.py). The first tests run the
+gateway in-process with the test clock; the last runs real `nbgateway serve` processes
 against the fake NationBuilder subprocess, as in test_multiprocess.py.
 """
 
@@ -28,7 +29,9 @@ from procs import (
     start_fake,
     start_gateway,
 )
+from test_admin_pages import Browser
 
+from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.clock import FakeClock
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus, EventKind
@@ -90,6 +93,49 @@ async def test_postgres_down_cached_token_served_then_reconnects(
     assert account.refresh_started_at is None
     kinds = [e.kind for e in reversed(await gw.store.events(SLUG))]
     assert kinds == [EventKind.CONNECTED, EventKind.REFRESHED]
+
+
+async def test_admin_pages_answer_503_while_postgres_is_down(
+    gateway_factory: GatewayFactory, pg_own_server: PgServer
+) -> None:
+    """With PostgreSQL stopped the admin surface fails closed: a page with a session, the
+    login form and the API's Bearer check answer 503 (no token is checked, nothing is
+    accepted unchecked), and logging out still clears the cookie and ends the session in
+    this process. Once PostgreSQL is back, logging in works again."""
+    gw = await gateway_factory(database=pg_own_server.url())
+    async with aiohttp.ClientSession(
+        base_url=str(gw.client.make_url("/")), cookie_jar=aiohttp.DummyCookieJar()
+    ) as http:
+        browser = Browser(http)
+        assert (await browser.login())[0] == 303
+        csrf = await browser.csrf()
+        old = dict(browser.cookies)
+
+        pg_own_server.stop()
+        status, body, headers = await browser.get("/connect")
+        assert status == 503, body
+        assert headers["X-NBGW-Error"] == "store_unavailable"
+        anonymous = Browser(http)
+        status, body, headers = await anonymous.login()
+        assert status == 503, body
+        assert headers["Retry-After"] == "5"
+        assert "cannot use its database" in body
+        assert SESSION_COOKIE not in anonymous.cookies
+        status, body, headers = await anonymous.request(
+            "GET", "/connect/api/accounts", headers={"Authorization": "Bearer wrong-token"}
+        )
+        assert status == 503, body
+        assert headers["X-NBGW-Error"] == "store_unavailable"
+
+        status, _, headers = await browser.post("/connect/logout", {"csrf": csrf})
+        assert status == 303
+        assert SESSION_COOKIE not in browser.cookies
+
+        pg_own_server.start()
+        browser.cookies = old
+        status, _, headers = await browser.get("/connect")
+        assert (status, headers["Location"]) == (303, "/connect/login")
+        assert (await anonymous.login())[0] == 303
 
 
 # -- a killed process ------------------------------------------------------------------------

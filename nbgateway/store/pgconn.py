@@ -33,6 +33,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # disk full, too many connections
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby or a read-only database
+    # A pooled connection left mid-protocol by a server shutting down ("cannot switch to
+    # state ...; another operation is in progress"): the next call gets another connection.
+    asyncpg.exceptions.InternalClientError,
 )
 # Everything the driver raises for a failed operation.
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
