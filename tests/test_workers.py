@@ -479,7 +479,8 @@ def test_admin_login_and_connect_callback_on_different_workers(
     processes: Processes, env: dict[str, str], fake: FakeNB
 ) -> None:
     """Log in on one worker, start /connect on the other, complete the callback on the
-    first: sessions and OAuth states do not belong to a process."""
+    first, log out on the second: sessions, OAuth states and logouts do not belong to a
+    process (the logged-out cookie is refused by the first worker too)."""
     gateway = start(processes, env)
     first, a = gateway.pinned()
     _, b = gateway.pinned(avoid=first)
@@ -515,6 +516,15 @@ def test_admin_login_and_connect_callback_on_different_workers(
     assert done.headers["Location"].startswith("/connect")
     listing = get(a, "/connect/api/accounts", {"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert [acc["slug"] for acc in json.loads(listing.body)["accounts"]] == [SLUG]
+    logged_in = dict(cookies)
+    page = browse(b, "GET", "/connect")
+    match = CSRF_RE.search(page.body)
+    assert match is not None
+    assert browse(b, "POST", "/connect/logout", {"csrf": match.group(1)}).status == 303
+    cookies.clear()
+    cookies.update(logged_in)  # a copy of the cookie, kept after the logout
+    refused = browse(a, "GET", "/connect")
+    assert (refused.status, refused.headers["Location"]) == (303, "/connect/login")
     for conn in (a, b):
         conn.close()
 
