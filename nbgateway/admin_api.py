@@ -84,7 +84,7 @@ async def require_bearer(request: web.Request) -> None:
             "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
             headers={"WWW-Authenticate": 'Bearer realm="nbgateway-admin"'},
         )
-    await throttle.succeeded(client)
+    await throttle.succeeded(client, now)
 
 
 def _json(data: object, status: int = 200) -> web.Response:

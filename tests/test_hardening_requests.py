@@ -480,7 +480,7 @@ class TestAdminTokenThrottle:
         assert await first.retry_after("192.0.2.1", now) == expected
         assert await second.retry_after("192.0.2.1", now) == expected
         assert await second.retry_after("192.0.2.2", now) is None
-        await second.succeeded("192.0.2.1")
+        await second.succeeded("192.0.2.1", now)
         assert await first.retry_after("192.0.2.1", now) is None
 
     async def test_requests_without_credentials_do_not_lock_anyone_out(

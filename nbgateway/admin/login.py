@@ -79,7 +79,7 @@ class LoginPages:
                 status=401,
                 error="That is not the admin token (NBGW_ADMIN_TOKEN). Check it and try again.",
             )
-        await throttle.succeeded(client)
+        await throttle.succeeded(client, now)
         session = core.signer.session(secrets.token_urlsafe(18), int(now) + SESSION_TTL)
         response = core.redirect(core.base)
         core.cookie(response, SESSION_COOKIE, core.signer.session_cookie(session), SESSION_TTL)

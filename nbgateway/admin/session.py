@@ -171,10 +171,13 @@ class LoginThrottle:
             )
             self._unstored.add(client, now)
 
-    async def succeeded(self, client: str) -> None:
+    async def succeeded(self, client: str, now: float) -> None:
+        """Forget `client`'s wrong tokens (written only when it has some in the window:
+        every successful Bearer call passes here)."""
         self._unstored.forget(client)
         try:
-            await self._store.clear_login_failures(client)
+            if await self._store.login_failures(client, now - self.window):
+                await self._store.clear_login_failures(client)
         except StoreError as exc:
             # The earlier failures simply age out of the window.
             log.warning(
