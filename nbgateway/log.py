@@ -35,9 +35,9 @@ ACCESS_LOGGER = "nbgateway.access"
 
 # Attributes every LogRecord has; anything else was passed with `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-# Access-line fields with few distinct values, whose scrubbed form is remembered.
-_FEW_VALUES = frozenset({"method", "peer", "account"})
-_FEW_VALUES_KEPT = 1024
+# Access-line values whose scrubbed form is remembered: how many, and how long at most.
+_KNOWN_KEPT = 4096
+_KNOWN_MAX_LEN = 256
 # Access lines held before the handler writes them anyway (normally: once per loop turn).
 _PENDING_MAX = 256
 _NUMBERS = (int, float)  # a tuple: isinstance is quicker with it than with int | float
@@ -123,9 +123,12 @@ class AccessLog:
     The line is the one `RedactingFormatter` makes of `log.info("%s %s %s", method, path,
     status, extra=fields)` on the access logger: the same text or JSON, fields and order.
     Redaction runs once per value instead of over the finished line (where the path, say,
-    appears twice): fields with few distinct values (method, peer, account) keep their
-    scrubbed form until the redactor learns a new secret; the others (path, request id, any
-    further text) are scrubbed together in one pass.
+    appears twice), and a value's scrubbed form is remembered: method, peer, account and
+    most paths repeat from request to request, so most lines need no scrubbing at all.
+    The memory holds at most `_KNOWN_KEPT` values of at most `_KNOWN_MAX_LEN` characters,
+    and starts over when the redactor learns a new secret (`Redactor.generation`). Longer
+    values are scrubbed together in one pass. A request id the gateway generated itself
+    (random hex) holds no secret and is not scrubbed.
     """
 
     def __init__(self, formatter: RedactingFormatter, redactor: Redactor) -> None:
@@ -148,31 +151,33 @@ class AccessLog:
                 return scrubbed
         return [scrub(value) for value in values]
 
-    def render(self, fields: Mapping[str, Any], request_id: str | None, created: float) -> str:
+    def render(
+        self,
+        fields: Mapping[str, Any],
+        request_id: str | None,
+        created: float,
+        *,
+        id_is_ours: bool = False,
+    ) -> str:
         """The line for one request: `fields` are the access extras (method, path, peer,
-        duration_ms, account, status ...), in their order."""
+        duration_ms, account, status ...), in their order; `id_is_ours` says the gateway
+        generated `request_id`."""
         redactor = self._redactor
         known = self._known
-        if self._known_generation != redactor.generation or len(known) > _FEW_VALUES_KEPT:
+        if self._known_generation != redactor.generation or len(known) >= _KNOWN_KEPT:
             known.clear()
             self._known_generation = redactor.generation
         json_lines = self._json
-        # Values to scrub in one pass, and where they go.
+        # Values not remembered, scrubbed in one pass at the end, and where they go.
         keys: list[str] = []
         values: list[str] = []
-        if request_id is not None:
+        if request_id is not None and not id_is_ours:
             keys.append("request_id")
             values.append(request_id)
         shown: dict[str, str] = {}  # field -> its text (text format) or JSON literal
         plain: set[str] = set()  # numbers, booleans and None: JSON literals, never scrubbed
         for key, value in fields.items():
             if isinstance(value, str):
-                if key in _FEW_VALUES:
-                    clean = known.get(value)
-                    if clean is None:
-                        clean = known[value] = redactor.scrub(value)
-                    shown[key] = clean
-                    continue
                 text = value
             elif value is None or isinstance(value, _NUMBERS):
                 plain.add(key)
@@ -180,9 +185,15 @@ class AccessLog:
                 continue
             else:
                 text = str(value)
-            keys.append(key)
-            values.append(text)
-            shown[key] = text
+            clean = known.get(text)
+            if clean is not None:
+                shown[key] = clean
+            elif len(text) <= _KNOWN_MAX_LEN:
+                shown[key] = known[text] = redactor.scrub(text)
+            else:
+                keys.append(key)
+                values.append(text)
+                shown[key] = text
         if values:
             for key, clean in zip(keys, self._scrubbed_together(values), strict=True):
                 if key == "request_id":
@@ -236,9 +247,11 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.access_log = AccessLog(formatter, redactor)
         self._pending: list[str] = []
 
-    def access(self, fields: Mapping[str, Any], request_id: str | None) -> None:
-        """Log one request's access line (the fields as `AccessLog.render` takes them)."""
-        line = self.access_log.render(fields, request_id, time.time())
+    def access(
+        self, fields: Mapping[str, Any], request_id: str | None, *, id_is_ours: bool = False
+    ) -> None:
+        """Log one request's access line (the arguments as `AccessLog.render` takes them)."""
+        line = self.access_log.render(fields, request_id, time.time(), id_is_ours=id_is_ours)
         with self.lock:  # type: ignore[union-attr]
             pending = self._pending
             pending.append(line + self.terminator)

@@ -238,9 +238,28 @@ class Metrics:
         self._wait_children: dict[str, Histogram] = {}
         self._remaining_children: dict[str, Gauge] = {}
         self._limit_children: dict[str, Gauge] = {}
+        # Proxied requests being served. In one process the gauge reads this count when
+        # scraped (a plain integer on the hot path, no lock); with values in per-worker
+        # files (multiprocess) it is kept in the gauge itself.
+        self._serving = 0
         if not self.multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+            self.in_flight.set_function(lambda: self._serving)
+
+    def proxy_started(self) -> None:
+        """One proxied request is being served (until its `proxy_ended`)."""
+        if self.multiprocess:
+            self.in_flight.inc()
+        else:
+            self._serving += 1
+
+    def proxy_ended(self) -> None:
+        """The request of a `proxy_started` is answered (or failed)."""
+        if self.multiprocess:
+            self.in_flight.dec()
+        else:
+            self._serving -= 1
 
     def proxied(self, account: str, method: str, code: int, seconds: float) -> None:
         """Count one answered proxy request (labelled children are reused: hot path)."""

@@ -130,9 +130,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     """Request id, error rendering and the access log."""
     incoming = request.headers.get(REQUEST_ID_HEADER)
     if incoming is not None and _REQUEST_ID_RE.fullmatch(incoming):
-        request_id = incoming
+        request_id, id_is_ours = incoming, False
     else:
-        request_id = new_request_id()
+        request_id, id_is_ours = new_request_id(), True
     token = request_id_var.set(request_id)
     info: dict[str, Any] = {}
     request[ACCESS_INFO] = info
@@ -173,11 +173,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         info.setdefault("status", status)
         if log.isEnabledFor(logging.INFO):
-            _access_line(request, info, started)
+            _access_line(request, info, started, id_is_ours)
         request_id_var.reset(token)
 
 
-def _access_line(request: web.Request, info: dict[str, Any], started: float) -> None:
+def _access_line(
+    request: web.Request, info: dict[str, Any], started: float, id_is_ours: bool
+) -> None:
     fields = {
         "method": request.method,
         "path": request.path,
@@ -188,6 +190,6 @@ def _access_line(request: web.Request, info: dict[str, Any], started: float) -> 
     handler = access_handler(log)
     if handler is not None:
         # The line the record would give, without making one (the hot path).
-        handler.access(fields, request_id_var.get())
+        handler.access(fields, request_id_var.get(), id_is_ours=id_is_ours)
     else:
         log.info("%s %s %s", fields["method"], fields["path"], info["status"], extra=fields)

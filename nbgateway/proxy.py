@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 import aiohttp
@@ -113,8 +113,7 @@ BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
 CLIENT_NAME = web.RequestKey("nbgw_client_name", str)
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """Where a request goes: the account, the raw path below /api/ and the query."""
 
     slug: str
@@ -124,6 +123,9 @@ class Route:
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# What `_check_tail` looks at closer in a path without percent-encoding: a control
+# character, a backslash, or a "." or ".." segment.
+_SUSPECT_PLAIN = re.compile(r"[\x00-\x1f\x7f\\]|(?:^|/)\.\.?(?:/|$)")
 # Accounts whose nation base URL is remembered (then the memory starts over).
 _NATION_BASES_KEPT = 4096
 
@@ -131,6 +133,8 @@ _NATION_BASES_KEPT = 4096
 def _check_tail(raw_tail: str) -> None:
     """Refuse paths that could leave /api/ once NationBuilder decodes them."""
     encoded = "%" in raw_tail
+    if not encoded and not _SUSPECT_PLAIN.search(raw_tail):
+        return  # the common case: one regex search, no segment by segment look
     for segment in raw_tail.split("/"):
         decoded = unquote(segment) if encoded else segment
         if decoded in (".", "..") or "/" in decoded or "\\" in decoded or "\\" in segment:
@@ -317,7 +321,7 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         metrics = self._metrics
-        metrics.in_flight.inc()
+        metrics.proxy_started()
         started = time.perf_counter()
         account = NO_ACCOUNT
         status = 500
@@ -336,7 +340,7 @@ class Proxy:
             account = route.slug
             if info is not None:
                 info["account"] = account
-            issued = await self._token(route.slug)
+            issued = self._tokens.cached_token(route.slug) or await self._token(route.slug)
             response = await self._forward(request, route, issued)
             status = response.status
             return response
@@ -346,7 +350,7 @@ class Proxy:
                 account = NO_ACCOUNT  # keeps label values bounded to real accounts
             raise
         finally:
-            metrics.in_flight.dec()
+            metrics.proxy_ended()
             metrics.proxied(account, request.method, status, time.perf_counter() - started)
             if route is not None:
                 metrics.client_request(clients.label(client), account, status)

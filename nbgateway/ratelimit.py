@@ -33,7 +33,9 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+from multidict import istr
 
 from nbgateway.clock import Clock
 from nbgateway.errors import RateLimited
@@ -63,8 +65,7 @@ class TimerHandle(Protocol):
 CallLater = Callable[[float, Callable[[], None]], TimerHandle]
 
 
-@dataclass(frozen=True, slots=True)
-class Announced:
+class Announced(NamedTuple):
     """What one response said about its window (each part None when absent or unusable)."""
 
     limit: int | None
@@ -73,11 +74,15 @@ class Announced:
 
 
 _NOTHING = Announced(None, None, None)
+# Each header in both spellings, as case-insensitive keys (looked up without case folding).
+_LIMIT, _REMAINING, _RESET = (
+    tuple(istr(prefix + name) for prefix in _SPELLINGS) for name in ("Limit", "Remaining", "Reset")
+)
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    for prefix in _SPELLINGS:
-        value = headers.get(prefix + name)
+def _header(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = headers.get(name)
         if value is not None:
             return value.strip()
     return None
@@ -95,10 +100,14 @@ def _count(raw: str | None) -> int | None:
 
 def parse_announced(headers: Mapping[str, str], now: float) -> Announced:
     """Read the RateLimit headers of a response; `now` turns a delta-seconds reset into epoch."""
-    limit = _count(_header(headers, "Limit"))
-    remaining = _count(_header(headers, "Remaining"))
+    raw_limit = _header(headers, _LIMIT)
+    raw_remaining = _header(headers, _REMAINING)
+    raw = _header(headers, _RESET)
+    if raw_limit is None and raw_remaining is None and raw is None:
+        return _NOTHING
+    limit = _count(raw_limit)
+    remaining = _count(raw_remaining)
     reset_at: float | None = None
-    raw = _header(headers, "Reset")
     if raw is not None:
         try:
             value = float(raw)
@@ -111,7 +120,7 @@ def parse_announced(headers: Mapping[str, str], now: float) -> Announced:
                 reset_at = value
     if limit == 0:
         limit = None  # a limit of nothing is not a limit anyone can pace to
-    return Announced(limit=limit, remaining=remaining, reset_at=reset_at)
+    return Announced(limit, remaining, reset_at)
 
 
 def parse_retry_after(raw: str | None, now: float) -> float | None:

@@ -135,10 +135,18 @@ class TokenManager:
 
     # -- the request path --------------------------------------------------------------
 
-    async def access_token(self, slug: str) -> IssuedToken:
-        """A token valid for at least the refresh margin (or the still-valid one in backoff)."""
+    def cached_token(self, slug: str) -> IssuedToken | None:
+        """The token `access_token` would return at once, or None when it would have to
+        wait (no token in memory, or one due for renewal). No await: the hot path."""
         cached = self._cache.get(slug)
         if cached is not None and cached.refresh_at > self._clock.now():
+            return cached
+        return None
+
+    async def access_token(self, slug: str) -> IssuedToken:
+        """A token valid for at least the refresh margin (or the still-valid one in backoff)."""
+        cached = self.cached_token(slug)
+        if cached is not None:
             return cached
         return await self._single_flight(slug, force=False, stale_generation=None)
 
