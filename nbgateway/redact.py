@@ -67,6 +67,8 @@ class Secret:
 
 # A word that may be a token: what scrubbing by value looks up (see Redactor.scrub).
 _WORD = re.compile(r"[A-Za-z0-9_.~+/-]{8,}")
+# The same without "/": a token between slashes (a path segment) is a word of its own too.
+_SEGMENT = re.compile(r"[A-Za-z0-9_.~+-]{8,}")
 _WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~+/-")
 # Substrings that must be present for a shape pattern to be worth running.
 _SHAPE_HINTS = (
@@ -180,8 +182,13 @@ class Redactor:
         # is present (possibly followed by full stops).
         if words:
             found = _WORD.findall(text)
+            slashed = "/" in text
+            if slashed:
+                found += _SEGMENT.findall(text)
             if not words.isdisjoint(found) or not words.isdisjoint(map(_rstrip_dots, found)):
                 text = _WORD.sub(self._replace_word, text)
+                if slashed:
+                    text = _SEGMENT.sub(self._replace_word, text)
         lower = text.lower()
         if _may_hold_a_shape(lower):
             for shape, hints in zip(_PATTERNS, _SHAPE_HINTS, strict=True):

@@ -29,6 +29,7 @@ from nbgateway.log import (
     configure_logging,
     request_id_var,
 )
+from nbgateway.middleware import new_request_id
 from nbgateway.redact import REDACTED, Redactor
 
 LOGGERS = ("nbgateway", "aiohttp")
@@ -407,6 +408,9 @@ ACCESS_REQUESTS = [
     pytest.param("GET", f"/n/acme/api/x {KNOWN_TOKEN}", "10.0.0.1", id="token-in-path"),
     pytest.param("GET", '/api/access_token=abc12345/é"q', None, id="shape-quote-no-peer"),
     pytest.param("PUT", "/api/a\nb", "127.0.0.1", id="newline-in-path"),
+    pytest.param(
+        "GET", f"/api/{'p' * 300}/{KNOWN_TOKEN}/{STATIC_SECRET}", "::1", id="long-path-secrets"
+    ),
 ]
 
 
@@ -435,6 +439,23 @@ class TestDirectAccessLine:
         direct = handler.access_log.render(fields, request_id, CREATED)
         assert direct == record_line(handler.formatter, fields, request_id)
         assert STATIC_SECRET not in direct and KNOWN_TOKEN not in direct
+        # Again, from the remembered scrubbed values: the same line.
+        assert handler.access_log.render(fields, request_id, CREATED) == direct
+
+    @pytest.mark.parametrize("fmt", ["text", "json"])
+    def test_a_generated_request_id_gives_the_record_line_unscrubbed(self, fmt: str) -> None:
+        """An id the gateway generated (random hex) is written as it is, and the line is
+        still the one the record would give."""
+        redactor = Redactor([STATIC_SECRET])
+        handler = LogHandler(
+            io.StringIO(), RedactingFormatter(redactor, json_lines=fmt == "json"), redactor
+        )
+        assert isinstance(handler.formatter, RedactingFormatter)
+        fields = {"method": "GET", "path": "/api/x", "peer": "::1", "status": 200}
+        request_id = new_request_id()
+        direct = handler.access_log.render(fields, request_id, CREATED, id_is_ours=True)
+        assert request_id in direct
+        assert direct == record_line(handler.formatter, fields, request_id)
 
     @pytest.mark.parametrize("fmt", ["text", "json"])
     def test_a_request_id_carrying_a_secret_is_scrubbed(self, fmt: str) -> None:
@@ -457,13 +478,21 @@ class TestDirectAccessLine:
         assert KNOWN_TOKEN not in record_line(handler.formatter, fields, KNOWN_TOKEN)
 
     def test_a_secret_learnt_later_is_scrubbed_from_remembered_values(self) -> None:
-        """Scrubbed method/peer/account values are remembered, but not past a new secret."""
+        """Scrubbed values (peer, path ...) are remembered, but not past a new secret."""
         redactor = Redactor()
         handler = LogHandler(io.StringIO(), RedactingFormatter(redactor, json_lines=True), redactor)
-        fields = {"method": "GET", "path": "/api/x", "peer": "peer-value-1234567", "status": 200}
-        assert "peer-value-1234567" in handler.access_log.render(fields, None, CREATED)
+        fields = {
+            "method": "GET",
+            "path": "/api/x/path-token-7654321",
+            "peer": "peer-value-1234567",
+            "status": 200,
+        }
+        line = handler.access_log.render(fields, None, CREATED)
+        assert "peer-value-1234567" in line and "path-token-7654321" in line
         redactor.add("peer-value-1234567")
-        assert "peer-value-1234567" not in handler.access_log.render(fields, None, CREATED)
+        redactor.add("path-token-7654321", slot="acme/access_token")
+        line = handler.access_log.render(fields, None, CREATED)
+        assert "peer-value-1234567" not in line and "path-token-7654321" not in line
 
     async def test_lines_keep_their_order_with_other_records(
         self, capture_logs: LogCapture

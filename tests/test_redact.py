@@ -221,6 +221,20 @@ class TestSlots:
         ):
             assert value not in redactor.scrub(text)
 
+    @pytest.mark.parametrize(
+        "template",
+        ["/api/v2/{v}/x", "/n/acme/api/{v}", "{v}/tail", "/a/{v}./b", "see /x/{v}/y and {v}"],
+    )
+    def test_slot_values_between_slashes_are_scrubbed(self, template: str) -> None:
+        """A token that is one segment of a path (a word only without its slashes) is
+        scrubbed; the rest of the path stays."""
+        redactor = Redactor()
+        value = "nbfake-at-0123456789abcdef"
+        redactor.add(Secret(value), slot="acme/access_token")
+        scrubbed = redactor.scrub(template.format(v=value))
+        assert value not in scrubbed
+        assert scrubbed == template.format(v=REDACTED)
+
 
 class TestShapePrefilter:
     @pytest.mark.parametrize(
