@@ -163,6 +163,13 @@ def presented_key(request: web.Request) -> str | None:
     return next(iter(found), None)
 
 
+def _listed(connection: str | None) -> frozenset[str] | set[str]:
+    """The header names a Connection header lists (hop-by-hop for this connection)."""
+    if not connection:
+        return frozenset()
+    return {h.strip().lower() for h in connection.split(",") if h.strip()}
+
+
 def _is_api_path(path: str) -> bool:
     return path == "/api" or path.startswith(("/api/", "/api?", "/api#"))
 
@@ -234,13 +241,12 @@ class Proxy:
         """What is refused before routing: the peer, the body's framing and size."""
         if not self._allowed.allows(request.remote):
             raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
-        codings = [
-            coding.strip().lower()
-            for value in request.headers.getall("Transfer-Encoding", ())
+        framing = request.headers.getall("Transfer-Encoding", None)
+        if framing is not None and any(
+            coding.strip().lower() not in ("chunked", "")
+            for value in framing
             for coding in value.split(",")
-            if coding.strip()
-        ]
-        if any(coding != "chunked" for coding in codings):
+        ):
             raise NotImplementedByGateway(
                 "the gateway accepts no transfer coding but chunked; send the body plain "
                 "(Content-Encoding may say how it is compressed)"
@@ -270,7 +276,8 @@ class Proxy:
         return None
 
     def route(self, request: web.Request) -> Route:
-        if len(request.headers.getall(NATION_HEADER, ())) > 1:
+        named = request.headers.getall(NATION_HEADER, ())
+        if len(named) > 1:
             # A front proxy may pin the nation with this header; a second one must not win.
             raise InvalidRequest(f"send at most one {NATION_HEADER} header")
         raw = request.raw_path
@@ -289,14 +296,15 @@ class Proxy:
             tail, by_prefix = rest[4:], True
         elif path == "/api" or path.startswith("/api/"):
             tail, by_prefix = path[5:], False
-            slug = self._select_account(request)
+            slug = self._select_account(named)
         else:  # pragma: no cover - the router only sends the two forms above
             raise InvalidRequest("only /api/... and /n/{slug}/api/... are proxied")
         _check_tail(tail)
         return Route(slug=slug, raw_tail=tail, query=_filter_query(query), by_prefix=by_prefix)
 
-    def _select_account(self, request: web.Request) -> str:
-        values = request.headers.getall(NATION_HEADER, ())
+    def _select_account(self, values: list[str] | tuple[()]) -> str:
+        """The account of a plain /api/ request: X-NB-Nation's (`values`), the default,
+        or the only one connected."""
         if values:
             named = values[0].strip()
             if not is_valid_slug(named):
@@ -382,9 +390,7 @@ class Proxy:
 
     def _upstream_headers(self, request: web.Request, token: IssuedToken) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()
-        connection_listed = {
-            h.strip().lower() for h in request.headers.get("Connection", "").split(",") if h
-        }
+        connection_listed = _listed(request.headers.get("Connection"))
         for name, value in request.headers.items():
             lower = name.lower()
             if lower in _DROP_UPSTREAM or lower in connection_listed:
@@ -577,10 +583,15 @@ class Proxy:
 
         Never an error: whatever goes wrong here, the upstream answer (perhaps to a POST
         that already executed) still reaches the client."""
-        nation = self._settings.nation_base(route.slug).rstrip("/")
+        nation = self._nation_base(route.slug).rstrip("/").encode()
         # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
-        needles = (nation.encode(), b"\\/") + ((b"/api",) if route.by_prefix else ())
-        if not any(needle in raw for needle in needles) and encoding == "identity":
+        needles = (nation, b"\\/", b"/api") if route.by_prefix else (nation, b"\\/")
+        if (
+            encoding == "identity"
+            and nation not in raw
+            and b"\\/" not in raw
+            and not (route.by_prefix and b"/api" in raw)
+        ):
             return None  # nothing that could be a link: no mapper, no parse
         try:
             mapper = self._link_mapper(request, route)
@@ -602,9 +613,7 @@ class Proxy:
         self, request: web.Request, route: Route, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
-        connection_listed = {
-            h.strip().lower() for h in upstream.headers.get("Connection", "").split(",") if h
-        }
+        connection_listed = _listed(upstream.headers.get("Connection"))
         for name, value in upstream.headers.items():
             lower = name.lower()
             if lower in _DROP_DOWNSTREAM or lower in connection_listed:
