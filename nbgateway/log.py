@@ -202,7 +202,7 @@ class AccessLog:
                     shown[key] = clean
         message = f"{shown['method']} {shown['path']} {fields['status']}"
         if not json_lines:
-            tail = " ".join([f"{k}={v}" for k, v in shown.items()])
+            tail = " ".join(map("=".join, shown.items()))
             if request_id is not None:
                 tail = f"request_id={request_id} {tail}"
             return f"{self._formatter.asctime(created)} INFO {ACCESS_LOGGER}: {message} [{tail}]"
