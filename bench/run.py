@@ -1,27 +1,43 @@
 """nbgateway benchmark: throughput against a minimal proxy, refresh coalescing, streaming memory.
 
-One command (`make bench`, or `.venv/bin/python bench/run.py`), loopback only, about 80 s on
+One command (`make bench`, or `.venv/bin/python bench/run.py`), loopback only, about 140 s on
 two cores, stops by itself. Every role runs in its own process, started from this file:
 
-  upstream     a fast local stand-in for NationBuilder (aiohttp): /{slug}/api/v2/signups/me
-               answers ~300 bytes of JSON, /{slug}/oauth/token issues a pair after a delay and
-               counts the calls (/_count), /{slug}/api/big?mib=N streams N MiB
+  fastupstream a cheap local stand-in for NationBuilder for the throughput sections: an
+               asyncio Protocol HTTP/1.1 server (keep-alive, pipelining) on the proxies' event
+               loop that answers /{slug}/api/v2/signups/me with ~300 bytes of fixed JSON; it
+               costs the machine about a third of the aiohttp upstream's CPU per request
+  upstream     the aiohttp stand-in for the rest: the same /me answer, /{slug}/oauth/token
+               issues a pair after a delay and counts the calls (/_count), /{slug}/api/big?mib=N
+               streams N MiB
   gateway      the real `nbgateway serve`, configured only through NBGW_* variables, with the
                account `bench` seeded (valid token) in a temporary database
   passthrough  the least a proxy must do, for comparison: one shared ClientSession, forward
                the request, add a fixed bearer token, stream the answer back
-  load         N concurrent aiohttp workers for a warm-up and a fixed measured window
+  load         wrk (`wrk -t1 -c32`, C) when it is on PATH, else N concurrent aiohttp workers
+               in a Python process (`_load`); a warm-up, then a fixed measured window
+
+On two cores the load generator and the upstream share the CPU with the proxy under test;
+in production NationBuilder is remote and costs the gateway's host nothing. wrk and the
+protocol upstream keep that share small, and every load row prints it (CPU of proxy, load,
+upstream, other processes and idle, in % of one core), so a reader sees whether the second
+core was free for a second worker.
 
 Measured, then summarised with PASS/MISS against each target:
   1. requests/s and latency p50/p90/p99 through the gateway and through the passthrough, in
      alternating rounds, and their ratio (target >= 0.9); the gateway with its default
      logging (NBGW_LOG_LEVEL=INFO, one access-log line per request) and, labelled, with
-     NBGW_ACCESS_LOG=off (every other log line kept); then (--workers N, default 2) the
-     gateway with `serve --workers N` against one process, alternating (target >= 1.8x)
+     NBGW_ACCESS_LOG=off (every other log line kept); then [1c] (--workers N, default 2)
+     the gateway with `serve --workers N` against one process, alternating (target >= 1.8x),
+     with the CPU per request of gateway, load and upstream and the ceiling those costs set
+     on the machine's cores
   2. 1,000 concurrent requests for an account whose access token has expired, while the
      upstream's token endpoint is slow: how many token calls it saw (target: exactly 1)
   3. a 100 MiB response through the gateway: peak growth of its resident memory (VmRSS,
      sampled every 50 ms; target < 30 MiB)
+
+`--load aiohttp` and `--upstream aiohttp` bring back the Python client and the aiohttp
+upstream for [1] and [1c] (the figures before wrk and the protocol upstream).
 
 Exit status: 0 when everything ran (whether or not each target was met), 1 when something
 failed to run (a process did not start, a sanity request failed, a step timed out).
