@@ -931,6 +931,20 @@ def other_cpu_share(r: dict[str, Any]) -> float:
     return cpu_shares(r).get("other", 0.0)
 
 
+def quiet_rounds_line(runs: list[dict[str, Any]], against: list[dict[str, Any]]) -> str:
+    """The req/s ratio over the rounds in which neither run was noisy (NOISY_OTHER_SHARE)."""
+    quiet = [
+        r["rps"] / a["rps"]
+        for r, a in zip(runs, against, strict=True)
+        if max(other_cpu_share(r), other_cpu_share(a)) <= NOISY_OTHER_SHARE
+    ]
+    return (
+        f"    rounds where other processes used at most {100 * NOISY_OTHER_SHARE:.0f}% of a core"
+        f" in both runs: {len(quiet)} of {len(runs)}"
+        + (f", ratio {statistics.fmean(quiet):.2f}" if quiet else "")
+    )
+
+
 def cpu_per_request(r: dict[str, Any], *names: str) -> float:
     """CPU µs per request of the named processes (default: the proxy under test)."""
     cpu = r["cpu_seconds"]
@@ -1148,6 +1162,7 @@ def measure(bench: Bench, started: float) -> int:
         f"  [per round: {', '.join(f'{p:.2f}' for p in paired)}]"
         f"  target >= {TARGET_RATIO}: {verdict(ratio >= TARGET_RATIO)}"
     )
+    print(quiet_rounds_line(results[targets[1][0]], results[targets[0][0]]))
     if quiet is not None:
         qw = mean_result(results[targets[2][0]])
         quiet_ratio = qw["rps"] / pt["rps"]
@@ -1236,6 +1251,7 @@ def compare_workers(bench: Bench, upstream: Child, single: Child) -> str:
         f" per round: {', '.join(f'{p:.2f}' for p in paired)})"
         f"  target >= {TARGET_WORKERS_RATIO}: {verdict(ratio >= TARGET_WORKERS_RATIO)}"
     ]
+    lines.append(quiet_rounds_line(results[label_n], results[label_one]))
     lines.extend(workers_cpu_lines(one, many, a.workers))
     return "\n".join(lines)
 
