@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the browser, Prometheus and PostgreSQL tests drive.
 SYSTEM_PACKAGES := chromium prometheus postgresql
 
-.PHONY: install demo test lint type system-deps bench docs clean
+.PHONY: install demo test lint type system-deps bench-deps bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,15 @@ type: install
 test: lint type system-deps
 	$(BIN)/python -m pytest
 
-bench: install
+## wrk, the C load generator bench/run.py uses for its throughput sections, when missing.
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "installing: wrk"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; \
+	}
+
+bench: install bench-deps
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/refresh_scale.py
 	$(BIN)/python bench/budget.py

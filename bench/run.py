@@ -1,27 +1,43 @@
 """nbgateway benchmark: throughput against a minimal proxy, refresh coalescing, streaming memory.
 
-One command (`make bench`, or `.venv/bin/python bench/run.py`), loopback only, about 80 s on
+One command (`make bench`, or `.venv/bin/python bench/run.py`), loopback only, about 140 s on
 two cores, stops by itself. Every role runs in its own process, started from this file:
 
-  upstream     a fast local stand-in for NationBuilder (aiohttp): /{slug}/api/v2/signups/me
-               answers ~300 bytes of JSON, /{slug}/oauth/token issues a pair after a delay and
-               counts the calls (/_count), /{slug}/api/big?mib=N streams N MiB
+  fastupstream a cheap local stand-in for NationBuilder for the throughput sections: an
+               asyncio Protocol HTTP/1.1 server (keep-alive, pipelining) on the proxies' event
+               loop that answers /{slug}/api/v2/signups/me with ~300 bytes of fixed JSON; it
+               costs the machine about a third of the aiohttp upstream's CPU per request
+  upstream     the aiohttp stand-in for the rest: the same /me answer, /{slug}/oauth/token
+               issues a pair after a delay and counts the calls (/_count), /{slug}/api/big?mib=N
+               streams N MiB
   gateway      the real `nbgateway serve`, configured only through NBGW_* variables, with the
                account `bench` seeded (valid token) in a temporary database
   passthrough  the least a proxy must do, for comparison: one shared ClientSession, forward
                the request, add a fixed bearer token, stream the answer back
-  load         N concurrent aiohttp workers for a warm-up and a fixed measured window
+  load         wrk (`wrk -t1 -c32`, C) when it is on PATH, else N concurrent aiohttp workers
+               in a Python process (`_load`); a warm-up, then a fixed measured window
+
+On two cores the load generator and the upstream share the CPU with the proxy under test;
+in production NationBuilder is remote and costs the gateway's host nothing. wrk and the
+protocol upstream keep that share small, and every load row prints it (CPU of proxy, load,
+upstream, other processes and idle, in % of one core), so a reader sees whether the second
+core was free for a second worker.
 
 Measured, then summarised with PASS/MISS against each target:
   1. requests/s and latency p50/p90/p99 through the gateway and through the passthrough, in
      alternating rounds, and their ratio (target >= 0.9); the gateway with its default
      logging (NBGW_LOG_LEVEL=INFO, one access-log line per request) and, labelled, with
-     NBGW_ACCESS_LOG=off (every other log line kept); then (--workers N, default 2) the
-     gateway with `serve --workers N` against one process, alternating (target >= 1.8x)
+     NBGW_ACCESS_LOG=off (every other log line kept); then [1c] (--workers N, default 2)
+     the gateway with `serve --workers N` against one process, alternating (target >= 1.8x),
+     with the CPU per request of gateway, load and upstream and the ceiling those costs set
+     on the machine's cores
   2. 1,000 concurrent requests for an account whose access token has expired, while the
      upstream's token endpoint is slow: how many token calls it saw (target: exactly 1)
   3. a 100 MiB response through the gateway: peak growth of its resident memory (VmRSS,
      sampled every 50 ms; target < 30 MiB)
+
+`--load aiohttp` and `--upstream aiohttp` bring back the Python client and the aiohttp
+upstream for [1] and [1c] (the figures before wrk and the protocol upstream).
 
 Exit status: 0 when everything ran (whether or not each target was met), 1 when something
 failed to run (a process did not start, a sanity request failed, a step timed out).
@@ -52,7 +68,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -199,6 +215,143 @@ def upstream_app(token_delay: float) -> web.Application:
     app.router.add_get("/{slug}/api/big", big)
     app.router.add_get("/_count", count)
     return app
+
+
+# ---------------------------------------------------------------------------------------
+# Role: fastupstream (the same /me answer, for a fraction of the CPU)
+# ---------------------------------------------------------------------------------------
+
+ME_PATH = re.compile(rb"/[^/?]+/api/v2/signups/me")
+MAX_HEAD = 64 * 1024  # a request head longer than this is refused (431) and the connection closed
+
+
+def _http_response(status: str, body: bytes, content_type: bytes, close: bool = False) -> bytes:
+    return (
+        b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + content_type
+        + b"\r\nContent-Length: " + str(len(body)).encode()
+        + (b"\r\nConnection: close" if close else b"")
+        + b"\r\n\r\n" + body
+    )  # fmt: skip
+
+
+ME_RESPONSE = _http_response("200 OK", ME_BODY, b"application/vnd.api+json")
+UNAUTHORIZED_RESPONSE = _http_response(
+    "401 Unauthorized", b'{"code":"unauthorized"}', b"application/json"
+)
+NOT_FOUND_RESPONSE = _http_response("404 Not Found", b'{"code":"not_found"}', b"application/json")
+
+
+class FastUpstream(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive and pipelining, answering only what the throughput load sends.
+
+    `GET /{slug}/api/v2/signups/me` with a bearer token gets ME_BODY (the same bytes as the
+    aiohttp upstream), without one a 401; `GET /_count` the request counts; anything else a
+    404 (a call to `/{slug}/oauth/token` is counted as a token call). Each request head is
+    found by its blank line; a Content-Length body is skipped; requests that arrive together
+    are answered in order with one write; a partial head or body waits for the rest. A chunked
+    body, a malformed request line or a head over MAX_HEAD is answered 400/431 and the
+    connection closed. No framework, no header
+    objects: the point is that the upstream costs the machine as little CPU as possible, as
+    a remote NationBuilder costs the gateway's host nothing.
+    """
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        buffer = self.buffer
+        buffer += data
+        out: list[bytes] = []
+        close = False
+        start = 0  # where the next request begins in `buffer`
+        while not close:
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0:
+                if len(buffer) - start > MAX_HEAD:
+                    out.append(refusal("431 Request Header Fields Too Large"))
+                    close = True
+                break
+            head = bytes(buffer[start:end])
+            line_end = head.find(b"\r\n")
+            request_line = head if line_end < 0 else head[:line_end]
+            fields = head[len(request_line) :].lower()  # "\r\nname: value" per header
+            parts = request_line.split(b" ")
+            length = content_length(fields)
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or length is None:
+                # The rest of the stream cannot be framed: answer and close.
+                out.append(refusal("400 Bad Request"))
+                close = True
+                break
+            request_end = end + 4 + length
+            if len(buffer) < request_end:
+                break  # the body is still on its way
+            start = request_end
+            out.append(self.answer(parts[0], parts[1], fields))
+            close = b"\r\nconnection: close" in fields or (
+                parts[2] == b"HTTP/1.0" and b"\r\nconnection: keep-alive" not in fields
+            )
+        del buffer[:start]
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            transport.close()
+
+    def answer(self, method: bytes, target: bytes, fields: bytes) -> bytes:
+        path = target.split(b"?", 1)[0]
+        if method == b"GET" and ME_PATH.fullmatch(path):
+            if b"\r\nauthorization: bearer " not in fields:
+                return UNAUTHORIZED_RESPONSE
+            self.counts["served"] += 1
+            return ME_RESPONSE
+        if method == b"GET" and path == b"/_count":
+            return _http_response("200 OK", json.dumps(self.counts).encode(), b"application/json")
+        if path.endswith(b"/oauth/token"):
+            self.counts["token_calls"] += 1
+        self.counts["refused"] += 1
+        return NOT_FOUND_RESPONSE
+
+
+def content_length(fields: bytes) -> int | None:
+    """The body length of a request whose lower-cased header lines are `fields`.
+
+    0 without Content-Length, None when it cannot be framed here (a chunked body, a
+    malformed or repeated Content-Length).
+    """
+    if b"\r\ntransfer-encoding:" in fields:
+        return None
+    at = fields.find(b"\r\ncontent-length:")
+    if at < 0:
+        return 0
+    if fields.find(b"\r\ncontent-length:", at + 1) >= 0:
+        return None
+    value_end = fields.find(b"\r\n", at + 17)
+    value = fields[at + 17 : value_end if value_end >= 0 else len(fields)].strip()
+    return int(value) if value.isdigit() else None
+
+
+def refusal(status: str) -> bytes:
+    return _http_response(status, b"", b"text/plain", close=True)
+
+
+async def _serve_fast_upstream(port: int) -> None:
+    """Serve FastUpstream on loopback until SIGTERM or SIGINT."""
+    counts = {"served": 0, "refused": 0, "token_calls": 0}
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: FastUpstream(counts), HOST, port, backlog=2048)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,6 +556,14 @@ class Bench:
     tmp: Path
     children: list[Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    wrk: str | None = None  # the wrk binary when the throughput load comes from wrk
+
+    def load_label(self) -> str:
+        """Which load generator the throughput sections use, for the output."""
+        a = self.args
+        if self.wrk:
+            return f"load from wrk -t1 -c{a.concurrency}"
+        return f"load from the Python aiohttp client, {a.concurrency} workers"
 
     # -- processes -------------------------------------------------------------------
 
@@ -422,12 +583,12 @@ class Bench:
         self.children.append(child)
         return child
 
-    def spawn_role(self, role: str, *extra: str) -> Child:
+    def spawn_role(self, role: str, *extra: str, name: str = "") -> Child:
         port = _free_port()
         child = self.spawn(
-            role, [sys.executable, __file__, f"_{role}", "--port", str(port), *extra], port
+            name or role, [sys.executable, __file__, f"_{role}", "--port", str(port), *extra], port
         )
-        wait_ready(child, "/_count" if role == "upstream" else "/api/v2/signups/me")
+        wait_ready(child, "/_count" if role.endswith("upstream") else "/api/v2/signups/me")
         return child
 
     def spawn_gateway(self, name: str, upstream: Child, access_log: str, *serve_args: str) -> Child:
@@ -451,8 +612,68 @@ class Bench:
         self, target: Child, upstream: Child, proxy_pids: list[int] | None = None
     ) -> dict[str, Any]:
         """One load run; `proxy_pids` (default: the target's) are metered as the proxy."""
-        a = self.args
         pids = proxy_pids or [target.pid]
+        if self.wrk:
+            result = self.wrk_load(self.wrk, target, upstream, pids)
+        else:
+            result = self.aiohttp_load(target, upstream, pids)
+        if target.proc.poll() is not None:
+            raise BenchError(f"{target.name} exited during the load:\n{target.tail()}")
+        bad = {k: v for k, v in result["statuses"].items() if k != "200"}
+        if bad or result["errors"] or not result["requests"]:
+            raise BenchError(
+                f"{target.name} did not answer 200 under load: statuses {result['statuses']}, "
+                f"{result['errors']} connection errors\n{target.tail()}"
+            )
+        return result
+
+    def wrk_load(self, wrk: str, target: Child, upstream: Child, pids: list[int]) -> dict[str, Any]:
+        """wrk for the warm-up, then again for the measured window, metering CPU around it.
+
+        wrk's own CPU time is what this process's reaped children used meanwhile (the only
+        child reaped in the window is that wrk run).
+        """
+        a = self.args
+        base = [wrk, "-t1", f"-c{a.concurrency}", "--latency"]
+        url = target.url + API_PATH
+        if a.warmup > 0:
+            subprocess.run(
+                [*base, f"-d{max(1, round(a.warmup))}s", url],
+                capture_output=True,
+                timeout=a.warmup + 30,
+                check=False,
+            )
+        metered = {"proxy": pids, "upstream": [upstream.pid]}
+        before = {name: sum(map(_cpu_seconds, group)) for name, group in metered.items()}
+        machine = _machine_busy_seconds()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        began = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [*base, f"-d{max(1, round(a.duration))}s", url],
+                capture_output=True,
+                text=True,
+                timeout=a.duration + 30,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"wrk against {target.name} timed out") from None
+        window = time.perf_counter() - began
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {
+            name: sum(map(_cpu_seconds, group)) - before[name] for name, group in metered.items()
+        }
+        cpu["load"] = (reaped.ru_utime - children.ru_utime) + (reaped.ru_stime - children.ru_stime)
+        cpu["machine"] = _machine_busy_seconds() - machine
+        row = parse_wrk(done.stdout)
+        if row is None:
+            raise BenchError(f"could not read wrk's output:\n{done.stdout}\n{done.stderr}")
+        row.update(statuses={"200": row["requests"]}, errors=0, cpu_seconds=cpu, window=window)
+        return row
+
+    def aiohttp_load(self, target: Child, upstream: Child, pids: list[int]) -> dict[str, Any]:
+        """The Python closed-loop client (`run.py _load`), metering CPU from inside."""
+        a = self.args
         argv = [
             sys.executable,
             __file__,
@@ -482,14 +703,6 @@ class Bench:
         result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
         cpu = result["cpu_seconds"]
         cpu["proxy"] = sum(cpu.pop(f"proxy{i or ''}") for i in range(len(pids)))
-        if target.proc.poll() is not None:
-            raise BenchError(f"{target.name} exited during the load:\n{target.tail()}")
-        bad = {k: v for k, v in result["statuses"].items() if k != "200"}
-        if bad or result["errors"] or not result["requests"]:
-            raise BenchError(
-                f"{target.name} did not answer 200 under load: statuses {result['statuses']}, "
-                f"{result['errors']} connection errors\n{target.tail()}"
-            )
         return result
 
 
@@ -528,18 +741,22 @@ def token_calls(upstream: Child) -> int:
     return int(_get_json(upstream.url + "/_count")["token_calls"])
 
 
-def metric_value(gateway: Child, name: str, account: str) -> float:
+def metric_samples(gateway: Child, name: str, account: str) -> list[float]:
+    """The values of `name`'s series labelled with `account` on the gateway's /metrics."""
     with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     pattern = re.compile(
         rf'^{re.escape(name)}\{{[^}}]*account="{re.escape(account)}"[^}}]*\}} (\S+)$'
     )
-    total = 0.0
-    for line in text.splitlines():
-        match = pattern.match(line)
-        if match:
-            total += float(match.group(1))
-    return total
+    return [float(m.group(1)) for line in text.splitlines() if (m := pattern.match(line))]
+
+
+def metric_value(gateway: Child, name: str, account: str) -> float:
+    return sum(metric_samples(gateway, name, account))
+
+
+def metric_present(gateway: Child, name: str, account: str) -> bool:
+    return bool(metric_samples(gateway, name, account))
 
 
 def rss_kib(pid: int) -> int:
@@ -661,21 +878,38 @@ def fmt_load_row(label: str, r: dict[str, Any]) -> str:
         f"  {label:<40} {r['rps']:>7.0f} {r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} "
         f"{r['p99_ms']:>7.2f} {per_request:>7.0f}"
     )
-    window = r.get("window")
-    if window and "machine" in cpu:
-        ours = sum(float(cpu.get(k, 0.0)) for k in ("proxy", "load", "upstream"))
-        other = max(0.0, cpu["machine"] - ours)
-        shares = [cpu.get(k, 0.0) for k in ("proxy", "load", "upstream")] + [other]
-        row += "  " + " ".join(f"{100 * v / window:>5.0f}" for v in shares)
+    shares = cpu_shares(r)
+    if shares:
+        row += "  " + " ".join(f"{100 * shares[k]:>5.0f}" for k in SHARE_COLUMNS)
     return row
+
+
+SHARE_COLUMNS = ("proxy", "load", "upstream", "other", "idle")
+
+
+def cpu_shares(r: dict[str, Any]) -> dict[str, float]:
+    """Where the machine's CPU went during the window, in cores (empty without a window).
+
+    proxy, load and upstream are the benchmark's processes; other is the machine's busy time
+    minus those (other engineers' work); idle is what no one used, of all cores.
+    """
+    cpu = r.get("cpu_seconds", {})
+    window = r.get("window")
+    if not window or "machine" not in cpu:
+        return {}
+    shares = {k: float(cpu.get(k, 0.0)) / window for k in ("proxy", "load", "upstream")}
+    busy = float(cpu["machine"]) / window
+    shares["other"] = max(0.0, busy - sum(shares.values()))
+    shares["idle"] = max(0.0, (os.cpu_count() or 1) - busy)
+    return shares
 
 
 def load_header() -> str:
     return (
         f"  {'':<40} {'':>7} {'':>7} {'':>7} {'':>7} {'proxy':>7}  "
-        f"{'CPU, % of one core':^23}\n"
+        f"{'CPU, % of one core':^29}\n"
         f"  {'target':<40} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
-        f"{'us/req':>7}  {'proxy':>5} {'load':>5} {'upstr':>5} {'other':>5}"
+        f"{'us/req':>7}  {'proxy':>5} {'load':>5} {'upstr':>5} {'other':>5} {'idle':>5}"
     )
 
 
@@ -694,15 +928,35 @@ def mean_result(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def other_cpu_share(r: dict[str, Any]) -> float:
     """CPU used by processes outside the benchmark during the window, in cores."""
+    return cpu_shares(r).get("other", 0.0)
+
+
+def starved(r: dict[str, Any]) -> bool:
+    """Whether other processes took CPU the run could have used: above NOISY_OTHER_SHARE of a
+    core while less than that was left idle (one process may leave a core idle undisturbed).
+    """
+    shares = cpu_shares(r)
+    return bool(shares) and shares["other"] > NOISY_OTHER_SHARE > shares["idle"]
+
+
+def quiet_rounds_line(runs: list[dict[str, Any]], against: list[dict[str, Any]]) -> str:
+    """The req/s ratio over the rounds in which neither run was starved of CPU."""
+    quiet = [
+        r["rps"] / a["rps"]
+        for r, a in zip(runs, against, strict=True)
+        if not starved(r) and not starved(a)
+    ]
+    return (
+        f"    rounds in which no run lacked CPU (other processes above"
+        f" {100 * NOISY_OTHER_SHARE:.0f}% of a core with less idle): {len(quiet)} of {len(runs)}"
+        + (f", ratio {statistics.fmean(quiet):.2f}" if quiet else "")
+    )
+
+
+def cpu_per_request(r: dict[str, Any], *names: str) -> float:
+    """CPU µs per request of the named processes (default: the proxy under test)."""
     cpu = r["cpu_seconds"]
-    if "machine" not in cpu:
-        return 0.0
-    ours = sum(float(cpu.get(k, 0.0)) for k in ("proxy", "load", "upstream"))
-    return max(0.0, float(cpu["machine"]) - ours) / float(r["window"])
-
-
-def cpu_per_request(r: dict[str, Any]) -> float:
-    return float(r["cpu_seconds"]["proxy"]) / float(r["requests"]) * 1e6
+    return sum(float(cpu.get(n, 0.0)) for n in names or ("proxy",)) / float(r["requests"]) * 1e6
 
 
 def machine_line() -> str:
@@ -734,13 +988,24 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print(f"nbgateway benchmark on {machine_line()}")
     print(
-        f"load: {args.concurrency} concurrent keep-alive workers, {args.warmup:g} s warm-up, "
+        f"load: {args.concurrency} concurrent keep-alive connections, {args.warmup:g} s warm-up, "
         f"{args.duration:g} s measured, {args.rounds} alternating round(s); the load "
         "generator, the proxy under test and the upstream share the same cores",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="nbgw-bench-") as tmpdir:
         bench = Bench(args, Path(tmpdir))
+        if args.load != "aiohttp":
+            bench.wrk = shutil.which("wrk")
+            if bench.wrk is None and args.load == "wrk":
+                print("\nFAILED TO RUN: --load wrk, but wrk is not on PATH", file=sys.stderr)
+                return 1
+        print(
+            f"throughput sections: {bench.load_label()}"
+            + ("" if bench.wrk or args.load == "aiohttp" else " (wrk not on PATH)")
+            + f"; upstream stand-in: {args.upstream}",
+            flush=True,
+        )
         try:
             return measure(bench, started)
         except (BenchError, subprocess.SubprocessError, OSError) as exc:
@@ -779,12 +1044,23 @@ def measure(bench: Bench, started: float) -> int:
     asyncio.run(seed_account(database, key, SLUG, expires_in=86400))
 
     upstream = bench.spawn_role("upstream", "--token-delay", str(args.token_delay))
-    passthrough = bench.spawn_role("passthrough", "--upstream", upstream.url)
-    gateway = bench.spawn_gateway("gateway", upstream, "on")
-    quiet = bench.spawn_gateway("gateway-no-access-log", upstream, "off") if args.quiet else None
-    for target in (passthrough, gateway, *([quiet] if quiet else [])):
+    # The throughput sections run against the cheap upstream (unless --upstream aiohttp);
+    # sections 2 and 3 need the aiohttp one (token endpoint, streaming).
+    fast = bench.spawn_role("fastupstream") if args.upstream == "fast" else upstream
+    passthrough = bench.spawn_role("passthrough", "--upstream", fast.url)
+    gateway = bench.spawn_gateway("gateway", fast, "on")
+    quiet = bench.spawn_gateway("gateway-no-access-log", fast, "off") if args.quiet else None
+    slow: tuple[Child, Child] | None = None
+    if fast is not upstream:
+        # The pair for sections 2 and 3, idle until then (started now so that a failure to
+        # start shows before the long part of the run).
+        slow = (
+            bench.spawn_role("passthrough", "--upstream", upstream.url, name="passthrough-slow"),
+            bench.spawn_gateway("gateway-slow", upstream, "on"),
+        )
+    for target in (passthrough, gateway, *([quiet] if quiet else []), *(slow or ())):
         asyncio.run(sanity(target.url))
-    calls_at_start = token_calls(upstream)
+    calls_at_start = token_calls(fast)
 
     # 1. throughput and latency, alternating targets round by round
     targets: list[tuple[str, Child]] = [
@@ -794,25 +1070,34 @@ def measure(bench: Bench, started: float) -> int:
     if quiet is not None:
         targets.append(("gateway, NBGW_ACCESS_LOG=off", quiet))
     results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in targets}
-    print("\n[1] throughput and latency", flush=True)
+    print(f"\n[1] throughput and latency ({bench.load_label()}, {fast.name})", flush=True)
     print(load_header())
     for round_no in range(1, args.rounds + 1):
         for label, target in targets:
-            r = bench.run_load(target, upstream)
+            r = bench.run_load(target, fast)
             results[label].append(r)
             print(fmt_load_row(f"{label} #{round_no}", r), flush=True)
-    if token_calls(upstream) != calls_at_start:
+    workers_summary = compare_workers(bench, fast, gateway) if args.workers > 1 else ""
+    if token_calls(fast) != calls_at_start:
         raise BenchError("the load made the gateway call the token endpoint; the seed is wrong")
-    wrk_rows: dict[str, dict[str, Any]] = {}
-    if args.wrk:
-        wrk_rows = run_wrk(bench, targets)
-    workers_summary = compare_workers(bench, upstream, gateway) if args.workers > 1 else ""
     if quiet is not None:
         quiet.stop()  # one gateway on the database from here on
+    if slow is not None:
+        # Sections 2 and 3 through the same kind of processes, on the aiohttp upstream.
+        for child in (gateway, passthrough, fast):
+            child.stop()
+        passthrough, gateway = slow
 
     # 2. 1,000 concurrent requests on an expired token
     print(f"\n[2] {args.burst} concurrent requests on an expired access token", flush=True)
     asyncio.run(seed_account(database, key, EXPIRED_SLUG, expires_in=-60))
+    # The gateway counts coalesced waiters only for accounts it has listed (it looks at the
+    # store every second): wait for that, so the burst's counter is complete.
+    until = time.monotonic() + 10
+    while not metric_present(gateway, "nbgw_access_token_expiry_timestamp_seconds", EXPIRED_SLUG):
+        if time.monotonic() > until:
+            raise BenchError(f"the gateway did not list {EXPIRED_SLUG} within 10 s")
+        time.sleep(0.05)
     before = token_calls(upstream)
     coalesced_before = metric_value(gateway, "nbgw_token_refresh_coalesced_total", EXPIRED_SLUG)
     burst_started = time.perf_counter()
@@ -873,9 +1158,8 @@ def measure(bench: Bench, started: float) -> int:
     print(load_header())
     for label, _ in targets:
         print(fmt_load_row(label, mean_result(results[label])))
-    for label, row in wrk_rows.items():
-        print(fmt_load_row(label, row))
     print()
+    print(f"  load generator: {bench.load_label()}; upstream for [1] and [1c]: {fast.name}")
     print(
         "  proxy CPU per request: gateway "
         f"{cpu_per_request(gw):.0f} us, passthrough {cpu_per_request(pt):.0f} us"
@@ -886,6 +1170,7 @@ def measure(bench: Bench, started: float) -> int:
         f"  [per round: {', '.join(f'{p:.2f}' for p in paired)}]"
         f"  target >= {TARGET_RATIO}: {verdict(ratio >= TARGET_RATIO)}"
     )
+    print(quiet_rounds_line(results[targets[1][0]], results[targets[0][0]]))
     if quiet is not None:
         qw = mean_result(results[targets[2][0]])
         quiet_ratio = qw["rps"] / pt["rps"]
@@ -951,7 +1236,11 @@ def compare_workers(bench: Bench, upstream: Child, single: Child) -> str:
     asyncio.run(sanity(multi.url))
     label_one, label_n = "gateway, 1 process", f"gateway, --workers {a.workers}"
     results: dict[str, list[dict[str, Any]]] = {label_one: [], label_n: []}
-    print(f"\n[1c] one process against --workers {a.workers} (default logging)", flush=True)
+    print(
+        f"\n[1c] one process against --workers {a.workers} (default logging;"
+        f" {bench.load_label()}, {upstream.name})",
+        flush=True,
+    )
     print(load_header())
     for round_no in range(1, a.rounds + 1):
         for label, target, proxy_pids in ((label_one, single, None), (label_n, multi, pids)):
@@ -961,49 +1250,53 @@ def compare_workers(bench: Bench, upstream: Child, single: Child) -> str:
     multi.stop()
     one, many = mean_result(results[label_one]), mean_result(results[label_n])
     ratio = many["rps"] / one["rps"]
-    return (
+    paired = [
+        m["rps"] / o["rps"] for m, o in zip(results[label_n], results[label_one], strict=True)
+    ]
+    lines = [
         f"  ratio --workers {a.workers}/one process req/s: {ratio:.2f}"
-        f" ({many['rps']:.0f} against {one['rps']:.0f}; proxy CPU per request"
-        f" {cpu_per_request(many):.0f} us against {cpu_per_request(one):.0f} us)"
+        f" ({many['rps']:.0f} against {one['rps']:.0f};"
+        f" per round: {', '.join(f'{p:.2f}' for p in paired)})"
         f"  target >= {TARGET_WORKERS_RATIO}: {verdict(ratio >= TARGET_WORKERS_RATIO)}"
-    )
+    ]
+    lines.append(quiet_rounds_line(results[label_n], results[label_one]))
+    lines.extend(workers_cpu_lines(one, many, a.workers))
+    return "\n".join(lines)
 
 
-def run_wrk(bench: Bench, targets: list[tuple[str, Child]]) -> dict[str, dict[str, Any]]:
-    """Optional second opinion from wrk (C, far cheaper per request than the Python client)."""
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("\n  --wrk: wrk is not installed (apt-get install -y wrk); skipped")
-        return {}
-    a = bench.args
-    rows: dict[str, dict[str, Any]] = {}
-    print("\n[1b] the same load from wrk (1 thread)", flush=True)
-    print(load_header())
-    for label, target in targets:
-        url = target.url + API_PATH
-        base = [wrk, "-t1", f"-c{a.concurrency}", "--latency", url]
-        subprocess.run(
-            [*base[:3], f"-d{max(1, int(a.warmup))}s", *base[3:]],
-            capture_output=True,
-            timeout=a.warmup + 30,
-            check=False,
+def workers_cpu_lines(one: dict[str, Any], many: dict[str, Any], workers: int) -> list[str]:
+    """Where the CPU went in [1c], and the ceiling the measured CPU costs set on this machine.
+
+    With the machine to itself, N workers serve at most cores / (gateway + load + upstream
+    CPU per request), since all three share the cores (and min(N, cores) / gateway CPU per
+    request); one process at most one core / its own CPU per request, or less when load
+    and upstream do not fit on the other cores.
+    """
+    cores = os.cpu_count() or 1
+    lines = []
+    for label, r in (("1 process", one), (f"--workers {workers}", many)):
+        shares = cpu_shares(r)
+        if not shares:
+            continue
+        lines.append(
+            f"    {label:<12} CPU per request: gateway {cpu_per_request(r):.0f} us,"
+            f" load {cpu_per_request(r, 'load'):.0f} us, upstream"
+            f" {cpu_per_request(r, 'upstream'):.0f} us; cores used: gateway"
+            f" {shares['proxy']:.2f}, load + upstream {shares['load'] + shares['upstream']:.2f},"
+            f" other processes {shares['other']:.2f}, idle {shares['idle']:.2f} (of {cores})"
         )
-        before = _cpu_seconds(target.pid)
-        done = subprocess.run(
-            [*base[:3], f"-d{int(a.duration)}s", *base[3:]],
-            capture_output=True,
-            text=True,
-            timeout=a.duration + 30,
-            check=False,
+    if cpu_shares(one) and cpu_shares(many):
+        all_n = cpu_per_request(many, "proxy", "load", "upstream")
+        all_one = cpu_per_request(one, "proxy", "load", "upstream")
+        ceiling_n = min(min(workers, cores) / cpu_per_request(many), cores / all_n) * 1e6
+        ceiling_one = min(1 / cpu_per_request(one), cores / all_one) * 1e6
+        lines.append(
+            f"    ceiling on {cores} idle cores at these costs: --workers {workers}"
+            f" {ceiling_n:.0f} req/s ({cores} cores / {all_n:.0f} us), one process"
+            f" {ceiling_one:.0f} req/s (1 core / {cpu_per_request(one):.0f} us):"
+            f" at most {ceiling_n / ceiling_one:.2f}x"
         )
-        cpu = _cpu_seconds(target.pid) - before
-        row = parse_wrk(done.stdout)
-        if row is None:
-            raise BenchError(f"could not read wrk's output:\n{done.stdout}\n{done.stderr}")
-        row["cpu_seconds"] = {"proxy": cpu}
-        rows[f"{label} [wrk]"] = row
-        print(fmt_load_row(f"{label} [wrk]", row), flush=True)
-    return rows
+    return lines
 
 
 def parse_wrk(text: str) -> dict[str, Any] | None:
@@ -1040,6 +1333,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--token-delay", type=float, default=1.0)
         a = p.parse_args(argv[1:])
         asyncio.run(_serve_forever(upstream_app(a.token_delay), a.port))
+        return 0
+    if argv and argv[0] == "_fastupstream":
+        p = argparse.ArgumentParser(prog="run.py _fastupstream")
+        p.add_argument("--port", type=int, required=True)
+        a = p.parse_args(argv[1:])
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(_serve_fast_upstream(a.port))
         return 0
     if argv and argv[0] == "_passthrough":
         p = argparse.ArgumentParser(prog="run.py _passthrough")
@@ -1084,7 +1384,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the extra gateway run with NBGW_ACCESS_LOG=off",
     )
-    parser.add_argument("--wrk", action="store_true", help="also measure with wrk, if installed")
+    parser.add_argument(
+        "--load",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="load generator for [1] and [1c]: wrk (C, cheap), the Python aiohttp client,"
+        " or auto (default: wrk when it is on PATH, else aiohttp)",
+    )
+    parser.add_argument(
+        "--upstream",
+        choices=("fast", "aiohttp"),
+        default="fast",
+        help="upstream stand-in for [1] and [1c]: fast (asyncio protocol, default) or the"
+        " aiohttp app that sections 2 and 3 use",
+    )
     parser.add_argument(
         "--workers",
         type=int,
