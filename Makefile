@@ -53,9 +53,15 @@ bench-deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends wrk; \
 	}
+	@command -v valgrind >/dev/null 2>&1 || { \
+		echo "installing: valgrind"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends valgrind; \
+	}
 
 bench: install bench-deps
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/instructions.py
 	$(BIN)/python bench/refresh_scale.py
 	$(BIN)/python bench/budget.py
 

@@ -9,7 +9,8 @@ writes themselves, are not in it), and callgrind runs the proxy about 50 times s
 only the count is a figure, not the time.
 
 For each target (the passthrough of bench/run.py, the gateway with default settings, the
-gateway with NBGW_ACCESS_LOG=off) this starts the upstream stand-in and the proxy under
+gateway with NBGW_ACCESS_LOG=off) this starts the cheap upstream stand-in of
+bench/run.py [1] and the proxy under
 `valgrind --tool=callgrind --instr-atstart=no`, warms it up, switches instrumentation on
 with `callgrind_control` only while `--requests` requests run over 16 keep-alive
 connections, and prints instructions per request and the ratio to the passthrough.
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(name)
         port = bench._free_port()
         upstream = subprocess.Popen(
-            [sys.executable, bench.__file__, "_upstream", "--port", str(port)],
+            [sys.executable, bench.__file__, "_fastupstream", "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
