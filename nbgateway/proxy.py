@@ -19,7 +19,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 from urllib.parse import unquote
@@ -163,11 +163,11 @@ def presented_key(request: web.Request) -> str | None:
     return next(iter(found), None)
 
 
-def _listed(connection: str | None) -> frozenset[str] | set[str]:
+def _listed(connection: str | None) -> frozenset[str]:
     """The header names a Connection header lists (hop-by-hop for this connection)."""
     if not connection:
         return frozenset()
-    return {h.strip().lower() for h in connection.split(",") if h.strip()}
+    return frozenset(h.strip().lower() for h in connection.split(","))
 
 
 def _is_api_path(path: str) -> bool:
@@ -302,7 +302,7 @@ class Proxy:
         _check_tail(tail)
         return Route(slug=slug, raw_tail=tail, query=_filter_query(query), by_prefix=by_prefix)
 
-    def _select_account(self, values: list[str] | tuple[()]) -> str:
+    def _select_account(self, values: Sequence[str]) -> str:
         """The account of a plain /api/ request: X-NB-Nation's (`values`), the default,
         or the only one connected."""
         if values:
@@ -586,12 +586,7 @@ class Proxy:
         nation = self._nation_base(route.slug).rstrip("/").encode()
         # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
         needles = (nation, b"\\/", b"/api") if route.by_prefix else (nation, b"\\/")
-        if (
-            encoding == "identity"
-            and nation not in raw
-            and b"\\/" not in raw
-            and not (route.by_prefix and b"/api" in raw)
-        ):
+        if encoding == "identity" and not any(needle in raw for needle in needles):
             return None  # nothing that could be a link: no mapper, no parse
         try:
             mapper = self._link_mapper(request, route)
