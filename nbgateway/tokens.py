@@ -190,11 +190,20 @@ class TokenManager:
         # so several such waiters join one new task instead of each starting their own.
         while (running := self._inflight.get(slug)) is not None:
             task, task_forced = running
-            if slug in self._accounts:  # never a label for a slug that is not an account
+            # Counted when joining for a listed account; for one stored since the last sync
+            # (perhaps by another process), once the refresh has shown that it exists, so a
+            # slug that is not an account (or one the store could not be asked about) never
+            # gets a label.
+            listed = slug in self._accounts
+            if listed:
                 self._metrics.refresh_coalesced.labels(slug).inc()
             try:
                 result = await asyncio.shield(task)
-            except RefreshBackoff:
+            except TokenUnavailable as exc:  # the refresh found the account, then failed
+                if not listed:
+                    self._metrics.refresh_coalesced.labels(slug).inc()
+                if not isinstance(exc, RefreshBackoff):
+                    raise
                 # A forced refresh (admin, background) failed; a caller that only needs
                 # a valid token keeps the one it has, or the still-valid stored one
                 # (_obtain returns that without a new attempt while backing off).
@@ -206,6 +215,8 @@ class TokenManager:
                 # The still-valid stored token, if any; while backing off _obtain makes no
                 # token call, so running it outside single flight is cheap.
                 return await self._obtain(slug, False, stale_generation)
+            if not listed:
+                self._metrics.refresh_coalesced.labels(slug).inc()
             if not force or task_forced or result.generation != stale_generation:
                 return result
         task = asyncio.create_task(self._obtain(slug, force, stale_generation))

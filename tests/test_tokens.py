@@ -151,6 +151,43 @@ class TestCoalescing:
         assert [bearer(r) for r in fake_nb.api_requests] == [new_token] * 100
         assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
 
+    async def test_waiters_count_for_an_account_stored_since_the_last_sync(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """An account another process stored moments ago, not yet in this process's list:
+        the requests that wait for its refresh are still counted as coalesced."""
+        a = await gateway_factory(shared_settings)
+        b = await gateway_factory(shared_settings)
+        await connect_account(a, SLUG)
+        assert b.tokens.account_count() == 0  # b has not listed it yet
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        tasks = [asyncio.create_task(fetch(b, f"/n/{SLUG}{ME}")) for _ in range(10)]
+        await fake_nb.wait_for_pending_tokens(1)
+        # In flight means joined: nothing awaits between the count and the join.
+        await eventually(
+            lambda: b.metric("nbgw_proxy_in_flight_requests") == 10, "10 requests in flight"
+        )
+        assert b.metric(COALESCED, account=SLUG) == 0  # counted once the refresh is over
+        fake_nb.release_tokens()
+
+        assert await asyncio.gather(*tasks) == [200] * 10
+        assert len(fake_nb.token_requests) == 1
+        assert b.metric(COALESCED, account=SLUG) == 9
+
+    async def test_an_unknown_slug_gets_no_coalesced_label(
+        self, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Concurrent requests for a slug that is no account: 404s, and no series for it."""
+        statuses = await asyncio.gather(*(fetch(gateway, f"/n/nobody{ME}") for _ in range(5)))
+        assert statuses == [404] * 5
+        assert gateway.registry.get_sample_value(COALESCED, {"account": "nobody"}) is None
+
 
 class TestSingleFlight:
     async def test_forced_waiters_on_a_non_forced_task_share_one_new_task(
