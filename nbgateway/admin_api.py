@@ -28,10 +28,10 @@ from nbgateway.errors import (
     InvalidRequest,
     NotFound,
     StoreError,
-    TokenStoreUnavailable,
     TokenUnavailable,
     TooManyAttempts,
     UnknownAccount,
+    store_failure,
     token_error,
 )
 from nbgateway.store import ClientExists
@@ -65,10 +65,7 @@ async def require_bearer(request: web.Request) -> None:
             "admin API refused: the throttle cannot be read from the store",
             extra={"peer": client, "error": str(exc)},
         )
-        raise TokenStoreUnavailable(
-            "the gateway cannot use its database right now; retry shortly",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise store_failure(exc) from None
     if wait is not None:
         raise TooManyAttempts(
             f"too many wrong admin tokens from this address; try again in {wait} s",

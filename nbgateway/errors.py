@@ -26,8 +26,9 @@
         └── RateLimited          the nation's rate budget would not free up in time
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
-data; `middleware.error_response` is the one place that renders it, and `token_error`
-the one place that turns "no token for this account" into what a client is told.
+data; `middleware.error_response` is the one place that renders it, `token_error` the
+one place that turns "no token for this account" into what a client is told, and
+`store_failure` the one that does so for a failed store.
 """
 
 from __future__ import annotations
@@ -236,8 +237,6 @@ class NotFound(GatewayError):
 
 def token_error(slug: str, exc: NBGatewayError, connect_url: str) -> GatewayError:
     """The gateway error a client sees when no token can be had for `slug`."""
-    if isinstance(exc, AccountNotFound):
-        return UnknownAccount(f"no account named {slug!r} is connected")
     if isinstance(exc, ReauthorizationRequired):
         return AccountNeedsReauthorization(
             f"the account {slug!r} needs an admin to re-authorize it at {connect_url}"
@@ -248,13 +247,22 @@ def token_error(slug: str, exc: NBGatewayError, connect_url: str) -> GatewayErro
             f"the access token of {slug!r} could not be refreshed; retry in {retry} s",
             headers={"Retry-After": str(retry)},
         )
+    if isinstance(exc, StoreError):
+        return store_failure(exc, slug)
+    return TokenRefreshFailed(f"no access token for {slug!r} is available")
+
+
+def store_failure(exc: StoreError, slug: str | None = None) -> GatewayError:
+    """The gateway error a client or admin sees when the store failed (`slug`: the account
+    asked about, if any): 503 with Retry-After while the database cannot be used, 404 for a
+    missing account, else 500 naming the check that finds the damage."""
+    about = f" for {slug!r}" if slug else ""
     if isinstance(exc, StoreUnavailable):
         return TokenStoreUnavailable(
-            f"the gateway cannot use its database for {slug!r} right now; retry shortly",
+            f"the gateway cannot use its database{about} right now; retry shortly",
             headers={"Retry-After": "5"},
         )
-    if isinstance(exc, StoreError):
-        return TokenStoreError(
-            f"the stored credentials of {slug!r} cannot be read; see `nbgateway check`"
-        )
-    return TokenRefreshFailed(f"no access token for {slug!r} is available")
+    if isinstance(exc, AccountNotFound):
+        return UnknownAccount(f"no account named {slug or exc.slug!r} is connected")
+    what = f"the stored credentials of {slug!r}" if slug else "stored data"
+    return TokenStoreError(f"{what} cannot be read; see `nbgateway check`")

@@ -4,9 +4,9 @@
 - `only_from`: a middleware refusing (403 client_not_allowed) peers outside an allow-list.
 - `request_context`: accepts or generates X-Request-ID (returned on every response), puts
   it in the logging context, answers TRACE and CONNECT with 405 on every path (TRACE
-  would reflect the bearer token the proxy adds), renders `GatewayError`s, turns
-  unexpected exceptions into a 500 without details, and writes one access-log line per
-  request.
+  would reflect the bearer token the proxy adds), renders `GatewayError`s (and store
+  failures no handler caught, as `errors.store_failure`), turns unexpected exceptions into
+  a 500 without details, and writes one access-log line per request.
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from nbgateway.allowlist import AllowList
-from nbgateway.errors import ClientNotAllowed, GatewayError, MethodNotAllowed, NotFound
+from nbgateway.errors import (
+    ClientNotAllowed,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    StoreError,
+    store_failure,
+)
 from nbgateway.log import ACCESS_LOGGER, access_handler, request_id_var
 
 log = logging.getLogger(ACCESS_LOGGER)
@@ -161,6 +168,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             status = exc.status
             exc.headers[REQUEST_ID_HEADER] = request_id
             raise
+        except StoreError as exc:
+            # The database failed where no handler expected it: say so, without a traceback.
+            errlog.error(
+                "request failed: the store could not be used",
+                extra={"method": request.method, "error": str(exc)},
+            )
+            response = error_response(store_failure(exc))
         except Exception:
             errlog.exception("unhandled error", extra={"method": request.method})
             response = error_response(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -26,7 +27,7 @@ from nbgateway.admin.views import (
     span,
 )
 from nbgateway.clock import FakeClock
-from nbgateway.errors import RefreshBackoff
+from nbgateway.errors import CorruptRecordError, RefreshBackoff, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import Metrics
 from nbgateway.models import EventKind, TokenSet
@@ -1070,3 +1071,78 @@ class TestClientsPage:
         """The nations field splits on commas and spaces and normalizes each nation."""
         assert parse_nations(" acme, Beta.nationbuilder.com  gamma,,") == ("acme", "beta", "gamma")
         assert parse_nations("") == ()
+
+
+class TestStoreFailures:
+    """The database failing inside a page, after the session was checked (SQLite busy past
+    its timeout, PostgreSQL gone between two queries, a corrupt row)."""
+
+    @pytest.mark.parametrize(
+        "failure,status,code",
+        [
+            (StoreUnavailable("database is locked"), 503, "store_unavailable"),
+            (CorruptRecordError("row 'acme' has no slug"), 500, "token_store_error"),
+        ],
+        ids=["unavailable", "corrupt"],
+    )
+    @pytest.mark.parametrize("path", ["/connect", "/connect/nations/acme", "/connect/clients"])
+    async def test_a_page_answers_an_error_page_with_its_security_headers(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        path: str,
+        failure: Exception,
+        status: int,
+        code: str,
+    ) -> None:
+        """An HTML page saying what failed (not a 500 "unexpected error" in JSON), with the
+        CSP and no-store headers of every admin page, and one log line without a traceback."""
+        await connect_account(gateway, "acme")
+
+        async def fail(*args: Any, **kwargs: Any) -> Any:
+            raise failure
+
+        for name in ("list_accounts", "get_account", "list_clients"):
+            monkeypatch.setattr(gateway.store, name, fail)
+        with caplog.at_level(logging.ERROR, logger="nbgateway"):
+            got, text, headers = await admin.get(path)
+        assert got == status, text
+        assert headers["Content-Type"].startswith("text/html")
+        assert headers["X-NBGW-Error"] == code
+        assert headers["Content-Security-Policy"].startswith("default-src 'none'")
+        assert headers["Cache-Control"] == "no-store"
+        assert ("Retry-After" in headers) == (status == 503)
+        assert "unexpected error" not in text
+        assert "cannot use its database" in text or "cannot be read" in text
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == [
+            "admin request failed: the store could not be used"
+        ]
+        assert all(r.exc_info is None for r in errors)
+
+    async def test_the_admin_api_answers_json_503(
+        self, gateway: Gateway, connect_account: ConnectAccount, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The admin API keeps its JSON errors: 503 store_unavailable with Retry-After."""
+        await connect_account(gateway, "acme")
+
+        async def fail(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailable("database is locked")
+
+        for name in ("list_accounts", "list_clients", "remove_account"):
+            monkeypatch.setattr(gateway.store, name, fail)
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for method, path in [
+            ("GET", "/connect/api/accounts"),
+            ("GET", "/connect/api/clients"),
+            ("DELETE", "/connect/api/accounts/acme"),
+        ]:
+            resp = await gateway.client.request(method, path, headers=auth)
+            assert resp.status == 503, (path, await resp.text())
+            assert resp.headers["X-NBGW-Error"] == "store_unavailable"
+            assert resp.headers["Retry-After"] == "5"
+            body = await resp.json(content_type=None)
+            assert body["errors"][0]["code"] == "store_unavailable"

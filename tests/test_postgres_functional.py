@@ -115,6 +115,10 @@ async def test_admin_pages_answer_503_while_postgres_is_down(
         status, body, headers = await browser.get("/connect")
         assert status == 503, body
         assert headers["X-NBGW-Error"] == "store_unavailable"
+        # A page for the browser, with the admin pages' security headers.
+        assert headers["Content-Type"].startswith("text/html")
+        assert "cannot use its database" in body
+        assert headers["Content-Security-Policy"].startswith("default-src 'none'")
         anonymous = Browser(http)
         status, body, headers = await anonymous.login()
         assert status == 503, body

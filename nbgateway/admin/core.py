@@ -1,5 +1,6 @@
 """The plumbing every admin page shares: sessions from cookies, flash messages, rendering,
-CSRF-checked forms, redirects, and the security headers of every `/connect` response.
+CSRF-checked forms, redirects, error pages, and the security headers of every `/connect`
+response.
 
 One `AdminCore` per `/connect` sub-application; the page modules (`login`, `nations`,
 `nation`, `clients`) hold a reference to it and add their handlers. No JavaScript; Jinja2
@@ -9,7 +10,9 @@ Logging out revokes the session in the store (`keys.SESSION_REVOCATIONS`, a hash
 session id), so every process sharing the database refuses that cookie from then on. When
 the store cannot be written the revocation is kept in this process's memory only (with a
 warning); when it cannot be read, `session_of` answers 503 (`store_unavailable`) rather
-than accept a session it cannot check. None of this runs on the proxy path.
+than accept a session it cannot check. A gateway error or a store failure in a page is
+answered with an HTML error page (the admin API keeps its JSON), with the same security
+headers. None of this runs on the proxy path.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
 from nbgateway.config import Settings
-from nbgateway.errors import StoreError, TokenStoreUnavailable
+from nbgateway.errors import GatewayError, StoreError, store_failure
+from nbgateway.middleware import error_response
 from nbgateway.models import AccountInfo, AccountStatus
 
 log = logging.getLogger("nbgateway.admin")
@@ -89,10 +93,7 @@ class AdminCore:
             log.error(
                 "admin session not checked: the store cannot be read", extra={"error": str(exc)}
             )
-            raise TokenStoreUnavailable(
-                "the gateway cannot use its database right now; retry shortly",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise store_failure(exc) from None
         return None if revoked else session
 
     async def binding_of(self, request: web.Request) -> str:
@@ -214,6 +215,23 @@ class AdminCore:
             self.forget_cookie(response, FLASH_COOKIE)
         return response
 
+    def error_page(self, request: web.Request, err: GatewayError) -> web.Response:
+        """`err` for a browser: a page saying what failed (no store read, no navigation: it
+        must render while the database is down); the admin API's JSON for /connect/api/."""
+        if request.path.startswith("/connect/api/"):
+            return error_response(err)
+        body = self.env.get_template("error.html").render(
+            base=self.base, csrf="", banner=[], banner_more=0, banner_count=0, flash=None,
+            status=err.status, title=err.title, detail=err.detail,
+            retry=err.headers.get("Retry-After"),
+        )  # fmt: skip
+        return web.Response(
+            text=body,
+            status=err.status,
+            content_type="text/html",
+            headers={"X-NBGW-Error": err.code, **err.headers},
+        )
+
     async def checked_form(
         self, request: web.Request, *, check_revoked: bool = True
     ) -> tuple[Session, dict[str, str]] | web.Response:
@@ -234,14 +252,15 @@ class AdminCore:
         return web.Response(body=self.css, content_type="text/css")
 
 
-def security_headers(csp: str) -> Middleware:
-    """A middleware adding the admin pages' security headers to every /connect response.
+def security_headers(core: AdminCore) -> Middleware:
+    """A middleware adding the admin pages' security headers to every /connect response,
+    error pages included (gateway errors and store failures become `core.error_page`).
 
     `Cache-Control: no-store` keeps pages (the one showing a new client key above all) out
     of every cache, including the browser's back-forward history.
     """
     headers = {
-        "Content-Security-Policy": csp,
+        "Content-Security-Policy": core.csp,
         "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",  # the callback URL carries the code and state
@@ -256,6 +275,14 @@ def security_headers(csp: str) -> Middleware:
             for name, value in headers.items():
                 exc.headers.setdefault(name, value)
             raise
+        except GatewayError as err:
+            response = core.error_page(request, err)
+        except StoreError as exc:
+            log.error(
+                "admin request failed: the store could not be used",
+                extra={"path": request.path, "error": str(exc)},
+            )
+            response = core.error_page(request, store_failure(exc))
         if not response.prepared:
             for name, value in headers.items():
                 response.headers.setdefault(name, value)

@@ -16,7 +16,7 @@ from nbgateway.config import Settings
 def setup(connect: web.Application, settings: Settings) -> AdminCore:
     """Add the HTML pages to `connect` (before it is added to the main app)."""
     core = AdminCore(settings)
-    connect.middlewares.append(security_headers(core.csp))
+    connect.middlewares.append(security_headers(core))
     nations = NationsPages(core)
     connect[admin_api.CALLBACK_RENDERER] = nations.callback_result
     connect[admin_api.BINDING] = core.binding_of
