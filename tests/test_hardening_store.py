@@ -28,6 +28,7 @@ from procs import clean_os_environ, gateway_env, run_command
 from test_admin_pages import BrowserFactory, consent, start
 from yarl import URL
 
+from nbgateway import keys
 from nbgateway.accounts import STATE_TTL
 from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.admin.session import LOGIN_FAILURES
@@ -35,6 +36,7 @@ from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus
+from nbgateway.proxy import CLIENT_KEY_HEADER
 from nbgateway.redact import Secret
 from nbgateway.store.base import STATES_KEPT
 
@@ -282,6 +284,58 @@ async def pending_states(gw: Gateway) -> int:
             return int(n)
 
     return await asyncio.to_thread(count)
+
+
+class TestCorruptClientAndAuditRows:
+    """SQLite does not enforce column types: a hand-edited or damaged row in `clients` or
+    `audit` must neither stop the gateway nor hide the other rows, and `check` names it."""
+
+    async def test_a_corrupt_client_key_row_is_left_out_and_named_by_check(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        encryption_key: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A gateway starts on the database (the keys.sync at start-up does not fail), the
+        good key works, the damaged one is refused (fail closed) and stays stored; `check`
+        exits 1 naming the row; `clients list` lists the good one; a wrong `at` or `status`
+        in the audit trail does the same for `audit`."""
+        first = await gateway_factory(client_auth="required")
+        await connect_account(first, "acme")
+        _, good = await first.app[keys.CLIENTS].add("good-tool")
+        _, bad = await first.app[keys.CLIENTS].add("bad-tool")
+        headers = {CLIENT_KEY_HEADER: good.reveal()}
+        assert (await first.client.get(f"/n/acme{ME}", headers=headers)).status == 200
+        write = await first.client.post("/n/acme/api/v2/signups", json={}, headers=headers)
+        await write.read()  # a write: one audit entry
+        await first.app[keys.CLIENTS].flush(force=True)
+        assert len(await first.store.audit()) == 1
+        path = database_of(first)
+        await first.client.close()
+        raw_execute(path, "UPDATE clients SET created_at = 'x' WHERE name = 'bad-tool'")
+        raw_execute(path, "UPDATE audit SET status = 'x'")
+
+        with caplog.at_level(logging.ERROR, logger="nbgateway.store"):
+            gw = await gateway_factory(first.settings)
+        assert (await gw.client.get(f"/n/acme{ME}", headers=headers)).status == 200
+        refused = await gw.client.get(f"/n/acme{ME}", headers={CLIENT_KEY_HEADER: bad.reveal()})
+        assert refused.status == 401
+        assert refused.headers["X-NBGW-Error"] == "client_key_invalid"
+        assert "a stored client key row cannot be read; left out" in caplog.messages
+
+        check = await asyncio.to_thread(cli, gw, encryption_key, "check")
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert "created_at of client key 'bad-tool' is not a number" in check.stdout + check.stderr
+        assert "status of audit entry" in check.stdout + check.stderr
+        listed = await asyncio.to_thread(cli, gw, encryption_key, "clients", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [c["name"] for c in json.loads(listed.stdout)] == ["good-tool"]
+        audit = await asyncio.to_thread(cli, gw, encryption_key, "audit")
+        assert audit.returncode == 0, audit.stderr
+        assert "Traceback" not in audit.stderr + listed.stderr + check.stderr
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("SELECT count(*) FROM clients").fetchone() == (2,)
 
 
 class TestPendingAuthorizations:

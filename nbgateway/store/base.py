@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 from nbgateway.crypto import Cipher
 from nbgateway.errors import CorruptRecordError, StoreError
@@ -168,12 +169,53 @@ def _status(value: Any, slug: str) -> AccountStatus:
     return status
 
 
-def _number(value: Any, slug: str, name: str) -> float | None:
+def _number(value: Any, slug: str, name: str, of: str = "account") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CorruptRecordError(f"{name} of account {slug!r} is not a number")
+        raise CorruptRecordError(f"{name} of {of} {slug!r} is not a number")
     return float(value)
+
+
+def _required_number(value: Any, owner: str, name: str, of: str) -> float:
+    number = _number(value, owner, name, of)
+    if number is None:
+        raise CorruptRecordError(f"{name} of {of} {owner!r} is missing")
+    return number
+
+
+def _blob(value: Any, owner: str, name: str, of: str) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise CorruptRecordError(f"{name} of {of} {owner!r} is not binary data")
+    return bytes(value)
+
+
+log = logging.getLogger("nbgateway.store")
+_Row = TypeVar("_Row")
+
+
+def readable_rows(rows: Iterable[Row], parse: Callable[[Row], _Row], table: str) -> list[_Row]:
+    """`parse` of each row; a row that is corrupt (CorruptRecordError) is left out, and
+    left stored, with an error logged: one bad row must neither hide the others nor stop
+    the gateway. `TokenStore.verify` (and so `nbgateway check`) names it."""
+    parsed: list[_Row] = []
+    for row in rows:
+        try:
+            parsed.append(parse(row))
+        except CorruptRecordError as exc:
+            log.error(f"a stored {table} row cannot be read; left out", extra={"error": str(exc)})
+    return parsed
+
+
+def corrupt_rows(rows: Iterable[Row], parse: Callable[[Row], object]) -> list[str]:
+    """The problem of each row `parse` refuses (for `TokenStore.verify`)."""
+    problems: list[str] = []
+    for row in rows:
+        try:
+            parse(row)
+        except CorruptRecordError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def info_from_row(row: Row) -> AccountInfo:
@@ -200,18 +242,25 @@ def info_from_row(row: Row) -> AccountInfo:
 
 
 def client_from_row(row: Row) -> ClientRecord:
+    """A client key from its row; CorruptRecordError naming the column that is not what
+    the schema promises (SQLite does not enforce column types)."""
+    name = row["name"]
+    if not isinstance(name, str) or not name:
+        raise CorruptRecordError(f"a client key row has no name (key id {row['key_id']!r})")
+    of = "client key"
     nations = tuple(n for n in str(row["nations"] or "").split(",") if n)
     key_id = str(row["key_id"])
     info = ClientInfo(
-        name=row["name"],
+        name=name,
         nations=nations,
         read_only=bool(row["read_only"]),
-        created_at=float(row["created_at"]),
-        last_used_at=None if row["last_used_at"] is None else float(row["last_used_at"]),
+        created_at=_required_number(row["created_at"], name, "created_at", of),
+        last_used_at=_number(row["last_used_at"], name, "last_used_at", of),
         key_hint=f"nbgw_{key_id[:4]}…",
     )
-    salt, digest = row["salt"], row["key_hash"]
-    return ClientRecord(info, key_id, bytes(salt), bytes(digest))
+    salt = _blob(row["salt"], name, "salt", of)
+    digest = _blob(row["key_hash"], name, "key_hash", of)
+    return ClientRecord(info, key_id, salt, digest)
 
 
 def client_row(record: ClientRecord) -> dict[str, Any]:
@@ -229,13 +278,20 @@ def client_row(record: ClientRecord) -> dict[str, Any]:
 
 
 def audit_from_row(row: Row) -> AuditEntry:
+    """An audit entry from its row; CorruptRecordError when a column is not what the schema
+    promises."""
+    entry = row["id"]
+    of = "audit entry"
+    status = row["status"]
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise CorruptRecordError(f"status of {of} {entry!r} is not a number")
     return AuditEntry(
-        at=float(row["at"]),
+        at=_required_number(row["at"], entry, "at", of),
         client=row["client"],
         nation=row["nation"],
         method=row["method"],
         path=row["path"],
-        status=int(row["status"]),
+        status=status,
         request_id=row["request_id"],
     )
 

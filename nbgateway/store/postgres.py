@@ -86,9 +86,11 @@ from nbgateway.store.base import (
     audit_from_row,
     client_from_row,
     client_row,
+    corrupt_rows,
     event_from_row,
     lease_seconds,
     listed_info_from_row,
+    readable_rows,
     session_hash,
     state_hash,
 )
@@ -898,7 +900,8 @@ class PostgresStore:
         return RotationReport(changed, skipped)
 
     async def verify(self) -> list[str]:
-        """Try to decrypt every row; return one plain message per unreadable account."""
+        """Try to decrypt every account and read every client key and audit entry; return
+        one plain message per unreadable row."""
         with self._errors("cannot be read"):
             rows = await self.pool.fetch(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY slug")
         problems: list[str] = []
@@ -907,6 +910,13 @@ class PostgresStore:
                 self._sealer.check_row(row)
             except (DecryptError, CorruptRecordError) as exc:
                 problems.append(str(exc))
+        for table, fields, parse in (
+            ("clients", CLIENT_FIELDS, client_from_row),
+            ("audit", AUDIT_FIELDS, audit_from_row),
+        ):
+            with self._errors("cannot be read"):
+                rows = await self.pool.fetch(f"SELECT {', '.join(fields)} FROM {table}")
+            problems.extend(corrupt_rows(rows, parse))
         return problems
 
     # -- copying between databases -------------------------------------------------------
@@ -976,7 +986,7 @@ class PostgresStore:
             rows = await self.pool.fetch(
                 f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
             )
-        return [client_from_row(row) for row in rows]
+        return readable_rows(rows, client_from_row, "client key")
 
     async def remove_client(self, name: str) -> bool:
         """Delete a client key. False if no client has that name."""
@@ -1029,7 +1039,7 @@ class PostgresStore:
                 client,
                 limit,
             )
-        return [audit_from_row(row) for row in rows]
+        return readable_rows(rows, audit_from_row, "audit")
 
     # -- admin sessions and the wrong-token throttle ------------------------------------
 

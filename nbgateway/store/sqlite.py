@@ -75,9 +75,11 @@ from nbgateway.store.base import (
     audit_from_row,
     client_from_row,
     client_row,
+    corrupt_rows,
     event_from_row,
     lease_seconds,
     listed_info_from_row,
+    readable_rows,
     session_hash,
     state_hash,
 )
@@ -835,7 +837,8 @@ class SQLiteStore:
         return RotationReport(changed, skipped)
 
     async def verify(self) -> list[str]:
-        """Try to decrypt every row; return one plain message per unreadable account."""
+        """Try to decrypt every account and read every client key and audit entry; return
+        one plain message per unreadable row."""
         problems: list[str] = []
         async with self.conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts") as cur:
             rows = await cur.fetchall()
@@ -844,6 +847,12 @@ class SQLiteStore:
                 self._sealer.check_row(row)
             except (DecryptError, CorruptRecordError) as exc:
                 problems.append(str(exc))
+        for table, fields, parse in (
+            ("clients", CLIENT_FIELDS, client_from_row),
+            ("audit", AUDIT_FIELDS, audit_from_row),
+        ):
+            async with self.conn.execute(f"SELECT {', '.join(fields)} FROM {table}") as cur:
+                problems.extend(corrupt_rows(await cur.fetchall(), parse))
         return problems
 
     # -- copying between databases -------------------------------------------------------
@@ -906,9 +915,10 @@ class SQLiteStore:
             async with self.conn.execute(
                 f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
             ) as cur:
-                return [client_from_row(row) async for row in cur]
+                rows = await cur.fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+        return readable_rows(rows, client_from_row, "client key")
 
     async def remove_client(self, name: str) -> bool:
         """Delete a client key. False if no client has that name."""
@@ -966,7 +976,8 @@ class SQLiteStore:
             f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {clause} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         ) as cur:
-            return [audit_from_row(row) async for row in cur]
+            rows = await cur.fetchall()
+        return readable_rows(rows, audit_from_row, "audit")
 
     # -- admin sessions and the wrong-token throttle ------------------------------------
 
