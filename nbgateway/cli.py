@@ -56,6 +56,17 @@ log = logging.getLogger("nbgateway.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not at least 1")
+    return number
+
+
 def _settings_epilog() -> str:
     lines = [
         "settings (environment; a --config TOML file may hold the same keys lower-cased "
@@ -220,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--nation", metavar="SLUG", help="only this nation")
     audit.add_argument("--client", metavar="NAME", help="only this client (or anonymous)")
-    audit.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (50)")
+    audit.add_argument(
+        "--limit", type=_at_least_one, default=50, metavar="N", help="at most N (50)"
+    )
     audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     migrate = sub.add_parser(
         "migrate",

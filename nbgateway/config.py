@@ -602,6 +602,11 @@ def _read_toml(path: Path) -> tuple[dict[str, str], list[str]]:
         return {}, [f"config file {path} cannot be read: {exc.strerror or exc}"]
     except tomllib.TOMLDecodeError as exc:
         return {}, [f"config file {path} is not valid TOML: {exc}"]
+    except UnicodeDecodeError as exc:
+        return {}, [
+            f"config file {path} is not valid TOML: it is not UTF-8 text"
+            f" (byte {exc.start} cannot be decoded)"
+        ]
     known = {s.key: s for s in SETTINGS}
     values: dict[str, str] = {}
     problems: list[str] = []

@@ -163,6 +163,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                     "/readyz are served"
                 )
             )
+        except web.HTTPMethodNotAllowed as exc:
+            # The router's "no such method on this route": answered like every gateway error.
+            response = error_response(
+                MethodNotAllowed(
+                    f"{request.method} is not served on this path",
+                    headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+                )
+            )
         except web.HTTPException as exc:
             # Redirects and other router answers are raised on (returning them is deprecated).
             status = exc.status

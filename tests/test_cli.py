@@ -197,6 +197,17 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("limit", ["0", "-3", "many"])
+def test_audit_limit_below_one_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    """`audit --limit` takes a whole number of at least 1; anything else exits 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "--limit", limit], {})
+    assert exc.value.code == 2
+    assert "argument --limit" in capsys.readouterr().err
+
+
 def test_keygen_prints_a_fresh_valid_key(capsys: pytest.CaptureFixture[str]) -> None:
     """keygen prints one valid key per call, different every time, and needs no settings."""
     first = run(["keygen"], {}, capsys)

@@ -610,6 +610,14 @@ class TestTomlFile:
         assert str(toml) in message
         assert_no_secrets(message)
 
+    def test_a_file_that_is_not_utf8_is_not_valid_toml(self, tmp_path: Path) -> None:
+        """Bytes that are not UTF-8 (a UTF-16 file, say) are a ConfigError naming the file,
+        not a UnicodeDecodeError."""
+        toml = tmp_path / "utf16.toml"
+        toml.write_bytes('listen = "127.0.0.1:8080"\n'.encode("utf-16"))
+        message = str(load_error(BASE, toml))
+        assert f"config file {toml} is not valid TOML: it is not UTF-8 text" in message
+
     def test_missing_file_names_the_file(self, tmp_path: Path) -> None:
         """A config file that does not exist raises ConfigError naming it."""
         toml = tmp_path / "absent.toml"

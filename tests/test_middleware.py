@@ -66,3 +66,16 @@ async def test_an_unexpected_exception_is_a_500_without_details(
     assert resp.headers["X-NBGW-Error"] == "internal_error"
     assert "0xdeadbeef" not in text
     assert any(r.exc_info is not None for r in caplog.records)
+
+
+async def test_a_method_the_route_does_not_serve_is_a_json_405(aiohttp_client: Any) -> None:
+    """The router's 405 is answered like every gateway error: JSON:API, X-NBGW-Error, and
+    the route's methods in Allow."""
+    app = app_raising(RuntimeError("not reached"))
+    client = await aiohttp_client(app)
+    resp = await client.post("/")
+    body = await resp.json(content_type=None)
+    assert resp.status == 405
+    assert resp.headers["X-NBGW-Error"] == "method_not_allowed"
+    assert resp.headers["Allow"] == "GET, HEAD"
+    assert body["errors"][0]["code"] == "method_not_allowed"
