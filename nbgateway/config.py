@@ -320,10 +320,11 @@ class Settings:
 def _fail(env: str, expected: str) -> ConfigError:
     """A ConfigError naming the variable; an empty `expected` means the value is missing."""
     setting = SETTINGS_BY_ENV.get(env)
-    expects = setting.expects if setting else expected
+    if setting is None:  # a command-line value (`migrate --to`): no setting's description
+        return ConfigError(f"{env} is invalid: {expected or 'empty'}")
     if not expected:
-        return ConfigError(f"{env} is required: expected {expects}")
-    return ConfigError(f"{env} is invalid: {expected}; expected {expects}")
+        return ConfigError(f"{env} is required: expected {setting.expects}")
+    return ConfigError(f"{env} is invalid: {expected}; expected {setting.expects}")
 
 
 def _closest(name: str, known: Collection[str]) -> str:

@@ -18,6 +18,7 @@ from nbgateway.config import (
     Setting,
     Settings,
     load_settings,
+    parse_database,
 )
 from nbgateway.crypto import generate_key
 from nbgateway.errors import ConfigError
@@ -617,6 +618,14 @@ class TestTomlFile:
         toml.write_bytes('listen = "127.0.0.1:8080"\n'.encode("utf-16"))
         message = str(load_error(BASE, toml))
         assert f"config file {toml} is not valid TOML: it is not UTF-8 text" in message
+
+    def test_a_command_line_database_is_refused_in_one_sentence(self) -> None:
+        """`migrate --to mysql://...`: the option named, the reason said once."""
+        with pytest.raises(ConfigError) as info:
+            parse_database("mysql://u:pw@host/db", "--to")
+        assert str(info.value) == (
+            "--to is invalid: the value is a URL, but only postgresql:// URLs name a database"
+        )
 
     def test_missing_file_names_the_file(self, tmp_path: Path) -> None:
         """A config file that does not exist raises ConfigError naming it."""

@@ -170,8 +170,9 @@ class TestOpen:
         with pytest.raises(StoreError) as info:
             async with make_store(missing / "gateway.db", clock, key):
                 pass
-        assert str(missing) in str(info.value)
-        assert "NBGW_DATABASE" in str(info.value)
+        assert str(info.value) == (
+            f"directory {missing} of the database {missing / 'gateway.db'} does not exist"
+        )  # no setting named: the path may come from `migrate --to` as well
         assert not missing.exists()
 
     async def test_newer_schema_is_refused_without_change(

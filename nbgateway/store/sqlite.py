@@ -360,7 +360,9 @@ class SQLiteStore:
     async def open(self) -> None:
         """Open, check the keys against existing rows, then migrate. A wrong key writes nothing."""
         if not self.path.parent.exists():
-            raise StoreError(f"directory {self.path.parent} for NBGW_DATABASE does not exist")
+            raise StoreError(
+                f"directory {self.path.parent} of the database {self.path} does not exist"
+            )
         conn = await self._connect()
         try:
             version = await self._user_version(conn)
