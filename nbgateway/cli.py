@@ -377,17 +377,21 @@ async def _clients(args: argparse.Namespace, settings: Settings, redactor: Redac
         registry = svc.clients
         if args.command == "audit":
             entries = await svc.store.audit(
-                nation=args.nation, client=args.client, limit=max(1, args.limit)
+                nation=args.nation, client=args.client, limit=args.limit
             )
             rows = [audit_json(e) for e in entries]
             if args.json:
                 print(json.dumps(rows, indent=2))
                 return EXIT_OK
-            print(f"{'TIME (UTC)':<26} {'CLIENT':<20} {'NATION':<20} {'METHOD':<7} STATUS PATH")
+            print(
+                f"{'TIME (UTC)':<26} {'CLIENT':<20} {'NATION':<20} {'METHOD':<7} STATUS "
+                f"{'REQUEST ID':<32} PATH"
+            )
             for r in rows:
                 print(
                     f"{_ts(r['at'])!s:<26} {r['client']!s:<20} {r['nation']!s:<20} "  # type: ignore[arg-type]
-                    f"{r['method']!s:<7} {r['status']!s:<6} {r['path']}"
+                    f"{r['method']!s:<7} {r['status']!s:<6} {r['request_id'] or '-'!s:<32} "
+                    f"{r['path']}"
                 )
             return EXIT_OK
         command = args.clients_command
@@ -414,12 +418,16 @@ async def _clients(args: argparse.Namespace, settings: Settings, redactor: Redac
         elif not rows:
             print("no clients; add one with `nbgateway clients add NAME`")
         else:
-            print(f"{'NAME':<24} {'NATIONS':<30} {'ACCESS':<11} {'LAST USED (UTC)':<26} KEY")
+            print(
+                f"{'NAME':<24} {'NATIONS':<30} {'ACCESS':<11} {'CREATED (UTC)':<26} "
+                f"{'LAST USED (UTC)':<26} KEY"
+            )
             for r in rows:
                 nations = r["nations"] if isinstance(r["nations"], str) else ",".join(r["nations"])  # type: ignore[arg-type]
                 access = "read-only" if r["read_only"] else "read-write"
                 print(
                     f"{r['name']!s:<24} {nations:<30} {access:<11} "
+                    f"{_ts(r['created_at'])!s:<26} "  # type: ignore[arg-type]
                     f"{_ts(r['last_used_at'])!s:<26} {r['key_hint']}"  # type: ignore[arg-type]
                 )
     return EXIT_OK
