@@ -201,35 +201,55 @@ class AdminCore:
             message = self.signer.read_flash(raw_flash, self.now(request))
             if message is not None:
                 flash = self.flash_text(request, message)
+        response = self._page(
+            template,
+            status,
+            headers,
+            csrf=session.csrf if session is not None else "",
+            banner=banner,
+            flash=flash,
+            **context,
+        )
+        if raw_flash:
+            self.forget_cookie(response, FLASH_COOKIE)
+        return response
+
+    def _page(
+        self,
+        template: str,
+        status: int,
+        headers: dict[str, str] | None,
+        *,
+        csrf: str = "",
+        banner: list[NationLink] | None = None,
+        flash: tuple[str, str] | None = None,
+        **context: Any,
+    ) -> web.Response:
+        """`template` rendered with what base.html needs; no I/O."""
+        banner = banner or []
         body = self.env.get_template(template).render(
             base=self.base,
-            csrf=session.csrf if session is not None else "",
+            csrf=csrf,
             banner=banner[:BANNER_SHOWN],
             banner_more=max(0, len(banner) - BANNER_SHOWN),
             banner_count=len(banner),
             flash=flash,
             **context,
         )
-        response = web.Response(text=body, status=status, content_type="text/html", headers=headers)
-        if raw_flash:
-            self.forget_cookie(response, FLASH_COOKIE)
-        return response
+        return web.Response(text=body, status=status, content_type="text/html", headers=headers)
 
     def error_page(self, request: web.Request, err: GatewayError) -> web.Response:
         """`err` for a browser: a page saying what failed (no store read, no navigation: it
         must render while the database is down); the admin API's JSON for /connect/api/."""
         if request.path.startswith("/connect/api/"):
             return error_response(err)
-        body = self.env.get_template("error.html").render(
-            base=self.base, csrf="", banner=[], banner_more=0, banner_count=0, flash=None,
-            status=err.status, title=err.title, detail=err.detail,
+        return self._page(
+            "error.html",
+            err.status,
+            {"X-NBGW-Error": err.code, **err.headers},
+            title=err.title,
+            detail=err.detail,
             retry=err.headers.get("Retry-After"),
-        )  # fmt: skip
-        return web.Response(
-            text=body,
-            status=err.status,
-            content_type="text/html",
-            headers={"X-NBGW-Error": err.code, **err.headers},
         )
 
     async def checked_form(

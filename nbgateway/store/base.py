@@ -169,11 +169,12 @@ def _status(value: Any, slug: str) -> AccountStatus:
     return status
 
 
-def _number(value: Any, slug: str, name: str, of: str = "account") -> float | None:
+def _number(value: Any, owner: str, name: str, of: str = "account") -> float | None:
+    """A numeric column of `of` `owner` (an account's slug, a client key's name ...)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CorruptRecordError(f"{name} of {of} {slug!r} is not a number")
+        raise CorruptRecordError(f"{name} of {of} {owner!r} is not a number")
     return float(value)
 
 
