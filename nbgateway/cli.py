@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nbgateway import __version__
-from nbgateway.accounts import AccountService, account_json
+from nbgateway.accounts import AccountService, account_json, check_slug
 from nbgateway.clients import audit_json, client_json
 from nbgateway.clock import SystemClock
 from nbgateway.config import (
@@ -65,6 +65,14 @@ def _at_least_one(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number} is not at least 1")
     return number
+
+
+def _slug(text: str) -> str:
+    """An argparse type: a nation slug (a usage error, exit 2, otherwise)."""
+    try:
+        return check_slug(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _settings_epilog() -> str:
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         p = acc.add_parser(name, help=text, description=text, parents=[common])
-        p.add_argument("slug", metavar="SLUG", help="the nation slug (e.g. my-nation)")
+        p.add_argument("slug", type=_slug, metavar="SLUG", help="the nation slug (e.g. my-nation)")
     sub.add_parser(
         "rotate-key",
         parents=[common],
@@ -201,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name", metavar="NAME", help="the tool's name (letters, digits, .-_)")
     add.add_argument(
         "--nation",
+        type=_slug,
         action="append",
         default=[],
         metavar="SLUG",
@@ -229,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the audit trail of proxied writes (POST, PUT, PATCH, DELETE), newest "
         "first. The query string is never recorded.",
     )
-    audit.add_argument("--nation", metavar="SLUG", help="only this nation")
+    audit.add_argument("--nation", type=_slug, metavar="SLUG", help="only this nation")
     audit.add_argument("--client", metavar="NAME", help="only this client (or anonymous)")
     audit.add_argument(
         "--limit", type=_at_least_one, default=50, metavar="N", help="at most N (50)"

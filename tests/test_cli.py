@@ -507,10 +507,36 @@ class TestAccountsOffline:
     ) -> None:
         """import refuses a slug that cannot be a nation, without echoing the token."""
         monkeypatch.setattr(sys, "stdin", io.StringIO("legacy-token-value-123456\n"))
-        result = run(["accounts", "import", "Not_A_Slug"], env, capsys)
-        assert result.code == 2
-        assert "slug" in result.err
-        assert "legacy-token-value" not in result.err + result.out
+        with pytest.raises(SystemExit) as exc:
+            main(["accounts", "import", "Not_A_Slug"], env)
+        assert exc.value.code == 2
+        captured = capsys.readouterr()
+        assert "slug" in captured.err
+        assert "legacy-token-value" not in captured.err + captured.out
+        assert read_account(env, "not_a_slug") is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["accounts", "refresh", "Not_A_Slug"],
+        ["accounts", "remove", "Not_A_Slug"],
+        ["audit", "--nation", "Not_A_Slug"],
+        ["clients", "add", "tool", "--nation", "Not_A_Slug"],
+    ],
+)
+def test_an_invalid_slug_is_a_usage_error(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slug that cannot be a nation is bad usage (exit 2, saying what a slug is), not
+    "no account named": nothing is looked up or stored."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv, env)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'Not_A_Slug'" in err and "lowercase letters" in err
+    assert "no account named" not in err
+    assert run(["clients", "list", "--json"], env, capsys).out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------- rotate-key
