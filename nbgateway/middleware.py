@@ -85,6 +85,25 @@ def raw_error_response(err: GatewayError) -> bytes:
     return head.encode("latin-1") + body
 
 
+_SERVED = "only /api/..., /n/{slug}/api/..., /connect, /metrics, /healthz and /readyz are served"
+
+
+def router_error(
+    request: web.Request, exc: web.HTTPException, served: str = _SERVED
+) -> GatewayError | None:
+    """The router's own answers (no such route, no such method on it) as gateway errors, so
+    they are rendered like every other (`served` says what is there instead of a missing
+    route); None for any other HTTP exception."""
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(served)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(
+            f"{request.method} is not served on this path",
+            headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+        )
+    return None
+
+
 def request_id_of(request: web.Request) -> str:
     """The sanitised id of this request: the one set by `request_context`, else derived."""
     current = request_id_var.get()
@@ -155,27 +174,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except GatewayError as err:
             response = error_response(err)
-        except web.HTTPNotFound:
-            # The router's "no such route": answered like every gateway error.
-            response = error_response(
-                NotFound(
-                    "only /api/..., /n/{slug}/api/..., /connect, /metrics, /healthz and "
-                    "/readyz are served"
-                )
-            )
-        except web.HTTPMethodNotAllowed as exc:
-            # The router's "no such method on this route": answered like every gateway error.
-            response = error_response(
-                MethodNotAllowed(
-                    f"{request.method} is not served on this path",
-                    headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
-                )
-            )
         except web.HTTPException as exc:
-            # Redirects and other router answers are raised on (returning them is deprecated).
-            status = exc.status
-            exc.headers[REQUEST_ID_HEADER] = request_id
-            raise
+            routed = router_error(request, exc)
+            if routed is None:
+                # Redirects and other answers are raised on (returning them is deprecated).
+                status = exc.status
+                exc.headers[REQUEST_ID_HEADER] = request_id
+                raise
+            response = error_response(routed)
         except StoreError as exc:
             # The database failed where no handler expected it: say so, without a traceback.
             errlog.error(

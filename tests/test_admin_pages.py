@@ -1146,3 +1146,43 @@ class TestStoreFailures:
             assert resp.headers["Retry-After"] == "5"
             body = await resp.json(content_type=None)
             assert body["errors"][0]["code"] == "store_unavailable"
+
+
+class TestMistypedAddresses:
+    """A wrong address or method under /connect: answered like every admin page."""
+
+    async def test_a_missing_page_is_an_html_page_with_the_security_headers(
+        self, gateway: Gateway
+    ) -> None:
+        """A mistyped admin URL gets a 404 page (not the proxy's JSON), with the CSP and
+        no-store headers of every admin page and the request id."""
+        resp = await gateway.client.get("/connect/nation/acme")
+        text = await resp.text()
+        assert resp.status == 404
+        assert resp.headers["Content-Type"].startswith("text/html")
+        assert resp.headers["X-NBGW-Error"] == "not_found"
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["X-Frame-Options"] == "DENY"
+        assert resp.headers["X-Request-ID"]
+        assert "no admin page at this address" in text
+
+    async def test_a_missing_admin_api_path_is_json_with_the_security_headers(
+        self, gateway: Gateway
+    ) -> None:
+        resp = await gateway.client.get("/connect/api/acounts")
+        assert resp.status == 404
+        assert resp.headers["Content-Type"].startswith("application/vnd.api+json")
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        body = await resp.json(content_type=None)
+        assert body["errors"][0]["code"] == "not_found"
+
+    async def test_a_wrong_method_names_the_allowed_ones(self, gateway: Gateway) -> None:
+        """GET on a form's POST-only address: 405 with Allow, as a page."""
+        resp = await gateway.client.get("/connect/accounts/acme/refresh")
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        assert resp.headers["Content-Type"].startswith("text/html")
+        assert resp.headers["X-NBGW-Error"] == "method_not_allowed"
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")

@@ -32,7 +32,7 @@ from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
 from nbgateway.config import Settings
 from nbgateway.errors import GatewayError, StoreError, store_failure
-from nbgateway.middleware import error_response
+from nbgateway.middleware import error_response, router_error
 from nbgateway.models import AccountInfo, AccountStatus
 
 log = logging.getLogger("nbgateway.admin")
@@ -272,6 +272,9 @@ class AdminCore:
         return web.Response(body=self.css, content_type="text/css")
 
 
+_ADMIN_SERVED = "there is no admin page at this address; the admin pages start at /connect"
+
+
 def security_headers(core: AdminCore) -> Middleware:
     """A middleware adding the admin pages' security headers to every /connect response,
     error pages included (gateway errors and store failures become `core.error_page`).
@@ -292,9 +295,12 @@ def security_headers(core: AdminCore) -> Middleware:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            for name, value in headers.items():
-                exc.headers.setdefault(name, value)
-            raise
+            routed = router_error(request, exc, _ADMIN_SERVED)
+            if routed is None:
+                for name, value in headers.items():
+                    exc.headers.setdefault(name, value)
+                raise
+            response = core.error_page(request, routed)  # a mistyped admin URL: a page
         except GatewayError as err:
             response = core.error_page(request, err)
         except StoreError as exc:
