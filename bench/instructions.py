@@ -150,6 +150,11 @@ def count(target: str, upstream: str, tmp: Path, requests: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=2000, help="counted requests per target")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy the callgrind files into this directory, for callgrind_annotate --inclusive=yes",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is not installed (apt-get install -y valgrind)", file=sys.stderr)
@@ -185,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             upstream.terminate()
             upstream.wait(30)
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for dump in tmp.glob("callgrind.*"):
+                    shutil.copy(dump, args.keep / dump.name)
     print(
         f"gateway/passthrough: {figures['on'] / figures['pt']:.2f}x with default settings "
         f"(target for a 0.9 req/s ratio: <= {1 / 0.9:.2f}x), "
