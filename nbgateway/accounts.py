@@ -56,6 +56,24 @@ def check_slug(slug: str) -> str:
     return slug
 
 
+def _import_refusal(existing: AccountInfo) -> str:
+    """Why `accounts import` leaves the stored row of `existing` as it is."""
+    slug = existing.slug
+    remove = f"remove it first (`nbgateway accounts remove {slug}`)"
+    if existing.status is AccountStatus.UNREADABLE:
+        return (
+            f"{slug!r} is stored, but NBGW_ENCRYPTION_KEY cannot read it ({existing.last_error}); "
+            f"nothing was changed: check the key, or {remove}"
+        )
+    if not existing.expires_at:
+        return (
+            f"{slug!r} holds a refresh token that has not been exchanged yet (an earlier import "
+            "or refresh did not complete) and may still work; nothing was changed: retry the "
+            f"exchange with `nbgateway accounts refresh {slug}`, or {remove}"
+        )
+    return f"{slug!r} is already connected with a working token; to replace it, {remove}"
+
+
 class AccountService:
     """Admin operations on accounts; every admin surface calls these."""
 
@@ -88,10 +106,17 @@ class AccountService:
         return info
 
     async def get(self, slug: str) -> AccountInfo:
+        info = await self._find(slug)
+        if info is None:
+            raise AccountNotFound(slug)
+        return info
+
+    async def _find(self, slug: str) -> AccountInfo | None:
+        """The account `slug` as `list_accounts` shows it, or None when none is stored."""
         for info in await self._store.list_accounts():
             if info.slug == slug:
                 return await self._checked(info)
-        raise AccountNotFound(slug)
+        return None
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
         return await self._store.events(slug, limit)
@@ -111,21 +136,19 @@ class AccountService:
     async def import_legacy(self, slug: str, legacy_token: Secret) -> AccountInfo:
         """NationBuilder's migration: the legacy access token serves as the refresh token.
 
-        Refused (AuthorizationFailed "invalid", nothing changed) for a slug that holds a
-        working pair: the import would overwrite it. The token is stored first, then
-        exchanged at once. NationBuilder refusing it (ReauthorizationRequired) removes what
-        was stored and raises AuthorizationFailed "exchange"; a transient failure
-        (RefreshBackoff) keeps it, so the background refresher retries.
+        Only a new slug or one that needs re-authorization (its refresh token is dead) takes
+        an import; any other stored row is left untouched (AuthorizationFailed "invalid"):
+        a working pair, a refresh token not exchanged yet (an earlier import or refresh that
+        did not complete; it may still work) or a row the configured key cannot read.
+        The token is stored first, then exchanged at once. NationBuilder refusing it
+        (ReauthorizationRequired) raises AuthorizationFailed "exchange" and removes the
+        new row (a re-authorization row stays, still needing re-authorization); a
+        transient failure (RefreshBackoff) keeps it, so the background refresher retries.
         """
         check_slug(slug)
-        existing = next((i for i in await self._store.list_accounts() if i.slug == slug), None)
-        if existing is not None and existing.status is AccountStatus.ACTIVE and existing.expires_at:
-            raise AuthorizationFailed(
-                "invalid",
-                f"{slug!r} is already connected with a working token; to replace it, remove "
-                f"it first (`nbgateway accounts remove {slug}`)",
-                slug,
-            )
+        existing = await self._find(slug)
+        if existing is not None and existing.status is not AccountStatus.NEEDS_REAUTH:
+            raise AuthorizationFailed("invalid", _import_refusal(existing), slug)
         await self._store.import_refresh_token(slug, legacy_token)
         await self._tokens.account_changed(slug)
         try:
@@ -135,14 +158,14 @@ class AccountService:
                 f"NationBuilder refused the legacy token for {slug!r} (invalid_grant): it is "
                 "unknown, revoked or already exchanged"
             )
-            if existing is not None and existing.expires_at:
-                # A connected account whose refresh token had died: it stays as it was.
+            if existing is not None:
                 raise AuthorizationFailed(
                     "exchange", f"{refused}; the account still needs re-authorization", slug
                 ) from None
-            # Nothing usable was there before: leave nothing behind.
+            # Nothing was there before: leave nothing behind.
             await self._store.remove_account(slug)
             await self._tokens.account_changed(slug)
+            log.info("refused legacy token not kept", extra={"account": slug})
             raise AuthorizationFailed("exchange", f"{refused}; nothing was stored", slug) from None
         return await self.get(slug)
 

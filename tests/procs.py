@@ -11,10 +11,12 @@ tests call it through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -359,3 +361,14 @@ async def seed_account(env: Mapping[str, str], slug: str, issued: Mapping[str, A
         # another statement (see test_cli.py::test_first_write_after_creating_the_database).
         await store.ping()
         await store.save_tokens(slug, token_set(issued), EventKind.CONNECTED)
+
+
+def corrupt_refresh_token(database: Path | str, slug: str) -> None:
+    """Flip one ciphertext byte of `slug`'s stored refresh token in a SQLite database (the
+    key id stays intact, so the row is damaged, not encrypted with another key)."""
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        (blob,) = conn.execute(
+            "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,)
+        ).fetchone()
+        damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
+        conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))

@@ -9,6 +9,7 @@ entry point checks the installed console script and `python -m nbgateway`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -27,7 +28,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from procs import FakeNB, Processes, gateway_env, open_store, run_command, seed_account, start_fake
+from procs import (
+    FakeNB,
+    Processes,
+    corrupt_refresh_token,
+    gateway_env,
+    open_store,
+    run_command,
+    seed_account,
+    start_fake,
+)
 
 from nbgateway.cli import main
 from nbgateway.config import REQUIRED_FOR_SERVE
@@ -135,15 +145,13 @@ def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
     pytest.skip("no unwritable directory available to root here")
 
 
-def corrupt_refresh_token(environ: dict[str, str], slug: str) -> None:
-    """Flip one ciphertext byte of the stored refresh token (the key id stays intact)."""
-    with sqlite3.connect(environ["NBGW_DATABASE"]) as conn:
-        (blob,) = conn.execute(
-            "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,)
+def stored_row(database: str, slug: str) -> tuple[Any, ...]:
+    """The account's row in a SQLite database, byte for byte."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        row: tuple[Any, ...] = conn.execute(
+            "SELECT * FROM accounts WHERE slug = ?", (slug,)
         ).fetchone()
-        damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
-        conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))
-    conn.close()
+    return row
 
 
 # ---------------------------------------------------------------------- help and keygen
@@ -266,7 +274,7 @@ class TestCheck:
         """A row that fails authentication makes check exit 1, naming that account only."""
         seed(env, "acme", "nbfake-at-check-2", "nbfake-rt-check-2")
         seed(env, "beta", "nbfake-at-check-3", "nbfake-rt-check-3")
-        corrupt_refresh_token(env, "acme")
+        corrupt_refresh_token(env["NBGW_DATABASE"], "acme")
         result = run(["check"], env, capsys)
         assert result.code == 1
         assert "'acme'" in result.err
@@ -410,7 +418,7 @@ class TestCheck:
     ) -> None:
         """A row that does not decrypt stops serve with check's message for that account."""
         seed(env, "acme", "nbfake-at-check-5", "nbfake-rt-check-5")
-        corrupt_refresh_token(env, "acme")
+        corrupt_refresh_token(env["NBGW_DATABASE"], "acme")
         served = run(["serve"], env, capsys)
         assert served.code == 1
         assert problem_lines(served) == problem_lines(run(["check"], env, capsys))
@@ -717,6 +725,63 @@ class TestAccountsAgainstFake:
         account = read_account(fake_env, "cli-already")
         assert account is not None
         assert account.refresh_token == Secret(issued["refresh_token"])
+
+    def _pending_import(
+        self, fake_env: dict[str, str], fake_process: FakeNB, monkeypatch: pytest.MonkeyPatch
+    ) -> str:
+        """An import whose exchange failed for now: the row holds a working legacy token
+        that was never exchanged (no access token, no expiry)."""
+        legacy = "legacy-token-cli-pending-0123456789"
+        fake_process.control(action="add_legacy_token", slug="cli-pending", token=legacy)
+        fake_process.control(action="fail_token", kind="server_error")
+        monkeypatch.setattr(sys, "stdin", io.StringIO(legacy + "\n"))
+        assert main(["accounts", "import", "cli-pending"], fake_env) == 1
+        return legacy
+
+    def test_import_over_an_unexchanged_token_is_refused(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeNB,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A mistyped token imported over a stored one that was never exchanged leaves it
+        as it was (it still works): refused with exit 1, pointing at `accounts refresh`."""
+        legacy = self._pending_import(fake_env, fake_process, monkeypatch)
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "stdin", io.StringIO("typo-not-a-real-token-0123456\n"))
+
+        result = run(["accounts", "import", "cli-pending"], fake_env, capsys)
+        assert result.code == 1
+        assert "has not been exchanged yet" in result.err
+        assert "nbgateway accounts refresh cli-pending" in result.err
+        account = read_account(fake_env, "cli-pending")
+        assert account is not None
+        assert account.refresh_token == Secret(legacy)
+
+        again = run(["accounts", "refresh", "cli-pending"], fake_env, capsys)
+        assert again.code == 0, again.err
+
+    def test_import_over_a_row_the_key_cannot_read_is_refused(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeNB,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A stored row the key cannot read (damaged, or written with a key that is no
+        longer configured) is left exactly as it is: the import is refused, naming the key."""
+        self._pending_import(fake_env, fake_process, monkeypatch)
+        capsys.readouterr()
+        database = fake_env["NBGW_DATABASE"]
+        corrupt_refresh_token(database, "cli-pending")
+        before = stored_row(database, "cli-pending")
+        monkeypatch.setattr(sys, "stdin", io.StringIO("legacy-token-other-0123456789\n"))
+
+        result = run(["accounts", "import", "cli-pending"], fake_env, capsys)
+        assert result.code == 1
+        assert "NBGW_ENCRYPTION_KEY cannot read it" in result.err
+        assert stored_row(database, "cli-pending") == before
 
     def test_refresh_of_a_revoked_account_points_at_connect(
         self,

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import test_admin_pages
 from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
-from procs import clean_os_environ, gateway_env, run_command
+from procs import clean_os_environ, corrupt_refresh_token, gateway_env, run_command
 from test_admin_pages import BrowserFactory, consent, start
 from yarl import URL
 
@@ -73,16 +73,6 @@ def immutable(path: Path) -> Iterator[None]:
 def raw_execute(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(sql, params)
-
-
-def corrupt_refresh_token(path: Path, slug: str) -> None:
-    """Flip one ciphertext byte of the stored refresh token (the key id stays intact)."""
-    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        (blob,) = conn.execute(
-            "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,)
-        ).fetchone()
-        damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
-        conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))
 
 
 def cli(gw: Gateway, key: str, *argv: str) -> Any:
