@@ -26,6 +26,10 @@ from nbgateway.models import RefreshOutcome, TokenSet
 from nbgateway.redact import Secret
 
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+# An access token the proxy can send as `Authorization: Bearer ...`: visible ASCII only
+# (RFC 6749's VSCHAR without the space), of a length every server takes in one header.
+ACCESS_TOKEN_MAX = 4096
+_SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]{1,%d}" % ACCESS_TOKEN_MAX)
 # NationBuilder's access tokens live 24 h; used when a response omits expires_in.
 DEFAULT_LIFETIME = 86400.0
 # Lifetimes outside this range are clamped: a token endpoint answering 1e20 or -5 must not
@@ -183,6 +187,15 @@ class NationBuilderOAuth:
             raise OAuthError(
                 RefreshOutcome.SERVER_ERROR,
                 f"the token endpoint answered HTTP {status} without a usable token pair",
+                status=status,
+                rotated_refresh_token=rotated,
+            )
+        if not _SENDABLE_TOKEN.fullmatch(access):
+            raise OAuthError(
+                RefreshOutcome.SERVER_ERROR,
+                "the token endpoint issued an access token that cannot be sent in an "
+                f"Authorization header ({len(access)} characters; spaces or control characters "
+                f"are not allowed, nor more than {ACCESS_TOKEN_MAX})",
                 status=status,
                 rotated_refresh_token=rotated,
             )

@@ -290,7 +290,18 @@ class TestDiskFullDuringRefresh:
 
 class TestAnswerRefusedButRotated:
     @pytest.mark.parametrize(
-        "fields", [{"token_type": "mac"}, {"access_token": ""}], ids=["mac", "empty-access"]
+        "fields",
+        [
+            {"token_type": "mac"},
+            {"access_token": ""},
+            # Not sendable in an Authorization header (a header injection, or a 500 on every
+            # request for the token's whole life), or longer than any server takes.
+            {"access_token": "nbfake-at-x\r\nX-Injected: 1"},
+            {"access_token": "nbfake-at-\u0000x"},
+            {"access_token": "nbfake at x"},
+            {"access_token": "nbfake-at-" + "x" * 4096},
+        ],
+        ids=["mac", "empty-access", "crlf", "nul", "space", "too-long"],
     )
     async def test_new_refresh_token_is_stored_first_and_bad_access_token_never_used(
         self,

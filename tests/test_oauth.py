@@ -25,7 +25,7 @@ from nbgateway.config import Settings
 from nbgateway.errors import OAuthError
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import RefreshOutcome, TokenSet
-from nbgateway.oauth import DEFAULT_LIFETIME, NationBuilderOAuth
+from nbgateway.oauth import ACCESS_TOKEN_MAX, DEFAULT_LIFETIME, NationBuilderOAuth
 from nbgateway.redact import Secret
 
 SLUG = "acme"
@@ -410,6 +410,33 @@ class TestResponseShapes:
         )
         exc = await failure_of(lambda: scripted_oauth.refresh(SLUG, Secret("nbfake-rt-old-value")))
         assert exc.outcome is RefreshOutcome.SERVER_ERROR
+
+    @pytest.mark.parametrize(
+        "access",
+        ["nbfake-at\r\nX-Injected: 1", "nbfake-at\x00x", "nbfake at", "nbfake-ät", "a" * 4097],
+        ids=["crlf", "nul", "space", "non-ascii", "too-long"],
+    )
+    async def test_an_unsendable_access_token_is_refused(
+        self, scripted: ScriptedTokenEndpoint, scripted_oauth: NationBuilderOAuth, access: str
+    ) -> None:
+        """An access token that cannot go in an Authorization header is a server_error that
+        hands back the rotated refresh token; the message does not quote the token."""
+        scripted.answer(
+            {"access_token": access, "refresh_token": "nbfake-rt-new", "token_type": "bearer"}
+        )
+        exc = await failure_of(lambda: scripted_oauth.refresh(SLUG, Secret("nbfake-rt-old-value")))
+        assert exc.outcome is RefreshOutcome.SERVER_ERROR
+        assert exc.rotated_refresh_token == Secret("nbfake-rt-new")
+        assert "Authorization header" in str(exc)
+        assert_no_secret(exc, access, "nbfake-rt-new")
+
+    async def test_the_longest_sendable_access_token_is_taken(
+        self, scripted: ScriptedTokenEndpoint, scripted_oauth: NationBuilderOAuth
+    ) -> None:
+        access = "a" * ACCESS_TOKEN_MAX
+        scripted.answer({"access_token": access, "refresh_token": "nbfake-rt-new"})
+        tokens = await scripted_oauth.refresh(SLUG, Secret("nbfake-rt-old-value"))
+        assert tokens.access_token == Secret(access)
 
     async def test_json_that_is_not_an_object_is_a_server_error(
         self, scripted: ScriptedTokenEndpoint, scripted_oauth: NationBuilderOAuth
