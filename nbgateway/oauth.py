@@ -29,7 +29,7 @@ _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 # An access token the proxy can send as `Authorization: Bearer ...`: visible ASCII only
 # (RFC 6749's VSCHAR without the space), of a length every server takes in one header.
 ACCESS_TOKEN_MAX = 4096
-_SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]{1,%d}" % ACCESS_TOKEN_MAX)
+_SENDABLE_TOKEN = re.compile(rf"[\x21-\x7e]{{1,{ACCESS_TOKEN_MAX}}}")
 # NationBuilder's access tokens live 24 h; used when a response omits expires_in.
 DEFAULT_LIFETIME = 86400.0
 # Lifetimes outside this range are clamped: a token endpoint answering 1e20 or -5 must not
