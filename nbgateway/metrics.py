@@ -324,27 +324,24 @@ class Metrics:
     def forget_account(self, slug: str) -> None:
         """Drop an account's per-account gauges (after it is removed).
 
-        Multiprocess files cannot drop a series: the account's needs-reauth and unpersisted
-        gauges read 0 (no alert for an account that is gone) and its series leave /metrics
-        when the workers restart.
+        Multiprocess files cannot drop a series: every per-account gauge of the account then
+        reads 0 in every worker (each one's sync notices the removal), the alerts take an
+        expiry of 0 for "gone", and the series leave /metrics when the workers restart.
         """
         if self.multiprocess:
-            self.needs_reauth.labels(slug).set(0)
-            self.unpersisted.labels(slug).set(0)
+            for gauge in self._account_gauges():
+                gauge.labels(slug).set(0)
         else:
             self._forget_series(slug)
         self._remaining_children.pop(slug, None)
         self._limit_children.pop(slug, None)
 
+    def _account_gauges(self) -> tuple[Gauge, ...]:
+        """The gauges describing an account's tokens (one series per account)."""
+        return (self.token_expiry, self.needs_reauth, self.last_refresh_success, self.unpersisted)
+
     def _forget_series(self, slug: str) -> None:
-        for gauge in (
-            self.token_expiry,
-            self.needs_reauth,
-            self.last_refresh_success,
-            self.unpersisted,
-            self.rate_limit_remaining,
-            self.rate_limit_limit,
-        ):
+        for gauge in (*self._account_gauges(), self.rate_limit_remaining, self.rate_limit_limit):
             try:
                 gauge.remove(slug)
             except KeyError:

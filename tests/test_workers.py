@@ -319,6 +319,48 @@ def test_expired_token_is_refreshed_once_across_workers(
         conn.close()
 
 
+def test_a_removed_account_reads_gone_in_every_worker(
+    gateway: Gateway, env: dict[str, str]
+) -> None:
+    """After `accounts remove` (another process), every worker's scrape shows the account's
+    token gauges at 0, the value the shipped alerts and dashboards take for "gone": a
+    stale expiry would page NBGatewayTokenNearExpiry a day later."""
+    pids = sorted(gateway.workers(2))
+    for pid in pids:
+        _, conn = gateway.pinned(want=pid)
+        assert get(conn, "/api/v2/signups/me").status == 200
+        conn.close()
+    _, samples = gateway.metrics()
+    assert samples[f"nbgw_access_token_expiry_timestamp_seconds{{account={SLUG}}}"] > 0
+
+    removed = subprocess.run(
+        [sys.executable, "-m", "nbgateway", "accounts", "remove", SLUG],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert removed.returncode == 0, removed.stderr
+
+    answered_by: set[int] = set()
+
+    def gone_everywhere() -> bool:
+        pid, samples = gateway.metrics()
+        gauges = [
+            samples.get(f"{name}{{account={SLUG}}}")
+            for name in (
+                "nbgw_access_token_expiry_timestamp_seconds",
+                "nbgw_account_last_refresh_success_timestamp_seconds",
+                "nbgw_account_needs_reauth",
+            )
+        ]
+        if all(value in (0, None) for value in gauges):
+            answered_by.add(pid)
+        return answered_by == set(pids)
+
+    wait_until(gone_everywhere, WAIT, "every worker's scrape to show the account gone")
+
+
 def test_metrics_total_every_worker_in_every_scrape(gateway: Gateway) -> None:
     """/metrics counts the requests of all workers, whichever worker answers the scrape."""
     pids = sorted(gateway.workers(2))
