@@ -172,7 +172,8 @@ class ClientRegistry:
             hash_key(presented, record.salt), record.key_hash
         ):
             raise ClientKeyInvalid("the client key presented is not registered (or was removed)")
-        self._used[record.info.name] = self._clock.now()
+        # By key id, not name: a key removed and re-added under its name is another key.
+        self._used[record.key_id] = self._clock.now()
         return record.info
 
     @staticmethod
@@ -253,8 +254,8 @@ class ClientRegistry:
         except StoreError as exc:
             log.warning("could not write the audit trail; retrying", extra={"error": str(exc)})
             self._audit[:0] = entries
-            for name, at in used.items():
-                self._used.setdefault(name, at)
+            for key_id, at in used.items():
+                self._used.setdefault(key_id, at)
 
     async def run(self, interval: float = 1.0) -> None:
         """Background loop: follow the store's keys and write the bookkeeping."""

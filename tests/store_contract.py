@@ -61,9 +61,13 @@ PROMPTLY = 10.0
 
 
 def client_record(
-    name: str, clock: FakeClock, nations: tuple[str, ...] = (), read_only: bool = False
+    name: str,
+    clock: FakeClock,
+    nations: tuple[str, ...] = (),
+    read_only: bool = False,
+    key_id: str | None = None,
 ) -> ClientRecord:
-    key_id = f"{name[:4]:x<4}{len(name):04d}"
+    key_id = key_id or f"{name[:4]:x<4}{len(name):04d}"
     info = ClientInfo(name, nations, read_only, clock.now(), None, f"nbgw_{key_id[:4]}…")
     return ClientRecord(info, key_id, b"salt-" + name.encode(), b"hash-" + name.encode())
 
@@ -1218,14 +1222,29 @@ class TestClients:
         assert await store.list_clients() == [first]
 
     async def test_touch_keeps_the_latest_use(self, store: TokenStore, clock: FakeClock) -> None:
-        """touch_clients records the last use and never moves it back; unknown names are
-        ignored."""
-        await store.add_client(client_record("tool", clock))
-        await store.touch_clients({"tool": 200.0, "ghost": 300.0})
-        await store.touch_clients({"tool": 100.0})
+        """touch_clients records the last use (by key id) and never moves it back; unknown
+        key ids are ignored."""
+        tool = client_record("tool", clock)
+        await store.add_client(tool)
+        await store.touch_clients({tool.key_id: 200.0, "ghost0005": 300.0})
+        await store.touch_clients({tool.key_id: 100.0})
         await store.touch_clients({})
         [record] = await store.list_clients()
         assert record.info.last_used_at == 200.0
+
+    async def test_a_re_added_name_does_not_inherit_the_old_keys_use(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """A key removed and added again under its name is a new key: use of the old one
+        (written late, from a batch) does not show as the new one's last use."""
+        old = client_record("tool", clock, key_id="oldk0001")
+        await store.add_client(old)
+        assert await store.remove_client("tool") is True
+        await store.add_client(client_record("tool", clock, key_id="newk0001"))
+        await store.touch_clients({old.key_id: clock.now()})
+        [record] = await store.list_clients()
+        assert record.key_id == "newk0001"
+        assert record.info.last_used_at is None
 
     async def test_another_store_notices_a_client_change(
         self, backend: Backend, clock: FakeClock, key: str
@@ -1258,6 +1277,18 @@ class TestAudit:
         assert [e.request_id for e in await store.audit(limit=1)] == ["r3"]
         [entry] = await store.audit(nation="beta")
         assert entry == audit_entry(clock, "writer", "beta", "r3")
+
+    async def test_newest_first_across_batches_written_out_of_order(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """Each process (each `--workers` worker) writes its own batch: the listing follows
+        when the requests happened, not which batch reached the store first."""
+        early = audit_entry(clock, "sync-job", "acme", "early")
+        clock.advance(0.25)
+        late = audit_entry(clock, "writer", "acme", "late")
+        await store.record_audit([late], 0.0)  # the faster worker's batch
+        await store.record_audit([early], 0.0)
+        assert [e.request_id for e in await store.audit()] == ["late", "early"]
 
     async def test_retention_and_path_limit(self, store: TokenStore, clock: FakeClock) -> None:
         """Entries older than keep_after go when new ones are recorded; long paths are cut."""

@@ -995,14 +995,14 @@ class PostgresStore:
         return _status_count(status) > 0
 
     async def touch_clients(self, used: Mapping[str, float]) -> None:
-        """Record when each client was last seen (batched by the caller)."""
+        """Record when each client key (by key id) was last seen (batched by the caller)."""
         if not used:
             return
         async with self._write(None) as conn:
             await conn.executemany(
                 "UPDATE clients SET last_used_at = greatest(coalesce(last_used_at, 0), $1) "
-                "WHERE name = $2",
-                [(at, name) for name, at in used.items()],
+                "WHERE key_id = $2",
+                [(at, key_id) for key_id, at in used.items()],
             )
 
     async def record_audit(self, entries: Sequence[AuditEntry], keep_after: float) -> None:
@@ -1034,7 +1034,7 @@ class PostgresStore:
             rows = await self.pool.fetch(
                 f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit "
                 "WHERE ($1::text IS NULL OR nation = $1) AND ($2::text IS NULL OR client = $2) "
-                "ORDER BY id DESC LIMIT $3",
+                "ORDER BY at DESC, id DESC LIMIT $3",
                 nation,
                 client,
                 limit,

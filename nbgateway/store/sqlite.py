@@ -931,14 +931,14 @@ class SQLiteStore:
         return removed
 
     async def touch_clients(self, used: Mapping[str, float]) -> None:
-        """Record when each client was last seen (batched by the caller)."""
+        """Record when each client key (by key id) was last seen (batched by the caller)."""
         if not used:
             return
         async with self._write() as conn:
             await conn.executemany(
                 "UPDATE clients SET last_used_at = max(coalesce(last_used_at, 0), ?) "
-                "WHERE name = ?",
-                [(at, name) for name, at in used.items()],
+                "WHERE key_id = ?",
+                [(at, key_id) for key_id, at in used.items()],
             )
 
     async def record_audit(self, entries: Sequence[AuditEntry], keep_after: float) -> None:
@@ -975,7 +975,8 @@ class SQLiteStore:
             params.append(client)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         async with self.conn.execute(
-            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {clause} ORDER BY id DESC LIMIT ?",
+            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {clause} ORDER BY at DESC, id DESC "
+            "LIMIT ?",
             (*params, limit),
         ) as cur:
             rows = await cur.fetchall()
