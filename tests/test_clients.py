@@ -395,3 +395,19 @@ async def test_last_use_is_recorded_at_most_once_a_minute(gw: Gateway, clock: An
     await registry(gw).flush()
     [later] = await registry(gw).list()
     assert later.last_used_at == first.last_used_at + 10
+
+
+async def test_a_re_added_name_does_not_inherit_the_removed_keys_use(
+    gw: Gateway, clock: Any
+) -> None:
+    """Use of a removed key still waiting to be written does not become the last use of a
+    new key added under the same name (it was never used)."""
+    old = await add_key(gw, "writer")
+    assert await get(gw, "/n/acme/api/v2/signups/me", headers={"X-NBGW-Key": old}) == (200, None)
+    assert await registry(gw).remove("writer")
+    clock.advance(5)
+    await add_key(gw, "writer")
+    clock.advance(60)
+    await registry(gw).flush()
+    [record] = await registry(gw).list()
+    assert record.last_used_at is None
