@@ -315,17 +315,23 @@ def configure_logging(
     stream: TextIO | None = None,
     access_log: bool = True,
 ) -> logging.Handler:
-    """Route the `nbgateway` and `aiohttp` loggers through one redacting handler."""
+    """Route the `nbgateway` and `aiohttp` loggers through one redacting handler, and every
+    other library's warnings and errors too (asyncpg's pool, asyncio's "exception never
+    retrieved", ...): the root logger gets the same handler at WARNING (or `level` when
+    stricter), so no line leaves unredacted or outside NBGW_LOG_FORMAT."""
     formatter = RedactingFormatter(redactor, json_lines=fmt == "json")
     handler = LogHandler(stream or sys.stderr, formatter, redactor)
-    for name in ("nbgateway", "aiohttp"):
+    for name in ("nbgateway", "aiohttp", None):
         logger = logging.getLogger(name)
         for old in list(logger.handlers):
             if isinstance(old.formatter, RedactingFormatter):
                 logger.removeHandler(old)
         logger.addHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = False
+        if name is None:
+            logger.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+        else:
+            logger.setLevel(level)
+            logger.propagate = False
     # NBGW_ACCESS_LOG=off: the per-request lines go, everything else stays.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
     # aiohttp's own access log would print raw query strings; ours is redacted.

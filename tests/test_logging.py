@@ -32,7 +32,7 @@ from nbgateway.log import (
 from nbgateway.middleware import new_request_id
 from nbgateway.redact import REDACTED, Redactor
 
-LOGGERS = ("nbgateway", "aiohttp")
+LOGGERS = ("nbgateway", "aiohttp", None)  # None: the root logger (other libraries)
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
 LogCapture = Callable[..., io.StringIO]
@@ -583,3 +583,27 @@ class TestRequestIds:
         os.waitpid(pid, 0)
         assert GENERATED_ID.fullmatch(child)
         assert child != new_request_id()
+
+
+def test_other_libraries_warnings_are_redacted_lines_in_the_chosen_format(
+    capture_logs: LogCapture,
+) -> None:
+    """A library logging on its own logger (asyncpg's pool retrying, with a traceback)
+    goes through the gateway's handler: one JSON object per line, secrets scrubbed; its
+    debug chatter stays out."""
+    redactor = Redactor()
+    secret = "pg-password-CANARY-77aa"
+    redactor.add(secret)
+    stream = capture_logs(redactor, fmt="json")
+    library = logging.getLogger("asyncpg.pool")
+    library.debug("connection details %s", secret)
+    try:
+        raise ConnectionRefusedError(f"connect to postgresql://u:{secret}@db failed")
+    except ConnectionRefusedError:
+        library.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0])
+    assert record["message"].startswith("Failed to restore the pool connection floor")
+    assert "ConnectionRefusedError" in lines[0]
+    assert secret not in stream.getvalue()
