@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,15 +56,24 @@ log = logging.getLogger("nbgateway.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _at_least_one(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a usage error, exit 2, otherwise)."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} is not at least 1")
-    return number
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (a usage error, exit 2,
+    otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is not from {low} to {high}")
+        return number
+
+    return parse
+
+
+# The longest audit listing one command prints.
+AUDIT_LIMIT_MAX = 100_000
 
 
 def _slug(text: str) -> str:
@@ -137,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         "through the real OAuth flow, and print commands to try, among them the control call "
         "that stops the fake approving by itself (to see the consent and Deny pages).",
     )
-    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument(
+        "--port",
+        type=_whole_number(0, 65535),
+        default=8080,
+        help="gateway port (default 8080; 0 takes any free port)",
+    )
     demo.add_argument(
         "--self-test",
         action="store_true",
@@ -241,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--nation", type=_slug, metavar="SLUG", help="only this nation")
     audit.add_argument("--client", metavar="NAME", help="only this client (or anonymous)")
     audit.add_argument(
-        "--limit", type=_at_least_one, default=50, metavar="N", help="at most N (50)"
+        "--limit",
+        type=_whole_number(1, AUDIT_LIMIT_MAX),
+        default=50,
+        metavar="N",
+        help=f"at most N (50; up to {AUDIT_LIMIT_MAX:,})",
     )
     audit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     migrate = sub.add_parser(

@@ -99,7 +99,7 @@ Try, in another terminal:
   # 5. the nation's rate budget: shrink it to 5 requests per 10 s, send 12 at once; the
   #    gateway paces them (all answer 200, the last ones after the window resets)
   curl -s -X POST {fake}/_fake/control -d '{{"action":"set","rate_limit":5}}'
-  seq 12 | xargs -P12 -I{{}} curl -s -o /dev/null -w '%{{http_code}} %{{time_total}}s\n' \
+  seq 12 | xargs -P12 -I{{}} curl -s -o /dev/null -w '%{{http_code}} %{{time_total}}s\\n' \\
     '{gateway}/api/v2/signups/me'
   curl -s {gateway}/metrics | grep -E '^nbgw_(rate_limit|upstream_429)'
   # 6. account status through the admin API

@@ -205,15 +205,28 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     assert "usage:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("limit", ["0", "-3", "many"])
-def test_audit_limit_below_one_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str], limit: str
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "--limit", "0"],
+        ["audit", "--limit", "-3"],
+        ["audit", "--limit", "many"],
+        ["audit", "--limit", "100001"],
+        ["audit", "--limit", "99999999999999999999"],  # once an OverflowError in SQLite
+        ["demo", "--port", "-1"],
+        ["demo", "--port", "99999"],  # once an OverflowError from bind()
+        ["demo", "--port", "http"],
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    """`audit --limit` takes a whole number of at least 1; anything else exits 2."""
+    """`audit --limit` (1 to 100,000) and `demo --port` (0 to 65535): anything else exits 2
+    naming the argument, before anything is opened."""
     with pytest.raises(SystemExit) as exc:
-        main(["audit", "--limit", limit], {})
+        main(argv, {})
     assert exc.value.code == 2
-    assert "argument --limit" in capsys.readouterr().err
+    assert f"argument {argv[1]}" in capsys.readouterr().err
 
 
 def test_keygen_prints_a_fresh_valid_key(capsys: pytest.CaptureFixture[str]) -> None:
@@ -918,6 +931,18 @@ async def test_demo_prints_the_call_that_shows_the_consent_page(aiohttp_server: 
         async with session.get(authorize, params=query, allow_redirects=False) as resp:
             assert resp.status == 200
             assert 'value="deny"' in await resp.text()
+
+
+def test_the_demo_hints_are_valid_shell_as_printed() -> None:
+    """Every hint pastes into bash as printed: the whole block parses (`bash -n`), and the
+    burst of hint 5 is one command whose curl prints a newline per answer."""
+    text = instructions("http://127.0.0.1:8080", "http://127.0.0.1:8081", "admin-token")
+    commands = ("  #", "  curl", "  seq", "    '")
+    block = "\n".join(line for line in text.splitlines() if line.startswith(commands))
+    done = subprocess.run(["bash", "-n"], input=block, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    [burst] = [line for line in text.splitlines() if "xargs" in line]
+    assert burst.endswith("%{time_total}s\\n' \\"), burst
 
 
 # ---------------------------------------------------------------------- database locking
