@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser(
         "migrate",
         parents=[common],
-        help="copy every account, event and pending authorization to another database",
+        help="copy every account, event, pending authorization, client key and audit entry "
+        "to another database",
         description="Copy everything the configured database (NBGW_DATABASE) holds to TARGET, "
         "rows still encrypted, in one transaction. TARGET is a SQLite file path or a "
         "postgresql:// URL and must not hold accounts yet. The source is left as it is. "
@@ -475,9 +476,10 @@ async def _migrate(settings: Settings, redactor: Redactor, target: str) -> int:
     ):
         counts = await copy_store(source, destination)
     print(
-        f"copied {counts['accounts']} account(s), {counts['events']} event(s) and "
-        f"{counts['auth_states']} pending authorization(s) from {source.description} "
-        f"to {destination.description}"
+        f"copied {counts['accounts']} account(s), {counts['events']} event(s), "
+        f"{counts['auth_states']} pending authorization(s), {counts['clients']} client key(s) "
+        f"and {counts['audit']} audit record(s) from {source.description} to "
+        f"{destination.description}"
     )
     return EXIT_OK
 

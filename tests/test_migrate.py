@@ -102,7 +102,10 @@ class TestMigrate:
         target = tmp_path / "copy.db" if isinstance(any_database, Path) else any_database
         code, out, err = await migrate(source.settings, str(target), capsys)
         assert code == 0, err
-        assert "copied 2 account(s), 2 event(s) and 1 pending authorization(s)" in out
+        assert (
+            "copied 2 account(s), 2 event(s), 1 pending authorization(s), 1 client key(s) and 0 "
+            "audit record(s)"
+        ) in out
 
         fake_nb.clear_recordings()
         copy = await gateway_factory(database=target, client_auth="required")
