@@ -570,11 +570,13 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                 )
                 return EXIT_USAGE
             settings = replace(settings, workers=args.workers)
+        # A one-shot command prints its own outcome; the server's INFO lines (an account
+        # seen needing re-authorization, ...) would only be noise on its stderr.
+        level = settings.log_level
+        if args.command != "serve" and level == "INFO":
+            level = "WARNING"
         configure_logging(
-            redactor,
-            fmt=settings.log_format,
-            level=settings.log_level,
-            access_log=settings.access_log,
+            redactor, fmt=settings.log_format, level=level, access_log=settings.access_log
         )
         # check and rotate-key do not open the services, which would add these too.
         for secret in settings.secrets():

@@ -218,7 +218,13 @@ SETTINGS: tuple[Setting, ...] = (
         f"a whole number from 1 to {MAX_WORKERS}",
     ),
     Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json"),
-    Setting("NBGW_LOG_LEVEL", "INFO", "log level", "DEBUG, INFO, WARNING or ERROR"),
+    Setting(
+        "NBGW_LOG_LEVEL",
+        "INFO",
+        "log level of `serve` (the other commands print their outcome and log only warnings "
+        "and errors, or everything at DEBUG)",
+        "DEBUG, INFO, WARNING or ERROR",
+    ),
     Setting(
         "NBGW_ACCESS_LOG",
         "on",

@@ -817,6 +817,26 @@ class TestAccountsAgainstFake:
         assert row["last_error"]
         assert "nbfake-" not in listing.out
 
+    def test_commands_keep_the_servers_info_lines_off_stderr(
+        self,
+        fake_env: dict[str, str],
+        fake_process: FakeNB,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """`accounts list` on a store with an account needing re-authorization prints the
+        table and nothing else: no "account needs re-authorization" INFO line per command
+        (NBGW_LOG_LEVEL=DEBUG still shows everything)."""
+        connected(fake_env, fake_process, "cli-quiet")
+        fake_process.control(action="revoke", slug="cli-quiet")
+        assert run(["accounts", "refresh", "cli-quiet"], fake_env, capsys).code == 1
+
+        listing = run(["accounts", "list"], fake_env, capsys)
+        assert listing.code == 0
+        assert "needs_reauth" in listing.out
+        assert listing.err == ""
+        debug = run(["accounts", "list"], {**fake_env, "NBGW_LOG_LEVEL": "DEBUG"}, capsys)
+        assert "account needs re-authorization" in debug.err
+
     def test_refresh_during_an_outage_fails_cleanly(
         self,
         fake_env: dict[str, str],
