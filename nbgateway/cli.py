@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate every setting serve needs, the key and the database",
         description="Validate settings, the encryption key and the database as serve needs "
         "them: required and malformed settings, unknown NBGW_* variables and config keys, "
+        "whether NBGW_LISTEN can be listened on (in use right now is only a note), "
         "the database directory (writable), the file, its schema and every stored row. "
         "Prints one line per problem, all of them; exits 2 for configuration problems, 1 "
         "for database problems, 0 when serve can start.",

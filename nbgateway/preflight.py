@@ -5,12 +5,16 @@ the same messages. It collects every problem instead of stopping at the first: e
 (through `config.validate_settings`), then the database: for SQLite, its directory exists
 and is writable (SQLite creates the -wal and -shm files next to it) and the file is
 readable and writable; for both SQLite and PostgreSQL, it opens with the configured keys at
-a schema version this nbgateway understands, and every stored row decrypts.
+a schema version this nbgateway understands, and every stored row decrypts. NBGW_LISTEN is
+tried too: an address this host cannot listen on (not one of its addresses, a port it may
+not take) is a problem; one in use right now (a gateway already running there) is a note.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +80,26 @@ def _file_problems(database: Path) -> list[str]:
     return []
 
 
+def _listen_problems(host: str, port: int, notes: list[str]) -> list[str]:
+    """Whether `serve` could listen on host:port: bind it for a moment."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.create_server((host, port), family=family[0][0]):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            notes.append(
+                f"listen: {host}:{port} is in use right now (a gateway already running "
+                "there?); serve needs it free"
+            )
+            return []
+        code = exc.errno
+        # A name-lookup failure has a negative code of its own; the rest say it plainly.
+        reason = os.strerror(code) if code is not None and code > 0 else (exc.strerror or str(exc))
+        return [f"NBGW_LISTEN {host}:{port} cannot be listened on: {reason}"]
+    return []
+
+
 async def _store_problems(settings: Settings, redactor: Redactor, notes: list[str]) -> list[str]:
     """Open the store (key ids, schema version), then decrypt every row."""
     try:
@@ -103,6 +127,8 @@ async def run_preflight(
     for secret in settings.secrets():
         redactor.add(secret)
     report = Report(settings, config_problems=list(validation.problems))
+    if "NBGW_LISTEN" not in validation.refused:
+        report.config_problems.extend(_listen_problems(settings.host, settings.port, report.notes))
     if not report.config_problems:
         report.notes.append("configuration: ok")
     if "NBGW_DATABASE" in validation.refused:

@@ -363,6 +363,31 @@ class TestCheck:
         assert "did you mean NBGW_ALLOWED_CLIENTS?" in result.err
         assert result.err.splitlines()[-1].startswith("7 problem(s) found")
 
+    def test_an_address_this_host_cannot_listen_on(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """NBGW_LISTEN on an address that is not this host's (192.0.2.1, kept for
+        documentation) passes the syntax check but is found by trying it: exit 2."""
+        env["NBGW_LISTEN"] = "192.0.2.1:18722"
+        result = run(["check"], env, capsys)
+        assert result.code == 2
+        assert problem_lines(result) == [
+            "configuration error: NBGW_LISTEN 192.0.2.1:18722 cannot be listened on: "
+            "Cannot assign requested address"
+        ]
+
+    def test_an_address_in_use_is_a_note(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A port in use right now (a gateway already running there) does not fail check,
+        which operators run next to the live service; it is said."""
+        with socket.create_server(("127.0.0.1", 0)) as busy:
+            port = busy.getsockname()[1]
+            env["NBGW_LISTEN"] = f"127.0.0.1:{port}"
+            result = run(["check"], env, capsys)
+        assert result.code == 0, result.err
+        assert f"listen: 127.0.0.1:{port} is in use right now" in result.out + result.err
+
     def test_typo_in_the_config_file(
         self, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
