@@ -372,3 +372,32 @@ class TestPendingAuthorizations:
         status, text, _ = await admin.get(callback)
         assert status == 303, text  # connected: back to the accounts page
         assert [i.slug for i in await gateway.accounts.list_accounts()] == ["acme"]
+
+
+class TestCellsThatAreNotUtf8:
+    """A hand-edited cell holding TEXT that is not UTF-8 (SQLite accepts it; PostgreSQL's
+    typed columns cannot hold it): only its row is unreadable."""
+
+    @pytest.mark.parametrize("column", ["access_token", "last_error", "scope"])
+    async def test_only_that_row_is_unreadable(
+        self, gateway: Gateway, connect_account: ConnectAccount, encryption_key: str, column: str
+    ) -> None:
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        raw_execute(
+            database_of(gateway),
+            f"UPDATE accounts SET {column} = CAST(X'C3FFAB' AS TEXT) WHERE slug = ?",
+            ("acme",),
+        )
+        await gateway.tokens.sync(force=True)
+        listed = await api_accounts(gateway)
+        assert listed["acme"]["status"] == "unreadable", listed["acme"]
+        assert listed["beta"]["status"] == "active"
+        resp = await gateway.client.get(f"/n/beta{ME}")
+        assert resp.status == 200
+
+        done = await asyncio.to_thread(cli, gateway, encryption_key, "check")
+        assert done.returncode == 1, done.stdout + done.stderr
+        [problem] = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
+        assert "acme" in problem
+        assert "beta" not in problem

@@ -178,6 +178,14 @@ def _number(value: Any, owner: str, name: str, of: str = "account") -> float | N
     return float(value)
 
 
+def _text(value: Any, owner: object, name: str, of: str = "account") -> Any:
+    """A text column of `of` `owner`: what SQLite hands back for a cell that is not UTF-8
+    (its bytes) is refused, naming the column."""
+    if value is not None and not isinstance(value, str):
+        raise CorruptRecordError(f"{name} of {of} {owner!r} is not text")
+    return value
+
+
 def _required_number(value: Any, owner: str, name: str, of: str) -> float:
     number = _number(value, owner, name, of)
     if number is None:
@@ -222,16 +230,18 @@ def corrupt_rows(rows: Iterable[Row], parse: Callable[[Row], object]) -> list[st
 def info_from_row(row: Row) -> AccountInfo:
     """An account's public part from a stored row (nothing decrypted)."""
     slug = row["slug"]
+    if not isinstance(slug, str):
+        raise CorruptRecordError(f"an account row's slug is not text ({slug!r})")
     created = _number(row["created_at"], slug, "created_at")
     updated = _number(row["updated_at"], slug, "updated_at")
     return AccountInfo(
         slug=slug,
         status=_status(row["status"], slug),
         expires_at=_number(row["expires_at"], slug, "expires_at"),
-        scope=row["scope"] or "",
+        scope=_text(row["scope"], slug, "scope") or "",
         generation=int(row["generation"]),
         last_refresh_at=_number(row["last_refresh_at"], slug, "last_refresh_at"),
-        last_error=row["last_error"],
+        last_error=_text(row["last_error"], slug, "last_error"),
         created_at=created or 0.0,
         updated_at=updated or 0.0,
         refresh_started_at=(
@@ -249,8 +259,8 @@ def client_from_row(row: Row) -> ClientRecord:
     if not isinstance(name, str) or not name:
         raise CorruptRecordError(f"a client key row has no name (key id {row['key_id']!r})")
     of = "client key"
-    nations = tuple(n for n in str(row["nations"] or "").split(",") if n)
-    key_id = str(row["key_id"])
+    nations = tuple(n for n in (_text(row["nations"], name, "nations", of) or "").split(",") if n)
+    key_id = _text(row["key_id"], name, "key_id", of) or ""
     info = ClientInfo(
         name=name,
         nations=nations,
@@ -288,12 +298,12 @@ def audit_from_row(row: Row) -> AuditEntry:
         raise CorruptRecordError(f"status of {of} {entry!r} is not a number")
     return AuditEntry(
         at=_required_number(row["at"], entry, "at", of),
-        client=row["client"],
-        nation=row["nation"],
-        method=row["method"],
-        path=row["path"],
+        client=_text(row["client"], entry, "client", of),
+        nation=_text(row["nation"], entry, "nation", of),
+        method=_text(row["method"], entry, "method", of),
+        path=_text(row["path"], entry, "path", of),
         status=status,
-        request_id=row["request_id"],
+        request_id=_text(row["request_id"], entry, "request_id", of),
     )
 
 
@@ -303,7 +313,8 @@ def listed_info_from_row(row: Row) -> AccountInfo:
     try:
         return info_from_row(row)
     except (CorruptRecordError, TypeError, ValueError) as exc:
-        slug = str(row["slug"])
+        raw = row["slug"]
+        slug = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         return AccountInfo(
             slug=slug,
             status=AccountStatus.UNREADABLE,

@@ -292,6 +292,16 @@ class _Lease:
         self.released = True
 
 
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    """A TEXT value as str; one that is not UTF-8 (a hand-edited cell) as its bytes, so that
+    one damaged cell makes its row unreadable (the row checks reject bytes where text
+    belongs, and a token cell holds bytes anyway) instead of failing the whole query."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
 class SQLiteStore:
     """The SQLite implementation of `TokenStore`. Use as an async context manager."""
 
@@ -344,6 +354,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
         conn.row_factory = sqlite3.Row
+        conn.text_factory = _text_or_bytes
         try:
             # _scalar reads and closes each cursor: a PRAGMA left unread keeps a lock.
             await self._scalar(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
