@@ -6,7 +6,9 @@
   is enough (no stretching), and the id makes the lookup one dictionary access.
 - `ClientRegistry` holds every registered key in memory, kept in step with the store
   through its change counter (a key removed in one process stops working in every other
-  within about a second), so identifying the caller costs no database round trip.
+  within about a second), so identifying the caller costs no database round trip. A key
+  it does not know yet sends it to the store once (`identify_after_sync`): a key added in
+  another process works on its first request.
 - `identify` and `authorize` answer the proxy's one question per request (which client,
   and may it do this); `record` queues the per-client bookkeeping (last use, and an audit
   entry for each write), which `flush` writes in batches off the request path.
@@ -47,6 +49,9 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Seconds between two writes of the clients' last-use times.
 LAST_USED_INTERVAL = 60.0
+# Least seconds between two store looks for keys this process does not know (requests
+# presenting random keys cannot make it query the store more often).
+MISS_SYNC_INTERVAL = 0.2
 # Audit entries waiting to be written; beyond this (a long store outage) the oldest go.
 _AUDIT_BUFFER = 10_000
 
@@ -147,6 +152,8 @@ class ClientRegistry:
         self._counter: int | None = None
         self._used: dict[str, float] = {}
         self._used_written = float("-inf")
+        self._miss_sync: asyncio.Future[bool] | None = None
+        self._miss_synced = float("-inf")
         self._audit: list[AuditEntry] = []
 
     # -- the request path ----------------------------------------------------------------
@@ -175,6 +182,29 @@ class ClientRegistry:
         # By key id, not name: a key removed and re-added under its name is another key.
         self._used[record.key_id] = self._clock.now()
         return record.info
+
+    async def identify_after_sync(self, presented: str) -> ClientInfo:
+        """`identify` for a key `identify` refused, after one look at the store: the key may
+        have been added by another process since the last sync. Concurrent misses share
+        one look, and there is at most one per MISS_SYNC_INTERVAL; ClientKeyInvalid when the
+        key is still unknown (StoreError when the store cannot be read)."""
+        if self._miss_sync is None:
+            if self._clock.monotonic() - self._miss_synced < MISS_SYNC_INTERVAL:
+                raise ClientKeyInvalid(
+                    "the client key presented is not registered (or was removed)"
+                )
+            self._miss_sync = asyncio.ensure_future(self._sync_for_miss())
+        await asyncio.shield(self._miss_sync)
+        result = self.identify(presented)
+        assert result is not None  # a presented key gives a client or ClientKeyInvalid
+        return result
+
+    async def _sync_for_miss(self) -> bool:
+        try:
+            return await self.sync()
+        finally:
+            self._miss_synced = self._clock.monotonic()
+            self._miss_sync = None
 
     @staticmethod
     def authorize(client: ClientInfo | None, slug: str, method: str) -> None:

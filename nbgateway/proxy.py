@@ -40,6 +40,7 @@ from nbgateway.clients import (
 from nbgateway.config import Settings
 from nbgateway.errors import (
     AccountNotFound,
+    ClientKeyInvalid,
     ClientNotAllowed,
     GatewayError,
     InvalidRequest,
@@ -341,7 +342,12 @@ class Proxy:
             self._refuse_early(request)
             route = self.route(request)
             if clients.mode is not ClientAuth.OFF:
-                client = clients.identify(presented_key(request))
+                presented = presented_key(request)
+                try:
+                    client = clients.identify(presented)
+                except ClientKeyInvalid:
+                    assert presented is not None  # no key is anonymous or ClientKeyRequired
+                    client = await clients.identify_after_sync(presented)
                 clients.authorize(client, route.slug, request.method)
                 if client is not None:
                     request[CLIENT_NAME] = client.name

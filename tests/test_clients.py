@@ -228,6 +228,53 @@ class TestRemoval:
         )
 
 
+class TestAddition:
+    async def test_a_key_added_in_another_process_works_on_its_first_request(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount
+    ) -> None:
+        """Two gateways on one database, no background sync: a key added through one is
+        taken by the other at once (it looks at the store for a key it does not know)."""
+        one = await gateway_factory(client_auth="required")
+        await connect_account(one, "acme")
+        two = await gateway_factory(one.settings)
+        await registry(two).sync(force=True)
+        key = await add_key(one, "fresh")
+        headers = {"X-NBGW-Key": key}
+        assert await get(two, "/n/acme/api/v2/signups/me", headers=headers) == (200, None)
+
+    async def test_unknown_keys_look_at_the_store_at_most_five_times_a_second(
+        self, gw: Gateway, clock: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Requests with random keys share one store look per 0.2 s: a flood of bad keys
+        cannot load the database. Each is refused with 401 client_key_invalid."""
+        looks = 0
+        store_counter = gw.store.change_counter
+
+        async def counted() -> int:
+            nonlocal looks
+            looks += 1
+            return await store_counter()
+
+        monkeypatch.setattr(gw.store, "change_counter", counted)
+        bad = {"X-NBGW-Key": "nbgw_" + "A" * 43}
+        results = await asyncio.gather(
+            *(get(gw, "/n/acme/api/v2/signups/me", headers=bad) for _ in range(20))
+        )
+        assert results == [(401, "client_key_invalid")] * 20
+        assert looks == 1
+        assert await get(gw, "/n/acme/api/v2/signups/me", headers=bad) == (
+            401,
+            "client_key_invalid",
+        )
+        assert looks == 1  # within 0.2 s of the last look: refused without one
+        clock.advance(0.2)
+        assert await get(gw, "/n/acme/api/v2/signups/me", headers=bad) == (
+            401,
+            "client_key_invalid",
+        )
+        assert looks == 2
+
+
 class TestSecrecy:
     async def test_only_salted_hashes_reach_the_database_file(self, gw: Gateway) -> None:
         """The key's bytes are nowhere in the database files; its salted hash is."""
