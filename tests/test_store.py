@@ -204,6 +204,7 @@ class TestRefreshLock:
         ("holder", "lapsed", "marker", "taken"),
         [
             ("dead-here", False, True, True),
+            ("reused-pid-here", False, True, True),
             ("live-elsewhere", False, True, False),
             ("live-here", True, True, False),
             ("live-here", True, False, True),
@@ -211,6 +212,7 @@ class TestRefreshLock:
         ],
         ids=[
             "dead-process-here-at-once",
+            "pid-reused-by-a-live-process-at-once",
             "live-elsewhere-before-deadline-waits",
             "live-here-lapsed-mid-call-waits",
             "live-here-lapsed-before-call-taken",
@@ -228,10 +230,12 @@ class TestRefreshLock:
         taken: bool,
     ) -> None:
         """A lease left by a process of this host that no longer runs (kill -9 mid-refresh)
-        is taken at once, its marker reported as interrupted. Another host's lease is
-        waited for until its deadline. A live process of this host whose lease lapsed
-        during its token call (it could not store the result and may hold the rotated pair
-        in memory) is waited for; before any token call, a lapsed lease is taken."""
+        is taken at once, its marker reported as interrupted; so is one whose pid now
+        belongs to a live process started at another time (the pid was reused). Another
+        host's lease is waited for until its deadline. A live process of this host whose
+        lease lapsed during its token call (it could not store the result and may hold the
+        rotated pair in memory) is waited for; before any token call, a lapsed lease is
+        taken."""
         await create_database(db_path, clock, key)
         async with make_store(db_path, clock, key) as a, make_store(db_path, clock, key) as b:
             await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
@@ -242,6 +246,9 @@ class TestRefreshLock:
                 host, namespace, pid, rest = owner.split("/", 3)
                 if holder == "dead-here":
                     pid = str(dead_process_id())
+                elif holder == "reused-pid-here":
+                    assert "." in pid  # pid.start-time: this process, alive
+                    pid = pid.split(".")[0] + ".1"  # the same pid, started at another time
                 elif holder == "live-elsewhere":
                     host = "elsewhere.example"
                 raw_execute(

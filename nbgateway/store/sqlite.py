@@ -184,17 +184,34 @@ def _pid_namespace() -> str:
         return "-"
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None when that
+    cannot be read: with the pid, it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()  # field 22 of proc(5); the first two come before ")"
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
 def _owner_id() -> str:
-    return f"{socket.gethostname()}/{_pid_namespace()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    pid = os.getpid()
+    start = _process_start(pid)
+    process = f"{pid}.{start}" if start is not None else str(pid)
+    return f"{socket.gethostname()}/{_pid_namespace()}/{process}/{uuid.uuid4().hex[:8]}"
 
 
 def _holder_runs(holder: str) -> bool | None:
     """Whether the lease holder's process still runs: known only for a process of this
-    host and PID namespace (None for anything else: another host or namespace)."""
+    host and PID namespace (None for anything else: another host or namespace). A holder
+    that recorded its start time and whose pid now belongs to a process started at
+    another time is gone (its pid was reused)."""
     parts = holder.split("/")
     if len(parts) < 4 or parts[1] == "-":
         return None
-    host, namespace, pid = parts[0], parts[1], parts[2]
+    host, namespace = parts[0], parts[1]
+    pid, _, start = parts[2].partition(".")
     if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
         return None
     try:
@@ -202,7 +219,11 @@ def _holder_runs(holder: str) -> bool | None:
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # exists, owned by someone else
+        pass  # exists, owned by someone else
+    if start:
+        now_start = _process_start(int(pid))
+        if now_start is not None and now_start != start:
+            return False
     return True
 
 
