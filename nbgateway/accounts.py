@@ -62,8 +62,8 @@ def _import_refusal(existing: AccountInfo) -> str:
     remove = f"remove it first (`nbgateway accounts remove {slug}`)"
     if existing.status is AccountStatus.UNREADABLE:
         return (
-            f"{slug!r} is stored, but NBGW_ENCRYPTION_KEY cannot read it ({existing.last_error}); "
-            f"nothing was changed: check the key, or {remove}"
+            f"{slug!r} is stored but cannot be read ({existing.last_error}); nothing was "
+            f"changed: check NBGW_ENCRYPTION_KEY, or {remove}"
         )
     if not existing.expires_at:
         return (

@@ -52,6 +52,7 @@ LAST_USED_INTERVAL = 60.0
 # Least seconds between two store looks for keys this process does not know (requests
 # presenting random keys cannot make it query the store more often).
 MISS_SYNC_INTERVAL = 0.2
+_UNKNOWN_KEY = "the client key presented is not registered (or was removed)"
 # Audit entries waiting to be written; beyond this (a long store outage) the oldest go.
 _AUDIT_BUFFER = 10_000
 
@@ -178,7 +179,7 @@ class ClientRegistry:
         if record is None or not hmac.compare_digest(
             hash_key(presented, record.salt), record.key_hash
         ):
-            raise ClientKeyInvalid("the client key presented is not registered (or was removed)")
+            raise ClientKeyInvalid(_UNKNOWN_KEY)
         # By key id, not name: a key removed and re-added under its name is another key.
         self._used[record.key_id] = self._clock.now()
         return record.info
@@ -190,9 +191,7 @@ class ClientRegistry:
         key is still unknown (StoreError when the store cannot be read)."""
         if self._miss_sync is None:
             if self._clock.monotonic() - self._miss_synced < MISS_SYNC_INTERVAL:
-                raise ClientKeyInvalid(
-                    "the client key presented is not registered (or was removed)"
-                )
+                raise ClientKeyInvalid(_UNKNOWN_KEY)
             self._miss_sync = asyncio.ensure_future(self._sync_for_miss())
         await asyncio.shield(self._miss_sync)
         result = self.identify(presented)

@@ -818,7 +818,8 @@ class TestAccountsAgainstFake:
 
         result = run(["accounts", "import", "cli-pending"], fake_env, capsys)
         assert result.code == 1
-        assert "NBGW_ENCRYPTION_KEY cannot read it" in result.err
+        assert "is stored but cannot be read" in result.err
+        assert "check NBGW_ENCRYPTION_KEY" in result.err
         assert stored_row(database, "cli-pending") == before
 
     def test_refresh_of_a_revoked_account_points_at_connect(
