@@ -152,7 +152,10 @@ class AccountService:
         await self._store.import_refresh_token(slug, legacy_token)
         await self._tokens.account_changed(slug)
         try:
-            await self._tokens.refresh_now(slug)
+            if existing is None:
+                await self._tokens.first_exchange(slug)
+            else:
+                await self._tokens.refresh_now(slug)
         except ReauthorizationRequired:
             refused = (
                 f"NationBuilder refused the legacy token for {slug!r} (invalid_grant): it is "
@@ -165,7 +168,6 @@ class AccountService:
             # Nothing was there before: leave nothing behind.
             await self._store.remove_account(slug)
             await self._tokens.account_changed(slug)
-            log.info("refused legacy token not kept", extra={"account": slug})
             raise AuthorizationFailed("exchange", f"{refused}; nothing was stored", slug) from None
         return await self.get(slug)
 

@@ -129,6 +129,8 @@ class TokenManager:
         self._inflight: dict[str, tuple[asyncio.Task[IssuedToken], bool]] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._needs_reauth: set[str] = set()
+        # Accounts whose token is being tried for the first time (`first_exchange`).
+        self._trying: set[str] = set()
         self._change_counter: int | None = None
         self._accounts: set[str] = set()
         self._unpersisted: dict[str, _Unpersisted] = {}
@@ -155,6 +157,16 @@ class TokenManager:
         # Joins a refresh already in flight; if that one only re-issued the rejected
         # generation, _single_flight starts a forced refresh of its own.
         return await self._single_flight(slug, force=True, stale_generation=stale_generation)
+
+    async def first_exchange(self, slug: str) -> IssuedToken:
+        """`refresh_now` for a token just stored to be tried (an import): a refusal is the
+        caller's to report (it removes the row), not an account needing re-authorization,
+        so it is neither warned about nor alerted on."""
+        self._trying.add(slug)
+        try:
+            return await self.refresh_now(slug)
+        finally:
+            self._trying.discard(slug)
 
     async def refresh_now(self, slug: str) -> IssuedToken:
         """Refresh at once (admin action), ignoring backoff; adopts a concurrent refresh."""
@@ -579,7 +591,7 @@ class TokenManager:
         if slug in self._needs_reauth:
             return
         self._needs_reauth.add(slug)
-        if not marked_here:
+        if not marked_here or slug in self._trying:
             log.info("account needs re-authorization", extra={"account": slug})
             return
         log.warning(

@@ -709,6 +709,7 @@ class TestAccountsAgainstFake:
         assert result.code == 1
         assert "NationBuilder refused the legacy token for 'cli-refused'" in result.err
         assert "nothing was stored" in result.err
+        assert "account needs re-authorization" not in result.err  # no such account remains
         assert "https://gw.example.org/nbgw/connect" in result.err
         assert "127.0.0.1" not in result.err
         assert refused not in result.out + result.err
