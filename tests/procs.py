@@ -363,12 +363,22 @@ async def seed_account(env: Mapping[str, str], slug: str, issued: Mapping[str, A
         await store.save_tokens(slug, token_set(issued), EventKind.CONNECTED)
 
 
+def raw_query(database: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Rows of `sql` read straight from a SQLite file (as an operator's sqlite3 would)."""
+    with contextlib.closing(sqlite3.connect(database, timeout=5)) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, params).fetchall()
+
+
+def raw_execute(database: Path | str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """Run and commit `sql` straight on a SQLite file (a hand edit behind the store's back)."""
+    with contextlib.closing(sqlite3.connect(database, timeout=5)) as conn, conn:
+        conn.execute(sql, params)
+
+
 def corrupt_refresh_token(database: Path | str, slug: str) -> None:
     """Flip one ciphertext byte of `slug`'s stored refresh token in a SQLite database (the
     key id stays intact, so the row is damaged, not encrypted with another key)."""
-    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
-        (blob,) = conn.execute(
-            "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,)
-        ).fetchone()
-        damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
-        conn.execute("UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))
+    [(blob,)] = raw_query(database, "SELECT refresh_token FROM accounts WHERE slug = ?", (slug,))
+    damaged = blob[:-1] + bytes([blob[-1] ^ 0x01])
+    raw_execute(database, "UPDATE accounts SET refresh_token = ? WHERE slug = ?", (damaged, slug))

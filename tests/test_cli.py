@@ -9,7 +9,6 @@ entry point checks the installed console script and `python -m nbgateway`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
@@ -34,6 +33,7 @@ from procs import (
     corrupt_refresh_token,
     gateway_env,
     open_store,
+    raw_query,
     run_command,
     seed_account,
     start_fake,
@@ -147,11 +147,8 @@ def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
 
 def stored_row(database: str, slug: str) -> tuple[Any, ...]:
     """The account's row in a SQLite database, byte for byte."""
-    with contextlib.closing(sqlite3.connect(database)) as conn:
-        row: tuple[Any, ...] = conn.execute(
-            "SELECT * FROM accounts WHERE slug = ?", (slug,)
-        ).fetchone()
-    return row
+    [row] = raw_query(database, "SELECT * FROM accounts WHERE slug = ?", (slug,))
+    return tuple(row)
 
 
 # ---------------------------------------------------------------------- help and keygen

@@ -24,7 +24,14 @@ from typing import Any
 import pytest
 import test_admin_pages
 from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
-from procs import clean_os_environ, corrupt_refresh_token, gateway_env, run_command
+from procs import (
+    clean_os_environ,
+    corrupt_refresh_token,
+    gateway_env,
+    raw_execute,
+    raw_query,
+    run_command,
+)
 from test_admin_pages import BrowserFactory, consent, start
 from yarl import URL
 
@@ -35,7 +42,7 @@ from nbgateway.admin.session import LOGIN_FAILURES
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.fakenb import FakeNationBuilder
-from nbgateway.models import AccountStatus
+from nbgateway.models import AccountStatus, EventKind
 from nbgateway.proxy import CLIENT_KEY_HEADER
 from nbgateway.redact import Secret
 from nbgateway.store.base import STATES_KEPT
@@ -68,11 +75,6 @@ def immutable(path: Path) -> Iterator[None]:
         yield
     finally:
         assert chattr("-i", path)
-
-
-def raw_execute(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
-    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute(sql, params)
 
 
 def cli(gw: Gateway, key: str, *argv: str) -> Any:
@@ -401,3 +403,36 @@ class TestCellsThatAreNotUtf8:
         [problem] = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
         assert "acme" in problem
         assert "beta" not in problem
+
+    @pytest.mark.parametrize(
+        "change",
+        ["detail = CAST(X'C3FFAB' AS TEXT)", "kind = 'bogus'"],
+        ids=["detail-not-utf8", "unknown-kind"],
+    )
+    async def test_a_damaged_event_is_left_out_and_named(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        browsers: BrowserFactory,
+        encryption_key: str,
+        change: str,
+    ) -> None:
+        """One damaged event row: the nation's page and the event lists show the others,
+        and `check` names the row."""
+        await connect_account(gateway, "acme")
+        await gateway.accounts.refresh("acme")
+        [(first,)] = raw_query(database_of(gateway), "SELECT min(id) FROM events")
+        raw_execute(database_of(gateway), f"UPDATE events SET {change} WHERE id = ?", (first,))
+
+        kinds = [e.kind for e in await gateway.accounts.events("acme")]
+        assert kinds == [EventKind.REFRESHED]
+        browser = await browsers()
+        await browser.login()
+        status, page, _ = await browser.get("/connect/nations/acme")
+        assert status == 200
+        assert "acme" in page
+
+        done = await asyncio.to_thread(cli, gateway, encryption_key, "check")
+        assert done.returncode == 1, done.stdout + done.stderr
+        [problem] = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
+        assert f"event {first}" in problem

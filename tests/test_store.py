@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import raw_execute, raw_query
 
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
@@ -80,18 +79,6 @@ def dead_process_id() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
-
-
-def raw_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    with closing(sqlite3.connect(path, timeout=5)) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(sql, params).fetchall()
-
-
-def raw_execute(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
-    with closing(sqlite3.connect(path, timeout=5)) as conn:
-        conn.execute(sql, params)
-        conn.commit()
 
 
 def raw_write(path: Path, data: bytes) -> None:

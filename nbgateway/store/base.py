@@ -330,7 +330,20 @@ def listed_info_from_row(row: Row) -> AccountInfo:
 
 
 def event_from_row(row: Row) -> Event:
-    return Event(int(row["id"]), row["slug"], EventKind(row["kind"]), row["at"], row["detail"])
+    """An account event from its row; CorruptRecordError when a column is not what the
+    schema promises."""
+    entry, of = row["id"], "event"
+    try:
+        kind = EventKind(row["kind"])
+    except ValueError:
+        raise CorruptRecordError(f"event {entry!r} has an unknown kind {row['kind']!r}") from None
+    return Event(
+        int(entry),
+        _text(row["slug"], entry, "slug", of),
+        kind,
+        _required_number(row["at"], entry, "at", of),
+        _text(row["detail"], entry, "detail", of),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -551,7 +551,7 @@ class PostgresStore:
                     slug,
                     limit,
                 )
-        return [event_from_row(row) for row in rows]
+        return readable_rows(rows, event_from_row, "event")
 
     # -- writing -------------------------------------------------------------------------
 
@@ -900,8 +900,8 @@ class PostgresStore:
         return RotationReport(changed, skipped)
 
     async def verify(self) -> list[str]:
-        """Try to decrypt every account and read every client key and audit entry; return
-        one plain message per unreadable row."""
+        """Try to decrypt every account and read every event, client key and audit entry;
+        return one plain message per unreadable row."""
         with self._errors("cannot be read"):
             rows = await self.pool.fetch(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY slug")
         problems: list[str] = []
@@ -911,6 +911,7 @@ class PostgresStore:
             except (DecryptError, CorruptRecordError) as exc:
                 problems.append(str(exc))
         for table, fields, parse in (
+            ("events", EVENT_FIELDS, event_from_row),
             ("clients", CLIENT_FIELDS, client_from_row),
             ("audit", AUDIT_FIELDS, audit_from_row),
         ):

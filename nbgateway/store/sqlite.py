@@ -538,7 +538,8 @@ class SQLiteStore:
             sql = f"SELECT {columns} FROM events WHERE slug = ? ORDER BY id DESC LIMIT ?"
             params = (slug, limit)  # type: ignore[assignment]
         async with self.conn.execute(sql, params) as cur:
-            return [event_from_row(row) async for row in cur]
+            rows = await cur.fetchall()
+        return readable_rows(rows, event_from_row, "event")
 
     # -- writing ---------------------------------------------------------------------
 
@@ -871,8 +872,8 @@ class SQLiteStore:
         return RotationReport(changed, skipped)
 
     async def verify(self) -> list[str]:
-        """Try to decrypt every account and read every client key and audit entry; return
-        one plain message per unreadable row."""
+        """Try to decrypt every account and read every event, client key and audit entry;
+        return one plain message per unreadable row."""
         problems: list[str] = []
         async with self.conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts") as cur:
             rows = await cur.fetchall()
@@ -882,6 +883,7 @@ class SQLiteStore:
             except (DecryptError, CorruptRecordError) as exc:
                 problems.append(str(exc))
         for table, fields, parse in (
+            ("events", EVENT_FIELDS, event_from_row),
             ("clients", CLIENT_FIELDS, client_from_row),
             ("audit", AUDIT_FIELDS, audit_from_row),
         ):
