@@ -332,9 +332,6 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
         except AccountNotFound:
             print(f"no account named {slug!r}", file=sys.stderr)
             return EXIT_FAILED
-        except ValueError as exc:
-            print(f"invalid slug: {exc}", file=sys.stderr)
-            return EXIT_USAGE
         except ReauthorizationRequired:
             print(
                 f"{slug} needs to be re-authorized by an admin at {settings.public_url}/connect",
