@@ -4,9 +4,11 @@
   after the prefix are a public lookup id; the store keeps that id, a random salt and
   SHA-256(salt + key), never the key. Keys are random, not passwords: a fast salted hash
   is enough (no stretching), and the id makes the lookup one dictionary access.
-- `ClientRegistry` holds every registered key in memory, kept in step with the store
-  through its change counter (a key removed in one process stops working in every other
-  within about a second), so identifying the caller costs no database round trip. A key
+- `ClientRegistry` holds every registered key in memory, so identifying the caller costs
+  no database round trip. Before it trusts a presented key it reads the store's change
+  hint (`TokenStore.change_hint`, no I/O that waits); when that moved since the keys were
+  loaded, the request waits for one reload (`catch_up`, shared by concurrent requests): a
+  key removed in any process is refused by every other from the next request on. A key
   it does not know yet sends it to the store once (`identify_after_sync`): a key added in
   another process works on its first request.
 - `identify` and `authorize` answer the proxy's one question per request (which client,
@@ -19,6 +21,7 @@ It knows nothing of HTTP: the proxy extracts the presented key and passes it in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -52,6 +55,11 @@ LAST_USED_INTERVAL = 60.0
 # Least seconds between two store looks for keys this process does not know (requests
 # presenting random keys cannot make it query the store more often).
 MISS_SYNC_INTERVAL = 0.2
+# The longest a request waits for a reload of the keys before it is judged by the keys
+# already loaded (the store is slow or down), and how long after a failed reload the
+# loaded keys are used without trying again.
+CATCH_UP_WAIT = 0.5
+CATCH_UP_RETRY = 1.0
 _UNKNOWN_KEY = "the client key presented is not registered (or was removed)"
 # Audit entries waiting to be written; beyond this (a long store outage) the oldest go.
 _AUDIT_BUFFER = 10_000
@@ -155,6 +163,11 @@ class ClientRegistry:
         self._used_written = float("-inf")
         self._miss_sync: asyncio.Future[bool] | None = None
         self._miss_synced = float("-inf")
+        self._hint: int | None = None
+        self._sync_lock = asyncio.Lock()
+        self._catch_up: asyncio.Future[None] | None = None
+        self._catch_up_started = float("-inf")
+        self._catch_up_failed = float("-inf")
         self._audit: list[AuditEntry] = []
 
     # -- the request path ----------------------------------------------------------------
@@ -183,6 +196,40 @@ class ClientRegistry:
         # By key id, not name: a key removed and re-added under its name is another key.
         self._used[record.key_id] = self._clock.now()
         return record.info
+
+    def current(self) -> bool:
+        """Whether the keys in memory are the store's (nobody committed since they were
+        loaded). Cheap: one read of the store's change hint."""
+        return self._store.change_hint() == self._hint
+
+    async def catch_up(self) -> None:
+        """Reload the keys (call it when `current` says no). Concurrent callers share one
+        reload. A reload that takes over CATCH_UP_WAIT s, or failed less than
+        CATCH_UP_RETRY s ago, is not waited for: the keys already loaded judge the request
+        (the store is in trouble; the background sync keeps trying)."""
+        now = self._clock.monotonic()
+        if self._catch_up is None:
+            if now - self._catch_up_failed < CATCH_UP_RETRY:
+                return
+            self._catch_up = asyncio.ensure_future(self._sync_to_catch_up())
+            self._catch_up_started = now
+        remaining = CATCH_UP_WAIT - (now - self._catch_up_started)
+        if remaining <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._catch_up), remaining)
+
+    async def _sync_to_catch_up(self) -> None:
+        try:
+            await self.sync(force=True)
+        except Exception as exc:
+            self._catch_up_failed = self._clock.monotonic()
+            log.warning(
+                "could not reload the client keys; judging requests by the keys loaded before",
+                extra={"error": str(exc)},
+            )
+        finally:
+            self._catch_up = None
 
     async def identify_after_sync(self, presented: str) -> ClientInfo:
         """`identify` for a key `identify` refused, after one look at the store: the key may
@@ -252,18 +299,24 @@ class ClientRegistry:
     # -- keeping up with the store ---------------------------------------------------------
 
     async def sync(self, *, force: bool = False) -> bool:
-        """Reload the keys if anyone committed since the last look. True when it reloaded."""
-        counter = await self._store.change_counter()
-        if not force and counter == self._counter:
-            return False
-        records = await self._store.list_clients()
-        self._counter = counter
-        self._by_key_id = {r.key_id: r for r in records}
-        names = {r.info.name for r in records}
-        for gone in self._names - names:
-            self._metrics.forget_client(gone)
-        self._names = names
-        return True
+        """Reload the keys if anyone committed since the last look. True when it reloaded.
+
+        One at a time: a slower look started earlier never overwrites a newer one."""
+        async with self._sync_lock:
+            hint = self._store.change_hint()  # before reading: a later commit moves it again
+            counter = await self._store.change_counter()
+            if not force and counter == self._counter:
+                self._hint = hint
+                return False
+            records = await self._store.list_clients()
+            self._counter = counter
+            self._hint = hint
+            self._by_key_id = {r.key_id: r for r in records}
+            names = {r.info.name for r in records}
+            for gone in self._names - names:
+                self._metrics.forget_client(gone)
+            self._names = names
+            return True
 
     async def flush(self, *, force: bool = False) -> None:
         """Write queued audit entries, and last-use times at most once a minute (each write

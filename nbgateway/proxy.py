@@ -343,6 +343,8 @@ class Proxy:
             route = self.route(request)
             if clients.mode is not ClientAuth.OFF:
                 presented = presented_key(request)
+                if presented is not None and not clients.current():
+                    await clients.catch_up()  # a key removed anywhere is refused at once
                 try:
                     client = clients.identify(presented)
                 except ClientKeyInvalid:

@@ -1258,6 +1258,29 @@ class TestClients:
                 while await a.change_counter() == before:  # noqa: ASYNC110 - polled API
                     await asyncio.sleep(0.02)
 
+    async def test_change_hint_moves_without_waiting_once_another_store_commits(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """change_hint() (read on the request path, never waiting) stays put while nobody
+        writes and moves once another store removes a client key: on SQLite as soon as
+        the commit returns, on PostgreSQL once the notice arrives."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await b.add_client(client_record("tool", clock))
+            await asyncio.sleep(0.1)  # the add's notice, on PostgreSQL
+            before = a.change_hint()
+            assert before >= 0  # a real reading, not an unsure one
+            assert a.change_hint() == before
+            assert await b.remove_client("tool")
+            if isinstance(backend, SQLiteBackend):
+                assert a.change_hint() != before
+            async with asyncio.timeout(PROMPTLY):
+                while a.change_hint() == before:  # noqa: ASYNC110 - polled API
+                    await asyncio.sleep(0.02)
+            moved = a.change_hint()
+            assert moved >= 0
+            assert a.change_hint() == moved
+
 
 class TestAudit:
     async def test_newest_first_and_filtered(self, store: TokenStore, clock: FakeClock) -> None:

@@ -18,7 +18,7 @@ from nbgateway.errors import StoreError, StoreUnavailable
 from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Secret
 from nbgateway.store import make_store
-from nbgateway.store.base import SecretListener
+from nbgateway.store.base import UNSURE_HINT_INTERVAL, SecretListener
 from nbgateway.store.pgconn import LISTENER_NAME, split_password
 from nbgateway.store.postgres import SCHEMA_VERSION, PostgresStore
 
@@ -220,4 +220,30 @@ async def test_lost_listener_reconnects_and_bumps_the_counter(
         await other.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         async with asyncio.timeout(PROMPTLY):
             while await store.change_counter() == after_reconnect:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+
+async def test_change_hint_is_unsure_while_the_listener_is_away(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """Notices sent while the LISTEN connection is down are lost, so meanwhile the change
+    hint says it cannot tell: a value no reading takes, moving every 0.2 s (whoever follows
+    it reloads at that pace); once reconnected it is a real reading again."""
+    async with open_store(pg_url, clock, key) as store:
+        assert store.change_hint() >= 0
+        await fetchval(
+            pg_url,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            f"WHERE application_name = '{LISTENER_NAME}' AND datname = current_database()",
+        )
+        async with asyncio.timeout(PROMPTLY):
+            while store.change_hint() >= 0:  # noqa: ASYNC110 - polled API
+                await asyncio.sleep(0.01)
+        unsure = store.change_hint()  # no await from here on: the listener stays away
+        assert store.change_hint() == unsure
+        clock.advance(UNSURE_HINT_INTERVAL)
+        assert store.change_hint() != unsure
+        assert store.change_hint() < 0
+        async with asyncio.timeout(PROMPTLY):
+            while store.change_hint() < 0:  # noqa: ASYNC110 - polled API
                 await asyncio.sleep(0.05)

@@ -35,6 +35,7 @@ from procs import (
     clean_os_environ,
     free_port,
     gateway_env,
+    run_command,
     seed_account,
     start_fake,
     wait_ready,
@@ -317,6 +318,32 @@ def test_expired_token_is_refreshed_once_across_workers(
     assert fake.state()["token_requests"] == {SLUG: {"refresh_token": 1}}
     for conn in conns:
         conn.close()
+
+
+def test_a_key_removed_with_the_cli_is_refused_by_every_worker_at_once(
+    processes: Processes, env: dict[str, str], fake: FakeNB
+) -> None:
+    """`nbgateway clients remove` while two workers serve with the key: the first request on
+    each worker after the command returns is refused (the contract's "at once, in every
+    process"), with no second to wait for the background sync."""
+    seed(env, fake)
+    env = {**env, "NBGW_CLIENT_AUTH": "required"}
+    gateway = start(processes, env)
+    added = run_command([sys.executable, "-m", "nbgateway", "clients", "add", "tool"], env=env)
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip().splitlines()[-1]
+    headers = {"X-NBGW-Key": key}
+    first, one = gateway.pinned()
+    _, two = gateway.pinned(avoid=first)
+    for conn in (one, two):
+        assert get(conn, "/api/v2/signups/me", headers).status == 200
+    removed = run_command([sys.executable, "-m", "nbgateway", "clients", "remove", "tool"], env=env)
+    assert removed.returncode == 0, removed.stderr
+    for conn in (one, two):
+        answer = get(conn, "/api/v2/signups/me", headers)
+        assert (answer.status, answer.headers["X-NBGW-Error"]) == (401, "client_key_invalid")
+    one.close()
+    two.close()
 
 
 def test_a_removed_account_reads_gone_in_every_worker(

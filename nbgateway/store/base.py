@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
+from nbgateway.clock import Clock
 from nbgateway.crypto import Cipher
 from nbgateway.errors import CorruptRecordError, StoreError
 from nbgateway.models import (
@@ -450,6 +451,16 @@ class AccountLock(Protocol):
     async def mark_needs_reauth(self, message: str) -> None: ...
 
 
+# How often `unsure_hint` moves: the pace of reloads while a backend cannot tell changes.
+UNSURE_HINT_INTERVAL = 0.2
+
+
+def unsure_hint(clock: Clock) -> int:
+    """The `change_hint` of a backend that cannot tell whether anything changed: a value no
+    real hint takes (negative) that moves every UNSURE_HINT_INTERVAL seconds."""
+    return -1 - int(clock.monotonic() / UNSURE_HINT_INTERVAL)
+
+
 class TokenStore(Protocol):
     """What the token manager, the account service and the CLI need from storage.
 
@@ -475,6 +486,13 @@ class TokenStore(Protocol):
     async def get_account(self, slug: str) -> Account | None: ...
     async def list_accounts(self) -> list[AccountInfo]: ...
     async def change_counter(self) -> int: ...
+    def change_hint(self) -> int:
+        """A number that moves whenever another connection may have committed, cheap
+        enough to read on every request: it never waits (no lock, no network round trip).
+        Where the backend cannot tell right now, `unsure_hint` (it moves every
+        UNSURE_HINT_INTERVAL s, so whoever follows it reloads at that pace)."""
+        ...
+
     def refresh_lock(self, slug: str) -> AbstractAsyncContextManager[AccountLock]: ...
     async def save_tokens(self, slug: str, tokens: TokenSet, kind: EventKind) -> Account: ...
     async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None: ...

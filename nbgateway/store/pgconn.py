@@ -87,6 +87,12 @@ class ChangeListener:
         if conn is not None:
             conn.terminate()
 
+    @property
+    def connected(self) -> bool:
+        """Whether notices can arrive now (the connection is up)."""
+        conn = self._conn
+        return conn is not None and not conn.is_closed()
+
     def _on_notice(self, *_args: object) -> None:
         self.counter += 1
 

@@ -93,6 +93,7 @@ from nbgateway.store.base import (
     readable_rows,
     session_hash,
     state_hash,
+    unsure_hint,
 )
 from nbgateway.store.pgconn import (
     CHANNEL,
@@ -520,6 +521,14 @@ class PostgresStore:
         if self._listener is None:
             raise StoreError("the store is not open")
         return self._listener.counter
+
+    def change_hint(self) -> int:
+        """The count of notices received, when the listener is connected; while it is
+        away (notices are lost), unsure."""
+        listener = self._listener
+        if listener is None:
+            raise StoreError("the store is not open")
+        return listener.counter if listener.connected else unsure_hint(self._clock)
 
     # -- reading -------------------------------------------------------------------------
 

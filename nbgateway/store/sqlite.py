@@ -20,6 +20,7 @@ lock, re-checking at least once a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sqlite3
@@ -82,6 +83,7 @@ from nbgateway.store.base import (
     readable_rows,
     session_hash,
     state_hash,
+    unsure_hint,
 )
 
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
@@ -349,6 +351,7 @@ class SQLiteStore:
         self._owner = _owner_id()
         self._conn: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
+        self._probe: sqlite3.Connection | None = None
         self._write_lock = asyncio.Lock()
 
     @property
@@ -416,8 +419,23 @@ class SQLiteStore:
             await conn.close()
             raise
         self._conn = conn
+        self._probe = self._open_probe()
+
+    def _open_probe(self) -> sqlite3.Connection | None:
+        """The read-only connection `change_hint` asks, on the event loop: it never waits
+        for a lock (timeout 0). None when it cannot be opened: the hint is then unsure."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            return sqlite3.connect(
+                uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error:
+            return None
 
     async def close(self) -> None:
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            probe.close()
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await writer.close()
@@ -528,6 +546,23 @@ class SQLiteStore:
             return int(await self._scalar(self.conn, "PRAGMA data_version"))
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+
+    def change_hint(self) -> int:
+        """PRAGMA data_version of a connection of its own: it moves with every commit made
+        through any other connection (this process's included). Reading it takes a shared
+        lock on the WAL index, in memory, and never waits; when SQLite says busy, the hint
+        is unsure."""
+        probe = self._probe
+        if probe is None:
+            if self._conn is None:
+                raise StoreError("the store is not open")
+            return unsure_hint(self._clock)
+        try:
+            with contextlib.closing(probe.execute("PRAGMA data_version")) as cursor:
+                row = cursor.fetchone()
+        except sqlite3.Error:
+            return unsure_hint(self._clock)
+        return int(row[0])
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
         """Most recent events first, for one account or all."""
