@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from procs import raw_execute, raw_query
 
+from nbgateway.clients import make_record, new_key
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.errors import (
@@ -330,3 +331,33 @@ class TestAuthStates:
         rows = raw_query(db_path, "SELECT state_hash FROM auth_states")
         assert [r[0] for r in rows] == [hashlib.sha256(state.encode()).hexdigest()]
         assert_absent(db_bytes(db_path), state, verifier)
+
+
+class TestChangeHint:
+    async def test_list_clients_sees_a_removal_while_another_read_holds_a_snapshot(
+        self, store: SQLiteStore, db_path: Path, clock: FakeClock, key: str
+    ) -> None:
+        """A statement still open on the shared reader (a listing part-way through) pins
+        its snapshot for every statement on that connection; list_clients must still show
+        a removal committed after the snapshot began, since change_hint has moved for it."""
+        for slug in ("acme", "bravo", "carol"):
+            await store.import_refresh_token(slug, Secret(f"refresh-{slug}"))
+        await store.add_client(make_record("tool", new_key(), (), False, clock.now()))
+        async with make_store(db_path, clock, key) as other:
+            hint = store.change_hint()
+            async with store.conn.execute("SELECT slug FROM accounts") as held:
+                assert await held.fetchone() is not None  # the statement is still open
+                assert await other.remove_client("tool")
+                assert store.change_hint() != hint
+                assert await store.list_clients() == []
+
+    async def test_the_probe_holds_no_read_transaction(
+        self, store: SQLiteStore, db_path: Path
+    ) -> None:
+        """Reading the hint leaves no snapshot open: a checkpoint that truncates the WAL
+        (which must wait for every reader) completes right after it."""
+        await store.add_client(make_record("tool", new_key(), (), False, 0.0))
+        store.change_hint()
+        busy, _log, _done = raw_query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")[0]
+        assert busy == 0
+        assert (db_path.parent / (db_path.name + "-wal")).stat().st_size == 0

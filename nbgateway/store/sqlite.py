@@ -981,14 +981,19 @@ class SQLiteStore:
             )
 
     async def list_clients(self) -> list[ClientRecord]:
-        """Every registered client, by name."""
-        try:
-            async with self.conn.execute(
-                f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
-            ) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+        """Every registered client, by name, as of now: read on the writer connection,
+        between its write transactions. The shared reader may be inside another
+        statement's snapshot, and a removal committed after that snapshot began would not
+        show, though `change_hint` already moved for it."""
+        sql = f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
+        async with self._write_lock:
+            try:
+                if self._writer is None:
+                    self._writer = await self._connect()
+                async with self._writer.execute(sql) as cur:
+                    rows = await cur.fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
         return readable_rows(rows, client_from_row, "client key")
 
     async def remove_client(self, name: str) -> bool:
