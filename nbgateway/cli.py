@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "remove",
         parents=[common],
         help="remove a tool; its key stops working in every process",
-        description="Remove a tool; its key stops working within a couple of seconds in every "
+        description="Remove a tool; its key is refused from the next request on, in every "
         "running gateway process.",
     )
     client_remove.add_argument("name", metavar="NAME")

@@ -21,7 +21,6 @@ It knows nothing of HTTP: the proxy extracts the presented key and passes it in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -203,21 +202,29 @@ class ClientRegistry:
         return self._store.change_hint() == self._hint
 
     async def catch_up(self) -> None:
-        """Reload the keys (call it when `current` says no). Concurrent callers share one
-        reload. A reload that takes over CATCH_UP_WAIT s, or failed less than
-        CATCH_UP_RETRY s ago, is not waited for: the keys already loaded judge the request
-        (the store is in trouble; the background sync keeps trying)."""
-        now = self._clock.monotonic()
-        if self._catch_up is None:
-            if now - self._catch_up_failed < CATCH_UP_RETRY:
+        """Reload the keys until they are `current` (call it when they are not).
+
+        Concurrent callers share one reload; a caller that sees the store move again
+        after the reload it joined began waits for the next one. Bounded: a reload that
+        failed less than CATCH_UP_RETRY s ago is not tried, and no caller waits past
+        CATCH_UP_WAIT s from its own arrival or from the start of a reload in flight; the
+        keys already loaded then judge the request (the store is in trouble; the
+        background sync keeps trying)."""
+        arrived = self._clock.monotonic()
+        while not self.current():
+            now = self._clock.monotonic()
+            if self._catch_up is None:
+                if now - self._catch_up_failed < CATCH_UP_RETRY:
+                    return
+                self._catch_up = asyncio.ensure_future(self._sync_to_catch_up())
+                self._catch_up_started = now
+            remaining = min(arrived, self._catch_up_started) + CATCH_UP_WAIT - now
+            if remaining <= 0:
                 return
-            self._catch_up = asyncio.ensure_future(self._sync_to_catch_up())
-            self._catch_up_started = now
-        remaining = CATCH_UP_WAIT - (now - self._catch_up_started)
-        if remaining <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._catch_up), remaining)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._catch_up), remaining)
+            except TimeoutError:
+                return
 
     async def _sync_to_catch_up(self) -> None:
         try:
@@ -306,7 +313,8 @@ class ClientRegistry:
             hint = self._store.change_hint()  # before reading: a later commit moves it again
             counter = await self._store.change_counter()
             if not force and counter == self._counter:
-                self._hint = hint
+                # Not a reason to trust the keys for `hint`: the counter may come from an
+                # older snapshot, or miss changes (a PostgreSQL listener that is away).
                 return False
             records = await self._store.list_clients()
             self._counter = counter

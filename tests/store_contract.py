@@ -1266,8 +1266,11 @@ class TestClients:
         the commit returns, on PostgreSQL once the notice arrives."""
         await create_database(backend, key)
         async with backend.make(key) as a, backend.make(key) as b:
+            start = a.change_hint()
             await b.add_client(client_record("tool", clock))
-            await asyncio.sleep(0.1)  # the add's notice, on PostgreSQL
+            async with asyncio.timeout(PROMPTLY):
+                while a.change_hint() == start:  # noqa: ASYNC110 - the add's notice first
+                    await asyncio.sleep(0.02)
             before = a.change_hint()
             assert before >= 0  # a real reading, not an unsure one
             assert a.change_hint() == before

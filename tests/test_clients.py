@@ -7,20 +7,27 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from conftest import ConnectAccount, Gateway, GatewayFactory
 
-from nbgateway import clients as clients_module
 from nbgateway import keys
-from nbgateway.clients import ClientRegistry, hash_key
-from nbgateway.errors import StoreUnavailable
+from nbgateway.clients import ClientAuth, ClientRegistry, hash_key
+from nbgateway.clock import FakeClock
+from nbgateway.crypto import Cipher, generate_key
+from nbgateway.errors import ClientKeyInvalid, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.log import configure_logging
+from nbgateway.metrics import Metrics
 from nbgateway.redact import Redactor, Secret
+from nbgateway.store import SQLiteStore, TokenStore, make_store
+from nbgateway.store.base import UNSURE_HINT_INTERVAL
+from nbgateway.store.pgconn import LISTENER_NAME
 
 SIGNUP = {"data": {"type": "signups", "attributes": {"email": "audit@example.org"}}}
 
@@ -225,7 +232,11 @@ class TestRemoval:
         one = await gateway_factory(client_auth="required", database=any_database)
         await connect_account(one, "acme")
         two = await gateway_factory(one.settings)
+        start = two.store.change_hint()
         key = await add_key(one, "temp")
+        async with asyncio.timeout(10):
+            while two.store.change_hint() == start:  # noqa: ASYNC110 - the add's notice first
+                await asyncio.sleep(0.01)
         headers = {"X-NBGW-Key": key}
         assert await get(two, "/n/acme/api/v2/signups/me", headers=headers) == (200, None)
         before = two.store.change_hint()
@@ -290,13 +301,11 @@ class TestRemoval:
     async def test_a_slow_reload_holds_a_request_half_a_second_at_most(
         self, gw: Gateway, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """A reload that hangs (the database is slow) holds the requests for CATCH_UP_WAIT,
-        then the loaded keys judge them."""
+        """A reload that hangs (the database is slow) holds the request for CATCH_UP_WAIT
+        (half a second), then the loaded keys judge it."""
         key = await add_key(gw, "tool")
-        release = asyncio.Event()
+        release, started = asyncio.Event(), asyncio.Event()
         list_clients = gw.store.list_clients
-
-        started = asyncio.Event()
 
         async def hung() -> Any:
             started.set()
@@ -305,7 +314,6 @@ class TestRemoval:
 
         await touch(gw)
         monkeypatch.setattr(gw.store, "list_clients", hung)
-        monkeypatch.setattr(clients_module, "CATCH_UP_WAIT", 0.05)
         headers = {"X-NBGW-Key": key}
         try:
             async with asyncio.timeout(5):
@@ -316,6 +324,119 @@ class TestRemoval:
             assert started.is_set()  # the request did ask for a reload, and went on
         finally:
             release.set()
+            await registry(gw).sync()  # waits for the released reload to finish
+
+
+def remove_elsewhere(database: Path, name: str) -> None:
+    """`nbgateway clients remove NAME` in another process: committed when this returns."""
+    other = sqlite3.connect(database, isolation_level=None)
+    try:
+        other.execute("DELETE FROM clients WHERE name = ?", (name,))
+    finally:
+        other.close()
+
+
+async def accepted(reg: ClientRegistry, key: Secret) -> bool:
+    """The proxy's key path (`Proxy.handle`) for one request: is the key taken?"""
+    if not reg.current():
+        await reg.catch_up()
+    try:
+        reg.identify(key.reveal())
+    except ClientKeyInvalid:
+        return False
+    return True
+
+
+def new_registry(store: TokenStore, clock: FakeClock) -> ClientRegistry:
+    return ClientRegistry(
+        store, clock, Metrics(), mode=ClientAuth.REQUIRED, audit_retention=86400.0
+    )
+
+
+class TestRemovalRaces:
+    """A removal that has committed is never outrun (SQLite), whatever else is in flight."""
+
+    async def test_a_listing_in_progress_on_the_shared_reader_does_not_hide_a_removal(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """A listing part-way through (more accounts than one fetch) pins the shared
+        reader's snapshot; the reload must still see the removal."""
+        database = tmp_path / "gateway.db"
+        async with SQLiteStore(database, Cipher([Secret(generate_key())]), clock) as store:
+            for i in range(70):
+                await store.import_refresh_token(f"nation{i:03d}", Secret(f"refresh-{i}"))
+            reg = new_registry(store, clock)
+            _, key = await reg.add("tool")
+            async with store.conn.execute("SELECT slug FROM accounts") as listing:
+                await listing.fetchmany(64)
+                remove_elsewhere(database, "tool")
+                assert not await accepted(reg, key)
+            assert not await accepted(reg, key)
+
+    async def test_a_request_does_not_settle_for_a_reload_older_than_its_removal(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Key one is removed and a request starts a reload; while the reload's rows are on
+        their way, key two is removed. A request with key two that joins that reload waits
+        for another one, and is refused."""
+        database = tmp_path / "gateway.db"
+        async with SQLiteStore(database, Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            _, one = await reg.add("one")
+            _, two = await reg.add("two")
+            read, go_on = asyncio.Event(), asyncio.Event()
+            real = store.list_clients
+
+            async def rows_on_their_way() -> Any:
+                records = await real()
+                read.set()
+                await go_on.wait()
+                return records
+
+            monkeypatch.setattr(store, "list_clients", rows_on_their_way)
+            remove_elsewhere(database, "one")
+            first = asyncio.create_task(accepted(reg, one))
+            await read.wait()
+            monkeypatch.setattr(store, "list_clients", real)
+            remove_elsewhere(database, "two")
+            second = asyncio.create_task(accepted(reg, two))
+            await asyncio.sleep(0.01)  # the second request is waiting on the first reload
+            go_on.set()
+            assert await first is False
+            assert await second is False
+
+    async def test_the_background_sync_does_not_vouch_for_keys_it_did_not_reload(
+        self, pg_url: str, clock: FakeClock
+    ) -> None:
+        """PostgreSQL with its listener away (and unable to come back): the removal's notice
+        is lost, so the notice count stands still. A background sync that sees it standing
+        still must not mark the keys current; the next keyed request reloads and refuses
+        the removed key."""
+        store = make_store(pg_url, Cipher([Secret(generate_key())]), clock)
+        async with store:
+            reg = new_registry(store, clock)
+            _, key = await reg.add("tool")
+            database = pg_url.rsplit("/", 1)[-1]
+            admin = await asyncpg.connect(pg_url)
+            server = await asyncpg.connect(pg_url.rsplit("/", 1)[0] + "/postgres")
+            try:
+                await server.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    f"WHERE application_name = '{LISTENER_NAME}'"
+                )
+                async with asyncio.timeout(10):
+                    while store.change_hint() >= 0:  # noqa: ASYNC110 - polled API
+                        await asyncio.sleep(0.01)
+                assert await accepted(reg, key)  # reloaded for the unsure hint: still there
+                await admin.execute("DELETE FROM clients WHERE name = 'tool'")
+                clock.advance(3 * UNSURE_HINT_INTERVAL)
+                assert not await reg.sync()  # the counter stood still: no reload ...
+                assert not await accepted(reg, key)  # ... and no blessing of the old keys
+            finally:
+                await server.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+                await server.close()
+                await admin.close()
 
 
 class TestAddition:

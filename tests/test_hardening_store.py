@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import test_admin_pages
-from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
+from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory, SettingsFactory
 from procs import (
     clean_os_environ,
     corrupt_refresh_token,
@@ -40,6 +40,7 @@ from nbgateway.accounts import STATE_TTL
 from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.admin.session import LOGIN_FAILURES
 from nbgateway.clock import FakeClock
+from nbgateway.config import Settings
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus, EventKind
@@ -53,6 +54,21 @@ browsers = test_admin_pages.browsers
 ME = "/api/v2/signups/me"
 LIFETIME = 86400.0
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def created_elsewhere(settings: Settings) -> Path:
+    """Create and migrate the settings' database in another process (`accounts list`), so
+    this one holds no connection opened before the file is made unwritable: SQLite may
+    reuse an open file descriptor, writable from before, for a later connection."""
+    path = settings.database
+    assert isinstance(path, Path)
+    env = {
+        **clean_os_environ(),
+        **gateway_env(path, ADMIN_TOKEN, key=settings.encryption_keys[0].reveal()),
+    }
+    result = run_command([sys.executable, "-m", "nbgateway", "accounts", "list"], env=env)
+    assert result.returncode == 0, result.stderr
+    return path
 
 
 def database_of(gw: Gateway) -> Path:
@@ -131,16 +147,16 @@ class TestAdminStateOnAnUnwritableDatabase:
     async def test_logout_clears_the_cookie_and_is_kept_in_this_process(
         self,
         gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
         browsers: BrowserFactory,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         """A logout the store cannot take still clears the cookie and ends the session in
         this process; the warning says so and holds no session id."""
-        first = await gateway_factory()
-        path = database_of(first)
-        await first.client.close()
+        settings = settings_factory()
+        path = created_elsewhere(settings)
         with immutable(path):
-            gw = await gateway_factory(first.settings)
+            gw = await gateway_factory(settings)
             admin = await browsers(gw)
             old = dict(admin.cookies)
             sid = old[SESSION_COOKIE].split(".")[0]
@@ -159,15 +175,15 @@ class TestAdminStateOnAnUnwritableDatabase:
     async def test_wrong_tokens_still_count_in_this_process(
         self,
         gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         """Wrong admin tokens the store cannot take are counted in this process: after
         LOGIN_FAILURES of them the right token gets 429, and the log says why."""
-        first = await gateway_factory()
-        path = database_of(first)
-        await first.client.close()
+        settings = settings_factory()
+        path = created_elsewhere(settings)
         with immutable(path):
-            gw = await gateway_factory(first.settings)
+            gw = await gateway_factory(settings)
             wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
             with caplog.at_level(logging.WARNING, logger="nbgateway"):
                 for _ in range(LOGIN_FAILURES):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -361,3 +362,18 @@ class TestChangeHint:
         busy, _log, _done = raw_query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")[0]
         assert busy == 0
         assert (db_path.parent / (db_path.name + "-wal")).stat().st_size == 0
+
+    async def test_a_failing_probe_reads_unsure_warns_once_and_is_opened_again(
+        self, store: SQLiteStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """When the probe cannot be read the hint is unsure (whoever follows it reloads every
+        0.2 s) and one warning says so; a probe that could not be opened is tried again."""
+        assert store.change_hint() >= 0
+        store._probe.close()  # type: ignore[union-attr]  # a probe that now fails
+        with caplog.at_level(logging.WARNING, logger="nbgateway.store"):
+            assert store.change_hint() < 0
+            assert store.change_hint() < 0
+        warnings = [r for r in caplog.records if "change count" in r.getMessage()]
+        assert len(warnings) == 1
+        store._probe = None  # as when opening it failed
+        assert store.change_hint() >= 0  # opened again

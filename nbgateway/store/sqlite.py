@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import sqlite3
@@ -86,6 +87,10 @@ from nbgateway.store.base import (
     unsure_hint,
 )
 
+log = logging.getLogger("nbgateway.store")
+
+# Seconds between two tries to open the change probe, when opening it failed.
+_PROBE_RETRY = 1.0
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -352,6 +357,8 @@ class SQLiteStore:
         self._conn: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
         self._probe: sqlite3.Connection | None = None
+        self._probe_retry_at = float("-inf")
+        self._probe_failing = False
         self._write_lock = asyncio.Lock()
 
     @property
@@ -552,16 +559,29 @@ class SQLiteStore:
         through any other connection (this process's included). Reading it takes a shared
         lock on the WAL index, in memory, and never waits; when SQLite says busy, the hint
         is unsure."""
+        if self._conn is None:
+            raise StoreError("the store is not open")
         probe = self._probe
         if probe is None:
-            if self._conn is None:
-                raise StoreError("the store is not open")
-            return unsure_hint(self._clock)
+            now = self._clock.monotonic()
+            if now < self._probe_retry_at:
+                return unsure_hint(self._clock)
+            self._probe_retry_at = now + _PROBE_RETRY
+            probe = self._probe = self._open_probe()
+            if probe is None:
+                return unsure_hint(self._clock)
         try:
             with contextlib.closing(probe.execute("PRAGMA data_version")) as cursor:
                 row = cursor.fetchone()
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            if not self._probe_failing:
+                self._probe_failing = True
+                log.warning(
+                    "cannot read the database's change count; following changes every 0.2 s",
+                    extra={"error": str(exc)},
+                )
             return unsure_hint(self._clock)
+        self._probe_failing = False
         return int(row[0])
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
