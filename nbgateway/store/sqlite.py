@@ -3,7 +3,9 @@
 aiosqlite with one reading connection and one writing connection per store; every write
 is a short `BEGIN IMMEDIATE` transaction on the writer (serialised in-process by an
 asyncio lock, across processes by SQLite's writer lock). Schema versions live in
-`PRAGMA user_version`.
+`PRAGMA user_version`. A third, read-only plain sqlite3 connection answers `change_hint`
+on the event loop (`PRAGMA data_version`, never waiting for a lock); the client keys are
+read on the writer between writes, so a reload sees every commit before it began.
 
 Refresh coordination is a per-account lease in the account row (owner, deadline, marker):
 claiming it, recording the marker and storing the result are each their own short write
@@ -91,6 +93,7 @@ log = logging.getLogger("nbgateway.store")
 
 # Seconds between two tries to open the change probe, when opening it failed.
 _PROBE_RETRY = 1.0
+
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     """
