@@ -44,7 +44,7 @@ from nbgateway.errors import (
 )
 from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
-from nbgateway.preflight import run_preflight
+from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import bind, run, run_until_stopped
 from nbgateway.services import open_services, store_for
@@ -372,8 +372,16 @@ async def _import(accounts: AccountService, settings: Settings, slug: str, token
 
 
 async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Redactor) -> int:
-    """`check`, and the start of `serve`: print every problem found; return the exit code."""
+    """`check`, and the start of `serve`: print every problem found; return the exit code.
+    `serve` first waits a while for a database it cannot reach (`wait_for_database`)."""
     report = await run_preflight(env, args.config, redactor)
+    if args.command == "serve":
+        report = await wait_for_database(
+            report,
+            lambda: run_preflight(env, args.config, redactor),
+            lambda line: print(line, file=sys.stderr),
+            clock=SystemClock(),
+        )
     if args.command == "check":
         for note in report.notes:
             print(note)

@@ -8,23 +8,34 @@ readable and writable; for both SQLite and PostgreSQL, it opens with the configu
 a schema version this nbgateway understands, and every stored row decrypts. NBGW_LISTEN is
 tried too: an address this host cannot listen on (not one of its addresses, a port it may
 not take) is a problem; one in use right now (a gateway already running there) is a note.
+
+`wait_for_database` is `serve`'s patience at start: while the only problem is a database
+that cannot be reached right now (PostgreSQL starting or down, SQLite locked by another
+process), it checks again with growing pauses for up to START_WAIT seconds, so a gateway
+started next to its database, or during a short outage, does not depend on a restart policy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbgateway.clock import SystemClock
+from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import REQUIRED_FOR_SERVE, Settings, validate_settings
-from nbgateway.errors import NBGatewayError
+from nbgateway.errors import NBGatewayError, StoreUnavailable
 from nbgateway.redact import Redactor
 from nbgateway.services import store_for
+
+# How long `serve` waits at start for a database it cannot reach, and the longest pause
+# between two tries (the first is 1 s, then each doubles).
+START_WAIT = 60.0
+START_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -35,10 +46,17 @@ class Report:
     config_problems: list[str] = field(default_factory=list)
     database_problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The database problem is one that may pass by itself (it cannot be reached right now).
+    database_unavailable: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.config_problems and not self.database_problems
+
+    @property
+    def worth_waiting(self) -> bool:
+        """The only problem is a database that cannot be reached right now."""
+        return not self.config_problems and self.database_unavailable
 
     def problem_lines(self) -> list[str]:
         """One line per problem, as `check` and `serve` print them."""
@@ -100,7 +118,7 @@ def _listen_problems(host: str, port: int, notes: list[str]) -> list[str]:
     return []
 
 
-async def _store_problems(settings: Settings, redactor: Redactor, notes: list[str]) -> list[str]:
+async def _store_problems(settings: Settings, redactor: Redactor, report: Report) -> list[str]:
     """Open the store (key ids, schema version), then decrypt every row."""
     try:
         async with store_for(settings, SystemClock(), redactor) as store:
@@ -108,9 +126,10 @@ async def _store_problems(settings: Settings, redactor: Redactor, notes: list[st
             problems = await store.verify()
             infos = await store.list_accounts()
     except NBGatewayError as exc:
+        report.database_unavailable = isinstance(exc, StoreUnavailable)
         return [redactor.scrub(str(exc))]
     if not problems:
-        notes.append(f"database: ok ({len(infos)} account(s), every stored token decrypts)")
+        report.notes.append(f"database: ok ({len(infos)} account(s), every stored token decrypts)")
     return problems
 
 
@@ -136,7 +155,7 @@ async def run_preflight(
     database = settings.database
     if not isinstance(database, Path):  # a postgresql:// URL: the server is the check
         if "NBGW_ENCRYPTION_KEY" not in validation.refused:
-            report.database_problems.extend(await _store_problems(settings, redactor, report.notes))
+            report.database_problems.extend(await _store_problems(settings, redactor, report))
         return report
     report.database_problems.extend(_directory_problems(database))
     if not database.exists():
@@ -148,5 +167,32 @@ async def run_preflight(
     report.database_problems.extend(_file_problems(database))
     if report.database_problems or "NBGW_ENCRYPTION_KEY" in validation.refused:
         return report  # opening needs a usable file and the keys
-    report.database_problems.extend(await _store_problems(settings, redactor, report.notes))
+    report.database_problems.extend(await _store_problems(settings, redactor, report))
+    return report
+
+
+async def wait_for_database(
+    report: Report,
+    again: Callable[[], Awaitable[Report]],
+    say: Callable[[str], None],
+    *,
+    clock: Clock,
+    wait: float = START_WAIT,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Report:
+    """While `report` says only that the database cannot be reached right now, `say` so
+    (one line per problem) and check again (`again`) after 1, 2, 4, 5, 5 ... s, for up to
+    `wait` seconds. Returns the last report: ok, another problem, or the same one when
+    time ran out."""
+    deadline = clock.monotonic() + wait
+    pause = 1.0
+    while report.worth_waiting:
+        left = deadline - clock.monotonic()
+        if left <= 0:
+            break
+        for line in report.problem_lines():
+            say(f"waiting for the database ({left:.0f} s left): {line}")
+        await sleep(min(pause, left))
+        pause = min(pause * 2, START_RETRY_MAX)
+        report = await again()
     return report

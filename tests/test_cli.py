@@ -40,11 +40,13 @@ from procs import (
 )
 
 from nbgateway.cli import main
-from nbgateway.config import REQUIRED_FOR_SERVE
+from nbgateway.clock import FakeClock
+from nbgateway.config import REQUIRED_FOR_SERVE, Settings
 from nbgateway.crypto import Cipher, generate_key, validate_key
 from nbgateway.demo import instructions
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import Account, EventKind
+from nbgateway.preflight import START_WAIT, Report, wait_for_database
 from nbgateway.redact import Secret
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "nbgateway"
@@ -461,6 +463,58 @@ class TestCheck:
 
 
 # ---------------------------------------------------------------------- accounts (offline)
+
+
+class TestStartWait:
+    """`serve`'s patience at start (preflight.wait_for_database), on a test clock."""
+
+    @staticmethod
+    def report(*, unavailable: bool, config: bool = False) -> Report:
+        settings = Settings(encryption_keys=(Secret(generate_key()),))
+        return Report(
+            settings,
+            config_problems=["NBGW_ADMIN_TOKEN is required"] if config else [],
+            database_problems=["database postgresql://db/nbgw cannot be opened: refused"],
+            database_unavailable=unavailable,
+        )
+
+    async def wait(self, first: Report, answers: list[Report]) -> tuple[Report, list[float]]:
+        clock = FakeClock()
+        pauses: list[float] = []
+        said: list[str] = []
+
+        async def sleep(seconds: float) -> None:
+            pauses.append(seconds)
+            clock.advance(seconds)
+
+        async def again() -> Report:
+            return answers.pop(0) if answers else first
+
+        last = await wait_for_database(first, again, said.append, clock=clock, sleep=sleep)
+        assert len(said) == len(pauses)  # one line per try, naming the problem
+        assert all(line.startswith("waiting for the database (") for line in said)
+        assert all("cannot be opened: refused" in line for line in said)
+        return last, pauses
+
+    async def test_a_database_that_comes_back_is_taken_at_the_next_try(self) -> None:
+        down = self.report(unavailable=True)
+        up = Report(down.settings)
+        last, pauses = await self.wait(down, [down, up])
+        assert last.ok
+        assert pauses == [1.0, 2.0]
+
+    async def test_it_gives_up_after_a_minute_with_growing_pauses(self) -> None:
+        down = self.report(unavailable=True)
+        last, pauses = await self.wait(down, [])
+        assert not last.ok
+        assert pauses[:5] == [1.0, 2.0, 4.0, 5.0, 5.0]
+        assert sum(pauses) == pytest.approx(START_WAIT)
+
+    async def test_problems_that_do_not_pass_by_themselves_are_not_waited_for(self) -> None:
+        for first in (self.report(unavailable=False), self.report(unavailable=True, config=True)):
+            last, pauses = await self.wait(first, [])
+            assert last is first
+            assert pauses == []
 
 
 class TestAccountsOffline:

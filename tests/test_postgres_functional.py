@@ -10,6 +10,7 @@ against the fake NationBuilder subprocess, as in test_multiprocess.py.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,16 +24,21 @@ from pgserver import PgServer
 from procs import (
     Processes,
     clean_os_environ,
+    free_port,
     gateway_env,
     open_store,
+    run_command,
     seed_account,
     start_fake,
     start_gateway,
+    wait_ready,
+    wait_until,
 )
 from test_admin_pages import Browser
 
 from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.clock import FakeClock
+from nbgateway.crypto import generate_key
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus, EventKind
 
@@ -241,3 +247,40 @@ async def test_kill_9_during_a_refresh_does_not_wedge_the_account(
     assert info.refresh_started_at is None
     assert info.generation == 2
     assert kinds == [EventKind.CONNECTED, EventKind.REFRESHED]
+
+
+def test_serve_waits_for_a_database_that_starts_after_it(
+    pg_own_server: PgServer, processes: Processes, tmp_path: Path
+) -> None:
+    """`serve` started while PostgreSQL is down says it is waiting for the database (not
+    "not starting"), and serves once the server is up: a gateway started next to its
+    database, or during a short outage, needs no restart policy."""
+    url = pg_own_server.url()
+    env = {**clean_os_environ(), **gateway_env(url, ADMIN_TOKEN)}
+    pg_own_server.stop()
+    port = free_port()
+    gateway = processes.start(
+        "gateway",
+        [sys.executable, "-m", "nbgateway", "serve"],
+        {**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+    )
+    wait_until(lambda: "waiting for the database" in gateway.output(), 30, "the waiting line")
+    assert gateway.alive()
+    assert "not starting" not in gateway.output()
+    pg_own_server.start()
+    wait_ready(gateway, f"http://127.0.0.1:{port}/readyz")
+
+
+def test_serve_does_not_wait_for_a_database_that_refuses_it(
+    pg_url: str, processes: Processes
+) -> None:
+    """A problem that does not pass by itself (here a wrong key for the stored rows) stops
+    `serve` at once with check's message, without waiting."""
+    env = {**clean_os_environ(), **gateway_env(pg_url, ADMIN_TOKEN)}
+    issued = {"access_token": "a" * 20, "refresh_token": "r" * 20, "expires_in": 86400}
+    asyncio.run(seed_account(env, SLUG, {**issued, "scope": "default"}))
+    env["NBGW_ENCRYPTION_KEY"] = generate_key()
+    result = run_command([sys.executable, "-m", "nbgateway", "serve"], env=env, timeout=30)
+    assert result.returncode == 1
+    assert "waiting for the database" not in result.stderr
+    assert "not starting" in result.stderr
