@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -371,6 +374,24 @@ async def _import(accounts: AccountService, settings: Settings, slug: str, token
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _sigterm_exits(wanted: bool) -> Iterator[None]:
+    """While in effect, SIGTERM exits as its default action would (status 128 + 15); only
+    from the main thread (where Python handles signals), and only when `wanted`."""
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Redactor) -> int:
     """`check`, and the start of `serve`: print every problem found; return the exit code.
     `serve` first waits a while for a database it cannot reach (`wait_for_database`)."""
@@ -561,7 +582,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             )
         if args.command in ("check", "serve"):
             # One pre-flight for both: serve refuses what check reports, in the same words.
-            code = asyncio.run(_preflight(args, env, redactor))
+            # SIGTERM stops serve's wait for the database even as PID 1 in a container,
+            # where the default action does not apply; the server installs its own later.
+            with _sigterm_exits(args.command == "serve"):
+                code = asyncio.run(_preflight(args, env, redactor))
             if code != EXIT_OK or args.command == "check":
                 return code
         required = REQUIRED_FOR_SERVE if args.command == "serve" else REQUIRED_FOR_STORE

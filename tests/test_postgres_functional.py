@@ -284,3 +284,21 @@ def test_serve_does_not_wait_for_a_database_that_refuses_it(
     assert result.returncode == 1
     assert "waiting for the database" not in result.stderr
     assert "not starting" in result.stderr
+
+
+def test_sigterm_stops_serve_while_it_waits_for_the_database(
+    pg_own_server: PgServer, processes: Processes
+) -> None:
+    """SIGTERM while `serve` waits for its database ends it at once with 143, as the
+    default action would (a handler of its own, so that it also holds for PID 1 in a
+    container, where the default action does not apply)."""
+    env = {**clean_os_environ(), **gateway_env(pg_own_server.url(), ADMIN_TOKEN)}
+    pg_own_server.stop()
+    gateway = processes.start(
+        "gateway",
+        [sys.executable, "-m", "nbgateway", "serve"],
+        {**env, "NBGW_LISTEN": f"127.0.0.1:{free_port()}"},
+    )
+    wait_until(lambda: "waiting for the database" in gateway.output(), 30, "the waiting line")
+    gateway.popen.terminate()
+    assert gateway.popen.wait(10) == 143

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from nbgateway.errors import (
     CorruptRecordError,
     DecryptError,
     StoreError,
+    StoreUnavailable,
 )
 from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Secret
@@ -377,3 +379,24 @@ class TestChangeHint:
         assert len(warnings) == 1
         store._probe = None  # as when opening it failed
         assert store.change_hint() >= 0  # opened again
+
+
+async def test_a_database_locked_by_another_process_at_open_is_unavailable(
+    db_path: Path, clock: FakeClock, key: str
+) -> None:
+    """Another connection holding the lock while the store opens (a migration, a backup
+    tool) is StoreUnavailable, a problem that passes (serve waits for it), not StoreError."""
+    await create_database(db_path, clock, key)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable) as info:
+            async with make_store(db_path, clock, key, busy_timeout=0.1):
+                pass
+        assert "locked" in str(info.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    async with make_store(db_path, clock, key):
+        pass

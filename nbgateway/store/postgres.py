@@ -388,6 +388,9 @@ class PostgresStore:
         """Turn driver errors into StoreUnavailable / StoreError naming the database."""
         try:
             yield
+        except asyncpg.exceptions.ClientConfigurationError as exc:
+            # A bad URL option (sslmode=bogus): it will not pass by itself.
+            raise StoreError(f"database {self._description} {action}: {self._scrub(exc)}") from None
         except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(
                 f"database {self._description} {action}: {self._scrub(exc)}"

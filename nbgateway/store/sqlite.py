@@ -94,6 +94,14 @@ log = logging.getLogger("nbgateway.store")
 # Seconds between two tries to open the change probe, when opening it failed.
 _PROBE_RETRY = 1.0
 
+
+def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
+    """StoreUnavailable when another connection holds the lock (that passes), else StoreError."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return StoreUnavailable(message) if busy else StoreError(message)
+
+
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -396,7 +404,7 @@ class SQLiteStore:
             await self._scalar(conn, "PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             await conn.close()
-            raise StoreError(f"cannot use database {self.path}: {exc}") from None
+            raise _open_error(f"cannot use database {self.path}: {exc}", exc) from None
         except BaseException:
             await conn.close()
             raise
@@ -424,7 +432,7 @@ class SQLiteStore:
                 await self._scalar(conn, "PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as exc:
             await conn.close()
-            raise StoreError(f"database {self.path} is not usable: {exc}") from None
+            raise _open_error(f"database {self.path} is not usable: {exc}", exc) from None
         except BaseException:
             await conn.close()
             raise
