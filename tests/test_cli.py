@@ -1106,7 +1106,8 @@ def test_first_write_after_creating_the_database(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_locked_database_fails_cleanly(tmp_path: Path) -> None:
-    """A database another process locks exclusively is StoreUnavailable (a StoreError that passes), and the process ends."""
+    """A database another process locks exclusively is StoreUnavailable (a StoreError that
+    passes), and the process ends."""
     db, key = tmp_path / "gateway.db", generate_key()
     assert run_store_script(db, key, write=False, hard_exit=False) == "ok"
     holder = sqlite3.connect(db, isolation_level=None)
