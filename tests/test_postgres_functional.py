@@ -286,6 +286,24 @@ def test_serve_does_not_wait_for_a_database_that_refuses_it(
     assert "not starting" in result.stderr
 
 
+def test_serve_does_not_wait_for_tls_the_server_does_not_offer(
+    pg_url: str, processes: Processes
+) -> None:
+    """`sslmode=require` against a server without TLS (the test server has none) will not
+    pass by itself: check names it and serve stops at once instead of waiting a minute."""
+    env = {**clean_os_environ(), **gateway_env(pg_url, ADMIN_TOKEN)}
+    sep = "&" if "?" in pg_url else "?"
+    env["NBGW_DATABASE"] = f"{pg_url}{sep}sslmode=require"
+    checked = run_command([sys.executable, "-m", "nbgateway", "check"], env=env, timeout=30)
+    assert checked.returncode != 0
+    assert "rejected SSL upgrade" in checked.stderr + checked.stdout
+    assert "Traceback" not in checked.stderr
+    result = run_command([sys.executable, "-m", "nbgateway", "serve"], env=env, timeout=30)
+    assert result.returncode == 1
+    assert "waiting for the database" not in result.stderr
+    assert "not starting" in result.stderr
+
+
 def test_sigterm_stops_serve_while_it_waits_for_the_database(
     pg_own_server: PgServer, processes: Processes
 ) -> None:

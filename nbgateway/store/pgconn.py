@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -37,6 +38,17 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # state ...; another operation is in progress"): the next call gets another connection.
     asyncpg.exceptions.InternalClientError,
 )
+
+
+def lasting(exc: BaseException) -> bool:
+    """Whether an UNAVAILABLE_ERRORS error is one that waiting will not cure: the TLS the
+    URL asks for (sslmode=require, verify-full) refused by a server without it, or a
+    certificate that does not verify."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
+
+
 # Everything the driver raises for a failed operation.
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     *UNAVAILABLE_ERRORS,

@@ -100,6 +100,7 @@ from nbgateway.store.pgconn import (
     DRIVER_ERRORS,
     UNAVAILABLE_ERRORS,
     ChangeListener,
+    lasting,
     split_password,
 )
 
@@ -392,6 +393,10 @@ class PostgresStore:
             # A bad URL option (sslmode=bogus): it will not pass by itself.
             raise StoreError(f"database {self._description} {action}: {self._scrub(exc)}") from None
         except UNAVAILABLE_ERRORS as exc:
+            if lasting(exc):  # TLS asked for and refused, or a certificate that fails
+                raise StoreError(
+                    f"database {self._description} {action}: {self._scrub(exc)}"
+                ) from None
             raise StoreUnavailable(
                 f"database {self._description} {action}: {self._scrub(exc)}"
             ) from None
