@@ -394,9 +394,11 @@ def _sigterm_exits(wanted: bool) -> Iterator[None]:
 
 async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Redactor) -> int:
     """`check`, and the start of `serve`: print every problem found; return the exit code.
-    `serve` first waits a while for a database it cannot reach (`wait_for_database`)."""
+    `serve` first waits a while for a database it cannot reach (`wait_for_database`); a
+    `--workers` worker does not (its parent waited before starting it, and restarts it with
+    a backoff when it exits), so it never outlives a parent killed meanwhile."""
     report = await run_preflight(env, args.config, redactor)
-    if args.command == "serve":
+    if args.command == "serve" and args.listen_fd is None:
         report = await wait_for_database(
             report,
             lambda: run_preflight(env, args.config, redactor),

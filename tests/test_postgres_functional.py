@@ -10,6 +10,8 @@ against the fake NationBuilder subprocess, as in test_multiprocess.py.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -35,6 +37,7 @@ from procs import (
     wait_until,
 )
 from test_admin_pages import Browser
+from test_workers import gone, started_pids
 
 from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.clock import FakeClock
@@ -302,6 +305,31 @@ def test_serve_does_not_wait_for_tls_the_server_does_not_offer(
     assert result.returncode == 1
     assert "waiting for the database" not in result.stderr
     assert "not starting" in result.stderr
+
+
+def test_a_worker_started_while_the_database_is_down_does_not_outlive_its_parent(
+    pg_own_server: PgServer, processes: Processes
+) -> None:
+    """With `--workers`, the parent waits for the database at start and restarts workers;
+    a worker started again while PostgreSQL is down exits (to be restarted with a backoff)
+    rather than waiting itself, so kill -9 of the parent leaves no worker behind."""
+    env = {**clean_os_environ(), **gateway_env(pg_own_server.url(), ADMIN_TOKEN)}
+    port = free_port()
+    gateway = processes.start(
+        "gateway",
+        [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
+        {**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+    )
+    wait_ready(gateway, f"http://127.0.0.1:{port}/healthz")
+    pg_own_server.stop()
+    first = started_pids(gateway)
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: len(started_pids(gateway)) >= 4, 30, "the replacement to be restarted")
+    assert "waiting for the database" not in gateway.output()
+    gateway.popen.kill()
+    gateway.popen.wait(10)
+    pids = started_pids(gateway)
+    wait_until(lambda: all(gone(pid) for pid in pids), 20, "every worker to exit")
 
 
 def test_sigterm_stops_serve_while_it_waits_for_the_database(
