@@ -7,6 +7,7 @@ coming back under an open store. The behaviour both backends share is in store_c
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import asyncpg
 import pytest
@@ -19,7 +20,7 @@ from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Secret
 from nbgateway.store import make_store
 from nbgateway.store.base import UNSURE_HINT_INTERVAL, SecretListener
-from nbgateway.store.pgconn import LISTENER_NAME, split_password
+from nbgateway.store.pgconn import LISTENER_NAME, lasting, split_password
 from nbgateway.store.postgres import SCHEMA_VERSION, PostgresStore
 
 PASSWORD = "pw-CANARY-5e6f7a8b"
@@ -68,6 +69,15 @@ def test_split_password() -> None:
         PASSWORD,
     )
     assert split_password("postgresql://db/tokens") == ("postgresql://db/tokens", None)
+
+
+def test_tls_refusals_are_lasting_and_outages_are_not() -> None:
+    """What serve does not wait out: TLS the server refuses, a certificate that fails."""
+    assert lasting(ConnectionError('PostgreSQL server at "db:5432" rejected SSL upgrade'))
+    assert lasting(ssl.SSLCertVerificationError(1, "certificate verify failed"))
+    assert not lasting(ConnectionRefusedError(111, "Connect call failed"))
+    assert not lasting(TimeoutError())
+    assert not lasting(ConnectionResetError(104, "Connection reset by peer"))
 
 
 async def test_password_stays_out_of_descriptions_and_errors(
