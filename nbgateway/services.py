@@ -25,6 +25,9 @@ from nbgateway.redact import Redactor
 from nbgateway.store import TokenStore, make_store
 from nbgateway.tokens import NeedsReauthListener, TokenManager
 
+# Seconds a stop gives a refresh in flight beyond NBGW_TOKEN_TIMEOUT (storing the answer).
+CLOSE_GRACE = 5.0
+
 
 @dataclass(frozen=True)
 class Services:
@@ -101,6 +104,8 @@ async def open_services(
                     clients=clients,
                 )
             finally:
+                # Refreshes in flight finish while the session and the store are still open.
+                await tokens.close(settings.token_timeout + CLOSE_GRACE)
                 await clients.flush(force=True)  # what is still queued
         finally:
             if session is None:

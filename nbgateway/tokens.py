@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -464,6 +465,28 @@ class TokenManager:
         token = IssuedToken(tokens.access_token, -1, tokens.expires_at, tokens.expires_at - margin)
         self._cache[slug] = token
         return token
+
+    async def close(self, grace: float) -> None:
+        """Before the store and the HTTP session close: let the refreshes in flight finish
+        (a background refresh whose caller was cancelled included; NationBuilder may have
+        rotated already, so abandoning the call could lose the only working refresh token),
+        then try once more to store the pairs held in memory. Bounded by `grace` s."""
+        tasks = [task for task, _forced in self._inflight.values()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace  # real time: how long a stop may take
+        if tasks:
+            log.info("waiting for token refreshes in flight", extra={"count": len(tasks)})
+            await asyncio.wait(tasks, timeout=grace)
+        if self._unpersisted:
+            left = max(0.0, deadline - loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.persist_pending(force=True)
+        if self._unpersisted or any(not task.done() for task in tasks):
+            log.error(
+                "stopping with token refreshes unfinished or pairs held only in memory",
+                extra={"accounts": ", ".join(sorted({*self._unpersisted, *self._inflight}))},
+            )
 
     @property
     def unpersisted(self) -> list[str]:

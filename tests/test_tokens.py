@@ -22,6 +22,7 @@ from nbgateway.errors import AccountNotFound, ReauthorizationRequired, RefreshBa
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus, EventKind
 from nbgateway.redact import Secret
+from nbgateway.services import store_for
 from nbgateway.store import SQLiteStore
 from nbgateway.tokens import Backoff, IssuedToken
 
@@ -829,3 +830,60 @@ class TestBackoff:
         """However many failures, the delay is bounded by the cap (no overflow)."""
         policy = Backoff(base=2.0, cap=300.0, rng=lambda: 1.0)
         assert policy.delay(5000) == 300.0
+
+
+class TestStopping:
+    async def test_a_stop_finishes_the_refresh_in_flight_and_stores_its_pair(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """A background refresh cancelled by the stop (its caller goes away) still gets its
+        answer and stores the new pair before the session and the store close: NationBuilder
+        may have rotated already, and the old refresh token would then be spent."""
+        gw = await gateway_factory(shared_settings)
+        issued = await connect_account(gw, SLUG)
+        fake_nb.hold_tokens()
+        caller = asyncio.create_task(gw.tokens.refresh_now(SLUG))
+        await fake_nb.wait_for_pending_tokens(1)
+        caller.cancel()  # as the background loop's await is at the stop
+        stopping = asyncio.create_task(gw.client.close())
+        await eventually(lambda: caller.done(), "the caller to be cancelled")
+        await asyncio.sleep(0.05)  # the stop runs up to the wait for the refresh
+        assert not stopping.done()
+        fake_nb.release_tokens()
+        await stopping
+
+        assert len(fake_nb.token_requests) == 1
+        async with store_for(shared_settings, FakeClock()) as store:
+            account = await store.get_account(SLUG)
+        assert account is not None and account.refresh_token is not None
+        assert account.generation == 2
+        stored = account.refresh_token.reveal()
+        assert stored != issued["refresh_token"]
+        assert await refresh_status_at_fake(fake_nb, stored) == 200  # the live one
+
+    async def test_a_hung_token_endpoint_holds_a_stop_no_longer_than_the_token_timeout(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: Callable[..., Settings],
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """The refresh in flight ends with its token call's timeout, so the stop returns
+        although the endpoint never answers, and the stored pair is left as it was."""
+        settings = settings_factory(token_timeout=0.2)
+        gw = await gateway_factory(settings)
+        issued = await connect_account(gw, SLUG)
+        fake_nb.hold_tokens()
+        caller = asyncio.create_task(gw.tokens.refresh_now(SLUG))
+        await fake_nb.wait_for_pending_tokens(1)
+        caller.cancel()
+        await gw.client.close()
+        fake_nb.release_tokens()
+        async with store_for(settings, FakeClock()) as store:
+            account = await store.get_account(SLUG)
+        assert account is not None and account.refresh_token is not None
+        assert account.refresh_token.reveal() == issued["refresh_token"]
