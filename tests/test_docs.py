@@ -9,6 +9,8 @@ fresh. Finally, every module imports on its own (no import cycles).
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import importlib.util
 import ipaddress
 import os
@@ -17,10 +19,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from procs import free_port
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import nbgateway
@@ -547,6 +552,53 @@ class TestDeployment:
         assert done.returncode == 0, done.stderr
 
     @pytest.mark.skipif(not shutil.which("caddy"), reason="caddy is not installed")
+    @pytest.mark.parametrize("variant", ["site", "prefix"])
+    def test_caddy_example_refuses_outsiders_before_proxying(
+        self, tmp_path: Path, variant: str
+    ) -> None:
+        """The example run by Caddy, with loopback taken off the trusted ranges so that
+        this test is the outsider: the API, health and metrics paths get Caddy's 403 (the
+        rule must run before the proxy handle) while /connect still reaches the gateway
+        (here a stand-in answering 200). The prefix variant is the commented block."""
+        upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer200)
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        port = free_port()
+        text = read(CADDY).replace("127.0.0.1:8080", f"127.0.0.1:{upstream.server_port}")
+        text = text.replace("127.0.0.1/8 ::1/128 10.0.0.0/8", "10.0.0.0/8")
+        if variant == "site":
+            site = text[text.index("gateway.example.org {") :].split("\n# Alternative")[0]
+            body = site.replace("gateway.example.org {", f"http://127.0.0.1:{port} {{", 1)
+            prefix = ""
+        else:
+            block = text[text.index("# Alternative") :].splitlines()
+            inner = "\n".join(line[1:] for line in block if line.startswith("#\t"))
+            body = f"http://127.0.0.1:{port} {{\n{inner}\n}}\n"
+            prefix = "/nbgw"
+        config = tmp_path / "Caddyfile"
+        config.write_text("{\n\tadmin off\n\tauto_https off\n}\n" + body)
+        env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
+        caddy = subprocess.Popen(
+            ["caddy", "run", "--adapter", "caddyfile", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            for path in ("/api/v2/people", "/n/acme/api/v2/people", "/metrics", "/healthz"):
+                assert _status(port, prefix + path) == 403, path
+            assert _status(port, prefix + "/connect/login") == 200
+        finally:
+            caddy.terminate()
+            caddy.wait(timeout=10)
+            upstream.shutdown()
+
+    @pytest.mark.skipif(not shutil.which("caddy"), reason="caddy is not installed")
     def test_caddy_example_is_valid(self, tmp_path: Path) -> None:
         """`caddy validate` accepts the example."""
         done = subprocess.run(
@@ -710,3 +762,27 @@ def test_python_dash_m_runs_the_command_line() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"nbgateway {nbgateway.__version__}"
+
+
+class _Answer200(http.server.BaseHTTPRequestHandler):
+    """A stand-in for the gateway behind a proxy example: 200 to every GET."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def _status(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
