@@ -516,7 +516,7 @@ class TestDeployment:
                 "proxy_buffering off;",
                 "proxy_read_timeout 90s;",
                 "deny all;",
-                "proxy_pass http://nbgateway/;",  # strips the prefix
+                "proxy_pass http://nbgateway/api;",  # strips the prefix
             ):
                 assert needle in text, needle
         else:
