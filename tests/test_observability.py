@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_docs import CONTRACT_METRICS
 
 import nbgateway
-from nbgateway.config import Settings
+from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import KNOWN_METHODS, Metrics
 
@@ -415,6 +415,16 @@ class TestProvisioning:
         compose = COMPOSE.read_text()
         assert re.search(rf"\./grafana/dashboards:{re.escape(path)}(:ro)?\b", compose), path
         assert re.search(r"\./grafana/provisioning:/etc/grafana/provisioning\b", compose)
+
+    def test_compose_variables_from_env_are_settings_or_not_ours(self) -> None:
+        """`env_file: .env` hands the gateway every variable of .env, and the gateway
+        refuses an NBGW_* variable that is not a setting: a variable the compose file
+        reads from .env for another service must not start with NBGW_."""
+        compose = COMPOSE.read_text()
+        assert "env_file: .env" in compose
+        read = set(re.findall(r"\$\{([A-Z0-9_]+)", compose))
+        assert "POSTGRES_PASSWORD" in read
+        assert {n for n in read if n.startswith("NBGW_")} <= set(SETTINGS_BY_ENV)
 
 
 class TestRunbookLinks:
