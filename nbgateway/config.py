@@ -12,13 +12,14 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from nbgateway.errors import ConfigError
 from nbgateway.models import is_valid_slug
@@ -530,7 +531,18 @@ def parse_database(raw: str, env: str = "NBGW_DATABASE") -> Path | str:
         raise _fail(env, "the postgresql:// URL names no host")
     if not parts.path.strip("/"):
         raise _fail(env, "the postgresql:// URL names no database (…/dbname)")
+    for name, value in parse_qsl(parts.query):
+        if name in _TLS_FILE_OPTIONS and value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise _fail(env, f"{name}={value} names no file")
+            if not os.access(path, os.R_OK):
+                raise _fail(env, f"{name}={value} cannot be read by this user")
     return raw
+
+
+# The URL options naming files the TLS connection reads (asyncpg's libpq-style names).
+_TLS_FILE_OPTIONS = frozenset({"sslrootcert", "sslcert", "sslkey", "sslcrl"})
 
 
 def _parse_optional_url(env: str, raw: str) -> str:

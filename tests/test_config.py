@@ -198,6 +198,8 @@ BAD_VALUES: dict[str, list[str]] = {
         "mysql://user:SECRETCANARY@db.example.org/nbgw",
         "postgresql://db.example.org",
         "postgresql://db.example.org:99999/nbgw",
+        "postgresql://gw:SECRETCANARY@db.example.org/nbgw?sslmode=verify-full&sslrootcert=/no/ca.pem",
+        "postgresql://db.example.org/nbgw?sslcert=/no/client.crt&sslkey=/no/client.key",
     ],
     "NBGW_ENCRYPTION_KEY": ["not-a-key", "c2hvcnQ=", f"{KEY},also-not-a-key", ","],
     "NBGW_CLIENT_ID": ["two words", "id\x01x"],

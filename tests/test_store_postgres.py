@@ -78,6 +78,8 @@ def test_tls_refusals_are_lasting_and_outages_are_not() -> None:
     assert not lasting(ConnectionRefusedError(111, "Connect call failed"))
     assert not lasting(TimeoutError())
     assert not lasting(ConnectionResetError(104, "Connection reset by peer"))
+    assert lasting(ssl.SSLError(9, "[X509: NO_CERTIFICATE_OR_CRL_FOUND]"))
+    assert not lasting(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))
 
 
 async def test_password_stays_out_of_descriptions_and_errors(

@@ -40,12 +40,16 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# TLS errors of a connection cut during the handshake (a server going down): they pass.
+_PASSING_SSL_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
 def lasting(exc: BaseException) -> bool:
     """Whether an UNAVAILABLE_ERRORS error is one that waiting will not cure: the TLS the
-    URL asks for (sslmode=require, verify-full) refused by a server without it, or a
-    certificate that does not verify."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return True
+    URL asks for (sslmode=require, verify-full) refused by a server without it, a
+    certificate that does not verify, or a certificate file that is not one."""
+    if isinstance(exc, ssl.SSLError):
+        return not isinstance(exc, _PASSING_SSL_ERRORS)
     return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
 
 
