@@ -14,8 +14,9 @@ A worker that exits on its own is logged and started again; one that dies within
 `MAX_BACKOFF`, so a crash loop does not spin. A worker exiting with the usage code (the
 configuration cannot work) stops everything: restarting cannot help.
 
-SIGTERM or SIGINT to the parent: SIGTERM to every worker, SIGKILL to those still running
-after `grace` seconds, and return once all are reaped. PROMETHEUS_MULTIPROC_DIR is a fresh
+SIGTERM or SIGINT to the parent: SIGTERM to every worker, the listening sockets closed (new
+connections are refused while open requests finish), SIGKILL to those still running after
+`grace` seconds, and return once all are reaped. PROMETHEUS_MULTIPROC_DIR is a fresh
 directory for this run (removed at the end); `mark_process_dead` is called for each worker
 that exits so its live gauges leave /metrics while its counters stay in the totals.
 """
@@ -174,6 +175,11 @@ class Workers:
         for process in running:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        # The workers close their copies as they stop; with ours closed too, the address
+        # stops listening, so a new connection is refused at once (a load balancer tries
+        # elsewhere) instead of waiting in a queue nobody serves any more.
+        for slot in self._slots:
+            slot.sock.close()
         deadline = time.monotonic() + self._grace
         for process in running:
             try:

@@ -9,6 +9,7 @@ from it. Process states are read from /proc (Linux).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -432,6 +433,36 @@ def test_signal_stops_every_process(gateway: Gateway, tmp_path: Path, signum: in
     assert list((tmp_path / "tmp").iterdir()) == []
     with socket.create_server((gateway.host, gateway.port)):
         pass  # the address can be bound again
+
+
+def test_new_connections_are_refused_while_the_workers_drain(
+    gateway: Gateway, fake: FakeNB
+) -> None:
+    """After SIGTERM the address stops listening at once, as with one process: a request
+    still running (here held by NationBuilder) keeps its worker alive, yet a new
+    connection is refused rather than queued for nobody until the workers have gone."""
+    fake.control(action="set", api_hang=True)
+    _, conn = gateway.pinned()
+    held = threading.Thread(target=lambda: _swallow(lambda: get(conn, "/api/v2/signups/me")))
+    held.start()
+    wait_until(lambda: fake.state()["api_requests_total"] >= 1, WAIT, "the held request")
+    gateway.process.popen.send_signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection((gateway.host, gateway.port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_until(refused, WAIT, "new connections to be refused")
+    assert gateway.process.popen.poll() is None  # still draining the held request
+    conn.close()
+
+
+def _swallow(call: Any) -> None:
+    with contextlib.suppress(Exception):
+        call()
 
 
 def test_killed_worker_is_replaced_and_counts_survive(gateway: Gateway) -> None:
