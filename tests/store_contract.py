@@ -275,7 +275,13 @@ class PostgresBackend(Backend):
         return [r[0] for r in await self._fetch("SELECT state_hash FROM auth_states")]
 
     async def abandon(self, store: TokenStore, lock: AccountLock) -> None:
-        # A killed process's connection goes away; PostgreSQL drops its advisory locks.
+        # A killed process: its marker names a pid that no longer runs, and its connection
+        # goes away, so PostgreSQL drops its advisory locks. (A holder that still runs is
+        # waited for: test_store_postgres.py.)
+        [row] = await self._fetch("SELECT refresh_owner FROM accounts WHERE slug = $1", lock.slug)
+        host, namespace, _pid, rest = row[0].split("/", 3)
+        dead = f"{host}/{namespace}/{dead_process_id()}/{rest}"
+        await self._fetch("UPDATE accounts SET refresh_owner = $1 WHERE slug = $2", dead, lock.slug)
         rows = await self._fetch(
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
             "AND granted AND database = (SELECT oid FROM pg_database "

@@ -259,3 +259,39 @@ async def test_change_hint_is_unsure_while_the_listener_is_away(
         async with asyncio.timeout(PROMPTLY):
             while store.change_hint() < 0:  # noqa: ASYNC110 - polled API
                 await asyncio.sleep(0.05)
+
+
+async def test_a_marker_whose_holder_still_runs_is_waited_for_after_its_session_went(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """The advisory lock goes with its session: a database restart or a dropped lock
+    connection releases it while the holder still runs, perhaps holding the rotated pair
+    it could not store. Another store then waits (as on SQLite) instead of taking over
+    with the spent refresh token; the holder stores its pair, and the waiter gets the
+    lock on the stored result, with no interrupted refresh to report."""
+    async with open_store(pg_url, clock, key) as holder, open_store(pg_url, clock, key) as other:
+        await holder.save_tokens("acme", token_set(clock, "one"), EventKind.CONNECTED)
+        async with holder.refresh_lock("acme") as lock:
+            await lock.begin_refresh()
+            generation = (await lock.read()).generation
+            await fetchval(
+                pg_url,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted",
+            )
+
+        async def take() -> tuple[float | None, str]:
+            async with other.refresh_lock("acme") as taken:
+                account = await taken.read()
+                assert account.refresh_token is not None
+                return taken.interrupted_at, account.refresh_token.reveal()
+
+        waiter = asyncio.create_task(take())
+        await asyncio.sleep(0.3)  # it finds the marker of a holder that runs
+        assert not waiter.done()
+        async with holder.refresh_lock("acme") as again:  # the held pair, stored
+            assert (await again.read()).generation == generation
+            await again.save_tokens(token_set(clock, "two"))
+        interrupted_at, refresh = await asyncio.wait_for(waiter, PROMPTLY)
+        assert interrupted_at is None
+        assert refresh == "refresh-CANARY-two"

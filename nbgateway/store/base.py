@@ -43,6 +43,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -142,6 +145,64 @@ class ClientExists(StoreError):
 
 class GenerationConflict(StoreError):
     """The account changed (another writer) since the refresh lock read it; nothing stored."""
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace ("-" where it cannot be known): a pid means the same
+    process only to another process of the same host and namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None when that
+    cannot be read: with the pid, it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()  # field 22 of proc(5); the first two come before ")"
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def owner_id() -> str:
+    """Who holds a refresh lease or marker: host, PID namespace, pid with its start time,
+    and a random part (the same pid in another process or another store is another owner)."""
+    pid = os.getpid()
+    start = _process_start(pid)
+    process = f"{pid}.{start}" if start is not None else str(pid)
+    return f"{socket.gethostname()}/{_pid_namespace()}/{process}/{uuid.uuid4().hex[:8]}"
+
+
+def holder_runs(holder: str) -> bool | None:
+    """Whether the lease holder's process still runs: known only for a process of this
+    host and PID namespace (None for anything else: another host or namespace). A holder
+    that recorded its start time and whose pid now belongs to a process started at
+    another time is gone (its pid was reused)."""
+    parts = holder.split("/")
+    if len(parts) < 4 or parts[1] == "-":
+        return None
+    host, namespace = parts[0], parts[1]
+    pid, _, start = parts[2].partition(".")
+    if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, owned by someone else
+    if start:
+        now_start = _process_start(int(pid))
+        if now_start is not None and now_start != start:
+            return False
+    return True
+
+
+# How often a waiter re-checks a refresh held elsewhere even if nothing was committed.
+LEASE_RECHECK = 1.0
 
 
 def lease_seconds(token_timeout: float) -> float:

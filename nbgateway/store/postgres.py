@@ -32,8 +32,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -73,6 +71,7 @@ from nbgateway.store.base import (
     EVENTS_KEPT,
     INFO_FIELDS,
     LAST_ERROR_MAX,
+    LEASE_RECHECK,
     LOGIN_FAILURES_KEPT,
     STATE_FIELDS,
     STATES_KEPT,
@@ -88,8 +87,10 @@ from nbgateway.store.base import (
     client_row,
     corrupt_rows,
     event_from_row,
+    holder_runs,
     lease_seconds,
     listed_info_from_row,
+    owner_id,
     readable_rows,
     session_hash,
     state_hash,
@@ -220,10 +221,6 @@ def lock_key(slug: str) -> int:
 _MIGRATION_KEY = int.from_bytes(
     hashlib.sha256(b"nbgateway-migrations").digest()[:8], "big", signed=True
 )
-
-
-def _owner_id() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 def _status_count(status: str) -> int:
@@ -367,7 +364,7 @@ class PostgresStore:
         self._lock_pool_max = lock_pool_max
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
-        self._owner = _owner_id()
+        self._owner = owner_id()
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._lock_pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listener: ChangeListener | None = None
@@ -682,12 +679,34 @@ class PostgresStore:
         the account after that. On exit a marker still set is cleared and the lock released;
         if that fails the connection is closed, which releases the lock as well.
         """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2 * self.lease
+        while True:
+            async with self._advisory_lock(slug, give_up) as lock:
+                if lock is not None:
+                    yield lock
+                    return
+            # A holder that may still run left its marker (its session, not its process,
+            # went: a database restart, a dropped connection); it may hold the rotated pair
+            # in memory and store it once it can, so the stored refresh token may be spent.
+            if loop.time() >= give_up:
+                raise StoreUnavailable(
+                    f"another process has held the refresh of account {slug!r} for too long"
+                )
+            await asyncio.sleep(LEASE_RECHECK)
+
+    @asynccontextmanager
+    async def _advisory_lock(
+        self, slug: str, give_up: float
+    ) -> AsyncIterator[_AdvisoryLock | None]:
+        """The advisory lock and the account's marker; None (lock released again) when the
+        marker belongs to a holder elsewhere that may still run (`holder_runs`: known on this
+        host; elsewhere, until the marker's deadline)."""
         if self._lock_pool is None:
             raise StoreError("the store is not open")
         pool = self._lock_pool
         loop = asyncio.get_running_loop()
-        wait = 2 * self.lease
-        give_up = loop.time() + wait
+        wait = max(give_up - loop.time(), 0.001)
         key = lock_key(slug)
         with self._errors("cannot be reached"):
             conn = await pool.acquire(timeout=wait)
@@ -715,14 +734,24 @@ class PostgresStore:
             locked = True
             with self._errors("cannot be read"):
                 row = await conn.fetchrow(
-                    "SELECT generation, refresh_owner, refresh_started_at "
+                    "SELECT generation, refresh_owner, refresh_deadline, refresh_started_at "
                     "FROM accounts WHERE slug = $1",
                     slug,
                 )
             if row is None:
                 raise AccountNotFound(slug)
-            # We hold the lock, so a marker still there was left by a holder that died.
-            stale = row["refresh_owner"] is not None
+            # We hold the lock, so a marker still there lost its session: its holder died,
+            # or only its connection went (then it may hold the answer of its token call).
+            holder = row["refresh_owner"]
+            stale = holder is not None
+            if stale and not holder.startswith(self._owner + "/"):
+                runs = holder_runs(holder)
+                deadline = row["refresh_deadline"]
+                lapsed = deadline is None or deadline <= self._clock.now()
+                stuck_with_result = runs is True and row["refresh_started_at"] is not None
+                if runs is not False and not (lapsed and not stuck_with_result):
+                    yield None
+                    return
             lock = _AdvisoryLock(
                 self,
                 conn,

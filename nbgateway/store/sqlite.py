@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -66,6 +65,7 @@ from nbgateway.store.base import (
     EVENTS_KEPT,
     INFO_FIELDS,
     LAST_ERROR_MAX,
+    LEASE_RECHECK,
     LOGIN_FAILURES_KEPT,
     STATE_FIELDS,
     STATES_KEPT,
@@ -81,8 +81,10 @@ from nbgateway.store.base import (
     client_row,
     corrupt_rows,
     event_from_row,
+    holder_runs,
     lease_seconds,
     listed_info_from_row,
+    owner_id,
     readable_rows,
     session_hash,
     state_hash,
@@ -188,61 +190,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
 _CLEAR_LEASE = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
-# How often a waiter re-checks a lease held elsewhere even if nothing was committed.
-_LEASE_RECHECK = 1.0
 _CHANGE_POLL = 0.05
-
-
-def _pid_namespace() -> str:
-    """This process's PID namespace ("-" where it cannot be known): a pid means the same
-    process only to another process of the same host and namespace."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "-"
-
-
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, from /proc), or None when that
-    cannot be read: with the pid, it names one process even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()  # field 22 of proc(5); the first two come before ")"
-    except (OSError, IndexError, UnicodeDecodeError):
-        return None
-
-
-def _owner_id() -> str:
-    pid = os.getpid()
-    start = _process_start(pid)
-    process = f"{pid}.{start}" if start is not None else str(pid)
-    return f"{socket.gethostname()}/{_pid_namespace()}/{process}/{uuid.uuid4().hex[:8]}"
-
-
-def _holder_runs(holder: str) -> bool | None:
-    """Whether the lease holder's process still runs: known only for a process of this
-    host and PID namespace (None for anything else: another host or namespace). A holder
-    that recorded its start time and whose pid now belongs to a process started at
-    another time is gone (its pid was reused)."""
-    parts = holder.split("/")
-    if len(parts) < 4 or parts[1] == "-":
-        return None
-    host, namespace = parts[0], parts[1]
-    pid, _, start = parts[2].partition(".")
-    if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # exists, owned by someone else
-    if start:
-        now_start = _process_start(int(pid))
-        if now_start is not None and now_start != start:
-            return False
-    return True
 
 
 class _Lease:
@@ -364,7 +312,7 @@ class SQLiteStore:
         self.lease = lease_seconds(token_timeout)
         self.events_kept = events_kept
         self.login_failures_kept = login_failures_kept
-        self._owner = _owner_id()
+        self._owner = owner_id()
         self._conn: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
         self._probe: sqlite3.Connection | None = None
@@ -750,7 +698,7 @@ class SQLiteStore:
                 # A lease of this store's own is stale: the token manager holds at most one
                 # per account at a time, so it is left over from a failed release.
                 own = holder is not None and holder.startswith(self._owner + "/")
-                runs = None if holder is None or own else _holder_runs(holder)
+                runs = None if holder is None or own else holder_runs(holder)
                 lapsed = deadline is None or deadline <= now
                 # A holder of this host that still runs, past its deadline with its marker
                 # set, could not store the result of its token call (disk full, say) and
@@ -768,7 +716,7 @@ class SQLiteStore:
                         row["refresh_started_at"] if holder is not None and not own else None
                     )
                     return _Lease(self, slug, owner, int(row["generation"]), interrupted)
-                wait = _LEASE_RECHECK if lapsed else min(deadline - now, _LEASE_RECHECK)
+                wait = LEASE_RECHECK if lapsed else min(deadline - now, LEASE_RECHECK)
             if loop.time() >= give_up:
                 raise StoreUnavailable(
                     f"another process has held the refresh of account {slug!r} for too long"
