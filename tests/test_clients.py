@@ -373,6 +373,31 @@ class TestRemovalRaces:
                 assert not await accepted(reg, key)
             assert not await accepted(reg, key)
 
+    async def test_a_write_waiting_for_another_process_does_not_hold_up_the_reload(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """Another process removes the key, then holds SQLite's write lock (rotate-key,
+        migrate, a sqlite3 shell); a write of this process (the audit flush) waits for it.
+        The reload of the keys does not queue behind that write: the key is refused."""
+        database = tmp_path / "gateway.db"
+        async with SQLiteStore(database, Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            _, key = await reg.add("tool")
+            assert await accepted(reg, key)
+            other = sqlite3.connect(database, isolation_level=None)
+            try:
+                other.execute("DELETE FROM clients WHERE name = ?", ("tool",))
+                other.execute("BEGIN IMMEDIATE")
+                reg.record(None, "acme", "POST", "/api/v2/people", 201, "id")
+                flush = asyncio.create_task(reg.flush())
+                await asyncio.sleep(0.05)  # the flush is waiting for the write lock
+                assert not flush.done()
+                assert not await accepted(reg, key)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            await flush
+
     async def test_a_request_does_not_settle_for_a_reload_older_than_its_removal(
         self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -315,6 +315,9 @@ class SQLiteStore:
         self._owner = owner_id()
         self._conn: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
+        # The client keys' own reader (`list_clients`), opened on first use.
+        self._keys_reader: aiosqlite.Connection | None = None
+        self._keys_lock = asyncio.Lock()
         self._probe: sqlite3.Connection | None = None
         self._probe_retry_at = float("-inf")
         self._probe_failing = False
@@ -405,6 +408,9 @@ class SQLiteStore:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await writer.close()
+        if self._keys_reader is not None:
+            keys_reader, self._keys_reader = self._keys_reader, None
+            await keys_reader.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()
@@ -960,18 +966,24 @@ class SQLiteStore:
             )
 
     async def list_clients(self) -> list[ClientRecord]:
-        """Every registered client, by name, as of now: read on the writer connection,
-        between its write transactions. The shared reader may be inside another
-        statement's snapshot, and a removal committed after that snapshot began would not
-        show, though `change_hint` already moved for it."""
+        """Every registered client, by name, as of now: read on a connection of its own,
+        one statement at a time, so each listing starts a fresh snapshot. Not the shared
+        reader (it may be inside another statement's snapshot, and a removal committed
+        after that snapshot began would not show, though `change_hint` already moved for
+        it), nor the writer (a write of this process waiting for another process's write
+        lock would hold the listing up)."""
         sql = f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
-        async with self._write_lock:
+        async with self._keys_lock:
             try:
-                if self._writer is None:
-                    self._writer = await self._connect()
-                async with self._writer.execute(sql) as cur:
+                if self._keys_reader is None:
+                    self._keys_reader = await self._connect()
+                async with self._keys_reader.execute(sql) as cur:
                     rows = await cur.fetchall()
             except sqlite3.Error as exc:
+                keys_reader, self._keys_reader = self._keys_reader, None
+                if keys_reader is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        await keys_reader.close()
                 raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
         return readable_rows(rows, client_from_row, "client key")
 
