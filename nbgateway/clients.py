@@ -34,6 +34,7 @@ from nbgateway.errors import (
     ClientKeyInvalid,
     ClientKeyRequired,
     StoreError,
+    StoreUnavailable,
 )
 from nbgateway.metrics import Metrics
 from nbgateway.models import AuditEntry, ClientInfo, ClientRecord, is_valid_slug
@@ -239,22 +240,28 @@ class ClientRegistry:
             self._catch_up = None
 
     async def identify_after_sync(self, presented: str) -> ClientInfo:
-        """`identify` for a key `identify` refused, after one look at the store: the key may
-        have been added by another process since the last sync. Concurrent misses share
-        one look, and there is at most one per MISS_SYNC_INTERVAL; ClientKeyInvalid when the
-        key is still unknown (StoreError when the store cannot be read)."""
+        """`identify` for a key `identify` refused, after one reload of the keys: the key may
+        have been added by another process (whose change notice may not have arrived yet).
+        Concurrent misses share one reload, and there is at most one per MISS_SYNC_INTERVAL;
+        ClientKeyInvalid when the key is still unknown, StoreError when the store cannot be
+        read or the reload takes longer than CATCH_UP_WAIT s (the caller hears 503)."""
         if self._miss_sync is None:
             if self._clock.monotonic() - self._miss_synced < MISS_SYNC_INTERVAL:
                 raise ClientKeyInvalid(_UNKNOWN_KEY)
             self._miss_sync = asyncio.ensure_future(self._sync_for_miss())
-        await asyncio.shield(self._miss_sync)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._miss_sync), CATCH_UP_WAIT)
+        except TimeoutError:
+            raise StoreUnavailable(
+                "the client keys could not be reloaded in time to check this key; retry"
+            ) from None
         result = self.identify(presented)
         assert result is not None  # a presented key gives a client or ClientKeyInvalid
         return result
 
     async def _sync_for_miss(self) -> bool:
         try:
-            return await self.sync()
+            return await self.sync(force=True)
         finally:
             self._miss_synced = self._clock.monotonic()
             self._miss_sync = None

@@ -511,6 +511,45 @@ class TestAddition:
         )
         assert looks == 2
 
+    async def test_a_key_added_before_its_change_notice_arrives_is_found(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An unknown key reloads the keys even when the change count has not moved yet
+        (a PostgreSQL notice still on its way): the key added elsewhere is taken."""
+        database = tmp_path / "gateway.db"
+        async with SQLiteStore(database, Cipher([Secret(generate_key())]), clock) as store:
+            adder, other = new_registry(store, clock), new_registry(store, clock)
+            await other.sync(force=True)
+            counter = await store.change_counter()
+
+            async def standing_still() -> int:
+                return counter
+
+            monkeypatch.setattr(store, "change_counter", standing_still)
+            _, key = await adder.add("fresh")
+            client = await other.identify_after_sync(key.reveal())
+            assert client.name == "fresh"
+
+    async def test_an_unknown_key_hears_503_when_the_reload_does_not_finish(
+        self, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reload that hangs (the store is stuck) holds an unknown key's request at most
+        CATCH_UP_WAIT s; then it is StoreUnavailable (503), not a wait without end."""
+        database = tmp_path / "gateway.db"
+        async with SQLiteStore(database, Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            await reg.sync(force=True)
+            never = asyncio.Event()
+
+            async def stuck() -> list[Any]:
+                await never.wait()
+                return []
+
+            monkeypatch.setattr(store, "list_clients", stuck)
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(reg.identify_after_sync("nbgw_" + "B" * 43), 10)
+            never.set()
+
 
 class TestSecrecy:
     async def test_only_salted_hashes_reach_the_database_file(self, gw: Gateway) -> None:
