@@ -135,6 +135,8 @@ class TokenManager:
         self._change_counter: int | None = None
         self._accounts: set[str] = set()
         self._unpersisted: dict[str, _Unpersisted] = {}
+        # Per account: the refresh token last sent without a usable answer, and when.
+        self._unanswered: dict[str, tuple[Secret, float]] = {}
 
     # -- the request path --------------------------------------------------------------
 
@@ -375,14 +377,19 @@ class TokenManager:
                     elif exc.outcome.terminal:
                         current = await locked.read()
                         if current.refresh_token == account.refresh_token:
-                            reason = self._terminal_reason(exc, locked.interrupted_at)
+                            reason = self._terminal_reason(
+                                exc, locked.interrupted_at, self._unanswered_with(slug, account)
+                            )
                             await locked.mark_needs_reauth(reason)
                             reauth = marked = True
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:
+                        # NationBuilder may have rotated in a call whose answer was lost.
+                        self._unanswered[slug] = (account.refresh_token, self._clock.now())
                         await locked.record_failure(str(exc))
                 else:
+                    self._unanswered.pop(slug, None)
                     saved = await self._save_rotated(locked, account, tokens)
                     if saved is None:
                         return self._issue_unpersisted(slug)
@@ -398,15 +405,31 @@ class TokenManager:
         log.info("refreshed token", extra={"account": slug, "outcome": "success"})
         return self._issue(account)
 
+    def _unanswered_with(self, slug: str, account: Account) -> float | None:
+        """When this process last sent `account`'s refresh token without a usable answer."""
+        sent = self._unanswered.get(slug)
+        if sent is None or account.refresh_token is None or sent[0] != account.refresh_token:
+            return None
+        return sent[1]
+
     @staticmethod
-    def _terminal_reason(exc: OAuthError, interrupted_at: float | None) -> str:
-        if interrupted_at is None:
-            return str(exc)
-        when = iso_utc(interrupted_at) or "an unknown time"
-        return (
-            f"the gateway stopped during a refresh (at {when}) and NationBuilder no longer "
-            f"accepts the refresh token it held: {exc}"
-        )
+    def _terminal_reason(
+        exc: OAuthError, interrupted_at: float | None, unanswered_at: float | None = None
+    ) -> str:
+        if interrupted_at is not None:
+            when = iso_utc(interrupted_at) or "an unknown time"
+            return (
+                f"the gateway stopped during a refresh (at {when}) and NationBuilder no longer "
+                f"accepts the refresh token it held: {exc}"
+            )
+        if unanswered_at is not None:
+            when = iso_utc(unanswered_at) or "an unknown time"
+            return (
+                f"a refresh at {when} got no usable answer (timeout, dropped connection or "
+                "server error), and NationBuilder no longer accepts the refresh token sent "
+                f"then: it probably rotated it in that call: {exc}"
+            )
+        return str(exc)
 
     # -- rotated pairs the store could not take ---------------------------------------------
 

@@ -378,7 +378,9 @@ class TestNeedsReauth:
         assert gateway.metric(NEEDS_REAUTH, account=SLUG) == 1
         events = await gateway.store.events(SLUG)
         assert events[0].kind is EventKind.NEEDS_REAUTH
-        assert (await gateway.accounts.get(SLUG)).status is AccountStatus.NEEDS_REAUTH
+        marked = await gateway.accounts.get(SLUG)
+        assert marked.status is AccountStatus.NEEDS_REAUTH
+        assert "no usable answer" not in (marked.last_error or "")  # nothing was lost
 
         assert await fetch(gateway) == 401
         clock.advance(3600)
@@ -393,6 +395,28 @@ class TestNeedsReauth:
         assert await fetch(gateway) == 200
         assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
         assert gateway.metric(NEEDS_REAUTH, account=SLUG) == 0
+
+    async def test_invalid_grant_after_an_unanswered_refresh_says_so(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A refresh whose answer was lost (here a 502 page; a timeout or a dropped
+        connection alike), then invalid_grant for the same refresh token: NationBuilder
+        probably rotated in the lost call, and the reason says that rather than blaming
+        another tool."""
+        await connect_account(gateway, SLUG)
+        fake_nb.fail_token("server_error")
+        clock.advance(LIFETIME)
+        assert await fetch(gateway) == 503
+        fake_nb.revoke(SLUG)  # as if the lost call had rotated the token
+        clock.advance(3600)
+        assert await fetch(gateway) == 401
+        reason = (await gateway.accounts.get(SLUG)).last_error or ""
+        assert "got no usable answer" in reason
+        assert "invalid_grant" in reason
 
     async def test_needs_reauth_survives_a_restart(
         self,
