@@ -7,6 +7,8 @@ coming back under an open store. The behaviour both backends share is in store_c
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import ssl
 
 import asyncpg
@@ -295,3 +297,29 @@ async def test_a_marker_whose_holder_still_runs_is_waited_for_after_its_session_
         interrupted_at, refresh = await asyncio.wait_for(waiter, PROMPTLY)
         assert interrupted_at is None
         assert refresh == "refresh-CANARY-two"
+
+
+async def test_change_hint_is_unsure_while_the_listener_stalls(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """A listener whose connection stays open but delivers nothing (a stalled backend, a
+    half-open connection) counts as away as soon as its liveness check goes unanswered,
+    not only when the connection is finally given up; then it is a real reading again."""
+    async with open_store(pg_url, clock, key) as store:
+        assert store.change_hint() >= 0
+        pid = await fetchval(
+            pg_url,
+            "SELECT pid FROM pg_stat_activity "
+            f"WHERE application_name = '{LISTENER_NAME}' AND datname = current_database()",
+        )
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(PROMPTLY):
+                while store.change_hint() >= 0:  # noqa: ASYNC110 - polled API
+                    await asyncio.sleep(0.02)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(PROMPTLY):
+            while store.change_hint() < 0:  # noqa: ASYNC110 - polled API
+                await asyncio.sleep(0.05)

@@ -2,9 +2,10 @@
 the URL without its password, and the change listener.
 
 `ChangeListener` keeps one LISTEN connection on the `nbgateway_changes` channel and counts
-the notices. When that connection is lost (the server restarted, a network failure found
-by a periodic liveness check) it reconnects with a bounded backoff and bumps the counter
-once, since notices sent meanwhile are lost: whoever watches the counter reloads.
+the notices. A liveness check each second that goes unanswered for LISTEN_SUSPECT s makes
+it count as away meanwhile. When that connection is lost (the server restarted, a network
+failure found by the liveness check) it reconnects with a bounded backoff and bumps the
+counter once, since notices sent meanwhile are lost: whoever watches the counter reloads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ CHANNEL = "nbgateway_changes"
 # The change listener: reconnect delay (doubling up to the cap) and liveness check period.
 LISTEN_RETRY_BASE = 0.2
 LISTEN_RETRY_CAP = 5.0
-LISTEN_KEEPALIVE = 10.0
+LISTEN_KEEPALIVE = 1.0
+# A liveness check unanswered this long makes the listener count as away (notices may be
+# lost: a stalled server or a half-open connection) until it answers.
+LISTEN_SUSPECT = 0.25
 LISTENER_NAME = "nbgateway-listener"  # its application_name, as pg_stat_activity shows it
 
 # Errors meaning "PostgreSQL cannot be reached or written right now" (StoreUnavailable).
@@ -86,6 +90,7 @@ class ChangeListener:
         self._command_timeout = command_timeout
         self._conn: asyncpg.Connection[asyncpg.Record] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._suspect = False  # a liveness check is overdue
         self.counter = 0
 
     async def start(self) -> None:
@@ -105,9 +110,9 @@ class ChangeListener:
 
     @property
     def connected(self) -> bool:
-        """Whether notices can arrive now (the connection is up)."""
+        """Whether notices can arrive now (the connection is up and answers)."""
         conn = self._conn
-        return conn is not None and not conn.is_closed()
+        return conn is not None and not conn.is_closed() and not self._suspect
 
     def _on_notice(self, *_args: object) -> None:
         self.counter += 1
@@ -133,10 +138,17 @@ class ChangeListener:
             try:
                 await asyncio.wait_for(lost.wait(), LISTEN_KEEPALIVE)
             except TimeoutError:
-                try:  # a silent network failure shows only when we ask
-                    await conn.execute("SELECT 1", timeout=LISTEN_KEEPALIVE)
+                # A silent network failure or a stalled server shows only when we ask.
+                ping = asyncio.ensure_future(conn.execute("SELECT 1", timeout=LISTEN_KEEPALIVE))
+                try:
+                    done, _ = await asyncio.wait({ping}, timeout=LISTEN_SUSPECT)
+                    self._suspect = not done
+                    await ping
                 except DRIVER_ERRORS:
                     return
+                finally:
+                    self._suspect = False
+                    ping.cancel()
 
     async def _run(self) -> None:
         delay = LISTEN_RETRY_BASE
