@@ -36,6 +36,8 @@ from nbgateway.services import store_for
 # between two tries (the first is 1 s, then each doubles).
 START_WAIT = 60.0
 START_RETRY_MAX = 5.0
+# Seconds the check's SQLite statements wait for another process's lock.
+CHECK_BUSY_TIMEOUT = 1.0
 
 
 @dataclass
@@ -121,7 +123,12 @@ def _listen_problems(host: str, port: int, notes: list[str]) -> list[str]:
 async def _store_problems(settings: Settings, redactor: Redactor, report: Report) -> list[str]:
     """Open the store (key ids, schema version), then decrypt every row."""
     try:
-        async with store_for(settings, SystemClock(), redactor) as store:
+        # A short lock wait: a database locked by another process is reported (and, for
+        # serve, waited for) in steps of a second, so SIGTERM and the start-up limit act
+        # promptly.
+        async with store_for(
+            settings, SystemClock(), redactor, busy_timeout=CHECK_BUSY_TIMEOUT
+        ) as store:
             await store.ping()
             problems = await store.verify()
             infos = await store.list_accounts()

@@ -49,7 +49,13 @@ def new_upstream_session() -> aiohttp.ClientSession:
     )
 
 
-def store_for(settings: Settings, clock: Clock, redactor: Redactor | None = None) -> TokenStore:
+def store_for(
+    settings: Settings,
+    clock: Clock,
+    redactor: Redactor | None = None,
+    *,
+    busy_timeout: float | None = None,
+) -> TokenStore:
     """The store named by the settings (not yet opened)."""
     return make_store(
         settings.database,
@@ -57,6 +63,7 @@ def store_for(settings: Settings, clock: Clock, redactor: Redactor | None = None
         clock,
         token_timeout=settings.token_timeout,
         on_secret=redactor.add if redactor is not None else None,
+        busy_timeout=busy_timeout,
     )
 
 

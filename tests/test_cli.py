@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +28,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import ADMIN_TOKEN
 from procs import (
     FakeNB,
     Processes,
+    clean_os_environ,
     corrupt_refresh_token,
+    free_port,
     gateway_env,
     open_store,
     raw_query,
     run_command,
     seed_account,
     start_fake,
+    wait_until,
 )
 
 from nbgateway.cli import main
@@ -1119,3 +1124,30 @@ def test_locked_database_fails_cleanly(tmp_path: Path) -> None:
         holder.close()
     assert result.startswith("error nbgateway.errors.StoreUnavailable"), result
     assert "locked" in result
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_wait_for_a_locked_sqlite_database_promptly(tmp_path: Path) -> None:
+    """`serve` waiting for a SQLite file another process holds locked: the check's
+    statements wait at most a second for the lock (not the gateway's 10 s), so SIGTERM
+    ends the wait with 143 before a container manager's stop timeout would kill it."""
+    db, key = tmp_path / "gateway.db", generate_key()
+    assert run_store_script(db, key, write=False, hard_exit=False) == "ok"
+    env = {**clean_os_environ(), **gateway_env(db, ADMIN_TOKEN, key=key)}
+    env["NBGW_LISTEN"] = f"127.0.0.1:{free_port()}"
+    holder = sqlite3.connect(db, isolation_level=None)
+    processes = Processes(tmp_path)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        gateway = processes.start("gateway", [sys.executable, "-m", "nbgateway", "serve"], env)
+        wait_until(lambda: "waiting for the database" in gateway.output(), 30, "the wait")
+        time.sleep(1.5)  # past the first 1 s pause: inside the next try
+        started = time.monotonic()
+        gateway.popen.terminate()
+        assert gateway.popen.wait(30) == 143
+        # Within about one lock wait; the gateway's own 10 s busy timeout would show here.
+        assert time.monotonic() - started < 5, gateway.output()
+    finally:
+        holder.close()
+        processes.stop_all()

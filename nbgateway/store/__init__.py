@@ -17,6 +17,7 @@ from nbgateway.crypto import Cipher
 from nbgateway.errors import StoreError
 from nbgateway.store.base import (
     EVENTS_KEPT,
+    SQLITE_BUSY_TIMEOUT,
     AccountLock,
     ClientExists,
     GenerationConflict,
@@ -71,8 +72,10 @@ def make_store(
     *,
     token_timeout: float = 15.0,
     on_secret: SecretListener | None = None,
+    busy_timeout: float | None = None,
 ) -> TokenStore:
-    """The store for `database` (not yet opened: use `async with`)."""
+    """The store for `database` (not yet opened: use `async with`). `busy_timeout`: how
+    long a SQLite statement waits for another process's lock (its default if None)."""
     if is_postgres_url(database):
         from nbgateway.store.postgres import PostgresStore
 
@@ -80,5 +83,10 @@ def make_store(
             str(database), cipher, clock, token_timeout=token_timeout, on_secret=on_secret
         )
     return SQLiteStore(
-        Path(database), cipher, clock, token_timeout=token_timeout, on_secret=on_secret
+        Path(database),
+        cipher,
+        clock,
+        busy_timeout=SQLITE_BUSY_TIMEOUT if busy_timeout is None else busy_timeout,
+        token_timeout=token_timeout,
+        on_secret=on_secret,
     )

@@ -201,6 +201,8 @@ def holder_runs(holder: str) -> bool | None:
     return True
 
 
+# Seconds a SQLite statement waits for another process's lock by default.
+SQLITE_BUSY_TIMEOUT = 10.0
 # How often a waiter re-checks a refresh held elsewhere even if nothing was committed.
 LEASE_RECHECK = 1.0
 
