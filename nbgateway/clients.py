@@ -362,6 +362,11 @@ class ClientRegistry:
                 await self.flush()
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # an outage, said in one line; retried next round
+                log.warning(
+                    "client key maintenance: the store cannot be used; continuing",
+                    extra={"error": str(exc)},
+                )
             except Exception:
                 log.exception("client key maintenance failed; continuing")
             await asyncio.sleep(interval)

@@ -788,6 +788,11 @@ class TokenManager:
                     await self.refresh_due(lead=2 * refresh_interval)
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # an outage, said in one line; retried next round
+                log.warning(
+                    "token maintenance: the store cannot be used; continuing",
+                    extra={"error": str(exc)},
+                )
             except Exception:
                 log.exception("token maintenance loop failed; continuing")
             await asyncio.sleep(sync_interval)

@@ -8,6 +8,7 @@ Two gateways on one database file stand in for two processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,12 @@ from conftest import CLIENT_ID, CLIENT_SECRET, PUBLIC_URL, ConnectAccount, Gatew
 
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings
-from nbgateway.errors import AccountNotFound, ReauthorizationRequired, RefreshBackoff
+from nbgateway.errors import (
+    AccountNotFound,
+    ReauthorizationRequired,
+    RefreshBackoff,
+    StoreUnavailable,
+)
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus, EventKind
 from nbgateway.redact import Secret
@@ -623,6 +629,30 @@ class TestCache:
 
 
 class TestBackgroundRefresher:
+    async def test_a_store_outage_is_one_warning_per_round_without_a_traceback(
+        self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The maintenance loop meeting an unavailable store says so in one line and keeps
+        going; a traceback is kept for errors nobody expected."""
+        rounds = 0
+
+        async def away(*, force: bool = False) -> bool:
+            nonlocal rounds
+            rounds += 1
+            raise StoreUnavailable("database gateway.db cannot be read: disk I/O error")
+
+        monkeypatch.setattr(gateway.tokens, "sync", away)
+        monkeypatch.setattr(gateway.tokens, "recover_interrupted", away)
+        caplog.set_level(logging.WARNING, logger="nbgateway.tokens")
+        loop = asyncio.create_task(gateway.tokens.run(sync_interval=0.01))
+        await eventually(lambda: rounds >= 3, "three rounds")
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        outage = [r for r in caplog.records if "the store cannot be used" in r.getMessage()]
+        assert len(outage) >= 2
+        assert all(r.levelno == logging.WARNING and r.exc_info is None for r in outage)
+
     async def test_refresh_due_refreshes_only_tokens_expiring_within_margin_plus_lead(
         self,
         gateway: Gateway,
