@@ -104,6 +104,11 @@ class Backoff:
 
 NeedsReauthListener = Callable[[str, str], None]
 
+# Failures after which NationBuilder may have carried the refresh out (and rotated).
+_ANSWER_LOST = frozenset(
+    {RefreshOutcome.TIMEOUT, RefreshOutcome.NETWORK_ERROR, RefreshOutcome.SERVER_ERROR}
+)
+
 
 class TokenManager:
     """Hands out access tokens; owns refresh, coalescing, backoff and the background refresher."""
@@ -385,8 +390,9 @@ class TokenManager:
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:
-                        # NationBuilder may have rotated in a call whose answer was lost.
-                        self._unanswered[slug] = (account.refresh_token, self._clock.now())
+                        if exc.outcome in _ANSWER_LOST:
+                            # NationBuilder may have rotated in a call whose answer was lost.
+                            self._unanswered[slug] = (account.refresh_token, self._clock.now())
                         await locked.record_failure(str(exc))
                 else:
                     self._unanswered.pop(slug, None)
