@@ -580,7 +580,7 @@ class TestDeployment:
         caddy = subprocess.Popen(
             ["caddy", "run", "--adapter", "caddyfile", "--config", str(config)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             env=env,
         )
         try:
@@ -597,6 +597,7 @@ class TestDeployment:
             caddy.terminate()
             caddy.wait(timeout=10)
             upstream.shutdown()
+            upstream.server_close()
 
     @pytest.mark.skipif(not shutil.which("caddy"), reason="caddy is not installed")
     def test_caddy_example_is_valid(self, tmp_path: Path) -> None:
