@@ -106,11 +106,9 @@ class Workers:
                 self._start(slot)
             code = self._watch()
         finally:
-            self._stop_all()
+            self._stop_all()  # closes the listening sockets too
             os.close(self._pipe_write)
             os.close(self._pipe_read)
-            for slot in self._slots:
-                slot.sock.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
