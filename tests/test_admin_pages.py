@@ -24,13 +24,14 @@ from nbgateway.admin.views import (
     normalize_nation,
     parse_nations,
     rate_words,
+    reauthorized_at,
     span,
 )
 from nbgateway.clock import FakeClock
 from nbgateway.errors import CorruptRecordError, RefreshBackoff, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import Metrics
-from nbgateway.models import EventKind, TokenSet
+from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, TokenSet
 from nbgateway.redact import Secret
 
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
@@ -1186,3 +1187,35 @@ class TestMistypedAddresses:
         assert resp.headers["Content-Type"].startswith("text/html")
         assert resp.headers["X-NBGW-Error"] == "method_not_allowed"
         assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def test_a_reauthorization_within_a_second_of_the_first_connection_counts() -> None:
+    """A second "connected" event is a re-authorization however soon it follows the
+    first; the first connection alone is not."""
+
+    def info() -> AccountInfo:
+        return AccountInfo(
+            slug="acme",
+            status=AccountStatus.ACTIVE,
+            expires_at=None,
+            scope="default",
+            generation=3,
+            last_refresh_at=None,
+            last_error=None,
+            created_at=100.0,
+            updated_at=100.5,
+            refresh_started_at=None,
+        )
+
+    def event(n: int, kind: EventKind, at: float) -> Event:
+        return Event(id=n, slug="acme", kind=kind, at=at, detail="")
+
+    first = event(1, EventKind.CONNECTED, 100.0)
+    assert reauthorized_at(info(), [first]) is None
+    again = [
+        event(3, EventKind.CONNECTED, 100.5),
+        event(2, EventKind.NEEDS_REAUTH, 100.3),
+        first,
+    ]
+    assert reauthorized_at(info(), again) == 100.5
+    assert reauthorized_at(info(), [event(9, EventKind.CONNECTED, 5000.0)]) == 5000.0  # pruned

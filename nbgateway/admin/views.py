@@ -238,11 +238,14 @@ def event_views(events: list[Event], now: float, scrub: Callable[[str], str]) ->
 
 
 def reauthorized_at(info: AccountInfo, events: list[Event]) -> float | None:
-    """When the nation was last re-authorized: its newest "connected" event, if that came
-    after the first connection (the store keeps `created_at` as the first connection)."""
-    for event in events:  # newest first
+    """When the nation was last re-authorized: its newest "connected" event, if that was
+    not its first: older events precede it, or it came after the first connection (the
+    store keeps `created_at` as the first connection; its older events may be pruned).
+    Not by time alone: a re-authorization can follow the first connection within a second."""
+    for index, event in enumerate(events):  # newest first
         if event.kind is EventKind.CONNECTED:
-            return event.at if event.at > info.created_at + 1 else None
+            earlier = index + 1 < len(events)
+            return event.at if earlier or event.at > info.created_at + 1 else None
     return None
 
 
