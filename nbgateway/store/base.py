@@ -4,21 +4,25 @@
 storage; `AccountLock` is one account held under the cross-process refresh coordination
 (`TokenStore.refresh_lock`). Both backends (`sqlite.py`, `postgres.py`) implement them
 with the same columns and the same `Cipher` associated data, so rows move between them
-unchanged (`dump` / `load`, used by `nbgateway migrate`). Nothing here does I/O.
+unchanged (`dump` / `load`, used by `nbgateway migrate`). Both name a refresh's holder
+with `owner_id` and judge a holder they find with `holder_runs` (this host's process
+table, the only thing here that looks outside the process); nothing here does database
+or network I/O.
 
 Refresh coordination, as every backend must provide it:
 
 - `refresh_lock(slug)` gives exclusive use of one account's refresh across every process
   sharing the database, and never blocks another account. It waits (without polling the
   lock itself) while another live holder has it; a holder that died is replaced: at once
-  where the database notices (PostgreSQL drops a dead connection's lock; SQLite when the
-  holder was a process of the same host that no longer runs), after the lease deadline
-  where it cannot (SQLite, a holder on another host). A holder that is alive but could
-  not write the result of its token call (disk full) keeps the account: the rotated pair
-  may exist only in its memory (TokenManager stores it once it can), so it is not
-  replaced while it runs. SQLite does this on one host (the lease stays in the row);
-  PostgreSQL needs the "refresh in flight" marker left in the row to mean the same while
-  the marking session is alive, since leaving the block releases its lock.
+  when it was a process of the same host that no longer runs, after the lease deadline
+  when that cannot be known (a holder on another host). PostgreSQL drops a dead session's
+  lock, but a session also ends while its process runs on (a database restart, a dropped
+  connection), so the marker left in the row is judged the same way. A holder that is
+  alive but could not write the result of its token call (disk full, the database gone
+  away) keeps the account: the rotated pair may exist only in its memory (TokenManager
+  stores it once it can), so it is not replaced while it runs. SQLite keeps the lease in
+  the row; PostgreSQL relies on the "refresh in flight" marker left in the row, since
+  leaving the block (or losing the session) releases its lock.
 - `AccountLock.begin_refresh()` durably records a "refresh in flight" marker before the
   token call; `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a
