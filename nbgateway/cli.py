@@ -286,6 +286,29 @@ def _load(args: argparse.Namespace, environ: dict[str, str], required: frozenset
     return load_settings(environ, args.config, required=required)
 
 
+def _creates_data(args: argparse.Namespace) -> bool:
+    """Whether a command stores something of its own (so may start a new database)."""
+    if args.command == "accounts":
+        return bool(args.accounts_command == "import")
+    if args.command == "clients":
+        return bool(args.clients_command == "add")
+    return False
+
+
+def _missing_database(args: argparse.Namespace, settings: Settings) -> str | None:
+    """Why a command that only reads or changes what is stored cannot run: its SQLite file
+    does not exist. Opening it would create an empty database (in the wrong directory, as
+    a rule, or under the wrong NBGW_DATABASE) and answer "no accounts" or "copied 0"."""
+    database = settings.database
+    if not isinstance(database, Path) or database.exists() or _creates_data(args):
+        return None
+    return (
+        f"no database at {database.absolute()} (NBGW_DATABASE): nothing is stored there, "
+        "and this command does not create one; point NBGW_DATABASE (or the config file's "
+        "database) at the file `nbgateway serve` uses"
+    )
+
+
 def _ts(value: str | None) -> str:
     return value or "-"
 
@@ -490,11 +513,15 @@ async def _clients(args: argparse.Namespace, settings: Settings, redactor: Redac
     return EXIT_OK
 
 
-async def _migrate(settings: Settings, redactor: Redactor, target: str) -> int:
+def _migration_target(settings: Settings, target: str) -> Path | str:
+    """`migrate --to`'s database; ConfigError when it is no database or the source itself."""
     database = parse_database(target, "--to")
     if same_database(settings.database, database):
-        print("error: --to names the configured database itself", file=sys.stderr)
-        return EXIT_USAGE
+        raise ConfigError("--to names the configured database itself")
+    return database
+
+
+async def _migrate(settings: Settings, redactor: Redactor, database: Path | str) -> int:
     target_settings = replace(settings, database=database)
     for secret in target_settings.secrets():  # a password in the target URL
         redactor.add(secret)
@@ -615,10 +642,15 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             redactor.add(secret)
         if args.command == "serve":
             return _serve(args, settings, env, redactor)
+        target = _migration_target(settings, args.to) if args.command == "migrate" else None
+        missing = _missing_database(args, settings)
+        if missing is not None:
+            print(f"error: {missing}", file=sys.stderr)
+            return EXIT_FAILED
         if args.command == "rotate-key":
             return asyncio.run(_rotate(settings, redactor))
-        if args.command == "migrate":
-            return asyncio.run(_migrate(settings, redactor, args.to))
+        if target is not None:
+            return asyncio.run(_migrate(settings, redactor, target))
         if args.command in ("clients", "audit"):
             return asyncio.run(_clients(args, settings, redactor))
         return asyncio.run(_accounts(args, settings, redactor))

@@ -342,6 +342,24 @@ def open_store(env: Mapping[str, str], keys: str | None = None) -> TokenStore:
     )
 
 
+async def create_database(env: Mapping[str, str]) -> None:
+    """Create and migrate the environment's database, empty (what a first `serve` does)."""
+    async with open_store(env):
+        pass
+
+
+def create_database_elsewhere(env: Mapping[str, str]) -> None:
+    """`create_database` in a child process, so this one keeps no descriptor of the file."""
+    code = (
+        "import asyncio, os, sys; sys.path.insert(0, sys.argv[1]); import procs; "
+        "asyncio.run(procs.create_database(os.environ))"
+    )
+    result = run_command(
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent)], env={**env}
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def token_set(issued: Mapping[str, Any], now: float | None = None) -> TokenSet:
     """The pair a token endpoint answered (`access_token`, `refresh_token`, `expires_in`,
     `scope`) with its expiry made absolute from `now` (default: the wall clock)."""

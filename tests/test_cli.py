@@ -34,6 +34,7 @@ from procs import (
     Processes,
     clean_os_environ,
     corrupt_refresh_token,
+    create_database,
     free_port,
     gateway_env,
     open_store,
@@ -76,6 +77,13 @@ def restore_logging() -> Iterator[None]:
 def env(tmp_path: Path) -> dict[str, str]:
     """A complete environment: temporary database, fresh key, the fake's client credentials."""
     return gateway_env(tmp_path / "gateway.db", "cli-admin-token-0123456789")
+
+
+@pytest.fixture
+def stored_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with its database created, empty (as a first `serve` leaves it)."""
+    asyncio.run(create_database(env))
+    return env
 
 
 @dataclass
@@ -522,16 +530,70 @@ class TestStartWait:
             assert pauses == []
 
 
+class TestMissingDatabase:
+    """A command that reads or changes what is stored refuses a SQLite file that does not
+    exist, rather than creating an empty one there and answering "no accounts"."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["accounts", "list"],
+            ["accounts", "list", "--json"],
+            ["accounts", "refresh", "acme"],
+            ["accounts", "remove", "acme"],
+            ["clients", "list"],
+            ["clients", "remove", "tool"],
+            ["audit"],
+            ["rotate-key"],
+            ["migrate", "--to", "elsewhere.db"],
+        ],
+        ids=" ".join,
+    )
+    def test_refused_and_nothing_created(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Exit 1, the absolute path named (a relative NBGW_DATABASE is resolved against
+        the directory the command ran in), and no file left behind."""
+        monkeypatch.chdir(tmp_path)
+        env["NBGW_DATABASE"] = "nbgateway.db"
+        result = run(argv, env, capsys)
+        assert result.code == 1, result.err
+        assert f"no database at {tmp_path / 'nbgateway.db'} (NBGW_DATABASE)" in result.err
+        assert "does not create one" in result.err
+        assert result.out == ""
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    def test_commands_that_store_something_create_it(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`clients add` (like `accounts import` and `serve`) may start a new database:
+        the key it prints is there for the gateway to find."""
+        added = run(["clients", "add", "tool"], env, capsys)
+        assert added.code == 0, added.err
+        assert Path(env["NBGW_DATABASE"]).exists()
+        listed = run(["clients", "list", "--json"], env, capsys)
+        assert [row["name"] for row in json.loads(listed.out)] == ["tool"]
+
+
 class TestAccountsOffline:
-    def test_list_empty(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    def test_list_empty(
+        self, stored_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """With no accounts, list says how to add one and exits 0."""
-        result = run(["accounts", "list"], env, capsys)
+        result = run(["accounts", "list"], stored_env, capsys)
         assert result.code == 0
         assert "no accounts" in result.out
 
-    def test_list_empty_json(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    def test_list_empty_json(
+        self, stored_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """With no accounts, list --json prints an empty JSON list."""
-        result = run(["accounts", "list", "--json"], env, capsys)
+        result = run(["accounts", "list", "--json"], stored_env, capsys)
         assert result.code == 0
         assert json.loads(result.out) == []
 
@@ -567,15 +629,19 @@ class TestAccountsOffline:
         assert read_account(env, "acme") is None
         assert event_kinds(env, "acme")[0] is EventKind.REMOVED
 
-    def test_remove_missing(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    def test_remove_missing(
+        self, stored_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """Removing an account that does not exist exits 1 with a message."""
-        result = run(["accounts", "remove", "ghost"], env, capsys)
+        result = run(["accounts", "remove", "ghost"], stored_env, capsys)
         assert result.code == 1
         assert "no account named 'ghost'" in result.err
 
-    def test_refresh_missing(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    def test_refresh_missing(
+        self, stored_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """Refreshing an account that does not exist exits 1 with a message."""
-        result = run(["accounts", "refresh", "ghost"], env, capsys)
+        result = run(["accounts", "refresh", "ghost"], stored_env, capsys)
         assert result.code == 1
         assert "no account named 'ghost'" in result.err
 
@@ -638,7 +704,7 @@ def test_an_invalid_slug_is_a_usage_error(
     err = capsys.readouterr().err
     assert "'Not_A_Slug'" in err and "lowercase letters" in err
     assert "no account named" not in err
-    assert run(["clients", "list", "--json"], env, capsys).out.strip() == "[]"
+    assert not Path(env["NBGW_DATABASE"]).exists()
 
 
 # ---------------------------------------------------------------------- rotate-key

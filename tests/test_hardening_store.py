@@ -27,6 +27,7 @@ from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory, Setti
 from procs import (
     clean_os_environ,
     corrupt_refresh_token,
+    create_database_elsewhere,
     gateway_env,
     raw_execute,
     raw_query,
@@ -57,17 +58,17 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def created_elsewhere(settings: Settings) -> Path:
-    """Create and migrate the settings' database in another process (`accounts list`), so
-    this one holds no connection opened before the file is made unwritable: SQLite may
-    reuse an open file descriptor, writable from before, for a later connection."""
+    """Create and migrate the settings' database in another process, so this one holds
+    no connection opened before the file is made unwritable: SQLite may reuse an open
+    file descriptor, writable from before, for a later connection."""
     path = settings.database
     assert isinstance(path, Path)
-    env = {
-        **clean_os_environ(),
-        **gateway_env(path, ADMIN_TOKEN, key=settings.encryption_keys[0].reveal()),
-    }
-    result = run_command([sys.executable, "-m", "nbgateway", "accounts", "list"], env=env)
-    assert result.returncode == 0, result.stderr
+    create_database_elsewhere(
+        {
+            **clean_os_environ(),
+            **gateway_env(path, ADMIN_TOKEN, key=settings.encryption_keys[0].reveal()),
+        }
+    )
     return path
 
 
