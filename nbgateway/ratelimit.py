@@ -9,6 +9,10 @@ from those announcements (or from `NBGW_RATE_DEFAULT_LIMIT` for nations that sen
   spent, the request waits in a queue (FIFO per client, round-robin between clients) until
   the window resets, and no longer than the queue timeout: beyond it, or when the wait is
   known to be longer, it raises `RateLimited` (429 with Retry-After) before anything is sent.
+  When what held the queue was not the budget but requests in flight that NationBuilder
+  did not answer meanwhile (the first request to a nation, which goes alone, or the
+  in-flight cap), the waiter gets `UpstreamTimeout` (504) instead: the upstream is slow
+  or hung, and a 429 with "retry in 1 s" would send the tool after a budget that is fine.
 - `Slot.report(status, headers)` feeds every upstream answer back: the budget follows the
   announced Remaining (so other processes and other users of the same token are seen), and
   a 429 holds the account's queue until its Retry-After (bounded by `MAX_HOLD`).
@@ -38,7 +42,7 @@ from typing import NamedTuple, Protocol
 from multidict import istr
 
 from nbgateway.clock import Clock
-from nbgateway.errors import RateLimited
+from nbgateway.errors import GatewayError, RateLimited, UpstreamTimeout
 from nbgateway.metrics import Metrics
 
 # Longest an upstream 429 may hold a nation's queue, whatever its Retry-After says.
@@ -163,6 +167,7 @@ class _Budget:
     local: bool = False  # windows counted by the gateway (NBGW_RATE_DEFAULT_LIMIT)
     answered: bool = False  # an answer has been seen (with or without headers)
     in_flight: int = 0
+    reports: int = 0  # answers and failures reported so far
     queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
     queued: int = 0
     timer: TimerHandle | None = None
@@ -262,6 +267,7 @@ class RateLimiter:
             raise self._refusal(known_wait)
 
         started = self._clock.monotonic()
+        reports = b.reports
         waiter = _Waiter(client, asyncio.get_running_loop().create_future())
         queue = b.queues.setdefault(client, deque())
         if replay:
@@ -273,7 +279,7 @@ class RateLimiter:
         def on_timeout() -> None:
             if not waiter.future.done():
                 self._remove(b, waiter)
-                waiter.future.set_exception(self._refusal(self._known_wait(b, self._now())))
+                waiter.future.set_exception(self._timed_out(b, reports))
 
         deadline = self._later(self._timeout, on_timeout)
         self._dispatch(b)
@@ -322,6 +328,16 @@ class RateLimiter:
             f"NBGW_RATE_QUEUE_TIMEOUT ({self._timeout:g} s); retry in {retry} s",
             headers={"Retry-After": str(retry)},
         )
+
+    def _timed_out(self, b: _Budget, reports: int) -> GatewayError:
+        """Why a waiter that joined after `reports` reports gives up at its timeout."""
+        if b.in_flight and b.reports == reports:
+            return UpstreamTimeout(
+                f"NationBuilder answered none of the {b.in_flight} request(s) in flight to "
+                f"this nation while this one waited NBGW_RATE_QUEUE_TIMEOUT "
+                f"({self._timeout:g} s) for its turn; it was not sent"
+            )
+        return self._refusal(self._known_wait(b, self._now()))
 
     def _roll(self, b: _Budget, now: float) -> None:
         """Start a new window when the announced reset (or a 429 hold) has passed."""
@@ -440,6 +456,7 @@ class RateLimiter:
             return  # forgotten meanwhile
         b.in_flight = max(0, b.in_flight - 1)
         b.answered = b.answered or status is not None
+        b.reports += 1
         now = self._now()
         if status == 429:
             self._metrics.upstream_429.labels(account).inc()

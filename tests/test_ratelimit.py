@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nbgateway.clock import FakeClock
-from nbgateway.errors import RateLimited
+from nbgateway.errors import RateLimited, UpstreamTimeout
 from nbgateway.metrics import Metrics
 from nbgateway.ratelimit import (
     MAX_HOLD,
@@ -330,17 +330,61 @@ class TestQueueTimeout:
     async def test_wait_beyond_the_timeout_is_refused_when_it_expires(
         self, make_limiter: LimiterFactory, timers: Timers
     ) -> None:
-        """Queued behind more requests than the next window holds: refused at the timeout."""
+        """Queued behind more requests than the next window holds: refused at the timeout,
+        as the budget's 429 (the request in flight was answered, and spent the window)."""
         limiter = make_limiter(queue_timeout=5)
         await learn(limiter, remaining=0, limit=2, reset=NOW + 3)
         waiters = [asyncio.create_task(limiter.acquire("acme", "tool")) for _ in range(3)]
         await timers.advance(3.1)
         assert [w.done() for w in waiters] == [True, False, False]  # in flight cap: 1 of 2
+        waiters[0].result().report(200, announce(0, limit=2, reset=NOW + 13))
         await timers.advance(2.0)
         assert all(w.done() for w in waiters)
         refused = [w for w in waiters if w.exception() is not None]
         assert len(refused) == 2
         assert all(isinstance(w.exception(), RateLimited) for w in refused)
+        assert limiter.snapshot()["acme"].queued == 0
+
+    async def test_unanswered_first_request_times_the_rest_out_as_504(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """The first request to a nation goes alone; when NationBuilder does not answer it,
+        the requests queued behind it give up at the timeout with 504 upstream_timeout
+        (the budget is not what held them), saying so; the late answer still counts."""
+        limiter = make_limiter(queue_timeout=5)
+        first = await limiter.acquire("acme", "tool")
+        queued = [asyncio.create_task(limiter.acquire("acme", "tool")) for _ in range(2)]
+        await timers.advance(5.1)
+        for task in queued:
+            err = task.exception()
+            assert isinstance(err, UpstreamTimeout)
+            assert (err.status, err.code) == (504, "upstream_timeout")
+            assert "answered none of the 1 request(s) in flight" in err.detail
+            assert "NBGW_RATE_QUEUE_TIMEOUT (5 s)" in err.detail
+            assert "Retry-After" not in err.headers
+        assert limiter.snapshot()["acme"].queued == 0
+        first.report(200, {})
+        assert len([await limiter.acquire("acme", "tool") for _ in range(3)]) == 3
+
+    async def test_in_flight_cap_without_answers_is_504_with_answers_429(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """Held by the in-flight cap (half the announced Remaining): 504 when nothing in
+        flight was answered during the wait, 429 when answers kept coming meanwhile."""
+        limiter = make_limiter(queue_timeout=5)
+        await learn(limiter, remaining=10, limit=50, reset=NOW + 100)  # cap: 5 in flight
+        hung = [await limiter.acquire("acme", "tool") for _ in range(5)]
+        waiting = asyncio.create_task(limiter.acquire("acme", "tool"))
+        await timers.advance(5.1)
+        assert isinstance(waiting.exception(), UpstreamTimeout)
+        assert "none of the 5 request(s)" in waiting.exception().detail  # type: ignore[union-attr]
+
+        hung.pop().report(200, announce(5, limit=50, reset=NOW + 100))  # cap 3, 4 in flight
+        late = asyncio.create_task(limiter.acquire("acme", "tool"))
+        await timers.advance(2.0)
+        hung.pop().report(200, announce(4, limit=50, reset=NOW + 100))  # cap 2, 3 in flight
+        await timers.advance(3.1)
+        assert isinstance(late.exception(), RateLimited)
         assert limiter.snapshot()["acme"].queued == 0
 
     async def test_queue_longer_than_the_timeout_allows_is_refused_at_once(

@@ -216,6 +216,43 @@ class TestWithoutWindows:
         assert fake_nb.rate_limited_count == 0
         assert gw.metric("nbgw_proxy_requests_total", account="acme", method="GET", code="429") == 1
 
+    async def test_unanswered_requests_in_flight_time_the_queue_out_as_504(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """NationBuilder stops answering with requests in flight: one queued behind them
+        (the in-flight cap, half the announced Remaining) gets 504 upstream_timeout at
+        NBGW_RATE_QUEUE_TIMEOUT, not a 429 blaming a budget that is not spent; it is not
+        sent, and the metrics count it as a 504."""
+        fake_nb.rate_limit, fake_nb.rate_window = 4, 10
+        gw = await gateway_factory(rate_queue_timeout=1)
+        await connect_account(gw, "acme")
+        assert await tool(gw, 1) == [200]  # announced Remaining 3: two in flight at most
+        fake_nb.api_hang = True
+        limiter = gw.app[keys.RATE_LIMITER]
+        hung = [asyncio.create_task(gw.client.get("/api/v2/signups/me")) for _ in range(2)]
+        try:
+            await until(lambda: limiter.snapshot()["acme"].in_flight == 2, "two in flight")
+            resp = await gw.client.get("/api/v2/signups/me")
+            assert resp.status == 504
+            assert resp.headers["X-NBGW-Error"] == "upstream_timeout"
+            assert "Retry-After" not in resp.headers
+            [error] = (await resp.json())["errors"]
+            assert "answered none of the 2 request(s) in flight" in error["detail"]
+            assert "NBGW_RATE_QUEUE_TIMEOUT (1 s)" in error["detail"]
+            view = limiter.snapshot()["acme"]
+            assert (view.in_flight, view.queued, view.remaining) == (2, 0, 3)
+            metric = gw.metric(
+                "nbgw_proxy_requests_total", account="acme", method="GET", code="504"
+            )
+            assert metric == 1
+        finally:
+            for task in hung:
+                task.cancel()
+            await asyncio.gather(*hung, return_exceptions=True)
+
     async def test_client_leaving_the_queue_frees_its_place(
         self,
         gateway_factory: GatewayFactory,
