@@ -83,6 +83,7 @@ class _Unpersisted:
 class _Backoff:
     failures: int
     next_attempt_at: float
+    generation: int  # the stored pair's generation that failed to refresh
 
 
 class Backoff:
@@ -626,7 +627,7 @@ class TokenManager:
         state = self._backoff.get(slug)
         failures = 1 if state is None else state.failures + 1
         delay = self._backoff_policy.delay(failures)
-        self._backoff[slug] = _Backoff(failures, self._clock.now() + delay)
+        self._backoff[slug] = _Backoff(failures, self._clock.now() + delay, account.generation)
         log.warning(
             "token refresh failed; backing off",
             extra={"account": slug, "outcome": exc.outcome.value, "retry_in": round(delay, 1)},
@@ -722,17 +723,25 @@ class TokenManager:
         A failure (an admin's "Refresh now", a refresh on the request path) sets a backoff
         and the admin page promises a retry when it ends; `refresh_due` alone would wait
         until the token nears expiry. A further failure backs off longer (up to the cap);
-        success, or another process having refreshed meanwhile, ends the backoff.
+        success, or another process having refreshed meanwhile (the stored generation is
+        no longer the one that failed), ends the backoff: that pair is not refreshed again.
         """
         now = self._clock.now()
         ended = {slug: s for slug, s in self._backoff.items() if s.next_attempt_at <= now}
         if not ended:
             return []
-        due = [
-            info
-            for info in await self._store.list_accounts()
-            if info.slug in ended and info.status is AccountStatus.ACTIVE
-        ]
+        due = []
+        for info in await self._store.list_accounts():
+            state = ended.get(info.slug)
+            if state is None or info.status is not AccountStatus.ACTIVE:
+                continue
+            if info.generation != state.generation:
+                log.info(
+                    "refreshed by another process during the backoff; not retried",
+                    extra={"account": info.slug},
+                )
+                continue
+            due.append(info)
         await self._refresh_each(due, "retrying a failed refresh failed")
         for slug, state in ended.items():
             if self._backoff.get(slug) is state:  # not failed again: nothing left to retry

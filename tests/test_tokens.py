@@ -602,6 +602,34 @@ class TestTransientFailures:
         assert len(fake_nb.token_requests) == 2
         assert bearer(fake_nb.api_requests[-1]) == await stored_access_token(a)
 
+    async def test_backoff_retry_skips_a_pair_refreshed_elsewhere(
+        self,
+        pair: tuple[Gateway, Gateway],
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A's refresh failed and backs off; B refreshes. When A's backoff ends, its retry
+        sees the newer generation and does not rotate B's fresh pair again."""
+        a, b = pair
+        clock.advance(LIFETIME)
+        fake_nb.fail_token("server_error")
+        assert await fetch(a) == 503
+        assert await fetch(b) == 200
+        assert len(fake_nb.token_requests) == 2
+        stored = await stored_access_token(b)
+
+        clock.advance(2.0)  # past a first failure's backoff
+        with caplog.at_level(logging.INFO, logger="nbgateway"):
+            assert await a.tokens.retry_after_backoff() == []
+        assert len(fake_nb.token_requests) == 2
+        assert await stored_access_token(a) == stored
+        assert any("refreshed by another process" in r.getMessage() for r in caplog.records)
+        assert await a.tokens.retry_after_backoff() == []  # the backoff is over
+        assert await fetch(a) == 200
+        assert bearer(fake_nb.api_requests[-1]) == stored
+        assert len(fake_nb.token_requests) == 2
+
 
 class TestCache:
     async def test_valid_cached_token_touches_neither_sqlite_nor_the_cipher(
