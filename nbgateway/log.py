@@ -83,6 +83,13 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()
         extras = _extras(record)
+        if record.exc_info and record.levelno < logging.ERROR:
+            # A warning (a library's expected trouble: asyncpg's pool during a database
+            # restart, say) names its exception in one line; errors keep the traceback.
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord(record.__dict__)
+            record.exc_info, record.exc_text = None, None
+            extras["exception"] = f"{type(exc).__name__}: {exc}"
         if self.json_lines:
             doc: dict[str, Any] = {
                 "ts": round(record.created, 6),
@@ -336,6 +343,9 @@ def configure_logging(
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
     # aiohttp's own access log would print raw query strings; ours is redacted.
     logging.getLogger("aiohttp.access").disabled = True
+    # Python warnings (a library's UserWarning, a DeprecationWarning) as log records, in
+    # NBGW_LOG_FORMAT, instead of raw lines on stderr.
+    logging.captureWarnings(True)
     # Per-record facts nobody reads here; skipping them keeps an access line cheap
     # (finding the caller's frame alone costs more than formatting the line).
     logging.logThreads = False

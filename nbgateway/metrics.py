@@ -284,9 +284,15 @@ class Metrics:
         counter.inc()
 
     def forget_client(self, name: str) -> None:
-        """Drop a removed client's series (label values stay bounded to registered names)."""
+        """Drop a removed client's series (label values stay bounded to registered names).
+
+        Multiprocess files cannot drop a series: with `--workers` a removed client's counts
+        stay in /metrics (no longer growing) until the workers restart.
+        """
         for key in [k for k in self._client_children if k[0] == name]:
             del self._client_children[key]
+            if self.multiprocess:
+                continue
             try:
                 self.client_requests.remove(*key[:2], str(key[2]))
             except KeyError:

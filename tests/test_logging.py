@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -72,6 +73,7 @@ def capture_logs() -> Iterator[LogCapture]:
         logger.propagate = propagate
     access.disabled = access_disabled
     logging.getLogger("nbgateway.access").setLevel(logging.NOTSET)
+    logging.captureWarnings(False)
 
 
 AcmeLogs = Callable[..., Awaitable[io.StringIO]]
@@ -607,3 +609,51 @@ def test_other_libraries_warnings_are_redacted_lines_in_the_chosen_format(
     assert record["message"].startswith("Failed to restore the pool connection floor")
     assert "ConnectionRefusedError" in lines[0]
     assert secret not in stream.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_warning_names_its_exception_in_one_line_an_error_keeps_the_traceback(
+    capture_logs: LogCapture, fmt: str
+) -> None:
+    """asyncpg's pool retrying through a database restart logs a WARNING with exc_info: one
+    line naming the exception (scrubbed); an ERROR with exc_info keeps its traceback."""
+    redactor = Redactor()
+    secret = "pg-password-CANARY-88bb"
+    redactor.add(secret)
+    stream = capture_logs(redactor, fmt=fmt)
+    library = logging.getLogger("asyncpg.pool")
+    try:
+        raise ConnectionRefusedError(f"connect to postgresql://u:{secret}@db failed")
+    except ConnectionRefusedError:
+        library.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+    [line] = stream.getvalue().splitlines()
+    assert "Traceback" not in line
+    assert "ConnectionRefusedError: connect to postgresql://u:" in line
+    assert secret not in line
+    if fmt == "json":
+        assert json.loads(line)["exception"].startswith("ConnectionRefusedError: ")
+    else:
+        assert "[exception=ConnectionRefusedError: " in line
+
+    stream.seek(0)
+    stream.truncate()
+    try:
+        raise ValueError("unexpected")
+    except ValueError:
+        logging.getLogger("nbgateway.proxy").error("broke", exc_info=True)
+    assert "Traceback (most recent call last)" in stream.getvalue()
+
+
+def test_python_warnings_become_lines_in_the_chosen_format(capture_logs: LogCapture) -> None:
+    """A library's warnings.warn (prometheus_client's multiprocess notice, say) is a log line
+    in NBGW_LOG_FORMAT, not raw text on stderr."""
+    with warnings.catch_warnings():  # puts pytest's and the interpreter's display back after
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)  # start from the interpreter's own warning display
+        stream = capture_logs(Redactor(), fmt="json")
+        warnings.warn("Removal of labels has not been implemented", UserWarning, stacklevel=1)
+    [line] = stream.getvalue().splitlines()
+    doc = json.loads(line)
+    assert doc["logger"] == "py.warnings"
+    assert doc["level"] == "warning"
+    assert "UserWarning: Removal of labels has not been implemented" in doc["message"]

@@ -326,9 +326,11 @@ def test_a_key_removed_with_the_cli_is_refused_by_every_worker_at_once(
 ) -> None:
     """`nbgateway clients remove` while two workers serve with the key: the first request on
     each worker after the command returns is refused (the contract's "at once, in every
-    process"), with no second to wait for the background sync."""
+    process"), with no second to wait for the background sync. Every log line stays in
+    NBGW_LOG_FORMAT (no raw Python warning about multiprocess metrics), and the removed
+    client's counts stay in /metrics, no longer growing, until the gateway restarts."""
     seed(env, fake)
-    env = {**env, "NBGW_CLIENT_AUTH": "required"}
+    env = {**env, "NBGW_CLIENT_AUTH": "required", "NBGW_LOG_FORMAT": "json"}
     gateway = start(processes, env)
     added = run_command([sys.executable, "-m", "nbgateway", "clients", "add", "tool"], env=env)
     assert added.returncode == 0, added.stderr
@@ -345,6 +347,13 @@ def test_a_key_removed_with_the_cli_is_refused_by_every_worker_at_once(
         assert (answer.status, answer.headers["X-NBGW-Error"]) == (401, "client_key_invalid")
     one.close()
     two.close()
+    series = f"nbgw_client_requests_total{{account={SLUG},client=tool,code=200}}"
+    assert gateway.metrics()[1][series] == 2
+    gateway.process.stop()
+    lines = gateway.process.output().splitlines()
+    assert lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
 
 
 def test_a_removed_account_reads_gone_in_every_worker(
