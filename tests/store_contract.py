@@ -1019,6 +1019,23 @@ class TestRotateKeys:
         assert beta is not None
         assert beta.refresh_token == token_set(clock, "b").refresh_token
 
+    async def test_rotation_reports_a_damaged_row_under_the_first_key(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """A row already under the first key but damaged is still reported (rotate-key run
+        again, or with the current key alone, must not call a damaged database fine)."""
+        await store.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+        await store.save_tokens("beta", token_set(clock, "b"), EventKind.CONNECTED)
+        damaged = bytearray(await backend.column("acme", "refresh_token"))
+        damaged[-1] ^= 0x01
+        await backend.set_column("acme", "refresh_token", bytes(damaged))
+        before = await backend.row("acme")
+        report = await store.rotate_keys()
+        assert report.changed == 0
+        assert len(report.skipped) == 1
+        assert "'acme'" in report.skipped[0] and "refresh_token" in report.skipped[0]
+        assert await backend.row("acme") == before
+
     async def test_rotation_keeps_generation_and_events(
         self, backend: Backend, clock: FakeClock, key: str, other_key: str
     ) -> None:

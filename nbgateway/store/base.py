@@ -487,6 +487,21 @@ class Sealer:
             refresh_token=self.open(row["refresh_token"], info.slug, "refresh_token"),
         )
 
+    def resealed(self, row: Row) -> dict[str, bytes]:
+        """The token columns of an account row to store again under the first key.
+
+        Every column is opened, whichever key sealed it, so a damaged one raises
+        (DecryptError/CorruptRecordError) rather than passing unseen because it needs no
+        re-encryption; only those sealed by another key are sealed again.
+        """
+        slug = row["slug"]
+        updates: dict[str, bytes] = {}
+        for name in ("access_token", "refresh_token"):
+            secret = self.open(row[name], slug, name)
+            if secret is not None and self.cipher.needs_rotation(bytes(row[name])):
+                updates[name] = self.seal(secret, slug, name)
+        return updates
+
     def check_row(self, row: Row) -> None:
         """Raise unless every encrypted column of an account row opens."""
         self.account(row)

@@ -890,7 +890,8 @@ class PostgresStore:
     # -- maintenance ----------------------------------------------------------------------
 
     async def rotate_keys(self) -> RotationReport:
-        """Re-encrypt every value not sealed by the first key; unreadable rows are skipped."""
+        """Re-encrypt every value not sealed by the first key; unreadable rows (under any
+        key) are skipped and reported."""
         changed = 0
         skipped: list[str] = []
         async with self._write(None) as conn:
@@ -899,15 +900,8 @@ class PostgresStore:
             )
             for row in rows:
                 slug = row["slug"]
-                updates: dict[str, bytes] = {}
                 try:
-                    for name in ("access_token", "refresh_token"):
-                        blob = row[name]
-                        if blob is not None and self._cipher.needs_rotation(blob):
-                            plain = self._cipher.decrypt(blob, slug=slug, field=name)
-                            updates[name] = self._cipher.encrypt(
-                                plain.reveal(), slug=slug, field=name
-                            )
+                    updates = self._sealer.resealed(row)
                 except (DecryptError, CorruptRecordError, TypeError, ValueError) as exc:
                     skipped.append(f"account {slug!r}: {exc}")
                     continue
