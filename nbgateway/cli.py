@@ -238,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         "list",
         parents=[common],
         help="name, nations, read-only, created, last used",
-        description="List the registered tools. Never prints a key.",
+        description=(
+            "List the registered tools. Never prints a key: the KEY column is a hint "
+            "(nbgw_ and the first characters of its public lookup id) to tell keys apart."
+        ),
     )
     client_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     client_remove = cl.add_parser(
