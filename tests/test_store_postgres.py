@@ -323,3 +323,33 @@ async def test_change_hint_is_unsure_while_the_listener_stalls(
         async with asyncio.timeout(PROMPTLY):
             while store.change_hint() < 0:  # noqa: ASYNC110 - polled API
                 await asyncio.sleep(0.05)
+
+
+async def test_a_lock_connection_closed_by_the_server_is_named_as_lost(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """The server ends the refresh lock's session (a restart, pg_terminate_backend) while a
+    refresh holds it: storing the new pair raises StoreUnavailable saying the connection
+    was lost, not asyncpg's "released back to the pool"; the stored row is unchanged and
+    the account can be locked and written again afterwards."""
+    async with open_store(pg_url, clock, key) as store:
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as lock:
+            await lock.begin_refresh()
+            await fetchval(
+                pg_url,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND state IS NOT NULL",
+            )
+            await asyncio.sleep(0.2)  # the client notices the closed socket
+            with pytest.raises(StoreUnavailable) as info:
+                await lock.save_tokens(token_set(clock, "2"))
+        message = str(info.value)
+        assert "the connection to the database was lost" in message
+        assert "released back to the pool" not in message
+        stored = await store.get_account("acme")
+        assert stored is not None and stored.refresh_token == token_set(clock, "1").refresh_token
+        async with store.refresh_lock("acme") as lock:
+            saved = await lock.save_tokens(token_set(clock, "3"))
+        assert saved.refresh_token == token_set(clock, "3").refresh_token

@@ -207,6 +207,8 @@ _INFO_COLUMNS = ", ".join(INFO_FIELDS)
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
 
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *DRIVER_ERRORS)
+# What asyncpg says when a pooled connection was closed under its holder.
+_RELEASED = "connection has been released back to the pool"
 
 # Generic only in the type stubs, so the alias is a string.
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -376,6 +378,10 @@ class PostgresStore:
     # -- errors ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
+        if isinstance(exc, asyncpg.exceptions.InterfaceError) and _RELEASED in str(exc):
+            # asyncpg's words for a pooled connection the server closed under it (a restart,
+            # a terminated backend): nothing was handed back by the gateway.
+            return "the connection to the database was lost (closed by the server)"
         text = str(exc) or type(exc).__name__
         if self._password:
             text = text.replace(self._password, "***")
