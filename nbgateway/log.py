@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -89,7 +90,8 @@ class RedactingFormatter(logging.Formatter):
             exc = record.exc_info[1]
             record = logging.makeLogRecord(record.__dict__)
             record.exc_info, record.exc_text = None, None
-            extras["exception"] = f"{type(exc).__name__}: {exc}"
+            if exc is not None:
+                extras["exception"] = one_line(f"{type(exc).__name__}: {exc}")
         if self.json_lines:
             doc: dict[str, Any] = {
                 "ts": round(record.created, 6),
@@ -314,6 +316,26 @@ def access_handler(logger: logging.Logger) -> LogHandler | None:
     return handler
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks (and runs of blanks) as single spaces."""
+    return " ".join(text.split())
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` while the gateway's logging is configured: one WARNING line
+    on the `py.warnings` logger (the name `logging.captureWarnings` uses)."""
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (%s:%s)", category.__name__, one_line(str(message)), filename, lineno
+    )
+
+
 def configure_logging(
     redactor: Redactor,
     *,
@@ -343,9 +365,9 @@ def configure_logging(
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)
     # aiohttp's own access log would print raw query strings; ours is redacted.
     logging.getLogger("aiohttp.access").disabled = True
-    # Python warnings (a library's UserWarning, a DeprecationWarning) as log records, in
-    # NBGW_LOG_FORMAT, instead of raw lines on stderr.
-    logging.captureWarnings(True)
+    # Python warnings (a library's UserWarning, a DeprecationWarning) as one-line log
+    # records in NBGW_LOG_FORMAT, instead of raw lines on stderr.
+    warnings.showwarning = _log_warning
     # Per-record facts nobody reads here; skipping them keeps an access line cheap
     # (finding the caller's frame alone costs more than formatting the line).
     logging.logThreads = False

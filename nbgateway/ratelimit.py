@@ -168,6 +168,7 @@ class _Budget:
     answered: bool = False  # an answer has been seen (with or without headers)
     in_flight: int = 0
     reports: int = 0  # answers and failures reported so far
+    grants: int = 0  # slots given so far
     queues: dict[str, deque[_Waiter]] = field(default_factory=dict)
     queued: int = 0
     timer: TimerHandle | None = None
@@ -267,7 +268,7 @@ class RateLimiter:
             raise self._refusal(known_wait)
 
         started = self._clock.monotonic()
-        reports = b.reports
+        progress = (b.reports, b.grants)
         waiter = _Waiter(client, asyncio.get_running_loop().create_future())
         queue = b.queues.setdefault(client, deque())
         if replay:
@@ -279,7 +280,7 @@ class RateLimiter:
         def on_timeout() -> None:
             if not waiter.future.done():
                 self._remove(b, waiter)
-                waiter.future.set_exception(self._timed_out(b, reports))
+                waiter.future.set_exception(self._timed_out(b, progress))
 
         deadline = self._later(self._timeout, on_timeout)
         self._dispatch(b)
@@ -329,9 +330,13 @@ class RateLimiter:
             headers={"Retry-After": str(retry)},
         )
 
-    def _timed_out(self, b: _Budget, reports: int) -> GatewayError:
-        """Why a waiter that joined after `reports` reports gives up at its timeout."""
-        if b.in_flight and b.reports == reports:
+    def _timed_out(self, b: _Budget, progress: tuple[int, int]) -> GatewayError:
+        """Why a waiter that joined at `progress` (reports, grants) gives up at its timeout.
+
+        Upstream's fault only when the same requests were in flight for the whole wait,
+        none of them answered: nothing reported and nothing granted since it joined (a
+        grant means the queue moved: the budget, not the upstream, held the rest)."""
+        if b.in_flight and (b.reports, b.grants) == progress:
             return UpstreamTimeout(
                 f"NationBuilder answered none of the {b.in_flight} request(s) in flight to "
                 f"this nation while this one waited NBGW_RATE_QUEUE_TIMEOUT "
@@ -390,6 +395,7 @@ class RateLimiter:
 
     def _grant(self, b: _Budget) -> None:
         b.in_flight += 1
+        b.grants += 1
         if b.remaining is not None:
             b.remaining -= 1
         if b.local and b.reset_at is None and b.period is not None:

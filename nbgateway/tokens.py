@@ -723,8 +723,9 @@ class TokenManager:
         A failure (an admin's "Refresh now", a refresh on the request path) sets a backoff
         and the admin page promises a retry when it ends; `refresh_due` alone would wait
         until the token nears expiry. A further failure backs off longer (up to the cap);
-        success, or another process having refreshed meanwhile (the stored generation is
-        no longer the one that failed), ends the backoff: that pair is not refreshed again.
+        success, or another process having refreshed meanwhile (a newer generation with no
+        error: not this process's own keeping of a rotated refresh token whose answer it
+        refused), ends the backoff: that pair is not refreshed again.
         """
         now = self._clock.now()
         ended = {slug: s for slug, s in self._backoff.items() if s.next_attempt_at <= now}
@@ -735,7 +736,7 @@ class TokenManager:
             state = ended.get(info.slug)
             if state is None or info.status is not AccountStatus.ACTIVE:
                 continue
-            if info.generation != state.generation:
+            if info.generation != state.generation and info.last_error is None:
                 log.info(
                     "refreshed by another process during the backoff; not retried",
                     extra={"account": info.slug},

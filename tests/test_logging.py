@@ -52,6 +52,7 @@ def capture_logs() -> Iterator[LogCapture]:
     }
     access = logging.getLogger("aiohttp.access")
     access_disabled = access.disabled
+    showwarning = warnings.showwarning
     installed: list[logging.Handler] = []
 
     def install(redactor: Redactor, fmt: str = "json", access_log: bool = True) -> io.StringIO:
@@ -73,7 +74,7 @@ def capture_logs() -> Iterator[LogCapture]:
         logger.propagate = propagate
     access.disabled = access_disabled
     logging.getLogger("nbgateway.access").setLevel(logging.NOTSET)
-    logging.captureWarnings(False)
+    warnings.showwarning = showwarning
 
 
 AcmeLogs = Callable[..., Awaitable[io.StringIO]]
@@ -616,24 +617,29 @@ def test_a_warning_names_its_exception_in_one_line_an_error_keeps_the_traceback(
     capture_logs: LogCapture, fmt: str
 ) -> None:
     """asyncpg's pool retrying through a database restart logs a WARNING with exc_info: one
-    line naming the exception (scrubbed); an ERROR with exc_info keeps its traceback."""
+    line naming the exception (scrubbed, its own line breaks flattened); a warning logged
+    with exc_info outside an exception adds nothing; an ERROR keeps its traceback."""
     redactor = Redactor()
     secret = "pg-password-CANARY-88bb"
     redactor.add(secret)
     stream = capture_logs(redactor, fmt=fmt)
     library = logging.getLogger("asyncpg.pool")
     try:
-        raise ConnectionRefusedError(f"connect to postgresql://u:{secret}@db failed")
+        raise ConnectionRefusedError(f"connect to postgresql://u:{secret}@db failed\nDETAIL: x")
     except ConnectionRefusedError:
         library.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
-    [line] = stream.getvalue().splitlines()
-    assert "Traceback" not in line
-    assert "ConnectionRefusedError: connect to postgresql://u:" in line
-    assert secret not in line
+    library.warning("nothing raised here", exc_info=True)
+    first, second = stream.getvalue().splitlines()
+    assert "Traceback" not in first
+    assert "ConnectionRefusedError: connect to postgresql://u:" in first
+    assert "failed DETAIL: x" in first
+    assert secret not in first
+    assert "exception=" not in second and "NoneType" not in second
     if fmt == "json":
-        assert json.loads(line)["exception"].startswith("ConnectionRefusedError: ")
+        assert json.loads(first)["exception"].startswith("ConnectionRefusedError: ")
+        assert "exception" not in json.loads(second)
     else:
-        assert "[exception=ConnectionRefusedError: " in line
+        assert "[exception=ConnectionRefusedError: " in first
 
     stream.seek(0)
     stream.truncate()
@@ -644,16 +650,22 @@ def test_a_warning_names_its_exception_in_one_line_an_error_keeps_the_traceback(
     assert "Traceback (most recent call last)" in stream.getvalue()
 
 
-def test_python_warnings_become_lines_in_the_chosen_format(capture_logs: LogCapture) -> None:
-    """A library's warnings.warn (prometheus_client's multiprocess notice, say) is a log line
-    in NBGW_LOG_FORMAT, not raw text on stderr."""
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_python_warnings_become_one_line_in_the_chosen_format(
+    capture_logs: LogCapture, fmt: str
+) -> None:
+    """A library's warnings.warn (prometheus_client's multiprocess notice, say) is one log
+    line in NBGW_LOG_FORMAT, naming the category, the message and where it was raised,
+    not raw text (with the source line) on stderr."""
     with warnings.catch_warnings():  # puts pytest's and the interpreter's display back after
         warnings.simplefilter("always")
-        logging.captureWarnings(False)  # start from the interpreter's own warning display
-        stream = capture_logs(Redactor(), fmt="json")
-        warnings.warn("Removal of labels has not been implemented", UserWarning, stacklevel=1)
+        stream = capture_logs(Redactor(), fmt=fmt)
+        warnings.warn("Removal of labels has not\nbeen implemented", UserWarning, stacklevel=1)
     [line] = stream.getvalue().splitlines()
-    doc = json.loads(line)
-    assert doc["logger"] == "py.warnings"
-    assert doc["level"] == "warning"
-    assert "UserWarning: Removal of labels has not been implemented" in doc["message"]
+    expected = "UserWarning: Removal of labels has not been implemented (" + __file__ + ":"
+    if fmt == "json":
+        doc = json.loads(line)
+        assert (doc["logger"], doc["level"]) == ("py.warnings", "warning")
+        assert doc["message"].startswith(expected)
+    else:
+        assert " WARNING py.warnings: " + expected in line

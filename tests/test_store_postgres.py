@@ -330,7 +330,7 @@ async def test_a_lock_connection_closed_by_the_server_is_named_as_lost(
 ) -> None:
     """The server ends the refresh lock's session (a restart, pg_terminate_backend) while a
     refresh holds it: storing the new pair raises StoreUnavailable saying the connection
-    was lost, not asyncpg's "released back to the pool"; the stored row is unchanged and
+    was lost (not only asyncpg's "released back to the pool"); the stored row is unchanged and
     the account can be locked and written again afterwards."""
     async with open_store(pg_url, clock, key) as store:
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
@@ -346,8 +346,7 @@ async def test_a_lock_connection_closed_by_the_server_is_named_as_lost(
             with pytest.raises(StoreUnavailable) as info:
                 await lock.save_tokens(token_set(clock, "2"))
         message = str(info.value)
-        assert "the connection to the database was lost" in message
-        assert "released back to the pool" not in message
+        assert "the connection to the database was lost (cannot call" in message
         stored = await store.get_account("acme")
         assert stored is not None and stored.refresh_token == token_set(clock, "1").refresh_token
         async with store.refresh_lock("acme") as lock:

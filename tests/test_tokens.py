@@ -630,6 +630,28 @@ class TestTransientFailures:
         assert bearer(fake_nb.api_requests[-1]) == stored
         assert len(fake_nb.token_requests) == 2
 
+    async def test_backoff_retry_still_runs_after_keeping_a_rotated_token_here(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """This process's refused answer (NationBuilder rotated, but the answer is unusable)
+        stores the rotated refresh token, a newer generation with an error: its backoff
+        retry still runs, and succeeds with that token."""
+        await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"token_type": "mac"})
+        assert await fetch(gateway) == 503
+        assert len(fake_nb.token_requests) == 1
+
+        clock.advance(2.0)  # past a first failure's backoff
+        assert await gateway.tokens.retry_after_backoff() == [SLUG]
+        assert len(fake_nb.token_requests) == 2
+        assert gateway.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
+        assert await fetch(gateway) == 200
+
 
 class TestCache:
     async def test_valid_cached_token_touches_neither_sqlite_nor_the_cipher(

@@ -378,11 +378,12 @@ class PostgresStore:
     # -- errors ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        if isinstance(exc, asyncpg.exceptions.InterfaceError) and _RELEASED in str(exc):
-            # asyncpg's words for a pooled connection the server closed under it (a restart,
-            # a terminated backend): nothing was handed back by the gateway.
-            return "the connection to the database was lost (closed by the server)"
         text = str(exc) or type(exc).__name__
+        if isinstance(exc, asyncpg.exceptions.InterfaceError) and _RELEASED in text:
+            # asyncpg's words for a pooled connection the server closed under its holder (a
+            # restart, a terminated backend); they are kept, as the same words also follow
+            # a use after release.
+            text = f"the connection to the database was lost ({text})"
         if self._password:
             text = text.replace(self._password, "***")
         return text
