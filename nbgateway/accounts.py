@@ -74,6 +74,14 @@ def _import_refusal(existing: AccountInfo) -> str:
     return f"{slug!r} is already connected with a working token; to replace it, {remove}"
 
 
+def _callback_text(text: str, limit: int) -> str:
+    """Text from the callback's query (anyone can send one) made safe to show and log:
+    printable, on one line, at most `limit` characters."""
+    printable = "".join(c if c.isprintable() else " " for c in text)
+    flat = " ".join(printable.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 class AccountService:
     """Admin operations on accounts; every admin surface calls these."""
 
@@ -186,6 +194,7 @@ class AccountService:
         state: str,
         code: str | None,
         error: str | None,
+        error_description: str | None = None,
         binding: str = "",
     ) -> str:
         """Complete the flow from the callback's query. Returns the connected slug.
@@ -200,15 +209,22 @@ class AccountService:
             raise AuthorizationFailed("state", str(exc)) from None
         slug = pending.slug
         if error:
-            reason = "denied" if error == "access_denied" else "exchange"
-            message = (
-                "authorization was declined on NationBuilder"
-                if reason == "denied"
-                else "NationBuilder reported an error instead of authorizing"
+            if error == "access_denied":
+                raise AuthorizationFailed(
+                    "denied", "authorization was declined on NationBuilder", slug
+                )
+            said = _callback_text(error, 64)
+            detail = _callback_text(error_description or "", 300)
+            raise AuthorizationFailed(
+                "refused",
+                f"NationBuilder answered with the error {said!r}"
+                + (f" ({detail})" if detail else ""),
+                slug,
             )
-            raise AuthorizationFailed(reason, message, slug)
         if not code:
-            raise AuthorizationFailed("exchange", "the callback carried no code", slug)
+            raise AuthorizationFailed(
+                "incomplete", "NationBuilder's answer carried neither a code nor an error", slug
+            )
         try:
             tokens = await self._oauth.exchange_code(slug, code, pending.code_verifier)
         except OAuthError as exc:

@@ -202,9 +202,16 @@ async def callback(request: web.Request) -> web.StreamResponse:
             state=query.get("state", ""),
             code=query.get("code"),
             error=query.get("error"),
+            error_description=query.get("error_description"),
             binding=binding,
         )
     except AuthorizationFailed as exc:
+        # A trace for the operator (a misconfigured app, a forged or stale link); the
+        # query string itself (the code, the state) is never logged.
+        log.warning(
+            "authorization callback refused",
+            extra={"account": exc.slug, "reason": exc.reason, "error": str(exc)},
+        )
         return await renderer(request, exc.slug, exc)
     return await renderer(request, slug, None)
 

@@ -101,7 +101,9 @@ class OAuthError(NBGatewayError):
 
 
 class AuthorizationFailed(NBGatewayError):
-    """Connecting a nation failed; `reason` is denied, state, exchange or invalid."""
+    """Connecting a nation failed; `reason` is denied (the Deny button), refused
+    (NationBuilder answered another OAuth error), incomplete (neither code nor error),
+    state, exchange (the code exchange failed) or invalid (an import refused)."""
 
     def __init__(self, reason: str, message: str, slug: str | None = None) -> None:
         super().__init__(message)

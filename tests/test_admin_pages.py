@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -577,6 +578,60 @@ class TestConnect:
         assert status == 400
         assert "NationBuilder did not hand over the tokens" in text
         assert "Try again: connect acme" in text
+        assert await gateway.accounts.list_accounts() == []
+
+    @pytest.mark.parametrize(
+        ("error", "description"),
+        [
+            ("invalid_scope", "The requested scope is invalid, unknown, or malformed."),
+            ("server_error", None),
+        ],
+    )
+    async def test_an_oauth_error_is_named_and_logged(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        fake_nb: FakeNationBuilder,
+        caplog: pytest.LogCaptureFixture,
+        error: str,
+        description: str | None,
+    ) -> None:
+        """NationBuilder answering with an OAuth error other than access_denied: the page
+        names the error (and its description) without claiming access was granted, and the
+        log has a warning with the account and the reason, never the state."""
+        callback = URL(await consent(fake_nb, await start(admin, "acme"), "approve"))
+        state = callback.query["state"]
+        query = {"state": state, "error": error}
+        if description:
+            query["error_description"] = description
+        with caplog.at_level(logging.WARNING, logger="nbgateway"):
+            status, text, _ = await admin.get(str(callback.with_query(query)))
+        assert status == 400
+        page = html.unescape(text)
+        assert "NationBuilder refused the authorization" in page
+        assert f"NationBuilder answered with the error '{error}'" in page
+        if description:
+            assert f"({description})" in page
+        assert "was granted" not in text
+        assert await gateway.accounts.list_accounts() == []
+        [record] = [r for r in caplog.records if r.getMessage() == "authorization callback refused"]
+        assert (record.account, record.reason) == ("acme", "refused")  # type: ignore[attr-defined]
+        assert error in record.error  # type: ignore[attr-defined]
+        assert state not in repr(record.__dict__)
+
+    async def test_a_callback_with_neither_code_nor_error_is_incomplete(
+        self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A valid state but no code and no error: said as such, not "granted"."""
+        callback = URL(await consent(fake_nb, await start(admin, "acme"), "approve"))
+        status, text, _ = await admin.get(
+            str(callback.with_query({"state": callback.query["state"]}))
+        )
+        assert status == 400
+        page = html.unescape(text)
+        assert "NationBuilder's answer is incomplete" in page
+        assert "neither a code nor an error" in page
+        assert "was granted" not in text
         assert await gateway.accounts.list_accounts() == []
 
     async def test_state_is_bound_to_the_session_that_started_it(

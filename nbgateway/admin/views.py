@@ -311,6 +311,20 @@ def callback_explanation(error: Exception, message: str) -> tuple[str, str]:
             "once, for 10 minutes, in the browser session that started it. Nothing was "
             "stored; start again from the accounts page.",
         )
+    if reason == "refused":
+        return (
+            "NationBuilder refused the authorization",
+            f"{message}. invalid_scope, unauthorized_client or invalid_request point at the "
+            "app's settings on NationBuilder (its client id, redirect URI or scopes) or at "
+            "NBGW_CLIENT_ID and NBGW_PUBLIC_URL; server_error and temporarily_unavailable "
+            "usually pass: try again. Nothing was stored.",
+        )
+    if reason == "incomplete":
+        return (
+            "NationBuilder's answer is incomplete",
+            f"{message}, so there is nothing to exchange for tokens. Start again from the "
+            "accounts page. Nothing was stored.",
+        )
     if reason == "exchange":
         return (
             "NationBuilder did not hand over the tokens",
