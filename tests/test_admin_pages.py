@@ -323,6 +323,41 @@ class TestCsrf:
         assert status == 403
         assert len(await gateway.accounts.list_accounts()) == 1
 
+    @pytest.mark.parametrize(
+        ("body", "content_type"),
+        [
+            (b"--xx\r\nbroken", "multipart/form-data; boundary=xx"),
+            (
+                b"--xx\r\nContent-Disposition: form-data; name=a\r\n\r\nv",
+                "multipart/form-data; boundary=xx",
+            ),
+            (b"\xff\xfe=1", "application/x-www-form-urlencoded; charset=utf-8"),
+        ],
+        ids=["bad-part-header", "truncated", "not-utf-8"],
+    )
+    @pytest.mark.parametrize("path", ["/connect/login", "/connect/accounts"])
+    async def test_a_body_that_is_no_form_is_a_400_page_without_a_traceback(
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        caplog: pytest.LogCaptureFixture,
+        path: str,
+        body: bytes,
+        content_type: str,
+    ) -> None:
+        """A malformed form body (logged in or not) gets the HTML error page with 400 and
+        nothing is logged above a warning; the session and the login throttle are as before."""
+        with caplog.at_level(logging.INFO):
+            status, text, headers = await admin.request(
+                "POST", path, data=body, headers={"Content-Type": content_type}
+            )
+        assert status == 400
+        assert headers["Content-Type"].startswith("text/html")
+        assert "the form could not be read" in text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert await gateway.accounts.list_accounts() == []
+        assert (await admin.get("/connect"))[0] == 200  # still logged in
+
 
 class TestAccountsPage:
     async def test_shows_status_expiry_refresh_and_events(

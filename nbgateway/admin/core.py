@@ -25,13 +25,14 @@ from urllib.parse import urlsplit
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
 from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
 from nbgateway.config import Settings
-from nbgateway.errors import GatewayError, StoreError, store_failure
+from nbgateway.errors import GatewayError, InvalidRequest, StoreError, store_failure
 from nbgateway.middleware import error_response, router_error
 from nbgateway.models import AccountInfo, AccountStatus
 
@@ -259,8 +260,7 @@ class AdminCore:
         session = await self.session_of(request, check_revoked=check_revoked)
         if session is None:
             return self.to_login()
-        form = await request.post()
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        fields = await read_form(request)
         if not hmac.compare_digest(fields.get("csrf", "").encode(), session.csrf.encode()):
             log.warning(
                 "admin form refused: missing or wrong CSRF token", extra={"path": request.path}
@@ -270,6 +270,19 @@ class AdminCore:
 
     async def stylesheet(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.css, content_type="text/css")
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """The text fields of a POSTed form; InvalidRequest (400, the HTML error page) for a
+    body that cannot be read as one (a truncated multipart body, a bad encoding)."""
+    try:
+        form = await request.post()
+    except (ValueError, HttpProcessingError):
+        raise InvalidRequest(
+            "the form could not be read; send it from the page (or as "
+            "application/x-www-form-urlencoded in UTF-8)"
+        ) from None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 _ADMIN_SERVED = "there is no admin page at this address; the admin pages start at /connect"

@@ -15,7 +15,7 @@ import secrets
 from aiohttp import web
 
 from nbgateway import admin_api, keys
-from nbgateway.admin.core import SESSION_COOKIE, SESSION_TTL, AdminCore
+from nbgateway.admin.core import SESSION_COOKIE, SESSION_TTL, AdminCore, read_form
 from nbgateway.admin.views import span
 from nbgateway.errors import StoreError
 
@@ -67,8 +67,7 @@ class LoginPages:
                 headers={"Retry-After": str(wait)},
                 error=f"Too many wrong admin tokens from your address. Try again in {span(wait)}.",
             )
-        form = await request.post()
-        token = form.get("token")
+        token = (await read_form(request)).get("token")
         if not isinstance(token, str) or not admin_api.admin_token_matches(request, token):
             await throttle.failed(client, now)
             log.warning("admin login failed: wrong token", extra={"peer": client})
