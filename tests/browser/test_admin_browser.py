@@ -25,6 +25,14 @@ from procs import (
 from nbgateway.models import EventKind
 
 CHROMIUM = "/usr/bin/chromium"
+# The elements reaching past the viewport's right edge (outside any scrolling box).
+WIDER_THAN_VIEW = """
+[...document.querySelectorAll("body *")]
+  .filter(e => e.getBoundingClientRect().right > window.innerWidth
+    && !e.closest(".table-wrap"))
+  .slice(0, 5)
+  .map(e => e.tagName + "." + e.className + " " + Math.round(e.getBoundingClientRect().right))
+"""
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -311,9 +319,25 @@ def admin_flow(servers: Servers, tmp_path: Path) -> None:
             reauthorize = card.get_by_role("button", name="Re-authorize acme")
             expect(reauthorize).to_be_visible()
             shot("needs-reauth")
-            page.set_viewport_size({"width": 390, "height": 800})  # a phone
-            shot("phone-needs-reauth")
+            for width in (390, 320):  # phones: nothing scrolls sideways, Log out is in view
+                page.set_viewport_size({"width": width, "height": 800})
+                for name, url in (
+                    ("nation", nation_page),
+                    ("nations", f"{servers.gateway}/connect"),
+                ):
+                    page.goto(url)
+                    shot(
+                        "phone-needs-reauth"
+                        if (width, name) == (390, "nation")
+                        else f"phone-{width}-{name}"
+                    )
+                    wide = page.evaluate("document.documentElement.scrollWidth")
+                    beyond = page.evaluate(WIDER_THAN_VIEW)
+                    assert wide <= width, f"{url} is {wide} px wide at {width} px: {beyond}"
+                    box = page.get_by_role("button", name="Log out").bounding_box()
+                    assert box is not None and box["x"] + box["width"] <= width, (url, width)
             page.set_viewport_size({"width": 1024, "height": 760})
+            page.goto(nation_page)
 
             # Re-authorize through the consent page: active again.
             reauthorize.click()
