@@ -14,8 +14,6 @@ from nbgateway.clock import iso_utc
 from nbgateway.errors import (
     AccountNotFound,
     AuthorizationFailed,
-    CorruptRecordError,
-    DecryptError,
     OAuthError,
     ReauthorizationRequired,
     StateError,
@@ -74,6 +72,18 @@ def _import_refusal(existing: AccountInfo) -> str:
     return f"{slug!r} is already connected with a working token; to replace it, {remove}"
 
 
+def _checked(info: AccountInfo, problems: dict[str, str]) -> AccountInfo:
+    """`info`, marked UNREADABLE with the problem when its row is among `problems`."""
+    problem = problems.get(info.slug)
+    if problem is None or info.status is AccountStatus.UNREADABLE:
+        return info
+    return dataclasses.replace(
+        info,
+        status=AccountStatus.UNREADABLE,
+        last_error=f"the stored credentials cannot be read: {problem}",
+    )
+
+
 def _callback_text(text: str, limit: int) -> str:
     """Text from the callback's query (anyone can send one) made safe to show and log:
     printable, on one line, at most `limit` characters."""
@@ -97,21 +107,11 @@ class AccountService:
 
     async def list_accounts(self) -> list[AccountInfo]:
         """Every account; one whose stored tokens do not decrypt is shown as UNREADABLE with
-        the problem as its error (the store's listing decrypts nothing, so check here)."""
-        return [await self._checked(info) for info in await self._store.list_accounts()]
-
-    async def _checked(self, info: AccountInfo) -> AccountInfo:
-        if info.status is AccountStatus.UNREADABLE:
-            return info
-        try:
-            await self._store.get_account(info.slug)
-        except (DecryptError, CorruptRecordError) as exc:
-            return dataclasses.replace(
-                info,
-                status=AccountStatus.UNREADABLE,
-                last_error=f"the stored credentials cannot be read: {exc}",
-            )
-        return info
+        the problem as its error (the store's listing decrypts nothing, so check here: two
+        queries, whatever the number of accounts)."""
+        infos = await self._store.list_accounts()
+        problems = await self._store.unreadable_accounts()
+        return [_checked(info, problems) for info in infos]
 
     async def get(self, slug: str) -> AccountInfo:
         info = await self._find(slug)
@@ -123,7 +123,7 @@ class AccountService:
         """The account `slug` as `list_accounts` shows it, or None when none is stored."""
         for info in await self._store.list_accounts():
             if info.slug == slug:
-                return await self._checked(info)
+                return _checked(info, await self._store.unreadable_accounts(slug))
         return None
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:

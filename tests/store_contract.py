@@ -944,6 +944,25 @@ class TestEncryptionAtRest:
         with pytest.raises(DecryptError, match="access_token"):
             await store.get_account("acme")
 
+    async def test_unreadable_accounts_names_each_bad_row_once(
+        self, store: TokenStore, clock: FakeClock, backend: Backend
+    ) -> None:
+        """unreadable_accounts() maps every account whose tokens do not open to the problem
+        (all of them, or the one asked for); readable ones are not in it."""
+        for slug in ("acme", "beta", "gamma"):
+            await store.save_tokens(slug, token_set(clock, slug), EventKind.CONNECTED)
+        await backend.set_column("beta", "access_token", b"\xde\xad\xbe\xef")
+        damaged = bytearray(await backend.column("gamma", "refresh_token"))
+        damaged[-1] ^= 0x01
+        await backend.set_column("gamma", "refresh_token", bytes(damaged))
+        problems = await store.unreadable_accounts()
+        assert sorted(problems) == ["beta", "gamma"]
+        assert "access_token" in problems["beta"] and "refresh_token" in problems["gamma"]
+        assert await store.unreadable_accounts("gamma") == {"gamma": problems["gamma"]}
+        assert await store.unreadable_accounts("acme") == {}
+        assert await store.unreadable_accounts("nobody") == {}
+        assert sorted(await store.verify()) == sorted(problems.values())
+
     async def test_verify_healthy_store(self, store: TokenStore, clock: FakeClock) -> None:
         """verify() reports nothing when every row decrypts."""
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)

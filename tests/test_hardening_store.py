@@ -236,6 +236,28 @@ class TestCorruptRows:
         assert rows["beta"]["status"] == "active"
         assert "nbfake-" not in done.stdout + done.stderr
 
+    async def test_the_listing_reads_every_account_at_once(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Listing many nations (every admin page) checks their rows in one query, never
+        one read per account: get_account is not called, the damaged row is still found."""
+        for i in range(12):
+            await connect_account(gateway, f"nation-{i}")
+        corrupt_refresh_token(database_of(gateway), "nation-7")
+
+        def per_account(*_args: object) -> None:
+            raise AssertionError("the listing must not read accounts one by one")
+
+        monkeypatch.setattr(gateway.store, "get_account", per_account)
+        listed = await api_accounts(gateway)
+        assert len(listed) == 12
+        assert [s for s, a in listed.items() if a["status"] == "unreadable"] == ["nation-7"]
+        assert (await gateway.accounts.get("nation-7")).status.value == "unreadable"
+        assert (await gateway.accounts.get("nation-3")).status.value == "active"
+
     async def test_row_with_an_unknown_status_does_not_hide_the_others(
         self, gateway: Gateway, connect_account: ConnectAccount
     ) -> None:

@@ -2,7 +2,8 @@
 without JavaScript (a GET form filtering by slug); connecting a nation; and where
 NationBuilder's redirect (the OAuth callback) lands a human.
 
-The table costs one store query for the accounts, whatever their number; the requests in the
+The table costs two store queries for the accounts (the listing, and the check that each
+row decrypts), whatever their number; the requests in the
 last hour come from `keys.ACTIVITY` and the rate-limit readings from the optional
 the rate limiter's `snapshot()` (`keys.RATE_LIMITER`).
 """

@@ -58,7 +58,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from nbgateway.clock import Clock
 from nbgateway.crypto import Cipher
-from nbgateway.errors import CorruptRecordError, StoreError
+from nbgateway.errors import CorruptRecordError, DecryptError, StoreError
 from nbgateway.models import (
     Account,
     AccountInfo,
@@ -506,6 +506,16 @@ class Sealer:
         """Raise unless every encrypted column of an account row opens."""
         self.account(row)
 
+    def unreadable(self, rows: Iterable[Row]) -> dict[str, str]:
+        """{slug: problem} for each account row that does not parse or decrypt."""
+        problems: dict[str, str] = {}
+        for row in rows:
+            try:
+                self.check_row(row)
+            except (DecryptError, CorruptRecordError) as exc:
+                problems[str(row["slug"])] = str(exc)
+        return problems
+
     def unknown_key_ids(self, blobs: Sequence[Any]) -> list[str]:
         """Key ids of well-formed ciphertexts that no configured key matches."""
         known = set(self.cipher.key_ids)
@@ -585,6 +595,7 @@ class TokenStore(Protocol):
     ) -> None: ...
     async def consume_state(self, state: str, binding: str) -> PendingAuthorization: ...
     async def rotate_keys(self) -> RotationReport: ...
+    async def unreadable_accounts(self, slug: str | None = None) -> dict[str, str]: ...
     async def verify(self) -> list[str]: ...
     async def ping(self) -> None: ...
     async def check_writable(self) -> None: ...

@@ -946,17 +946,24 @@ class PostgresStore:
                 )
         return RotationReport(changed, skipped)
 
+    async def unreadable_accounts(self, slug: str | None = None) -> dict[str, str]:
+        """{slug: problem} for every account (or just `slug`) whose row does not parse or
+        decrypt: one query, however many accounts."""
+        with self._errors("cannot be read"):
+            if slug is None:
+                rows = await self.pool.fetch(
+                    f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY slug"
+                )
+            else:
+                rows = await self.pool.fetch(
+                    f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE slug = $1", slug
+                )
+        return self._sealer.unreadable(rows)
+
     async def verify(self) -> list[str]:
         """Try to decrypt every account and read every event, client key and audit entry;
         return one plain message per unreadable row."""
-        with self._errors("cannot be read"):
-            rows = await self.pool.fetch(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY slug")
-        problems: list[str] = []
-        for row in rows:
-            try:
-                self._sealer.check_row(row)
-            except (DecryptError, CorruptRecordError) as exc:
-                problems.append(str(exc))
+        problems = list((await self.unreadable_accounts()).values())
         for table, fields, parse in (
             ("events", EVENT_FIELDS, event_from_row),
             ("clients", CLIENT_FIELDS, client_from_row),

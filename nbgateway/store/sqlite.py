@@ -886,17 +886,23 @@ class SQLiteStore:
                 )
         return RotationReport(changed, skipped)
 
+    async def unreadable_accounts(self, slug: str | None = None) -> dict[str, str]:
+        """{slug: problem} for every account (or just `slug`) whose row does not parse or
+        decrypt: one query, however many accounts."""
+        where, params = ("WHERE slug = ?", (slug,)) if slug is not None else ("", ())
+        try:
+            async with self.conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts {where} ORDER BY slug", params
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+        return self._sealer.unreadable(rows)
+
     async def verify(self) -> list[str]:
         """Try to decrypt every account and read every event, client key and audit entry;
         return one plain message per unreadable row."""
-        problems: list[str] = []
-        async with self.conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts") as cur:
-            rows = await cur.fetchall()
-        for row in rows:
-            try:
-                self._sealer.check_row(row)
-            except (DecryptError, CorruptRecordError) as exc:
-                problems.append(str(exc))
+        problems = list((await self.unreadable_accounts()).values())
         for table, fields, parse in (
             ("events", EVENT_FIELDS, event_from_row),
             ("clients", CLIENT_FIELDS, client_from_row),
