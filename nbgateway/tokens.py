@@ -326,7 +326,12 @@ class TokenManager:
             if issued is not None:
                 return issued
         if slug in self._needs_reauth:
-            raise self._reauth_error(slug)
+            # Re-authorized in another process a moment ago? Its commit moved the change
+            # counter before this process's next sync round: look now (a cheap check).
+            with contextlib.suppress(StoreError):  # the store away: the 401 stands
+                await self.sync()
+            if slug in self._needs_reauth:
+                raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
         if backing_off and not force:
             # Keep using a still-valid token without touching the store meanwhile.

@@ -848,6 +848,26 @@ class TestSync:
         assert await fetch(a) == 200
         assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
 
+    async def test_a_reconnect_elsewhere_is_seen_by_the_next_request_at_once(
+        self,
+        pair: tuple[Gateway, Gateway],
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """A knows the account needs re-authorization; B reconnects it. A's very next
+        request is served (no 401 until A's next sync round), with B's new token."""
+        a, b = pair
+        fake_nb.fail_token("invalid_grant")
+        with pytest.raises(ReauthorizationRequired):
+            await b.accounts.refresh(SLUG)
+        await a.tokens.sync()
+        assert (await a.client.get(ME)).status == 401
+
+        issued = await connect_account(b, SLUG)
+        assert await fetch(a) == 200  # no sync in between
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+        assert a.metric(NEEDS_REAUTH, account=SLUG) == 0
+
     async def test_sync_is_cheap_when_nothing_changed(self, pair: tuple[Gateway, Gateway]) -> None:
         """sync() reports no reload when no process committed since the last look."""
         a, _b = pair
