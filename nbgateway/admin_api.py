@@ -105,7 +105,7 @@ async def start_connect(request: web.Request) -> web.Response:
     await require_bearer(request)
     try:
         body = await request.json(loads=json.loads)
-    except ValueError:
+    except (ValueError, LookupError):  # not JSON, not UTF-8, or an unknown charset
         raise InvalidRequest('send a JSON body like {"nation": "my-nation"}') from None
     nation = body.get("nation") if isinstance(body, dict) else None
     if not isinstance(nation, str):
@@ -148,7 +148,7 @@ async def add_client(request: web.Request) -> web.Response:
     usage = 'send a JSON body like {"name": "sync-job", "nations": ["acme"], "read_only": true}'
     try:
         body = await request.json(loads=json.loads)
-    except ValueError:
+    except (ValueError, LookupError):  # not JSON, not UTF-8, or an unknown charset
         raise InvalidRequest(usage) from None
     if not isinstance(body, dict) or not isinstance(body.get("name"), str):
         raise InvalidRequest(usage)

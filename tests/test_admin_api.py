@@ -259,6 +259,25 @@ class TestStartConnect:
         assert resp.headers["X-NBGW-Error"] == "invalid_request"
         assert_json_api_error(await resp.json(content_type=None), 400, "invalid_request")
 
+    @pytest.mark.parametrize("path", [API, "/connect/api/clients"])
+    @pytest.mark.parametrize(
+        "content_type",
+        ["application/json; charset=bogus", "application/json; charset=utf-16"],
+        ids=["unknown-charset", "wrong-charset"],
+    )
+    async def test_a_body_in_an_unreadable_charset_is_invalid_request(
+        self, gateway: Gateway, admin_headers: dict[str, str], path: str, content_type: str
+    ) -> None:
+        """A JSON body declared in a charset that is unknown or does not decode: 400
+        invalid_request, not a 500."""
+        resp = await gateway.client.post(
+            path,
+            data=b'{"nation": "acme", "name": "t"}',
+            headers={**admin_headers, "Content-Type": content_type},
+        )
+        assert resp.status == 400
+        assert resp.headers["X-NBGW-Error"] == "invalid_request"
+
 
 class TestCallback:
     async def test_full_flow_connects_the_nation(

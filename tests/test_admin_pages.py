@@ -332,8 +332,26 @@ class TestCsrf:
                 "multipart/form-data; boundary=xx",
             ),
             (b"\xff\xfe=1", "application/x-www-form-urlencoded; charset=utf-8"),
+            (b"token=x", "application/x-www-form-urlencoded; charset=bogus-charset"),
+            (
+                b"--xx\r\nContent-Disposition: form-data; name=a\r\n"
+                b"Content-Transfer-Encoding: bogus\r\n\r\nv\r\n--xx--\r\n",
+                "multipart/form-data; boundary=xx",
+            ),
+            (
+                b"--xx\r\nContent-Disposition: form-data; name=a\r\n"
+                b"Content-Type: text/plain; charset=bogus\r\n\r\nv\r\n--xx--\r\n",
+                "multipart/form-data; boundary=xx",
+            ),
         ],
-        ids=["bad-part-header", "truncated", "not-utf-8"],
+        ids=[
+            "bad-part-header",
+            "truncated",
+            "not-utf-8",
+            "unknown-charset",
+            "unknown-transfer-encoding",
+            "unknown-part-charset",
+        ],
     )
     @pytest.mark.parametrize("path", ["/connect/login", "/connect/accounts"])
     async def test_a_body_that_is_no_form_is_a_400_page_without_a_traceback(

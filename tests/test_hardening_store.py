@@ -278,6 +278,44 @@ class TestCorruptRows:
         assert [i.slug for i in await gateway.store.list_accounts()] == ["acme", "beta"]
         assert (await gateway.store.list_accounts())[0].status is AccountStatus.UNREADABLE
 
+    @pytest.mark.parametrize("value", ["'abc'", "X'FF00'", "9e999"], ids=["text", "blob", "huge"])
+    async def test_a_generation_that_is_no_number_leaves_only_that_row_unreadable(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        browsers: BrowserFactory,
+        encryption_key: str,
+        caplog: pytest.LogCaptureFixture,
+        value: str,
+    ) -> None:
+        """A hand-edited generation cell: the listing (admin API and pages) shows that account
+        unreadable and the rest as they are, its proxied requests get a clear error without
+        a traceback, and `check` names it in one problem line."""
+        await connect_account(gateway, "acme")
+        await connect_account(gateway, "beta")
+        raw_execute(
+            database_of(gateway),
+            f"UPDATE accounts SET generation = {value} WHERE slug = ?",
+            ("acme",),
+        )
+        gateway.tokens.invalidate("acme")
+        listed = await api_accounts(gateway)
+        assert listed["acme"]["status"] == "unreadable", listed["acme"]
+        assert listed["beta"]["status"] == "active"
+        assert (await (await browsers()).get("/connect"))[0] == 200
+        with caplog.at_level(logging.INFO):
+            resp = await gateway.client.get(f"/n/acme{ME}")
+        assert resp.status == 500
+        assert resp.headers["X-NBGW-Error"] == "token_store_error"
+        assert not any(r.exc_info for r in caplog.records)
+        assert (await gateway.client.get(f"/n/beta{ME}")).status == 200
+
+        done = await asyncio.to_thread(cli, gateway, encryption_key, "check")
+        assert done.returncode == 1, done.stdout + done.stderr
+        problems = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
+        assert len(problems) == 1 and "acme" in problems[0], done.stderr
+        assert "Traceback" not in done.stderr
+
     async def test_rotate_key_skips_and_names_a_corrupt_row(
         self, gateway: Gateway, connect_account: ConnectAccount, encryption_key: str
     ) -> None:

@@ -274,10 +274,11 @@ class AdminCore:
 
 async def read_form(request: web.Request) -> dict[str, str]:
     """The text fields of a POSTed form; InvalidRequest (400, the HTML error page) for a
-    body that cannot be read as one (a truncated multipart body, a bad encoding)."""
+    body that cannot be read as one (a truncated multipart body, a bad encoding, an unknown
+    charset or transfer encoding: aiohttp raises ValueError, LookupError, RuntimeError)."""
     try:
         form = await request.post()
-    except (ValueError, HttpProcessingError):
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError):
         raise InvalidRequest(
             "the form could not be read; send it from the page (or as "
             "application/x-www-form-urlencoded in UTF-8)"

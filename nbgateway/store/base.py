@@ -375,16 +375,30 @@ def audit_from_row(row: Row) -> AuditEntry:
     )
 
 
+# What reading a damaged account row raises: a ciphertext that does not open, a column
+# that is not what it should be (text where a number belongs, a number out of range).
+ROW_ERRORS: tuple[type[Exception], ...] = (
+    CorruptRecordError,
+    DecryptError,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
+
+
+def _slug_of(row: Row) -> str:
+    raw = row["slug"]
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
 def listed_info_from_row(row: Row) -> AccountInfo:
     """`info_from_row` for listings: a row whose own columns are corrupt is listed as
     UNREADABLE with the problem as its error, so one bad row does not hide the others."""
     try:
         return info_from_row(row)
-    except (CorruptRecordError, TypeError, ValueError) as exc:
-        raw = row["slug"]
-        slug = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    except ROW_ERRORS as exc:
         return AccountInfo(
-            slug=slug,
+            slug=_slug_of(row),
             status=AccountStatus.UNREADABLE,
             expires_at=None,
             scope="",
@@ -479,7 +493,12 @@ class Sealer:
 
     def account(self, row: Row) -> Account:
         """The account with its tokens decrypted (DecryptError/CorruptRecordError on a bad row)."""
-        info = info_from_row(row)
+        try:
+            info = info_from_row(row)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CorruptRecordError(
+                f"the stored account {_slug_of(row)!r} cannot be read: {exc}"
+            ) from None
         fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(AccountInfo)}
         return Account(
             **fields,
@@ -512,8 +531,8 @@ class Sealer:
         for row in rows:
             try:
                 self.check_row(row)
-            except (DecryptError, CorruptRecordError) as exc:
-                problems[str(row["slug"])] = str(exc)
+            except ROW_ERRORS as exc:
+                problems[_slug_of(row)] = str(exc) or type(exc).__name__
         return problems
 
     def unknown_key_ids(self, blobs: Sequence[Any]) -> list[str]:

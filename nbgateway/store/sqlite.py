@@ -39,7 +39,6 @@ from nbgateway.clock import Clock
 from nbgateway.crypto import Cipher
 from nbgateway.errors import (
     AccountNotFound,
-    CorruptRecordError,
     DecryptError,
     StateError,
     StoreError,
@@ -67,6 +66,7 @@ from nbgateway.store.base import (
     LAST_ERROR_MAX,
     LEASE_RECHECK,
     LOGIN_FAILURES_KEPT,
+    ROW_ERRORS,
     SQLITE_BUSY_TIMEOUT,
     STATE_FIELDS,
     STATES_KEPT,
@@ -849,7 +849,7 @@ class SQLiteStore:
                 slug = row["slug"]
                 try:
                     updates = self._sealer.resealed(row)
-                except (DecryptError, CorruptRecordError, TypeError, ValueError) as exc:
+                except ROW_ERRORS as exc:
                     skipped.append(f"account {slug!r}: {exc}")
                     continue
                 if updates:
@@ -868,7 +868,7 @@ class SQLiteStore:
                     plain = self._cipher.decrypt(
                         row["verifier"], slug=row["slug"], field="code_verifier"
                     )
-                except (DecryptError, CorruptRecordError, TypeError, ValueError):
+                except ROW_ERRORS:
                     # A pending authorization is disposable: drop it rather than keep it
                     # under a key that is being retired.
                     await conn.execute(
