@@ -199,7 +199,8 @@ class AccountService:
     ) -> str:
         """Complete the flow from the callback's query. Returns the connected slug.
 
-        Raises AuthorizationFailed (reason denied, state or exchange); nothing is stored then.
+        Raises AuthorizationFailed (reason denied, refused, incomplete, state or exchange);
+        nothing is stored then.
         """
         if not state:
             raise AuthorizationFailed("state", "the callback carried no state")

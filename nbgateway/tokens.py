@@ -136,6 +136,9 @@ class TokenManager:
         self._inflight: dict[str, tuple[asyncio.Task[IssuedToken], bool]] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._needs_reauth: set[str] = set()
+        # Per account held as needing re-authorization: the store's change hint when its
+        # row was last looked at (`_reauthorized_elsewhere`).
+        self._reauth_hints: dict[str, int] = {}
         # Accounts whose token is being tried for the first time (`first_exchange`).
         self._trying: set[str] = set()
         self._change_counter: int | None = None
@@ -203,6 +206,33 @@ class TokenManager:
         self._cache.pop(slug, None)
         self._backoff.pop(slug, None)
         self._needs_reauth.discard(slug)
+        self._reauth_hints.pop(slug, None)
+
+    async def _reauthorized_elsewhere(self, slug: str) -> bool:
+        """Whether an account held here as needing re-authorization was reconnected (or
+        removed) by another process since this one last looked: the store's change hint
+        first (no I/O that waits), and a read of that one row only when the hint moved,
+        at most once per move. Never a full reload, and nothing is ever marked here, so a
+        late answer cannot undo a reconnect. Any failure keeps the account as it is."""
+        try:
+            hint = self._store.change_hint()
+        except StoreError:
+            return False
+        if self._reauth_hints.get(slug) == hint:
+            return False
+        self._reauth_hints[slug] = hint  # before the read: concurrent requests skip it
+        try:
+            account = await self._store.get_account(slug)
+        except StoreError:  # unavailable, or the row does not read (DecryptError ...)
+            return False
+        if account is not None and account.status is AccountStatus.NEEDS_REAUTH:
+            return False
+        if slug not in self._needs_reauth:
+            return True  # cleared meanwhile (a sync, a reconnect here)
+        self.invalidate(slug)
+        if account is not None:
+            self._metrics.needs_reauth.labels(slug).set(0)
+        return True
 
     async def _single_flight(
         self, slug: str, *, force: bool, stale_generation: int | None
@@ -325,13 +355,8 @@ class TokenManager:
             issued = await self._from_unpersisted(slug, force)
             if issued is not None:
                 return issued
-        if slug in self._needs_reauth:
-            # Re-authorized in another process a moment ago? Its commit moved the change
-            # counter before this process's next sync round: look now (a cheap check).
-            with contextlib.suppress(StoreError):  # the store away: the 401 stands
-                await self.sync()
-            if slug in self._needs_reauth:
-                raise self._reauth_error(slug)
+        if slug in self._needs_reauth and not await self._reauthorized_elsewhere(slug):
+            raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
         if backing_off and not force:
             # Keep using a still-valid token without touching the store meanwhile.

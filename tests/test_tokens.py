@@ -868,6 +868,39 @@ class TestSync:
         assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
         assert a.metric(NEEDS_REAUTH, account=SLUG) == 0
 
+    async def test_requests_to_a_refused_account_do_not_reload_the_store(
+        self,
+        pair: tuple[Gateway, Gateway],
+        fake_nb: FakeNationBuilder,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A flood of requests to an account needing re-authorization: no listing of the
+        accounts, and a read of its row only when the store changed since the last one."""
+        a, b = pair
+        fake_nb.fail_token("invalid_grant")
+        with pytest.raises(ReauthorizationRequired):
+            await b.accounts.refresh(SLUG)
+        await a.tokens.sync()
+        reads: list[str] = []
+        real_get = a.store.get_account
+
+        async def counted_get(slug: str) -> Any:
+            reads.append(slug)
+            return await real_get(slug)
+
+        async def no_listing() -> Any:
+            raise AssertionError("a refused account's request must not list every account")
+
+        monkeypatch.setattr(a.store, "get_account", counted_get)
+        monkeypatch.setattr(a.store, "list_accounts", no_listing)
+        statuses = await asyncio.gather(*(fetch(a) for _ in range(20)))
+        assert statuses == [401] * 20
+        assert len(reads) <= 1
+        await b.store.import_refresh_token("other", Secret("unrelated-CANARY-1"))  # a commit
+        before = len(reads)
+        assert [await fetch(a) for _ in range(5)] == [401] * 5
+        assert len(reads) == before + 1
+
     async def test_sync_is_cheap_when_nothing_changed(self, pair: tuple[Gateway, Gateway]) -> None:
         """sync() reports no reload when no process committed since the last look."""
         a, _b = pair
