@@ -375,3 +375,50 @@ def admin_flow(servers: Servers, tmp_path: Path) -> None:
             browser.close()
 
     assert not [p for p in problems if "Content Security Policy" in p or "Refused" in p], problems
+
+
+LONGEST_SLUG = "a" + "b" * 61 + "c"  # 63 characters, the most a slug may have
+
+
+async def seed_long_slug(servers: Servers) -> None:
+    """One nation with the longest slug, needing re-authorization (the widest pages)."""
+    async with open_store(servers.env) as store:
+        await store.save_tokens(
+            LONGEST_SLUG, token_set(servers.fake.issue_tokens(LONGEST_SLUG)), EventKind.CONNECTED
+        )
+        async with store.refresh_lock(LONGEST_SLUG) as locked:
+            await locked.mark_needs_reauth("the token endpoint answered HTTP 400 (invalid_grant)")
+
+
+def test_the_longest_slug_fits_a_phone(servers: Servers, tmp_path: Path) -> None:
+    """At 390 and 320 px, the nations list, the nation's page and its disconnect page of a
+    63-character slug needing re-authorization do not scroll sideways (the tables scroll in
+    their own boxes), and Log out stays in view."""
+    from playwright.sync_api import sync_playwright
+
+    asyncio.run(seed_long_slug(servers))
+    gw = servers.gateway
+    shots = screenshot_dir(tmp_path)
+    with servers.processes.explained(), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context(viewport={"width": 390, "height": 800}).new_page()
+            login(page, gw)
+            for width in (390, 320):
+                page.set_viewport_size({"width": width, "height": 800})
+                for name, url in (
+                    ("nations", f"{gw}/connect"),
+                    ("nation", f"{gw}/connect/nations/{LONGEST_SLUG}"),
+                    ("disconnect", f"{gw}/connect/accounts/{LONGEST_SLUG}/disconnect"),
+                ):
+                    page.goto(url)
+                    page.screenshot(
+                        path=str(shots / f"long-slug-{width}-{name}.png"), full_page=True
+                    )
+                    wide = page.evaluate("document.documentElement.scrollWidth")
+                    beyond = page.evaluate(WIDER_THAN_VIEW)
+                    assert wide <= width, f"{name} is {wide} px wide at {width} px: {beyond}"
+                    box = page.get_by_role("button", name="Log out").bounding_box()
+                    assert box is not None and box["x"] + box["width"] <= width, (name, width)
+        finally:
+            browser.close()
