@@ -86,6 +86,9 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     "host",
     "authorization",
     "content-length",
+    # Answered by the gateway itself (100 Continue, or a refusal); forwarded, it would make
+    # aiohttp's client wait for an upstream 100 with no timeout before sending the body.
+    "expect",
     NATION_HEADER.lower(),
     CLIENT_KEY_HEADER.lower(),
 }
@@ -94,6 +97,10 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
 _DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
 # Response headers holding a URL that is mapped like the links in a body.
 _LINK_HEADERS = frozenset({"location", "content-location"})
+# The Link header (RFC 8288) holds its URLs in angle brackets: `<url>; rel="next", ...`.
+_LINK_VALUE_URL = re.compile(r"<([^>]*)>")
+# Query parameters are separated by "&", and by ";" for servers that still split on it.
+_QUERY_SEPARATOR = re.compile(r"([&;])")
 _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
@@ -155,7 +162,7 @@ def presented_key(request: web.Request) -> str | None:
         found.add(auth[7:].strip())
     query = request.raw_path.partition("?")[2]
     if KEY_PREFIX in query:
-        for part in query.split("&"):
+        for part in _QUERY_SEPARATOR.split(query)[0::2]:
             name, _, value = part.partition("=")
             if unquote(name).strip().lower() == "access_token" and looks_like_key(unquote(value)):
                 found.add(unquote(value))
@@ -171,20 +178,30 @@ def _listed(connection: str | None) -> frozenset[str]:
     return frozenset(h.strip().lower() for h in connection.split(","))
 
 
+def _map_link_header(value: str, mapper: LinkMapper) -> str:
+    """A Link header with each `<url>` mapped (or kept, when the mapper leaves it)."""
+    return _LINK_VALUE_URL.sub(lambda m: f"<{mapper(m.group(1).strip()) or m.group(1)}>", value)
+
+
 def _is_api_path(path: str) -> bool:
     return path == "/api" or path.startswith(("/api/", "/api?", "/api#"))
 
 
 def _filter_query(query: str) -> str:
-    """Drop every access_token parameter (any case or encoding), keeping all other bytes."""
-    if not query:
+    """Drop every access_token parameter (any case or encoding, after "&" or ";"), keeping
+    all other bytes and separators."""
+    if not query or "access_token" not in unquote(query).lower():
         return query
-    kept = [
-        part
-        for part in query.split("&")
-        if unquote(part.split("=", 1)[0]).strip().lower() != "access_token"
-    ]
-    return "&".join(kept)
+    pieces = _QUERY_SEPARATOR.split(query)  # part, separator, part, ...
+    kept: list[str] = []
+    for i in range(0, len(pieces), 2):
+        part = pieces[i]
+        if unquote(part.split("=", 1)[0]).strip().lower() == "access_token":
+            continue
+        if kept:
+            kept.append(pieces[i - 1])  # the separator that came before this part
+        kept.append(part)
+    return "".join(kept)
 
 
 class Proxy:
@@ -623,6 +640,8 @@ class Proxy:
                 continue
             if lower in _LINK_HEADERS:
                 value = self._link_mapper(request, route)(value.strip()) or value
+            elif lower == "link" and "<" in value:
+                value = _map_link_header(value, self._link_mapper(request, route))
             headers.add(name, value)
 
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()

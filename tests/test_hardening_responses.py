@@ -131,6 +131,33 @@ class TestLocation:
         assert resp.headers[header] == expected.replace("{nation}", fake_nb.nation_url("alpha"))
         assert [r.slug for r in fake_nb.api_requests] == ["alpha"]
 
+    async def test_link_header_urls_are_mapped_like_body_links(
+        self, two_nations: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A Link header (RFC 8288) with pagination URLs into the nation's /api/ leads back
+        through the route the tool used; other URLs and the parameters are kept."""
+        nation = fake_nb.nation_url("alpha")
+        fake_nb.set_canned(
+            status=200,
+            headers=[
+                (
+                    "Link",
+                    f'<{nation}/api/v2/signups?page=2>; rel="next", '
+                    '</api/v2/signups?page=1>; rel="prev", '
+                    '<https://example.invalid/docs>; rel="help"',
+                )
+            ],
+            body=b"{}",
+        )
+        resp = await two_nations.client.get(
+            "/n/alpha/api/_test/canned", headers={"Host": HOST}, allow_redirects=False
+        )
+        assert resp.headers["Link"] == (
+            f'<http://{HOST}/n/alpha/api/v2/signups?page=2>; rel="next", '
+            '</n/alpha/api/v2/signups?page=1>; rel="prev", '
+            '<https://example.invalid/docs>; rel="help"'
+        )
+
     async def test_following_a_relative_redirect_stays_on_the_nation(
         self, two_nations: Gateway, fake_nb: FakeNationBuilder
     ) -> None:

@@ -521,6 +521,10 @@ class TestRequestHeaders:
             ("ACCESS_TOKEN=leak&a=1", "a=1"),
             ("access%5Ftoken=leak&a=1", "a=1"),
             ("Access_Token=leak&access_token=leak2&a=1", "a=1"),
+            # ";" separates parameters too on servers that still split on it (Rack 2).
+            ("limit=10;access_token=leak", "limit=10"),
+            ("access_token=leak;limit=10&page=2", "limit=10&page=2"),
+            ("a=1&b=2;c=3", "a=1&b=2;c=3"),
         ],
     )
     async def test_access_token_parameter_is_dropped(
