@@ -42,6 +42,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from nbgateway import __version__
+from nbgateway.models import RefreshOutcome
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NO_ACCOUNT = "none"
@@ -237,6 +238,7 @@ class Metrics:
         self._client_children: dict[tuple[str, str, int], Counter] = {}
         self._wait_children: dict[str, Histogram] = {}
         self._remaining_children: dict[str, Gauge] = {}
+        self._outcomes_made: set[str] = set()
         self._limit_children: dict[str, Gauge] = {}
         # Proxied requests being served. In one process the gauge reads this count when
         # scraped (a plain integer on the hot path, no lock); with values in per-worker
@@ -327,6 +329,18 @@ class Metrics:
                 gauge = self._limit_children[account] = self.rate_limit_limit.labels(account)
             gauge.set(limit)
 
+    def account_known(self, slug: str) -> None:
+        """Create the account's refresh series, one per outcome, at 0: `increase()` and
+        `rate()` cannot see a series' first sample, so a series born at 1 would hide the
+        first success (the refresh-failing alert would not clear) or the first failure."""
+        if slug in self._outcomes_made:
+            return
+        if len(self._outcomes_made) >= 100_000:
+            self._outcomes_made.clear()  # only a memory of what was made; making is idempotent
+        self._outcomes_made.add(slug)
+        for outcome in RefreshOutcome:
+            self.refresh_total.labels(slug, outcome.value)
+
     def forget_account(self, slug: str) -> None:
         """Drop an account's per-account gauges (after it is removed).
 
@@ -334,6 +348,7 @@ class Metrics:
         reads 0 in every worker (each one's sync notices the removal), the alerts take an
         expiry of 0 for "gone", and the series leave /metrics when the workers restart.
         """
+        self._outcomes_made.discard(slug)
         if self.multiprocess:
             for gauge in self._account_gauges():
                 gauge.labels(slug).set(0)

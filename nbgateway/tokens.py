@@ -703,6 +703,7 @@ class TokenManager:
             self._metrics.forget_account(slug)
         self._accounts = present
         for info in infos:
+            self._metrics.account_known(info.slug)
             cached = self._cache.get(info.slug)
             if cached is not None and cached.generation != info.generation:
                 self._cache.pop(info.slug, None)

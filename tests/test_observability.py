@@ -27,6 +27,7 @@ from test_docs import CONTRACT_METRICS
 import nbgateway
 from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.models import RefreshOutcome
 from nbgateway.metrics import KNOWN_METHODS, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,6 +292,19 @@ class TestExportedMetrics:
         assert gw.metric("nbgw_access_token_expiry_timestamp_seconds", account="acme") > 0
         assert gw.metric("nbgw_token_refresh_duration_seconds_count", account="acme") == 1
         assert gw.metric("nbgw_proxy_in_flight_requests") == 0
+
+    async def test_refresh_outcomes_start_at_zero_when_an_account_is_connected(
+        self, gateway: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """Every refresh outcome of a connected account is exported at 0 before its first
+        refresh: increase() cannot see a series' first sample, so the first success (which
+        clears NBGatewayRefreshFailing) or failure would otherwise be invisible."""
+        await connect_account(gateway, "acme")
+        for outcome in RefreshOutcome:
+            value = gateway.registry.get_sample_value(
+                "nbgw_token_refresh_total", {"account": "acme", "outcome": outcome.value}
+            )
+            assert value == 0, outcome
 
 
 class TestAccountGauges:
