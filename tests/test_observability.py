@@ -27,8 +27,8 @@ from test_docs import CONTRACT_METRICS
 import nbgateway
 from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
-from nbgateway.models import RefreshOutcome
 from nbgateway.metrics import KNOWN_METHODS, Metrics
+from nbgateway.models import RefreshOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "nbgateway.json"
