@@ -262,8 +262,8 @@ class TestStartConnect:
     @pytest.mark.parametrize("path", [API, "/connect/api/clients"])
     @pytest.mark.parametrize(
         "content_type",
-        ["application/json; charset=bogus", "application/json; charset=utf-16"],
-        ids=["unknown-charset", "wrong-charset"],
+        ["application/json; charset=bogus", "application/json; charset=utf-16", "gzip"],
+        ids=["unknown-charset", "wrong-charset", "not-gzip"],
     )
     async def test_a_body_in_an_unreadable_charset_is_invalid_request(
         self, gateway: Gateway, admin_headers: dict[str, str], path: str, content_type: str
@@ -273,7 +273,9 @@ class TestStartConnect:
         resp = await gateway.client.post(
             path,
             data=b'{"nation": "acme", "name": "t"}',
-            headers={**admin_headers, "Content-Type": content_type},
+            headers={**admin_headers, "Content-Type": content_type}
+            if content_type != "gzip"
+            else {**admin_headers, "Content-Type": "application/json", "Content-Encoding": "gzip"},
         )
         assert resp.status == 400
         assert resp.headers["X-NBGW-Error"] == "invalid_request"

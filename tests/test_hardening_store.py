@@ -278,7 +278,9 @@ class TestCorruptRows:
         assert [i.slug for i in await gateway.store.list_accounts()] == ["acme", "beta"]
         assert (await gateway.store.list_accounts())[0].status is AccountStatus.UNREADABLE
 
-    @pytest.mark.parametrize("value", ["'abc'", "X'FF00'", "9e999"], ids=["text", "blob", "huge"])
+    @pytest.mark.parametrize(
+        "value", ["'abc'", "X'FF00'", "9e999", "1.5"], ids=["text", "blob", "huge", "fraction"]
+    )
     async def test_a_generation_that_is_no_number_leaves_only_that_row_unreadable(
         self,
         gateway: Gateway,

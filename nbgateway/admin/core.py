@@ -27,6 +27,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
@@ -278,7 +279,7 @@ async def read_form(request: web.Request) -> dict[str, str]:
     charset or transfer encoding: aiohttp raises ValueError, LookupError, RuntimeError)."""
     try:
         form = await request.post()
-    except (ValueError, LookupError, RuntimeError, HttpProcessingError):
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError, RequestPayloadError):
         raise InvalidRequest(
             "the form could not be read; send it from the page (or as "
             "application/x-www-form-urlencoded in UTF-8)"

@@ -254,6 +254,15 @@ def _text(value: Any, owner: object, name: str, of: str = "account") -> Any:
     return value
 
 
+def _whole(value: Any, owner: str, name: str) -> int:
+    """A whole-number column (SQLite takes 1.5 or "1" in an INTEGER column)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise CorruptRecordError(f"{name} of account {owner!r} is not a whole number ({value!r})")
+    return value
+
+
 def _required_number(value: Any, owner: str, name: str, of: str) -> float:
     number = _number(value, owner, name, of)
     if number is None:
@@ -307,7 +316,7 @@ def info_from_row(row: Row) -> AccountInfo:
         status=_status(row["status"], slug),
         expires_at=_number(row["expires_at"], slug, "expires_at"),
         scope=_text(row["scope"], slug, "scope") or "",
-        generation=int(row["generation"]),
+        generation=_whole(row["generation"], slug, "generation"),
         last_refresh_at=_number(row["last_refresh_at"], slug, "last_refresh_at"),
         last_error=_text(row["last_error"], slug, "last_error"),
         created_at=created or 0.0,
