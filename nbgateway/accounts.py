@@ -18,6 +18,7 @@ from nbgateway.errors import (
     ReauthorizationRequired,
     StateError,
 )
+from nbgateway.log import one_line
 from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, is_valid_slug
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
@@ -87,8 +88,7 @@ def _checked(info: AccountInfo, problems: dict[str, str]) -> AccountInfo:
 def _callback_text(text: str, limit: int) -> str:
     """Text from the callback's query (anyone can send one) made safe to show and log:
     printable, on one line, at most `limit` characters."""
-    printable = "".join(c if c.isprintable() else " " for c in text)
-    flat = " ".join(printable.split())
+    flat = one_line("".join(c if c.isprintable() else " " for c in text))
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 

@@ -334,9 +334,7 @@ class Metrics:
         `rate()` cannot see a series' first sample, so a series born at 1 would hide the
         first success (the refresh-failing alert would not clear) or the first failure."""
         if slug in self._outcomes_made:
-            return
-        if len(self._outcomes_made) >= 100_000:
-            self._outcomes_made.clear()  # only a memory of what was made; making is idempotent
+            return  # the set holds the accounts seen and not removed since
         self._outcomes_made.add(slug)
         for outcome in RefreshOutcome:
             self.refresh_total.labels(slug, outcome.value)
