@@ -22,7 +22,8 @@
         ├── UpstreamInvalidResponse,
         ├── ClientNotAllowed, RequestTooLarge, InvalidRequest, AdminUnauthorized,
         ├── TooManyAttempts (wrong admin tokens), TooManyConnections (per client address),
-        ├── MethodNotAllowed (TRACE, CONNECT), NotImplementedByGateway (transfer codings)
+        ├── MethodNotAllowed (TRACE, CONNECT), NotImplementedByGateway (transfer codings),
+        ├── ExpectationFailed (an Expect header other than 100-continue)
         └── RateLimited          the nation's rate budget would not free up in time
 
 Messages never contain secret values. `GatewayError` carries its HTTP status and code as
@@ -211,6 +212,10 @@ class MethodNotAllowed(GatewayError):
 
 class NotImplementedByGateway(GatewayError):
     status, code, title = 501, "not_implemented", "Not implemented"
+
+
+class ExpectationFailed(GatewayError):
+    status, code, title = 417, "expectation_failed", "Expectation failed"
 
 
 class TokenStoreError(GatewayError):

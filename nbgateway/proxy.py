@@ -42,6 +42,7 @@ from nbgateway.errors import (
     AccountNotFound,
     ClientKeyInvalid,
     ClientNotAllowed,
+    ExpectationFailed,
     GatewayError,
     InvalidRequest,
     NoAccountSelected,
@@ -276,21 +277,28 @@ class Proxy:
     async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
         """The route's Expect handler: 100 Continue only for a request the gateway would take.
 
-        Refusals here (413 for a declared body over NBGW_MAX_REQUEST_BODY, 403, 501)
-        go out before the client sends its body, and close the connection.
+        Refusals here (413 for a declared body over NBGW_MAX_REQUEST_BODY, 403, 501, 417
+        for an Expect value other than 100-continue) go out before the client sends its
+        body, and close the connection.
         """
+        if request.version < (1, 1):
+            return None  # HTTP/1.0 has no Expect: the header is ignored, as aiohttp does
         try:
             self._refuse_early(request)
+            if request.headers.get("Expect", "").strip().lower() != "100-continue":
+                raise ExpectationFailed(
+                    "the gateway knows no Expect value but 100-continue; send the request "
+                    "without the Expect header"
+                )
         except GatewayError as err:
             response = error_response(err)
             response.headers[REQUEST_ID_HEADER] = request_id_of(request)
             response.force_close()
             return response
-        expect = request.headers.get("Expect", "")
-        if request.version >= (1, 1):
-            if expect.lower() != "100-continue":
-                raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # As aiohttp's own Expect handler does: the interim answer is not the response (a
+        # failure after it must still be answered with an error, not a cut connection).
+        request.writer.output_size = 0
         return None
 
     def route(self, request: web.Request) -> Route:

@@ -696,6 +696,25 @@ class TestExpectContinue:
         # a timeout) before sending the body, and an upstream that sends none would hang it.
         assert "Expect" not in fake_nb.api_requests[0].headers
 
+    async def test_unknown_expectation_is_a_gateway_error(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """An Expect value other than 100-continue gets 417 expectation_failed as a JSON:API
+        error with the request id (not aiohttp's bare text), before the body; nothing goes
+        upstream."""
+        fake_nb.clear_recordings()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(acme))
+        writer.write(
+            request_bytes("POST", ECHO, [("Content-Length", "5"), ("Expect", "something-else")])
+        )
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == 417
+        assert answer.error_code() == "expectation_failed"
+        assert "100-continue" in answer.body.decode()
+        assert "X-Request-ID" in answer.headers
+        assert fake_nb.api_requests == []
+
 
 # ---------------------------------------------------------------------- point 11: allow-lists
 
