@@ -13,16 +13,14 @@ admin pages. They call `AccountService` and `ClientRegistry`, the same code the 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from nbgateway import keys
 from nbgateway.accounts import account_json, check_slug
+from nbgateway.admin.core import read_json
 from nbgateway.clients import audit_json, client_json
 from nbgateway.errors import (
     AdminUnauthorized,
@@ -103,18 +101,9 @@ async def list_accounts(request: web.Request) -> web.Response:
     return _json({"accounts": [account_json(a) for a in accounts]})
 
 
-async def _json_body(request: web.Request, usage: str) -> Any:
-    """The request's JSON body; InvalidRequest saying `usage` when it is not JSON, not in a
-    charset that decodes, or whose Content-Encoding does not decode."""
-    try:
-        return await request.json(loads=json.loads)
-    except (ValueError, LookupError, RequestPayloadError):
-        raise InvalidRequest(usage) from None
-
-
 async def start_connect(request: web.Request) -> web.Response:
     await require_bearer(request)
-    body = await _json_body(request, 'send a JSON body like {"nation": "my-nation"}')
+    body = await read_json(request, 'send a JSON body like {"nation": "my-nation"}')
     nation = body.get("nation") if isinstance(body, dict) else None
     if not isinstance(nation, str):
         raise InvalidRequest('send a JSON body like {"nation": "my-nation"}')
@@ -154,7 +143,7 @@ async def add_client(request: web.Request) -> web.Response:
     """POST {"name": ..., "nations": [...], "read_only": bool} -> the client and its key (once)."""
     await require_bearer(request)
     usage = 'send a JSON body like {"name": "sync-job", "nations": ["acme"], "read_only": true}'
-    body = await _json_body(request, usage)
+    body = await read_json(request, usage)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str):
         raise InvalidRequest(usage)
     nations = body.get("nations", [])

@@ -32,6 +32,11 @@ log = logging.getLogger("nbgateway.server")
 WORKER_HEADER = "X-NBGW-Worker"
 # Pending connections the kernel queues for the listening socket (aiohttp's default).
 BACKLOG = 128
+# How each connection's aiohttp handler reads requests. Bodies reach the handlers exactly
+# as sent: the proxy forwards a compressed body with its Content-Encoding (aiohttp would
+# otherwise inflate it and the upstream request would be labelled gzip yet plain, under
+# the compressed length), and the admin side refuses one (`admin.core.read_form`).
+REQUEST_HANDLER_OPTIONS: dict[str, Any] = {"access_log": None, "auto_decompress": False}
 
 T = TypeVar("T")
 
@@ -133,7 +138,7 @@ async def serving(
     await runner.setup()
     try:
         assert runner.server is not None
-        factory = app[GUARD].protocol_factory(runner.server, access_log=None)
+        factory = app[GUARD].protocol_factory(runner.server, **REQUEST_HANDLER_OPTIONS)
         loop = asyncio.get_running_loop()
         try:
             if sock is None:

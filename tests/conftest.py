@@ -29,6 +29,7 @@ from nbgateway.crypto import generate_key
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import EventKind, TokenSet
 from nbgateway.redact import Redactor, Secret
+from nbgateway.server import REQUEST_HANDLER_OPTIONS
 from nbgateway.store import TokenStore
 from nbgateway.tokens import TokenManager
 
@@ -127,6 +128,15 @@ class Gateway:
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
+async def gateway_client(aiohttp_client: Any, app: web.Application) -> TestClient[Any, Any]:
+    """A test client for a gateway `app`, served with the request-handler options `serve`
+    uses (`server.REQUEST_HANDLER_OPTIONS`)."""
+    server = TestServer(app)
+    await server.start_server(**REQUEST_HANDLER_OPTIONS)
+    client: TestClient[Any, Any] = await aiohttp_client(server)
+    return client
+
+
 @pytest.fixture
 async def gateway_factory(
     aiohttp_client: Any, clock: FakeClock, settings_factory: SettingsFactory
@@ -142,7 +152,7 @@ async def gateway_factory(
         app = create_app(
             s, clock=clock, registry=registry, redactor=redactor, background=background
         )
-        client = await aiohttp_client(app)
+        client = await gateway_client(aiohttp_client, app)
         return Gateway(client=client, app=app, registry=registry, redactor=redactor, settings=s)
 
     return make

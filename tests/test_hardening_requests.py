@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import ipaddress
 import json
 import resource
@@ -190,6 +191,30 @@ async def serve(
     yield start
     for context in reversed(started):
         await context.__aexit__(None, None, None)
+
+
+class TestServedBodies:
+    async def test_a_compressed_body_is_forwarded_as_sent(
+        self, serve: Any, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Served the way `nbgateway serve` does, a gzip request body goes up compressed,
+        under its own length (NationBuilder, here the fake, inflates it to the payload)."""
+        served = await serve()
+        fake_nb.clear_recordings()
+        payload = b'{"data": {"type": "signups"}}' * 40
+        body = gzip.compress(payload)
+        headers = [
+            ("Content-Length", str(len(body))),
+            ("Content-Encoding", "gzip"),
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+        ]
+        answer = await exchange(served.port, request_bytes("POST", ECHO, headers, body))
+        assert answer.status == 200
+        [sent] = fake_nb.api_requests
+        assert sent.headers["Content-Encoding"] == "gzip"
+        assert sent.headers["Content-Length"] == str(len(body))
+        assert sent.body == payload
 
 
 # ---------------------------------------------------------------------- point 5: slowloris

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ConnectAccount, GatewayFactory, SettingsFactory
+from conftest import ConnectAccount, GatewayFactory, SettingsFactory, gateway_client
 from prometheus_client import CollectorRegistry
 
 from nbgateway import keys
@@ -274,7 +274,7 @@ async def test_gateway_sends_the_webhook_when_an_account_needs_reauth(
         background=False,
         on_needs_reauth=lambda slug, reason: seen.append((slug, reason)),
     )
-    client = await aiohttp_client(app)
+    client = await gateway_client(aiohttp_client, app)
 
     await connect_account(SimpleNamespace(store=app[keys.STORE], tokens=app[keys.TOKENS]), "acme")
     fake_nb.revoke("acme")

@@ -181,6 +181,7 @@ class Sink:
             "sha256": digest.hexdigest(),
             "content_length": request.headers.get("Content-Length"),
             "transfer_encoding": request.headers.get("Transfer-Encoding"),
+            "content_encoding": request.headers.get("Content-Encoding"),
         }
         self.uploads.append(record)
         return web.json_response(record)
@@ -624,6 +625,28 @@ class TestBodies:
         assert record["size"] == 4_000_000
         assert record["sha256"] == digest.hexdigest()
         assert record["transfer_encoding"] == "chunked"
+
+    @pytest.mark.parametrize("size", [2_000, 5 * MiB], ids=["buffered", "streamed"])
+    async def test_a_compressed_upload_goes_up_as_sent(
+        self, sink_gateway: tuple[Gateway, Sink], size: int
+    ) -> None:
+        """A gzip request body (within the retry buffer, and above it) is forwarded as sent:
+        the compressed bytes under their own Content-Length and Content-Encoding, which
+        NationBuilder inflates to the payload (it was a 500, the body inflated by the
+        gateway's HTTP parser)."""
+        gw, upstream = sink_gateway
+        payload = bytes(i * 7 % 251 for i in range(size))
+        compressed = gzip.compress(payload)
+        resp = await gw.client.post(
+            "/api/upload",
+            data=compressed,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"},
+        )
+        assert resp.status == 200
+        [record] = upstream.uploads
+        assert record["content_encoding"] == "gzip"
+        assert record["content_length"] == str(len(compressed))
+        assert record["sha256"] == hashlib.sha256(payload).hexdigest()
 
     async def test_large_download_is_streamed_intact(self, acme: Gateway) -> None:
         """A 20 MB download arrives with its length and every byte in order (p % 256)."""

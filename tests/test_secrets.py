@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import CLIENT_ID, Gateway, SettingsFactory
+from conftest import CLIENT_ID, Gateway, SettingsFactory, gateway_client
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -142,7 +142,7 @@ def start_gateway(
         app = create_app(
             settings, clock=clock, registry=registry, redactor=redactor, background=False
         )
-        client = await aiohttp_client(app)
+        client = await gateway_client(aiohttp_client, app)
         return Gateway(
             client=client, app=app, registry=registry, redactor=redactor, settings=settings
         )

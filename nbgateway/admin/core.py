@@ -18,6 +18,7 @@ headers. None of this runs on the proxy path.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from importlib import resources
 from typing import Any
@@ -273,18 +274,39 @@ class AdminCore:
         return web.Response(body=self.css, content_type="text/css")
 
 
+def _content_encoded(request: web.Request) -> bool:
+    """Whether the body says it is compressed. The server hands bodies on as sent
+    (`server.REQUEST_HANDLER_OPTIONS`); an admin body is read only when it is plain."""
+    return request.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity")
+
+
 async def read_form(request: web.Request) -> dict[str, str]:
     """The text fields of a POSTed form; InvalidRequest (400, the HTML error page) for a
-    body that cannot be read as one (a truncated multipart body, a bad encoding, an unknown
-    charset or transfer encoding: aiohttp raises ValueError, LookupError, RuntimeError)."""
+    body that cannot be read as one (compressed, a truncated multipart body, a bad encoding,
+    an unknown charset or transfer encoding: aiohttp raises ValueError, LookupError,
+    RuntimeError)."""
+    usage = (
+        "the form could not be read; send it from the page (or as "
+        "application/x-www-form-urlencoded in UTF-8, uncompressed)"
+    )
+    if _content_encoded(request):
+        raise InvalidRequest(usage)
     try:
         form = await request.post()
     except (ValueError, LookupError, RuntimeError, HttpProcessingError, RequestPayloadError):
-        raise InvalidRequest(
-            "the form could not be read; send it from the page (or as "
-            "application/x-www-form-urlencoded in UTF-8)"
-        ) from None
+        raise InvalidRequest(usage) from None
     return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+async def read_json(request: web.Request, usage: str) -> Any:
+    """The request's JSON body; InvalidRequest saying `usage` when it is compressed, not
+    JSON, or not in a charset that decodes."""
+    if _content_encoded(request):
+        raise InvalidRequest(f"{usage}, uncompressed")
+    try:
+        return await request.json(loads=json.loads)
+    except (ValueError, LookupError, RequestPayloadError):
+        raise InvalidRequest(usage) from None
 
 
 _ADMIN_SERVED = "there is no admin page at this address; the admin pages start at /connect"
