@@ -96,6 +96,11 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
 # Never passed to the client: hop-by-hop, ours to set, or cookies for our origin (the
 # gateway's own /connect session lives there).
 _DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+# Added to every proxied answer. It shares the admin pages' origin: a browser that opens
+# one (an HTML error page of a CDN in front of NationBuilder, say) must not run its scripts
+# with that origin's rights (reading a /connect page's CSRF token and posting a form).
+# Upstream's own policy, if any, still applies beside this one.
+_SANDBOX = "sandbox"
 # Response headers holding a URL that is mapped like the links in a body.
 _LINK_HEADERS = frozenset({"location", "content-location"})
 # The Link header (RFC 8288) holds its URLs in angle brackets: `<url>; rel="next", ...`.
@@ -651,6 +656,9 @@ class Proxy:
             elif lower == "link" and "<" in value:
                 value = _map_link_header(value, self._link_mapper(request, route))
             headers.add(name, value)
+        headers.add("Content-Security-Policy", _SANDBOX)
+        if "X-Content-Type-Options" not in headers:
+            headers["X-Content-Type-Options"] = "nosniff"
 
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()

@@ -76,6 +76,43 @@ class TestCookies:
         assert await resp.read() == b'{"data":[]}'
 
 
+# ---------------------------------------------------------------------- same origin
+
+
+class TestSandbox:
+    @pytest.mark.parametrize("content_type", [V2, "text/html", "text/plain"])
+    async def test_every_proxied_answer_is_sandboxed(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, content_type: str
+    ) -> None:
+        """Proxied answers share the admin pages' origin: each one (rewritten JSON or
+        streamed) carries `Content-Security-Policy: sandbox` and nosniff, so a page among
+        them runs no script there (tests/browser has the attack in Chromium)."""
+        fake_nb.set_canned(headers=[("Content-Type", content_type)], body=b"<b>x</b>")
+        resp = await acme.client.get("/api/_test/canned")
+        assert resp.headers.getall("Content-Security-Policy") == ["sandbox"]
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+    async def test_upstream_policies_stay_beside_the_sandbox(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """Upstream's own policy still applies (a browser enforces each), and its nosniff
+        is not doubled."""
+        fake_nb.set_canned(
+            headers=[
+                ("Content-Type", "text/html"),
+                ("Content-Security-Policy", "default-src 'self'"),
+                ("X-Content-Type-Options", "nosniff"),
+            ],
+            body=b"<b>x</b>",
+        )
+        resp = await acme.client.get("/api/_test/canned")
+        assert sorted(resp.headers.getall("Content-Security-Policy")) == [
+            "default-src 'self'",
+            "sandbox",
+        ]
+        assert resp.headers.getall("X-Content-Type-Options") == ["nosniff"]
+
+
 # ---------------------------------------------------------------------- Location
 
 

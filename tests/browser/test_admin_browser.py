@@ -422,3 +422,54 @@ def test_the_longest_slug_fits_a_phone(servers: Servers, tmp_path: Path) -> None
                     assert box is not None and box["x"] + box["width"] <= width, (name, width)
         finally:
             browser.close()
+
+
+# A page upstream might answer with (an HTML error page of something in front of
+# NationBuilder): its script tries to use the admin pages on the gateway's origin.
+HOSTILE_PAGE = """<!doctype html><title>upstream</title><body><script>
+document.title = "script ran";
+fetch("/connect/nations/victim").then(r => r.text()).then(page => {
+  const csrf = page.match(/name="csrf" value="([^"]+)"/);
+  return fetch("/connect/accounts/victim/disconnect", {method: "POST",
+    headers: {"Content-Type": "application/x-www-form-urlencoded"},
+    body: "csrf=" + encodeURIComponent(csrf ? csrf[1] : "")});
+});
+</script></body>"""
+
+
+def test_a_proxied_html_answer_cannot_use_the_admin_pages(servers: Servers) -> None:
+    """An HTML answer passed through the proxy, opened by a logged-in admin, runs no script
+    (it is sandboxed: Content-Security-Policy: sandbox), so it cannot read a /connect page
+    and post its form from the gateway's origin."""
+    from playwright.sync_api import sync_playwright
+
+    async def seed() -> None:
+        async with open_store(servers.env) as store:
+            await store.save_tokens(
+                "victim", token_set(servers.fake.issue_tokens("victim")), EventKind.CONNECTED
+            )
+
+    asyncio.run(seed())
+    servers.fake.control(
+        action="canned",
+        status=200,
+        headers=[["Content-Type", "text/html; charset=utf-8"]],
+        body=HOSTILE_PAGE,
+    )
+    gw = servers.gateway
+    with servers.processes.explained(), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_context().new_page()
+            login(page, gw)
+            page.goto(f"{gw}/n/victim/api/_test/canned")
+            page.wait_for_timeout(1500)  # what the script would have needed for both fetches
+            assert page.title() == "upstream"  # the page itself is shown, its script not run
+        finally:
+            browser.close()
+
+    async def still_there() -> bool:
+        async with open_store(servers.env) as store:
+            return any(a.slug == "victim" for a in await store.list_accounts())
+
+    assert asyncio.run(still_there())
