@@ -482,15 +482,28 @@ def _split_url(env: str, raw: str, *, shown: str) -> SplitResult:
     return parts
 
 
+# A base URL's path: RFC 3986 path characters but ";" (a cookie's Path attribute would end
+# there, and servers split path parameters on it), or a %XX escape.
+_URL_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,=:@/-]|%[0-9A-Fa-f]{2})*")
+
+
 def _parse_url(env: str, raw: str) -> str:
-    """An http(s) base URL: scheme, host, optional port and path; no query or fragment."""
+    """An http(s) base URL: scheme, host, optional port and path; no query or fragment.
+    Returned with scheme and host in lower case (as they compare), without a final "/"."""
     if "@" in urlsplit(raw).netloc:
         # Not echoed: what precedes the @ may be a password.
         raise _fail(env, "the URL contains a user name or password")
     parts = _split_url(env, raw.replace("{slug}", "slug"), shown=repr(raw))
     if parts.query or parts.fragment or raw.endswith("?") or "#" in raw:
         raise _fail(env, f"{raw!r} has a query or fragment; give a base URL")
-    return raw.rstrip("/")
+    if not _URL_PATH.fullmatch(parts.path):
+        raise _fail(
+            env,
+            f"{raw!r} has a path with characters a URL path cannot hold as they are "
+            "(spaces, quotes, <>, ; or a lone %); percent-encode them",
+        )
+    written = urlsplit(raw)  # {slug} kept where it was
+    return f"{parts.scheme}://{written.netloc.lower()}{written.path}".rstrip("/")
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

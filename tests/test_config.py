@@ -189,6 +189,10 @@ BAD_VALUES: dict[str, list[str]] = {
         "https://gw.example.org/?x=1",
         "https://gw.example.org/#top",
         "https://user:SECRETCANARY@gw.example.org",
+        "https://gw.example.org/a;b",
+        'https://gw.example.org/a"b',
+        "https://gw.example.org/<nbgw>",
+        "https://gw.example.org/100%",
     ],
     "NBGW_DATABASE": [
         ".",
@@ -212,6 +216,7 @@ BAD_VALUES: dict[str, list[str]] = {
         "https://{slug}.nationbuilder.com:0",
         "https://{slug}.nation builder.com",
         "https://{slug}.nationbuilder.com/?x=1",
+        "https://example.org/{slug};v=1",
     ],
     "NBGW_DEFAULT_ACCOUNT": ["Not_A_Slug", "acme nation", "-acme"],
     "NBGW_REFRESH_MARGIN": ["soon", "-5", "90000", "3601", "1.5", "nan"],
@@ -333,6 +338,21 @@ class TestEnvironment:
         settings = load_settings({**BASE, "NBGW_LISTEN": "0.0.0.0:9000"})
         assert settings.public_url == "http://0.0.0.0:9000"
         assert settings.redirect_uri == "http://0.0.0.0:9000/connect/callback"
+
+    def test_url_scheme_and_host_compare_in_lower_case(self) -> None:
+        """`HTTPS://GW.Example.org/NBGW` is https (the admin cookies are Secure) on host
+        gw.example.org; the path keeps its case, and {slug} stays a placeholder."""
+        settings = load_settings(
+            {
+                **BASE,
+                "NBGW_PUBLIC_URL": "HTTPS://GW.Example.org/NBGW/",
+                "NBGW_NATION_URL": "HTTP://{slug}.Nations.Example:8081/X",
+            }
+        )
+        assert settings.public_url == "https://gw.example.org/NBGW"
+        assert settings.secure_cookies
+        assert settings.redirect_uri == "https://gw.example.org/NBGW/connect/callback"
+        assert settings.nation_base("acme") == "http://acme.nations.example:8081/X"
 
     def test_empty_variable_means_default(self) -> None:
         """An empty optional variable (as an env file leaves it) gives the default."""
