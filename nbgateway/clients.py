@@ -105,8 +105,13 @@ def make_record(
     return ClientRecord(info, key_id, salt, hash_key(value, salt))
 
 
+def is_valid_name(name: str) -> bool:
+    """Whether `name` can be a client's name."""
+    return bool(_NAME_RE.fullmatch(name)) and name != ANONYMOUS
+
+
 def check_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name) or name == ANONYMOUS:
+    if not is_valid_name(name):
         raise ValueError(
             "a client name is 1-64 letters, digits, dots, dashes or underscores, starting "
             f"with a letter or digit (and not {ANONYMOUS!r})"

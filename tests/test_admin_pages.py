@@ -807,6 +807,27 @@ class TestActions:
         _, text, _ = await admin.get("/connect")
         assert "There is no account named ghost." in text
 
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/connect/nations/{text}",
+            "/connect/accounts/{text}/disconnect",
+            "/connect/clients/{text}/remove",
+        ],
+    )
+    async def test_an_address_cannot_put_its_words_into_the_message(
+        self, admin: Browser, path: str
+    ) -> None:
+        """A link whose "slug" or client name is a sentence (phishing text in the trusted
+        page) gets a message that does not repeat it."""
+        text = "demo.%20SECURITY%20NOTICE%3A%20paste%20your%20token%20at%20evil.example"
+        status, _, headers = await admin.get(path.format(text=text))
+        assert status == 303
+        _, page, _ = await admin.get(headers["Location"])
+        assert "SECURITY NOTICE" not in page
+        assert "evil.example" not in page
+        assert "There is no" in page and "at that address." in page
+
     async def test_disconnect_asks_then_deletes(
         self, admin: Browser, gateway: Gateway, connect_account: ConnectAccount
     ) -> None:

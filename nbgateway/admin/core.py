@@ -33,10 +33,11 @@ from aiohttp.web_protocol import RequestPayloadError
 from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
+from nbgateway.clients import is_valid_name
 from nbgateway.config import Settings
 from nbgateway.errors import GatewayError, InvalidRequest, StoreError, store_failure
 from nbgateway.middleware import error_response, router_error
-from nbgateway.models import AccountInfo, AccountStatus
+from nbgateway.models import AccountInfo, AccountStatus, is_valid_slug
 
 log = logging.getLogger("nbgateway.admin")
 
@@ -166,13 +167,20 @@ class AdminCore:
         if kind == "failed":
             return "error", f"Refreshing {slug} failed: {message.get('detail', '')}"
         if kind == "missing":
+            # The slug came from the address: only a well-formed one is repeated, so a link
+            # cannot put its own words into the page.
+            if not is_valid_slug(slug):
+                return "error", "There is no account at that address."
             return "error", f"There is no account named {slug}."
         if kind == "disconnected":
             return "ok", f"Disconnected {slug}. Its tokens were deleted."
         if kind == "client_removed":
             return "ok", f"Removed the client key {message.get('name', '')}. It no longer works."
         if kind == "client_missing":
-            return "error", f"There is no client key named {message.get('name', '')}."
+            name = str(message.get("name", ""))
+            if not is_valid_name(name):  # from the address, like a missing account's slug
+                return "error", "There is no client key at that address."
+            return "error", f"There is no client key named {name}."
         if kind == "logged_out":
             return "ok", "You are logged out."
         return "ok", ""
