@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from typing import Any
@@ -258,6 +259,25 @@ class TestStartConnect:
         assert resp.status == 400
         assert resp.headers["X-NBGW-Error"] == "invalid_request"
         assert_json_api_error(await resp.json(content_type=None), 400, "invalid_request")
+
+    @pytest.mark.parametrize("path", [API, "/connect/api/clients"])
+    async def test_json_nested_too_deep_is_invalid_request(
+        self,
+        gateway: Gateway,
+        admin_headers: dict[str, str],
+        path: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """100,000 nested arrays (deeper than Python's JSON parser goes): 400
+        invalid_request, not a 500 with a RecursionError traceback in the log."""
+        resp = await gateway.client.post(
+            path,
+            data=b"[" * 100_000 + b"]" * 100_000,
+            headers={**admin_headers, "Content-Type": "application/json"},
+        )
+        assert resp.status == 400
+        assert resp.headers["X-NBGW-Error"] == "invalid_request"
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
     @pytest.mark.parametrize("path", [API, "/connect/api/clients"])
     @pytest.mark.parametrize(

@@ -308,12 +308,13 @@ async def read_form(request: web.Request) -> dict[str, str]:
 
 async def read_json(request: web.Request, usage: str) -> Any:
     """The request's JSON body; InvalidRequest saying `usage` when it is compressed, not
-    JSON, or not in a charset that decodes."""
+    JSON (or nested too deep to parse), or not in a charset that decodes."""
     if _content_encoded(request):
         raise InvalidRequest(f"{usage}, uncompressed")
     try:
         return await request.json(loads=json.loads)
-    except (ValueError, LookupError, RequestPayloadError):
+    except (ValueError, LookupError, RecursionError, RequestPayloadError):
+        # RecursionError: nested deeper than Python's parser goes ([[[[...]]]]).
         raise InvalidRequest(usage) from None
 
 
