@@ -230,7 +230,10 @@ class AccountService:
             tokens = await self._oauth.exchange_code(slug, code, pending.code_verifier)
         except OAuthError as exc:
             raise AuthorizationFailed(
-                "exchange", f"exchanging the authorization code failed: {exc}", slug
+                "exchange",
+                f"exchanging the authorization code failed: {exc}",
+                slug,
+                outcome=exc.outcome,
             ) from None
         await self._store.save_tokens(slug, tokens, EventKind.CONNECTED)
         await self._tokens.account_changed(slug)

@@ -228,4 +228,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/clients", add_client)
     app.router.add_delete("/api/clients/{name}", remove_client)
     app.router.add_get("/api/audit", audit_trail)
-    app.router.add_get("/callback", callback)
+    # Not HEAD as well (aiohttp's default): a HEAD would use up the state and exchange the
+    # code, and the GET that follows would be refused.
+    app.router.add_get("/callback", callback, allow_head=False)

@@ -104,12 +104,21 @@ class OAuthError(NBGatewayError):
 class AuthorizationFailed(NBGatewayError):
     """Connecting a nation failed; `reason` is denied (the Deny button), refused
     (NationBuilder answered another OAuth error), incomplete (neither code nor error),
-    state, exchange (the code exchange failed) or invalid (an import refused)."""
+    state, exchange (the code exchange failed; `outcome` says how) or invalid (an import
+    refused)."""
 
-    def __init__(self, reason: str, message: str, slug: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        slug: str | None = None,
+        *,
+        outcome: RefreshOutcome | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.slug = slug
+        self.outcome = outcome
 
 
 class TokenUnavailable(NBGatewayError):

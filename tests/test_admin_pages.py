@@ -653,17 +653,49 @@ class TestConnect:
         assert status == 400
         assert "this authorization link has expired" in text
 
+    @pytest.mark.parametrize(
+        ("failure", "advice", "not_said"),
+        [
+            ("server_error", "This is often temporary", "app credentials"),
+            ("invalid_grant", "refused the authorization code", "often temporary"),
+            ("invalid_client", "NBGW_CLIENT_SECRET", "often temporary"),
+        ],
+    )
     async def test_failed_code_exchange_is_explained(
-        self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder
+        self,
+        admin: Browser,
+        gateway: Gateway,
+        fake_nb: FakeNationBuilder,
+        failure: str,
+        advice: str,
+        not_said: str,
     ) -> None:
-        """A token endpoint failure during the exchange lands on a page saying so."""
+        """A token endpoint failure during the exchange lands on a page saying so, with
+        advice that fits it: a refused code or refused app credentials are not called
+        temporary."""
         callback = await consent(fake_nb, await start(admin, "acme"), "approve")
-        fake_nb.fail_token("server_error")
+        fake_nb.fail_token(failure)
         status, text, _ = await admin.get(callback)
         assert status == 400
         assert "NationBuilder did not hand over the tokens" in text
+        assert advice in text
+        assert not_said not in text
         assert "Try again: connect acme" in text
         assert await gateway.accounts.list_accounts() == []
+
+    async def test_a_head_request_does_not_use_up_the_callback(
+        self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """HEAD on the callback (a link checker, a prefetch) is 405 and neither exchanges
+        the code nor spends the state: the GET that follows connects the nation."""
+        callback = await consent(fake_nb, await start(admin, "acme"), "approve")
+        status, _, headers = await admin.request("HEAD", callback)
+        assert status == 405
+        assert "GET" in headers["Allow"]
+        assert fake_nb.token_requests == []
+        status, _, headers = await admin.get(callback)
+        assert status == 303
+        assert [a.slug for a in await gateway.accounts.list_accounts()] == ["acme"]
 
     @pytest.mark.parametrize(
         ("error", "description"),
@@ -1038,6 +1070,24 @@ class TestNationPage:
         assert re.search(r"<dt>Connected</dt>\s*<dd><time [^>]*>3 days ago</time>", text)
         assert re.search(r"<dt>Re-authorized</dt>\s*<dd><time [^>]*>just now</time>", text)
 
+    async def test_connecting_again_after_a_disconnect_is_a_connection(
+        self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """Connect, disconnect, connect again: the second is "Connected" (the events of
+        the disconnected connection do not make it a re-authorization)."""
+        assert (await admin.get(await consent(fake_nb, await start(admin, "acme"), "approve")))[
+            0
+        ] == 303
+        clock.advance(60)
+        await admin.submit("/connect/accounts/acme/disconnect")
+        assert await gateway.accounts.list_accounts() == []
+        clock.advance(60)
+        callback = await consent(fake_nb, await start(admin, "acme"), "approve")
+        assert (await admin.get(callback))[0] == 303
+        _, text, _ = await admin.get("/connect/nations/acme")
+        assert "Connected acme." in text
+        assert "Re-authorized" not in text
+
 
 class TestRetryAfterBackoff:
     async def test_failed_refresh_is_retried_when_its_backoff_ends(
@@ -1380,3 +1430,6 @@ def test_a_reauthorization_within_a_second_of_the_first_connection_counts() -> N
     ]
     assert reauthorized_at(info(), again) == 100.5
     assert reauthorized_at(info(), [event(9, EventKind.CONNECTED, 5000.0)]) == 5000.0  # pruned
+    # Events of an earlier connection of the same slug (disconnected since) do not count.
+    earlier_life = [first, event(0, EventKind.REMOVED, 50.0), event(-1, EventKind.CONNECTED, 10.0)]
+    assert reauthorized_at(info(), earlier_life) is None

@@ -757,6 +757,9 @@ class TestAdminAndMetricsAllowLists:
             assert resp.status == 403, path
             assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
             assert "NBGW_ADMIN_ALLOWED_CLIENTS" in await resp.text()
+            # Like every /connect answer (docs/admin.md), the refusal has the headers too.
+            assert resp.headers["X-Frame-Options"] == "DENY", path
+            assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"], path
         resp = await gw.client.get("/metrics")
         assert resp.status == 403
         assert "NBGW_METRICS_ALLOWED_CLIENTS" in await resp.text()

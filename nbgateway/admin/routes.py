@@ -16,7 +16,9 @@ from nbgateway.config import Settings
 def setup(connect: web.Application, settings: Settings) -> AdminCore:
     """Add the HTML pages to `connect` (before it is added to the main app)."""
     core = AdminCore(settings)
-    connect.middlewares.append(security_headers(core))
+    # Outermost: the allow-list's 403 (the middleware the sub-application was made with)
+    # carries the headers too, as every /connect answer does.
+    connect.middlewares.insert(0, security_headers(core))
     nations = NationsPages(core)
     connect[admin_api.CALLBACK_RENDERER] = nations.callback_result
     connect[admin_api.BINDING] = core.binding_of

@@ -16,7 +16,15 @@ from urllib.parse import quote, urlsplit
 
 from nbgateway.clock import utc_datetime
 from nbgateway.errors import AuthorizationFailed
-from nbgateway.models import AccountInfo, AccountStatus, AuditEntry, ClientInfo, Event, EventKind
+from nbgateway.models import (
+    AccountInfo,
+    AccountStatus,
+    AuditEntry,
+    ClientInfo,
+    Event,
+    EventKind,
+    RefreshOutcome,
+)
 
 # "Refreshing soon": the access token expires within the refresh margin plus this.
 SOON_LEAD = 300.0
@@ -241,7 +249,10 @@ def reauthorized_at(info: AccountInfo, events: list[Event]) -> float | None:
     """When the nation was last re-authorized: its newest "connected" event, if that was
     not its first: older events precede it, or it came after the first connection (the
     store keeps `created_at` as the first connection; its older events may be pruned).
-    Not by time alone: a re-authorization can follow the first connection within a second."""
+    Not by time alone: a re-authorization can follow the first connection within a second.
+    Events from before `created_at` (a second back) belong to an earlier connection that
+    was disconnected, and do not count."""
+    events = [e for e in events if e.at >= info.created_at - 1]
     for index, event in enumerate(events):  # newest first
         if event.kind is EventKind.CONNECTED:
             earlier = index + 1 < len(events)
@@ -309,7 +320,8 @@ def callback_explanation(error: Exception, message: str) -> tuple[str, str]:
             "This authorization link cannot be used",
             f"The gateway refused the answer from NationBuilder: {message}. A link works "
             "once, for 10 minutes, in the browser session that started it. Nothing was "
-            "stored; start again from the accounts page.",
+            "stored from this answer; if the link was opened before (a reload, say), the "
+            "nation may be connected already: see the accounts page, or start again there.",
         )
     if reason == "refused":
         return (
@@ -326,9 +338,22 @@ def callback_explanation(error: Exception, message: str) -> tuple[str, str]:
             "accounts page. Nothing was stored.",
         )
     if reason == "exchange":
+        outcome = error.outcome if isinstance(error, AuthorizationFailed) else None
+        if outcome is RefreshOutcome.INVALID_GRANT:
+            advice = (
+                "NationBuilder refused the authorization code: it was used already, has "
+                "expired, or belongs to another request. Start again from the accounts page."
+            )
+        elif outcome is RefreshOutcome.INVALID_CLIENT:
+            advice = (
+                "NationBuilder refused the gateway's app credentials: check NBGW_CLIENT_ID "
+                "and NBGW_CLIENT_SECRET against the app's settings on NationBuilder, then "
+                "start again."
+            )
+        else:
+            advice = "This is often temporary: start again from the accounts page."
         return (
             "NationBuilder did not hand over the tokens",
-            f"The authorization was granted, but {message}. This is often temporary. "
-            "Nothing was stored.",
+            f"The authorization was granted, but {message}. {advice} Nothing was stored.",
         )
     return ("Connecting failed", f"{message}. Nothing was stored.")
