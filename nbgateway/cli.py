@@ -35,6 +35,7 @@ from nbgateway.config import (
     load_settings,
     parse_database,
     same_database,
+    settled_environment,
 )
 from nbgateway.crypto import generate_key
 from nbgateway.errors import (
@@ -49,7 +50,7 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import bind, run, run_until_stopped
+from nbgateway.server import bind, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, store_for
 from nbgateway.store import copy_store
 from nbgateway.workers import MULTIPROC_ENV, Workers
@@ -578,22 +579,22 @@ def _serve(
     if settings.workers == 1:
         run(serve(settings, redactor))
         return EXIT_OK
-    config = [] if args.config is None else ["--config", str(args.config)]
 
     def command(listen_fd: int, parent_fd: int) -> list[str]:
+        # No --config: the file's settings are in the environment (below), as checked now.
         return [
             sys.executable,
             "-m",
             "nbgateway",
             "serve",
-            *config,
             f"--listen-fd={listen_fd}",
             f"--parent-fd={parent_fd}",
         ]
 
     sockets = bind(settings.host, settings.port, settings.workers)
     log.info("nbgateway listening", extra={"listen": f"{settings.host}:{settings.port}"})
-    return Workers(command, env, sockets).run()
+    worker_env = settled_environment(env, args.config)
+    return Workers(command, worker_env, sockets, rejoin=rejoin).run()
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

@@ -672,6 +672,32 @@ class Validation:
     refused: frozenset[str]  # variables whose value was missing or refused
 
 
+def _raw_values(
+    environ: Mapping[str, str], config_file: Path | None
+) -> tuple[dict[str, str], list[str]]:
+    """Each setting's text by variable name, the environment over the TOML file, and one
+    message per problem with the file."""
+    raw: dict[str, str] = {}
+    problems: list[str] = []
+    if config_file is not None:
+        file_values, problems = _read_toml(config_file)
+        raw.update(file_values)
+    for setting in SETTINGS:
+        # An empty variable (as an env file with `NBGW_X=` leaves) does not hide the file.
+        if environ.get(setting.env, "").strip():
+            raw[setting.env] = environ[setting.env]
+    return raw, problems
+
+
+def settled_environment(environ: Mapping[str, str], config_file: Path | None) -> dict[str, str]:
+    """`environ` with the TOML file's settings written in as their variables: the same
+    settings without the file. `serve --workers` hands this to its workers, so each one (a
+    replacement started hours later too) runs the configuration the parent checked, not
+    whatever the file holds by then."""
+    raw, _ = _raw_values(environ, config_file)
+    return {**environ, **raw}
+
+
 def validate_settings(
     environ: Mapping[str, str],
     config_file: Path | None = None,
@@ -683,18 +709,9 @@ def validate_settings(
     Environment wins over the TOML file. Each value is parsed by the function named next to
     its variable below; a parser raises `_fail(env, why)` and never sees another variable.
     """
-    problems: list[str] = []
     refused: set[str] = set()
-    raw: dict[str, str] = {}
-    if config_file is not None:
-        file_values, file_problems = _read_toml(config_file)
-        raw.update(file_values)
-        problems.extend(file_problems)
+    raw, problems = _raw_values(environ, config_file)
     problems.extend(unknown_variables(environ))
-    for setting in SETTINGS:
-        # An empty variable (as an env file with `NBGW_X=` leaves) does not hide the file.
-        if environ.get(setting.env, "").strip():
-            raw[setting.env] = environ[setting.env]
 
     def take(env: str, parse: Callable[[str, str], T]) -> T:
         """The parsed value of `env`; on a problem, record it and use the default."""

@@ -111,6 +111,23 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def rejoin(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
+    """A new socket for the SO_REUSEPORT group on `address` (made by `bind`), bound but not
+    listening: it takes connections only once the worker given it serves on it (asyncio
+    listens then), so a worker that fails to start holds none up."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # as socket.create_server (in `bind`) sets it
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def _name_worker(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[WORKER_HEADER] = str(os.getpid())
 
@@ -164,7 +181,7 @@ async def run_until_stopped(
     sock: socket.socket | None = None,
     parent_fd: int | None = None,
 ) -> None:
-    """Serve `app` on host:port until SIGINT/SIGTERM.
+    """Serve `app` on host:port until SIGINT, SIGTERM or SIGHUP.
 
     `after_start` runs once the port is open; returning False stops at once (the demo's
     self-test), True keeps serving until a signal. A worker passes the inherited listening
@@ -179,6 +196,17 @@ async def run_until_stopped(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def hang_up() -> None:
+        # A closed terminal or ssh session, or a "reload" out of habit: stop gracefully,
+        # as on SIGTERM (a refresh in flight still stores its pair), and say so.
+        log.warning(
+            "SIGHUP received: stopping (nbgateway does not reload its configuration; "
+            "start it again to apply changes)"
+        )
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGHUP, hang_up)
     if parent_fd is not None:
 
         def parent_gone() -> None:

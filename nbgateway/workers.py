@@ -5,17 +5,21 @@ SO_REUSEPORT group (`server.bind`: a port in use fails here, before any worker s
 and starts N workers with `python -m nbgateway serve` plus two hidden options naming
 inherited file descriptors: the worker's listening socket, and the read end of a pipe
 whose write end only the parent holds, so a worker sees end of file and stops when the
-parent exits in any way (SIGKILL included). The parent keeps every socket open: the
-connections the kernel queued for a worker that died wait for its replacement, which
-inherits the same socket, instead of being reset.
+parent exits in any way (SIGKILL included). The parent keeps a dead worker's socket open:
+the connections the kernel queued for it wait for its replacement, which inherits the same
+socket, instead of being reset. When that replacement dies too (a crash loop: the database
+down, a newer schema), the socket is closed, so new connections go to the workers that
+serve instead of waiting on a socket nobody reads; the next attempt gets a fresh socket
+(`server.rejoin`) that takes connections only once its worker serves.
 
 A worker that exits on its own is logged and started again; one that dies within
 `STEADY_AFTER` seconds of its start waits before the restart, twice as long each time up to
 `MAX_BACKOFF`, so a crash loop does not spin. A worker exiting with the usage code (the
 configuration cannot work) stops everything: restarting cannot help.
 
-SIGTERM or SIGINT to the parent: SIGTERM to every worker, the listening sockets closed (new
-connections are refused while open requests finish), SIGKILL to those still running after
+SIGTERM, SIGINT or SIGHUP (logged: nothing is reloaded) to the parent: SIGTERM to every
+worker, the listening sockets closed (new connections are refused while open requests
+finish), SIGKILL to those still running after
 `grace` seconds, and return once all are reaped. PROMETHEUS_MULTIPROC_DIR is a fresh
 directory for this run (removed at the end); `mark_process_dead` is called for each worker
 that exits so its live gauges leave /metrics while its counters stay in the totals.
@@ -62,7 +66,7 @@ class _Slot:
     """One worker position: its current process, when it started, its restart backoff."""
 
     number: int
-    sock: socket.socket
+    sock: socket.socket | None  # None while the slot waits out a crash loop's backoff
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     backoff: float = 0.0
@@ -78,9 +82,14 @@ class Workers:
         env: Mapping[str, str],
         sockets: list[socket.socket],
         *,
+        rejoin: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket],
         grace: float = SHUTDOWN_GRACE,
     ) -> None:
         self._command = command
+        # The group's address, for the fresh sockets of slots out of a crash loop.
+        self._family = sockets[0].family
+        self._address: tuple[str, int] = sockets[0].getsockname()[:2]
+        self._rejoin = rejoin
         self._env = dict(env)
         self._grace = grace
         self._slots = [_Slot(n, sock) for n, sock in enumerate(sockets, start=1)]
@@ -88,11 +97,13 @@ class Workers:
         self._metrics_dir: Path | None = None
         self._pipe_read = -1
         self._pipe_write = -1
+        self._hangup = False
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; 0, or the usage code when a worker reported one."""
+        """Serve until SIGTERM/SIGINT/SIGHUP; 0, or the usage code when a worker reported one."""
         previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
         self._metrics_dir = Path(tempfile.mkdtemp(prefix="nbgateway-metrics-"))
         self._pipe_read, self._pipe_write = os.pipe()
@@ -115,10 +126,22 @@ class Workers:
         return code
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._hangup = signum == signal.SIGHUP
         self._stopping.set()
 
     def _start(self, slot: _Slot) -> None:
         assert self._metrics_dir is not None
+        if slot.sock is None:
+            try:
+                slot.sock = self._rejoin(self._family, self._address)
+            except OSError as exc:
+                slot.backoff = min(MAX_BACKOFF, slot.backoff * 2 or FIRST_BACKOFF)
+                slot.restart_at = time.monotonic() + slot.backoff
+                log.error(
+                    "cannot open a listening socket for the worker; trying again",
+                    extra={"worker": slot.number, "error": str(exc), "retry_in": slot.backoff},
+                )
+                return
         env = {**self._env, MULTIPROC_ENV: str(self._metrics_dir)}
         fds = (slot.sock.fileno(), self._pipe_read)
         # The command is this program with fixed arguments, not user input.
@@ -152,6 +175,10 @@ class Workers:
                     else min(MAX_BACKOFF, slot.backoff * 2 or FIRST_BACKOFF)
                 )
                 slot.restart_at = now + slot.backoff
+                if slot.backoff and slot.sock is not None:
+                    # A crash loop: nobody reads this socket until a replacement serves.
+                    slot.sock.close()
+                    slot.sock = None
                 log.error(
                     "worker exited; restarting",
                     extra={
@@ -159,8 +186,14 @@ class Workers:
                         "exit_code": returncode,
                         "ran_seconds": round(ran, 1),
                         "restart_in_seconds": slot.backoff,
+                        "taking_connections": slot.sock is not None,
                     },
                 )
+        if self._hangup:
+            log.warning(
+                "SIGHUP received: stopping (nbgateway does not reload its configuration; "
+                "start it again to apply changes)"
+            )
         return 0
 
     def _reaped(self, process: subprocess.Popen[bytes]) -> None:
@@ -177,7 +210,8 @@ class Workers:
         # stops listening, so a new connection is refused at once (a load balancer tries
         # elsewhere) instead of waiting in a queue nobody serves any more.
         for slot in self._slots:
-            slot.sock.close()
+            if slot.sock is not None:
+                slot.sock.close()
         deadline = time.monotonic() + self._grace
         for process in running:
             try:

@@ -221,12 +221,15 @@ def env(tmp_path: Path, fake: FakeNB) -> dict[str, str]:
     }
 
 
-def start(processes: Processes, env: dict[str, str], *, flag: bool = True) -> Gateway:
-    """`serve --workers 2` (or NBGW_WORKERS=2 when not `flag`) with its own URL as public."""
+def start(
+    processes: Processes, env: dict[str, str], *, flag: bool = True, extra: tuple[str, ...] = ()
+) -> Gateway:
+    """`serve --workers 2` (or NBGW_WORKERS=2 when not `flag`) with its own URL as public;
+    `extra` arguments follow `serve`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     full = {**env, "NBGW_LISTEN": f"127.0.0.1:{port}", "NBGW_PUBLIC_URL": url}
-    argv = [sys.executable, "-m", "nbgateway", "serve"]
+    argv = [sys.executable, "-m", "nbgateway", "serve", *extra]
     if flag:
         argv += ["--workers", "2"]
     else:
@@ -429,14 +432,17 @@ def build_labels(samples: dict[str, float]) -> tuple[str, str]:
     return labels["python"], labels["version"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_stops_every_process(gateway: Gateway, tmp_path: Path, signum: int) -> None:
-    """SIGTERM or SIGINT to the parent: it exits 0, no worker is left, the port and the
-    metrics directory are released."""
+    """SIGTERM, SIGINT or SIGHUP (a closed terminal; it was fatal at once, leaving the
+    metrics directory behind) to the parent: it exits 0, no worker is left, the port and
+    the metrics directory are released."""
     pids = gateway.workers(2)
     assert any((tmp_path / "tmp").iterdir())  # the metrics directory of this run
     gateway.process.popen.send_signal(signum)
     assert gateway.process.popen.wait(timeout=WAIT) == 0
+    if signum == signal.SIGHUP:
+        assert "SIGHUP received: stopping" in gateway.process.output()
     for pid in pids:
         assert gone(pid), (pid, state_of(pid))
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -497,7 +503,7 @@ def test_killed_worker_is_replaced_and_counts_survive(gateway: Gateway) -> None:
 
 STUBBORN_PARENT = """
 import os, sys
-from nbgateway.server import bind
+from nbgateway.server import bind, rejoin
 from nbgateway.workers import Workers
 
 child = (
@@ -507,7 +513,7 @@ child = (
 )
 sockets = bind("127.0.0.1", 0, 2)
 command = lambda fd, pipe: [sys.executable, "-c", child]
-sys.exit(Workers(command, os.environ, sockets, grace=1).run())
+sys.exit(Workers(command, os.environ, sockets, rejoin=rejoin, grace=1).run())
 """
 
 
@@ -556,7 +562,7 @@ def test_crash_looping_worker_backs_off(
     process = processes.start("gateway", argv, failing_workers(tmp_path, env, 1))
     pattern = (
         r"worker exited; restarting \[worker=(\d) exit_code=1 ran_seconds=[\d.]+ "
-        r"restart_in_seconds=([\d.]+)\]"
+        r"restart_in_seconds=([\d.]+) taking_connections=False\]"
     )
 
     def delays() -> dict[str, list[float]]:
@@ -570,6 +576,64 @@ def test_crash_looping_worker_backs_off(
         assert found[:3] == [0.5, 1.0, 2.0], delays()
     process.popen.send_signal(signal.SIGTERM)
     assert process.popen.wait(timeout=WAIT) == 0
+
+
+def test_a_crash_looping_replacement_holds_no_connections(
+    processes: Processes, env: dict[str, str], fake: FakeNB, tmp_path: Path
+) -> None:
+    """A worker killed while its replacements cannot start (here: they exit at once, as
+    with the database down): its socket leaves the group, so every new connection is
+    answered by the worker still serving (it was about half of them hanging); once
+    replacements start again, both serve."""
+    seed(env, fake)
+    marker = tmp_path / "replacements-fail"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if any(a.startswith('--listen-fd') for a in sys.argv)"
+        f" and os.path.exists({str(marker)!r}):\n"
+        "    os._exit(1)\n"
+    )
+    gateway = start(processes, {**env, "PYTHONPATH": str(site)})
+    victim, survivor = sorted(gateway.workers(2))
+    marker.touch()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "taking_connections=False" in gateway.process.output(), WAIT, "a crash loop")
+    for _ in range(30):
+        conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=5)
+        try:
+            assert gateway.worker_of(conn) == survivor
+        finally:
+            conn.close()
+    marker.unlink()
+    assert survivor in gateway.workers(2)
+
+
+def test_a_replacement_runs_the_configuration_the_parent_checked(
+    processes: Processes, env: dict[str, str], fake: FakeNB, tmp_path: Path
+) -> None:
+    """With --config, a worker started after the file was edited (here: broken) runs the
+    settings read at start, like its siblings; the gateway keeps serving."""
+    seed(env, fake)
+    config = tmp_path / "gateway.toml"
+    config.write_text('log_level = "INFO"\n')
+    gateway = start(processes, env, extra=("--config", str(config)))
+    victim, _ = sorted(gateway.workers(2))
+    config.write_text('log_level = "INFOO"\nmax_request_body = 10\n')
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(started_pids(gateway.process)) == 3, WAIT, "a replacement worker")
+    pids = gateway.workers(2)
+    assert victim not in pids
+    for pid in pids:
+        _, conn = gateway.pinned(want=pid)
+        conn.request("POST", f"/n/{SLUG}/api/v2/signups", body=b"x" * 100)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status != 413, pid  # not the edited max_request_body
+        conn.close()
+    assert gateway.process.popen.poll() is None
+    assert "refused the configuration" not in gateway.process.output()
 
 
 def test_worker_refusing_the_configuration_stops_the_parent(
