@@ -21,7 +21,8 @@ SIGTERM, SIGINT or SIGHUP (logged: nothing is reloaded) to the parent: SIGTERM t
 worker, the listening sockets closed (new connections are refused while open requests
 finish), SIGKILL to those still running after
 `grace` seconds, and return once all are reaped. PROMETHEUS_MULTIPROC_DIR is a fresh
-directory for this run (removed at the end); `mark_process_dead` is called for each worker
+directory for this run (removed at the end, or by the next run when the parent was
+killed); `mark_process_dead` is called for each worker
 that exits so its live gauges leave /metrics while its counters stay in the totals.
 """
 
@@ -56,6 +57,26 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 POLL_INTERVAL = 0.1  # seconds between two looks at the workers
 EXIT_USAGE = 2
+
+# The metrics directory of a run: this prefix, the parent's pid, "-", a random part.
+METRICS_PREFIX = "nbgateway-metrics-"
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories parents that died without cleaning up (SIGKILL) left
+    in the temporary directory: those whose parent pid no longer runs."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = path.name[len(METRICS_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed a stale metrics directory", extra={"path": str(path)})
+        except OSError:
+            continue  # it runs (as another user): not ours to remove
+
 
 # (listening socket fd, parent pipe fd) -> the worker's argv.
 WorkerCommand = Callable[[int, int], list[str]]
@@ -105,7 +126,8 @@ class Workers:
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
-        self._metrics_dir = Path(tempfile.mkdtemp(prefix="nbgateway-metrics-"))
+        _remove_stale_metrics_dirs()
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-"))
         self._pipe_read, self._pipe_write = os.pipe()
         code = 0
         try:

@@ -532,12 +532,19 @@ def test_workers_that_ignore_sigterm_are_killed_after_the_grace(processes: Proce
         assert gone(pid), (pid, state_of(pid))
 
 
-def test_workers_exit_when_the_parent_is_killed(gateway: Gateway) -> None:
-    """SIGKILL to the parent (no chance to clean up): the workers notice and exit."""
+def test_workers_exit_when_the_parent_is_killed(
+    gateway: Gateway, processes: Processes, env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGKILL to the parent (no chance to clean up): the workers notice and exit; the
+    metrics directory it left is removed by the next `serve --workers`, which keeps its own."""
     pids = gateway.workers(2)
     gateway.process.popen.kill()
     gateway.process.popen.wait(timeout=WAIT)
     wait_until(lambda: all(gone(pid) for pid in pids), WAIT, "the orphaned workers to exit")
+    [left] = list((tmp_path / "tmp").iterdir())
+    start(processes, env).workers(2)
+    [kept] = list((tmp_path / "tmp").iterdir())
+    assert kept != left and not left.exists()
 
 
 def failing_workers(tmp_path: Path, env: dict[str, str], status: int) -> dict[str, str]:
