@@ -22,13 +22,16 @@ gauge is merged as its `multiprocess_mode` says (single-process mode ignores the
 
 (The `mostrecent` modes are not used: they forbid `inc()` in every mode.)
 
-The process_* and python_info series describe the worker that answered the scrape.
+The process_* series describe the whole gateway, parent and workers (`GatewayProcesses`);
+python_info the worker that answered the scrape.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from prometheus_client import (
@@ -39,7 +42,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from nbgateway import __version__
 from nbgateway.models import RefreshOutcome
@@ -55,6 +60,44 @@ _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 def method_label(method: str) -> str:
     """The request method, or "other" for anything outside the usual set."""
     return method if method in KNOWN_METHODS else "other"
+
+
+class GatewayProcesses(Collector):
+    """process_* for a whole `serve --workers` gateway: its parent (`parent`) and every
+    worker, each read by prometheus_client's ProcessCollector. CPU seconds, memory and
+    descriptors (open, and the limits) are summed; the start time is the parent's. Whichever
+    worker answers a scrape reports the same figures, so the dashboards' CPU, memory,
+    descriptor and uptime panels show the gateway (a worker's CPU seconds leave the sum
+    when it dies, which Prometheus reads as a counter reset)."""
+
+    _FIRST = "process_start_time_seconds"
+
+    def __init__(self, parent: int, proc: str = "/proc") -> None:
+        self._parent = parent
+        self._proc = proc
+
+    def _pids(self) -> list[int]:
+        try:
+            children = Path(self._proc, str(self._parent), "task", str(self._parent), "children")
+            return [self._parent, *map(int, children.read_text().split())]
+        except (OSError, ValueError):
+            return [os.getpid()]  # no /proc children list: this worker alone, as before
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            reader = ProcessCollector(pid=partial(int, pid), proc=self._proc, registry=None)
+            for family in reader.collect():
+                if not family.samples:
+                    continue  # the process ended meanwhile
+                sample = family.samples[0]
+                seen = merged.get(family.name)
+                if seen is None:
+                    merged[family.name] = family
+                elif family.name != self._FIRST:
+                    total = seen.samples[0]._replace(value=seen.samples[0].value + sample.value)
+                    seen.samples[0] = total
+        yield from merged.values()
 
 
 class Metrics:
@@ -78,7 +121,7 @@ class Metrics:
                 )
             self.exposition = CollectorRegistry()
             MultiProcessCollector(self.exposition, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
-            ProcessCollector(registry=self.exposition)
+            self.exposition.register(GatewayProcesses(os.getppid()))
             PlatformCollector(registry=self.exposition)
         else:
             self.exposition = self.registry

@@ -401,6 +401,38 @@ def test_a_removed_account_reads_gone_in_every_worker(
     wait_until(gone_everywhere, WAIT, "every worker's scrape to show the account gone")
 
 
+def _proc_figures(pid: int) -> tuple[float, float]:
+    """(resident bytes, start time) of a process, from /proc as prometheus_client reads them."""
+    from prometheus_client import ProcessCollector
+
+    found = {
+        f.name: f.samples[0].value
+        for f in ProcessCollector(pid=lambda: pid, registry=None).collect()
+    }
+    return found["process_resident_memory_bytes"], found["process_start_time_seconds"]
+
+
+def test_process_series_describe_the_whole_gateway(gateway: Gateway) -> None:
+    """process_* on /metrics are the gateway's, whichever worker answers: memory and open
+    descriptors summed over the parent and both workers, the start time the parent's
+    (they were the answering worker's, so CPU and uptime jumped from scrape to scrape)."""
+    pids = gateway.workers(2)
+    parent = gateway.process.popen.pid
+    every = [parent, *pids]
+    answered_by: set[int] = set()
+    deadline = time.monotonic() + WAIT
+    while len(answered_by) < 2 and time.monotonic() < deadline:
+        pid, samples = gateway.metrics()
+        answered_by.add(pid)
+        resident = samples["process_resident_memory_bytes{}"]
+        own = sum(_proc_figures(p)[0] for p in every)
+        assert 0.8 * own < resident < 1.2 * own, (resident, own)
+        assert resident > 1.5 * _proc_figures(pid)[0]  # more than the answering worker
+        assert samples["process_start_time_seconds{}"] == _proc_figures(parent)[1]
+        assert samples["process_open_fds{}"] > 3 * 3
+    assert answered_by == pids
+
+
 def test_metrics_total_every_worker_in_every_scrape(gateway: Gateway) -> None:
     """/metrics counts the requests of all workers, whichever worker answers the scrape."""
     pids = sorted(gateway.workers(2))
