@@ -28,6 +28,7 @@ from procs import (
     clean_os_environ,
     free_port,
     gateway_env,
+    http_request,
     open_store,
     run_command,
     seed_account,
@@ -321,6 +322,14 @@ def test_a_worker_started_while_the_database_is_down_does_not_outlive_its_parent
         {**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
     )
     wait_ready(gateway, f"http://127.0.0.1:{port}/healthz")
+    answered: set[str] = set()
+
+    def both_serve() -> bool:
+        # Both workers past their start (one still starting would exit on its own).
+        answered.add(http_request("GET", f"http://127.0.0.1:{port}/healthz")[1]["X-NBGW-Worker"])
+        return len(answered) == 2
+
+    wait_until(both_serve, 30, "both workers to answer")
     pg_own_server.stop()
     first = started_pids(gateway)
     os.kill(first[0], signal.SIGKILL)
