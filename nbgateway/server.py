@@ -40,6 +40,12 @@ REQUEST_HANDLER_OPTIONS: dict[str, Any] = {"access_log": None, "auto_decompress"
 
 T = TypeVar("T")
 
+# Logged on SIGHUP, by one process and by a `--workers` parent.
+HANGUP_STOPS = (
+    "SIGHUP received: stopping (nbgateway does not reload its configuration; "
+    "start it again to apply changes)"
+)
+
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop's event loop when uvloop can be imported, else asyncio's default one.
@@ -200,10 +206,7 @@ async def run_until_stopped(
     def hang_up() -> None:
         # A closed terminal or ssh session, or a "reload" out of habit: stop gracefully,
         # as on SIGTERM (a refresh in flight still stores its pair), and say so.
-        log.warning(
-            "SIGHUP received: stopping (nbgateway does not reload its configuration; "
-            "start it again to apply changes)"
-        )
+        log.warning(HANGUP_STOPS)
         stop.set()
 
     loop.add_signal_handler(signal.SIGHUP, hang_up)

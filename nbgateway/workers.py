@@ -44,6 +44,8 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from nbgateway.server import HANGUP_STOPS
+
 log = logging.getLogger("nbgateway.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -212,10 +214,7 @@ class Workers:
                     },
                 )
         if self._hangup:
-            log.warning(
-                "SIGHUP received: stopping (nbgateway does not reload its configuration; "
-                "start it again to apply changes)"
-            )
+            log.warning(HANGUP_STOPS)
         return 0
 
     def _reaped(self, process: subprocess.Popen[bytes]) -> None:
