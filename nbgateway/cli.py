@@ -435,6 +435,12 @@ async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Re
     if args.command == "check":
         for note in report.notes:
             print(note)
+    if args.command == "serve" and args.listen_fd is not None:
+        # A worker: its problems are log lines in NBGW_LOG_FORMAT (see `main`), each with
+        # its time and pid; its parent logs the exit and starts it again.
+        for line in report.problem_lines():
+            log.error("worker not starting: %s", line, extra={"pid": os.getpid()})
+        return EXIT_OK if report.ok else EXIT_USAGE if report.config_problems else EXIT_FAILED
     for line in report.problem_lines():
         print(line, file=sys.stderr)
     if report.ok:
@@ -613,6 +619,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             return asyncio.run(
                 run_demo(port=args.port, check_only=args.self_test, redactor=redactor)
             )
+        worker = args.command == "serve" and args.listen_fd is not None
+        if worker:
+            # Before its settings are read: whatever it reports is a line of the log.
+            configure_logging(redactor, fmt=env.get("NBGW_LOG_FORMAT", "text").strip().lower())
         if args.command in ("check", "serve"):
             # One pre-flight for both: serve refuses what check reports, in the same words.
             # SIGTERM stops serve's wait for the database even as PID 1 in a container,
@@ -663,7 +673,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             print(f"configuration error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except NBGatewayError as exc:
-        print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)
+        if args.command == "serve" and args.listen_fd is not None:
+            log.error("worker stopped: %s", redactor.scrub(str(exc)), extra={"pid": os.getpid()})
+        else:
+            print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK

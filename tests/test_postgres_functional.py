@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -313,7 +314,9 @@ def test_a_worker_started_while_the_database_is_down_does_not_outlive_its_parent
 ) -> None:
     """With `--workers`, the parent waits for the database at start and restarts workers;
     a worker started again while PostgreSQL is down exits (to be restarted with a backoff)
-    rather than waiting itself, so kill -9 of the parent leaves no worker behind."""
+    rather than waiting itself, so kill -9 of the parent leaves no worker behind. What the
+    worker reports is a log line like every other (it was bare stderr text, outside
+    NBGW_LOG_FORMAT, with `nbgateway check` advice)."""
     env = {**clean_os_environ(), **gateway_env(pg_own_server.url(), ADMIN_TOKEN)}
     port = free_port()
     gateway = processes.start(
@@ -335,6 +338,10 @@ def test_a_worker_started_while_the_database_is_down_does_not_outlive_its_parent
     os.kill(first[0], signal.SIGKILL)
     wait_until(lambda: len(started_pids(gateway)) >= 4, 30, "the replacement to be restarted")
     assert "waiting for the database" not in gateway.output()
+    wait_until(lambda: "worker not starting" in gateway.output(), 30, "the worker's report")
+    output = gateway.output()
+    assert re.search(r"\d{2}:\d{2}:\d{2},\d{3} ERROR nbgateway.cli: worker not starting", output)
+    assert not re.search(r"^(problem|error|not starting)\b", output, re.MULTILINE), output
     gateway.popen.kill()
     gateway.popen.wait(10)
     pids = started_pids(gateway)
