@@ -118,7 +118,11 @@ class GuardedHandler(web.RequestHandler):
         super().__init__(server, loop=loop, **kw)
         self._guard = guard
         self._address: str | None = None
+        # One head timer per connection, re-armed when it fires early rather than armed and
+        # cancelled for every request: `_head_since` is when the pending head began (None
+        # while no head is awaited: a request is being handled, or none has begun).
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._last_data = 0.0
@@ -136,7 +140,8 @@ class GuardedHandler(web.RequestHandler):
                 self.transport.write(refusal)
             self.force_close()
             return
-        self._arm_head_timer()
+        self._head_since = self._loop.time()
+        self._arm_head_timer(self._head_since + self._guard.header_timeout)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timers()
@@ -146,18 +151,18 @@ class GuardedHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._last_data = self._loop.time()
-        if not self._in_request and self._head_timer is None and self._address is not None:
-            self._arm_head_timer()  # the first byte of the next request head
+        now = self._last_data = self._loop.time()
+        if not self._in_request and self._head_since is None and self._address is not None:
+            self._head_since = now  # the first byte of the next request head
+            if self._head_timer is None:
+                self._arm_head_timer(now + self._guard.header_timeout)
         super().data_received(data)
 
     # -- requests (told by `track_requests`) --------------------------------------------------
 
     def request_started(self, request: web.BaseRequest) -> None:
         self._in_request = True
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_since = None  # the head is complete (its timer, if due, finds nothing)
         content = request.content
         if request.body_exists and not content.is_eof():
             self._last_data = self._loop.time()
@@ -172,14 +177,20 @@ class GuardedHandler(web.RequestHandler):
 
     # -- timers -------------------------------------------------------------------------------
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self._loop.call_later(self._guard.header_timeout, self._head_late)
+    def _arm_head_timer(self, at: float) -> None:
+        self._head_timer = self._loop.call_at(at, self._head_late)
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if not self._in_request and self.transport is not None:
+        since = self._head_since
+        if since is None or self._in_request or self.transport is None:
+            return  # no head awaited now: the next first byte arms the timer again
+        due = since + self._guard.header_timeout
+        if self._loop.time() >= due:
             self._guard.closed("header_timeout")
             self.force_close()
+        else:
+            self._arm_head_timer(due)  # a later head than the one this timer was armed for
 
     def _check_body(self) -> None:
         self._body_timer = None

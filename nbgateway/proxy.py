@@ -466,22 +466,11 @@ class Proxy:
         replay: bool = False,
     ) -> aiohttp.ClientResponse:
         """One upstream request inside a rate slot; its answer goes back to the limiter."""
-        slot = await self._limiter.acquire(route.slug, self.client_identity(request), replay=replay)
-        try:
-            response = await self._request(request, route, token, body)
-        except BaseException:
-            slot.report(None)  # no answer (failed or cancelled): the slot is not kept
-            raise
-        slot.report(response.status, response.headers)
-        return response
-
-    async def _request(
-        self,
-        request: web.Request,
-        route: Route,
-        token: IssuedToken,
-        body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
+        slot = self._limiter.try_acquire(route.slug) if not replay else None
+        if slot is None:
+            slot = await self._limiter.acquire(
+                route.slug, self.client_identity(request), replay=replay
+            )
         url = f"{self._nation_base(route.slug)}/api/{route.raw_tail}"
         if route.query:
             url = f"{url}?{route.query}"
@@ -497,29 +486,37 @@ class Proxy:
                 timeout=self._timeout,
                 auto_decompress=False,
             )
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"NationBuilder did not answer within {self._settings.upstream_timeout:g} s"
-            ) from None
-        except RequestTooLarge:
-            raise
-        except aiohttp.ClientError as exc:
-            if request.get(BODY_TOO_LARGE):
-                # aiohttp wraps the error our body generator raised; the client's fault.
-                raise self._too_large() from None
-            if isinstance(exc, aiohttp.ClientResponseError):
-                # It answered, but its status line or headers cannot be parsed (a header
-                # line over aiohttp's limit, for one). The message quotes upstream bytes.
-                raise UpstreamInvalidResponse(
-                    "NationBuilder answered with a response head the gateway cannot read "
-                    "(a malformed status line or header, or a header line over 8190 bytes); "
-                    "nothing of it was forwarded"
-                ) from None
-            raise UpstreamUnreachable(
-                f"NationBuilder could not be reached ({type(exc).__name__})"
-            ) from None
+        except BaseException as exc:
+            slot.report(None)  # no answer (failed or cancelled): the slot is not kept
+            failure = self._send_failure(request, exc)
+            if failure is exc:
+                raise
+            raise failure from None
+        slot.report(response.status, response.headers)
         self._metrics.upstream_answered(route.slug, time.perf_counter() - started)
         return response
+
+    def _send_failure(self, request: web.Request, exc: BaseException) -> BaseException:
+        """The gateway error a failed upstream send stands for, or `exc` itself (our own
+        errors, a cancellation, anything unexpected)."""
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(
+                f"NationBuilder did not answer within {self._settings.upstream_timeout:g} s"
+            )
+        if not isinstance(exc, aiohttp.ClientError):
+            return exc
+        if request.get(BODY_TOO_LARGE):
+            # aiohttp wraps the error our body generator raised; the client's fault.
+            return self._too_large()
+        if isinstance(exc, aiohttp.ClientResponseError):
+            # It answered, but its status line or headers cannot be parsed (a header line
+            # over aiohttp's limit, for one). The message quotes upstream bytes.
+            return UpstreamInvalidResponse(
+                "NationBuilder answered with a response head the gateway cannot read "
+                "(a malformed status line or header, or a header line over 8190 bytes); "
+                "nothing of it was forwarded"
+            )
+        return UpstreamUnreachable(f"NationBuilder could not be reached ({type(exc).__name__})")
 
     async def _forward(
         self, request: web.Request, route: Route, token: IssuedToken

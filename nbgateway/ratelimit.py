@@ -13,6 +13,7 @@ from those announcements (or from `NBGW_RATE_DEFAULT_LIMIT` for nations that sen
   did not answer meanwhile (the first request to a nation, which goes alone, or the
   in-flight cap), the waiter gets `UpstreamTimeout` (504) instead: the upstream is slow
   or hung, and a 429 with "retry in 1 s" would send the tool after a budget that is fine.
+  `try_acquire(account)` is its first step alone: the slot at once, or None to queue.
 - `Slot.report(status, headers)` feeds every upstream answer back: the budget follows the
   announced Remaining (so other processes and other users of the same token are seen), and
   a 429 holds the account's queue until its Retry-After (bounded by `MAX_HOLD`).
@@ -247,12 +248,9 @@ class RateLimiter:
 
     # -- asking for a slot -----------------------------------------------------------------
 
-    async def acquire(self, account: str, client: str, *, replay: bool = False) -> Slot:
-        """A slot for one upstream request: at once, after a wait, or `RateLimited`.
-
-        `client` names the tool (fairness is round-robin between clients); `replay` puts
-        the request at the head of its client's queue (it was sent once already).
-        """
+    def try_acquire(self, account: str) -> Slot | None:
+        """A slot at once when the budget allows one with nobody queued, else None (then
+        `acquire` queues the request). The hot path: no coroutine, no client identity."""
         b = self._budget(account)
         if not self.pacing:
             self._grant(b)
@@ -261,8 +259,21 @@ class RateLimiter:
         self._roll(b, now)
         if b.queued == 0 and self._can_go(b, now):
             self._grant(b)
-            self._observe_wait(account, 0.0)
+            self._metrics.rate_waited(account, 0.0)
             return Slot(self, account)
+        return None
+
+    async def acquire(self, account: str, client: str, *, replay: bool = False) -> Slot:
+        """A slot for one upstream request: at once, after a wait, or `RateLimited`.
+
+        `client` names the tool (fairness is round-robin between clients); `replay` puts
+        the request at the head of its client's queue (it was sent once already).
+        """
+        slot = self.try_acquire(account)
+        if slot is not None:
+            return slot
+        b = self._budget(account)
+        now = self._clock.now()
         known_wait = self._known_wait(b, now)
         if known_wait > self._timeout:
             raise self._refusal(known_wait)

@@ -319,6 +319,27 @@ class TestConnectionGuard:
         await hang_up(writer)
         assert gw.closed("header_timeout") == 1
 
+    async def test_each_head_gets_the_whole_timeout_on_a_busy_connection(self, serve: Any) -> None:
+        """The timeout runs from each head's first byte, not from an earlier request's: a
+        second head begun just before the first head's deadline still gets its full time,
+        and requests kept coming for longer than the timeout are all served."""
+        gw = await serve(header_timeout=0.6)
+        reader, writer = await connect(gw.port)
+        writer.write(request_bytes("GET", "/healthz"))
+        assert (await read_answer(reader)).status == 200
+        await asyncio.sleep(0.35)
+        head = request_bytes("GET", "/healthz")
+        writer.write(head[:5])  # begun 0.25 s before the first head's deadline ...
+        await asyncio.sleep(0.45)
+        writer.write(head[5:])  # ... and complete 0.2 s after it, within its own 0.6 s
+        assert (await read_answer(reader)).status == 200
+        for _ in range(8):  # 1.2 s of requests, twice the timeout
+            writer.write(request_bytes("GET", "/healthz"))
+            assert (await read_answer(reader)).status == 200
+            await asyncio.sleep(0.15)
+        await hang_up(writer)
+        assert gw.closed("header_timeout") == 0
+
     async def test_stalled_body_is_closed_and_nothing_goes_upstream(
         self, serve: Any, fake_nb: FakeNationBuilder
     ) -> None:

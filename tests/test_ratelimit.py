@@ -210,6 +210,27 @@ class TestPacing:
         slots = [await limiter.acquire("acme", "tool") for _ in range(50)]
         assert len(slots) == 50  # no headers: never paced
 
+    async def test_try_acquire_grants_only_what_acquire_would_grant_at_once(
+        self, make_limiter: LimiterFactory, registry: CollectorRegistry
+    ) -> None:
+        """`try_acquire` is `acquire` without the wait: a slot (and a zero wait counted) when
+        one is free with nobody queued, None when the request would have to queue."""
+        limiter = make_limiter()
+        first = limiter.try_acquire("acme")
+        assert first is not None
+        assert limiter.try_acquire("acme") is None  # the first request goes alone
+        queued = asyncio.create_task(limiter.acquire("acme", "tool"))
+        await settle()
+        first.report(200, announce(1, limit=5))
+        await settle()
+        assert queued.done()
+        assert limiter.try_acquire("acme") is None  # half the announced 1 is in flight
+        queued.result().report(200, announce(4, limit=5, reset=NOW + 20))  # a new window
+        assert limiter.try_acquire("acme") is not None
+        # Three slots, each counted once as a wait (none waited on the fake clock).
+        assert sample(registry, "nbgw_rate_limit_wait_seconds_count", account="acme") == 3
+        assert sample(registry, "nbgw_rate_limit_wait_seconds_sum", account="acme") == 0.0
+
     async def test_spent_budget_waits_for_the_reset_in_order(
         self, make_limiter: LimiterFactory, timers: Timers
     ) -> None:
