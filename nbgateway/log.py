@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from nbgateway.redact import Redactor
 
@@ -145,6 +145,7 @@ class AccessLog:
         self._redactor = redactor
         self._json = formatter.json_lines
         self._known: dict[str, str] = {}
+        self._templates: dict[tuple[tuple[str, Any], ...], _Template] = {}
         self._known_generation = -1
 
     def _scrubbed_together(self, values: list[str]) -> list[str]:
@@ -167,22 +168,69 @@ class AccessLog:
         created: float,
         *,
         id_is_ours: bool = False,
+        duration_ms: float | None = None,
     ) -> str:
         """The line for one request: `fields` are the access extras (method, path, peer,
-        duration_ms, account, status ...), in their order; `id_is_ours` says the gateway
-        generated `request_id`."""
+        account, status ...), in their order, and `duration_ms`, when given, the last of
+        them; `id_is_ours` says the gateway generated `request_id`.
+
+        Everything but the time, the request id and the duration repeats from request to
+        request, so the rest of the line is made once per distinct set of fields (a
+        `_Template`, remembered like the scrubbed values) and the line is put together
+        from it."""
         redactor = self._redactor
-        known = self._known
-        if self._known_generation != redactor.generation or len(known) >= _KNOWN_KEPT:
-            known.clear()
+        templates = self._templates
+        if self._known_generation != redactor.generation or len(self._known) >= _KNOWN_KEPT:
+            self._known.clear()
+            templates.clear()
             self._known_generation = redactor.generation
+        elif len(templates) >= _KNOWN_KEPT:
+            templates.clear()
+        try:
+            key: tuple[tuple[str, Any], ...] | None = tuple(fields.items())
+            template = templates.get(key)
+        except TypeError:  # a value that cannot be a key (a list, say): made each time
+            key, template = None, None
+        if template is None:
+            template = self._template(fields)
+            if key is not None and template.kept:
+                templates[key] = template
+        if request_id is not None and not id_is_ours:
+            request_id = self._scrubbed(request_id)
+        if not self._json:
+            tail = template.tail
+            if duration_ms is not None:
+                tail = f"{tail} duration_ms={duration_ms}" if tail else f"duration_ms={duration_ms}"
+            if request_id is not None:
+                tail = f"request_id={request_id} {tail}".rstrip()
+            return f"{self._formatter.asctime(created)}{template.head}{tail}]"
+        # Key order as RedactingFormatter's: ts, level, logger, request_id, the plain
+        # fields, the message, the text fields.
+        rid = "" if request_id is None else f', "request_id": {_json_str(request_id)}'
+        duration = "" if duration_ms is None else f', "duration_ms": {_json_literal(duration_ms)}'
+        return (
+            f'{{"ts": {round(created, 6)!r}, "level": "info", "logger": "{ACCESS_LOGGER}"'
+            f"{rid}{template.head}{duration}{template.tail}}}"
+        )
+
+    def _scrubbed(self, text: str) -> str:
+        """`text` scrubbed, remembered when short."""
+        known = self._known
+        clean = known.get(text)
+        if clean is None:
+            clean = self._redactor.scrub(text)
+            if len(text) <= _KNOWN_MAX_LEN:
+                known[text] = clean
+        return clean
+
+    def _template(self, fields: Mapping[str, Any]) -> _Template:
+        """The parts of the line `fields` give, every value scrubbed."""
         json_lines = self._json
+        known = self._known
+        kept = True
         # Values not remembered, scrubbed in one pass at the end, and where they go.
         keys: list[str] = []
         values: list[str] = []
-        if request_id is not None and not id_is_ours:
-            keys.append("request_id")
-            values.append(request_id)
         shown: dict[str, str] = {}  # field -> its text (text format) or JSON literal
         plain: set[str] = set()  # numbers, booleans and None: JSON literals, never scrubbed
         for key, value in fields.items():
@@ -198,34 +246,35 @@ class AccessLog:
             if clean is not None:
                 shown[key] = clean
             elif len(text) <= _KNOWN_MAX_LEN:
-                shown[key] = known[text] = redactor.scrub(text)
+                shown[key] = known[text] = self._redactor.scrub(text)
             else:
+                kept = False  # a long value: neither it nor its line is remembered
                 keys.append(key)
                 values.append(text)
                 shown[key] = text
         if values:
             for key, clean in zip(keys, self._scrubbed_together(values), strict=True):
-                if key == "request_id":
-                    request_id = clean
-                else:
-                    shown[key] = clean
+                shown[key] = clean
         message = f"{shown['method']} {shown['path']} {fields['status']}"
         if not json_lines:
-            tail = " ".join(map("=".join, shown.items()))
-            if request_id is not None:
-                tail = f"request_id={request_id} {tail}"
-            return f"{self._formatter.asctime(created)} INFO {ACCESS_LOGGER}: {message} [{tail}]"
-        # Key order as RedactingFormatter's: ts, level, logger, request_id, the plain
-        # fields, the message, the text fields.
-        head = f'{{"ts": {round(created, 6)!r}, "level": "info", "logger": "{ACCESS_LOGGER}"'
-        parts = [head] if request_id is None else [head, f'"request_id": {_json_str(request_id)}']
-        texts = [f'"message": {_json_str(message)}']
-        for key, literal in shown.items():
-            if key in plain:
-                parts.append(f"{_json_str(key)}: {literal}")
-            else:
-                texts.append(f"{_json_str(key)}: {_json_str(literal)}")
-        return ", ".join(parts + texts) + "}"
+            return _Template(
+                f" INFO {ACCESS_LOGGER}: {message} [", " ".join(map("=".join, shown.items())), kept
+            )
+        plains = "".join(f", {_json_str(k)}: {v}" for k, v in shown.items() if k in plain)
+        texts = "".join(
+            f", {_json_str(k)}: {_json_str(v)}" for k, v in shown.items() if k not in plain
+        )
+        return _Template(plains, f', "message": {_json_str(message)}{texts}', kept)
+
+
+class _Template(NamedTuple):
+    """What an access line's fields give, once scrubbed: in text, the part after the time
+    (`head`) and the bracketed fields (`tail`); in JSON, the plain fields (`head`) and the
+    message with the text fields (`tail`). `kept`: made only of remembered values."""
+
+    head: str
+    tail: str
+    kept: bool
 
 
 def _json_literal(value: float | bool | None) -> str:
@@ -257,10 +306,17 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._pending: list[str] = []
 
     def access(
-        self, fields: Mapping[str, Any], request_id: str | None, *, id_is_ours: bool = False
+        self,
+        fields: Mapping[str, Any],
+        request_id: str | None,
+        *,
+        id_is_ours: bool = False,
+        duration_ms: float | None = None,
     ) -> None:
         """Log one request's access line (the arguments as `AccessLog.render` takes them)."""
-        line = self.access_log.render(fields, request_id, time.time(), id_is_ours=id_is_ours)
+        line = self.access_log.render(
+            fields, request_id, time.time(), id_is_ours=id_is_ours, duration_ms=duration_ms
+        )
         with self.lock:  # type: ignore[union-attr]
             pending = self._pending
             pending.append(line + self.terminator)

@@ -208,16 +208,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 def _access_line(
     request: web.Request, info: dict[str, Any], started: float, id_is_ours: bool
 ) -> None:
-    fields = {
-        "method": request.method,
-        "path": request.path,
-        "peer": request.remote,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-        **info,
-    }
+    duration_ms = round((time.perf_counter() - started) * 1000, 2)
+    fields = {"method": request.method, "path": request.path, "peer": request.remote, **info}
     handler = access_handler(log)
     if handler is not None:
         # The line the record would give, without making one (the hot path).
-        handler.access(fields, request_id_var.get(), id_is_ours=id_is_ours)
+        handler.access(fields, request_id_var.get(), id_is_ours=id_is_ours, duration_ms=duration_ms)
     else:
+        fields["duration_ms"] = duration_ms
         log.info("%s %s %s", fields["method"], fields["path"], info["status"], extra=fields)

@@ -444,6 +444,15 @@ class TestDirectAccessLine:
         assert STATIC_SECRET not in direct and KNOWN_TOKEN not in direct
         # Again, from the remembered scrubbed values: the same line.
         assert handler.access_log.render(fields, request_id, CREATED) == direct
+        # The duration given apart (as the middleware does) is the last field; the rest of
+        # the line, remembered from the first, holds each line's own figure.
+        static = {k: v for k, v in fields.items() if k != "duration_ms"}
+        for duration in (2.5, 0.07, 12345.68):
+            line = handler.access_log.render(static, request_id, CREATED, duration_ms=duration)
+            expected = record_line(
+                handler.formatter, {**static, "duration_ms": duration}, request_id
+            )
+            assert line == expected
 
     @pytest.mark.parametrize("fmt", ["text", "json"])
     def test_a_generated_request_id_gives_the_record_line_unscrubbed(self, fmt: str) -> None:
