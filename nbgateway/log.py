@@ -186,14 +186,15 @@ class AccessLog:
             self._known_generation = redactor.generation
         elif len(templates) >= _KNOWN_KEPT:
             templates.clear()
+        key = tuple(fields.items())
         try:
-            key: tuple[tuple[str, Any], ...] | None = tuple(fields.items())
             template = templates.get(key)
+            hashable = True
         except TypeError:  # a value that cannot be a key (a list, say): made each time
-            key, template = None, None
+            template, hashable = None, False
         if template is None:
             template = self._template(fields)
-            if key is not None and template.kept:
+            if hashable and template.kept:
                 templates[key] = template
         if request_id is not None and not id_is_ours:
             request_id = self._scrubbed(request_id)
