@@ -231,6 +231,7 @@ class Proxy:
         self._public = settings.public_url.rstrip("/")
         self._allowed = AllowList(settings.allowed_clients)
         self._nation_bases: dict[str, str] = {}
+        self._link_needles: dict[tuple[str, bool], tuple[bytes, ...]] = {}
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
         self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
@@ -254,6 +255,20 @@ class Proxy:
                 self._nation_bases.clear()
             base = self._nation_bases[slug] = self._settings.nation_base(slug)
         return base
+
+    def _needles(self, route: Route) -> tuple[bytes, ...]:
+        """What a body must hold for a link to be in it (remembered per account and form):
+        the nation's URL, an escaped slash (JSON may write "\\/"), and on the /n/{slug}/
+        route a root-relative "/api"."""
+        key = (route.slug, route.by_prefix)
+        needles = self._link_needles.get(key)
+        if needles is None:
+            if len(self._link_needles) >= _NATION_BASES_KEPT:
+                self._link_needles.clear()
+            nation = self._nation_base(route.slug).rstrip("/").encode()
+            needles = (nation, b"\\/", b"/api") if route.by_prefix else (nation, b"\\/")
+            self._link_needles[key] = needles
+        return needles
 
     def _too_large(self) -> RequestTooLarge:
         limit = self._settings.max_request_body
@@ -618,11 +633,13 @@ class Proxy:
 
         Never an error: whatever goes wrong here, the upstream answer (perhaps to a POST
         that already executed) still reaches the client."""
-        nation = self._nation_base(route.slug).rstrip("/").encode()
-        # Cheap byte checks first; JSON may escape slashes ("\\/"), so that too means "look".
-        needles = (nation, b"\\/", b"/api") if route.by_prefix else (nation, b"\\/")
-        if encoding == "identity" and not any(needle in raw for needle in needles):
-            return None  # nothing that could be a link: no mapper, no parse
+        needles = self._needles(route)
+        if encoding == "identity":
+            for needle in needles:
+                if needle in raw:
+                    break
+            else:
+                return None  # nothing that could be a link: no mapper, no parse
         try:
             mapper = self._link_mapper(request, route)
             if len(raw) <= _INLINE_REWRITE:
