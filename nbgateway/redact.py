@@ -119,7 +119,11 @@ class Redactor:
     def __init__(self, values: Iterable[str | Secret] = ()) -> None:
         self._static: set[str] = set()
         self._slots: dict[str, deque[str]] = {}
-        self._words: frozenset[str] = frozenset()
+        # Every slot's remembered values, and in how many slots each is: changed in place
+        # (one value at a time, so adding costs the same however many accounts there
+        # are); scrubbing only tests membership, which is safe while another thread adds.
+        self._words: set[str] = set()
+        self._word_slots: dict[str, int] = {}
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
         # Bumped whenever the set of scrubbed values changes: what a cache of scrubbed text
@@ -150,9 +154,20 @@ class Redactor:
             history = self._slots.setdefault(slot, deque(maxlen=SLOT_HISTORY))
             if word in history:
                 return
+            if len(history) == SLOT_HISTORY:
+                self._forget_word(history[0])  # about to fall out of the slot's history
             history.append(word)
-            self._words = frozenset(w for h in self._slots.values() for w in h)
+            self._word_slots[word] = self._word_slots.get(word, 0) + 1
+            self._words.add(word)
             self.generation += 1
+
+    def _forget_word(self, word: str) -> None:
+        left = self._word_slots[word] - 1
+        if left:
+            self._word_slots[word] = left
+        else:
+            del self._word_slots[word]
+            self._words.discard(word)
 
     def _value_pattern(self) -> re.Pattern[str] | None:
         pattern = self._pattern

@@ -208,6 +208,28 @@ class TestSlots:
             assert value not in redactor.scrub(f"token {value} here")
         assert values[0] in redactor.scrub(f"token {values[0]} here")
 
+    def test_a_value_in_two_slots_stays_until_both_forget_it(self) -> None:
+        """A value remembered by two slots (an imported pair seen by two accounts, say) is
+        scrubbed while either slot still holds it, and forgotten once neither does."""
+        from nbgateway.redact import SLOT_HISTORY
+
+        redactor = Redactor()
+        shared = "nbfake-shared-0123456789abcdef"
+        redactor.add(Secret(shared), slot="acme/access_token")
+        redactor.add(Secret(shared), slot="other/access_token")
+        for i in range(SLOT_HISTORY):
+            redactor.add(Secret(f"nbfake-acme-rotation-{i:04d}-abcdefgh"), slot="acme/access_token")
+        assert shared not in redactor.scrub(f"token {shared} here")  # other still holds it
+        for i in range(SLOT_HISTORY):
+            redactor.add(Secret(f"nbfake-other-rotation-{i:04d}-abcd"), slot="other/access_token")
+        assert shared in redactor.scrub(f"token {shared} here")
+        for i in range(SLOT_HISTORY):  # the later values of both slots are all still known
+            for name in (
+                f"nbfake-acme-rotation-{i:04d}-abcdefgh",
+                f"nbfake-other-rotation-{i:04d}-abcd",
+            ):
+                assert name not in redactor.scrub(f"token {name} here")
+
     def test_slot_values_are_found_inside_punctuation(self) -> None:
         """A slot value is scrubbed in JSON, headers, URLs and at a sentence's end."""
         redactor = Redactor()
