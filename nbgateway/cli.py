@@ -58,6 +58,7 @@ from nbgateway.workers import MULTIPROC_ENV, Workers
 log = logging.getLogger("nbgateway.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def _whole_number(low: int, high: int) -> Callable[[str], int]:
@@ -679,4 +680,13 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK
+        if args.command in ("serve", "demo"):
+            return EXIT_OK  # Ctrl-C is how a foreground server is stopped
+        # Nothing half-done is kept (each command writes in one transaction), but the
+        # command did not do its job: a script must not go on as if it had.
+        print(
+            f"interrupted: {args.command} did not finish; what it had not committed was "
+            "rolled back; run it again",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -738,6 +739,39 @@ def test_rotate_key_re_encrypts_with_the_first_key(
     again = run(["rotate-key"], env, capsys)
     assert again.code == 0
     assert "re-encrypted 0 account(s)" in again.out
+
+
+def test_an_interrupted_rotate_key_says_so_and_exits_130(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during rotate-key (here while it waits for another process's lock) is no
+    success: exit 130, a message, and every row still under the old key, so that
+    `rotate-key && <drop the old key>` stops."""
+    old = env["NBGW_ENCRYPTION_KEY"]
+    seed(env, "acme", "nbfake-at-int-1", "nbfake-rt-int-1")
+    new = generate_key()
+    holder = sqlite3.connect(env["NBGW_DATABASE"], isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbgateway", "rotate-key"],
+            env={**os.environ, **env, "NBGW_ENCRYPTION_KEY": f"{new},{old}"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2.0)  # started, and waiting for the lock
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: rotate-key did not finish" in err
+    assert "re-encrypted" not in out
+    env["NBGW_ENCRYPTION_KEY"] = old  # the old key alone still opens every row
+    assert run(["check"], env, capsys).code == 0
 
 
 # ---------------------------------------------------------------------- against a fake NB
