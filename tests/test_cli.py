@@ -475,6 +475,32 @@ class TestCheck:
         assert problem_lines(served) == problem_lines(run(["check"], env, capsys))
         assert "'acme'" in problem_lines(served)[0]
 
+    def test_a_damaged_database_file_is_refused_at_once_and_left_as_it_is(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A file whose first pages are sound but whose tables are damaged is named as
+        damaged (restore a backup): check says so, serve refuses without waiting a minute
+        for it to come back, and neither writes to the file."""
+        for n in range(60):
+            seed(env, f"nation-{n}", f"nbfake-at-damaged-{n:03d}", f"nbfake-rt-damaged-{n:03d}")
+        database = Path(env["NBGW_DATABASE"])
+        with sqlite3.connect(database) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = 4096
+        assert database.stat().st_size >= 6 * page
+        with database.open("r+b") as f:
+            f.seek(2 * page)
+            f.write(bytes(range(256)) * (3 * page // 256))  # pages 3-5: garbage
+        before = database.read_bytes()
+        checked = run(["check"], env, capsys)
+        assert checked.code == 1
+        assert "is damaged" in checked.err and "restore it from a backup" in checked.err
+        served = run(["serve"], env, capsys)
+        assert served.code == 1
+        assert "waiting for the database" not in served.err  # refused, not waited out
+        assert problem_lines(served) == problem_lines(checked)
+        assert database.read_bytes() == before
+
 
 # ---------------------------------------------------------------------- accounts (offline)
 

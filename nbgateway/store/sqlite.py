@@ -105,6 +105,18 @@ def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
     return StoreUnavailable(message) if busy else StoreError(message)
 
 
+def _read_error(message: str, exc: sqlite3.Error, path: Path) -> StoreError:
+    """A failed read: StoreError when the file is damaged (waiting will not mend it), else
+    StoreUnavailable (locked, gone, an I/O error: it may pass)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreError(
+            f"database {path} is damaged ({exc}): restore it from a backup (docs/deployment.md, "
+            "Backup and restore); nothing was changed"
+        )
+    return StoreUnavailable(message)
+
+
 # Each entry moves the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -471,7 +483,7 @@ class SQLiteStore:
         try:
             await self._scalar(self.conn, "SELECT count(*) FROM accounts")
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database not reachable: {exc}") from None
+            raise _read_error(f"database not reachable: {exc}", exc, self.path) from None
 
     async def check_writable(self) -> None:
         """Raise StoreError unless a write can be committed now (disk full, read-only, deleted)."""
@@ -501,7 +513,9 @@ class SQLiteStore:
         try:
             return await self._read_account(self.conn, slug)
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+            raise _read_error(
+                f"database {self.path} cannot be read: {exc}", exc, self.path
+            ) from None
 
     async def list_accounts(self) -> list[AccountInfo]:
         """Every account without its tokens (nothing is decrypted)."""
@@ -511,14 +525,18 @@ class SQLiteStore:
             ) as cur:
                 return [listed_info_from_row(row) async for row in cur]
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+            raise _read_error(
+                f"database {self.path} cannot be read: {exc}", exc, self.path
+            ) from None
 
     async def change_counter(self) -> int:
         """Changes whenever another connection commits (PRAGMA data_version)."""
         try:
             return int(await self._scalar(self.conn, "PRAGMA data_version"))
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+            raise _read_error(
+                f"database {self.path} cannot be read: {exc}", exc, self.path
+            ) from None
 
     def change_hint(self) -> int:
         """PRAGMA data_version of a connection of its own: it moves with every commit made
@@ -896,7 +914,9 @@ class SQLiteStore:
             ) as cur:
                 rows = await cur.fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+            raise _read_error(
+                f"database {self.path} cannot be read: {exc}", exc, self.path
+            ) from None
         return self._sealer.unreadable(rows)
 
     async def verify(self) -> list[str]:
@@ -985,7 +1005,9 @@ class SQLiteStore:
                 if keys_reader is not None:
                     with contextlib.suppress(sqlite3.Error):
                         await keys_reader.close()
-                raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+                raise _read_error(
+                    f"database {self.path} cannot be read: {exc}", exc, self.path
+                ) from None
         return readable_rows(rows, client_from_row, "client key")
 
     async def remove_client(self, name: str) -> bool:
@@ -1071,7 +1093,9 @@ class SQLiteStore:
                 (session_hash(sid), now),
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+            raise _read_error(
+                f"database {self.path} cannot be read: {exc}", exc, self.path
+            ) from None
         return found is not None
 
     async def record_login_failure(self, client: str, at: float, keep_after: float) -> None:
@@ -1099,7 +1123,9 @@ class SQLiteStore:
             ) as cur:
                 return [float(row[0]) async for row in cur]
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"database {self.path} cannot be read: {exc}") from None
+            raise _read_error(
+                f"database {self.path} cannot be read: {exc}", exc, self.path
+            ) from None
 
     async def clear_login_failures(self, client: str) -> None:
         """Forget `client`'s wrong admin tokens (it sent the right one)."""
