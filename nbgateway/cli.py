@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nbgateway import __version__
 from nbgateway.accounts import AccountService, account_json, check_slug
-from nbgateway.clients import audit_json, client_json
+from nbgateway.clients import audit_json, check_client, client_json
 from nbgateway.clock import SystemClock
 from nbgateway.config import (
     MAX_WORKERS,
@@ -52,7 +52,7 @@ from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import bind, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, store_for
-from nbgateway.store import copy_store
+from nbgateway.store import copy_store, holds_no_database
 from nbgateway.workers import MULTIPROC_ENV, Workers
 
 log = logging.getLogger("nbgateway.cli")
@@ -305,10 +305,11 @@ def _missing_database(args: argparse.Namespace, settings: Settings) -> str | Non
     does not exist. Opening it would create an empty database (in the wrong directory, as
     a rule, or under the wrong NBGW_DATABASE) and answer "no accounts" or "copied 0"."""
     database = settings.database
-    if not isinstance(database, Path) or database.exists() or _creates_data(args):
+    if not isinstance(database, Path) or _creates_data(args) or not holds_no_database(database):
         return None
+    there = "an empty file" if database.exists() else "no database"
     return (
-        f"no database at {database.absolute()} (NBGW_DATABASE): nothing is stored there, "
+        f"{there} at {database.absolute()} (NBGW_DATABASE): nothing is stored there, "
         "and this command does not create one; point NBGW_DATABASE (or the config file's "
         "database) at the file `nbgateway serve` uses"
     )
@@ -319,6 +320,16 @@ def _ts(value: str | None) -> str:
 
 
 async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    legacy: Secret | None = None
+    if args.accounts_command == "import":
+        # Read before the database is opened (and, for SQLite, created): nothing to import
+        # leaves nothing behind.
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("no token on stdin: pipe the legacy access token in", file=sys.stderr)
+            return EXIT_USAGE
+        legacy = Secret(token)
+        redactor.add(legacy)
     clock = SystemClock()
     metrics = Metrics()
     async with open_services(settings, clock=clock, metrics=metrics, redactor=redactor) as svc:
@@ -355,11 +366,8 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
                     return EXIT_FAILED
                 print(f"removed {slug}")
             elif command == "import":
-                token = sys.stdin.readline().strip()
-                if not token:
-                    print("no token on stdin: pipe the legacy access token in", file=sys.stderr)
-                    return EXIT_USAGE
-                return await _import(svc.accounts, settings, slug, Secret(token))
+                assert legacy is not None
+                return await _import(svc.accounts, settings, slug, legacy)
         except AccountNotFound:
             print(f"no account named {slug!r}", file=sys.stderr)
             return EXIT_FAILED
@@ -462,6 +470,12 @@ async def _rotate(settings: Settings, redactor: Redactor) -> int:
 
 
 async def _clients(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    if args.command == "clients" and args.clients_command == "add":
+        try:  # before the database is opened (and, for SQLite, created)
+            check_client(args.name, tuple(args.nation))
+        except ValueError as exc:
+            print(f"invalid: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     async with open_services(
         settings, clock=SystemClock(), metrics=Metrics(), redactor=redactor
     ) as svc:

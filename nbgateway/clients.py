@@ -110,6 +110,14 @@ def is_valid_name(name: str) -> bool:
     return bool(_NAME_RE.fullmatch(name)) and name != ANONYMOUS
 
 
+def check_client(name: str, nations: tuple[str, ...]) -> None:
+    """ValueError unless `name` and `nations` can make a client (before anything is stored)."""
+    check_name(name)
+    for slug in nations:
+        if not is_valid_slug(slug):
+            raise ValueError(f"{slug!r} is not a nation slug")
+
+
 def check_name(name: str) -> str:
     if not is_valid_name(name):
         raise ValueError(
@@ -382,10 +390,7 @@ class ClientRegistry:
         self, name: str, nations: tuple[str, ...] = (), read_only: bool = False
     ) -> tuple[ClientInfo, Secret]:
         """Register a client; returns it and its key (the only time the key is seen)."""
-        check_name(name)
-        for slug in nations:
-            if not is_valid_slug(slug):
-                raise ValueError(f"{slug!r} is not a nation slug")
+        check_client(name, nations)
         key = new_key()
         record = make_record(name, key, tuple(sorted(set(nations))), read_only, self._clock.now())
         await self._store.add_client(record)

@@ -31,6 +31,7 @@ from nbgateway.config import REQUIRED_FOR_SERVE, Settings, validate_settings
 from nbgateway.errors import NBGatewayError, StoreUnavailable
 from nbgateway.redact import Redactor
 from nbgateway.services import store_for
+from nbgateway.store import holds_no_database
 
 # How long `serve` waits at start for a database it cannot reach, and the longest pause
 # between two tries (the first is 1 s, then each doubles).
@@ -172,6 +173,10 @@ async def run_preflight(
             )
         return report
     report.database_problems.extend(_file_problems(database))
+    if holds_no_database(database):  # an empty file: nothing to open, and check writes nothing
+        if not report.database_problems:
+            report.notes.append(f"database: {database} is empty; it is set up on first start")
+        return report
     if report.database_problems or "NBGW_ENCRYPTION_KEY" in validation.refused:
         return report  # opening needs a usable file and the keys
     report.database_problems.extend(await _store_problems(settings, redactor, report))

@@ -606,6 +606,46 @@ class TestMissingDatabase:
         listed = run(["clients", "list", "--json"], env, capsys)
         assert [row["name"] for row in json.loads(listed.out)] == ["tool"]
 
+    @pytest.mark.parametrize(
+        ("argv", "complaint"),
+        [
+            (["clients", "add", "bad name!"], "invalid: a client name is"),
+            (["accounts", "import", "acme"], "no token on stdin"),
+        ],
+        ids=["bad-name", "no-token"],
+    )
+    def test_a_refused_store_command_creates_nothing(
+        self,
+        argv: list[str],
+        complaint: str,
+        env: dict[str, str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A command that may create the database checks its input first: refused, it
+        leaves no empty database that later commands would take for the real one."""
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        result = run(argv, env, capsys)
+        assert result.code == 2, result.err
+        assert complaint in result.err
+        assert not Path(env["NBGW_DATABASE"]).exists()
+
+    def test_an_empty_file_is_no_database(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A 0-byte file (`: > file`, a failed copy) is refused like a missing one by the
+        commands that only read or change what is stored; check reports it and writes
+        nothing into it."""
+        database = Path(env["NBGW_DATABASE"])
+        database.touch()
+        listed = run(["accounts", "list"], env, capsys)
+        assert listed.code == 1
+        assert f"an empty file at {database} (NBGW_DATABASE)" in listed.err
+        checked = run(["check"], env, capsys)
+        assert checked.code == 0, checked.err
+        assert f"database: {database} is empty; it is set up on first start" in checked.out
+        assert database.stat().st_size == 0
+
 
 class TestAccountsOffline:
     def test_list_empty(

@@ -28,7 +28,7 @@ from nbgateway.store.base import (
     TokenStore,
     lease_seconds,
 )
-from nbgateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from nbgateway.store.sqlite import SCHEMA_VERSION, SQLiteStore, holds_no_database
 
 __all__ = [
     "EVENTS_KEPT",
@@ -42,6 +42,7 @@ __all__ = [
     "StoreDump",
     "TokenStore",
     "copy_store",
+    "holds_no_database",
     "is_postgres_url",
     "lease_seconds",
     "make_store",

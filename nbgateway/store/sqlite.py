@@ -98,6 +98,18 @@ log = logging.getLogger("nbgateway.store")
 _PROBE_RETRY = 1.0
 
 
+def holds_no_database(path: Path) -> bool:
+    """Whether the SQLite file `path` holds nothing yet: it does not exist, or it is empty
+    (0 bytes, from `: > file` or a failed copy) with no write-ahead log beside it."""
+    try:
+        if path.stat().st_size > 0:
+            return False
+    except FileNotFoundError:
+        return True
+    wal = path.with_name(path.name + "-wal")
+    return not wal.exists() or wal.stat().st_size == 0
+
+
 def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
     """StoreUnavailable when another connection holds the lock (that passes), else StoreError."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
