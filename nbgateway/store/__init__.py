@@ -42,11 +42,23 @@ __all__ = [
     "StoreDump",
     "TokenStore",
     "copy_store",
+    "refuse_unreadable",
     "holds_no_database",
     "is_postgres_url",
     "lease_seconds",
     "make_store",
 ]
+
+
+async def refuse_unreadable(source: TokenStore) -> None:
+    """StoreError when a row of `source` (an account, event, client key or audit entry)
+    does not decrypt with the configured keys or does not parse: nothing can be copied."""
+    problems = await source.verify()
+    if problems:
+        raise StoreError(
+            f"{len(problems)} stored row(s) in {source.description} cannot be read with the "
+            f"configured keys; nothing was copied (first: {problems[0]})"
+        )
 
 
 async def copy_store(source: TokenStore, target: TokenStore) -> dict[str, int]:
@@ -55,12 +67,7 @@ async def copy_store(source: TokenStore, target: TokenStore) -> dict[str, int]:
     Refuses (StoreError, nothing written) when a source row does not decrypt with the
     configured keys, or when the target already holds accounts. Returns the row counts.
     """
-    problems = await source.verify()
-    if problems:
-        raise StoreError(
-            f"{len(problems)} account(s) in {source.description} cannot be read with the "
-            f"configured keys; nothing was copied (first: {problems[0]})"
-        )
+    await refuse_unreadable(source)
     dump = await source.dump()
     await target.load(dump)
     return dump.counts()
