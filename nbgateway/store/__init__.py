@@ -42,11 +42,11 @@ __all__ = [
     "StoreDump",
     "TokenStore",
     "copy_store",
-    "refuse_unreadable",
     "holds_no_database",
     "is_postgres_url",
     "lease_seconds",
     "make_store",
+    "refuse_unreadable",
 ]
 
 
