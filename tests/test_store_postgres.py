@@ -352,3 +352,20 @@ async def test_a_lock_connection_closed_by_the_server_is_named_as_lost(
         async with store.refresh_lock("acme") as lock:
             saved = await lock.save_tokens(token_set(clock, "3"))
         assert saved.refresh_token == token_set(clock, "3").refresh_token
+
+
+def test_a_transaction_cut_short_by_the_server_is_named_as_a_lost_connection(
+    clock: FakeClock, key: str
+) -> None:
+    """asyncpg's words for a transaction whose connection the server closed (a stop in the
+    middle of rotate-key) become "the connection to the database was lost", as for a
+    pooled connection closed under its holder; the password never appears."""
+    store = PostgresStore(
+        "postgresql://gw:s3cret-pw@127.0.0.1:1/nbgw", Cipher([Secret(key)]), clock
+    )
+    closed = "cannot call Transaction.__aexit__(): the underlying connection is closed"
+    with pytest.raises(StoreUnavailable) as info, store._errors("cannot be written"):
+        raise asyncpg.exceptions.InterfaceError(closed)
+    message = str(info.value)
+    assert f"cannot be written: the connection to the database was lost ({closed})" in message
+    assert "s3cret-pw" not in message

@@ -209,6 +209,7 @@ _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *DRIVER_ERRORS)
 # What asyncpg says when a pooled connection was closed under its holder.
 _RELEASED = "connection has been released back to the pool"
+_CLOSED = "the underlying connection is closed"
 
 # Generic only in the type stubs, so the alias is a string.
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -379,10 +380,13 @@ class PostgresStore:
 
     def _scrub(self, exc: BaseException) -> str:
         text = str(exc) or type(exc).__name__
-        if isinstance(exc, asyncpg.exceptions.InterfaceError) and _RELEASED in text:
+        if isinstance(exc, asyncpg.exceptions.InterfaceError) and (
+            _RELEASED in text or _CLOSED in text
+        ):
             # asyncpg's words for a pooled connection the server closed under its holder (a
-            # restart, a terminated backend); they are kept, as the same words also follow
-            # a use after release.
+            # restart, a terminated backend), or for a transaction it cut short (rolled
+            # back by the server); they are kept, as the same words also follow a use
+            # after release.
             text = f"the connection to the database was lost ({text})"
         if self._password:
             text = text.replace(self._password, "***")
