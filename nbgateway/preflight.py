@@ -131,6 +131,9 @@ async def _store_problems(settings: Settings, redactor: Redactor, report: Report
             settings, SystemClock(), redactor, busy_timeout=CHECK_BUSY_TIMEOUT
         ) as store:
             await store.ping()
+            # Reading is not enough: a database another process holds locked, a full disk
+            # or a read-only server fails every write serve would make.
+            await store.check_writable()
             problems = await store.verify()
             infos = await store.list_accounts()
     except NBGatewayError as exc:

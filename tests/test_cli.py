@@ -475,6 +475,24 @@ class TestCheck:
         assert problem_lines(served) == problem_lines(run(["check"], env, capsys))
         assert "'acme'" in problem_lines(served)[0]
 
+    def test_a_database_another_process_holds_for_writing_is_a_problem(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """In WAL mode reads go on while another process holds the write lock (a sqlite3
+        shell in BEGIN EXCLUSIVE, a long rotate-key), but every write serve would make
+        waits and fails: check reports the lock, and is ok again once it is released."""
+        seed(env, "acme", "nbfake-at-locked-1", "nbfake-rt-locked-1")
+        holder = sqlite3.connect(env["NBGW_DATABASE"], isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            locked = run(["check"], env, capsys)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert locked.code == 1
+        assert "cannot be written: database is locked" in locked.err
+        assert run(["check"], env, capsys).code == 0
+
     def test_a_damaged_database_file_is_refused_at_once_and_left_as_it_is(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
     ) -> None:
