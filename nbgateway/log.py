@@ -145,7 +145,7 @@ class AccessLog:
         self._redactor = redactor
         self._json = formatter.json_lines
         self._known: dict[str, str] = {}
-        self._templates: dict[tuple[tuple[str, Any], ...], _Template] = {}
+        self._templates: dict[tuple[tuple[tuple[str, Any], ...], tuple[type, ...]], _Template] = {}
         self._known_generation = -1
 
     def _scrubbed_together(self, values: list[str]) -> list[str]:
@@ -186,7 +186,8 @@ class AccessLog:
             self._known_generation = redactor.generation
         elif len(templates) >= _KNOWN_KEPT:
             templates.clear()
-        key = tuple(fields.items())
+        # The types too: 1, 1.0 and True are equal keys but different text.
+        key = (tuple(fields.items()), tuple(map(type, fields.values())))
         try:
             template = templates.get(key)
             hashable = True

@@ -486,11 +486,11 @@ class Proxy:
             slot = await self._limiter.acquire(
                 route.slug, self.client_identity(request), replay=replay
             )
-        url = f"{self._nation_base(route.slug)}/api/{route.raw_tail}"
-        if route.query:
-            url = f"{url}?{route.query}"
         started = time.perf_counter()
         try:
+            url = f"{self._nation_base(route.slug)}/api/{route.raw_tail}"
+            if route.query:
+                url = f"{url}?{route.query}"
             response = await self._session.request(
                 request.method,
                 URL(url, encoded=True),

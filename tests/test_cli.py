@@ -648,6 +648,18 @@ class TestMissingDatabase:
         assert complaint in result.err
         assert not Path(env["NBGW_DATABASE"]).exists()
 
+    def test_a_file_where_a_directory_should_be_is_no_database(
+        self, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """NBGW_DATABASE under a path whose parent is a file: the plain refusal, no
+        traceback (NotADirectoryError is "not there", as for Path.exists())."""
+        (tmp_path / "afile").write_text("")
+        env["NBGW_DATABASE"] = str(tmp_path / "afile" / "gateway.db")
+        listed = run(["accounts", "list"], env, capsys)
+        assert listed.code == 1
+        assert f"no database at {tmp_path / 'afile' / 'gateway.db'}" in listed.err
+        assert "Traceback" not in listed.err
+
     def test_an_empty_file_is_no_database(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -455,6 +455,20 @@ class TestDirectAccessLine:
             assert line == expected
 
     @pytest.mark.parametrize("fmt", ["text", "json"])
+    def test_equal_values_of_different_types_give_their_own_lines(self, fmt: str) -> None:
+        """1, 1.0 and True are equal (and hash alike) but are written differently: each
+        line is still the record's, whichever came first."""
+        redactor = Redactor()
+        handler = LogHandler(
+            io.StringIO(), RedactingFormatter(redactor, json_lines=fmt == "json"), redactor
+        )
+        assert isinstance(handler.formatter, RedactingFormatter)
+        for flag in (1, True, 1.0, 1, True):
+            fields = {"method": "GET", "path": "/api/x", "peer": "::1", "status": 200, "n": flag}
+            line = handler.access_log.render(fields, None, CREATED, duration_ms=1.5)
+            assert line == record_line(handler.formatter, {**fields, "duration_ms": 1.5}, None)
+
+    @pytest.mark.parametrize("fmt", ["text", "json"])
     def test_a_generated_request_id_gives_the_record_line_unscrubbed(self, fmt: str) -> None:
         """An id the gateway generated (random hex) is written as it is, and the line is
         still the one the record would give."""

@@ -104,10 +104,16 @@ def holds_no_database(path: Path) -> bool:
     try:
         if path.stat().st_size > 0:
             return False
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # as Path.exists() says
+    except OSError:
+        return False  # cannot look (a directory that cannot be entered): opening will say
+    try:
+        return path.with_name(path.name + "-wal").stat().st_size == 0
     except FileNotFoundError:
         return True
-    wal = path.with_name(path.name + "-wal")
-    return not wal.exists() or wal.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
