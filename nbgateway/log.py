@@ -198,7 +198,8 @@ class AccessLog:
             if hashable and template.kept:
                 templates[key] = template
         if request_id is not None and not id_is_ours:
-            request_id = self._scrubbed(request_id)
+            # Not remembered: tools that send one id per request would only fill the memory.
+            request_id = self._redactor.scrub(request_id)
         if not self._json:
             tail = template.tail
             if duration_ms is not None:
@@ -214,16 +215,6 @@ class AccessLog:
             f'{{"ts": {round(created, 6)!r}, "level": "info", "logger": "{ACCESS_LOGGER}"'
             f"{rid}{template.head}{duration}{template.tail}}}"
         )
-
-    def _scrubbed(self, text: str) -> str:
-        """`text` scrubbed, remembered when short."""
-        known = self._known
-        clean = known.get(text)
-        if clean is None:
-            clean = self._redactor.scrub(text)
-            if len(text) <= _KNOWN_MAX_LEN:
-                known[text] = clean
-        return clean
 
     def _template(self, fields: Mapping[str, Any]) -> _Template:
         """The parts of the line `fields` give, every value scrubbed."""
