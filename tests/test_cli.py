@@ -493,6 +493,21 @@ class TestCheck:
         assert "cannot be written: database is locked" in locked.err
         assert run(["check"], env, capsys).code == 0
 
+    def test_a_client_row_restricted_to_no_nation_slug_is_named(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A hand-edited `nations` column that holds no nation slug is a damaged row:
+        check names it, and the key is left out (refused) rather than shown as valid."""
+        assert run(["clients", "add", "tool1", "--nation", "acme"], env, capsys).code == 0
+        assert run(["clients", "add", "tool2"], env, capsys).code == 0
+        with sqlite3.connect(env["NBGW_DATABASE"]) as conn:
+            conn.execute("UPDATE clients SET nations = 'NOT A SLUG!!' WHERE name = 'tool1'")
+        checked = run(["check"], env, capsys)
+        assert checked.code == 1
+        assert "client key 'tool1': nations holds 'NOT A SLUG!!', no nation slug" in checked.err
+        listed = run(["clients", "list", "--json"], env, capsys)
+        assert [row["name"] for row in json.loads(listed.out)] == ["tool2"]
+
     def test_a_damaged_database_file_is_refused_at_once_and_left_as_it_is(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -69,6 +69,7 @@ from nbgateway.models import (
     Event,
     EventKind,
     TokenSet,
+    is_valid_slug,
 )
 from nbgateway.redact import Secret
 
@@ -337,6 +338,9 @@ def client_from_row(row: Row) -> ClientRecord:
         raise CorruptRecordError(f"a client key row has no name (key id {row['key_id']!r})")
     of = "client key"
     nations = tuple(n for n in (_text(row["nations"], name, "nations", of) or "").split(",") if n)
+    for slug in nations:
+        if not is_valid_slug(slug):
+            raise CorruptRecordError(f"client key {name!r}: nations holds {slug!r}, no nation slug")
     key_id = _text(row["key_id"], name, "key_id", of) or ""
     info = ClientInfo(
         name=name,
