@@ -695,8 +695,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except KeyboardInterrupt:
         if args.command in ("serve", "demo"):
             return EXIT_OK  # Ctrl-C is how a foreground server is stopped
-        # Nothing half-done is kept (each command writes in one transaction), but the
-        # command did not do its job: a script must not go on as if it had.
+        # Nothing half-written is kept (every write is a transaction; rotate-key and
+        # migrate are one each), but the command did not do its job: a script must not
+        # go on as if it had.
         print(
             f"interrupted: {args.command} did not finish; what it had not committed was "
             "rolled back; run it again",
