@@ -52,7 +52,7 @@ from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import bind, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, store_for
-from nbgateway.store import copy_store, holds_no_database, refuse_unreadable
+from nbgateway.store import copy_store, holds_no_database
 from nbgateway.workers import MULTIPROC_ENV, Workers
 
 log = logging.getLogger("nbgateway.cli")
@@ -551,10 +551,9 @@ async def _migrate(settings: Settings, redactor: Redactor, database: Path | str)
     for secret in target_settings.secrets():  # a password in the target URL
         redactor.add(secret)
     clock = SystemClock()
+    destination = store_for(target_settings, clock, redactor)
     async with store_for(settings, clock, redactor) as source:
-        await refuse_unreadable(source)  # before the target is opened (or created)
-        async with store_for(target_settings, clock, redactor) as destination:
-            counts = await copy_store(source, destination)
+        counts = await copy_store(source, destination)
     print(
         f"copied {counts['accounts']} account(s), {counts['events']} event(s), "
         f"{counts['auth_states']} pending authorization(s), {counts['clients']} client key(s) "

@@ -46,30 +46,27 @@ __all__ = [
     "is_postgres_url",
     "lease_seconds",
     "make_store",
-    "refuse_unreadable",
 ]
 
 
-async def refuse_unreadable(source: TokenStore) -> None:
-    """StoreError when a row of `source` (an account, event, client key or audit entry)
-    does not decrypt with the configured keys or does not parse: nothing can be copied."""
+async def copy_store(source: TokenStore, target: TokenStore) -> dict[str, int]:
+    """Copy every row of the open `source` into `target`, which must hold no accounts yet
+    (ciphertexts as they are); `target` is opened here, and only once every source row has
+    been read (so a refused copy does not even create a target SQLite file).
+
+    Refuses (StoreError, nothing written) when a source row does not decrypt with the
+    configured keys or does not parse, or when the target already holds accounts.
+    Returns the row counts.
+    """
     problems = await source.verify()
     if problems:
         raise StoreError(
             f"{len(problems)} stored row(s) in {source.description} cannot be read with the "
             f"configured keys; nothing was copied (first: {problems[0]})"
         )
-
-
-async def copy_store(source: TokenStore, target: TokenStore) -> dict[str, int]:
-    """Copy every row of `source` into the empty `target` (ciphertexts as they are).
-
-    Refuses (StoreError, nothing written) when a source row does not decrypt with the
-    configured keys, or when the target already holds accounts. Returns the row counts.
-    """
-    await refuse_unreadable(source)
     dump = await source.dump()
-    await target.load(dump)
+    async with target:
+        await target.load(dump)
     return dump.counts()
 
 
