@@ -481,7 +481,7 @@ class Proxy:
         replay: bool = False,
     ) -> aiohttp.ClientResponse:
         """One upstream request inside a rate slot; its answer goes back to the limiter."""
-        slot = self._limiter.try_acquire(route.slug) if not replay else None
+        slot = self._limiter.try_acquire(route.slug)  # what acquire tries first, too
         if slot is None:
             slot = await self._limiter.acquire(
                 route.slug, self.client_identity(request), replay=replay
