@@ -697,8 +697,10 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         # Nothing half-written is kept (every write is a transaction; rotate-key and
         # migrate are one each), but the command did not do its job: a script must not
         # go on as if it had.
+        action = getattr(args, f"{args.command}_command", None)
+        name = f"{args.command} {action}" if action else args.command
         print(
-            f"interrupted: {args.command} did not finish; what it had not committed was "
+            f"interrupted: {name} did not finish; what it had not committed was "
             "rolled back; run it again",
             file=sys.stderr,
         )

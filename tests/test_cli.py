@@ -935,6 +935,41 @@ class TestAccountsAgainstFake:
         assert fake_process.grants("cli-refresh") == 1
         assert event_kinds(fake_env, "cli-refresh")[0] is EventKind.REFRESHED
 
+    def test_ctrl_c_during_refresh_keeps_the_rotated_pair(
+        self, fake_env: dict[str, str], fake_process: FakeNB
+    ) -> None:
+        """Ctrl-C while NationBuilder is answering a refresh: the call it may already
+        have acted on is finished and its new pair stored (the old refresh token is spent),
+        and the command still exits 130 rather than report success."""
+        issued = connected(fake_env, fake_process, "cli-interrupt")
+        fake_process.control(action="hold_tokens")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nbgateway", "accounts", "refresh", "cli-interrupt"],
+                env={**os.environ, **fake_env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 30
+            while fake_process.state()["pending_token_requests"] < 1:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the refresh never reached the token endpoint"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)  # the interrupt is handled while the call is still held
+        finally:
+            fake_process.control(action="release_tokens")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (out, err)
+        assert "interrupted: accounts refresh did not finish" in err
+        assert "nbfake-" not in out + err
+        assert fake_process.grants("cli-interrupt") == 1
+        account = read_account(fake_env, "cli-interrupt")
+        assert account is not None and account.refresh_token is not None
+        assert account.refresh_token.reveal() != issued["refresh_token"]
+        assert account.generation == 2
+
     def test_import_exchanges_the_legacy_token(
         self,
         fake_env: dict[str, str],
