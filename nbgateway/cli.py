@@ -428,13 +428,18 @@ def _sigterm_exits(wanted: bool) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _is_worker(args: argparse.Namespace) -> bool:
+    """Whether this process is a `serve --workers` worker, started by its parent."""
+    return args.command == "serve" and args.listen_fd is not None
+
+
 async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Redactor) -> int:
     """`check`, and the start of `serve`: print every problem found; return the exit code.
     `serve` first waits a while for a database it cannot reach (`wait_for_database`); a
     `--workers` worker does not (its parent waited before starting it, and restarts it with
     a backoff when it exits), so it never outlives a parent killed meanwhile."""
     report = await run_preflight(env, args.config, redactor)
-    if args.command == "serve" and args.listen_fd is None:
+    if args.command == "serve" and not _is_worker(args):
         report = await wait_for_database(
             report,
             lambda: run_preflight(env, args.config, redactor),
@@ -444,7 +449,7 @@ async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Re
     if args.command == "check":
         for note in report.notes:
             print(note)
-    if args.command == "serve" and args.listen_fd is not None:
+    if _is_worker(args):
         # A worker: its problems are log lines in NBGW_LOG_FORMAT (see `main`), each with
         # its time and pid; its parent logs the exit and starts it again.
         for line in report.problem_lines():
@@ -583,7 +588,7 @@ def _serve(
     args: argparse.Namespace, settings: Settings, env: dict[str, str], redactor: Redactor
 ) -> int:
     """`serve`: one process, the parent of `--workers N` processes, or one of those workers."""
-    if args.listen_fd is not None:
+    if _is_worker(args):
         metrics_dir = env.get(MULTIPROC_ENV)
         run(
             serve(
@@ -632,8 +637,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             return asyncio.run(
                 run_demo(port=args.port, check_only=args.self_test, redactor=redactor)
             )
-        worker = args.command == "serve" and args.listen_fd is not None
-        if worker:
+        if _is_worker(args):
             # Before its settings are read: whatever it reports is a line of the log.
             configure_logging(redactor, fmt=env.get("NBGW_LOG_FORMAT", "text").strip().lower())
         if args.command in ("check", "serve"):
@@ -686,7 +690,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
             print(f"configuration error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except NBGatewayError as exc:
-        if args.command == "serve" and args.listen_fd is not None:
+        if _is_worker(args):
             log.error("worker stopped: %s", redactor.scrub(str(exc)), extra={"pid": os.getpid()})
         else:
             print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)
