@@ -401,6 +401,13 @@ class TokenManager:
                 await locked.mark_needs_reauth(reason)
                 reauth = marked = True
             else:
+                if locked.interrupted_at is not None:
+                    # Known only under the lock: a marker seen in a listing may be a live
+                    # sibling's refresh, which leaves a new generation (adopted above).
+                    log.warning(
+                        "a refresh was in flight when a gateway process stopped; refreshing now",
+                        extra={"account": slug},
+                    )
                 # Durably note the call before making it: if this process dies while
                 # NationBuilder answers, the next start knows the refresh token may be spent.
                 await locked.begin_refresh()
@@ -784,17 +791,15 @@ class TokenManager:
         """Refresh at once every account whose store row still carries a "refresh in flight"
         marker (a process stopped during its token call). If NationBuilder then refuses the
         refresh token, the account's needs-reauth reason says the gateway stopped mid-refresh.
-        """
+
+        A marker may also be a sibling's refresh that is running right now (workers start
+        together): the lock waits for it, its new pair is adopted, and nothing is logged.
+        Only a refresh that finds a stopped holder's marker under the lock warns."""
         stranded = [
             info
             for info in await self._store.list_accounts()
             if info.status is AccountStatus.ACTIVE and info.refresh_started_at is not None
         ]
-        for info in stranded:
-            log.warning(
-                "a refresh was in flight when a gateway process stopped; refreshing now",
-                extra={"account": info.slug},
-            )
         await self._refresh_each(stranded, "recovering an interrupted refresh failed")
         return [info.slug for info in stranded]
 

@@ -169,7 +169,7 @@ async def test_restart_after_kill_during_the_token_call_reports_the_interrupted_
         assert after_kill.status is AccountStatus.ACTIVE
         assert after_kill.refresh_started_at == marked.refresh_started_at
 
-        url, _ = await asyncio.to_thread(start_serving, processes, env, "gateway-2")
+        url, second = await asyncio.to_thread(start_serving, processes, env, "gateway-2")
 
         async def marked_needs_reauth() -> bool:
             return (await read_info(env)).status is AccountStatus.NEEDS_REAUTH
@@ -178,6 +178,7 @@ async def test_restart_after_kill_during_the_token_call_reports_the_interrupted_
         info = await read_info(env)
         assert info.last_error is not None and STOPPED in info.last_error
         assert info.refresh_started_at is None
+        assert "a refresh was in flight when a gateway process stopped" in second.output()
         state = await asyncio.to_thread(fake.state)
         assert state["token_requests"][SLUG]["refresh_token"] == 2
         assert state["api_requests"] == {}  # found on start, not by a request meeting 401

@@ -288,6 +288,37 @@ class TestAcrossProcesses:
         kinds = [e.kind for e in await a.store.events(SLUG)]
         assert EventKind.NEEDS_REAUTH not in kinds
 
+    async def test_start_up_recovery_beside_a_live_refresh_adopts_it_quietly(
+        self,
+        pair: tuple[Gateway, Gateway],
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Workers start together: B's start-up recovery lists the "refresh in flight"
+        marker of A's running refresh. It waits for A, adopts A's pair, makes no token call
+        and does not warn of a stopped process (that warning is for a holder that died)."""
+        a, b = pair
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        fake_nb.clear_recordings()
+        ta = asyncio.create_task(fetch(a))
+        await fake_nb.wait_for_pending_tokens(1)  # A holds the lock, its marker is stored
+        info = await b.accounts.get(SLUG)
+        assert info.refresh_started_at is not None
+        caplog.set_level(logging.INFO, logger="nbgateway.tokens")
+        recovery = asyncio.create_task(b.tokens.recover_interrupted())
+        await asyncio.sleep(0.2)  # B is waiting for the lock
+        fake_nb.release_tokens()
+
+        assert await ta == 200
+        assert await recovery == [SLUG]
+        assert len(fake_nb.token_requests) == 1
+        assert "when a gateway process stopped" not in caplog.text
+        assert b.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 0
+        assert await fetch(b) == 200
+        assert len(fake_nb.token_requests) == 1
+
     async def test_expired_cache_picks_up_a_pair_rotated_elsewhere(
         self,
         pair: tuple[Gateway, Gateway],
