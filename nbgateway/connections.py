@@ -30,7 +30,7 @@ from nbgateway.allowlist import AllowList, peer_address
 from nbgateway.config import Settings
 from nbgateway.errors import ClientNotAllowed, TooManyConnections
 from nbgateway.metrics import Metrics
-from nbgateway.middleware import raw_error_response
+from nbgateway.middleware import CLOSED_WITH, raw_error_response
 
 # Seconds an idle keep-alive connection stays open (aiohttp's keepalive_timeout).
 KEEPALIVE_TIMEOUT = 75.0
@@ -125,6 +125,7 @@ class GuardedHandler(web.RequestHandler):
         self._head_since: float | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._in_request = False
+        self._request: web.BaseRequest | None = None  # the one being handled
         self._last_data = 0.0
 
     # -- the connection --------------------------------------------------------------------
@@ -165,6 +166,7 @@ class GuardedHandler(web.RequestHandler):
         self._head_since = None  # the head is complete (its timer, if due, finds nothing)
         content = request.content
         if request.body_exists and not content.is_eof():
+            self._request = request
             self._last_data = self._loop.time()
             self._body_timer = self._loop.call_at(
                 self._last_data + self._guard.body_timeout, self._check_body
@@ -173,6 +175,7 @@ class GuardedHandler(web.RequestHandler):
 
     def request_finished(self) -> None:
         self._in_request = False
+        self._request = None
         self._body_complete()
 
     # -- timers -------------------------------------------------------------------------------
@@ -204,6 +207,8 @@ class GuardedHandler(web.RequestHandler):
         due = self._last_data + self._guard.body_timeout
         if now >= due:
             self._guard.closed("body_timeout")
+            if self._request is not None:
+                self._request[CLOSED_WITH] = 408  # the request timed out, as nginx logs it
             self.force_close()
         else:
             self._body_timer = self._loop.call_at(due, self._check_body)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -45,6 +46,28 @@ ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Per-request facts handlers add for the access log (account, upstream timing ...).
 ACCESS_INFO: web.RequestKey[dict[str, Any]] = web.RequestKey("nbgw_access_info", dict)
+# The status logged and counted for a request whose connection closed before its answer
+# was sent (the client went away, or a stop cut it short): nginx's "client closed request".
+CLIENT_CLOSED = 499
+# Set by whatever closes a connection for the request's own fault (a stalled body: 408),
+# so that its cancelled handler logs that status rather than CLIENT_CLOSED.
+CLOSED_WITH: web.RequestKey[int] = web.RequestKey("nbgw_closed_with", int)
+
+
+def connection_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed or closing (nothing more reaches it)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def cancelled_status(request: web.Request, status: int) -> int:
+    """What to log for a handler cancelled with `status` so far: when the connection is
+    gone (aiohttp cancels the handler of a lost connection), CLOSED_WITH's status if the
+    gateway closed it, else CLIENT_CLOSED; `status` while the connection is still open."""
+    if not connection_gone(request):
+        return status
+    closed: int = request.get(CLOSED_WITH, CLIENT_CLOSED)
+    return closed
 
 
 def error_document(err: GatewayError) -> bytes:
@@ -172,6 +195,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                     headers={"Allow": ALLOWED_METHODS},
                 )
             response = await handler(request)
+        except asyncio.CancelledError:
+            status = cancelled_status(request, status)
+            raise
         except GatewayError as err:
             response = error_response(err)
         except web.HTTPException as exc:

@@ -59,7 +59,14 @@ from nbgateway.errors import (
 )
 from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
 from nbgateway.metrics import NO_ACCOUNT, Metrics
-from nbgateway.middleware import ACCESS_INFO, REQUEST_ID_HEADER, error_response, request_id_of
+from nbgateway.middleware import (
+    ACCESS_INFO,
+    REQUEST_ID_HEADER,
+    cancelled_status,
+    connection_gone,
+    error_response,
+    request_id_of,
+)
 from nbgateway.models import ClientInfo, is_valid_slug
 from nbgateway.ratelimit import RateLimiter
 from nbgateway.tokens import IssuedToken, TokenManager
@@ -125,6 +132,8 @@ _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User
 BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
 # The registered client key's name, once identified (the rate queue's fairness unit).
 CLIENT_NAME = web.RequestKey("nbgw_client_name", str)
+# The status of a streamed answer whose head has gone out (what a cut-off body still had).
+STREAMED_STATUS = web.RequestKey("nbgw_streamed_status", int)
 
 
 class Route(NamedTuple):
@@ -405,6 +414,12 @@ class Proxy:
             response = await self._forward(request, route, issued)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels its handler): counted and logged alike.
+            status = request.get(STREAMED_STATUS) or cancelled_status(request, status)
+            if info is not None:
+                info["status"] = status
+            raise
         except GatewayError as err:
             status = err.status
             if isinstance(err, UnknownAccount):
@@ -703,16 +718,18 @@ class Proxy:
         # Sent before the middleware sees the response, so set here.
         response.headers[REQUEST_ID_HEADER] = request_id_of(request)
         await response.prepare(request)
+        request[STREAMED_STATUS] = response.status
         try:
             if head:
                 await response.write(head)
             async for chunk in upstream.content.iter_chunked(_CHUNK):
                 await response.write(chunk)
         except (TimeoutError, aiohttp.ClientError):
-            # Headers are gone already: all that is left is to cut the connection.
-            log.warning("upstream response broke off", extra={"account": route.slug})
-            if request.transport is not None:
-                request.transport.close()
+            # Headers are gone already: all that is left is to cut the connection. A write
+            # to a client that went away fails the same way; that is not NationBuilder's.
+            if not connection_gone(request):
+                log.warning("upstream response broke off", extra={"account": route.slug})
+                request.transport.close()  # type: ignore[union-attr]
             return response
         await response.write_eof()
         return response

@@ -25,6 +25,7 @@ import base64
 import gzip
 import ipaddress
 import json
+import logging
 import resource
 import socket
 import sys
@@ -193,6 +194,73 @@ async def serve(
         await context.__aexit__(None, None, None)
 
 
+def proxied_count(gw: Served, code: int, method: str = "GET") -> float:
+    labels = {"account": "acme", "method": method, "code": str(code)}
+    value = gw.registry.get_sample_value("nbgw_proxy_requests_total", labels)
+    return 0.0 if value is None else value
+
+
+async def counted(gw: Served, code: int, method: str = "GET") -> None:
+    """Wait (bounded) until one proxied request with `code` is counted."""
+    for _ in range(200):
+        if proxied_count(gw, code, method) == 1:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"no {method} counted with {code}")
+
+
+class TestClientGoesAway:
+    """A client that hangs up is not a gateway failure: its request is counted and logged
+    as 499 (nginx's "client closed request"), or with the status already sent; the gateway
+    closing a stalled body logs 408. None of them is a 500 or blamed on NationBuilder."""
+
+    async def test_hanging_up_while_nationbuilder_thinks_is_499(
+        self, serve: Any, fake_nb: FakeNationBuilder, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        gw = await serve()
+        fake_nb.api_delay = 2.0
+        caplog.set_level(logging.INFO)
+        _reader, writer = await connect(gw.port)
+        writer.write(request_bytes("GET", ECHO))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        await hang_up(writer)
+        await counted(gw, 499)
+        assert proxied_count(gw, 500) == 0
+        [line] = [r for r in caplog.records if r.name == "nbgateway.access"]
+        assert line.status == 499  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "buffered"])
+    async def test_hanging_up_halfway_through_an_upload_is_499(
+        self, serve: Any, fake_nb: FakeNationBuilder, streamed: bool
+    ) -> None:
+        gw = await serve(retry_buffer=1000 if streamed else 1_000_000)
+        _reader, writer = await connect(gw.port)
+        writer.write(request_bytes("POST", ECHO, [("Content-Length", "90000")], b"x" * 40000))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        await hang_up(writer)
+        await counted(gw, 499, "POST")
+        assert proxied_count(gw, 500, "POST") == 0
+
+    async def test_abandoning_a_download_keeps_its_status_and_blames_no_one(
+        self, serve: Any, fake_nb: FakeNationBuilder, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        gw = await serve()
+        fake_nb.set_canned(headers=[("Content-Type", "text/csv")], body=b"a,b\n" * 4_000_000)
+        caplog.set_level(logging.INFO)
+        reader, writer = await connect(gw.port)
+        writer.write(request_bytes("GET", "/n/acme/api/_test/canned"))
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        await reader.read(65536)
+        await hang_up(writer)
+        await counted(gw, 200)
+        assert proxied_count(gw, 499) == 0
+        assert proxied_count(gw, 500) == 0
+        assert "upstream response broke off" not in caplog.text
+
+
 class TestServedBodies:
     async def test_a_compressed_body_is_forwarded_as_sent(
         self, serve: Any, fake_nb: FakeNationBuilder
@@ -352,6 +420,8 @@ class TestConnectionGuard:
         await hang_up(writer)
         assert gw.closed("body_timeout") == 1
         assert fake_nb.api_requests == []
+        await counted(gw, 408, "POST")  # the request timed out: not the client's 499
+        assert proxied_count(gw, 499, "POST") == 0
 
     async def test_body_that_keeps_arriving_is_not_cut(
         self, serve: Any, fake_nb: FakeNationBuilder
