@@ -9,6 +9,11 @@
   opening, or of the first byte of a later request on it; a request body that stalls (no
   byte while the gateway waits for one) for NBGW_BODY_TIMEOUT seconds closes the
   connection. Idle keep-alive connections close after KEEPALIVE_TIMEOUT seconds.
+- A request that is not well-formed HTTP/1.1 (a line over 8190 bytes, Content-Length with
+  Transfer-Encoding, broken chunk framing, ...) gets the contract's 400 invalid_request and
+  a one-line warning, not aiohttp's plain-text page (which quotes the request's bytes) and
+  traceback; a chunked body that breaks after its request was handed on fails its reader
+  at once instead of leaving it waiting for NBGW_BODY_TIMEOUT.
 
 `ConnectionGuard` holds the policy and the per-address counts (one per app, under
 `GUARD`); `GuardedHandler` is aiohttp's `RequestHandler` with these checks, made by
@@ -20,17 +25,28 @@ connection is counted in `nbgw_connections_closed_total{reason}`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Handler
 
 from nbgateway.allowlist import AllowList, peer_address
 from nbgateway.config import Settings
-from nbgateway.errors import ClientNotAllowed, TooManyConnections
+from nbgateway.errors import ClientNotAllowed, InvalidRequest, TooManyConnections
+from nbgateway.log import request_id_var
 from nbgateway.metrics import Metrics
-from nbgateway.middleware import CLOSED_WITH, raw_error_response
+from nbgateway.middleware import (
+    CLOSED_WITH,
+    REQUEST_ID_HEADER,
+    error_response,
+    new_request_id,
+    raw_error_response,
+)
+
+log = logging.getLogger("nbgateway.server")
 
 # Seconds an idle keep-alive connection stays open (aiohttp's keepalive_timeout).
 KEEPALIVE_TIMEOUT = 75.0
@@ -126,6 +142,7 @@ class GuardedHandler(web.RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._request: web.BaseRequest | None = None  # the one being handled
+        self._body_failed = False  # its body broke: the connection ends with its answer
         self._last_data = 0.0
 
     # -- the connection --------------------------------------------------------------------
@@ -158,6 +175,58 @@ class GuardedHandler(web.RequestHandler):
             if self._head_timer is None:
                 self._arm_head_timer(now + self._guard.header_timeout)
         super().data_received(data)
+        request = self._request
+        if request is not None and self._messages:
+            self._fail_body_on_parse_error(request)
+
+    def _fail_body_on_parse_error(self, request: web.BaseRequest) -> None:
+        """aiohttp's C parser, failing in a body its request was already handed on with
+        (a broken chunk size), queues the error as the next message but leaves that body
+        waiting for bytes that never come (its pure-Python parser fails the body): fail it
+        here, so the handler answers 400 at once."""
+        content = request.content
+        if content.is_eof() or content.exception() is not None:
+            return
+        for message, _payload in self._messages:
+            if isinstance(message, web_protocol._ErrInfo) and message.exc is not None:
+                content.set_exception(message.exc)
+                self._body_failed = True
+                self._guard.closed("malformed_request")
+                return
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp's parser refused: the contract's JSON 400 and one warning line
+        (without the request's bytes, which may hold credentials); anything else as aiohttp
+        answers it."""
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            detail = "a request line or header line is longer than 8190 bytes"
+        else:
+            detail = (
+                "the request is not well-formed HTTP/1.1 (its request line, a header, or "
+                "the framing of its body)"
+            )
+        self._guard.closed("malformed_request")
+        request_id = new_request_id()
+        token = request_id_var.set(request_id)
+        try:
+            log.warning(
+                "malformed request refused",
+                extra={"peer": self._address, "error": type(exc).__name__},
+            )
+        finally:
+            request_id_var.reset(token)
+        response = error_response(InvalidRequest(f"{detail}; nothing was forwarded"))
+        response.headers[REQUEST_ID_HEADER] = request_id
+        response.force_close()
+        return response
 
     # -- requests (told by `track_requests`) --------------------------------------------------
 
@@ -174,6 +243,11 @@ class GuardedHandler(web.RequestHandler):
             content.on_eof(self._body_complete)
 
     def request_finished(self) -> None:
+        if self._body_failed and self._request is not None:
+            # Nothing after the broken bytes can be parsed: answer this request, then
+            # close (no draining of the rest of its body, no next request).
+            self._request.content.feed_eof()
+            self.close()
         self._in_request = False
         self._request = None
         self._body_complete()

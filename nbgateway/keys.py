@@ -4,7 +4,7 @@ Handlers read `request.app[KEY]` (or `request.config_dict[KEY]` in sub-apps); th
 themselves receive their collaborators through constructors and never read these keys.
 Keys private to one module stay there: `app.PROXY`, `admin_api.CALLBACK_RENDERER` and
 `admin_api.BINDING` (hooks the admin pages fill), `middleware.ACCESS_INFO` and
-`proxy.BODY_TOO_LARGE` (per-request).
+`proxy.BODY_REFUSED` (per-request).
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ class Metrics:
         self.connections_refused = Counter(
             "nbgw_connections_closed_total",
             "Client connections the gateway closed itself, by reason (not_allowed, "
-            "client_limit, header_timeout, body_timeout).",
+            "client_limit, header_timeout, body_timeout, malformed_request).",
             ["reason"],
             registry=r,
         )

@@ -26,6 +26,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -128,8 +129,9 @@ _HOST_RE = re.compile(
 _CHUNK = 64 * 1024
 # Headers aiohttp's client would add on its own; upstream gets only what the client sent.
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User-Agent"})
-# Set on a request whose streamed body went over NBGW_MAX_REQUEST_BODY.
-BODY_TOO_LARGE = web.RequestKey("nbgw_body_too_large", bool)
+# Set on a request whose streamed body failed on the client's side (over
+# NBGW_MAX_REQUEST_BODY, or its chunked framing broke): the error the client gets.
+BODY_REFUSED = web.RequestKey("nbgw_body_refused", GatewayError)
 # The registered client key's name, once identified (the rate queue's fairness unit).
 CLIENT_NAME = web.RequestKey("nbgw_client_name", str)
 # The status of a streamed answer whose head has gone out (what a cut-off body still had).
@@ -151,6 +153,12 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _SUSPECT_PLAIN = re.compile(r"[\x00-\x1f\x7f\\]|(?:^|/)\.\.?(?:/|$)")
 # Accounts whose nation base URL is remembered (then the memory starts over).
 _NATION_BASES_KEPT = 4096
+
+
+def _malformed_body() -> InvalidRequest:
+    return InvalidRequest(
+        "the request body's chunked framing is malformed; the body was not forwarded whole"
+    )
 
 
 def _check_tail(raw_tail: str) -> None:
@@ -479,12 +487,16 @@ class Proxy:
     async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
         limit = self._settings.max_request_body
         seen = 0
-        async for chunk in request.content.iter_chunked(_CHUNK):
-            seen += len(chunk)
-            if seen > limit:
-                request[BODY_TOO_LARGE] = True
-                raise self._too_large()
-            yield chunk
+        try:
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                seen += len(chunk)
+                if seen > limit:
+                    request[BODY_REFUSED] = self._too_large()
+                    raise request[BODY_REFUSED]
+                yield chunk
+        except HttpProcessingError:
+            request[BODY_REFUSED] = _malformed_body()
+            raise request[BODY_REFUSED] from None
 
     async def _send(
         self,
@@ -535,9 +547,10 @@ class Proxy:
             )
         if not isinstance(exc, aiohttp.ClientError):
             return exc
-        if request.get(BODY_TOO_LARGE):
+        refused: GatewayError | None = request.get(BODY_REFUSED)
+        if refused is not None:
             # aiohttp wraps the error our body generator raised; the client's fault.
-            return self._too_large()
+            return refused
         if isinstance(exc, aiohttp.ClientResponseError):
             # It answered, but its status line or headers cannot be parsed (a header line
             # over aiohttp's limit, for one). The message quotes upstream bytes.
@@ -556,7 +569,10 @@ class Proxy:
         if not request.body_exists:
             body, replayable = None, True
         elif length is not None and length <= self._settings.retry_buffer:
-            body, replayable = await request.read(), True
+            try:
+                body, replayable = await request.read(), True
+            except HttpProcessingError:
+                raise _malformed_body() from None
         else:
             body, replayable = self._stream_body(request), False
 

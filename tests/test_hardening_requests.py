@@ -261,6 +261,71 @@ class TestClientGoesAway:
         assert "upstream response broke off" not in caplog.text
 
 
+MALFORMED = {
+    "length-and-chunked": b"POST /api/v2/people HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "long-header": b"GET /api/v2/people HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+    "bad-first-chunk": b"POST /api/v2/people HTTP/1.1\r\nHost: x\r\n"
+    b"Authorization: Bearer CALLER-SECRET-0123\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "tls-hello": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+}
+
+
+class TestMalformedRequests:
+    """What aiohttp's parser refuses gets the contract's JSON 400 and one warning line,
+    never aiohttp's text page (which quotes the request bytes back) or a traceback."""
+
+    @pytest.mark.parametrize("name", MALFORMED)
+    async def test_a_request_that_is_not_http_gets_the_contract_error(
+        self, serve: Any, fake_nb: FakeNationBuilder, caplog: pytest.LogCaptureFixture, name: str
+    ) -> None:
+        gw = await serve()
+        caplog.set_level(logging.DEBUG)
+        fake_nb.clear_recordings()
+        reader, writer = await connect(gw.port)
+        writer.write(MALFORMED[name])
+        await writer.drain()
+        answer = await read_answer(reader)
+        assert answer.status == 400
+        assert answer.error_code() == "invalid_request"
+        assert answer.headers["Content-Type"] == "application/vnd.api+json"
+        assert answer.headers["X-Request-ID"]
+        assert b"CALLER-SECRET" not in answer.body and b"aaaa" not in answer.body
+        assert await until_closed(reader) == b""
+        await hang_up(writer)
+        assert gw.closed("malformed_request") == 1
+        assert fake_nb.api_requests == []
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+        assert "CALLER-SECRET" not in caplog.text
+        [warning] = [r for r in caplog.records if r.getMessage() == "malformed request refused"]
+        assert warning.levelno == logging.WARNING
+
+    @pytest.mark.parametrize("retry_buffer", [100, 1_000_000], ids=["streamed", "buffered"])
+    async def test_a_chunk_that_breaks_midway_is_answered_at_once(
+        self, serve: Any, caplog: pytest.LogCaptureFixture, retry_buffer: int
+    ) -> None:
+        """A broken chunk size after the first chunks: 400 at once (not after
+        NBGW_BODY_TIMEOUT), one answer, then the connection closes; nothing unhandled."""
+        gw = await serve(retry_buffer=retry_buffer, body_timeout=30.0)
+        caplog.set_level(logging.INFO)
+        reader, writer = await connect(gw.port)
+        head = request_bytes("POST", ECHO, [("Transfer-Encoding", "chunked")])
+        writer.write(head + b"1000\r\n" + b"A" * 4096 + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the request is being handled, its body being read
+        writer.write(b"zz\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(read_answer(reader), 5)
+        assert answer.status == 400
+        assert answer.error_code() == "invalid_request"
+        assert "chunked framing is malformed" in json.loads(answer.body)["errors"][0]["detail"]
+        assert await until_closed(reader) == b""  # no second answer for the same bytes
+        await hang_up(writer)
+        assert gw.closed("malformed_request") == 1
+        await counted(gw, 400, "POST")
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
 class TestServedBodies:
     async def test_a_compressed_body_is_forwarded_as_sent(
         self, serve: Any, fake_nb: FakeNationBuilder
