@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -187,11 +187,22 @@ def presented_key(request: web.Request) -> str | None:
     if KEY_PREFIX in query:
         for part in _QUERY_SEPARATOR.split(query)[0::2]:
             name, _, value = part.partition("=")
-            if unquote(name).strip().lower() == "access_token" and looks_like_key(unquote(value)):
+            if _is_token_param(name) and looks_like_key(unquote(value)):
                 found.add(unquote(value))
     if len(found) > 1:
         raise InvalidRequest("several different client keys were presented")
     return next(iter(found), None)
+
+
+def _header_text(value: str) -> str:
+    """A header value the writer can send whole. Bytes that are not UTF-8 (a raw Latin-1
+    `é`) arrive as surrogate escapes, which aiohttp's writer silently leaves out: they go
+    on as the Latin-1 characters they are, written in UTF-8. Called for non-ASCII only."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+    return value
 
 
 def _listed(connection: str | None) -> frozenset[str]:
@@ -210,6 +221,14 @@ def _is_api_path(path: str) -> bool:
     return path == "/api" or path.startswith(("/api/", "/api?", "/api#"))
 
 
+def _is_token_param(raw_name: str) -> bool:
+    """Whether a query parameter's raw name is access_token as a web framework reads it:
+    any case, percent- or plus-encoded, padded, or with a bracket suffix (Rack and PHP read
+    `access_token[]` and `access_token[x]` as access_token)."""
+    name = unquote_plus(raw_name).partition("[")[0]
+    return name.strip().lower() == "access_token"
+
+
 def _filter_query(query: str) -> str:
     """Drop every access_token parameter (any case or encoding, after "&" or ";"), keeping
     all other bytes and separators."""
@@ -219,12 +238,22 @@ def _filter_query(query: str) -> str:
     kept: list[str] = []
     for i in range(0, len(pieces), 2):
         part = pieces[i]
-        if unquote(part.split("=", 1)[0]).strip().lower() == "access_token":
+        if _is_token_param(part.split("=", 1)[0]):
             continue
         if kept:
             kept.append(pieces[i - 1])  # the separator that came before this part
         kept.append(part)
     return "".join(kept)
+
+
+def _without_token(link: str) -> str:
+    """`link` (a path with its query) without access_token parameters."""
+    path, sep, rest = link.partition("?")
+    if not sep:
+        return link
+    query, hash_sign, fragment = rest.partition("#")
+    kept = _filter_query(query)
+    return f"{path}{'?' if kept else ''}{kept}{hash_sign}{fragment}"
 
 
 class Proxy:
@@ -473,7 +502,7 @@ class Proxy:
                 continue
             if lower == "x-forwarded-for":
                 continue  # re-added below with the peer appended
-            headers.add(name, value)
+            headers.add(name, value if value.isascii() else _header_text(value))
         peer = request.remote or ""
         previous = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
@@ -556,7 +585,8 @@ class Proxy:
             # over aiohttp's limit, for one). The message quotes upstream bytes.
             return UpstreamInvalidResponse(
                 "NationBuilder answered with a response head the gateway cannot read "
-                "(a malformed status line or header, or a header line over 8190 bytes); "
+                "(a malformed status line or header, a header line over 8190 bytes, or "
+                "more than 128 header lines); "
                 "nothing of it was forwarded"
             )
         return UpstreamUnreachable(f"NationBuilder could not be reached ({type(exc).__name__})")
@@ -639,8 +669,10 @@ class Proxy:
         address the tool used; root-relative ones (`/api/...`, NationBuilder's usual form)
         gain `/n/{slug}` on that route and are already right on the plain /api/ route (the
         default account, or the X-NB-Nation header the tool sends again). Anything else,
-        including links outside the nation's /api/, is left as it is. The mapper is pure,
-        so it may run in a worker thread."""
+        including links outside the nation's /api/, is left as it is. An access_token in a
+        mapped link's query is dropped (the gateway would drop it from the request anyway;
+        the tool need not see NationBuilder's token). The mapper is pure, so it may run in
+        a worker thread."""
         nation = self._settings.nation_base(route.slug).rstrip("/")
         prefix = f"/n/{route.slug}" if route.by_prefix else ""
         origin = self._origin(request)
@@ -650,9 +682,10 @@ class Proxy:
                 tail = link[len(nation) :]
                 if not _is_api_path(tail):
                     return None
-                return f"{origin}{prefix}{tail}"
-            if prefix and _is_api_path(link):
-                return f"{prefix}{link}"
+                return f"{origin}{prefix}{_without_token(tail)}"
+            if _is_api_path(link):
+                mapped = f"{prefix}{_without_token(link)}"
+                return mapped if mapped != link else None
             return None
 
         return mapper
@@ -700,7 +733,7 @@ class Proxy:
                 value = self._link_mapper(request, route)(value.strip()) or value
             elif lower == "link" and "<" in value:
                 value = _map_link_header(value, self._link_mapper(request, route))
-            headers.add(name, value)
+            headers.add(name, value if value.isascii() else _header_text(value))
         headers.add("Content-Security-Policy", _SANDBOX)
         if "X-Content-Type-Options" not in headers:
             headers["X-Content-Type-Options"] = "nosniff"

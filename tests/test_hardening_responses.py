@@ -195,6 +195,41 @@ class TestLocation:
             '<https://example.invalid/docs>; rel="help"'
         )
 
+    @pytest.mark.parametrize("target", ["/api", "/n/alpha/api"])
+    async def test_a_token_in_a_link_does_not_reach_the_tool(
+        self, two_nations: Gateway, fake_nb: FakeNationBuilder, target: str
+    ) -> None:
+        """An access_token in a link NationBuilder sends (v1 pagination once carried the
+        caller's) is dropped from the mapped link, in the body and in Link; the rest of the
+        query and the fragment stay."""
+        nation = fake_nb.nation_url("alpha")
+        body = json.dumps(
+            {
+                "links": {
+                    "next": f"{nation}/api/v1/people?page=2&access_token=UPSTREAM-TOKEN#top",
+                    "prev": "/api/v1/people?access_token=UPSTREAM-TOKEN",
+                }
+            }
+        ).encode()
+        fake_nb.set_canned(
+            headers=[
+                ("Content-Type", "application/json"),
+                ("Link", f'<{nation}/api/v1/people?access_token=UPSTREAM-TOKEN&page=3>; rel="x"'),
+            ],
+            body=body,
+        )
+        resp = await two_nations.client.get(
+            f"{target}/_test/canned", headers={"Host": HOST, "X-NB-Nation": "alpha"}
+        )
+        text = await resp.text()
+        assert "UPSTREAM-TOKEN" not in text
+        assert "UPSTREAM-TOKEN" not in resp.headers["Link"]
+        route = "/n/alpha" if target.startswith("/n/") else ""
+        links = json.loads(text)["links"]
+        assert links["next"] == f"http://{HOST}{route}/api/v1/people?page=2#top"
+        assert links["prev"] == f"{route}/api/v1/people"
+        assert resp.headers["Link"] == f'<http://{HOST}{route}/api/v1/people?page=3>; rel="x"'
+
     async def test_following_a_relative_redirect_stays_on_the_nation(
         self, two_nations: Gateway, fake_nb: FakeNationBuilder
     ) -> None:
@@ -459,6 +494,51 @@ class TestInvalidAnswers:
         finally:
             server.close()
             await server.wait_closed()
+
+
+class TestHeaderBytes:
+    async def test_latin1_header_bytes_keep_their_characters_both_ways(
+        self, gateway_factory: GatewayFactory, connect_account: ConnectAccount
+    ) -> None:
+        """Header bytes that are not UTF-8 (raw Latin-1, as older servers and tools send a
+        filename) are not silently cut out of the value: they go on as the same Latin-1
+        characters, written in UTF-8, to NationBuilder and back to the tool."""
+        seen: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/csv\r\n"
+                b'Content-Disposition: attachment; filename="r\xe9sum\xe9.csv"\r\n'
+                b"X-Utf: caf\xc3\xa9\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            )
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            gw = await gateway_factory(nation_url=f"http://127.0.0.1:{port}/{{slug}}")
+            await connect_account(gw, "acme")
+            gw_port = gw.client.server.port
+            assert gw_port is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw_port)
+            writer.write(
+                b"GET /api/v2/exports/1 HTTP/1.1\r\nHost: gw\r\nX-Tool: caf\xe9\r\n"
+                b"X-Utf: caf\xc3\xa9\r\nConnection: close\r\n\r\n"
+            )
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+        [upstream_head] = seen
+        assert b"\r\nX-Tool: caf\xc3\xa9\r\n" in upstream_head
+        assert b"\r\nX-Utf: caf\xc3\xa9\r\n" in upstream_head
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b'filename="r\xc3\xa9sum\xc3\xa9.csv"' in answer
+        assert b"\r\nX-Utf: caf\xc3\xa9\r\n" in answer
 
 
 # ---------------------------------------------------------------------- the address links use

@@ -526,6 +526,12 @@ class TestRequestHeaders:
             ("limit=10;access_token=leak", "limit=10"),
             ("access_token=leak;limit=10&page=2", "limit=10&page=2"),
             ("a=1&b=2;c=3", "a=1&b=2;c=3"),
+            # Rack and PHP read these as access_token too.
+            ("access_token[]=leak&a=1", "a=1"),
+            ("access_token%5B%5D=leak&a=1", "a=1"),
+            ("access_token[x]=leak&a=1", "a=1"),
+            ("access_token+=leak&a=1", "a=1"),
+            ("access_tokens=kept&a=1", "access_tokens=kept&a=1"),
         ],
     )
     async def test_access_token_parameter_is_dropped(
