@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import sqlite3
+import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -188,6 +190,32 @@ class TestOpen:
         with pytest.raises(StoreError, match=r"gateway\.db"):
             async with make_store(db_path, clock, key):
                 pass
+
+
+class TestFileMode:
+    async def test_a_new_database_is_private_whatever_the_umask(
+        self, db_path: Path, clock: FakeClock, key: str
+    ) -> None:
+        """Tokens are sealed, but the file is still nobody else's to read: a database the
+        gateway creates, and the -wal and -shm files SQLite adds, are 0600 under umask 022."""
+        previous = os.umask(0o022)
+        try:
+            async with make_store(db_path, clock, key) as store:
+                await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+                files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in db_files(db_path)}
+        finally:
+            os.umask(previous)
+        assert set(files) == {db_path.name, f"{db_path.name}-wal", f"{db_path.name}-shm"}
+        assert set(files.values()) == {0o600}, files
+
+    async def test_an_existing_database_keeps_its_mode(
+        self, db_path: Path, clock: FakeClock, key: str
+    ) -> None:
+        await create_database(db_path, clock, key)
+        db_path.chmod(0o640)  # the operator's choice (a backup group, say)
+        async with make_store(db_path, clock, key):
+            pass
+        assert stat.S_IMODE(db_path.stat().st_mode) == 0o640
 
 
 class TestRefreshLock:

@@ -116,6 +116,18 @@ def holds_no_database(path: Path) -> bool:
         return False
 
 
+def _create_private(path: Path) -> None:
+    """Create a missing database file readable by its owner only, whatever the umask:
+    SQLite gives the -wal and -shm files it adds the same mode. An existing file keeps
+    its mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create database {path}: {exc.strerror}") from None
+
+
 def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
     """StoreUnavailable when another connection holds the lock (that passes), else StoreError."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
@@ -398,6 +410,7 @@ class SQLiteStore:
             raise StoreError(
                 f"directory {self.path.parent} of the database {self.path} does not exist"
             )
+        _create_private(self.path)
         conn = await self._connect()
         try:
             version = await self._user_version(conn)
