@@ -65,6 +65,10 @@ def db_files(path: Path) -> Iterator[Path]:
     yield from sorted(path.parent.glob(path.name + "*"))
 
 
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def db_bytes(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in db_files(path)}
 
@@ -202,7 +206,7 @@ class TestFileMode:
         try:
             async with make_store(db_path, clock, key) as store:
                 await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
-                files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in db_files(db_path)}
+                files = {p.name: file_mode(p) for p in db_files(db_path)}
         finally:
             os.umask(previous)
         assert set(files) == {db_path.name, f"{db_path.name}-wal", f"{db_path.name}-shm"}
@@ -212,10 +216,10 @@ class TestFileMode:
         self, db_path: Path, clock: FakeClock, key: str
     ) -> None:
         await create_database(db_path, clock, key)
-        db_path.chmod(0o640)  # the operator's choice (a backup group, say)
+        db_path.chmod(0o640)  # noqa: ASYNC240 - the operator's choice (a backup group, say)
         async with make_store(db_path, clock, key):
             pass
-        assert stat.S_IMODE(db_path.stat().st_mode) == 0o640
+        assert file_mode(db_path) == 0o640
 
 
 class TestRefreshLock:
