@@ -125,19 +125,19 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_ALLOWED_CLIENTS",
         DEFAULT_ALLOWED_CLIENTS,
         "CIDRs allowed to use the proxy (default: loopback and private ranges)",
-        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
+        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32 (an address alone is /32 or /128)",
     ),
     Setting(
         "NBGW_ADMIN_ALLOWED_CLIENTS",
         "",
         "CIDRs allowed to use the admin pages and /connect/api (default: NBGW_ALLOWED_CLIENTS)",
-        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
+        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32 (an address alone is /32 or /128)",
     ),
     Setting(
         "NBGW_METRICS_ALLOWED_CLIENTS",
         "",
         "CIDRs allowed to read /metrics (default: NBGW_ALLOWED_CLIENTS)",
-        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32",
+        "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32 (an address alone is /32 or /128)",
     ),
     Setting(
         "NBGW_HEADER_TIMEOUT",
@@ -189,7 +189,7 @@ SETTINGS: tuple[Setting, ...] = (
         "off",
         "client keys: off (allow-list only), optional (a presented key is checked and "
         "recorded, requests without one pass), required (every proxied request needs a key)",
-        "off, optional or required",
+        "off, optional or required (any case)",
     ),
     Setting(
         "NBGW_AUDIT_RETENTION_DAYS",
@@ -218,20 +218,20 @@ SETTINGS: tuple[Setting, ...] = (
         "over all of them",
         f"a whole number from 1 to {MAX_WORKERS}",
     ),
-    Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json"),
+    Setting("NBGW_LOG_FORMAT", "text", "log format", "text or json (any case)"),
     Setting(
         "NBGW_LOG_LEVEL",
         "INFO",
         "log level of `serve` (the other commands print their outcome and log only warnings "
         "and errors, or everything at DEBUG)",
-        "DEBUG, INFO, WARNING or ERROR",
+        "DEBUG, INFO, WARNING or ERROR (any case)",
     ),
     Setting(
         "NBGW_ACCESS_LOG",
         "on",
         "one INFO line per request (request id, account, method, status, duration); off "
         "saves about a tenth of the gateway's CPU per proxied request",
-        "on or off",
+        "on or off (also true/false, yes/no, 1/0)",
     ),
     Setting(
         "NBGW_ALERT_WEBHOOK",
@@ -413,9 +413,17 @@ def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
         if not part:
             continue
         try:
-            nets.append(ipaddress.ip_network(part, strict=False))
+            net = ipaddress.ip_network(part, strict=False)
         except ValueError:
             raise _fail(env, f"{part!r} is not a CIDR") from None
+        if "/" in part and net.network_address != ipaddress.ip_interface(part).ip:
+            # 10.0.0.1/8 is most likely a typo for one of two very different lists.
+            raise _fail(
+                env,
+                f"{part!r} has host bits set: write {net} for the whole network, or "
+                f"{ipaddress.ip_interface(part).ip}/{net.max_prefixlen} for that one address",
+            )
+        nets.append(net)
     if not nets:
         raise _fail(env, "no CIDR given")
     return tuple(nets)

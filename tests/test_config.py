@@ -220,9 +220,16 @@ BAD_VALUES: dict[str, list[str]] = {
     ],
     "NBGW_DEFAULT_ACCOUNT": ["Not_A_Slug", "acme nation", "-acme"],
     "NBGW_REFRESH_MARGIN": ["soon", "-5", "90000", "3601", "1.5", "nan"],
-    "NBGW_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", "127.0.0.1/32,bogus", ","],
-    "NBGW_ADMIN_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ","],
-    "NBGW_METRICS_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ","],
+    "NBGW_ALLOWED_CLIENTS": [
+        "not-a-cidr",
+        "10.0.0.0/33",
+        "127.0.0.1/32,bogus",
+        ",",
+        "10.0.0.1/8",
+        "fe80::1/64",
+    ],
+    "NBGW_ADMIN_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ",", "192.168.1.5/24"],
+    "NBGW_METRICS_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ",", "127.0.0.1/8"],
     "NBGW_HEADER_TIMEOUT": ["soon", "0", "-1", "nan", "inf"],
     "NBGW_BODY_TIMEOUT": ["soon", "0", "-1", "nan", "inf"],
     "NBGW_MAX_CONNECTIONS_PER_CLIENT": ["many", "0", "-1", "1.5"],
@@ -519,6 +526,15 @@ class TestMalformed:
         assert "3600" in problem
         assert "24 h" in problem
         assert load_settings({**BASE, "NBGW_REFRESH_MARGIN": "3600"}).refresh_margin == 3600
+
+    def test_a_cidr_with_host_bits_offers_both_readings(self) -> None:
+        """10.0.0.1/8 is refused (a /8 or one address?), naming both; an address alone is
+        that one address."""
+        [problem] = load_error({**BASE, "NBGW_ALLOWED_CLIENTS": "10.0.0.1/8"}).problems
+        assert "host bits" in problem
+        assert "10.0.0.0/8" in problem and "10.0.0.1/32" in problem
+        settings = load_settings({**BASE, "NBGW_ALLOWED_CLIENTS": "10.0.0.1,10.2.0.0/16"})
+        assert [str(n) for n in settings.allowed_clients] == ["10.0.0.1/32", "10.2.0.0/16"]
 
     @pytest.mark.parametrize("value", ["nan", "inf"])
     def test_timeout_must_be_a_finite_number(self, value: str) -> None:
