@@ -31,6 +31,7 @@ from nbgateway.errors import (
     ReauthorizationRequired,
     RefreshBackoff,
     StoreError,
+    StoreUnavailable,
     TokenUnavailable,
 )
 from nbgateway.metrics import Metrics
@@ -819,10 +820,37 @@ class TokenManager:
 
         await asyncio.gather(*(one(info) for info in infos))
 
+    async def prefetch(self) -> int:
+        """Hold in memory the token of every active account this process holds none of
+        (one read each), so that any process (a `--workers` worker, a replica) serves every
+        account from memory: without a store read on its first request, and while the
+        store is down. Tokens due for refresh are left to the refresher. Returns how many
+        were loaded; a store outage is raised (`run` tries again once the store is back)."""
+        loaded = 0
+        for info in await self._store.list_accounts():
+            slug = info.slug
+            if (
+                info.status is not AccountStatus.ACTIVE
+                or slug in self._cache
+                or slug in self._inflight
+                or slug in self._unpersisted
+            ):
+                continue
+            try:
+                account = await self._store.get_account(slug)
+            except StoreUnavailable:
+                raise  # the loop reports the outage, and prefetches again afterwards
+            except StoreError:
+                continue  # an unreadable row: its requests report it
+            if account is not None and slug not in self._cache and self._usable(account, None):
+                self._issue(account)
+                loaded += 1
+        return loaded
+
     async def run(self, *, refresh_interval: float = 30.0, sync_interval: float = 1.0) -> None:
         """Background loop: recover interrupted refreshes once, then notice other processes'
-        changes, retry storing held pairs, retry refreshes whose backoff ended, and refresh
-        tokens ahead of time."""
+        changes (holding every account's token in memory), retry storing held pairs, retry
+        refreshes whose backoff ended, and refresh tokens ahead of time."""
         try:
             await self.recover_interrupted()
         except asyncio.CancelledError:
@@ -830,9 +858,13 @@ class TokenManager:
         except Exception:
             log.exception("recovering interrupted refreshes failed; continuing")
         since_refresh = refresh_interval
+        changed = True  # the start: nothing is held yet
         while True:
             try:
-                await self.sync()
+                changed = await self.sync() or changed
+                if changed:
+                    await self.prefetch()
+                    changed = False
                 await self.persist_pending()
                 await self.retry_after_backoff()
                 if since_refresh >= refresh_interval:

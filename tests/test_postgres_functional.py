@@ -309,6 +309,48 @@ def test_serve_does_not_wait_for_tls_the_server_does_not_offer(
     assert "not starting" in result.stderr
 
 
+async def test_every_worker_serves_every_account_while_postgres_is_down(
+    pg_own_server: PgServer, processes: Processes
+) -> None:
+    """`serve --workers 2`: each worker holds every account's valid token in memory from
+    its start (not only those it happened to serve), so with PostgreSQL stopped every
+    request for every account is answered, whichever worker takes it."""
+    fake = await asyncio.to_thread(start_fake, processes)
+    env = {**clean_os_environ(), **gateway_env(pg_own_server.url(), ADMIN_TOKEN, fake.url)}
+    slugs = ["acme", "beta", "gamma"]
+    for slug in slugs:
+        await seed_account(env, slug, await asyncio.to_thread(fake.issue_tokens, slug))
+    port = free_port()
+    gateway = processes.start(
+        "gateway",
+        [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"],
+        {**env, "NBGW_LISTEN": f"127.0.0.1:{port}"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(wait_ready, gateway, f"{url}/healthz")
+    workers: set[str] = set()
+
+    def both_serve() -> bool:
+        workers.add(http_request("GET", f"{url}/healthz")[1]["X-NBGW-Worker"])
+        return len(workers) == 2
+
+    await asyncio.to_thread(wait_until, both_serve, 30, "both workers to answer")
+    await asyncio.sleep(3)  # each worker's token loop takes its first turn (1 s interval)
+    pg_own_server.stop()
+
+    answered: dict[str, set[int]] = {}
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection, any worker
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(8):
+            for slug in slugs:
+                async with http.get(f"{url}/n/{slug}/api/v2/signups/me") as resp:
+                    await resp.read()
+                    answered.setdefault(resp.headers["X-NBGW-Worker"], set()).add(resp.status)
+    assert len(answered) == 2, answered  # both workers took requests
+    assert all(codes == {200} for codes in answered.values()), answered
+    assert (await asyncio.to_thread(fake.state))["token_requests"] == {}
+
+
 def test_a_worker_started_while_the_database_is_down_does_not_outlive_its_parent(
     pg_own_server: PgServer, processes: Processes
 ) -> None:

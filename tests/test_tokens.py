@@ -319,6 +319,60 @@ class TestAcrossProcesses:
         assert await fetch(b) == 200
         assert len(fake_nb.token_requests) == 1
 
+    async def test_prefetch_lets_a_process_serve_an_account_while_the_store_is_down(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """B (another worker) has served none of A's accounts. After prefetch it holds the
+        valid tokens in memory and serves them with the store down; an account needing
+        re-authorization and one due for refresh are not taken."""
+        a = await gateway_factory(shared_settings)
+        b = await gateway_factory(shared_settings)
+        for slug in (SLUG, "beta", "gamma"):
+            await connect_account(a, slug)
+        async with a.store.refresh_lock("beta") as locked:
+            await locked.mark_needs_reauth("revoked")
+        fake_nb.clear_recordings()
+        await b.tokens.sync(force=True)
+
+        assert await b.tokens.prefetch() == 2
+        assert b.tokens.cached_token(SLUG) is not None
+        assert b.tokens.cached_token("gamma") is not None
+        assert b.tokens.cached_token("beta") is None
+        assert fake_nb.token_requests == []
+        assert await b.tokens.prefetch() == 0  # held already: nothing read again
+
+        async def down(*_args: Any, **_kwargs: Any) -> Any:
+            raise StoreUnavailable("database gone")
+
+        for name in ("get_account", "list_accounts", "refresh_lock", "change_counter"):
+            monkeypatch.setattr(b.store, name, down)
+        assert await fetch(b, f"/n/{SLUG}{ME}") == 200
+        assert await fetch(b, f"/n/gamma{ME}") == 200
+        with pytest.raises(StoreUnavailable):
+            await b.tokens.prefetch()
+
+    async def test_prefetch_leaves_a_token_due_for_refresh_to_the_refresher(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        a = await gateway_factory(shared_settings)
+        b = await gateway_factory(shared_settings)
+        await connect_account(a, SLUG)
+        clock.advance(LIFETIME - MARGIN / 2)  # inside the refresh margin
+        assert await b.tokens.prefetch() == 0
+        assert b.tokens.cached_token(SLUG) is None
+        assert fake_nb.token_requests == []
+
     async def test_expired_cache_picks_up_a_pair_rotated_elsewhere(
         self,
         pair: tuple[Gateway, Gateway],
