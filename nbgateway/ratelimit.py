@@ -46,7 +46,10 @@ from nbgateway.clock import Clock
 from nbgateway.errors import GatewayError, RateLimited, UpstreamTimeout
 from nbgateway.metrics import Metrics
 
-# Longest an upstream 429 may hold a nation's queue, whatever its Retry-After says.
+# Longest an upstream 429 may hold a nation's queue, whatever its Retry-After says; also
+# the furthest an announced reset is believed: a garbled or absurd RateLimit-Reset (a day,
+# year 5000) with Remaining 0 would otherwise stop every request to the nation, with no
+# answer ever coming to correct it. Past it, the next window is found out by asking.
 MAX_HOLD = 60.0
 # Shortest hold after a 429 (a missing or zero Retry-After must not turn into a hot loop).
 MIN_HOLD = 1.0
@@ -123,6 +126,8 @@ def parse_announced(headers: Mapping[str, str], now: float) -> Announced:
                 reset_at = now + value
             elif value >= EPOCH_FLOOR:
                 reset_at = value
+            if reset_at is not None:
+                reset_at = min(reset_at, now + MAX_HOLD)
     if limit == 0:
         limit = None  # a limit of nothing is not a limit anyone can pace to
     return Announced(limit, remaining, reset_at)

@@ -168,6 +168,11 @@ class TestParsing:
         """A reset in epoch seconds is taken as it is, also a fractional one."""
         assert parse_announced({"RateLimit-Reset": f"{NOW + 3.5}"}, NOW).reset_at == NOW + 3.5
 
+    @pytest.mark.parametrize("value", ["86400", "99999999999", f"{NOW + 3600}"])
+    def test_a_far_reset_is_believed_for_a_minute_at_most(self, value: str) -> None:
+        """A day, the year 5138 or an hour: held no longer than MAX_HOLD."""
+        assert parse_announced({"RateLimit-Reset": value}, NOW).reset_at == NOW + MAX_HOLD
+
     @pytest.mark.parametrize("value", ["soon", "nan", "inf", "-1", "5000000"])
     def test_unusable_reset_is_ignored(self, value: str) -> None:
         """Neither a delta (<= 1 day) nor an epoch: no reset."""
@@ -280,6 +285,21 @@ class TestPacing:
         slots[0].report(200, announce(5, limit=10))
         await settle()
         assert fourth.done()
+
+    async def test_an_absurd_reset_with_nothing_left_holds_a_minute_then_asks(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """Remaining 0 with a reset in the year 5138 (a garbled header) does not lock the
+        nation out: after MAX_HOLD one request goes, and its answer decides again."""
+        limiter = make_limiter(queue_timeout=2 * MAX_HOLD)
+        await learn(limiter, remaining=0, reset=99_999_999_999)
+        waiting = asyncio.create_task(limiter.acquire("acme", "tool"))
+        await timers.advance(MAX_HOLD - 1)
+        assert not waiting.done()
+        await timers.advance(1.1)
+        slot = await asyncio.wait_for(waiting, 1)
+        slot.report(200, announce(4, reset=NOW + MAX_HOLD + 10))
+        assert len([await limiter.acquire("acme", "tool") for _ in range(2)]) == 2
 
     async def test_reset_in_the_past_does_not_pace(self, make_limiter: LimiterFactory) -> None:
         """Remaining 0 with a reset already gone says nothing: requests go."""
