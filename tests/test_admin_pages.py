@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory
+from conftest import ADMIN_TOKEN, PUBLIC_URL, ConnectAccount, Gateway, GatewayFactory
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -248,6 +248,61 @@ class TestLogin:
         assert int(headers["Retry-After"]) == 180
         clock.advance(181)
         assert (await anon.login())[0] == 303
+
+    async def test_empty_and_cross_site_logins_do_not_lock_the_admin_out(
+        self, browsers: BrowserFactory
+    ) -> None:
+        """Another site's page can make the admin's browser post the login form, and an
+        empty form guesses nothing: neither is counted, so neither can lock the admin out.
+        A post from the gateway's own page (or from no browser) still counts."""
+        anon = await browsers(logged_in=False)
+        for _ in range(6):
+            status, text, _ = await anon.post("/connect/login", {"token": ""})
+            assert status == 400 and "Enter the admin token" in text
+            assert (await anon.post("/connect/login", {}))[0] == 400
+        cross = [
+            {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+            {"Origin": "https://evil.example"},
+            {"Sec-Fetch-Site": "same-site"},
+            {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+        ]
+        for headers in cross * 2:
+            status, text, _ = await anon.request(
+                "POST", "/connect/login", data={"token": "wrong-wrong-wrong"}, headers=headers
+            )
+            assert status == 403, headers
+            assert "another site" in text
+        assert (await anon.login())[0] == 303  # not locked out
+
+        # The pages' own form, as Chromium sends it under their no-referrer policy.
+        own = {"Sec-Fetch-Site": "same-origin", "Origin": "null"}
+        other = await browsers(logged_in=False)
+        for _ in range(5):
+            status, _, _ = await other.request(
+                "POST", "/connect/login", data={"token": "wrong-wrong-wrong"}, headers=own
+            )
+            assert status == 401
+        assert (await other.login())[0] == 429
+
+    async def test_a_login_from_the_public_address_is_not_cross_site(
+        self, browsers: BrowserFactory
+    ) -> None:
+        """Behind a proxy the Origin is NBGW_PUBLIC_URL's, whatever Host reaches the
+        gateway; the Host the browser used is the gateway's own too."""
+        anon = await browsers(logged_in=False)
+        origin = PUBLIC_URL.rstrip("/")
+        status, _, _ = await anon.request(
+            "POST", "/connect/login", data={"token": ADMIN_TOKEN}, headers={"Origin": origin}
+        )
+        assert status == 303
+        again = await browsers(logged_in=False)
+        status, _, _ = await again.request(
+            "POST",
+            "/connect/login",
+            data={"token": ADMIN_TOKEN},
+            headers={"Origin": "http://gw.internal:8080", "Host": "gw.internal:8080"},
+        )
+        assert status == 303
 
     async def test_logout_ends_the_session(self, admin: Browser) -> None:
         """Logging out deletes the cookie, and the old cookie no longer opens the pages."""

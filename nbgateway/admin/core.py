@@ -53,8 +53,10 @@ class AdminCore:
     """What the page handlers share; one instance per `/connect` sub-application."""
 
     def __init__(self, settings: Settings) -> None:
-        prefix = urlsplit(settings.public_url).path.rstrip("/")
+        public = urlsplit(settings.public_url)
+        prefix = public.path.rstrip("/")
         self.base = f"{prefix}/connect"  # as the browser sees it (behind a path prefix too)
+        self.public_host = public.netloc.lower()
         self.secure = settings.secure_cookies
         self.signer = Signer(settings.admin_token.reveal())
         self.csp = (
@@ -262,6 +264,22 @@ class AdminCore:
             detail=err.detail,
             retry=err.headers.get("Retry-After"),
         )
+
+    def cross_site(self, request: web.Request) -> bool:
+        """Whether a browser says this request comes from another site's page: its
+        Sec-Fetch-Site is neither same-origin nor none (typed or bookmarked); or, from a
+        browser that sends no Sec-Fetch-Site, an Origin that is neither this request's Host
+        nor NBGW_PUBLIC_URL's. `Origin: null` is no answer (the pages' no-referrer policy
+        makes a browser send it for their own forms), and clients that send neither header
+        (curl, scripts) are not browsers used by another site."""
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site.strip().lower() not in ("same-origin", "none")
+        origin = request.headers.get("Origin", "null").strip().lower()
+        if origin == "null":
+            return False
+        host = urlsplit(origin).netloc
+        return host not in (request.headers.get("Host", "").lower(), self.public_host)
 
     async def checked_form(
         self, request: web.Request, *, check_revoked: bool = True

@@ -1,8 +1,10 @@
 """The login and logout pages of `/connect`: the admin token in, a signed session cookie out.
 
 Wrong tokens count against the client address in the shared throttle (`keys.ADMIN_THROTTLE`,
-in the store, also used by the `/connect/api` Bearer check); while the store cannot be read
-the form answers 503 and checks no token (fail closed). Logging out revokes the session in
+in the store, also used by the `/connect/api` Bearer check); an empty form and a form
+posted from another site's page are refused without counting (they guess nothing, and
+would let any page lock the admin out); while the store cannot be read the form answers
+503 and checks no token (fail closed). Logging out revokes the session in
 the store (`keys.SESSION_REVOCATIONS`); the cookie is cleared whether or not that write
 succeeds.
 """
@@ -67,8 +69,29 @@ class LoginPages:
                 headers={"Retry-After": str(wait)},
                 error=f"Too many wrong admin tokens from your address. Try again in {span(wait)}.",
             )
+        if core.cross_site(request):
+            # Another site's page posting the form from the admin's browser (an allowed
+            # address) guesses nothing, but would lock the admin out: not counted.
+            log.warning("admin login refused: posted from another site", extra={"peer": client})
+            return await core.render(
+                request,
+                "login.html",
+                session=None,
+                status=403,
+                error="This login was sent from another site's page. Open the gateway's own "
+                "login page and log in there.",
+            )
         token = (await read_form(request)).get("token")
-        if not isinstance(token, str) or not admin_api.admin_token_matches(request, token):
+        if not isinstance(token, str) or not token.strip():
+            # Nothing was guessed (an empty field, or no field): not counted.
+            return await core.render(
+                request,
+                "login.html",
+                session=None,
+                status=400,
+                error="Enter the admin token (NBGW_ADMIN_TOKEN).",
+            )
+        if not admin_api.admin_token_matches(request, token):
             await throttle.failed(client, now)
             log.warning("admin login failed: wrong token", extra={"peer": client})
             return await core.render(
