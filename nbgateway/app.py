@@ -23,7 +23,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from nbgateway import admin_api, keys
 from nbgateway.activity import RequestActivity
@@ -145,13 +146,23 @@ def create_app(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    prometheus = make_aiohttp_handler(metrics.exposition)
     metrics_allowed = AllowList(settings.metrics_allowed_clients)
 
     async def metrics_handler(request: web.Request) -> web.StreamResponse:
         if not metrics_allowed.allows(request.remote):
             raise ClientNotAllowed("this client address is not in NBGW_METRICS_ALLOWED_CLIENTS")
-        return await prometheus(request)
+        # prometheus_client's encoder, in a worker thread: with a thousand nations the
+        # text runs to megabytes and takes a second to make, which on the event loop
+        # would hold up every proxied request meanwhile.
+        encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+        registry: Collector = metrics.exposition
+        names = request.query.getall("name[]", [])
+        if names:
+            registry = metrics.exposition.restricted_registry(names)
+        body = await asyncio.to_thread(encoder, registry)
+        response = web.Response(body=body, headers={"Content-Type": content_type})
+        response.enable_compression()
+        return response
 
     app.router.add_get("/metrics", metrics_handler)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +275,34 @@ class TestExportedMetrics:
         [sample] = family.samples
         assert sample.labels["version"] == nbgateway.__version__
         assert sample.value == 1
+
+    async def test_the_exposition_is_made_off_the_event_loop(self, busy_gateway: Gateway) -> None:
+        """/metrics is made in a worker thread (a big one must not hold up the proxy), in
+        the format the scraper asks for, compressed when it accepts gzip, and `name[]`
+        still narrows it."""
+        seen: list[threading.Thread] = []
+
+        class Witness:
+            def collect(self) -> Iterator[Any]:
+                seen.append(threading.current_thread())
+                return iter(())
+
+        busy_gateway.registry.register(Witness())
+        client = busy_gateway.client
+        resp = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+        assert resp.status == 200
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "nbgw_proxy_requests_total" in await resp.text()
+        assert seen and threading.main_thread() not in seen
+        open_metrics = await client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await open_metrics.text()).rstrip().endswith("# EOF")
+        narrowed = await (await client.get("/metrics?name[]=nbgw_build_info")).text()
+        assert "nbgw_build_info" in narrowed
+        assert "nbgw_proxy_requests_total" not in narrowed
 
     async def test_process_metrics_are_exported(self, busy_gateway: Gateway) -> None:
         """Process and Python metrics the dashboard's Process row uses are exported."""
