@@ -159,7 +159,7 @@ def create_app(
         names = request.query.getall("name[]", [])
         if names:
             registry = metrics.exposition.restricted_registry(names)
-        body = await asyncio.to_thread(encoder, registry)
+        body = await asyncio.to_thread(metrics.expose, encoder, registry)
         response = web.Response(body=body, headers={"Content-Type": content_type})
         response.enable_compression()
         return response

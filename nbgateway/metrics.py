@@ -24,13 +24,21 @@ gauge is merged as its `multiprocess_mode` says (single-process mode ignores the
 
 The process_* series describe the whole gateway, parent and workers (`GatewayProcesses`);
 python_info the worker that answered the scrape.
+
+A worker that exits leaves its counter and histogram files behind (its counts stay in the
+totals); the parent folds them into one archive file per type (`fold_dead_worker`), so a
+worker restarted a thousand times costs a scrape no more than one that never died. A fold
+and a scrape exclude each other (a lock file in the directory), so no scrape sees a count
+twice or not at all.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +51,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -55,6 +64,44 @@ NO_ACCOUNT = "none"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Rate waits run from none to a whole window (10 s) and up to NBGW_RATE_QUEUE_TIMEOUT.
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
+
+
+# In a multiprocess directory: held shared by a scrape, exclusively by a fold.
+_FOLD_LOCK = ".fold.lock"
+# The value files summed over the workers, dead ones included (gauges are live* modes:
+# prometheus_client's mark_process_dead removes a dead worker's gauge files).
+_SUMMED_TYPES = ("counter", "histogram")
+
+
+@contextmanager
+def _folding_lock(directory: Path, mode: int) -> Iterator[None]:
+    with open(directory / _FOLD_LOCK, "a+b") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def fold_dead_worker(directory: Path, pid: int) -> None:
+    """Add the counter and histogram values of worker `pid`, which has exited, to the
+    directory's archive file of each type, and remove its files. The sums
+    MultiProcessCollector makes are unchanged; the files to read stay few."""
+    with _folding_lock(directory, fcntl.LOCK_EX):
+        for kind in _SUMMED_TYPES:
+            dead = directory / f"{kind}_{pid}.db"
+            if not dead.exists():
+                continue
+            # prometheus_client's own file format, through its (untyped) reader and writer.
+            archive = MmapedDict(str(directory / f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
+            try:
+                values = MmapedDict.read_all_values_from_file(str(dead))  # type: ignore[no-untyped-call]
+                for key, value, _timestamp, _pos in values:
+                    kept, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
+                    archive.write_value(key, kept + value, 0.0)  # type: ignore[no-untyped-call]
+            finally:
+                archive.close()  # type: ignore[no-untyped-call]
+            dead.unlink()
 
 
 def method_label(method: str) -> str:
@@ -112,6 +159,7 @@ class Metrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess = multiprocess_dir is not None
+        self._multiprocess_dir = multiprocess_dir
         if multiprocess_dir is not None:
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != str(multiprocess_dir):
                 # Values would stay in this process's memory and /metrics would miss them.
@@ -291,6 +339,14 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             self.in_flight.set_function(lambda: self._serving)
+
+    def expose(self, encoder: Callable[[Collector], bytes], registry: Collector) -> bytes:
+        """`encoder(registry)` (the exposition or a part of it); with several workers, never
+        while the parent folds a dead worker's files. Blocking: run it off the event loop."""
+        if self._multiprocess_dir is None:
+            return encoder(registry)
+        with _folding_lock(self._multiprocess_dir, fcntl.LOCK_SH):
+            return encoder(registry)
 
     def proxy_started(self) -> None:
         """One proxied request is being served (until its `proxy_ended`)."""

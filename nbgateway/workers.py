@@ -23,7 +23,9 @@ finish), SIGKILL to those still running after
 `grace` seconds, and return once all are reaped. PROMETHEUS_MULTIPROC_DIR is a fresh
 directory for this run (removed at the end, or by the next run when the parent was
 killed); `mark_process_dead` is called for each worker
-that exits so its live gauges leave /metrics while its counters stay in the totals.
+that exits so its live gauges leave /metrics, and its counter and histogram files are
+folded into the directory's archive files (`metrics.fold_dead_worker`): its counts stay in
+the totals, and the number of files a scrape reads does not grow with restarts.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from nbgateway.metrics import fold_dead_worker
 from nbgateway.server import HANGUP_STOPS
 
 log = logging.getLogger("nbgateway.workers")
@@ -220,6 +223,13 @@ class Workers:
     def _reaped(self, process: subprocess.Popen[bytes]) -> None:
         assert self._metrics_dir is not None
         mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+        try:
+            fold_dead_worker(self._metrics_dir, process.pid)
+        except OSError as exc:  # its files stay: counted all the same, read by each scrape
+            log.warning(
+                "could not fold an exited worker's metrics files",
+                extra={"pid": process.pid, "error": str(exc)},
+            )
 
     def _stop_all(self) -> None:
         running = [s.process for s in self._slots if s.process is not None]

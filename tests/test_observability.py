@@ -23,13 +23,15 @@ from typing import Any
 import pytest
 from conftest import ConnectAccount, Gateway, GatewayFactory
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from test_docs import CONTRACT_METRICS
 
 import nbgateway
 from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
-from nbgateway.metrics import KNOWN_METHODS, Metrics
+from nbgateway.metrics import KNOWN_METHODS, Metrics, fold_dead_worker
 from nbgateway.models import RefreshOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,6 +337,57 @@ class TestExportedMetrics:
                 "nbgw_token_refresh_total", {"account": "acme", "outcome": outcome.value}
             )
             assert value == 0, outcome
+
+
+def write_worker_files(directory: Path, pid: int, requests: float, seconds: float) -> None:
+    """The files a worker `pid` leaves: one counter and one histogram (a bucket and sum)."""
+    files: Any = MmapedDict  # prometheus_client's writer, untyped
+    counter = files(str(directory / f"counter_{pid}.db"))
+    key = mmap_key("nbgw_x_total", "nbgw_x_total", ["account"], ["acme"], "x")
+    counter.write_value(key, requests, 0.0)
+    counter.close()
+    histogram = files(str(directory / f"histogram_{pid}.db"))
+    name = "nbgw_y_seconds"
+    bucket = mmap_key(name, f"{name}_bucket", ["account", "le"], ["acme", "1.0"], "y")
+    histogram.write_value(bucket, requests, 0.0)
+    inf = mmap_key(name, f"{name}_bucket", ["account", "le"], ["acme", "+Inf"], "y")
+    histogram.write_value(inf, requests, 0.0)
+    histogram.write_value(mmap_key(name, f"{name}_sum", ["account"], ["acme"], "y"), seconds, 0.0)
+    histogram.close()
+
+
+def merged(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+    }
+
+
+class TestDeadWorkerFiles:
+    def test_folding_keeps_every_sum_and_leaves_one_file_per_type(self, tmp_path: Path) -> None:
+        """The parent folds an exited worker's counter and histogram files into an archive:
+        what a scrape sums is the same before and after, however many workers exited."""
+        write_worker_files(tmp_path, 101, 3, 0.5)
+        write_worker_files(tmp_path, 102, 4, 0.25)
+        write_worker_files(tmp_path, 103, 5, 1.0)  # still running
+        before = merged(tmp_path)
+        fold_dead_worker(tmp_path, 101)
+        assert merged(tmp_path) == before
+        fold_dead_worker(tmp_path, 102)
+        fold_dead_worker(tmp_path, 104)  # left no files: nothing to do
+        assert merged(tmp_path) == before
+        assert before[("nbgw_x_total", (("account", "acme"),))] == 12
+        assert before[("nbgw_y_seconds_sum", (("account", "acme"),))] == 1.75
+        files = sorted(p.name for p in tmp_path.glob("*.db"))
+        assert files == [
+            "counter_103.db",
+            "counter_archive.db",
+            "histogram_103.db",
+            "histogram_archive.db",
+        ]
 
 
 class TestAccountGauges:

@@ -533,6 +533,38 @@ def test_killed_worker_is_replaced_and_counts_survive(gateway: Gateway) -> None:
         assert proxied_total(samples) == 5
 
 
+def test_dead_workers_files_are_folded_and_counts_stay(gateway: Gateway, tmp_path: Path) -> None:
+    """Each kill -9 leaves no files of the dead worker in the metrics directory (they are
+    folded into one archive per type), so restarts do not make scrapes slower; every
+    request stays counted, in every scrape."""
+    sent = 0
+    for _ in range(3):
+        victim, conn = gateway.pinned()
+        for _ in range(2):
+            assert get(conn, "/api/v2/signups/me").status == 200
+            sent += 1
+        conn.close()
+        want = len(started_pids(gateway.process)) + 1
+
+        def replaced(want: int = want) -> bool:
+            return len(started_pids(gateway.process)) == want
+
+        os.kill(victim, signal.SIGKILL)
+        wait_until(replaced, WAIT, "a replacement")
+        gateway.workers(2)
+        for _ in range(3):
+            _, samples = gateway.metrics()
+            assert proxied_total(samples) == sent
+    [directory] = list((tmp_path / "tmp").iterdir())
+    live = gateway.workers(2)
+    names = {p.name for p in directory.glob("*.db")}
+    pids = {
+        int(m.group(1)) for n in names if (m := re.match(r"(?:counter|histogram)_(\d+)\.db", n))
+    }
+    assert pids <= live, names  # only running workers have files of their own
+    assert {"counter_archive.db", "histogram_archive.db"} <= names
+
+
 STUBBORN_PARENT = """
 import os, sys
 from nbgateway.server import bind, rejoin
