@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         parents=[common],
         help="the write requests proxied: time, client, nation, method, path, status",
-        description="Show the audit trail of proxied writes (POST, PUT, PATCH, DELETE), newest "
-        "first. The query string is never recorded.",
+        description="Show the audit trail of proxied writes (POST, PUT, PATCH, DELETE and any "
+        "other method but GET, HEAD and OPTIONS), newest first. The query string is never "
+        "recorded.",
     )
     audit.add_argument("--nation", type=_slug, metavar="SLUG", help="only this nation")
     audit.add_argument("--client", metavar="NAME", help="only this client (or anonymous)")

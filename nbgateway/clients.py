@@ -49,7 +49,6 @@ _KEY_RE = re.compile(r"^nbgw_[A-Za-z0-9_-]{43}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ANONYMOUS = "anonymous"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Seconds between two writes of the clients' last-use times.
 LAST_USED_INTERVAL = 60.0
 # Least seconds between two store looks for keys this process does not know (requests
@@ -306,7 +305,8 @@ class ClientRegistry:
         status: int,
         request_id: str,
     ) -> None:
-        """Queue an audit entry for a write (WRITE_METHODS; the proxy calls it for those only).
+        """Queue an audit entry for a write (any method but READ_METHODS, as for read-only
+        keys; the proxy calls it for those only).
         `flush` writes it, never the request path."""
         if len(self._audit) >= _AUDIT_BUFFER:
             del self._audit[: len(self._audit) - _AUDIT_BUFFER + 1]

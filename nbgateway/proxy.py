@@ -33,7 +33,7 @@ from yarl import URL
 from nbgateway.allowlist import AllowList
 from nbgateway.clients import (
     KEY_PREFIX,
-    WRITE_METHODS,
+    READ_METHODS,
     ClientAuth,
     ClientRegistry,
     looks_like_key,
@@ -467,7 +467,7 @@ class Proxy:
             metrics.proxied(account, request.method, status, time.perf_counter() - started)
             if route is not None:
                 metrics.client_request(clients.label(client), account, status)
-                if request.method in WRITE_METHODS:  # the audit trail: writes only
+                if request.method not in READ_METHODS:  # the audit trail: writes only
                     clients.record(
                         client,
                         route.slug,

@@ -627,6 +627,18 @@ class TestAudit:
         assert [e.nation for e in await gw.store.audit(nation="bravo")] == ["bravo"]
         assert {e.client for e in await gw.store.audit(client="reader")} == {"reader"}
 
+    async def test_any_method_but_a_read_is_recorded(self, gw: Gateway) -> None:
+        """A method beyond the usual four (WebDAV's PROPPATCH, a custom PURGE) is a write
+        for the audit trail as for read-only keys; HEAD and OPTIONS are reads."""
+        key = await add_key(gw, "tool")
+        for method in ("PROPPATCH", "PURGE", "HEAD", "OPTIONS"):
+            resp = await gw.client.request(
+                method, "/n/acme/api/v2/signups", headers={"X-NBGW-Key": key}
+            )
+            await resp.read()
+        await registry(gw).flush()
+        assert sorted(e.method for e in await gw.store.audit(limit=10)) == ["PROPPATCH", "PURGE"]
+
     async def test_retention_drops_old_entries(
         self, gateway_factory: GatewayFactory, connect_account: ConnectAccount, clock: Any
     ) -> None:
