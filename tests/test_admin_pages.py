@@ -675,6 +675,7 @@ class TestConnect:
         status, text, _ = await admin.get(callback)
         assert status == 400
         assert "Authorization was declined" in text
+        assert "<title>Authorization was declined · nbgateway</title>" in text  # not generic
         assert "Try again: connect beta" in text
         assert '<input type="hidden" name="nation" value="beta">' in text
         assert await gateway.accounts.list_accounts() == []
