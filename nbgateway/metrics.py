@@ -238,8 +238,17 @@ class Metrics:
         )
         self.proxy_requests = Counter(
             "nbgw_proxy_requests_total",
-            "Requests answered by the proxy, by account, method and status code.",
+            "Proxied requests by account, method and the status the client got (499: it "
+            "closed the connection first; 408: its body stalled).",
             ["account", "method", "code"],
+            registry=r,
+        )
+        self.gateway_errors = Counter(
+            "nbgw_gateway_errors_total",
+            "Proxied requests the gateway answered with an error of its own (X-NBGW-Error), "
+            "by account and error code; the rest of nbgw_proxy_requests_total's 4xx and 5xx "
+            "are NationBuilder's.",
+            ["account", "error"],
             registry=r,
         )
         self.proxy_duration = Histogram(
@@ -327,6 +336,7 @@ class Metrics:
         self._duration_children: dict[str, Histogram] = {}
         self._upstream_children: dict[str, Histogram] = {}
         self._client_children: dict[tuple[str, str, int], Counter] = {}
+        self._error_children: dict[tuple[str, str], Counter] = {}
         self._wait_children: dict[str, Histogram] = {}
         self._remaining_children: dict[str, Gauge] = {}
         self._outcomes_made: set[str] = set()
@@ -374,6 +384,15 @@ class Metrics:
         if histogram is None:
             histogram = self._duration_children[account] = self.proxy_duration.labels(account)
         histogram.observe(seconds)
+
+    def gateway_error(self, account: str, error: str) -> None:
+        """Count one proxied request answered with the gateway's own error `error` (its
+        code: a fixed set)."""
+        key = (account, error)
+        counter = self._error_children.get(key)
+        if counter is None:
+            counter = self._error_children[key] = self.gateway_errors.labels(account, error)
+        counter.inc()
 
     def client_request(self, client: str, account: str, code: int) -> None:
         """Count one proxied request for a client (a registered name or "anonymous")."""

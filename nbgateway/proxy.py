@@ -461,6 +461,7 @@ class Proxy:
             status = err.status
             if isinstance(err, UnknownAccount):
                 account = NO_ACCOUNT  # keeps label values bounded to real accounts
+            metrics.gateway_error(account, err.code)
             raise
         finally:
             metrics.proxy_ended()

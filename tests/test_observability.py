@@ -325,6 +325,23 @@ class TestExportedMetrics:
         assert gw.metric("nbgw_token_refresh_duration_seconds_count", account="acme") == 1
         assert gw.metric("nbgw_proxy_in_flight_requests") == 0
 
+    async def test_the_gateways_own_errors_are_told_from_nationbuilders(
+        self, busy_gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """nbgw_gateway_errors_total counts what the gateway answered itself (by its error
+        code); a 503 NationBuilder sent is in nbgw_proxy_requests_total only."""
+        gw = busy_gateway
+        fake_nb.set_canned(status=503, headers=[("Content-Type", "text/html")], body=b"down")
+        assert (await gw.client.get("/n/acme/api/_test/canned")).status == 503
+        assert (await gw.client.get("/n/Not_A_Slug/api/v2/x")).status == 400
+        proxied = gw.metric("nbgw_proxy_requests_total", account="acme", method="GET", code="503")
+        assert proxied == 1
+        errors = "nbgw_gateway_errors_total"
+        assert gw.metric(errors, account="none", error="unknown_account") == 1
+        assert gw.metric(errors, account="none", error="invalid_request") == 1
+        exposed = families(await scrape(gw))["nbgw_gateway_errors_total"]
+        assert sum(s.value for s in exposed.samples if s.name.endswith("_total")) == 2
+
     async def test_refresh_outcomes_start_at_zero_when_an_account_is_connected(
         self, gateway: Gateway, connect_account: ConnectAccount
     ) -> None:
