@@ -416,12 +416,13 @@ def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
             net = ipaddress.ip_network(part, strict=False)
         except ValueError:
             raise _fail(env, f"{part!r} is not a CIDR") from None
-        if "/" in part and net.network_address != ipaddress.ip_interface(part).ip:
+        given = ipaddress.ip_interface(part)
+        if int(given.ip) & int(net.hostmask):
             # 10.0.0.1/8 is most likely a typo for one of two very different lists.
             raise _fail(
                 env,
                 f"{part!r} has host bits set: write {net} for the whole network, or "
-                f"{ipaddress.ip_interface(part).ip}/{net.max_prefixlen} for that one address",
+                f"{given.ip}/{net.max_prefixlen} for that one address",
             )
         nets.append(net)
     if not nets:

@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 
 from nbgateway.allowlist import AllowList, peer_address
 from nbgateway.config import Settings
@@ -243,6 +244,13 @@ class GuardedHandler(web.RequestHandler):
             content.on_eof(self._body_complete)
 
     def request_finished(self) -> None:
+        request = self._request
+        if request is not None and not self._body_failed:
+            # aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS) fails the body itself.
+            failure = request.content.exception()
+            if isinstance(failure, (HttpProcessingError, RequestPayloadError)):
+                self._body_failed = True
+                self._guard.closed("malformed_request")
         if self._body_failed and self._request is not None:
             # Nothing after the broken bytes can be parsed: answer this request, then
             # close (no draining of the rest of its body, no next request).

@@ -37,6 +37,7 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -73,35 +74,58 @@ _FOLD_LOCK = ".fold.lock"
 _SUMMED_TYPES = ("counter", "histogram")
 
 
+# How long the parent waits for running scrapes before it leaves a fold for later.
+FOLD_WAIT = 2.0
+
+
 @contextmanager
-def _folding_lock(directory: Path, mode: int) -> Iterator[None]:
+def _folding_lock(directory: Path, mode: int, wait: float | None = None) -> Iterator[bool]:
+    """Hold the directory's lock (`mode`); with `wait`, give up after that many seconds
+    (a scrape that never ends: a frozen worker) and yield False."""
     with open(directory / _FOLD_LOCK, "a+b") as lock:
-        fcntl.flock(lock, mode)
+        if wait is None:
+            fcntl.flock(lock, mode)
+        else:
+            until = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(lock, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= until:
+                        yield False
+                        return
+                    time.sleep(0.02)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def fold_dead_worker(directory: Path, pid: int) -> None:
+def fold_dead_worker(directory: Path, pid: int, wait: float = FOLD_WAIT) -> bool:
     """Add the counter and histogram values of worker `pid`, which has exited, to the
     directory's archive file of each type, and remove its files. The sums
-    MultiProcessCollector makes are unchanged; the files to read stay few."""
-    with _folding_lock(directory, fcntl.LOCK_EX):
+    MultiProcessCollector makes are unchanged; the files to read stay few. False when a
+    scrape held the directory for `wait` seconds: nothing was changed (try again later)."""
+    with _folding_lock(directory, fcntl.LOCK_EX, wait) as held:
+        if not held:
+            return False
         for kind in _SUMMED_TYPES:
             dead = directory / f"{kind}_{pid}.db"
             if not dead.exists():
                 continue
             # prometheus_client's own file format, through its (untyped) reader and writer.
+            # Read whole first: a damaged file raises here, before the archive is touched.
+            values = MmapedDict.read_all_values_from_file(str(dead))  # type: ignore[no-untyped-call]
             archive = MmapedDict(str(directory / f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
             try:
-                values = MmapedDict.read_all_values_from_file(str(dead))  # type: ignore[no-untyped-call]
                 for key, value, _timestamp, _pos in values:
                     kept, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
                     archive.write_value(key, kept + value, 0.0)  # type: ignore[no-untyped-call]
             finally:
                 archive.close()  # type: ignore[no-untyped-call]
             dead.unlink()
+    return True
 
 
 def method_label(method: str) -> str:

@@ -27,6 +27,7 @@ from urllib.parse import unquote, unquote_plus
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -194,15 +195,15 @@ def presented_key(request: web.Request) -> str | None:
     return next(iter(found), None)
 
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _header_text(value: str) -> str:
     """A header value the writer can send whole. Bytes that are not UTF-8 (a raw Latin-1
-    `é`) arrive as surrogate escapes, which aiohttp's writer silently leaves out: they go
-    on as the Latin-1 characters they are, written in UTF-8. Called for non-ASCII only."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape").decode("latin-1")
-    return value
+    `é`) arrive as surrogate escapes, which aiohttp's writer silently leaves out: each goes
+    on as the Latin-1 character it is, written in UTF-8; the rest of the value is kept as
+    it came. Called for non-ASCII values only."""
+    return _ESCAPED_BYTE.sub(lambda m: chr(ord(m.group()) - 0xDC00), value)
 
 
 def _listed(connection: str | None) -> frozenset[str]:
@@ -222,9 +223,9 @@ def _is_api_path(path: str) -> bool:
 
 
 def _is_token_param(raw_name: str) -> bool:
-    """Whether a query parameter's raw name is access_token as a web framework reads it:
-    any case, percent- or plus-encoded, padded, or with a bracket suffix (Rack and PHP read
-    `access_token[]` and `access_token[x]` as access_token)."""
+    """Whether a query parameter's raw name is access_token as NationBuilder's Rails (Rack)
+    reads it: any case, percent- or plus-encoded, padded, or with a bracket suffix (Rack
+    reads `access_token[]` and `access_token[x]` as access_token)."""
     name = unquote_plus(raw_name).partition("[")[0]
     return name.strip().lower() == "access_token"
 
@@ -248,10 +249,10 @@ def _filter_query(query: str) -> str:
 
 def _without_token(link: str) -> str:
     """`link` (a path with its query) without access_token parameters."""
-    path, sep, rest = link.partition("?")
+    before, hash_sign, fragment = link.partition("#")
+    path, sep, query = before.partition("?")
     if not sep:
         return link
-    query, hash_sign, fragment = rest.partition("#")
     kept = _filter_query(query)
     return f"{path}{'?' if kept else ''}{kept}{hash_sign}{fragment}"
 
@@ -524,7 +525,7 @@ class Proxy:
                     request[BODY_REFUSED] = self._too_large()
                     raise request[BODY_REFUSED]
                 yield chunk
-        except HttpProcessingError:
+        except (HttpProcessingError, RequestPayloadError):
             request[BODY_REFUSED] = _malformed_body()
             raise request[BODY_REFUSED] from None
 
@@ -602,7 +603,7 @@ class Proxy:
         elif length is not None and length <= self._settings.retry_buffer:
             try:
                 body, replayable = await request.read(), True
-            except HttpProcessingError:
+            except (HttpProcessingError, RequestPayloadError):
                 raise _malformed_body() from None
         else:
             body, replayable = self._stream_body(request), False

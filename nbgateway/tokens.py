@@ -842,7 +842,13 @@ class TokenManager:
                 raise  # the loop reports the outage, and prefetches again afterwards
             except StoreError:
                 continue  # an unreadable row: its requests report it
-            if account is not None and slug not in self._cache and self._usable(account, None):
+            if (
+                account is not None
+                and slug not in self._cache  # meanwhile (the awaits above) nothing
+                and slug not in self._needs_reauth  # changed it in this process
+                and slug not in self._inflight
+                and self._usable(account, None)
+            ):
                 self._issue(account)
                 loaded += 1
         return loaded
@@ -862,14 +868,14 @@ class TokenManager:
         while True:
             try:
                 changed = await self.sync() or changed
-                if changed:
-                    await self.prefetch()
-                    changed = False
                 await self.persist_pending()
                 await self.retry_after_backoff()
                 if since_refresh >= refresh_interval:
                     since_refresh = 0.0
                     await self.refresh_due(lead=2 * refresh_interval)
+                if changed:  # last: an outage here delays none of the above
+                    await self.prefetch()
+                    changed = False
             except asyncio.CancelledError:
                 raise
             except StoreError as exc:  # an outage, said in one line; retried next round

@@ -46,7 +46,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from nbgateway.metrics import fold_dead_worker
+from nbgateway.metrics import FOLD_WAIT, fold_dead_worker
 from nbgateway.server import HANGUP_STOPS
 
 log = logging.getLogger("nbgateway.workers")
@@ -124,6 +124,7 @@ class Workers:
         self._pipe_read = -1
         self._pipe_write = -1
         self._hangup = False
+        self._unfolded: list[int] = []  # exited workers whose files are still to fold
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT/SIGHUP; 0, or the usage code when a worker reported one."""
@@ -178,6 +179,8 @@ class Workers:
 
     def _watch(self) -> int:
         while not self._stopping.wait(POLL_INTERVAL):
+            if self._unfolded:
+                self._fold(0.0)
             now = time.monotonic()
             for slot in self._slots:
                 if slot.process is None:
@@ -223,13 +226,23 @@ class Workers:
     def _reaped(self, process: subprocess.Popen[bytes]) -> None:
         assert self._metrics_dir is not None
         mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
-        try:
-            fold_dead_worker(self._metrics_dir, process.pid)
-        except OSError as exc:  # its files stay: counted all the same, read by each scrape
-            log.warning(
-                "could not fold an exited worker's metrics files",
-                extra={"pid": process.pid, "error": str(exc)},
-            )
+        self._unfolded.append(process.pid)
+        self._fold(FOLD_WAIT)
+
+    def _fold(self, wait: float) -> None:
+        """Fold the exited workers' metrics files; those a long scrape keeps locked are
+        tried again on a later round (`_watch` calls this without waiting)."""
+        assert self._metrics_dir is not None
+        for pid in list(self._unfolded):
+            try:
+                if not fold_dead_worker(self._metrics_dir, pid, wait):
+                    return  # a scrape holds the directory: later
+            except Exception as exc:  # a damaged file: left as it is, counted all the same
+                log.warning(
+                    "could not fold an exited worker's metrics files",
+                    extra={"pid": pid, "error": f"{type(exc).__name__}: {exc}"},
+                )
+            self._unfolded.remove(pid)
 
     def _stop_all(self) -> None:
         running = [s.process for s in self._slots if s.process is not None]
@@ -251,6 +264,7 @@ class Workers:
                 log.error("worker did not stop in time; killing", extra={"pid": process.pid})
                 process.kill()
                 process.wait()
-            self._reaped(process)
+            # The directory goes with the parent: its gauges leave, nothing is folded.
+            mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
         for slot in self._slots:
             slot.process = None

@@ -303,6 +303,22 @@ class TestLogin:
             headers={"Origin": "http://gw.internal:8080", "Host": "gw.internal:8080"},
         )
         assert status == 303
+        spelled = await browsers(logged_in=False)  # the default port spelled out
+        status, _, _ = await spelled.request(
+            "POST",
+            "/connect/login",
+            data={"token": ADMIN_TOKEN},
+            headers={"Origin": f"{origin}:80"},
+        )
+        assert status == 303
+        other_scheme = await browsers(logged_in=False)
+        status, _, _ = await other_scheme.request(
+            "POST",
+            "/connect/login",
+            data={"token": ADMIN_TOKEN},
+            headers={"Origin": origin.replace("http://", "https://")},
+        )
+        assert status == 403
 
     async def test_logout_ends_the_session(self, admin: Browser) -> None:
         """Logging out deletes the cookie, and the old cookie no longer opens the pages."""

@@ -533,8 +533,11 @@ class TestMalformed:
         [problem] = load_error({**BASE, "NBGW_ALLOWED_CLIENTS": "10.0.0.1/8"}).problems
         assert "host bits" in problem
         assert "10.0.0.0/8" in problem and "10.0.0.1/32" in problem
-        settings = load_settings({**BASE, "NBGW_ALLOWED_CLIENTS": "10.0.0.1,10.2.0.0/16"})
-        assert [str(n) for n in settings.allowed_clients] == ["10.0.0.1/32", "10.2.0.0/16"]
+        settings = load_settings(
+            {**BASE, "NBGW_ALLOWED_CLIENTS": "10.0.0.1,10.2.0.0/16,fe80::%eth0/64"}
+        )
+        got = [str(n) for n in settings.allowed_clients]
+        assert got == ["10.0.0.1/32", "10.2.0.0/16", "fe80::%eth0/64"]  # a scope is no host bit
 
     @pytest.mark.parametrize("value", ["nan", "inf"])
     def test_timeout_must_be_a_finite_number(self, value: str) -> None:

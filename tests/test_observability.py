@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import secrets
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +35,7 @@ from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import KNOWN_METHODS, Metrics, fold_dead_worker
 from nbgateway.models import RefreshOutcome
+from nbgateway.workers import Workers
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "nbgateway.json"
@@ -405,6 +408,43 @@ class TestDeadWorkerFiles:
             "histogram_103.db",
             "histogram_archive.db",
         ]
+
+    def test_a_scrape_in_progress_defers_the_fold(self, tmp_path: Path) -> None:
+        """A fold waits for running scrapes only so long (a frozen worker holds its lock
+        for ever): it gives up, changing nothing, and succeeds once the scrape is over."""
+        write_worker_files(tmp_path, 201, 2, 0.1)
+        before = merged(tmp_path)
+        with (tmp_path / ".fold.lock").open("a+b") as scrape:
+            fcntl.flock(scrape, fcntl.LOCK_SH)
+            assert fold_dead_worker(tmp_path, 201, wait=0.1) is False
+            assert (tmp_path / "counter_201.db").exists()
+            fcntl.flock(scrape, fcntl.LOCK_UN)
+        assert fold_dead_worker(tmp_path, 201, wait=0.1) is True
+        assert merged(tmp_path) == before
+
+    def test_a_damaged_file_is_left_and_the_parent_goes_on(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A truncated worker file cannot be folded: the archive is not touched, the
+        parent logs it and folds the next worker's files."""
+        write_worker_files(tmp_path, 301, 2, 0.1)
+        write_worker_files(tmp_path, 302, 3, 0.2)
+        damaged = tmp_path / "counter_301.db"
+        damaged.write_bytes(damaged.read_bytes()[:72])
+        sock = socket.socket()
+        try:
+            parent = Workers(lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock)
+            parent._metrics_dir = tmp_path
+            parent._unfolded = [301, 302]
+            parent._fold(0.1)
+        finally:
+            sock.close()
+        assert parent._unfolded == []
+        assert "could not fold an exited worker's metrics files" in caplog.text
+        assert damaged.exists()
+        assert not (tmp_path / "counter_302.db").exists()
+        archive = MmapedDict.read_all_values_from_file(str(tmp_path / "counter_archive.db"))  # type: ignore[no-untyped-call]
+        assert [value for _key, value, _ts, _pos in archive] == [3.0]
 
 
 class TestAccountGauges:

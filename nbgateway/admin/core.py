@@ -56,7 +56,7 @@ class AdminCore:
         public = urlsplit(settings.public_url)
         prefix = public.path.rstrip("/")
         self.base = f"{prefix}/connect"  # as the browser sees it (behind a path prefix too)
-        self.public_host = public.netloc.lower()
+        self.public_origin = _origin(public.scheme, public.netloc.lower())
         self.secure = settings.secure_cookies
         self.signer = Signer(settings.admin_token.reveal())
         self.csp = (
@@ -278,8 +278,13 @@ class AdminCore:
         origin = request.headers.get("Origin", "null").strip().lower()
         if origin == "null":
             return False
-        host = urlsplit(origin).netloc
-        return host not in (request.headers.get("Host", "").lower(), self.public_host)
+        parts = urlsplit(origin)
+        sent = _origin(parts.scheme, parts.netloc)
+        if sent == self.public_origin:
+            return False
+        # The Host the browser used (a proxy in front may speak plain HTTP to the gateway,
+        # so the scheme is the Origin's own).
+        return sent != _origin(parts.scheme, request.headers.get("Host", "").lower())
 
     async def checked_form(
         self, request: web.Request, *, check_revoked: bool = True
@@ -298,6 +303,19 @@ class AdminCore:
 
     async def stylesheet(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.css, content_type="text/css")
+
+
+def _origin(scheme: str, netloc: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port spelled out, for comparing
+    origins (`https://h` and `https://h:443` are one)."""
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        port = parts.port
+    except ValueError:
+        return (scheme, netloc, None)
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return (scheme, parts.hostname or "", port)
 
 
 def _content_encoded(request: web.Request) -> bool:
