@@ -74,10 +74,6 @@ _FOLD_LOCK = ".fold.lock"
 _SUMMED_TYPES = ("counter", "histogram")
 
 
-# How long the parent waits for running scrapes before it leaves a fold for later.
-FOLD_WAIT = 2.0
-
-
 @contextmanager
 def _folding_lock(directory: Path, mode: int, wait: float | None = None) -> Iterator[bool]:
     """Hold the directory's lock (`mode`); with `wait`, give up after that many seconds
@@ -102,7 +98,7 @@ def _folding_lock(directory: Path, mode: int, wait: float | None = None) -> Iter
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def fold_dead_worker(directory: Path, pid: int, wait: float = FOLD_WAIT) -> bool:
+def fold_dead_worker(directory: Path, pid: int, wait: float = 0.0) -> bool:
     """Add the counter and histogram values of worker `pid`, which has exited, to the
     directory's archive file of each type, and remove its files. The sums
     MultiProcessCollector makes are unchanged; the files to read stay few. False when a

@@ -46,7 +46,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from nbgateway.metrics import FOLD_WAIT, fold_dead_worker
+from nbgateway.metrics import fold_dead_worker
 from nbgateway.server import HANGUP_STOPS
 
 log = logging.getLogger("nbgateway.workers")
@@ -180,7 +180,7 @@ class Workers:
     def _watch(self) -> int:
         while not self._stopping.wait(POLL_INTERVAL):
             if self._unfolded:
-                self._fold(0.0)
+                self._fold()
             now = time.monotonic()
             for slot in self._slots:
                 if slot.process is None:
@@ -227,16 +227,25 @@ class Workers:
         assert self._metrics_dir is not None
         mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
         self._unfolded.append(process.pid)
-        self._fold(FOLD_WAIT)
+        self._fold()
 
-    def _fold(self, wait: float) -> None:
-        """Fold the exited workers' metrics files; those a long scrape keeps locked are
-        tried again on a later round (`_watch` calls this without waiting)."""
+    def _fold(self) -> None:
+        """Fold the exited workers' metrics files, never waiting: while a scrape holds the
+        directory they are tried again on the next round of `_watch`."""
         assert self._metrics_dir is not None
+        running = {
+            s.process.pid
+            for s in self._slots
+            if s.process is not None and s.process.returncode is None  # not reaped
+        }
         for pid in list(self._unfolded):
+            if pid in running:
+                # The pid came back as a new worker, which carries on in the same files.
+                self._unfolded.remove(pid)
+                continue
             try:
-                if not fold_dead_worker(self._metrics_dir, pid, wait):
-                    return  # a scrape holds the directory: later
+                if not fold_dead_worker(self._metrics_dir, pid, wait=0.0):
+                    return  # a scrape holds the directory: next round
             except Exception as exc:  # a damaged file: left as it is, counted all the same
                 log.warning(
                     "could not fold an exited worker's metrics files",

@@ -20,6 +20,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -436,7 +437,7 @@ class TestDeadWorkerFiles:
             parent = Workers(lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock)
             parent._metrics_dir = tmp_path
             parent._unfolded = [301, 302]
-            parent._fold(0.1)
+            parent._fold()
         finally:
             sock.close()
         assert parent._unfolded == []
@@ -445,6 +446,23 @@ class TestDeadWorkerFiles:
         assert not (tmp_path / "counter_302.db").exists()
         archive = MmapedDict.read_all_values_from_file(str(tmp_path / "counter_archive.db"))  # type: ignore[no-untyped-call]
         assert [value for _key, value, _ts, _pos in archive] == [3.0]
+
+    def test_a_pid_that_came_back_as_a_new_worker_is_not_folded(self, tmp_path: Path) -> None:
+        """A fold put off (a scrape held the directory) must not take the files of a new
+        worker that got the same pid: that worker carries on in them."""
+        write_worker_files(tmp_path, 401, 2, 0.1)
+        sock = socket.socket()
+        try:
+            parent = Workers(lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock)
+            parent._metrics_dir = tmp_path
+            parent._slots[0].process = SimpleNamespace(pid=401, returncode=None)  # type: ignore[assignment]
+            parent._unfolded = [401]
+            parent._fold()
+        finally:
+            sock.close()
+        assert parent._unfolded == []
+        assert (tmp_path / "counter_401.db").exists()
+        assert not (tmp_path / "counter_archive.db").exists()
 
 
 class TestAccountGauges:
