@@ -736,6 +736,12 @@ class Proxy:
             elif lower == "link" and "<" in value:
                 value = _map_link_header(value, self._link_mapper(request, route))
             headers.add(name, value if value.isascii() else _header_text(value))
+        if upstream.status == 429:
+            # A 429 reaches the tool when its replay was refused too: tell it the wait.
+            wait = self._limiter.retry_after(route.slug, headers.get("Retry-After"))
+            if wait is not None:
+                headers.popall("Retry-After", None)
+                headers["Retry-After"] = wait
         headers.add("Content-Security-Policy", _SANDBOX)
         if "X-Content-Type-Options" not in headers:
             headers["X-Content-Type-Options"] = "nosniff"

@@ -251,6 +251,19 @@ class RateLimiter:
             )
         return views
 
+    def retry_after(self, account: str, sent: str | None) -> str | None:
+        """For a 429 passed on to the tool (its replay was refused too): a Retry-After to
+        send instead of NationBuilder's `sent` when that is missing or unusable (negative,
+        not a number or date), from the hold this 429 put on the account's queue; None to
+        keep what was sent."""
+        now = self._clock.now()
+        if parse_retry_after(sent, now) is not None and not (sent or "").strip().startswith("-"):
+            return None
+        b = self._budgets.get(account)
+        if b is None or b.hold_until <= now:
+            return None
+        return str(max(1, math.ceil(b.hold_until - now)))
+
     # -- asking for a slot -----------------------------------------------------------------
 
     def try_acquire(self, account: str) -> Slot | None:

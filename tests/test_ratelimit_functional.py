@@ -169,6 +169,32 @@ class TestWithRealWindows:
         assert "X-NBGW-Error" not in resp.headers
         assert len(fake_nb.api_requests) == 1
 
+    @pytest.mark.parametrize(
+        ("sent", "expected"), [(None, "1"), ("-5", "1"), ("soon", "1"), ("1.0", "1.0")]
+    )
+    async def test_a_429_passed_on_tells_the_tool_how_long_to_wait(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        sent: str | None,
+        expected: str,
+    ) -> None:
+        """When the replay is refused too, the tool gets NationBuilder's 429; a missing,
+        negative or unreadable Retry-After is replaced by the gateway's own hold (at least
+        a second), a usable one is kept."""
+        gw = await gateway_factory()
+        await connect_account(gw, "acme")
+        headers = [("Content-Type", "application/json")]
+        if sent is not None:
+            headers.append(("Retry-After", sent))
+        fake_nb.set_canned(status=429, headers=headers, body=b'{"message": "slow down"}')
+        resp = await gw.client.get("/api/_test/canned")
+        assert resp.status == 429
+        assert "X-NBGW-Error" not in resp.headers
+        assert resp.headers.getall("Retry-After") == [expected]
+        assert len(fake_nb.api_requests) == 2  # the request and its one replay
+
     async def test_two_gateways_share_one_budget(
         self,
         gateway_factory: GatewayFactory,
