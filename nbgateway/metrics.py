@@ -13,7 +13,8 @@ gauge is merged as its `multiprocess_mode` says (single-process mode ignores the
 
 - in-flight gauges: `livesum` (what the running workers are doing now);
 - per-account expiry and last-success timestamps: `livemax` (they only move forward, and
-  every worker follows the same store, so the largest is the newest);
+  every worker follows the same store, so the largest is the newest); last-failure
+  timestamp: `livemax` (the latest failure a running worker saw);
 - needs-reauth: `livemax` (1 while any running worker has seen the account refused; each
   worker re-reads the store within a second of a change, so a reconnect clears it);
 - rate-limit remaining: `livemin` (the lowest any running worker was last told: the
@@ -245,6 +246,14 @@ class Metrics:
         self.last_refresh_success = Gauge(
             "nbgw_account_last_refresh_success_timestamp_seconds",
             "When the account's tokens were last obtained successfully (epoch seconds).",
+            ["account"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.last_refresh_failure = Gauge(
+            "nbgw_account_last_refresh_failure_timestamp_seconds",
+            "When a token-endpoint refresh of the account last failed in this process "
+            "(epoch seconds); with the last success, tells whether it is failing now.",
             ["account"],
             multiprocess_mode="livemax",
             registry=r,
@@ -495,7 +504,13 @@ class Metrics:
 
     def _account_gauges(self) -> tuple[Gauge, ...]:
         """The gauges describing an account's tokens (one series per account)."""
-        return (self.token_expiry, self.needs_reauth, self.last_refresh_success, self.unpersisted)
+        return (
+            self.token_expiry,
+            self.needs_reauth,
+            self.last_refresh_success,
+            self.last_refresh_failure,
+            self.unpersisted,
+        )
 
     def _forget_series(self, slug: str) -> None:
         for gauge in (*self._account_gauges(), self.rate_limit_remaining, self.rate_limit_limit):

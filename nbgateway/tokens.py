@@ -653,6 +653,7 @@ class TokenManager:
             return await self._oauth.refresh(slug, refresh_token)
         except OAuthError as exc:
             outcome = exc.outcome
+            self._metrics.last_refresh_failure.labels(slug).set(self._clock.now())
             raise
         finally:
             in_flight.dec()

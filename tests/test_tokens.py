@@ -42,6 +42,7 @@ COALESCED = "nbgw_token_refresh_coalesced_total"
 NEEDS_REAUTH = "nbgw_account_needs_reauth"
 EXPIRY = "nbgw_access_token_expiry_timestamp_seconds"
 LAST_SUCCESS = "nbgw_account_last_refresh_success_timestamp_seconds"
+LAST_FAILURE = "nbgw_account_last_refresh_failure_timestamp_seconds"
 
 
 def bearer(record: RecordedRequest) -> str:
@@ -585,6 +586,8 @@ class TestTransientFailures:
         assert retry_after >= 1
         assert gw.metric(REFRESH_TOTAL, account=SLUG, outcome=outcome) == 1
         assert gw.metric(NEEDS_REAUTH, account=SLUG) == 0
+        failed_at = gw.metric(LAST_FAILURE, account=SLUG)
+        assert failed_at == clock.now()  # what the alert compares with the last success
         info = await gw.accounts.get(SLUG)
         assert info.status is AccountStatus.ACTIVE
         assert info.last_error
@@ -603,6 +606,7 @@ class TestTransientFailures:
         assert len(fake_nb.token_requests) == 2
         assert gw.metric(REFRESH_TOTAL, account=SLUG, outcome="success") == 1
         assert (await gw.accounts.get(SLUG)).last_error is None
+        assert gw.metric(LAST_SUCCESS, account=SLUG) > failed_at
 
     async def test_still_valid_token_is_used_while_refresh_fails(
         self,
