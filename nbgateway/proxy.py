@@ -630,19 +630,30 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
     ) -> aiohttp.ClientResponse:
         retries = self._metrics.upstream_401_retries
+        # A token a refresh after a 401 made moments ago: this 401 is about something else
+        # (a permission the user lacks), so no refresh, only a newer token if one exists.
+        held = not self._tokens.may_cure_401(route.slug, token.generation)
         if not replayable:
             # The body is gone; still make sure the next request gets a fresh token.
-            try:
-                await self._tokens.force_refresh(route.slug, token.generation)
-            except Exception:  # noqa: S110 - the client gets the upstream 401 either way
-                pass
+            if not held:
+                try:
+                    await self._tokens.force_refresh(route.slug, token.generation)
+                except Exception:  # noqa: S110 - the client gets the upstream 401 either way
+                    pass
             return upstream
-        upstream.release()
-        try:
-            fresh = await self._token(route.slug, stale=token)
-        except GatewayError:
-            retries.labels(route.slug, "refresh_failed").inc()
-            raise
+        if held:
+            newer = await self._tokens.newer_token(route.slug, token.generation)
+            if newer is None:
+                return upstream
+            fresh = newer
+            upstream.release()
+        else:
+            upstream.release()
+            try:
+                fresh = await self._token(route.slug, stale=token)
+            except GatewayError:
+                retries.labels(route.slug, "refresh_failed").inc()
+                raise
         retried = await self._send(request, route, fresh, body)
         outcome = "still_unauthorized" if retried.status == 401 else "recovered"
         retries.labels(route.slug, outcome).inc()

@@ -51,6 +51,10 @@ PERSIST_RETRY_BASE = 1.0
 PERSIST_RETRY_CAP = 30.0
 # Background refreshes run at once, at most this many at a time.
 REFRESH_CONCURRENCY = 32
+# A token made by a refresh after an upstream 401 is not refreshed for another 401 for this
+# long: NationBuilder's 401 `unauthorized` also means the user lacks a permission, and a
+# tool calling such an endpoint in a loop must not rotate the pair on every request.
+REFRESH_401_HOLD = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,9 @@ class TokenManager:
         self._unpersisted: dict[str, _Unpersisted] = {}
         # Per account: the refresh token last sent without a usable answer, and when.
         self._unanswered: dict[str, tuple[Secret, float]] = {}
+        # Per account: the generation the last refresh after a 401 made, and until when
+        # another 401 on it causes no refresh (`may_cure_401`).
+        self._held_401: dict[str, tuple[int, float]] = {}
 
     # -- the request path --------------------------------------------------------------
 
@@ -165,11 +172,41 @@ class TokenManager:
             return cached
         return await self._single_flight(slug, force=False, stale_generation=None)
 
+    def may_cure_401(self, slug: str, generation: int) -> bool:
+        """Whether NationBuilder's 401 on a token of `generation` may be answered with a
+        refresh: not within REFRESH_401_HOLD of the refresh after a 401 that made that
+        generation (only `newer_token` then). No await: the hot path."""
+        held = self._held_401.get(slug)
+        if held is None or held[0] != generation:
+            return True
+        if held[1] > self._clock.now():
+            return False
+        del self._held_401[slug]
+        return True
+
+    async def newer_token(self, slug: str, generation: int) -> IssuedToken | None:
+        """A valid token of another generation than `generation` that needs no refresh:
+        the cached one, or the stored one (another process refreshed); None if neither
+        is (a store failure included)."""
+        cached = self._still_valid(self._cache.get(slug))
+        if cached is not None and cached.generation != generation:
+            return cached
+        try:
+            account = await self._store.get_account(slug)
+        except StoreError:
+            return None
+        if account is None or account.generation == generation or not self._usable(account, 0.0):
+            return None
+        return self._issue(account)
+
     async def force_refresh(self, slug: str, stale_generation: int | None) -> IssuedToken:
-        """After an upstream 401 on `stale_generation`: a token of a newer generation."""
+        """After an upstream 401 on `stale_generation`: a token of a newer generation,
+        held for REFRESH_401_HOLD against another 401's refresh (`may_cure_401`)."""
         # Joins a refresh already in flight; if that one only re-issued the rejected
         # generation, _single_flight starts a forced refresh of its own.
-        return await self._single_flight(slug, force=True, stale_generation=stale_generation)
+        token = await self._single_flight(slug, force=True, stale_generation=stale_generation)
+        self._held_401[slug] = (token.generation, self._clock.now() + REFRESH_401_HOLD)
+        return token
 
     async def first_exchange(self, slug: str) -> IssuedToken:
         """`refresh_now` for a token just stored to be tried (an import): a refusal is the
@@ -206,6 +243,7 @@ class TokenManager:
         """Forget what is cached for `slug` (after connect, import or removal)."""
         self._cache.pop(slug, None)
         self._backoff.pop(slug, None)
+        self._held_401.pop(slug, None)
         self._needs_reauth.discard(slug)
         self._reauth_hints.pop(slug, None)
 

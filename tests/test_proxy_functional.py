@@ -30,7 +30,9 @@ from conftest import PUBLIC_URL, ConnectAccount, Gateway, GatewayFactory
 from multidict import CIMultiDict
 from yarl import URL
 
+from nbgateway.clock import FakeClock
 from nbgateway.fakenb import MSG_EXPIRED, FakeNationBuilder
+from nbgateway.tokens import REFRESH_401_HOLD
 
 MiB = 1024 * 1024
 
@@ -758,6 +760,62 @@ class TestUpstream401:
         assert len(fake_nb.api_requests) == 2
         assert retries(acme, "still_unauthorized") == 1
         assert retries(acme, "recovered") == 0
+
+    async def test_a_401_that_persists_refreshes_once_per_hold(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A tool calling an endpoint NationBuilder keeps refusing (a permission the user
+        lacks): one refresh and retry, then the 401s pass on with no token call until
+        REFRESH_401_HOLD has passed, bodies too large to replay included."""
+        acme = await gateway_factory(retry_buffer=10)
+        await connect_account(acme, "acme")
+        fake_nb.api_fail_401_times = 1000
+        for _ in range(5):
+            resp = await acme.client.get("/api/v2/signups/me")
+            assert resp.status == 401
+        assert len(fake_nb.token_requests) == 1
+        assert len(fake_nb.api_requests) == 6  # 2 for the first, 1 each for the rest
+        assert retries(acme, "still_unauthorized") == 1
+        assert (await acme.client.post("/api/_test/echo", data=b"y" * 100)).status == 401
+        assert len(fake_nb.token_requests) == 1
+
+        clock.advance(REFRESH_401_HOLD + 1)
+        resp = await acme.client.get("/api/v2/signups/me")
+        assert resp.status == 401
+        assert len(fake_nb.token_requests) == 2
+        assert retries(acme, "still_unauthorized") == 2
+
+        fake_nb.api_fail_401_times = 0  # other endpoints were never affected
+        assert (await acme.client.get("/api/v2/signups/me")).status == 200
+        assert len(fake_nb.token_requests) == 2
+
+    async def test_a_held_401_is_retried_with_a_token_another_process_stored(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """Within the hold, a 401 on the held token is retried once with a newer token
+        another process refreshed meanwhile (NationBuilder revoked the held one), without
+        a token call of this process's own."""
+        gw = await gateway_factory()
+        other = await gateway_factory()
+        await connect_account(gw, "acme")
+        fake_nb.api_fail_401_times = 2
+        assert (await gw.client.get("/api/v2/signups/me")).status == 401
+        assert len(fake_nb.token_requests) == 1
+
+        fake_nb.old_access_token_survives_refresh = False
+        await other.tokens.refresh_now("acme")  # revokes the token gw holds
+        assert len(fake_nb.token_requests) == 2
+        resp = await gw.client.get("/api/v2/signups/me")
+        assert resp.status == 200
+        assert len(fake_nb.token_requests) == 2
+        assert retries(gw, "recovered") == 1
 
     async def test_replayed_body_is_byte_identical(
         self, acme: Gateway, fake_nb: FakeNationBuilder
