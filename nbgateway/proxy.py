@@ -71,6 +71,7 @@ from nbgateway.middleware import (
 )
 from nbgateway.models import ClientInfo, is_valid_slug
 from nbgateway.ratelimit import RateLimiter
+from nbgateway.redact import REDACTED
 from nbgateway.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger("nbgateway.proxy")
@@ -614,9 +615,11 @@ class Proxy:
             upstream.release()
             upstream = await self._send(request, route, token, body, replay=True)
         if upstream.status == 401:
-            upstream = await self._after_401(request, route, token, body, replayable, upstream)
+            upstream, token = await self._after_401(
+                request, route, token, body, replayable, upstream
+            )
         try:
-            return await self._respond(request, route, upstream)
+            return await self._respond(request, route, upstream, token)
         finally:
             upstream.release()
 
@@ -628,7 +631,8 @@ class Proxy:
         body: bytes | AsyncIterator[bytes] | None,
         replayable: bool,
         upstream: aiohttp.ClientResponse,
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[aiohttp.ClientResponse, IssuedToken]:
+        """The answer to give after NationBuilder's 401, and the token it was made with."""
         retries = self._metrics.upstream_401_retries
         # A token a refresh after a 401 made moments ago: this 401 is about something else
         # (a permission the user lacks), so no refresh, only a newer token if one exists.
@@ -640,11 +644,11 @@ class Proxy:
                     await self._tokens.force_refresh(route.slug, token.generation)
                 except Exception:  # noqa: S110 - the client gets the upstream 401 either way
                     pass
-            return upstream
+            return upstream, token
         if held:
             newer = await self._tokens.newer_token(route.slug, token.generation)
             if newer is None:
-                return upstream
+                return upstream, token
             fresh = newer
             upstream.release()
         else:
@@ -657,7 +661,7 @@ class Proxy:
         retried = await self._send(request, route, fresh, body)
         outcome = "still_unauthorized" if retried.status == 401 else "recovered"
         retries.labels(route.slug, outcome).inc()
-        return retried
+        return retried, fresh
 
     # -- the response --------------------------------------------------------------------
 
@@ -734,10 +738,19 @@ class Proxy:
             return None
 
     async def _respond(
-        self, request: web.Request, route: Route, upstream: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        route: Route,
+        upstream: aiohttp.ClientResponse,
+        token: IssuedToken,
     ) -> web.StreamResponse:
+        """The tool's answer from NationBuilder's, which was made with `token`: hop-by-hop
+        headers dropped, links mapped back to the gateway, the token itself wherever
+        NationBuilder put it in a header (a Location elsewhere, WWW-Authenticate)
+        replaced by REDACTED, and JSON bodies rewritten (`_rewrite`)."""
         headers: CIMultiDict[str] = CIMultiDict()
         connection_listed = _listed(upstream.headers.get("Connection"))
+        sent = token.access_token.reveal()
         for name, value in upstream.headers.items():
             lower = name.lower()
             if lower in _DROP_DOWNSTREAM or lower in connection_listed:
@@ -746,6 +759,8 @@ class Proxy:
                 value = self._link_mapper(request, route)(value.strip()) or value
             elif lower == "link" and "<" in value:
                 value = _map_link_header(value, self._link_mapper(request, route))
+            if sent in value and sent:
+                value = value.replace(sent, REDACTED)
             headers.add(name, value if value.isascii() else _header_text(value))
         if upstream.status == 429:
             # A 429 reaches the tool when its replay was refused too: tell it the wait.

@@ -21,6 +21,7 @@ from yarl import URL
 
 import nbgateway.links
 from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.redact import REDACTED
 
 V2 = "application/vnd.api+json"
 HOST = "gw.internal:8080"
@@ -167,6 +168,33 @@ class TestLocation:
         assert resp.status == 301
         assert resp.headers[header] == expected.replace("{nation}", fake_nb.nation_url("alpha"))
         assert [r.slug for r in fake_nb.api_requests] == ["alpha"]
+
+    async def test_the_token_never_reaches_the_tool_in_a_header(
+        self, gateway: Gateway, connect_account: ConnectAccount, fake_nb: FakeNationBuilder
+    ) -> None:
+        """NationBuilder's answer quoting the access token the gateway sent, in a Location
+        outside the nation's /api/ or in any other header: the token is replaced by the
+        redaction mark before the answer goes to the tool; the rest is kept."""
+        token = (await connect_account(gateway, "acme"))["access_token"]
+        fake_nb.set_canned(
+            status=302,
+            headers=[
+                ("Location", f"{{nation}}/login?access_token={token}&next=1"),
+                ("WWW-Authenticate", f'Bearer error="invalid_token", token="{token}"'),
+                ("X-Debug", token),
+            ],
+            body=b"moved",
+        )
+        resp = await gateway.client.get("/api/_test/canned", allow_redirects=False)
+        assert resp.status == 302
+        for name, value in resp.headers.items():
+            assert token not in value, name
+        nation = fake_nb.nation_url("acme")
+        assert resp.headers["Location"] == f"{nation}/login?access_token={REDACTED}&next=1"
+        assert resp.headers["WWW-Authenticate"] == (
+            f'Bearer error="invalid_token", token="{REDACTED}"'
+        )
+        assert resp.headers["X-Debug"] == REDACTED
 
     async def test_link_header_urls_are_mapped_like_body_links(
         self, two_nations: Gateway, fake_nb: FakeNationBuilder
