@@ -534,6 +534,30 @@ class TestCheck:
         assert problem_lines(served) == problem_lines(checked)
         assert database.read_bytes() == before
 
+    @pytest.mark.parametrize("table", ["events", "audit", "clients"])
+    def test_a_damaged_table_is_named_by_every_command_that_reads_it(
+        self, table: str, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The accounts are sound but one other table's pages are garbage: `check` and
+        `migrate` (which read every table) name the file as damaged with the store's
+        message, exit 1 without a traceback, and leave it as it was."""
+        seed(env, "acme", "nbfake-at-tabledamage-1", "nbfake-rt-tabledamage-1")
+        database = Path(env["NBGW_DATABASE"])
+        with sqlite3.connect(database) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            roots = dict(conn.execute("SELECT name, rootpage FROM sqlite_master"))
+        page = 4096
+        with database.open("r+b") as f:
+            f.seek((roots[table] - 1) * page)
+            f.write(b"\xff" * page)
+        before = database.read_bytes()
+        for argv in (["check"], ["migrate", "--to", str(database.parent / "copy.db")]):
+            result = run(argv, env, capsys)
+            assert result.code == 1, argv
+            assert "is damaged" in result.err and "restore it from a backup" in result.err
+            assert "Traceback" not in result.err
+        assert database.read_bytes() == before
+
 
 # ---------------------------------------------------------------------- accounts (offline)
 

@@ -27,7 +27,7 @@ import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -539,35 +539,33 @@ class SQLiteStore:
             row = await cur.fetchone()
         return None if row is None else self._sealer.account(row)
 
-    async def get_account(self, slug: str) -> Account | None:
-        """The account with its tokens decrypted, or None. DecryptError on a bad row."""
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read whose sqlite3 failure becomes the store's error (`_read_error`)."""
         try:
-            return await self._read_account(self.conn, slug)
+            yield
         except sqlite3.Error as exc:
             raise _read_error(
                 f"database {self.path} cannot be read: {exc}", exc, self.path
             ) from None
 
+    async def get_account(self, slug: str) -> Account | None:
+        """The account with its tokens decrypted, or None. DecryptError on a bad row."""
+        with self._reading():
+            return await self._read_account(self.conn, slug)
+
     async def list_accounts(self) -> list[AccountInfo]:
         """Every account without its tokens (nothing is decrypted)."""
-        try:
+        with self._reading():
             async with self.conn.execute(
                 f"SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug"
             ) as cur:
                 return [listed_info_from_row(row) async for row in cur]
-        except sqlite3.Error as exc:
-            raise _read_error(
-                f"database {self.path} cannot be read: {exc}", exc, self.path
-            ) from None
 
     async def change_counter(self) -> int:
         """Changes whenever another connection commits (PRAGMA data_version)."""
-        try:
+        with self._reading():
             return int(await self._scalar(self.conn, "PRAGMA data_version"))
-        except sqlite3.Error as exc:
-            raise _read_error(
-                f"database {self.path} cannot be read: {exc}", exc, self.path
-            ) from None
 
     def change_hint(self) -> int:
         """PRAGMA data_version of a connection of its own: it moves with every commit made
@@ -607,8 +605,9 @@ class SQLiteStore:
         else:
             sql = f"SELECT {columns} FROM events WHERE slug = ? ORDER BY id DESC LIMIT ?"
             params = (slug, limit)  # type: ignore[assignment]
-        async with self.conn.execute(sql, params) as cur:
-            rows = await cur.fetchall()
+        with self._reading():
+            async with self.conn.execute(sql, params) as cur:
+                rows = await cur.fetchall()
         return readable_rows(rows, event_from_row, "event")
 
     # -- writing ---------------------------------------------------------------------
@@ -939,15 +938,11 @@ class SQLiteStore:
         """{slug: problem} for every account (or just `slug`) whose row does not parse or
         decrypt: one query, however many accounts."""
         where, params = ("WHERE slug = ?", (slug,)) if slug is not None else ("", ())
-        try:
+        with self._reading():
             async with self.conn.execute(
                 f"SELECT {_ACCOUNT_COLUMNS} FROM accounts {where} ORDER BY slug", params
             ) as cur:
                 rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise _read_error(
-                f"database {self.path} cannot be read: {exc}", exc, self.path
-            ) from None
         return self._sealer.unreadable(rows)
 
     async def verify(self) -> list[str]:
@@ -959,8 +954,10 @@ class SQLiteStore:
             ("clients", CLIENT_FIELDS, client_from_row),
             ("audit", AUDIT_FIELDS, audit_from_row),
         ):
-            async with self.conn.execute(f"SELECT {', '.join(fields)} FROM {table}") as cur:
-                problems.extend(corrupt_rows(await cur.fetchall(), parse))
+            with self._reading():
+                async with self.conn.execute(f"SELECT {', '.join(fields)} FROM {table}") as cur:
+                    rows = await cur.fetchall()
+            problems.extend(corrupt_rows(rows, parse))
         return problems
 
     # -- copying between databases -------------------------------------------------------
@@ -975,10 +972,11 @@ class SQLiteStore:
             ("clients", CLIENT_FIELDS, out.clients),
             ("audit", AUDIT_FIELDS, out.audit),
         ):
-            async with self.conn.execute(
-                f"SELECT {', '.join(fields)} FROM {table} ORDER BY 1"
-            ) as cur:
-                target.extend([{f: row[f] for f in fields} async for row in cur])
+            with self._reading():
+                async with self.conn.execute(
+                    f"SELECT {', '.join(fields)} FROM {table} ORDER BY 1"
+                ) as cur:
+                    target.extend([{f: row[f] for f in fields} async for row in cur])
         for account in out.accounts:  # a copy starts with no refresh in flight
             account.update(refresh_owner=None, refresh_deadline=None, refresh_started_at=None)
         return out
@@ -1093,12 +1091,13 @@ class SQLiteStore:
             where.append("client = ?")
             params.append(client)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        async with self.conn.execute(
-            f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {clause} ORDER BY at DESC, id DESC "
-            "LIMIT ?",
-            (*params, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        with self._reading():
+            async with self.conn.execute(
+                f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {clause} "
+                "ORDER BY at DESC, id DESC LIMIT ?",
+                (*params, limit),
+            ) as cur:
+                rows = await cur.fetchall()
         return readable_rows(rows, audit_from_row, "audit")
 
     # -- admin sessions and the wrong-token throttle ------------------------------------
@@ -1117,16 +1116,12 @@ class SQLiteStore:
 
     async def session_revoked(self, sid: str, now: float) -> bool:
         """Whether the session was logged out (and would not have expired by `now`)."""
-        try:
+        with self._reading():
             found = await self._scalar(
                 self.conn,
                 "SELECT 1 FROM revoked_sessions WHERE sid_hash = ? AND expires_at > ?",
                 (session_hash(sid), now),
             )
-        except sqlite3.Error as exc:
-            raise _read_error(
-                f"database {self.path} cannot be read: {exc}", exc, self.path
-            ) from None
         return found is not None
 
     async def record_login_failure(self, client: str, at: float, keep_after: float) -> None:
@@ -1147,16 +1142,12 @@ class SQLiteStore:
 
     async def login_failures(self, client: str, since: float) -> list[float]:
         """When `client` sent wrong admin tokens after `since`, oldest first."""
-        try:
+        with self._reading():
             async with self.conn.execute(
                 "SELECT at FROM login_failures WHERE client = ? AND at > ? ORDER BY at, id",
                 (client, since),
             ) as cur:
                 return [float(row[0]) async for row in cur]
-        except sqlite3.Error as exc:
-            raise _read_error(
-                f"database {self.path} cannot be read: {exc}", exc, self.path
-            ) from None
 
     async def clear_login_failures(self, client: str) -> None:
         """Forget `client`'s wrong admin tokens (it sent the right one)."""
