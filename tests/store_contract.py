@@ -148,6 +148,11 @@ class Backend:
         """Every raw row of a table."""
         raise NotImplementedError
 
+    async def set_marker(self, slug: str, owner: str, started_at: float) -> None:
+        """Write a refresh marker into the account's row, as a holder that began its token
+        call and could not clear it would leave it."""
+        raise NotImplementedError
+
     async def schema_version(self) -> int:
         raise NotImplementedError
 
@@ -207,6 +212,13 @@ class SQLiteBackend(Backend):
 
     async def table(self, name: str) -> list[dict[str, Any]]:
         return [dict(row) for row in self._query(f"SELECT * FROM {name}")]
+
+    async def set_marker(self, slug: str, owner: str, started_at: float) -> None:
+        self._query(
+            "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
+            "refresh_started_at = ? WHERE slug = ?",
+            (owner, started_at + 60, started_at, slug),
+        )
 
     async def schema_version(self) -> int:
         return int(self._query("PRAGMA user_version")[0][0])
@@ -291,6 +303,16 @@ class PostgresBackend(Backend):
 
     async def table(self, name: str) -> list[dict[str, Any]]:
         return [dict(row) for row in await self._fetch(f"SELECT * FROM {name}")]
+
+    async def set_marker(self, slug: str, owner: str, started_at: float) -> None:
+        await self._fetch(
+            "UPDATE accounts SET refresh_owner = $1, refresh_deadline = $2, "
+            "refresh_started_at = $3 WHERE slug = $4",
+            owner,
+            started_at + 60,
+            started_at,
+            slug,
+        )
 
     async def schema_version(self) -> int:
         [row] = await self._fetch("SELECT version FROM schema_version")
@@ -808,6 +830,26 @@ class TestRefreshLock:
         assert account.generation == saved.generation == 2
         assert account.refresh_started_at is None
         assert account.access_token == token_set(clock, "2").access_token
+
+    async def test_a_marker_this_store_left_is_no_interrupted_refresh(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A marker the same store left behind (its clearing failed, the process runs on)
+        is taken over without being reported as a stopped refresh (interrupted_at None);
+        another holder's is reported (test_vanished_holder_is_replaced_and_reported)."""
+        await create_database(backend, key)
+        async with backend.make(key) as a:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                [row] = await backend.table("accounts")
+                owner, started = row["refresh_owner"], row["refresh_started_at"]
+            assert owner and started is not None
+            await backend.set_marker("acme", owner, started)
+            clock.advance(1)
+            async with a.refresh_lock("acme") as again:
+                assert again.interrupted_at is None
+                assert (await again.read()).generation == 1
 
     async def test_save_after_another_writer_conflicts(
         self, backend: Backend, clock: FakeClock, key: str

@@ -755,7 +755,8 @@ class PostgresStore:
             # or only its connection went (then it may hold the answer of its token call).
             holder = row["refresh_owner"]
             stale = holder is not None
-            if stale and not holder.startswith(self._owner + "/"):
+            own = stale and holder.startswith(self._owner + "/")
+            if stale and not own:
                 runs = holder_runs(holder)
                 deadline = row["refresh_deadline"]
                 lapsed = deadline is None or deadline <= self._clock.now()
@@ -769,7 +770,8 @@ class PostgresStore:
                 slug,
                 f"{self._owner}/{uuid.uuid4().hex[:6]}",
                 int(row["generation"]),
-                row["refresh_started_at"] if stale else None,
+                # A marker this process left (its clearing failed) is no stopped refresh.
+                row["refresh_started_at"] if stale and not own else None,
                 stale,
             )
             yield lock
