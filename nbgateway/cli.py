@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         "to another database",
         description="Copy everything the configured database (NBGW_DATABASE) holds to TARGET, "
         "rows still encrypted, in one transaction. TARGET is a SQLite file path or a "
-        "postgresql:// URL and must not hold accounts yet. The source is left as it is. "
+        "postgresql:// URL and must not hold accounts, client keys, events or audit entries "
+        "yet. The source is left as it is. "
         "Logged-out admin sessions and login-throttle counts are short-lived and not copied.",
     )
     migrate.add_argument(

@@ -1283,6 +1283,24 @@ class TestDumpLoad:
             await store.load(dump)
         assert await store.dump() == before
 
+    async def test_load_refused_when_client_keys_exist(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """load into a database without accounts that holds a client key (the same name as
+        one in the dump) is refused up front with the store's message, not the driver's
+        unique-key error, and copies nothing."""
+        await create_database(backend, key)
+        other = backend.fresh()
+        await create_database(other, key)
+        async with backend.make(key) as source, other.make(key) as target:
+            await source.save_tokens("acme", token_set(clock, "a"), EventKind.CONNECTED)
+            await source.add_client(client_record("tool", clock))
+            await target.add_client(client_record("tool", clock, read_only=True))
+            before = await target.dump()
+            with pytest.raises(StoreError, match="already holds client keys; nothing copied"):
+                await target.load(await source.dump())
+            assert await target.dump() == before
+
 
 class TestClients:
     async def test_add_list_remove(self, store: TokenStore, clock: FakeClock) -> None:

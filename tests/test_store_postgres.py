@@ -18,7 +18,7 @@ from pgserver import PgServer
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
 from nbgateway.errors import StoreError, StoreUnavailable
-from nbgateway.models import EventKind, TokenSet
+from nbgateway.models import AuditEntry, EventKind, TokenSet
 from nbgateway.redact import Secret
 from nbgateway.store import make_store
 from nbgateway.store.base import UNSURE_HINT_INTERVAL, SecretListener
@@ -369,3 +369,27 @@ def test_a_transaction_cut_short_by_the_server_is_named_as_a_lost_connection(
     message = str(info.value)
     assert f"cannot be written: the connection to the database was lost ({closed})" in message
     assert "s3cret-pw" not in message
+
+
+async def test_a_large_audit_trail_is_copied_within_the_time_its_rows_need(
+    pg_server: PgServer, pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """`load` (migrate) gives each table's copy time for its rows on top of the command
+    timeout: 20,000 audit entries load into a store whose every other command must finish
+    within 0.3 s (a 90-day trail can hold millions of rows)."""
+    entries = [
+        AuditEntry(clock.now(), "tool", "acme", "POST", f"/api/v2/signups/{n}", 201, f"r{n}")
+        for n in range(20_000)
+    ]
+    async with open_store(pg_url, clock, key) as source:
+        await source.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        await source.record_audit(entries, 0.0)
+        dump = await source.dump()
+    assert len(dump.audit) == 20_000
+    target_url = pg_server.create_database()
+    async with open_store(target_url, clock, key):
+        pass  # created and migrated with the usual timeout
+    store = PostgresStore(target_url, Cipher([Secret(key)]), clock, command_timeout=0.3)
+    async with store as target:
+        await target.load(dump)
+        assert len((await target.dump()).audit) == 20_000

@@ -137,6 +137,14 @@ AUDIT_PATH_MAX = 500
 # Events kept per account: enough history for the admin page and debugging, bounded even
 # through a long outage (a failure is recorded at most once per backoff period).
 EVENTS_KEPT = 1000
+# `load` (migrate) copies into a database without any of these, named so in its refusal:
+# copied ids and names would collide with them.
+LOAD_REFUSED_WHEN_HOLDING: tuple[tuple[str, str], ...] = (
+    ("accounts", "accounts"),
+    ("clients", "client keys"),
+    ("events", "events (of accounts removed since)"),
+    ("audit", "audit entries"),
+)
 # Pending authorizations kept at once (oldest dropped first) and their longest life.
 STATES_KEPT = 500
 # Wrong admin-token attempts kept at once, over every client address (oldest dropped

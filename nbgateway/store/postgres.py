@@ -71,6 +71,7 @@ from nbgateway.store.base import (
     INFO_FIELDS,
     LAST_ERROR_MAX,
     LEASE_RECHECK,
+    LOAD_REFUSED_WHEN_HOLDING,
     LOGIN_FAILURES_KEPT,
     ROW_ERRORS,
     STATE_FIELDS,
@@ -201,6 +202,8 @@ LOCK_POOL_MAX = 32
 LOCK_IDLE_CLOSE = 60.0
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 15.0
+# `load` (migrate) allows the copy of each table this much more time per row.
+LOAD_SECONDS_PER_ROW = 0.001
 POOL_CLOSE_TIMEOUT = 5.0
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
@@ -1003,10 +1006,11 @@ class PostgresStore:
     async def load(self, dump: StoreDump) -> None:
         """Insert a dump into this (account-free) database in one transaction."""
         async with self._write("*") as conn:
-            if await conn.fetchval("SELECT count(*) FROM accounts"):
-                raise StoreError(
-                    f"database {self._description} already holds accounts; nothing copied"
-                )
+            for table, what in LOAD_REFUSED_WHEN_HOLDING:
+                if await conn.fetchval(f"SELECT count(*) FROM {table}"):
+                    raise StoreError(
+                        f"database {self._description} already holds {what}; nothing copied"
+                    )
             for table, fields, rows in (
                 ("accounts", ACCOUNT_FIELDS, dump.accounts),
                 ("events", EVENT_FIELDS, dump.events),
@@ -1014,10 +1018,12 @@ class PostgresStore:
                 ("clients", CLIENT_FIELDS, dump.clients),
                 ("audit", AUDIT_FIELDS, dump.audit),
             ):
-                marks = ", ".join(f"${n}" for n in range(1, len(fields) + 1))
-                await conn.executemany(
-                    f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({marks})",
-                    [tuple(_for_column(f, row[f]) for f in fields) for row in rows],
+                # COPY, with time for the rows: a 90-day audit trail can hold millions.
+                await conn.copy_records_to_table(
+                    table,
+                    columns=list(fields),
+                    records=[tuple(_for_column(f, row[f]) for f in fields) for row in rows],
+                    timeout=COMMAND_TIMEOUT + len(rows) * LOAD_SECONDS_PER_ROW,
                 )
             # Events and audit entries added later must not reuse a copied id.
             for table in ("events", "audit"):

@@ -65,6 +65,7 @@ from nbgateway.store.base import (
     INFO_FIELDS,
     LAST_ERROR_MAX,
     LEASE_RECHECK,
+    LOAD_REFUSED_WHEN_HOLDING,
     LOGIN_FAILURES_KEPT,
     ROW_ERRORS,
     SQLITE_BUSY_TIMEOUT,
@@ -984,8 +985,9 @@ class SQLiteStore:
     async def load(self, dump: StoreDump) -> None:
         """Insert a dump into this (account-free) database in one transaction."""
         async with self._write() as conn:
-            if await self._scalar(conn, "SELECT count(*) FROM accounts"):
-                raise StoreError(f"database {self.path} already holds accounts; nothing copied")
+            for table, what in LOAD_REFUSED_WHEN_HOLDING:
+                if await self._scalar(conn, f"SELECT count(*) FROM {table}"):
+                    raise StoreError(f"database {self.path} already holds {what}; nothing copied")
             for table, fields, rows in (
                 ("accounts", ACCOUNT_FIELDS, dump.accounts),
                 ("events", EVENT_FIELDS, dump.events),
