@@ -145,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo",
-        parents=[common],
         help="run the gateway against the built-in fake NationBuilder (no credentials needed)",
         description="Start a fake NationBuilder and the gateway, connect a demo nation "
         "through the real OAuth flow, and print commands to try, among them the control call "
@@ -164,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "keygen",
-        parents=[common],
         help="print a fresh encryption key",
         description="Print a new key for NBGW_ENCRYPTION_KEY.",
     )
@@ -326,9 +324,20 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
     if args.accounts_command == "import":
         # Read before the database is opened (and, for SQLite, created): nothing to import
         # leaves nothing behind.
-        token = sys.stdin.readline().strip()
+        try:
+            line = sys.stdin.readline() if sys.stdin is not None else ""
+        except (OSError, UnicodeDecodeError):
+            line = "\ufffd"  # unreadable: refused below as not a token
+        token = line.strip()
         if not token:
             print("no token on stdin: pipe the legacy access token in", file=sys.stderr)
+            return EXIT_USAGE
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            print(
+                "the line on stdin is not a token (tokens are printable ASCII without "
+                "spaces): pipe the legacy access token in",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         legacy = Secret(token)
         redactor.add(legacy)
@@ -705,6 +714,16 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         # go on as if it had.
         action = getattr(args, f"{args.command}_command", None)
         name = f"{args.command} {action}" if action else args.command
+        if args.command == "accounts" and action in ("refresh", "import"):
+            # The token call, once sent, is finished and its answer stored (the services
+            # wait for it): the account may well be done.
+            print(
+                f"interrupted: {name} stopped before it reported; a token call already sent "
+                "to NationBuilder was finished and its answer stored; see `nbgateway "
+                "accounts list` before running it again",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
         print(
             f"interrupted: {name} did not finish; what it had not committed was "
             "rolled back; run it again",

@@ -687,6 +687,42 @@ class TestMissingDatabase:
         assert complaint in result.err
         assert not Path(env["NBGW_DATABASE"]).exists()
 
+    @pytest.mark.parametrize("command", ["keygen", "demo"])
+    def test_commands_that_read_no_settings_take_no_config_file(
+        self, command: str, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """keygen and demo read no settings: `--config FILE` after them is a usage error,
+        not a file silently ignored."""
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--config", "/nonexistent.toml"], env)
+        assert exited.value.code == 2
+        assert "unrecognized arguments: --config" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        "stdin",
+        [
+            None,
+            io.TextIOWrapper(io.BytesIO(b"\xff\xfe-not-utf8\n"), encoding="utf-8"),
+            io.StringIO("nbfake-\udcff-surrogate\n"),
+            io.StringIO("two words\n"),
+        ],
+        ids=["closed", "undecodable", "surrogate", "spaces"],
+    )
+    def test_import_refuses_a_stdin_that_holds_no_token(
+        self,
+        stdin: io.TextIOBase | None,
+        env: dict[str, str],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """stdin closed (`<&-`), not UTF-8, or a line that is no token: usage error 2 with
+        a message, no traceback, and no database created."""
+        monkeypatch.setattr(sys, "stdin", stdin)
+        result = run(["accounts", "import", "acme"], env, capsys)
+        assert result.code == 2, result.err
+        assert "pipe the legacy access token in" in result.err
+        assert not Path(env["NBGW_DATABASE"]).exists()
+
     def test_a_file_where_a_directory_should_be_is_no_database(
         self, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -986,7 +1022,8 @@ class TestAccountsAgainstFake:
             fake_process.control(action="release_tokens")
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, (out, err)
-        assert "interrupted: accounts refresh did not finish" in err
+        assert "interrupted: accounts refresh stopped before it reported" in err
+        assert "was finished and its answer stored" in err
         assert "nbfake-" not in out + err
         assert fake_process.grants("cli-interrupt") == 1
         account = read_account(fake_env, "cli-interrupt")
