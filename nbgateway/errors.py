@@ -85,6 +85,7 @@ class OAuthError(NBGatewayError):
 
     `rotated_refresh_token` is set when the answer was refused but still carried a new
     refresh token: NationBuilder rotated, so that token is the account's only way forward.
+    `retry_after` is the wait, in seconds, the endpoint's Retry-After asked for, if any.
     """
 
     def __init__(
@@ -94,11 +95,13 @@ class OAuthError(NBGatewayError):
         *,
         status: int | None = None,
         rotated_refresh_token: Secret | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.outcome = outcome
         self.status = status
         self.rotated_refresh_token = rotated_refresh_token
+        self.retry_after = retry_after
 
 
 class AuthorizationFailed(NBGatewayError):

@@ -23,6 +23,7 @@ from nbgateway.clock import Clock
 from nbgateway.config import Settings
 from nbgateway.errors import OAuthError
 from nbgateway.models import RefreshOutcome, TokenSet
+from nbgateway.ratelimit import parse_retry_after
 from nbgateway.redact import Secret
 
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
@@ -132,6 +133,7 @@ class NationBuilderOAuth:
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
+                wait = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
         except TimeoutError:
             raise OAuthError(
                 RefreshOutcome.TIMEOUT, "the token endpoint did not answer in time"
@@ -142,22 +144,31 @@ class NationBuilderOAuth:
                 RefreshOutcome.NETWORK_ERROR,
                 f"the token endpoint could not be reached ({type(exc).__name__})",
             ) from None
-        return self._parse(status, raw, started, previous_refresh)
+        return self._parse(status, raw, started, previous_refresh, wait)
 
     def _parse(
-        self, status: int, raw: bytes, started: float, previous_refresh: Secret | None
+        self,
+        status: int,
+        raw: bytes,
+        started: float,
+        previous_refresh: Secret | None,
+        retry_after: float | None = None,
     ) -> TokenSet:
         payload: Any
         try:
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             payload = None
+        # A wait the endpoint asked for, on a refusal only (a 2xx has nothing to wait for).
+        wait = retry_after if status >= 400 else None
+        asked = "" if wait is None else f"; it asked to wait {math.ceil(wait)} s"
         if status >= 500 or payload is None or not isinstance(payload, dict):
             kind = "an HTML page" if raw.lstrip()[:1] == b"<" else "no usable JSON"
             raise OAuthError(
                 RefreshOutcome.SERVER_ERROR,
-                f"the token endpoint answered HTTP {status} with {kind}",
+                f"the token endpoint answered HTTP {status} with {kind}{asked}",
                 status=status,
+                retry_after=wait,
             )
         if status >= 400:
             code = payload.get("error")
@@ -170,7 +181,10 @@ class NationBuilderOAuth:
                 # Anything else (429 from the CDN, invalid_request, ...) is worth retrying.
                 outcome = RefreshOutcome.SERVER_ERROR
             raise OAuthError(
-                outcome, f"the token endpoint answered HTTP {status} ({code})", status=status
+                outcome,
+                f"the token endpoint answered HTTP {status} ({code}){asked}",
+                status=status,
+                retry_after=wait,
             )
         access = payload.get("access_token")
         issued = payload.get("refresh_token")

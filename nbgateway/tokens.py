@@ -704,6 +704,8 @@ class TokenManager:
         state = self._backoff.get(slug)
         failures = 1 if state is None else state.failures + 1
         delay = self._backoff_policy.delay(failures)
+        if exc.retry_after is not None:  # the endpoint's own Retry-After, up to the cap
+            delay = max(delay, min(exc.retry_after, self._backoff_policy.cap))
         self._backoff[slug] = _Backoff(failures, self._clock.now() + delay, account.generation)
         log.warning(
             "token refresh failed; backing off",

@@ -608,6 +608,31 @@ class TestTransientFailures:
         assert (await gw.accounts.get(SLUG)).last_error is None
         assert gw.metric(LAST_SUCCESS, account=SLUG) > failed_at
 
+    async def test_the_token_endpoints_retry_after_is_waited_out(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A 429 from the token endpoint asking for 120 s: no token call before then
+        (the backoff alone would retry within seconds), the tools' Retry-After says so,
+        and the account's last error names the wait."""
+        await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME)
+        fake_nb.rate_window = 120  # the Retry-After of the fake's 429 page
+        fake_nb.fail_token("rate_limited")
+        resp = await gateway.client.get(ME)
+        assert resp.status == 503
+        assert 119 <= int(resp.headers["Retry-After"]) <= 121
+        assert "asked to wait 120 s" in ((await gateway.accounts.get(SLUG)).last_error or "")
+        clock.advance(60)
+        assert await fetch(gateway) == 503
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(61)
+        assert await fetch(gateway) == 200
+        assert len(fake_nb.token_requests) == 2
+
     async def test_still_valid_token_is_used_while_refresh_fails(
         self,
         gateway: Gateway,
