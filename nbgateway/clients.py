@@ -26,6 +26,7 @@ import hmac
 import logging
 import re
 import secrets
+from dataclasses import replace
 from enum import StrEnum
 
 from nbgateway.clock import Clock, iso_utc
@@ -38,7 +39,7 @@ from nbgateway.errors import (
 )
 from nbgateway.metrics import Metrics
 from nbgateway.models import AuditEntry, ClientInfo, ClientRecord, is_valid_slug
-from nbgateway.redact import Secret
+from nbgateway.redact import Redactor, Secret
 from nbgateway.store import TokenStore
 
 log = logging.getLogger("nbgateway.clients")
@@ -162,8 +163,10 @@ class ClientRegistry:
         *,
         mode: ClientAuth,
         audit_retention: float,
+        redactor: Redactor,
     ) -> None:
         self._store = store
+        self._redactor = redactor
         self._clock = clock
         self._metrics = metrics
         self.mode = mode
@@ -351,6 +354,13 @@ class ClientRegistry:
         moves the store's change counter, which makes every process reload); what cannot be
         written is kept for the next try."""
         entries, self._audit = self._audit, []
+        scrub = self._redactor.scrub
+        # Path and request id come from the tool: scrubbed as in the access log, here
+        # off the request path (a secret a tool put in them is not kept for 90 days).
+        entries = [
+            replace(entry, path=scrub(entry.path), request_id=scrub(entry.request_id))
+            for entry in entries
+        ]
         used: dict[str, float] = {}
         now = self._clock.monotonic()
         if force or now - self._used_written >= LAST_USED_INTERVAL:

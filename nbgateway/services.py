@@ -99,6 +99,7 @@ async def open_services(
                 metrics,
                 mode=ClientAuth(settings.client_auth),
                 audit_retention=settings.audit_retention_days * 86400,
+                redactor=redactor,
             )
             await clients.sync(force=True)
             try:

@@ -24,7 +24,7 @@ from nbgateway.errors import ClientKeyInvalid, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
-from nbgateway.redact import Redactor, Secret
+from nbgateway.redact import REDACTED, Redactor, Secret
 from nbgateway.store import SQLiteStore, TokenStore, make_store
 from nbgateway.store.base import UNSURE_HINT_INTERVAL
 from nbgateway.store.pgconn import LISTENER_NAME
@@ -349,7 +349,12 @@ async def accepted(reg: ClientRegistry, key: Secret) -> bool:
 
 def new_registry(store: TokenStore, clock: FakeClock) -> ClientRegistry:
     return ClientRegistry(
-        store, clock, Metrics(), mode=ClientAuth.REQUIRED, audit_retention=86400.0
+        store,
+        clock,
+        Metrics(),
+        mode=ClientAuth.REQUIRED,
+        audit_retention=86400.0,
+        redactor=Redactor(),
     )
 
 
@@ -626,6 +631,29 @@ class TestAudit:
         assert all(e.at > 0 for e in entries)
         assert [e.nation for e in await gw.store.audit(nation="bravo")] == ["bravo"]
         assert {e.client for e in await gw.store.audit(client="reader")} == {"reader"}
+
+    async def test_secrets_a_tool_puts_in_path_or_request_id_are_not_kept(
+        self, gw: Gateway, connect_account: ConnectAccount
+    ) -> None:
+        """A client key sent as the request id, or an access token in the path of a write,
+        is scrubbed in the audit entry as in the access log (the trail is kept for days and
+        shown to every admin); the rest of the path is kept."""
+        key = await add_key(gw, "tool")
+        token = (await connect_account(gw, "acme"))["access_token"]
+        headers = {"X-NBGW-Key": key}
+        await gw.client.post(
+            "/n/acme/api/v2/signups", json=SIGNUP, headers={**headers, "X-Request-ID": key}
+        )
+        await gw.client.delete(f"/n/acme/api/v1/tags/{token}", headers=headers)
+        await registry(gw).flush()
+        entries = await gw.store.audit(limit=10)
+        assert len(entries) == 2
+        for entry in entries:
+            assert key not in entry.request_id and key not in entry.path
+            assert token not in entry.path
+        deleted, posted = entries
+        assert posted.request_id == f"nbgw_{REDACTED}"  # the shape rule keeps the prefix
+        assert deleted.path == f"/api/v1/tags/{REDACTED}"
 
     async def test_any_method_but_a_read_is_recorded(self, gw: Gateway) -> None:
         """A method beyond the usual four (WebDAV's PROPPATCH, a custom PURGE) is a write
