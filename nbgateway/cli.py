@@ -629,7 +629,7 @@ def _serve(
     sockets = bind(settings.host, settings.port, settings.workers)
     log.info("nbgateway listening", extra={"listen": f"{settings.host}:{settings.port}"})
     worker_env = settled_environment(env, args.config)
-    return Workers(command, worker_env, sockets, rejoin=rejoin).run()
+    return Workers(command, worker_env, sockets, rejoin=rejoin, clock=SystemClock()).run()
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

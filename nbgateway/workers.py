@@ -46,6 +46,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from nbgateway.clock import Clock
 from nbgateway.metrics import fold_dead_worker
 from nbgateway.server import HANGUP_STOPS
 
@@ -109,9 +110,11 @@ class Workers:
         sockets: list[socket.socket],
         *,
         rejoin: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket],
+        clock: Clock,
         grace: float = SHUTDOWN_GRACE,
     ) -> None:
         self._command = command
+        self._clock = clock  # restart backoff; the watch loop's own pace is real time
         # The group's address, for the fresh sockets of slots out of a crash loop.
         self._family = sockets[0].family
         self._address: tuple[str, int] = sockets[0].getsockname()[:2]
@@ -164,7 +167,7 @@ class Workers:
                 slot.sock = self._rejoin(self._family, self._address)
             except OSError as exc:
                 slot.backoff = min(MAX_BACKOFF, slot.backoff * 2 or FIRST_BACKOFF)
-                slot.restart_at = time.monotonic() + slot.backoff
+                slot.restart_at = self._clock.monotonic() + slot.backoff
                 log.error(
                     "cannot open a listening socket for the worker; trying again",
                     extra={"worker": slot.number, "error": str(exc), "retry_in": slot.backoff},
@@ -174,14 +177,14 @@ class Workers:
         fds = (slot.sock.fileno(), self._pipe_read)
         # The command is this program with fixed arguments, not user input.
         slot.process = subprocess.Popen(self._command(*fds), env=env, pass_fds=fds)  # noqa: S603
-        slot.started = time.monotonic()
+        slot.started = self._clock.monotonic()
         log.info("worker started", extra={"worker": slot.number, "pid": slot.process.pid})
 
     def _watch(self) -> int:
         while not self._stopping.wait(POLL_INTERVAL):
             if self._unfolded:
                 self._fold()
-            now = time.monotonic()
+            now = self._clock.monotonic()
             for slot in self._slots:
                 if slot.process is None:
                     if now >= slot.restart_at:

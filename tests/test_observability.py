@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_docs import CONTRACT_METRICS
 
 import nbgateway
+from nbgateway.clock import SystemClock
 from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import KNOWN_METHODS, Metrics, fold_dead_worker
@@ -434,7 +435,9 @@ class TestDeadWorkerFiles:
         damaged.write_bytes(damaged.read_bytes()[:72])
         sock = socket.socket()
         try:
-            parent = Workers(lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock)
+            parent = Workers(
+                lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock, clock=SystemClock()
+            )
             parent._metrics_dir = tmp_path
             parent._unfolded = [301, 302]
             parent._fold()
@@ -453,7 +456,9 @@ class TestDeadWorkerFiles:
         write_worker_files(tmp_path, 401, 2, 0.1)
         sock = socket.socket()
         try:
-            parent = Workers(lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock)
+            parent = Workers(
+                lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock, clock=SystemClock()
+            )
             parent._metrics_dir = tmp_path
             parent._slots[0].process = SimpleNamespace(pid=401, returncode=None)  # type: ignore[assignment]
             parent._unfolded = [401]

@@ -44,7 +44,9 @@ from procs import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from nbgateway.server import WORKER_HEADER
+from nbgateway.clock import FakeClock
+from nbgateway.server import WORKER_HEADER, bind, rejoin
+from nbgateway.workers import FIRST_BACKOFF, POLL_INTERVAL, Workers
 
 pytestmark = pytest.mark.slow
 
@@ -567,6 +569,7 @@ def test_dead_workers_files_are_folded_and_counts_stay(gateway: Gateway, tmp_pat
 
 STUBBORN_PARENT = """
 import os, sys
+from nbgateway.clock import SystemClock
 from nbgateway.server import bind, rejoin
 from nbgateway.workers import Workers
 
@@ -577,7 +580,7 @@ child = (
 )
 sockets = bind("127.0.0.1", 0, 2)
 command = lambda fd, pipe: [sys.executable, "-c", child]
-sys.exit(Workers(command, os.environ, sockets, rejoin=rejoin, grace=1).run())
+sys.exit(Workers(command, os.environ, sockets, rejoin=rejoin, clock=SystemClock(), grace=1).run())
 """
 
 
@@ -647,6 +650,55 @@ def test_crash_looping_worker_backs_off(
         assert found[:3] == [0.5, 1.0, 2.0], delays()
     process.popen.send_signal(signal.SIGTERM)
     assert process.popen.wait(timeout=WAIT) == 0
+
+
+def test_restarts_wait_for_the_backoff_on_the_parents_clock(tmp_path: Path) -> None:
+    """A worker that exits at once is restarted only when its backoff has passed on the
+    parent's clock (0.5 s, then 1 s): with the clock standing still, however many rounds
+    the parent watches, no restart comes; SIGTERM stops the parent."""
+    clock = FakeClock()
+    starts = tmp_path / "starts"
+    script = f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(1)"
+    parent = Workers(
+        lambda fd, pipe: [sys.executable, "-c", script],
+        {},
+        bind("127.0.0.1", 0, 1),
+        rejoin=rejoin,
+        clock=clock,
+        grace=1,
+    )
+    watched: list[int] = []
+    failures: list[BaseException] = []
+
+    def count() -> int:
+        return len(starts.read_text()) if starts.exists() else 0
+
+    def settled(expected: int) -> None:
+        """`expected` starts so far, and none more after 10 rounds of the parent's watch."""
+        wait_until(lambda: count() >= expected, WAIT, f"start {expected}")
+        time.sleep(10 * POLL_INTERVAL)
+        watched.append(count())
+
+    def drive() -> None:
+        try:
+            settled(1)
+            clock.advance(FIRST_BACKOFF)  # the first backoff has passed
+            settled(2)
+            clock.advance(FIRST_BACKOFF)  # half of the second (doubled) one
+            settled(2)
+            clock.advance(FIRST_BACKOFF)
+            settled(3)
+        except BaseException as exc:  # reported below, in the test's own thread
+            failures.append(exc)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    assert parent.run() == 0
+    driver.join()
+    assert not failures, failures
+    assert watched == [1, 2, 2, 3]
 
 
 def test_a_crash_looping_replacement_holds_no_connections(
