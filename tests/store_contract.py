@@ -51,7 +51,7 @@ from nbgateway.store import (
 )
 from nbgateway.store import postgres as pg_backend
 from nbgateway.store import sqlite as sqlite_backend
-from nbgateway.store.base import STATES_KEPT, session_hash, state_hash
+from nbgateway.store.base import AUDIT_PATH_MAX, STATES_KEPT, session_hash, state_hash
 from nbgateway.store.postgres import PostgresStore
 from nbgateway.store.sqlite import SQLiteStore
 
@@ -1419,15 +1419,18 @@ class TestAudit:
         assert [e.request_id for e in await store.audit()] == ["late", "early"]
 
     async def test_retention_and_path_limit(self, store: TokenStore, clock: FakeClock) -> None:
-        """Entries older than keep_after go when new ones are recorded; long paths are cut."""
+        """Entries older than keep_after go when new ones are recorded, one exactly at it
+        stays; paths are cut to their first AUDIT_PATH_MAX characters."""
         await store.record_audit([audit_entry(clock, "tool", "acme", "old")], 0.0)
-        clock.advance(100)
+        clock.advance(50)
+        await store.record_audit([audit_entry(clock, "tool", "acme", "edge")], 0.0)
+        clock.advance(50)
         long = AuditEntry(clock.now(), "tool", "acme", "PUT", "/x" * 1000, 200, "new")
         await store.record_audit([long], clock.now() - 50)
-        [entry] = await store.audit()
-        assert entry.request_id == "new"
-        assert long.path.startswith(entry.path)
-        assert len(entry.path) < len(long.path)
+        assert [e.request_id for e in await store.audit()] == ["new", "edge"]
+        entry = (await store.audit())[0]
+        assert entry.path == long.path[:AUDIT_PATH_MAX]
+        assert len(entry.path) == AUDIT_PATH_MAX
 
 
 class TestMigration:
