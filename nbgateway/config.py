@@ -113,7 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_DEFAULT_ACCOUNT",
         "",
         "account for requests that name none; else the only connected one",
-        "a nation slug (lowercase letters, digits, hyphens)",
+        "a nation slug (lowercase letters, digits, hyphens; at most 63 characters, no hyphen "
+        "first or last)",
     ),
     Setting(
         "NBGW_REFRESH_MARGIN",

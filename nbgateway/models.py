@@ -11,8 +11,9 @@ from enum import StrEnum
 
 from nbgateway.redact import Secret
 
-# A nation slug: lowercase letters, digits and hyphens, starting with a letter or digit.
-SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
+# A nation slug (one DNS label): lowercase letters, digits and hyphens, at most 63
+# characters, starting and ending with a letter or digit.
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def is_valid_slug(value: str) -> bool:

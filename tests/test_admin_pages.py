@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from nbgateway import keys
+from nbgateway.accounts import check_slug
 from nbgateway.activity import RequestActivity
 from nbgateway.admin.core import FLASH_COOKIE, SESSION_COOKIE
 from nbgateway.admin.session import Signer
@@ -33,7 +34,7 @@ from nbgateway.clock import FakeClock
 from nbgateway.errors import CorruptRecordError, RefreshBackoff, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import Metrics
-from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, TokenSet
+from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, TokenSet, is_valid_slug
 from nbgateway.redact import Secret
 
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
@@ -167,6 +168,18 @@ class TestHelpers:
         """Case, the .nationbuilder.com suffix and a pasted URL are forgiven."""
         assert normalize_nation("  Acme ") == "acme"
         assert normalize_nation("https://acme.nationbuilder.com/") == "acme"
+        assert normalize_nation("https://acme.nationbuilder.com/admin/people?x=1") == "acme"
+        assert normalize_nation("acme.nationbuilder.com/admin") == "acme"
+        assert normalize_nation("my-nation") == "my-nation"  # not a host: left as typed
+
+    def test_slugs_are_dns_labels(self) -> None:
+        """At most 63 characters, never starting or ending with a hyphen, and the refusal
+        says so (an 80-character slug got only the character rules)."""
+        assert is_valid_slug("a") and is_valid_slug("my-nation") and is_valid_slug("x" * 63)
+        for bad in ("x" * 64, "x-", "-x", "My", "a.b", ""):
+            assert not is_valid_slug(bad), bad
+        with pytest.raises(ValueError, match="at most 63 characters, not starting or ending"):
+            check_slug("x" * 80)
 
     def test_session_cookie_depends_on_the_admin_token(self) -> None:
         """A cookie signed under one admin token is not valid under another."""

@@ -126,10 +126,13 @@ def form_action_sources(nation_url: str) -> str:
 
 
 def normalize_nation(raw: str) -> str:
-    """Accept "Acme", "acme.nationbuilder.com" or its URL for the slug "acme"."""
+    """Accept "Acme", "acme.nationbuilder.com" or any URL on it (a control-panel page
+    pasted from the browser) for the slug "acme"."""
     value = raw.strip().lower()
     for prefix in ("https://", "http://"):
         value = value.removeprefix(prefix)
+    if value.endswith(".nationbuilder.com") or ".nationbuilder.com/" in value:
+        value = value.split("/", 1)[0]  # the host: what follows is a page of the nation
     return value.rstrip("/").removesuffix(".nationbuilder.com")
 
 
