@@ -128,6 +128,10 @@ _INLINE_REWRITE = 64 * 1024
 _HOST_RE = re.compile(
     r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
 )
+# An absolute http(s) URL: its authority (userinfo, host, port) and where it ends.
+_ABSOLUTE_URL = re.compile(r"(?i)https?://([^/?#]*)")
+# A nation URL template whose host is `{slug}.` + a domain (the real one): the domain.
+_SLUG_HOST_TEMPLATE = re.compile(r"(?i)https?://\{slug\}\.([^/:?#@]+)(?::443|:80)?/?")
 _CHUNK = 64 * 1024
 # Headers aiohttp's client would add on its own; upstream gets only what the client sent.
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User-Agent"})
@@ -280,6 +284,11 @@ class Proxy:
         self._allowed = AllowList(settings.allowed_clients)
         self._nation_bases: dict[str, str] = {}
         self._link_needles: dict[tuple[str, bool], tuple[bytes, ...]] = {}
+        # With the real host template (`https://{slug}.nationbuilder.com`), links to the
+        # nation's own host in any case or scheme, or to the domain's own www host, are
+        # the nation's too (NationBuilder's link base is configured on its side).
+        domain = _SLUG_HOST_TEMPLATE.fullmatch(settings.nation_url)
+        self._nation_domain = domain.group(1).lower() if domain else None
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
         self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
@@ -313,7 +322,8 @@ class Proxy:
         if needles is None:
             if len(self._link_needles) >= _NATION_BASES_KEPT:
                 self._link_needles.clear()
-            nation = self._nation_base(route.slug).rstrip("/").encode()
+            base = self._nation_base(route.slug).rstrip("/")
+            nation = (self._nation_domain or base).encode()  # the domain: any host on it
             needles = (nation, b"\\/", b"/api") if route.by_prefix else (nation, b"\\/")
             self._link_needles[key] = needles
         return needles
@@ -682,27 +692,37 @@ class Proxy:
     def _link_mapper(self, request: web.Request, route: Route) -> LinkMapper:
         """Map a link into the nation's /api/ back through the route the tool used.
 
-        Absolute links (`{nation_url}/api/...`) become `{origin}{route}/api/...` on the
-        address the tool used; root-relative ones (`/api/...`, NationBuilder's usual form)
-        gain `/n/{slug}` on that route and are already right on the plain /api/ route (the
-        default account, or the X-NB-Nation header the tool sends again). Anything else,
-        including links outside the nation's /api/, is left as it is. An access_token in a
+        Absolute links (`{nation_url}/api/...`; with the real host template also the
+        nation's host in any case, over http or https, and the domain's own and www hosts)
+        become `{origin}{route}/api/...` on the address the tool used; root-relative ones
+        (`/api/...`, NationBuilder's usual form) gain `/n/{slug}` on that route and are
+        already right on the plain /api/ route (the default account, or the X-NB-Nation
+        header the tool sends again). Anything else, including links outside the nation's
+        /api/, is left as it is. An access_token in a
         mapped link's query is dropped (the gateway would drop it from the request anyway;
         the tool need not see NationBuilder's token). The mapper is pure, so it may run in
         a worker thread."""
         nation = self._settings.nation_base(route.slug).rstrip("/")
         prefix = f"/n/{route.slug}" if route.by_prefix else ""
         origin = self._origin(request)
+        domain = self._nation_domain
+        hosts = {f"{route.slug}.{domain}", domain, f"www.{domain}"} if domain is not None else set()
 
         def mapper(link: str) -> str | None:
             if link.startswith(nation):
                 tail = link[len(nation) :]
-                if not _is_api_path(tail):
-                    return None
-                return f"{origin}{prefix}{_without_token(tail)}"
-            if _is_api_path(link):
+                if _is_api_path(tail):
+                    return f"{origin}{prefix}{_without_token(tail)}"
+            elif _is_api_path(link):
                 mapped = f"{prefix}{_without_token(link)}"
                 return mapped if mapped != link else None
+            absolute = _ABSOLUTE_URL.match(link) if hosts else None
+            if absolute is not None:
+                authority = absolute.group(1).lower().rpartition("@")[2]
+                host, _, port = authority.partition(":")
+                tail = link[absolute.end() :]
+                if host in hosts and port in ("", "80", "443") and _is_api_path(tail):
+                    return f"{origin}{prefix}{_without_token(tail)}"
             return None
 
         return mapper

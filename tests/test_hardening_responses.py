@@ -13,14 +13,16 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from conftest import PUBLIC_URL, ConnectAccount, Gateway, GatewayFactory
+from aiohttp.test_utils import make_mocked_request
+from conftest import PUBLIC_URL, ConnectAccount, Gateway, GatewayFactory, SettingsFactory
 from yarl import URL
 
 import nbgateway.links
 from nbgateway.fakenb import FakeNationBuilder
+from nbgateway.proxy import Proxy, Route
 from nbgateway.redact import REDACTED
 
 V2 = "application/vnd.api+json"
@@ -301,6 +303,52 @@ ODD_VALUES = {
     "duplicate-keys": b'{"a":1,"a":2,"a":{"x":[],"x":null}}',
     "whitespace": b'{ \n\t"a" :\r\n [ 1 , 2 ] }',
 }
+
+
+REAL = "https://{slug}.nationbuilder.com"
+
+
+@pytest.mark.parametrize(
+    ("link", "expected"),
+    [
+        (
+            "http://acme.nationbuilder.com/api/v2/signups?page[number]=2",
+            "http://gw.internal:8080/n/acme/api/v2/signups?page[number]=2",
+        ),
+        (
+            "https://ACME.NationBuilder.com/api/v2/Tags",
+            "http://gw.internal:8080/n/acme/api/v2/Tags",
+        ),
+        ("https://acme.nationbuilder.com:443/api/v2/x", "http://gw.internal:8080/n/acme/api/v2/x"),
+        (
+            "https://www.nationbuilder.com/api/v1/people?access_token=t0k&limit=5",
+            "http://gw.internal:8080/n/acme/api/v1/people?limit=5",
+        ),
+        ("https://nationbuilder.com/api/v2/x", "http://gw.internal:8080/n/acme/api/v2/x"),
+        ("https://other.nationbuilder.com/api/v2/x", None),
+        ("https://acme.nationbuilder.com.evil.example/api/v2/x", None),
+        ("https://acme.nationbuilder.com@evil.example/api/v2/x", None),
+        ("https://evil.example/?next=https://acme.nationbuilder.com/api", None),
+        ("https://acme.nationbuilder.com:8443/api/v2/x", None),
+        ("https://acme.nationbuilder.com/admin/people", None),
+    ],
+)
+def test_links_on_the_real_nations_host_in_any_form_are_mapped(
+    link: str, expected: str | None, settings_factory: SettingsFactory
+) -> None:
+    """With the real host template, a link to the nation's own host in another case or
+    scheme, with its default port, or on the domain's own or www host, leads back through
+    the gateway like one written exactly as NBGW_NATION_URL; other nations, look-alike
+    hosts, other ports and pages outside /api/ are left as they are."""
+    proxy = Proxy(settings_factory(nation_url=REAL), *(cast(Any, None),) * 5)
+    try:
+        request = make_mocked_request(
+            "GET", "/n/acme/api/v2/signups", headers={"Host": "gw.internal:8080"}
+        )
+        mapper = proxy._link_mapper(request, Route("acme", "v2/signups", "", by_prefix=True))
+        assert mapper(link) == expected
+    finally:
+        proxy.close()
 
 
 class TestBodiesAreKeptExactly:
