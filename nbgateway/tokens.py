@@ -459,18 +459,21 @@ class TokenManager:
                     elif exc.outcome.terminal:
                         current = await locked.read()
                         if current.refresh_token == account.refresh_token:
+                            unanswered = self._unanswered_with(slug, account)
                             reason = self._terminal_reason(
-                                exc, locked.interrupted_at, self._unanswered_with(slug, account)
+                                exc, locked.interrupted_at, unanswered or locked.unanswered_at
                             )
                             await locked.mark_needs_reauth(reason)
                             reauth = marked = True
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:
-                        if exc.outcome in _ANSWER_LOST:
+                        lost = exc.outcome in _ANSWER_LOST
+                        if lost:
                             # NationBuilder may have rotated in a call whose answer was lost.
                             self._unanswered[slug] = (account.refresh_token, self._clock.now())
-                        await locked.record_failure(str(exc))
+                        # In the row too, for the next try whichever process makes it.
+                        await locked.record_failure(str(exc), unanswered=lost)
                 else:
                     self._unanswered.pop(slug, None)
                     saved = await self._save_rotated(locked, account, tokens)

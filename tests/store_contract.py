@@ -851,6 +851,33 @@ class TestRefreshLock:
                 assert again.interrupted_at is None
                 assert (await again.read()).generation == 1
 
+    async def test_an_unanswered_call_is_seen_by_the_next_holder(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """record_failure(unanswered=True) keeps when the call was sent: the next holder,
+        in another store, sees it as unanswered_at (not as a stopped refresh, and listings
+        show no refresh in flight); after a plain failure the next holder sees none."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                assert locked.unanswered_at is None
+                await locked.begin_refresh()
+                sent = clock.now()
+                clock.advance(5)
+                await locked.record_failure("timed out", unanswered=True)
+            [info] = await b.list_accounts()
+            assert info.refresh_started_at is None
+            assert info.last_error == "timed out"
+            clock.advance(5)
+            async with b.refresh_lock("acme") as again:
+                assert again.unanswered_at == sent
+                assert again.interrupted_at is None
+                await again.begin_refresh()
+                await again.record_failure("HTTP 400 (invalid_request)")
+            async with a.refresh_lock("acme") as third:
+                assert third.unanswered_at is None
+
     async def test_save_after_another_writer_conflicts(
         self, backend: Backend, clock: FakeClock, key: str
     ) -> None:

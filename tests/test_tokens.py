@@ -510,6 +510,31 @@ class TestNeedsReauth:
         assert "got no usable answer" in reason
         assert "invalid_grant" in reason
 
+    async def test_the_next_try_in_another_process_also_says_so(
+        self,
+        gateway_factory: GatewayFactory,
+        shared_settings: Settings,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """The lost answer is noted in the store, so when another process (a worker, a
+        replica, `accounts refresh`) makes the next try and gets invalid_grant, its reason
+        says the token was probably rotated in that call, not used elsewhere."""
+        first = await gateway_factory(shared_settings)
+        second = await gateway_factory(shared_settings)
+        await connect_account(first, SLUG)
+        fake_nb.fail_token("server_error")
+        clock.advance(LIFETIME)
+        assert await fetch(first) == 503
+        fake_nb.revoke(SLUG)  # as if the lost call had rotated the token
+        clock.advance(3600)
+        await second.tokens.sync(force=True)
+        assert await fetch(second) == 401
+        reason = (await second.accounts.get(SLUG)).last_error or ""
+        assert "got no usable answer" in reason
+        assert "invalid_grant" in reason
+
     async def test_needs_reauth_survives_a_restart(
         self,
         gateway_factory: GatewayFactory,

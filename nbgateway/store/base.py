@@ -27,7 +27,10 @@ Refresh coordination, as every backend must provide it:
   token call; `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a
   dead predecessor sees it as `interrupted_at` (and `AccountInfo.refresh_started_at`
-  shows it to the start-up recovery and the admin pages).
+  shows it to the start-up recovery and the admin pages). `record_failure(...,
+  unanswered=True)` (a timeout, a dropped connection: NationBuilder may have rotated)
+  keeps the call's start time in the row, and the next holder, in any process, sees it
+  as `unanswered_at`.
 - `save_tokens` is a compare-and-set on the generation read when the lock was taken: if
   another writer (a re-connect by an admin) changed the account meanwhile, it raises
   `GenerationConflict` and stores nothing.
@@ -574,12 +577,16 @@ class AccountLock(Protocol):
     slug: str
     # When a holder that died left a "refresh in flight" marker behind: its start time.
     interrupted_at: float | None
+    # When the last token call, by any process, got no usable answer and the refresh token
+    # sent then is still the stored one (`record_failure(..., unanswered=True)`): when
+    # that call was sent.
+    unanswered_at: float | None
 
     async def read(self) -> Account: ...
     async def begin_refresh(self) -> None: ...
     async def save_tokens(self, tokens: TokenSet) -> Account: ...
     async def save_refresh_token(self, refresh_token: Secret, message: str) -> Account: ...
-    async def record_failure(self, message: str) -> None: ...
+    async def record_failure(self, message: str, *, unanswered: bool = False) -> None: ...
     async def mark_needs_reauth(self, message: str) -> None: ...
 
 

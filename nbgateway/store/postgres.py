@@ -208,6 +208,7 @@ POOL_CLOSE_TIMEOUT = 5.0
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
+_CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *DRIVER_ERRORS)
 # What asyncpg says when a pooled connection was closed under its holder.
@@ -248,6 +249,7 @@ class _AdvisoryLock:
         owner: str,
         generation: int,
         interrupted_at: float | None,
+        unanswered_at: float | None,
         marker_set: bool,
     ) -> None:
         self._store = store
@@ -256,6 +258,7 @@ class _AdvisoryLock:
         self._owner = owner
         self._generation = generation
         self.interrupted_at = interrupted_at
+        self.unanswered_at = unanswered_at
         self.marker_set = marker_set
 
     async def read(self) -> Account:
@@ -312,9 +315,11 @@ class _AdvisoryLock:
         self._settled(account.generation)
         return account
 
-    async def record_failure(self, message: str) -> None:
+    async def record_failure(self, message: str, *, unanswered: bool = False) -> None:
         async with self._store._transaction(self._conn, self.slug) as conn:
-            await self._store._write_failure(conn, self.slug, message, needs_reauth=False)
+            await self._store._write_failure(
+                conn, self.slug, message, needs_reauth=False, unanswered=unanswered
+            )
         self.marker_set = False
 
     async def mark_needs_reauth(self, message: str) -> None:
@@ -660,7 +665,13 @@ class PostgresStore:
         return self._sealer.account(row)
 
     async def _write_failure(
-        self, conn: Conn, slug: str, message: str, *, needs_reauth: bool
+        self,
+        conn: Conn,
+        slug: str,
+        message: str,
+        *,
+        needs_reauth: bool,
+        unanswered: bool = False,
     ) -> None:
         message = message[:LAST_ERROR_MAX]
         if needs_reauth:
@@ -674,9 +685,10 @@ class PostgresStore:
             )
             await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
         else:
+            # Unanswered: the call's start stays (owner gone) for the next holder to see.
+            clear = _CLEAR_OWNER if unanswered else _CLEAR_MARKER
             await conn.execute(
-                f"UPDATE accounts SET last_error = $1, updated_at = $2, {_CLEAR_MARKER} "
-                "WHERE slug = $3",
+                f"UPDATE accounts SET last_error = $1, updated_at = $2, {clear} WHERE slug = $3",
                 message,
                 self._clock.now(),
                 slug,
@@ -775,6 +787,7 @@ class PostgresStore:
                 int(row["generation"]),
                 # A marker this process left (its clearing failed) is no stopped refresh.
                 row["refresh_started_at"] if stale and not own else None,
+                row["refresh_started_at"] if not stale else None,
                 stale,
             )
             yield lock

@@ -234,6 +234,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
 _CLEAR_LEASE = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
+_CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 _CHANGE_POLL = 0.05
 
 
@@ -247,12 +248,14 @@ class _Lease:
         owner: str,
         generation: int,
         interrupted_at: float | None,
+        unanswered_at: float | None,
     ) -> None:
         self._store = store
         self.slug = slug
         self._owner = owner
         self._generation = generation
         self.interrupted_at = interrupted_at
+        self.unanswered_at = unanswered_at
         self.released = False
 
     async def read(self) -> Account:
@@ -302,9 +305,11 @@ class _Lease:
         self._generation = account.generation
         return account
 
-    async def record_failure(self, message: str) -> None:
+    async def record_failure(self, message: str, *, unanswered: bool = False) -> None:
         async with self._store._write() as conn:
-            await self._store._write_failure(conn, self.slug, message, needs_reauth=False)
+            await self._store._write_failure(
+                conn, self.slug, message, needs_reauth=False, unanswered=unanswered
+            )
         self.released = True
 
     async def mark_needs_reauth(self, message: str) -> None:
@@ -716,7 +721,13 @@ class SQLiteStore:
         return account
 
     async def _write_failure(
-        self, conn: aiosqlite.Connection, slug: str, message: str, *, needs_reauth: bool
+        self,
+        conn: aiosqlite.Connection,
+        slug: str,
+        message: str,
+        *,
+        needs_reauth: bool,
+        unanswered: bool = False,
     ) -> None:
         message = message[:LAST_ERROR_MAX]
         if needs_reauth:
@@ -727,9 +738,10 @@ class SQLiteStore:
             )
             await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
         else:
+            # Unanswered: the call's start stays (owner gone) for the next holder to see.
+            clear = _CLEAR_OWNER if unanswered else _CLEAR_LEASE
             await conn.execute(
-                f"UPDATE accounts SET last_error = ?, updated_at = ?, {_CLEAR_LEASE} "
-                "WHERE slug = ?",
+                f"UPDATE accounts SET last_error = ?, updated_at = ?, {clear} WHERE slug = ?",
                 (message, self._clock.now(), slug),
             )
             await self._insert_event(conn, slug, EventKind.REFRESH_FAILED, message)
@@ -771,7 +783,10 @@ class SQLiteStore:
                     interrupted = (
                         row["refresh_started_at"] if holder is not None and not own else None
                     )
-                    return _Lease(self, slug, owner, int(row["generation"]), interrupted)
+                    unanswered = row["refresh_started_at"] if holder is None else None
+                    return _Lease(
+                        self, slug, owner, int(row["generation"]), interrupted, unanswered
+                    )
                 wait = LEASE_RECHECK if lapsed else min(deadline - now, LEASE_RECHECK)
             if loop.time() >= give_up:
                 raise StoreUnavailable(
