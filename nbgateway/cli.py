@@ -544,7 +544,7 @@ async def _clients(args: argparse.Namespace, settings: Settings, redactor: Redac
                 f"{'LAST USED (UTC)':<26} KEY"
             )
             for r in rows:
-                nations = r["nations"] if isinstance(r["nations"], str) else ",".join(r["nations"])  # type: ignore[arg-type]
+                nations = ",".join(r["nations"]) or "all"  # type: ignore[arg-type]
                 access = "read-only" if r["read_only"] else "read-write"
                 print(
                     f"{r['name']!s:<24} {nations:<30} {access:<11} "

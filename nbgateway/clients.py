@@ -119,19 +119,22 @@ def check_client(name: str, nations: tuple[str, ...]) -> None:
 
 
 def check_name(name: str) -> str:
-    if not is_valid_name(name):
+    """`name` for a new client; ValueError unless it is valid and no spelling of
+    `anonymous` (which the audit trail and the metrics use for requests without a key)."""
+    if not is_valid_name(name) or name.lower() == ANONYMOUS:
         raise ValueError(
             "a client name is 1-64 letters, digits, dots, dashes or underscores, starting "
-            f"with a letter or digit (and not {ANONYMOUS!r})"
+            f"with a letter or digit (and not {ANONYMOUS!r} in any case)"
         )
     return name
 
 
 def client_json(info: ClientInfo) -> dict[str, object]:
-    """A client as JSON for `clients list --json` and `/connect/api/clients` (never the key)."""
+    """A client as JSON for `clients list --json` and `/connect/api/clients` (never the key).
+    `nations` is always a list, as the API takes it: empty for every nation."""
     return {
         "name": info.name,
-        "nations": list(info.nations) or "all",
+        "nations": list(info.nations),
         "read_only": info.read_only,
         "created_at": iso_utc(info.created_at),
         "last_used_at": iso_utc(info.last_used_at),

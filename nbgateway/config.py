@@ -336,9 +336,14 @@ def _fail(env: str, expected: str) -> ConfigError:
 
 
 def _closest(name: str, known: Collection[str]) -> str:
-    """' (did you mean X?)' for the known name closest to a likely typo, else ''."""
-    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {matches[0]}?)" if matches else ""
+    """' (did you mean X?)' for the known name closest to a likely typo (case aside: a
+    TOML key written `LISTEN`, a variable `nbgw_listen`), else ''."""
+    by_case = {k.lower(): k for k in known}
+    found = by_case.get(name.lower())
+    if found is None:
+        matches = difflib.get_close_matches(name.lower(), list(by_case), n=1, cutoff=0.6)
+        found = by_case[matches[0]] if matches else None
+    return f" (did you mean {found}?)" if found else ""
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

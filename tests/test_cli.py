@@ -663,6 +663,29 @@ class TestMissingDatabase:
         listed = run(["clients", "list", "--json"], env, capsys)
         assert [row["name"] for row in json.loads(listed.out)] == ["tool"]
 
+    @pytest.mark.parametrize("name", ["anonymous", "Anonymous", "ANONYMOUS"])
+    def test_no_spelling_of_anonymous_is_a_client_name(
+        self, name: str, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`anonymous` stands for requests without a key in the audit trail and metrics; a
+        key called `Anonymous` would be told apart from them by case only."""
+        added = run(["clients", "add", name], env, capsys)
+        assert added.code == 2
+        assert "not 'anonymous' in any case" in added.err
+
+    def test_clients_list_json_always_gives_nations_as_a_list(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`nations` is a list for every key, empty for one that may use every nation (it
+        was the string "all" then, which broke `jq '.[].nations[]'`); the table says all."""
+        assert run(["clients", "add", "any"], env, capsys).code == 0
+        assert run(["clients", "add", "one", "--nation", "acme"], env, capsys).code == 0
+        listed = json.loads(run(["clients", "list", "--json"], env, capsys).out)
+        assert {row["name"]: row["nations"] for row in listed} == {"any": [], "one": ["acme"]}
+        table = run(["clients", "list"], env, capsys).out.splitlines()
+        assert table[1].split()[:2] == ["any", "all"]
+        assert table[2].split()[:2] == ["one", "acme"]
+
     @pytest.mark.parametrize(
         ("argv", "complaint"),
         [

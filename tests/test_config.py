@@ -623,6 +623,13 @@ class TestTomlFile:
             f"config file {toml}: unknown setting 'listn' (did you mean listen?)",
         )
 
+    def test_upper_case_key_is_refused_naming_the_key(self, tmp_path: Path) -> None:
+        """TOML keys are lower-case; `LISTEN` is refused with the right spelling."""
+        toml = write_toml(tmp_path, {"LISTEN": "0.0.0.0:9000"})
+        assert load_error(BASE, toml).problems == (
+            f"config file {toml}: unknown setting 'LISTEN' (did you mean listen?)",
+        )
+
     def test_prefixed_upper_case_key_is_rejected(self, tmp_path: Path) -> None:
         """The environment spelling (NBGW_LISTEN) is not a TOML key; the message gives the key."""
         toml = write_toml(tmp_path, {"NBGW_LISTEN": "0.0.0.0:9000"})
