@@ -39,7 +39,7 @@ from nbgateway.errors import (
 )
 from nbgateway.metrics import Metrics
 from nbgateway.models import AuditEntry, ClientInfo, ClientRecord, is_valid_slug
-from nbgateway.redact import Redactor, Secret
+from nbgateway.redact import REDACTED, Redactor, Secret
 from nbgateway.store import TokenStore
 
 log = logging.getLogger("nbgateway.clients")
@@ -47,6 +47,8 @@ log = logging.getLogger("nbgateway.clients")
 KEY_PREFIX = "nbgw_"
 _KEY_ID_LENGTH = 12
 _KEY_RE = re.compile(r"^nbgw_[A-Za-z0-9_-]{43}$")
+# A key anywhere in a text (a cookie, a header of the tool's own).
+_KEY_IN_TEXT = re.compile(r"nbgw_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ANONYMOUS = "anonymous"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -81,6 +83,12 @@ def new_key() -> Secret:
 def looks_like_key(value: str) -> bool:
     """True for a string of the client-key form (the proxy's cheap first test)."""
     return value.startswith(KEY_PREFIX)
+
+
+def without_keys(text: str) -> str:
+    """`text` with every client key in it replaced by REDACTED (keys never go upstream,
+    wherever a tool put one)."""
+    return _KEY_IN_TEXT.sub(REDACTED, text)
 
 
 def hash_key(key: str, salt: bytes) -> bytes:

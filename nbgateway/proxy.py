@@ -38,6 +38,7 @@ from nbgateway.clients import (
     ClientAuth,
     ClientRegistry,
     looks_like_key,
+    without_keys,
 )
 from nbgateway.config import Settings
 from nbgateway.errors import (
@@ -515,6 +516,8 @@ class Proxy:
                 continue
             if lower == "x-forwarded-for":
                 continue  # re-added below with the peer appended
+            if KEY_PREFIX in value:
+                value = without_keys(value)  # in a cookie, say: the key never goes upstream
             headers.add(name, value if value.isascii() else _header_text(value))
         peer = request.remote or ""
         previous = request.headers.get("X-Forwarded-For")

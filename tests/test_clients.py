@@ -170,6 +170,25 @@ class TestPresentation:
             == 1.0
         )
 
+    async def test_a_key_put_anywhere_else_in_the_headers_does_not_go_upstream(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A key the tool also put in a cookie or a header of its own (not a way to present
+        it) is replaced by the redaction mark before the request goes on; the rest of those
+        headers is kept."""
+        key = await add_key(gw, "sync")
+        fake_nb.clear_recordings()
+        status = await get(
+            gw,
+            "/n/acme/api/v2/signups/me",
+            headers={"X-NBGW-Key": key, "Cookie": f"a=1; gwkey={key}", "X-Tool-Auth": key},
+        )
+        assert status == (200, None)
+        [seen] = fake_nb.api_requests
+        assert key not in f"{dict(seen.headers)}"
+        assert seen.headers["Cookie"] == f"a=1; gwkey={REDACTED}"
+        assert seen.headers["X-Tool-Auth"] == REDACTED
+
     async def test_two_different_keys_are_refused(self, gw: Gateway) -> None:
         """A request presenting two different keys is ambiguous: 400 invalid_request."""
         one, two = await add_key(gw, "one"), await add_key(gw, "two")
