@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="name, nations, read-only, created, last used",
         description=(
             "List the registered tools. Never prints a key: the KEY column is a hint "
-            "(nbgw_ and the first characters of its public lookup id) to tell keys apart."
+            "(nbgw_ and the first characters of its public lookup id) to tell keys apart. "
+            "With --json, as GET /connect/api/clients: `nations` is always a list of slugs, "
+            "empty for a key that may use every nation."
         ),
     )
     client_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
