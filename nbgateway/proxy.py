@@ -647,9 +647,10 @@ class Proxy:
     ) -> tuple[aiohttp.ClientResponse, IssuedToken]:
         """The answer to give after NationBuilder's 401, and the token it was made with."""
         retries = self._metrics.upstream_401_retries
-        # A token a refresh after a 401 made moments ago: this 401 is about something else
-        # (a permission the user lacks), so no refresh, only a newer token if one exists.
-        held = not self._tokens.may_cure_401(route.slug, token.generation)
+        # A token NationBuilder refused right after a refresh made it: this 401 is about
+        # something else (a permission the user lacks), so no refresh, only a newer token
+        # if one exists (see may_cure_401).
+        held = not self._tokens.may_cure_401(route.slug, token.generation, replayable=replayable)
         if not replayable:
             # The body is gone; still make sure the next request gets a fresh token.
             if not held:
@@ -672,8 +673,11 @@ class Proxy:
                 retries.labels(route.slug, "refresh_failed").inc()
                 raise
         retried = await self._send(request, route, fresh, body)
-        outcome = "still_unauthorized" if retried.status == 401 else "recovered"
-        retries.labels(route.slug, outcome).inc()
+        if retried.status == 401:
+            self._tokens.refused_fresh(route.slug, fresh.generation)
+            retries.labels(route.slug, "still_unauthorized").inc()
+        else:
+            retries.labels(route.slug, "recovered").inc()
         return retried, fresh
 
     # -- the response --------------------------------------------------------------------

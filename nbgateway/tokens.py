@@ -51,9 +51,11 @@ PERSIST_RETRY_BASE = 1.0
 PERSIST_RETRY_CAP = 30.0
 # Background refreshes run at once, at most this many at a time.
 REFRESH_CONCURRENCY = 32
-# A token made by a refresh after an upstream 401 is not refreshed for another 401 for this
-# long: NationBuilder's 401 `unauthorized` also means the user lacks a permission, and a
-# tool calling such an endpoint in a loop must not rotate the pair on every request.
+# NationBuilder's 401 `unauthorized` also means the user lacks a permission, which no refresh
+# cures, and a tool calling such an endpoint in a loop must not rotate the pair on every
+# request. A token made by a refresh after a 401 and refused all the same is not refreshed
+# for another 401 for this long; one whose retry could not be tried (a body too large to
+# replay) not for MIN_REFRESH_INTERVAL.
 REFRESH_401_HOLD = 300.0
 
 
@@ -151,9 +153,9 @@ class TokenManager:
         self._unpersisted: dict[str, _Unpersisted] = {}
         # Per account: the refresh token last sent without a usable answer, and when.
         self._unanswered: dict[str, tuple[Secret, float]] = {}
-        # Per account: the generation the last refresh after a 401 made, and until when
-        # another 401 on it causes no refresh (`may_cure_401`).
-        self._held_401: dict[str, tuple[int, float]] = {}
+        # Per account: the generation the last refresh after a 401 made (or last refused
+        # fresh), when, and whether NationBuilder refused it too (`may_cure_401`).
+        self._after_401: dict[str, tuple[int, float, bool]] = {}
 
     # -- the request path --------------------------------------------------------------
 
@@ -172,17 +174,25 @@ class TokenManager:
             return cached
         return await self._single_flight(slug, force=False, stale_generation=None)
 
-    def may_cure_401(self, slug: str, generation: int) -> bool:
+    def may_cure_401(self, slug: str, generation: int, *, replayable: bool = True) -> bool:
         """Whether NationBuilder's 401 on a token of `generation` may be answered with a
-        refresh: not within REFRESH_401_HOLD of the refresh after a 401 that made that
-        generation (only `newer_token` then). No await: the hot path."""
-        held = self._held_401.get(slug)
-        if held is None or held[0] != generation:
+        refresh (else only `newer_token`): not within REFRESH_401_HOLD of `refused_fresh`
+        for that generation, nor, for a request that cannot be replayed (nothing would
+        show whether the refresh cured it), within MIN_REFRESH_INTERVAL of the refresh
+        after a 401 that made it. No await: the hot path."""
+        seen = self._after_401.get(slug)
+        if seen is None or seen[0] != generation:
             return True
-        if held[1] > self._clock.now():
-            return False
-        del self._held_401[slug]
-        return True
+        age = self._clock.now() - seen[1]
+        if seen[2]:
+            return age >= REFRESH_401_HOLD
+        return replayable or age >= MIN_REFRESH_INTERVAL
+
+    def refused_fresh(self, slug: str, generation: int) -> None:
+        """NationBuilder answered 401 to a token of `generation` given out after a 401 (by
+        `force_refresh` or `newer_token`): the 401s are about something else, so further
+        ones on it cause no refresh for REFRESH_401_HOLD (`may_cure_401`)."""
+        self._after_401[slug] = (generation, self._clock.now(), True)
 
     async def newer_token(self, slug: str, generation: int) -> IssuedToken | None:
         """A valid token of another generation than `generation` that needs no refresh:
@@ -200,12 +210,14 @@ class TokenManager:
         return self._issue(account)
 
     async def force_refresh(self, slug: str, stale_generation: int | None) -> IssuedToken:
-        """After an upstream 401 on `stale_generation`: a token of a newer generation,
-        held for REFRESH_401_HOLD against another 401's refresh (`may_cure_401`)."""
+        """After an upstream 401 on `stale_generation`: a token of a newer generation
+        (remembered for `may_cure_401`)."""
         # Joins a refresh already in flight; if that one only re-issued the rejected
         # generation, _single_flight starts a forced refresh of its own.
         token = await self._single_flight(slug, force=True, stale_generation=stale_generation)
-        self._held_401[slug] = (token.generation, self._clock.now() + REFRESH_401_HOLD)
+        seen = self._after_401.get(slug)
+        if seen is None or seen[0] != token.generation:
+            self._after_401[slug] = (token.generation, self._clock.now(), False)
         return token
 
     async def first_exchange(self, slug: str) -> IssuedToken:
@@ -243,7 +255,7 @@ class TokenManager:
         """Forget what is cached for `slug` (after connect, import or removal)."""
         self._cache.pop(slug, None)
         self._backoff.pop(slug, None)
-        self._held_401.pop(slug, None)
+        self._after_401.pop(slug, None)
         self._needs_reauth.discard(slug)
         self._reauth_hints.pop(slug, None)
 

@@ -32,7 +32,7 @@ from yarl import URL
 
 from nbgateway.clock import FakeClock
 from nbgateway.fakenb import MSG_EXPIRED, FakeNationBuilder
-from nbgateway.tokens import REFRESH_401_HOLD
+from nbgateway.tokens import MIN_REFRESH_INTERVAL, REFRESH_401_HOLD
 
 MiB = 1024 * 1024
 
@@ -792,6 +792,39 @@ class TestUpstream401:
         fake_nb.api_fail_401_times = 0  # other endpoints were never affected
         assert (await acme.client.get("/api/v2/signups/me")).status == 200
         assert len(fake_nb.token_requests) == 2
+
+    async def test_bodies_too_large_to_replay_rotate_at_most_every_30_s(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A 401 to a body too large to replay cannot show whether a refresh cures it: the
+        token is refreshed for the next request, but another such 401 on the new token
+        within MIN_REFRESH_INTERVAL refreshes nothing."""
+        gw = await gateway_factory(retry_buffer=10)
+        await connect_account(gw, "acme")
+        fake_nb.api_fail_401_times = 1000
+        for _ in range(3):
+            assert (await gw.client.post("/api/_test/echo", data=b"y" * 100)).status == 401
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(MIN_REFRESH_INTERVAL)
+        assert (await gw.client.post("/api/_test/echo", data=b"y" * 100)).status == 401
+        assert len(fake_nb.token_requests) == 2
+
+    async def test_a_token_refused_again_after_a_cure_is_refreshed_again(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """A 401 the refresh cured holds nothing back: when NationBuilder expires the new
+        token early too, a minute later, the next request refreshes and retries again."""
+        fake_nb.expire_access_tokens("acme")
+        assert (await acme.client.get("/api/v2/signups/me")).status == 200
+        clock.advance(60)
+        fake_nb.expire_access_tokens("acme")
+        assert (await acme.client.get("/api/v2/signups/me")).status == 200
+        assert len(fake_nb.token_requests) == 2
+        assert retries(acme, "recovered") == 2
 
     async def test_a_held_401_is_retried_with_a_token_another_process_stored(
         self,
