@@ -112,6 +112,7 @@ _SETTABLE: Final[dict[str, type]] = {
     "rate_limit": int,
     "rate_window": int,
     "app_name": str,
+    "registered_redirect_uri": str,
 }
 
 _FILTER_RE: Final = re.compile(r"filter\[([a-z_]+)\](?:\[([a-z_]+)\])?")
@@ -303,6 +304,9 @@ class FakeNationBuilder:
         self.old_access_token_survives_refresh: bool = True
         # Whether HTTP Basic client authentication works is unknown; off like every known client.
         self.accept_basic_auth: bool = False
+        # The app's registered callback, as NationBuilder insists on it; "" takes any
+        # absolute http(s) URL (the tests' gateways run on ports chosen at random).
+        self.registered_redirect_uri: str = ""
 
         # Switches; reset_switches() puts them back.
         self.token_delay: float = 0.0
@@ -771,6 +775,8 @@ class FakeNationBuilder:
         except ValueError:
             parsed = URL()
         if not redirect_uri or not parsed.is_absolute() or parsed.scheme not in ("http", "https"):
+            return "The redirect uri included is not valid."
+        if self.registered_redirect_uri and redirect_uri != self.registered_redirect_uri:
             return "The redirect uri included is not valid."
         if params.get("code_challenge") and params.get("code_challenge_method") != "S256":
             return "The code challenge method must be S256."

@@ -161,6 +161,8 @@ async def run_preflight(
         report.config_problems.extend(_listen_problems(settings.host, settings.port, report.notes))
     if not report.config_problems:
         report.notes.append("configuration: ok")
+        # What the NationBuilder app must have registered, character for character.
+        report.notes.append(f"callback: {settings.redirect_uri} (the app's redirect URI)")
     if "NBGW_DATABASE" in validation.refused:
         return report
     database = settings.database

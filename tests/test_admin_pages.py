@@ -679,6 +679,24 @@ class TestConnect:
         location = await start(admin, "Acme.nationbuilder.com")
         assert location.startswith(f"{fake_nb.nation_url('acme')}/oauth/authorize?")
 
+    async def test_the_flow_uses_the_callback_registered_at_nationbuilder(
+        self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """NationBuilder insists on the app's registered callback: the flow sends exactly
+        {NBGW_PUBLIC_URL}/connect/callback, which a fake holding that one registration
+        accepts; with another registered, the fake's error page names the redirect URI
+        (troubleshooting.md says what to fix)."""
+        fake_nb.registered_redirect_uri = gateway.settings.redirect_uri
+        callback = await consent(fake_nb, await start(admin, "acme"), "approve")
+        assert (await admin.get(callback))[0] == 303
+        assert [a.slug for a in await gateway.accounts.list_accounts()] == ["acme"]
+
+        fake_nb.registered_redirect_uri = "https://gateway.example.org/connect/callback"
+        url = URL(await start(admin, "bravo"))
+        async with aiohttp.ClientSession() as http, http.get(str(url)) as resp:
+            assert resp.status == 400
+            assert "The redirect uri included is not valid." in await resp.text()
+
     async def test_approved_flow_lands_on_accounts_with_a_message(
         self, admin: Browser, gateway: Gateway, fake_nb: FakeNationBuilder
     ) -> None:

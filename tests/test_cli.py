@@ -257,6 +257,21 @@ def test_keygen_prints_a_fresh_valid_key(capsys: pytest.CaptureFixture[str]) -> 
 
 
 class TestCheck:
+    def test_a_sound_setup_names_the_callback_to_register(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check passes and prints the redirect URI NationBuilder's app must have, from
+        NBGW_PUBLIC_URL (a mismatch is only ever seen on NationBuilder's own page)."""
+        seed(env, "acme", "nbfake-at-callback-1", "nbfake-rt-callback-1")
+        env["NBGW_PUBLIC_URL"] = "https://ops.example.org/nbgw"
+        result = run(["check"], env, capsys)
+        assert result.code == 0, result.err
+        assert "configuration: ok" in result.out
+        assert (
+            "callback: https://ops.example.org/nbgw/connect/callback (the app's redirect URI)"
+            in result.out
+        )
+
     def test_missing_key_is_a_configuration_error(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
     ) -> None:
