@@ -50,8 +50,8 @@ def check_slug(slug: str) -> str:
     if not is_valid_slug(slug):
         raise ValueError(
             "a nation slug is the part before .nationbuilder.com: lowercase letters, digits "
-            "and hyphens, at most 63 characters, not starting or ending with a hyphen (for "
-            "example 'acme' or 'my-nation')"
+            "and hyphens, at most 63 characters, starting with a letter or digit (for example "
+            "'acme' or 'my-nation')"
         )
     return slug
 

@@ -114,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "account for requests that name none; else the only connected one",
         "a nation slug (lowercase letters, digits, hyphens; at most 63 characters, no hyphen "
-        "first or last)",
+        "first)",
     ),
     Setting(
         "NBGW_REFRESH_MARGIN",

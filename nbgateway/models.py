@@ -11,9 +11,10 @@ from enum import StrEnum
 
 from nbgateway.redact import Secret
 
-# A nation slug (one DNS label): lowercase letters, digits and hyphens, at most 63
-# characters, starting and ending with a letter or digit.
-SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# A nation slug: lowercase letters, digits and hyphens, at most 63 characters (a DNS
+# label), starting with a letter or digit. (A trailing hyphen is kept valid: an account
+# stored under such a slug must stay addressable, if only to be removed.)
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
 
 
 def is_valid_slug(value: str) -> bool:
