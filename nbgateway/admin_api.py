@@ -72,16 +72,30 @@ async def require_bearer(request: web.Request) -> None:
             headers={"Retry-After": str(wait)},
         )
     header = request.headers.get("Authorization", "")
+    unauthorized = AdminUnauthorized(
+        "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
+        headers={"WWW-Authenticate": 'Bearer realm="nbgateway-admin"'},
+    )
+    if not header:
+        raise unauthorized  # a request without credentials guesses nothing
+    try:
+        wait = await throttle.attempt(client, now)  # counted before the check is made
+    except StoreError as exc:
+        log.error(
+            "admin API refused: the throttle cannot be read from the store",
+            extra={"peer": client, "error": str(exc)},
+        )
+        raise store_failure(exc) from None
+    if wait is not None:
+        raise TooManyAttempts(
+            f"too many wrong admin tokens from this address; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not admin_token_matches(request, value.strip()):
-        if header:  # a guess; a request without credentials guesses nothing
-            await throttle.failed(client, now)
-            log.warning("admin API refused: wrong admin token", extra={"peer": client})
-        raise AdminUnauthorized(
-            "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
-            headers={"WWW-Authenticate": 'Bearer realm="nbgateway-admin"'},
-        )
-    await throttle.succeeded(client, now)
+        log.warning("admin API refused: wrong admin token", extra={"peer": client})
+        raise unauthorized
+    await throttle.matched(client, now)
 
 
 def _json(data: object, status: int = 200) -> web.Response:

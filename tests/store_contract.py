@@ -1558,19 +1558,21 @@ class TestLoginFailures:
         assert await store.login_failures("192.0.2.1", start + 5) == [start + 10, start + 20]
         assert await store.login_failures("192.0.2.1", start + 20) == []
 
-    async def test_addresses_are_independent_and_cleared_alone(
+    async def test_addresses_are_independent_and_one_attempt_is_taken_back(
         self, store: TokenStore, clock: FakeClock
     ) -> None:
-        """Each address has its own count; clearing one leaves the others."""
+        """Each address has its own count; forget_login_failure takes back exactly one
+        attempt of that address at that time, even when several share it."""
         now = clock.now()
         for client in ("192.0.2.1", "192.0.2.1", "2001:db8::1"):
             await store.record_login_failure(client, now, now - 300)
-        assert len(await store.login_failures("192.0.2.1", now - 300)) == 2
+        await store.record_login_failure("192.0.2.1", now + 1, now - 299)
+        assert len(await store.login_failures("192.0.2.1", now - 300)) == 3
         assert len(await store.login_failures("2001:db8::1", now - 300)) == 1
         assert await store.login_failures("198.51.100.9", now - 300) == []
-        await store.clear_login_failures("192.0.2.1")
-        await store.clear_login_failures("198.51.100.9")  # nothing to clear is fine
-        assert await store.login_failures("192.0.2.1", now - 300) == []
+        await store.forget_login_failure("192.0.2.1", now)
+        await store.forget_login_failure("198.51.100.9", now)  # nothing to take back is fine
+        assert await store.login_failures("192.0.2.1", now - 300) == [now, now + 1]
         assert await store.login_failures("2001:db8::1", now - 300) == [now]
 
     async def test_another_store_counts_together(
@@ -1583,8 +1585,8 @@ class TestLoginFailures:
             await a.record_login_failure("192.0.2.1", now, now - 300)
             await b.record_login_failure("192.0.2.1", now + 1, now - 299)
             assert await a.login_failures("192.0.2.1", now - 300) == [now, now + 1]
-            await b.clear_login_failures("192.0.2.1")
-            assert await a.login_failures("192.0.2.1", now - 300) == []
+            await b.forget_login_failure("192.0.2.1", now)
+            assert await a.login_failures("192.0.2.1", now - 300) == [now + 1]
 
     async def test_old_attempts_of_every_address_are_pruned(
         self, store: TokenStore, backend: Backend, clock: FakeClock

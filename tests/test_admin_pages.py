@@ -297,6 +297,16 @@ class TestLogin:
             assert status == 401
         assert (await other.login())[0] == 429
 
+    async def test_a_pasted_token_with_spaces_around_it_logs_in(
+        self, browsers: BrowserFactory
+    ) -> None:
+        """The form forgives the spaces a paste brings along, as the API's Bearer does,
+        and such a login is no wrong token."""
+        anon = await browsers(logged_in=False)
+        status, _, headers = await anon.post("/connect/login", {"token": f"  {ADMIN_TOKEN} \n"})
+        assert status == 303, headers
+        assert SESSION_COOKIE in anon.cookies
+
     async def test_a_login_from_the_public_address_is_not_cross_site(
         self, browsers: BrowserFactory
     ) -> None:

@@ -647,22 +647,45 @@ class TestAdminTokenThrottle:
     async def test_throttles_on_one_database_count_together(
         self, gateway: Gateway, clock: FakeClock
     ) -> None:
-        """Two throttles on one store (two processes) share one count per address: once
-        more than LOGIN_FAILURES are stored (processes racing), the address may try again
-        when fewer than LOGIN_FAILURES remain in the window; a success clears the count for
-        both, and other addresses are never affected."""
+        """Two throttles on one store (two processes) share one count per address: the
+        check over LOGIN_FAILURES is refused and not counted, and the wait runs until the
+        oldest attempt leaves the window; a right token takes back only its own count (the
+        wrong ones before it still count), and other addresses are never affected."""
         first, second = LoginThrottle(gateway.store), LoginThrottle(gateway.store)
         start = clock.now()
-        for n in range(LOGIN_FAILURES + 1):
-            await (first, second)[n % 2].failed("192.0.2.1", start + n)
+        for n in range(LOGIN_FAILURES):
+            assert await (first, second)[n % 2].attempt("192.0.2.1", start + n) is None
         now = start + LOGIN_FAILURES
-        # The second-oldest attempt (start + 1) leaves the window first that matters.
-        expected = int(start + 1 + LOGIN_WINDOW - now)
+        expected = int(start + LOGIN_WINDOW - now)
+        assert await first.attempt("192.0.2.1", now) == expected
         assert await first.retry_after("192.0.2.1", now) == expected
         assert await second.retry_after("192.0.2.1", now) == expected
+        assert len(await gateway.store.login_failures("192.0.2.1", start - 1)) == LOGIN_FAILURES
         assert await second.retry_after("192.0.2.2", now) is None
-        await second.succeeded("192.0.2.1", now)
-        assert await first.retry_after("192.0.2.1", now) is None
+
+        for n in range(LOGIN_FAILURES - 1):  # another address: four wrong, then the right one
+            assert await first.attempt("192.0.2.3", now + n) is None
+        assert await second.attempt("192.0.2.3", now + 10) is None
+        await second.matched("192.0.2.3", now + 10)
+        assert await first.attempt("192.0.2.3", now + 11) is None  # the fifth check
+        assert await first.attempt("192.0.2.3", now + 12) is not None
+
+    async def test_guesses_sent_at_once_are_checked_at_most_five_times(
+        self, gateway: Gateway, admin_headers: dict[str, str]
+    ) -> None:
+        """Forty wrong Bearers sent at the same moment: each is counted before its token is
+        checked, so LOGIN_FAILURES get 401 and the rest 429 (all forty were checked, and
+        counted only afterwards); the right token is then refused as well."""
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+
+        async def guess() -> int:
+            resp = await gateway.client.get("/connect/api/accounts", headers=wrong)
+            return resp.status
+
+        statuses = await asyncio.gather(*(guess() for _ in range(40)))
+        assert sorted(statuses) == [401] * LOGIN_FAILURES + [429] * (40 - LOGIN_FAILURES)
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 429
 
     async def test_requests_without_credentials_do_not_lock_anyone_out(
         self, gateway: Gateway, admin_headers: dict[str, str]

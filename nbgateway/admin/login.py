@@ -1,7 +1,8 @@
 """The login and logout pages of `/connect`: the admin token in, a signed session cookie out.
 
-Wrong tokens count against the client address in the shared throttle (`keys.ADMIN_THROTTLE`,
-in the store, also used by the `/connect/api` Bearer check); an empty form and a form
+Token checks count against the client address in the shared throttle (`keys.ADMIN_THROTTLE`,
+in the store, also used by the `/connect/api` Bearer check; a right token takes its count
+back, and a check over the limit is not made); an empty form and a form
 posted from another site's page are refused without counting (they guess nothing, and
 would let any page lock the admin out); while the store cannot be read the form answers
 503 and checks no token (fail closed). Logging out revokes the session in
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -44,31 +46,9 @@ class LoginPages:
         now = core.now(request)
         client = request.remote or "unknown"
         throttle = request.config_dict[keys.ADMIN_THROTTLE]
-        try:
-            wait = await throttle.retry_after(client, now)
-        except StoreError as exc:
-            log.error(
-                "admin login refused: the throttle cannot be read from the store",
-                extra={"peer": client, "error": str(exc)},
-            )
-            return await core.render(
-                request,
-                "login.html",
-                session=None,
-                status=503,
-                headers={"Retry-After": "5"},
-                error="The gateway cannot use its database right now, so it cannot check "
-                "logins. Try again in a few seconds.",
-            )
-        if wait is not None:
-            return await core.render(
-                request,
-                "login.html",
-                session=None,
-                status=429,
-                headers={"Retry-After": str(wait)},
-                error=f"Too many wrong admin tokens from your address. Try again in {span(wait)}.",
-            )
+        refused = await self._throttled(request, client, throttle.retry_after(client, now))
+        if refused is not None:
+            return refused
         if core.cross_site(request):
             # Another site's page posting the form from the admin's browser (an allowed
             # address) guesses nothing, but would lock the admin out: not counted.
@@ -91,8 +71,11 @@ class LoginPages:
                 status=400,
                 error="Enter the admin token (NBGW_ADMIN_TOKEN).",
             )
-        if not admin_api.admin_token_matches(request, token):
-            await throttle.failed(client, now)
+        # Counted before the token is checked: racing guesses count each other.
+        refused = await self._throttled(request, client, throttle.attempt(client, now))
+        if refused is not None:
+            return refused
+        if not admin_api.admin_token_matches(request, token.strip()):
             log.warning("admin login failed: wrong token", extra={"peer": client})
             return await core.render(
                 request,
@@ -101,12 +84,48 @@ class LoginPages:
                 status=401,
                 error="That is not the admin token (NBGW_ADMIN_TOKEN). Check it and try again.",
             )
-        await throttle.succeeded(client, now)
+        await throttle.matched(client, now)
         session = core.signer.session(secrets.token_urlsafe(18), int(now) + SESSION_TTL)
         response = core.redirect(core.base)
         core.cookie(response, SESSION_COOKIE, core.signer.session_cookie(session), SESSION_TTL)
         log.info("admin logged in", extra={"peer": client})
         return response
+
+    async def _throttled(
+        self, request: web.Request, client: str, check: Awaitable[int | None]
+    ) -> web.StreamResponse | None:
+        """The page to answer when the throttle `check` refuses (or the store cannot say:
+        fail closed), else None."""
+        try:
+            wait = await check
+        except StoreError as exc:
+            log.error(
+                "admin login refused: the throttle cannot be read from the store",
+                extra={"peer": client, "error": str(exc)},
+            )
+            return await self._store_down(request)
+        return None if wait is None else await self._locked_out(request, wait)
+
+    async def _store_down(self, request: web.Request) -> web.StreamResponse:
+        return await self.core.render(
+            request,
+            "login.html",
+            session=None,
+            status=503,
+            headers={"Retry-After": "5"},
+            error="The gateway cannot use its database right now, so it cannot check "
+            "logins. Try again in a few seconds.",
+        )
+
+    async def _locked_out(self, request: web.Request, wait: int) -> web.StreamResponse:
+        return await self.core.render(
+            request,
+            "login.html",
+            session=None,
+            status=429,
+            headers={"Retry-After": str(wait)},
+            error=f"Too many wrong admin tokens from your address. Try again in {span(wait)}.",
+        )
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         core = self.core

@@ -130,17 +130,26 @@ class _MemoryFailures:
         failures.append(now)
         self._failures[client] = failures
 
-    def forget(self, client: str) -> None:
-        self._failures.pop(client, None)
+    def take_back(self, client: str, at: float) -> bool:
+        """Remove one attempt of `client` at `at`; False when there is none here."""
+        failures = self._failures.get(client)
+        if failures is None or at not in failures:
+            return False
+        failures.remove(at)
+        return True
 
 
 class LoginThrottle:
     """Wrong-token attempts per client address within a sliding window, counted in the
     store: every process sharing the database sees the same count.
 
-    `retry_after` raises StoreError when the store cannot be read (the caller refuses the
-    attempt: fail closed). A failure the store cannot take is counted in this process's
-    memory instead, with a warning; clearing after a success is best effort.
+    A token check is counted before it is made (`attempt`): racing guesses, in this
+    process or another, each see the others, so at most `limit` are checked per window
+    however many arrive at once. A right token takes its own count back (`matched`); the
+    wrong ones before it still count until they age out, so a tool that also knows the
+    token does not reset a guesser's count. `retry_after` and `attempt` raise StoreError
+    when the store cannot be read (the caller refuses: fail closed). An attempt the store
+    cannot take is counted in this process's memory instead, with a warning.
     """
 
     def __init__(
@@ -161,27 +170,35 @@ class LoginThrottle:
         # once fewer than `limit` remain in the window.
         return max(1, math.ceil(failures[-self.limit] + self.window - now))
 
-    async def failed(self, client: str, now: float) -> None:
+    async def attempt(self, client: str, now: float) -> int | None:
+        """Count one token check by `client` before it is made: None when it may be made,
+        else the seconds to wait (the count is taken back: the token is not checked)."""
         try:
             await self._store.record_login_failure(client, now, now - self.window)
         except StoreError as exc:
             log.warning(
-                "wrong admin token counted in this process only: the store cannot be written",
+                "admin token attempt counted in this process only: the store cannot be written",
                 extra={"peer": client, "error": str(exc)},
             )
             self._unstored.add(client, now)
+        stored = await self._store.login_failures(client, now - self.window)
+        failures = sorted([*stored, *self._unstored.recent(client, now)])
+        if len(failures) <= self.limit:
+            return None
+        await self.matched(client, now)  # not checked, so not counted
+        failures.remove(now)
+        return max(1, math.ceil(failures[-self.limit] + self.window - now))
 
-    async def succeeded(self, client: str, now: float) -> None:
-        """Forget `client`'s wrong tokens (written only when it has some in the window:
-        every successful Bearer call passes here)."""
-        self._unstored.forget(client)
+    async def matched(self, client: str, now: float) -> None:
+        """The check `attempt` counted at `now` found the right token: take its count back
+        (best effort: otherwise it ages out of the window)."""
+        if self._unstored.take_back(client, now):
+            return
         try:
-            if await self._store.login_failures(client, now - self.window):
-                await self._store.clear_login_failures(client)
+            await self._store.forget_login_failure(client, now)
         except StoreError as exc:
-            # The earlier failures simply age out of the window.
             log.warning(
-                "wrong admin tokens of a successful login not cleared: the store cannot be written",
+                "a right admin token stays counted as an attempt: the store cannot be written",
                 extra={"peer": client, "error": str(exc)},
             )
 

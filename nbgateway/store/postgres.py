@@ -1171,10 +1171,16 @@ class PostgresStore:
             )
         return [float(row["at"]) for row in rows]
 
-    async def clear_login_failures(self, client: str) -> None:
-        """Forget `client`'s wrong admin tokens (it sent the right one)."""
+    async def forget_login_failure(self, client: str, at: float) -> None:
+        """Take back one attempt `client` made at `at` (counted before its token was
+        checked, and the token was right); nothing when there is none."""
         async with self._write(None) as conn:
-            await conn.execute("DELETE FROM login_failures WHERE client = $1", client)
+            await conn.execute(
+                "DELETE FROM login_failures WHERE id = (SELECT id FROM login_failures "
+                "WHERE client = $1 AND at = $2 ORDER BY id DESC LIMIT 1)",
+                client,
+                at,
+            )
 
 
 # Columns stored as double precision / as integers, by name (the same in every table).

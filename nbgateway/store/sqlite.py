@@ -1166,7 +1166,12 @@ class SQLiteStore:
             ) as cur:
                 return [float(row[0]) async for row in cur]
 
-    async def clear_login_failures(self, client: str) -> None:
-        """Forget `client`'s wrong admin tokens (it sent the right one)."""
+    async def forget_login_failure(self, client: str, at: float) -> None:
+        """Take back one attempt `client` made at `at` (counted before its token was
+        checked, and the token was right); nothing when there is none."""
         async with self._write(durable=False) as conn:
-            await conn.execute("DELETE FROM login_failures WHERE client = ?", (client,))
+            await conn.execute(
+                "DELETE FROM login_failures WHERE id = (SELECT id FROM login_failures "
+                "WHERE client = ? AND at = ? ORDER BY id DESC LIMIT 1)",
+                (client, at),
+            )
