@@ -100,6 +100,7 @@ _LAST_NAMES: Final = (
 _SETTABLE: Final[dict[str, type]] = {
     "token_delay": float,
     "api_fail_401_times": int,
+    "api_fail_401_code": str,
     "api_delay": float,
     "api_hang": bool,
     "refresh_grace_seconds": float,
@@ -311,6 +312,9 @@ class FakeNationBuilder:
         # Switches; reset_switches() puts them back.
         self.token_delay: float = 0.0
         self.api_fail_401_times: int = 0
+        # The code of those 401s: token_expired, or unauthorized (a permission the
+        # authorizing user lacks, which no refresh cures).
+        self.api_fail_401_code: str = "token_expired"
         self.api_delay: float = 0.0
         self.api_hang: bool = False
         self.canned = CannedAnswer()
@@ -535,6 +539,7 @@ class FakeNationBuilder:
         self._token_answers.clear()
         self.token_delay = 0.0
         self.api_fail_401_times = 0
+        self.api_fail_401_code = "token_expired"
         self.api_delay = 0.0
         self.api_hang = False
         self.release_tokens()
@@ -925,7 +930,9 @@ class FakeNationBuilder:
             await self._pause(self.api_delay)
         if self.api_fail_401_times > 0:
             self.api_fail_401_times -= 1
-            return _api_error(401, "token_expired", MSG_EXPIRED, ctype)
+            expired = self.api_fail_401_code == "token_expired"
+            message = MSG_EXPIRED if expired else MSG_UNAUTHORIZED
+            return _api_error(401, self.api_fail_401_code, message, ctype)
 
         token = _bearer_token(request)
         problem = self._access_error(slug, token, v2=v2)

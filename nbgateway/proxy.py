@@ -134,6 +134,9 @@ _ABSOLUTE_URL = re.compile(r"(?i)https?://([^/?#]*)")
 # A nation URL template whose host is `{slug}.` + a domain (the real one): the domain.
 _SLUG_HOST_TEMPLATE = re.compile(r"(?i)https?://\{slug\}\.([^/:?#@]+)(?::443|:80)?/?")
 _CHUNK = 64 * 1024
+# How much of a 401 body is read for NationBuilder's error code (its bodies are ~100 bytes).
+_PEEK_401 = 4096
+_EXPIRED_CODE = b'"token_expired"'
 # Headers aiohttp's client would add on its own; upstream gets only what the client sent.
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "Content-Type", "User-Agent"})
 # Set on a request whose streamed body failed on the client's side (over
@@ -627,12 +630,13 @@ class Proxy:
             # NationBuilder did not process it: replay once, after the limiter's hold.
             upstream.release()
             upstream = await self._send(request, route, token, body, replay=True)
+        read: tuple[bytes, bool] | None = None
         if upstream.status == 401:
-            upstream, token = await self._after_401(
+            upstream, token, read = await self._after_401(
                 request, route, token, body, replayable, upstream
             )
         try:
-            return await self._respond(request, route, upstream, token)
+            return await self._respond(request, route, upstream, token, read)
         finally:
             upstream.release()
 
@@ -644,13 +648,18 @@ class Proxy:
         body: bytes | AsyncIterator[bytes] | None,
         replayable: bool,
         upstream: aiohttp.ClientResponse,
-    ) -> tuple[aiohttp.ClientResponse, IssuedToken]:
-        """The answer to give after NationBuilder's 401, and the token it was made with."""
+    ) -> tuple[aiohttp.ClientResponse, IssuedToken, tuple[bytes, bool] | None]:
+        """The answer to give after NationBuilder's 401, the token it was made with, and
+        what of its body was read here already (`_read_upto`'s pair), if anything."""
         retries = self._metrics.upstream_401_retries
+        read: tuple[bytes, bool] | None = None
         # A token NationBuilder refused right after a refresh made it: this 401 is about
         # something else (a permission the user lacks), so no refresh, only a newer token
-        # if one exists (see may_cure_401).
+        # if one exists (see may_cure_401); unless NationBuilder says the token expired.
         held = not self._tokens.may_cure_401(route.slug, token.generation, replayable=replayable)
+        if held:
+            read = await self._read_upto(upstream, _PEEK_401)
+            held = _EXPIRED_CODE not in read[0]
         if not replayable:
             # The body is gone; still make sure the next request gets a fresh token.
             if not held:
@@ -658,11 +667,11 @@ class Proxy:
                     await self._tokens.force_refresh(route.slug, token.generation)
                 except Exception:  # noqa: S110 - the client gets the upstream 401 either way
                     pass
-            return upstream, token
+            return upstream, token, read
         if held:
             newer = await self._tokens.newer_token(route.slug, token.generation)
             if newer is None:
-                return upstream, token
+                return upstream, token, read
             fresh = newer
             upstream.release()
         else:
@@ -678,7 +687,7 @@ class Proxy:
             retries.labels(route.slug, "still_unauthorized").inc()
         else:
             retries.labels(route.slug, "recovered").inc()
-        return retried, fresh
+        return retried, fresh, None
 
     # -- the response --------------------------------------------------------------------
 
@@ -770,11 +779,13 @@ class Proxy:
         route: Route,
         upstream: aiohttp.ClientResponse,
         token: IssuedToken,
+        read: tuple[bytes, bool] | None = None,
     ) -> web.StreamResponse:
         """The tool's answer from NationBuilder's, which was made with `token`: hop-by-hop
         headers dropped, links mapped back to the gateway, the token itself wherever
         NationBuilder put it in a header (a Location elsewhere, WWW-Authenticate)
-        replaced by REDACTED, and JSON bodies rewritten (`_rewrite`)."""
+        replaced by REDACTED, and JSON bodies rewritten (`_rewrite`). `read` is the start
+        of the body when it was read already (and whether that is all of it)."""
         headers: CIMultiDict[str] = CIMultiDict()
         connection_listed = _listed(upstream.headers.get("Connection"))
         sent = token.access_token.reveal()
@@ -802,14 +813,16 @@ class Proxy:
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
         length = upstream.content_length
-        head = b""
+        head, complete = read if read is not None else (b"", False)
         if (
             content_type in _JSON_TYPES
             and request.method != "HEAD"
             and encoding in ("identity", "gzip", "deflate")
             and (length is None or length <= _REWRITE_LIMIT)
         ):
-            head, complete = await self._read_upto(upstream, _REWRITE_LIMIT)
+            if not complete:
+                more, complete = await self._read_upto(upstream, _REWRITE_LIMIT - len(head))
+                head += more
             if complete:
                 rewritten = await self._rewrite(request, route, head, encoding) if head else None
                 if rewritten is not None:

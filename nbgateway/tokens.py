@@ -112,10 +112,15 @@ class Backoff:
 
 NeedsReauthListener = Callable[[str, str], None]
 
-# Failures after which NationBuilder may have carried the refresh out (and rotated).
-_ANSWER_LOST = frozenset(
-    {RefreshOutcome.TIMEOUT, RefreshOutcome.NETWORK_ERROR, RefreshOutcome.SERVER_ERROR}
-)
+
+def _answer_lost(exc: OAuthError) -> bool:
+    """Whether NationBuilder may have carried out (and rotated in) the refresh that failed
+    so: no answer (timeout, dropped connection), a server error, or a success it could not
+    be read from; not a 4xx refusal (a 429 or invalid_request did nothing)."""
+    if exc.outcome in (RefreshOutcome.TIMEOUT, RefreshOutcome.NETWORK_ERROR):
+        return True
+    refused = exc.status is not None and 400 <= exc.status < 500
+    return exc.outcome is RefreshOutcome.SERVER_ERROR and not refused
 
 
 class TokenManager:
@@ -183,7 +188,7 @@ class TokenManager:
         seen = self._after_401.get(slug)
         if seen is None or seen[0] != generation:
             return True
-        age = self._clock.now() - seen[1]
+        age = self._clock.monotonic() - seen[1]
         if seen[2]:
             return age >= REFRESH_401_HOLD
         return replayable or age >= MIN_REFRESH_INTERVAL
@@ -192,7 +197,7 @@ class TokenManager:
         """NationBuilder answered 401 to a token of `generation` given out after a 401 (by
         `force_refresh` or `newer_token`): the 401s are about something else, so further
         ones on it cause no refresh for REFRESH_401_HOLD (`may_cure_401`)."""
-        self._after_401[slug] = (generation, self._clock.now(), True)
+        self._after_401[slug] = (generation, self._clock.monotonic(), True)
 
     async def newer_token(self, slug: str, generation: int) -> IssuedToken | None:
         """A valid token of another generation than `generation` that needs no refresh:
@@ -217,7 +222,7 @@ class TokenManager:
         token = await self._single_flight(slug, force=True, stale_generation=stale_generation)
         seen = self._after_401.get(slug)
         if seen is None or seen[0] != token.generation:
-            self._after_401[slug] = (token.generation, self._clock.now(), False)
+            self._after_401[slug] = (token.generation, self._clock.monotonic(), False)
         return token
 
     async def first_exchange(self, slug: str) -> IssuedToken:
@@ -480,7 +485,7 @@ class TokenManager:
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:
-                        lost = exc.outcome in _ANSWER_LOST
+                        lost = _answer_lost(exc)
                         if lost:
                             # NationBuilder may have rotated in a call whose answer was lost.
                             self._unanswered[slug] = (account.refresh_token, self._clock.now())

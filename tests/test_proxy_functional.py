@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from nbgateway.clock import FakeClock
-from nbgateway.fakenb import MSG_EXPIRED, FakeNationBuilder
+from nbgateway.fakenb import MSG_EXPIRED, MSG_UNAUTHORIZED, FakeNationBuilder
 from nbgateway.tokens import MIN_REFRESH_INTERVAL, REFRESH_401_HOLD
 
 MiB = 1024 * 1024
@@ -773,6 +773,7 @@ class TestUpstream401:
         REFRESH_401_HOLD has passed, bodies too large to replay included."""
         acme = await gateway_factory(retry_buffer=10)
         await connect_account(acme, "acme")
+        fake_nb.api_fail_401_code = "unauthorized"
         fake_nb.api_fail_401_times = 1000
         for _ in range(5):
             resp = await acme.client.get("/api/v2/signups/me")
@@ -805,6 +806,7 @@ class TestUpstream401:
         within MIN_REFRESH_INTERVAL refreshes nothing."""
         gw = await gateway_factory(retry_buffer=10)
         await connect_account(gw, "acme")
+        fake_nb.api_fail_401_code = "unauthorized"
         fake_nb.api_fail_401_times = 1000
         for _ in range(3):
             assert (await gw.client.post("/api/_test/echo", data=b"y" * 100)).status == 401
@@ -812,6 +814,38 @@ class TestUpstream401:
         clock.advance(MIN_REFRESH_INTERVAL)
         assert (await gw.client.post("/api/_test/echo", data=b"y" * 100)).status == 401
         assert len(fake_nb.token_requests) == 2
+
+    async def test_token_expired_is_refreshed_even_while_held(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """One tool's forbidden endpoint holds the fresh token; when NationBuilder then
+        expires that token early (401 token_expired), the hold does not apply: the next
+        request refreshes and every tool is served again."""
+        fake_nb.api_fail_401_code = "unauthorized"
+        fake_nb.api_fail_401_times = 2
+        assert (await acme.client.get("/api/v2/signups/me")).status == 401  # held now
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(60)
+        fake_nb.expire_access_tokens("acme")
+        resp = await acme.client.get("/api/v2/signups/me")
+        assert resp.status == 200
+        assert len(fake_nb.token_requests) == 2
+
+    async def test_a_held_401_reaches_the_tool_byte_for_byte(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A 401 passed on under the hold (its body read for NationBuilder's code) still
+        reaches the tool exactly as NationBuilder sent it."""
+        fake_nb.api_fail_401_code = "unauthorized"
+        fake_nb.api_fail_401_times = 3
+        assert (await acme.client.get("/api/v2/signups/me")).status == 401
+        resp = await acme.client.get("/api/v2/signups/me")
+        assert resp.status == 401
+        assert (
+            await resp.read()
+            == json.dumps({"code": "unauthorized", "message": MSG_UNAUTHORIZED}).encode()
+        )
+        assert len(fake_nb.api_requests) == 3
 
     async def test_a_token_refused_again_after_a_cure_is_refreshed_again(
         self, acme: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock

@@ -535,6 +535,28 @@ class TestNeedsReauth:
         assert "got no usable answer" in reason
         assert "invalid_grant" in reason
 
+    @pytest.mark.parametrize("kind", ["rate_limited", "invalid_client"])
+    async def test_a_refusal_is_no_lost_answer(
+        self,
+        kind: str,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A 429 or another 4xx from the token endpoint was an answer that did nothing: a
+        later invalid_grant is not put down to NationBuilder rotating in that call."""
+        await connect_account(gateway, SLUG)
+        fake_nb.fail_token(kind)
+        clock.advance(LIFETIME)
+        assert await fetch(gateway) == 503
+        fake_nb.revoke(SLUG)  # someone else used or revoked the token
+        clock.advance(3600)
+        assert await fetch(gateway) == 401
+        reason = (await gateway.accounts.get(SLUG)).last_error or ""
+        assert "invalid_grant" in reason
+        assert "no usable answer" not in reason
+
     async def test_needs_reauth_survives_a_restart(
         self,
         gateway_factory: GatewayFactory,
