@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,23 @@ from nbgateway.admin.session import LOGIN_FAILURES
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings
 from nbgateway.crypto import Cipher, generate_key
+from nbgateway.errors import StoreError
 from nbgateway.fakenb import FakeNationBuilder
-from nbgateway.models import AccountStatus, EventKind
+from nbgateway.models import AccountStatus, AuditEntry, EventKind, TokenSet
 from nbgateway.proxy import CLIENT_KEY_HEADER
 from nbgateway.redact import Secret
 from nbgateway.store.base import STATES_KEPT
+from nbgateway.store.sqlite import SQLiteStore
+
+
+def token_set(clock: FakeClock, label: str) -> TokenSet:
+    return TokenSet(
+        access_token=Secret(f"access-CANARY-{label}-0123456789"),
+        refresh_token=Secret(f"refresh-CANARY-{label}-0123456789"),
+        expires_at=clock.now() + 3600,
+        scope="default",
+    )
+
 
 # The admin pages' browser fixture (separate cookie stores against the test gateway).
 browsers = test_admin_pages.browsers
@@ -515,3 +527,38 @@ class TestCellsThatAreNotUtf8:
         assert done.returncode == 1, done.stdout + done.stderr
         [problem] = [line for line in done.stderr.splitlines() if line.startswith("problem:")]
         assert f"event {first}" in problem
+
+
+@pytest.mark.parametrize("table", ["events", "audit"])
+async def test_every_sqlite_read_of_a_damaged_table_is_the_stores_error(
+    table: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A table whose pages are garbage: events(), audit(), verify() and dump() each raise
+    the store's "is damaged" error (what the admin pages, the API and the CLI turn into a
+    message), not sqlite3's own."""
+    key = generate_key()
+    path = tmp_path / "gateway.db"
+    entries = [
+        AuditEntry(clock.now(), "tool", "acme", "POST", f"/api/v2/signups/{n}", 201, f"r{n}")
+        for n in range(300)
+    ]
+    async with SQLiteStore(path, Cipher([Secret(key)]), clock) as store:
+        for n in range(300):
+            await store.save_tokens(f"n{n}", token_set(clock, str(n)), EventKind.CONNECTED)
+        await store.record_audit(entries, 0.0)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        root = dict(conn.execute("SELECT name, rootpage FROM sqlite_master"))[table]
+    with path.open("r+b") as f:
+        f.seek((root - 1) * 4096)
+        f.write(b"\xff" * 4096)
+    async with SQLiteStore(path, Cipher([Secret(key)]), clock) as store:
+        reads: dict[str, Callable[[], Awaitable[object]]] = {
+            "events": store.events,
+            "audit": store.audit,
+            "verify": store.verify,
+            "dump": store.dump,
+        }
+        for name in (table, "verify", "dump"):
+            with pytest.raises(StoreError, match="is damaged"):
+                await reads[name]()
