@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
-from conftest import ADMIN_TOKEN, CLIENT_ID, PUBLIC_URL, ConnectAccount, Gateway
+from conftest import ADMIN_TOKEN, CLIENT_ID, PUBLIC_URL, ConnectAccount, Gateway, GatewayFactory
 from yarl import URL
 
 from nbgateway.clock import FakeClock
@@ -158,6 +158,24 @@ class TestAuthentication:
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
         assert_json_api_error(await resp.json(content_type=None), 401, "admin_unauthorized")
         assert await stored_slugs(gateway) == []
+
+    @pytest.mark.parametrize("path", [API, "/connect/api/clients"])
+    async def test_a_body_over_the_limit_is_the_gateways_413(
+        self, gateway_factory: GatewayFactory, admin_headers: dict[str, str], path: str
+    ) -> None:
+        """A JSON body larger than NBGW_MAX_REQUEST_BODY gets the contract's JSON:API 413
+        with X-NBGW-Error, not aiohttp's plain-text one, and nothing is stored."""
+        gw = await gateway_factory(max_request_body=1000)
+        body = json.dumps({"nation": "acme", "name": "tool", "pad": "x" * 5000})
+        resp = await gw.client.post(
+            path, data=body, headers={**admin_headers, "Content-Type": "application/json"}
+        )
+        assert resp.status == 413
+        assert resp.headers["X-NBGW-Error"] == "request_too_large"
+        doc = await resp.json(content_type=None)
+        assert_json_api_error(doc, 413, "request_too_large")
+        assert "NBGW_MAX_REQUEST_BODY (1000 bytes)" in doc["errors"][0]["detail"]
+        assert await stored_slugs(gw) == []
 
     async def test_refusal_does_not_echo_the_presented_token(self, gateway: Gateway) -> None:
         """A wrong token is not repeated back in the 401 answer."""

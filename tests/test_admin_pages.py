@@ -297,6 +297,18 @@ class TestLogin:
             assert status == 401
         assert (await other.login())[0] == 429
 
+    async def test_a_form_over_the_body_limit_gets_the_413_page(
+        self, gateway_factory: GatewayFactory
+    ) -> None:
+        """A login form larger than NBGW_MAX_REQUEST_BODY gets the gateway's 413 page (with
+        X-NBGW-Error), not aiohttp's plain text."""
+        gw = await gateway_factory(max_request_body=1000)
+        resp = await gw.client.post("/connect/login", data={"token": "x" * 5000})
+        assert resp.status == 413
+        assert resp.headers["X-NBGW-Error"] == "request_too_large"
+        assert resp.content_type == "text/html"
+        assert "NBGW_MAX_REQUEST_BODY" in await resp.text()
+
     async def test_a_pasted_token_with_spaces_around_it_logs_in(
         self, browsers: BrowserFactory
     ) -> None:

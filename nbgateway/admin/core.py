@@ -35,7 +35,13 @@ from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
 from nbgateway.clients import is_valid_name
 from nbgateway.config import Settings
-from nbgateway.errors import GatewayError, InvalidRequest, StoreError, store_failure
+from nbgateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    RequestTooLarge,
+    StoreError,
+    store_failure,
+)
 from nbgateway.middleware import error_response, router_error
 from nbgateway.models import AccountInfo, AccountStatus, is_valid_slug
 
@@ -337,9 +343,18 @@ async def read_form(request: web.Request) -> dict[str, str]:
         raise InvalidRequest(usage)
     try:
         form = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request) from None
     except (ValueError, LookupError, RuntimeError, HttpProcessingError, RequestPayloadError):
         raise InvalidRequest(usage) from None
     return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def _too_large(request: web.Request) -> RequestTooLarge:
+    """aiohttp's own 413 (plain text) as the gateway's error: a page, or the API's JSON."""
+    return RequestTooLarge(
+        f"the request body exceeds NBGW_MAX_REQUEST_BODY ({request.client_max_size} bytes)"
+    )
 
 
 async def read_json(request: web.Request, usage: str) -> Any:
@@ -349,6 +364,8 @@ async def read_json(request: web.Request, usage: str) -> Any:
         raise InvalidRequest(f"{usage}, uncompressed")
     try:
         return await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request) from None
     except (ValueError, LookupError, RecursionError, RequestPayloadError):
         # RecursionError: nested deeper than Python's parser goes ([[[[...]]]]).
         raise InvalidRequest(usage) from None
