@@ -356,6 +356,20 @@ class TokenManager:
             return self.margin
         return min(self.margin, (expires_at - issued_at) / 2)
 
+    def _due(self, expires_at: float, issued_at: float | None, lead: float) -> bool:
+        """Whether the background refresher should renew a token now: it expires within
+        its effective margin + `lead` (the loop's own pace), but never while more than half
+        its lifetime is left, nor within MIN_REFRESH_INTERVAL of its issue while valid: a
+        token living shorter than margin + lead would otherwise be due as soon as it is
+        issued, and every process would rotate it again."""
+        now = self._clock.now()
+        if issued_at is not None and now - issued_at < MIN_REFRESH_INTERVAL and expires_at > now:
+            return False
+        threshold = self.effective_margin(expires_at, issued_at) + lead
+        if issued_at is not None and issued_at < expires_at:
+            threshold = min(threshold, (expires_at - issued_at) / 2)
+        return expires_at - now <= threshold
+
     def _usable(self, account: Account, threshold: float | None) -> bool:
         """A valid token for longer than `threshold` seconds (None: the effective margin)."""
         if (
@@ -695,11 +709,7 @@ class TokenManager:
         tokens = pending.tokens
         if tokens is None:
             return True  # no usable access token: only a refresh yields one
-        now = self._clock.now()
-        if now - pending.issued_at < MIN_REFRESH_INTERVAL and tokens.expires_at > now:
-            return False
-        margin = self.effective_margin(tokens.expires_at, pending.issued_at)
-        return tokens.expires_at - now <= margin + lead
+        return self._due(tokens.expires_at, pending.issued_at, lead)
 
     async def _call_token_endpoint(self, slug: str, refresh_token: Secret) -> TokenSet:
         """One refresh call, measured: in-flight gauge, duration and outcome."""
@@ -805,10 +815,7 @@ class TokenManager:
                 # The row is stale: the pair held in memory is the one that counts.
                 if not self._held_due(held, lead):
                     continue
-            elif (
-                info.expires_at - now
-                > self.effective_margin(info.expires_at, info.last_refresh_at) + lead
-            ):
+            elif not self._due(info.expires_at, info.last_refresh_at, lead):
                 continue
             state = self._backoff.get(info.slug)
             if state is not None and state.next_attempt_at > now:

@@ -885,6 +885,34 @@ class TestBackgroundRefresher:
         assert gateway.metric(EXPIRY, account=SLUG) == clock.now() + LIFETIME
         assert (await gateway.accounts.get(SLUG)).last_refresh_at == clock.now()
 
+    async def test_short_lived_tokens_are_rotated_once_per_half_life_by_any_number_of_processes(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: Callable[..., Settings],
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """Tokens living 90 s with a 30 s margin and the loop's 60 s lead: a token is due at
+        half its life, not as soon as it is issued, so two processes sweeping one after the
+        other rotate it once (it was twice, 0.2 s apart, then again every 30 s)."""
+        fake_nb.access_token_lifetime = 90
+        shared = settings_factory(refresh_margin=30)
+        first, second = await gateway_factory(shared), await gateway_factory(shared)
+        await connect_account(first, SLUG)
+        await second.tokens.sync(force=True)
+        assert await first.tokens.refresh_due(lead=60) == []  # just issued
+        clock.advance(44)
+        assert await first.tokens.refresh_due(lead=60) == []
+        clock.advance(2)  # 44 s left: past half its life
+        assert await first.tokens.refresh_due(lead=60) == [SLUG]
+        assert await second.tokens.refresh_due(lead=60) == []  # the new pair is not due
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(46)
+        assert await second.tokens.refresh_due(lead=60) == [SLUG]
+        assert await first.tokens.refresh_due(lead=60) == []
+        assert len(fake_nb.token_requests) == 2
+
     async def test_refresh_due_skips_accounts_needing_reauth(
         self,
         gateway: Gateway,
