@@ -65,6 +65,8 @@ CATCH_UP_RETRY = 1.0
 _UNKNOWN_KEY = "the client key presented is not registered (or was removed)"
 # Audit entries waiting to be written; beyond this (a long store outage) the oldest go.
 _AUDIT_BUFFER = 10_000
+# At shutdown, how often the last entries are offered to a store that refuses them.
+_CLOSE_RETRY = 0.5
 
 
 class ClientAuth(StrEnum):
@@ -195,6 +197,7 @@ class ClientRegistry:
         self._catch_up_started = float("-inf")
         self._catch_up_failed = float("-inf")
         self._audit: list[AuditEntry] = []
+        self._dropped = 0  # entries the full buffer dropped since the store last took any
 
     # -- the request path ----------------------------------------------------------------
 
@@ -324,7 +327,13 @@ class ClientRegistry:
         `flush` writes it, never the request path."""
         if len(self._audit) >= _AUDIT_BUFFER:
             del self._audit[: len(self._audit) - _AUDIT_BUFFER + 1]
-            log.warning("audit buffer full; dropping the oldest entry")
+            if not self._dropped:  # once per outage; the count comes when it ends
+                log.error(
+                    "audit buffer full while the store cannot be written; dropping the "
+                    "oldest entries",
+                    extra={"buffer": _AUDIT_BUFFER},
+                )
+            self._dropped += 1
         self._audit.append(
             AuditEntry(
                 at=self._clock.now(),
@@ -383,10 +392,36 @@ class ClientRegistry:
             if used:
                 await self._store.touch_clients(used)
         except StoreError as exc:
-            log.warning("could not write the audit trail; retrying", extra={"error": str(exc)})
+            log.warning(
+                "could not write the audit trail; retrying",
+                extra={"error": str(exc), "queued": len(entries) + len(self._audit)},
+            )
             self._audit[:0] = entries
             for key_id, at in used.items():
                 self._used.setdefault(key_id, at)
+            return
+        if self._dropped:
+            log.error(
+                "audit entries were lost while the store could not be written",
+                extra={"entries": self._dropped},
+            )
+            self._dropped = 0
+
+    async def close(self, grace: float) -> None:
+        """The last flush, at shutdown: offered again for up to `grace` seconds while
+        the store refuses (it may be back within the grace); what is still queued then is
+        lost with this process, and an error says how many."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.flush(force=True)
+        while self._audit and loop.time() < deadline:
+            await asyncio.sleep(_CLOSE_RETRY)
+            await self.flush(force=True)
+        if self._audit:
+            log.error(
+                "audit entries lost at shutdown: the store could not take them",
+                extra={"entries": len(self._audit) + self._dropped},
+            )
 
     async def run(self, interval: float = 1.0) -> None:
         """Background loop: follow the store's keys and write the bookkeeping."""

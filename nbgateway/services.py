@@ -114,7 +114,7 @@ async def open_services(
             finally:
                 # Refreshes in flight finish while the session and the store are still open.
                 await tokens.close(settings.token_timeout + CLOSE_GRACE)
-                await clients.flush(force=True)  # what is still queued
+                await clients.close(CLOSE_GRACE)  # what is still queued
         finally:
             if session is None:
                 await http.close()

@@ -377,6 +377,53 @@ def new_registry(store: TokenStore, clock: FakeClock) -> ClientRegistry:
     )
 
 
+class TestAuditAtShutdown:
+    """What is queued when the process stops, while the store refuses writes."""
+
+    @staticmethod
+    def refusing(store: TokenStore, times: int) -> list[int]:
+        """Make `store.record_audit` fail `times` times, then work; returns the calls."""
+        calls: list[int] = []
+        real = store.record_audit
+
+        async def record_audit(entries: Any, keep_after: float) -> None:
+            calls.append(len(entries))
+            if len(calls) <= times:
+                raise StoreUnavailable("database gone away")
+            await real(entries, keep_after)
+
+        store.record_audit = record_audit  # type: ignore[method-assign]
+        return calls
+
+    async def test_entries_are_written_when_the_store_is_back_within_the_grace(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """The store refuses the last flush twice, then takes it: nothing is lost."""
+        async with SQLiteStore(tmp_path / "g.db", Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            for n in range(40):
+                reg.record(None, "acme", "POST", f"/api/v2/signups/{n}", 201, f"r{n}")
+            calls = self.refusing(store, 2)
+            await reg.close(grace=5.0)
+            assert calls == [40, 40, 40]
+            assert len(await store.audit(limit=100)) == 40
+
+    async def test_entries_the_store_never_takes_are_counted_as_lost(
+        self, tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A store down for the whole grace: close returns after it, and an error says how
+        many entries are lost (it was one "retrying" warning, then silence)."""
+        async with SQLiteStore(tmp_path / "g.db", Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            for n in range(40):
+                reg.record(None, "acme", "POST", f"/api/v2/signups/{n}", 201, f"r{n}")
+            self.refusing(store, 1000)
+            with caplog.at_level(logging.ERROR, logger="nbgateway.clients"):
+                await reg.close(grace=0.6)
+            [lost] = [r for r in caplog.records if "lost at shutdown" in r.getMessage()]
+            assert lost.entries == 40  # type: ignore[attr-defined]
+
+
 class TestRemovalRaces:
     """A removal that has committed is never outrun (SQLite), whatever else is in flight."""
 
