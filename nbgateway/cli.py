@@ -708,6 +708,13 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         else:
             print(f"error: {redactor.scrub(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`nbgateway audit | head`): no traceback, and none at exit
+        # when Python flushes stdout (the Python documentation's recipe for SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         if args.command in ("serve", "demo"):
             return EXIT_OK  # Ctrl-C is how a foreground server is stopped

@@ -47,7 +47,7 @@ from procs import (
 )
 
 from nbgateway.cli import main
-from nbgateway.clock import FakeClock
+from nbgateway.clock import FakeClock, SystemClock
 from nbgateway.config import REQUIRED_FOR_SERVE, Settings
 from nbgateway.crypto import Cipher, generate_key, validate_key
 from nbgateway.demo import instructions
@@ -55,6 +55,7 @@ from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import Account, EventKind
 from nbgateway.preflight import START_WAIT, Report, wait_for_database
 from nbgateway.redact import Secret
+from nbgateway.store import SQLiteStore
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "nbgateway"
 
@@ -1496,3 +1497,32 @@ def test_sigterm_ends_the_wait_for_a_locked_sqlite_database_promptly(tmp_path: P
     finally:
         holder.close()
         processes.stop_all()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(env: dict[str, str]) -> None:
+    """`nbgateway accounts list | head -1`: the listing is longer than the pipe holds, the
+    reader closes it after one line; the command stops quietly (exit 1, no traceback),
+    also at exit when Python flushes what is left."""
+
+    async def fill() -> None:
+        key = env["NBGW_ENCRYPTION_KEY"]
+        async with SQLiteStore(
+            Path(env["NBGW_DATABASE"]), Cipher([Secret(key)]), SystemClock()
+        ) as store:
+            for n in range(1500):
+                await store.import_refresh_token(f"nation-{n:04d}", Secret(f"nbfake-rt-{n}"))
+
+    asyncio.run(fill())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbgateway", "accounts", "list"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
