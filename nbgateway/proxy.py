@@ -656,10 +656,18 @@ class Proxy:
         # A token NationBuilder refused right after a refresh made it: this 401 is about
         # something else (a permission the user lacks), so no refresh, only a newer token
         # if one exists (see may_cure_401); unless NationBuilder says the token expired.
-        held = not self._tokens.may_cure_401(route.slug, token.generation, replayable=replayable)
+        slug, generation = route.slug, token.generation
+        held = not self._tokens.may_cure_401(slug, generation, replayable=replayable)
         if held:
-            read = await self._read_upto(upstream, _PEEK_401)
-            held = _EXPIRED_CODE not in read[0]
+            try:
+                read = await self._read_upto(upstream, _PEEK_401)
+            except BaseException:
+                upstream.release()
+                raise
+            if self._says_expired(upstream, read[0]):
+                held = not self._tokens.may_cure_401(
+                    slug, generation, replayable=replayable, expired=True
+                )
         if not replayable:
             # The body is gone; still make sure the next request gets a fresh token.
             if not held:
@@ -688,6 +696,15 @@ class Proxy:
         else:
             retries.labels(route.slug, "recovered").inc()
         return retried, fresh, None
+
+    @staticmethod
+    def _says_expired(upstream: aiohttp.ClientResponse, head: bytes) -> bool:
+        """Whether a 401's body (its first bytes, as sent: perhaps gzip or deflate) carries
+        NationBuilder's `token_expired` code."""
+        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("gzip", "deflate"):
+            head = inflate(head, _PEEK_401) or b""
+        return _EXPIRED_CODE in head
 
     # -- the response --------------------------------------------------------------------
 

@@ -179,18 +179,22 @@ class TokenManager:
             return cached
         return await self._single_flight(slug, force=False, stale_generation=None)
 
-    def may_cure_401(self, slug: str, generation: int, *, replayable: bool = True) -> bool:
+    def may_cure_401(
+        self, slug: str, generation: int, *, replayable: bool = True, expired: bool = False
+    ) -> bool:
         """Whether NationBuilder's 401 on a token of `generation` may be answered with a
         refresh (else only `newer_token`): not within REFRESH_401_HOLD of `refused_fresh`
-        for that generation, nor, for a request that cannot be replayed (nothing would
-        show whether the refresh cured it), within MIN_REFRESH_INTERVAL of the refresh
-        after a 401 that made it. No await: the hot path."""
+        for that generation (MIN_REFRESH_INTERVAL when NationBuilder says the token
+        `expired`: that a refresh can cure, but one answering so to every token must not
+        rotate the pair on every request), nor, for a request that cannot be replayed
+        (nothing would show whether the refresh cured it), within MIN_REFRESH_INTERVAL of
+        the refresh after a 401 that made it. No await: the hot path."""
         seen = self._after_401.get(slug)
         if seen is None or seen[0] != generation:
             return True
         age = self._clock.monotonic() - seen[1]
         if seen[2]:
-            return age >= REFRESH_401_HOLD
+            return age >= (MIN_REFRESH_INTERVAL if expired else REFRESH_401_HOLD)
         return replayable or age >= MIN_REFRESH_INTERVAL
 
     def refused_fresh(self, slug: str, generation: int) -> None:

@@ -831,6 +831,39 @@ class TestUpstream401:
         assert resp.status == 200
         assert len(fake_nb.token_requests) == 2
 
+    async def test_token_expired_for_every_token_rotates_at_most_every_30_s(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """NationBuilder answering token_expired to every token, fresh ones too (its clock
+        ahead, its own bug): one refresh, then none for MIN_REFRESH_INTERVAL however many
+        requests come (it was one rotation per request), then one more."""
+        fake_nb.api_fail_401_times = 1000
+        for _ in range(20):
+            assert (await acme.client.get("/api/v2/signups/me")).status == 401
+            clock.advance(1)
+        assert len(fake_nb.token_requests) == 1
+        clock.advance(MIN_REFRESH_INTERVAL)
+        assert (await acme.client.get("/api/v2/signups/me")).status == 401
+        assert len(fake_nb.token_requests) == 2
+
+    async def test_a_compressed_token_expired_is_read_too(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
+    ) -> None:
+        """The held 401's code is found in a gzip-encoded body as well."""
+        fake_nb.api_fail_401_code = "unauthorized"
+        fake_nb.api_fail_401_times = 2
+        assert (await acme.client.get("/api/v2/signups/me")).status == 401  # held now
+        body = gzip.compress(json.dumps({"code": "token_expired", "message": "x"}).encode())
+        fake_nb.set_canned(
+            status=401,
+            headers=[("Content-Type", "application/json"), ("Content-Encoding", "gzip")],
+            body=body,
+        )
+        clock.advance(MIN_REFRESH_INTERVAL)
+        resp = await acme.client.get("/api/_test/canned", headers={"Accept-Encoding": "gzip"})
+        assert resp.status == 401
+        assert len(fake_nb.token_requests) == 2  # refreshed for it, and retried
+
     async def test_a_held_401_reaches_the_tool_byte_for_byte(
         self, acme: Gateway, fake_nb: FakeNationBuilder
     ) -> None:
