@@ -78,24 +78,28 @@ async def require_bearer(request: web.Request) -> None:
     )
     if not header:
         raise unauthorized  # a request without credentials guesses nothing
+    scheme, _, value = header.partition(" ")
     try:
-        wait = await throttle.attempt(client, now)  # counted before the check is made
+        # Counted before the token is compared: racing guesses count each other.
+        verdict = await throttle.check(
+            client,
+            now,
+            lambda: scheme.lower() == "bearer" and admin_token_matches(request, value.strip()),
+        )
     except StoreError as exc:
         log.error(
             "admin API refused: the throttle cannot be read from the store",
             extra={"peer": client, "error": str(exc)},
         )
         raise store_failure(exc) from None
-    if wait is not None:
+    if verdict.wait is not None:
         raise TooManyAttempts(
-            f"too many wrong admin tokens from this address; try again in {wait} s",
-            headers={"Retry-After": str(wait)},
+            f"too many wrong admin tokens from this address; try again in {verdict.wait} s",
+            headers={"Retry-After": str(verdict.wait)},
         )
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not admin_token_matches(request, value.strip()):
+    if not verdict.right:
         log.warning("admin API refused: wrong admin token", extra={"peer": client})
         raise unauthorized
-    await throttle.matched(client, now)
 
 
 def _json(data: object, status: int = 200) -> web.Response:

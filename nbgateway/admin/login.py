@@ -20,6 +20,7 @@ from aiohttp import web
 
 from nbgateway import admin_api, keys
 from nbgateway.admin.core import SESSION_COOKIE, SESSION_TTL, AdminCore, read_form
+from nbgateway.admin.session import Verdict
 from nbgateway.admin.views import span
 from nbgateway.errors import StoreError
 
@@ -72,10 +73,20 @@ class LoginPages:
                 error="Enter the admin token (NBGW_ADMIN_TOKEN).",
             )
         # Counted before the token is checked: racing guesses count each other.
-        refused = await self._throttled(request, client, throttle.attempt(client, now))
+        verdict: Verdict | None = None
+
+        async def check() -> int | None:
+            nonlocal verdict
+            verdict = await throttle.check(
+                client, now, lambda: admin_api.admin_token_matches(request, token.strip())
+            )
+            return verdict.wait
+
+        refused = await self._throttled(request, client, check())
         if refused is not None:
             return refused
-        if not admin_api.admin_token_matches(request, token.strip()):
+        assert verdict is not None
+        if not verdict.right:
             log.warning("admin login failed: wrong token", extra={"peer": client})
             return await core.render(
                 request,
@@ -84,7 +95,6 @@ class LoginPages:
                 status=401,
                 error="That is not the admin token (NBGW_ADMIN_TOKEN). Check it and try again.",
             )
-        await throttle.matched(client, now)
         session = core.signer.session(secrets.token_urlsafe(18), int(now) + SESSION_TTL)
         response = core.redirect(core.base)
         core.cookie(response, SESSION_COOKIE, core.signer.session_cookie(session), SESSION_TTL)

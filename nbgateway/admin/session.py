@@ -17,13 +17,16 @@ Nothing here knows about HTTP routes or templates.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import math
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +142,15 @@ class _MemoryFailures:
         return True
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of `LoginThrottle.check`: the token was right, or not; `wait` is set
+    when it was not checked at all (over the limit: the seconds until the next try)."""
+
+    right: bool
+    wait: int | None
+
+
 class LoginThrottle:
     """Wrong-token attempts per client address within a sliding window, counted in the
     store: every process sharing the database sees the same count.
@@ -159,6 +171,8 @@ class LoginThrottle:
         self.window = window
         self._store = store
         self._unstored = _MemoryFailures(window)
+        # Per address checking right now: its lock and how many checks hold or await it.
+        self._serial: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def retry_after(self, client: str, now: float) -> int | None:
         """Seconds until `client` may try again, or None when it may try now."""
@@ -170,9 +184,39 @@ class LoginThrottle:
         # once fewer than `limit` remain in the window.
         return max(1, math.ceil(failures[-self.limit] + self.window - now))
 
+    async def check(self, client: str, now: float, right: Callable[[], bool]) -> Verdict:
+        """One token check by `client`: counted first (`attempt`), made (`right()`) only
+        within the limit, its count taken back when right (`matched`). This process makes
+        one check per address at a time, so a tool's parallel calls with the right token
+        are not counted together as if they were guesses; checks in other processes at the
+        same moment still count together (guesses never get more than `limit`)."""
+        async with self._one_at_a_time(client):
+            wait = await self.attempt(client, now)
+            if wait is not None:
+                return Verdict(right=False, wait=wait)
+            if not right():
+                return Verdict(right=False, wait=None)
+            await self.matched(client, now)
+            return Verdict(right=True, wait=None)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, client: str) -> AsyncIterator[None]:
+        lock, users = self._serial.get(client, (asyncio.Lock(), 0))
+        self._serial[client] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._serial[client]
+            if users == 1:
+                del self._serial[client]  # bounded by the addresses checking right now
+            else:
+                self._serial[client] = (lock, users - 1)
+
     async def attempt(self, client: str, now: float) -> int | None:
         """Count one token check by `client` before it is made: None when it may be made,
-        else the seconds to wait (the count is taken back: the token is not checked)."""
+        else the seconds to wait (the count is taken back: the token is not checked).
+        StoreError when the count cannot be read (the attempt is taken back first)."""
         try:
             await self._store.record_login_failure(client, now, now - self.window)
         except StoreError as exc:
@@ -181,7 +225,11 @@ class LoginThrottle:
                 extra={"peer": client, "error": str(exc)},
             )
             self._unstored.add(client, now)
-        stored = await self._store.login_failures(client, now - self.window)
+        try:
+            stored = await self._store.login_failures(client, now - self.window)
+        except StoreError:
+            await self.matched(client, now)  # not checked, so not counted
+            raise
         failures = sorted([*stored, *self._unstored.recent(client, now)])
         if len(failures) <= self.limit:
             return None
