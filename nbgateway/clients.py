@@ -21,6 +21,7 @@ It knows nothing of HTTP: the proxy extracts the presented key and passes it in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -389,17 +390,24 @@ class ClientRegistry:
         try:
             if entries:
                 await self._store.record_audit(entries, self._clock.now() - self._retention)
-            if used:
-                await self._store.touch_clients(used)
         except StoreError as exc:
             log.warning(
                 "could not write the audit trail; retrying",
                 extra={"error": str(exc), "queued": len(entries) + len(self._audit)},
             )
             self._audit[:0] = entries
-            for key_id, at in used.items():
-                self._used.setdefault(key_id, at)
+            self._keep_used(used)
             return
+        except BaseException:  # cancelled (the shutdown grace ran out): still queued
+            self._audit[:0] = entries
+            self._keep_used(used)
+            raise
+        try:
+            if used:
+                await self._store.touch_clients(used)
+        except StoreError as exc:  # the entries are written: only the times wait
+            log.warning("could not write the keys' last use; retrying", extra={"error": str(exc)})
+            self._keep_used(used)
         if self._dropped:
             log.error(
                 "audit entries were lost while the store could not be written",
@@ -407,16 +415,21 @@ class ClientRegistry:
             )
             self._dropped = 0
 
+    def _keep_used(self, used: dict[str, float]) -> None:
+        for key_id, at in used.items():
+            self._used.setdefault(key_id, at)
+
     async def close(self, grace: float) -> None:
-        """The last flush, at shutdown: offered again for up to `grace` seconds while
-        the store refuses (it may be back within the grace); what is still queued then is
-        lost with this process, and an error says how many."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        await self.flush(force=True)
-        while self._audit and loop.time() < deadline:
-            await asyncio.sleep(_CLOSE_RETRY)
-            await self.flush(force=True)
+        """The last flush, at shutdown: offered again while the store refuses (it may be
+        back within the grace), `grace` seconds at most in all (a write that hangs is cut
+        off); what is still queued then is lost with this process, and an error says how
+        many."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.flush(force=True)
+                while self._audit:
+                    await asyncio.sleep(_CLOSE_RETRY)
+                    await self.flush(force=True)
         if self._audit:
             log.error(
                 "audit entries lost at shutdown: the store could not take them",

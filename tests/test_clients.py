@@ -423,6 +423,52 @@ class TestAuditAtShutdown:
             [lost] = [r for r in caplog.records if "lost at shutdown" in r.getMessage()]
             assert lost.entries == 40  # type: ignore[attr-defined]
 
+    async def test_a_write_that_hangs_is_cut_off_at_the_grace(
+        self, tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A store whose write hangs (PostgreSQL unreachable, up to its command timeout):
+        close returns at the grace, and the entries still queued are counted as lost."""
+        async with SQLiteStore(tmp_path / "g.db", Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            for n in range(40):
+                reg.record(None, "acme", "POST", f"/api/v2/signups/{n}", 201, f"r{n}")
+
+            async def hang(entries: Any, keep_after: float) -> None:
+                await asyncio.sleep(30)
+
+            store.record_audit = hang  # type: ignore[method-assign]
+            started = asyncio.get_running_loop().time()
+            with caplog.at_level(logging.ERROR, logger="nbgateway.clients"):
+                await reg.close(grace=0.5)
+            assert asyncio.get_running_loop().time() - started < 5
+            [lost] = [r for r in caplog.records if "lost at shutdown" in r.getMessage()]
+            assert lost.entries == 40  # type: ignore[attr-defined]
+
+    async def test_a_failed_last_use_write_does_not_write_the_entries_twice(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """The audit entries are written, the keys' last-use times are not: the entries are
+        not queued again (they were, and written twice), the times are."""
+        async with SQLiteStore(tmp_path / "g.db", Cipher([Secret(generate_key())]), clock) as store:
+            reg = new_registry(store, clock)
+            _, key = await reg.add("tool")
+            assert await accepted(reg, key)  # a use, to be written
+            reg.record(None, "acme", "POST", "/api/v2/signups", 201, "r1")
+            real = store.touch_clients
+            failures = [StoreUnavailable("database gone away")]
+
+            async def touch(used: Any) -> None:
+                if failures:
+                    raise failures.pop()
+                await real(used)
+
+            store.touch_clients = touch  # type: ignore[method-assign]
+            await reg.flush(force=True)
+            await reg.flush(force=True)
+            assert [e.request_id for e in await store.audit()] == ["r1"]
+            [record] = await store.list_clients()
+            assert record.info.last_used_at is not None
+
 
 class TestRemovalRaces:
     """A removal that has committed is never outrun (SQLite), whatever else is in flight."""
