@@ -9,8 +9,11 @@
   committed before the access token is handed out.
 - invalid_grant: if the stored refresh token is still the one that failed, the account is
   marked needs_reauth and the token endpoint is not called for it again until it changes.
-- Transient failures back off (exponential, jittered, bounded); a still-valid access token
-  keeps being used meanwhile.
+- Transient failures back off (exponential, jittered, bounded, at least the token
+  endpoint's Retry-After); a still-valid access token keeps being used meanwhile.
+- After an upstream 401: a newer token (`force_refresh`), but no second refresh for a
+  token NationBuilder refused right after a refresh made it (`may_cure_401`: a 401 about a
+  permission must not rotate the pair on every request).
 - `sync()` notices changes made by other processes (PRAGMA data_version) and reconciles the
   cache and the per-account gauges; `run()` is the background refresher.
 """

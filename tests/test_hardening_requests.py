@@ -666,7 +666,7 @@ class TestAdminTokenThrottle:
         for n in range(LOGIN_FAILURES - 1):  # another address: four wrong, then the right one
             assert await first.attempt("192.0.2.3", now + n) is None
         assert await second.attempt("192.0.2.3", now + 10) is None
-        await second.matched("192.0.2.3", now + 10)
+        await second.take_back("192.0.2.3", now + 10)
         assert await first.attempt("192.0.2.3", now + 11) is None  # the fifth check
         assert await first.attempt("192.0.2.3", now + 12) is not None
 

@@ -157,7 +157,7 @@ class LoginThrottle:
 
     A token check is counted before it is made (`attempt`): racing guesses, in this
     process or another, each see the others, so at most `limit` are checked per window
-    however many arrive at once. A right token takes its own count back (`matched`); the
+    however many arrive at once. A right token takes its own count back (`take_back`); the
     wrong ones before it still count until they age out, so a tool that also knows the
     token does not reset a guesser's count. `retry_after` and `attempt` raise StoreError
     when the store cannot be read (the caller refuses: fail closed). An attempt the store
@@ -186,7 +186,7 @@ class LoginThrottle:
 
     async def check(self, client: str, now: float, right: Callable[[], bool]) -> Verdict:
         """One token check by `client`: counted first (`attempt`), made (`right()`) only
-        within the limit, its count taken back when right (`matched`). This process makes
+        within the limit, its count taken back when right (`take_back`). This process makes
         one check per address at a time, so a tool's parallel calls with the right token
         are not counted together as if they were guesses; checks in other processes at the
         same moment still count together (guesses never get more than `limit`)."""
@@ -196,7 +196,7 @@ class LoginThrottle:
                 return Verdict(right=False, wait=wait)
             if not right():
                 return Verdict(right=False, wait=None)
-            await self.matched(client, now)
+            await self.take_back(client, now)
             return Verdict(right=True, wait=None)
 
     @contextlib.asynccontextmanager
@@ -228,25 +228,25 @@ class LoginThrottle:
         try:
             stored = await self._store.login_failures(client, now - self.window)
         except StoreError:
-            await self.matched(client, now)  # not checked, so not counted
+            await self.take_back(client, now)  # not checked, so not counted
             raise
         failures = sorted([*stored, *self._unstored.recent(client, now)])
         if len(failures) <= self.limit:
             return None
-        await self.matched(client, now)  # not checked, so not counted
+        await self.take_back(client, now)  # not checked, so not counted
         failures.remove(now)
         return max(1, math.ceil(failures[-self.limit] + self.window - now))
 
-    async def matched(self, client: str, now: float) -> None:
-        """The check `attempt` counted at `now` found the right token: take its count back
-        (best effort: otherwise it ages out of the window)."""
+    async def take_back(self, client: str, now: float) -> None:
+        """Take back the count `attempt` made at `now`: the token was right, or it was not
+        checked (best effort: otherwise it ages out of the window)."""
         if self._unstored.take_back(client, now):
             return
         try:
             await self._store.forget_login_failure(client, now)
         except StoreError as exc:
             log.warning(
-                "a right admin token stays counted as an attempt: the store cannot be written",
+                "an admin token attempt stays counted: the store cannot be written",
                 extra={"peer": client, "error": str(exc)},
             )
 
