@@ -198,6 +198,7 @@ class ClientRegistry:
         self._catch_up_started = float("-inf")
         self._catch_up_failed = float("-inf")
         self._audit: list[AuditEntry] = []
+        self._scrubbed = 0  # how many of the first queued entries were scrubbed already
         self._dropped = 0  # entries the full buffer dropped since the store last took any
 
     # -- the request path ----------------------------------------------------------------
@@ -327,7 +328,9 @@ class ClientRegistry:
         keys; the proxy calls it for those only).
         `flush` writes it, never the request path."""
         if len(self._audit) >= _AUDIT_BUFFER:
-            del self._audit[: len(self._audit) - _AUDIT_BUFFER + 1]
+            dropped = len(self._audit) - _AUDIT_BUFFER + 1
+            del self._audit[:dropped]
+            self._scrubbed = max(0, self._scrubbed - dropped)
             if not self._dropped:  # once per outage; the count comes when it ends
                 log.error(
                     "audit buffer full while the store cannot be written; dropping the "
@@ -374,14 +377,16 @@ class ClientRegistry:
         """Write queued audit entries, and last-use times at most once a minute (each write
         moves the store's change counter, which makes every process reload); what cannot be
         written is kept for the next try."""
-        entries, self._audit = self._audit, []
+        queued, self._audit = self._audit, []
         scrub = self._redactor.scrub
         # Path and request id come from the tool: scrubbed as in the access log, here
-        # off the request path (a secret a tool put in them is not kept for 90 days).
-        entries = [
+        # off the request path (a secret a tool put in them is not kept for 90 days);
+        # entries put back after a failed write were scrubbed already.
+        entries = queued[: self._scrubbed] + [
             replace(entry, path=scrub(entry.path), request_id=scrub(entry.request_id))
-            for entry in entries
+            for entry in queued[self._scrubbed :]
         ]
+        self._scrubbed = 0
         used: dict[str, float] = {}
         now = self._clock.monotonic()
         if force or now - self._used_written >= LAST_USED_INTERVAL:
@@ -396,10 +401,12 @@ class ClientRegistry:
                 extra={"error": str(exc), "queued": len(entries) + len(self._audit)},
             )
             self._audit[:0] = entries
+            self._scrubbed = len(entries)
             self._keep_used(used)
             return
         except BaseException:  # cancelled (the shutdown grace ran out): still queued
             self._audit[:0] = entries
+            self._scrubbed = len(entries)
             self._keep_used(used)
             raise
         try:

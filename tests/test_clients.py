@@ -408,6 +408,40 @@ class TestAuditAtShutdown:
             assert calls == [40, 40, 40]
             assert len(await store.audit(limit=100)) == 40
 
+    async def test_entries_put_back_are_not_scrubbed_again(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        """During an outage the queue is offered every second: each entry's path and
+        request id are scrubbed once, not again at every try (10,000 entries would cost the
+        event loop 20,000 scrubs a second)."""
+        async with SQLiteStore(tmp_path / "g.db", Cipher([Secret(generate_key())]), clock) as store:
+            redactor = Redactor()
+            reg = ClientRegistry(
+                store,
+                clock,
+                Metrics(),
+                mode=ClientAuth.REQUIRED,
+                audit_retention=86400.0,
+                redactor=redactor,
+            )
+            scrubbed: list[str] = []
+            real = redactor.scrub
+
+            def counting(text: str) -> str:
+                scrubbed.append(text)
+                return real(text)
+
+            redactor.scrub = counting  # type: ignore[method-assign]
+            for n in range(10):
+                reg.record(None, "acme", "POST", f"/api/v2/signups/{n}", 201, f"r{n}")
+            self.refusing(store, 2)
+            await reg.flush()
+            await reg.flush()
+            reg.record(None, "acme", "POST", "/api/v2/signups/new", 201, "r-new")
+            await reg.flush()
+            assert len(scrubbed) == 2 * 11
+            assert len(await store.audit(limit=100)) == 11
+
     async def test_entries_the_store_never_takes_are_counted_as_lost(
         self, tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
     ) -> None:
