@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -35,6 +36,8 @@ from nbgateway.errors import (
     token_error,
 )
 from nbgateway.store import ClientExists
+
+T = TypeVar("T")
 
 log = logging.getLogger("nbgateway.admin")
 
@@ -58,19 +61,7 @@ async def require_bearer(request: web.Request) -> None:
     throttle = request.config_dict[keys.ADMIN_THROTTLE]
     now = request.config_dict[keys.CLOCK].now()
     client = request.remote or "unknown"
-    try:
-        wait = await throttle.retry_after(client, now)
-    except StoreError as exc:
-        log.error(
-            "admin API refused: the throttle cannot be read from the store",
-            extra={"peer": client, "error": str(exc)},
-        )
-        raise store_failure(exc) from None
-    if wait is not None:
-        raise TooManyAttempts(
-            f"too many wrong admin tokens from this address; try again in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
+    _refuse_while_locked(await _throttle_said(client, throttle.retry_after(client, now)))
     header = request.headers.get("Authorization", "")
     unauthorized = AdminUnauthorized(
         "send Authorization: Bearer <NBGW_ADMIN_TOKEN>",
@@ -79,27 +70,39 @@ async def require_bearer(request: web.Request) -> None:
     if not header:
         raise unauthorized  # a request without credentials guesses nothing
     scheme, _, value = header.partition(" ")
-    try:
-        # Counted before the token is compared: racing guesses count each other.
-        verdict = await throttle.check(
+    # Counted before the token is compared: racing guesses count each other.
+    verdict = await _throttle_said(
+        client,
+        throttle.check(
             client,
             now,
             lambda: scheme.lower() == "bearer" and admin_token_matches(request, value.strip()),
-        )
+        ),
+    )
+    _refuse_while_locked(verdict.wait)
+    if not verdict.right:
+        log.warning("admin API refused: wrong admin token", extra={"peer": client})
+        raise unauthorized
+
+
+async def _throttle_said(client: str, answer: Awaitable[T]) -> T:
+    """The throttle's `answer`; 503 when it cannot be read from the store (fail closed)."""
+    try:
+        return await answer
     except StoreError as exc:
         log.error(
             "admin API refused: the throttle cannot be read from the store",
             extra={"peer": client, "error": str(exc)},
         )
         raise store_failure(exc) from None
-    if verdict.wait is not None:
+
+
+def _refuse_while_locked(wait: int | None) -> None:
+    if wait is not None:
         raise TooManyAttempts(
-            f"too many wrong admin tokens from this address; try again in {verdict.wait} s",
-            headers={"Retry-After": str(verdict.wait)},
+            f"too many wrong admin tokens from this address; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
         )
-    if not verdict.right:
-        log.warning("admin API refused: wrong admin token", extra={"peer": client})
-        raise unauthorized
 
 
 def _json(data: object, status: int = 200) -> web.Response:
