@@ -197,6 +197,11 @@ class ClientNotAllowed(GatewayError):
 class RequestTooLarge(GatewayError):
     status, code, title = 413, "request_too_large", "Request too large"
 
+    @classmethod
+    def over(cls, limit: int) -> RequestTooLarge:
+        """A body larger than NBGW_MAX_REQUEST_BODY (`limit` bytes), on any route."""
+        return cls(f"the request body exceeds NBGW_MAX_REQUEST_BODY ({limit} bytes)")
+
 
 class InvalidRequest(GatewayError):
     status, code, title = 400, "invalid_request", "Invalid request"

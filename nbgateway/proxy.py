@@ -334,7 +334,7 @@ class Proxy:
 
     def _too_large(self) -> RequestTooLarge:
         limit = self._settings.max_request_body
-        return RequestTooLarge(f"the request body exceeds NBGW_MAX_REQUEST_BODY ({limit} bytes)")
+        return RequestTooLarge.over(limit)
 
     # -- routing -----------------------------------------------------------------------
 

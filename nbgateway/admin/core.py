@@ -352,9 +352,7 @@ async def read_form(request: web.Request) -> dict[str, str]:
 
 def _too_large(request: web.Request) -> RequestTooLarge:
     """aiohttp's own 413 (plain text) as the gateway's error: a page, or the API's JSON."""
-    return RequestTooLarge(
-        f"the request body exceeds NBGW_MAX_REQUEST_BODY ({request.client_max_size} bytes)"
-    )
+    return RequestTooLarge.over(request.client_max_size)
 
 
 async def read_json(request: web.Request, usage: str) -> Any:
