@@ -187,23 +187,24 @@ class TokenManager:
     ) -> bool:
         """Whether NationBuilder's 401 on a token of `generation` may be answered with a
         refresh (else only `newer_token`): not within REFRESH_401_HOLD of `refused_fresh`
-        for that generation (MIN_REFRESH_INTERVAL when NationBuilder says the token
-        `expired`: that a refresh can cure, but one answering so to every token must not
-        rotate the pair on every request), nor, for a request that cannot be replayed
-        (nothing would show whether the refresh cured it), within MIN_REFRESH_INTERVAL of
-        the refresh after a 401 that made it. No await: the hot path."""
+        for the account, whatever the generation (another process's refresh makes a new
+        one; MIN_REFRESH_INTERVAL when NationBuilder says the token `expired`: that a
+        refresh can cure, but one answering so to every token must not rotate the pair on
+        every request), nor, for a request that cannot be replayed (nothing would show
+        whether the refresh cured it), within MIN_REFRESH_INTERVAL of the refresh after a
+        401 that made this generation. No await: the hot path."""
         seen = self._after_401.get(slug)
-        if seen is None or seen[0] != generation:
+        if seen is None:
             return True
         age = self._clock.monotonic() - seen[1]
         if seen[2]:
             return age >= (MIN_REFRESH_INTERVAL if expired else REFRESH_401_HOLD)
-        return replayable or age >= MIN_REFRESH_INTERVAL
+        return seen[0] != generation or replayable or age >= MIN_REFRESH_INTERVAL
 
     def refused_fresh(self, slug: str, generation: int) -> None:
         """NationBuilder answered 401 to a token of `generation` given out after a 401 (by
         `force_refresh` or `newer_token`): the 401s are about something else, so further
-        ones on it cause no refresh for REFRESH_401_HOLD (`may_cure_401`)."""
+        ones for the account cause no refresh for REFRESH_401_HOLD (`may_cure_401`)."""
         self._after_401[slug] = (generation, self._clock.monotonic(), True)
 
     async def newer_token(self, slug: str, generation: int) -> IssuedToken | None:
@@ -228,7 +229,7 @@ class TokenManager:
         # generation, _single_flight starts a forced refresh of its own.
         token = await self._single_flight(slug, force=True, stale_generation=stale_generation)
         seen = self._after_401.get(slug)
-        if seen is None or seen[0] != token.generation:
+        if seen is None or (not seen[2] and seen[0] != token.generation):
             self._after_401[slug] = (token.generation, self._clock.monotonic(), False)
         return token
 

@@ -815,6 +815,25 @@ class TestUpstream401:
         assert (await gw.client.post("/api/_test/echo", data=b"y" * 100)).status == 401
         assert len(fake_nb.token_requests) == 2
 
+    async def test_the_hold_keeps_across_processes(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """Two processes on one database, a tool's requests to a forbidden endpoint spread
+        over both: each holds the account (whatever generation the other's refresh made),
+        so ten requests cost one rotation per process, not one each."""
+        first, second = await gateway_factory(), await gateway_factory()
+        await connect_account(first, "acme")
+        fake_nb.api_fail_401_code = "unauthorized"
+        fake_nb.api_fail_401_times = 10_000
+        for n in range(10):
+            gw = (first, second)[n % 2]
+            await gw.tokens.sync(force=True)  # each process follows the database
+            assert (await gw.client.get("/api/v2/signups/me")).status == 401
+        assert len(fake_nb.token_requests) == 2
+
     async def test_token_expired_is_refreshed_even_while_held(
         self, acme: Gateway, fake_nb: FakeNationBuilder, clock: FakeClock
     ) -> None:
