@@ -672,29 +672,29 @@ class Proxy:
             # The body is gone; still make sure the next request gets a fresh token.
             if not held:
                 try:
-                    await self._tokens.force_refresh(route.slug, token.generation)
+                    await self._tokens.force_refresh(slug, generation)
                 except Exception:  # noqa: S110 - the client gets the upstream 401 either way
                     pass
             return upstream, token, read
         if held:
-            newer = await self._tokens.newer_token(route.slug, token.generation)
+            newer = await self._tokens.newer_token(slug, generation)
             if newer is None:
                 return upstream, token, read
-            fresh = newer
             upstream.release()
+            fresh = newer
         else:
             upstream.release()
             try:
-                fresh = await self._token(route.slug, stale=token)
+                fresh = await self._token(slug, stale=token)
             except GatewayError:
-                retries.labels(route.slug, "refresh_failed").inc()
+                retries.labels(slug, "refresh_failed").inc()
                 raise
         retried = await self._send(request, route, fresh, body)
         if retried.status == 401:
-            self._tokens.refused_fresh(route.slug, fresh.generation)
-            retries.labels(route.slug, "still_unauthorized").inc()
+            self._tokens.refused_fresh(slug, fresh.generation)
+            retries.labels(slug, "still_unauthorized").inc()
         else:
-            retries.labels(route.slug, "recovered").inc()
+            retries.labels(slug, "recovered").inc()
         return retried, fresh, None
 
     @staticmethod
