@@ -617,11 +617,7 @@ class TestTransientFailures:
         clock: FakeClock,
     ) -> None:
         """503 with Retry-After, outcome counted, account stays active, retried after backoff."""
-        gw = (
-            await gateway_factory(upstream_timeout=0.3)
-            if kind == "hang"
-            else await gateway_factory()
-        )
+        gw = await gateway_factory(token_timeout=0.3) if kind == "hang" else await gateway_factory()
         issued = await connect_account(gw, SLUG)
         clock.advance(LIFETIME)
         fake_nb.fail_token(kind)

@@ -506,6 +506,8 @@ def test_new_connections_are_refused_while_the_workers_drain(
 
     wait_until(refused, WAIT, "new connections to be refused")
     assert gateway.process.popen.poll() is None  # still draining the held request
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes: the drain ends, the test too
+    held.join(WAIT)
     conn.close()
 
 
