@@ -47,6 +47,7 @@ FAIL_KINDS: Final = frozenset(
         "hang",
         "close",
         "rate_limited",
+        "lost",
     }
 )
 AUTH_CODE_LIFETIME: Final = 600.0  # NB: codes last 10 minutes
@@ -106,6 +107,7 @@ _SETTABLE: Final[dict[str, type]] = {
     "refresh_grace_seconds": float,
     "revoke_family_on_reuse": bool,
     "old_access_token_survives_refresh": bool,
+    "refresh_token_kept_until_used": bool,
     "accept_basic_auth": bool,
     "auto_approve": bool,
     "absolute_links": bool,
@@ -169,6 +171,9 @@ class _AccessToken:
     expires_at: float
     expired: bool = False  # forced by expire_access_tokens()
     revoked: bool = False
+    # The refresh token this one was rotated from, while it is kept (Doorkeeper's
+    # previous_refresh_token): revoked when this token is first used.
+    previous_refresh: str | None = None
 
 
 @dataclass
@@ -303,6 +308,9 @@ class FakeNationBuilder:
         self.refresh_grace_seconds: float = 0.0
         self.revoke_family_on_reuse: bool = False
         self.old_access_token_survives_refresh: bool = True
+        # Doorkeeper's previous_refresh_token: a refresh token just used stays valid (each
+        # use mints another pair) until an access token it was rotated into is first used.
+        self.refresh_token_kept_until_used: bool = False
         # Whether HTTP Basic client authentication works is unknown; off like every known client.
         self.accept_basic_auth: bool = False
         # The app's registered callback, as NationBuilder insists on it; "" takes any
@@ -474,7 +482,9 @@ class FakeNationBuilder:
         invalid_grant: 400 JSON; invalid_client: 401 JSON (both echo the request parameters,
         secrets included, like NB reportedly does); server_error: 502 Cloudflare HTML;
         malformed: 200 with a truncated, non-JSON body; hang: never answer; close: drop the
-        connection without a response; rate_limited: 429 Cloudflare HTML with Retry-After.
+        connection without a response; rate_limited: 429 Cloudflare HTML with Retry-After;
+        lost: the grant is made (a refresh token is rotated) and then the connection is
+        dropped, so the new pair never reaches the caller.
         """
         if kind not in FAIL_KINDS:
             raise ValueError(
@@ -613,13 +623,16 @@ class FakeNationBuilder:
             raise _TokenError("invalid_grant")
         now = self._now()
         if current.used_at is None:
-            current.used_at = now
+            if not self.refresh_token_kept_until_used:
+                current.used_at = now
             if not self.old_access_token_survives_refresh:
                 old_access = self._access.get(current.access_token)
                 if old_access is not None:
                     old_access.revoked = True
             pair = self._mint_pair(slug, current.family)
             current.rotated_into = dict(pair)
+            if self.refresh_token_kept_until_used:
+                self._access[pair["access_token"]].previous_refresh = value
             return pair
         # Reuse of a rotated refresh token.
         successor = current.rotated_into
@@ -648,6 +661,12 @@ class FakeNationBuilder:
                 return "unauthorized"
             if access.expired or self._now() >= access.expires_at:
                 return "token_expired"
+            if access.previous_refresh is not None:
+                # First use of a token rotated under refresh_token_kept_until_used.
+                previous = self._refresh.get(access.previous_refresh)
+                if previous is not None:
+                    previous.revoked = True
+                access.previous_refresh = None
             return None
         nation = self._nations.get(slug)
         if nation is not None and nation.legacy_tokens.get(token):
@@ -833,9 +852,12 @@ class FakeNationBuilder:
             self._pending_changed.set()
 
         params = _parse_body_params(request.headers.get("Content-Type", ""), body)
+        lose_answer = False
         if self._token_failures:
             kind = self._token_failures.pop(0)
-            return await self._injected_token_failure(request, kind, params or {})
+            if kind != "lost":
+                return await self._injected_token_failure(request, kind, params or {})
+            lose_answer = True
         if params is None:
             return self._token_error("invalid_request", {})
         try:
@@ -851,6 +873,8 @@ class FakeNationBuilder:
                 raise _TokenError("unsupported_grant_type")
         except _TokenError as exc:
             return self._token_error(exc.error, params)
+        if lose_answer:
+            return _drop_connection(request)  # granted and rotated, but never answered
         if self._token_answers:
             pair = {**pair, **self._token_answers.pop(0)}
         return web.json_response(pair, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})

@@ -712,6 +712,50 @@ async def test_fail_token_close(client: Client, fake: FakeNationBuilder) -> None
         await client.post("/acme/oauth/token", data={"grant_type": "refresh_token"})
 
 
+async def test_fail_token_lost_rotates_and_drops_the_answer(
+    client: Client, fake: FakeNationBuilder
+) -> None:
+    """lost makes the grant, then drops the connection: the refresh token sent is spent
+    (strict rotation), though the caller never saw the pair it was rotated into."""
+    first = await exchange(client)
+    fake.fail_token("lost")
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await refresh(client, first["refresh_token"])
+    status, body = await refresh(client, first["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert len(fake.token_requests) == 3
+
+
+async def test_refresh_token_kept_until_the_new_access_token_is_used(
+    client: Client, fake: FakeNationBuilder
+) -> None:
+    """Doorkeeper's previous_refresh_token: the used refresh token keeps working (each use
+    mints another pair) until an access token rotated from it is first used; then it is
+    revoked, and the newest pair carries on."""
+    fake.refresh_token_kept_until_used = True
+    first = await exchange(client)
+    status, second = await refresh(client, first["refresh_token"])
+    assert status == 200
+    status, third = await refresh(client, first["refresh_token"])  # second never used
+    assert status == 200
+    assert third["refresh_token"] != second["refresh_token"]
+    resp = await api_get(client, "/acme/api/v2/signups/me", third["access_token"])
+    assert resp.status == 200
+    status, body = await refresh(client, first["refresh_token"])
+    assert (status, body["error"]) == (400, "invalid_grant")
+    assert (await refresh(client, third["refresh_token"]))[0] == 200
+
+
+async def test_refresh_token_is_spent_at_once_by_default(
+    client: Client, fake: FakeNationBuilder
+) -> None:
+    """Without the Doorkeeper option a refresh token is single-use, whether or not the
+    pair it was rotated into was ever used."""
+    first = await exchange(client)
+    assert (await refresh(client, first["refresh_token"]))[0] == 200
+    assert (await refresh(client, first["refresh_token"]))[0] == 400
+
+
 def test_fail_token_rejects_unknown_kind(fake: FakeNationBuilder) -> None:
     """An unknown failure kind is a ValueError, not a silent no-op."""
     with pytest.raises(ValueError, match="unknown"):

@@ -510,6 +510,56 @@ class TestNeedsReauth:
         assert "got no usable answer" in reason
         assert "invalid_grant" in reason
 
+    async def test_a_rotation_whose_answer_was_lost_says_so(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """NationBuilder rotated in a call whose answer never arrived (the connection
+        dropped after the grant): under strict rotation the stored refresh token is dead,
+        so the next try gets invalid_grant, and the reason names the lost answer."""
+        await connect_account(gateway, SLUG)
+        fake_nb.fail_token("lost")
+        clock.advance(LIFETIME)
+        resp = await gateway.client.get(ME)
+        assert resp.status == 503
+        clock.advance(int(resp.headers["Retry-After"]))
+        assert await fetch(gateway) == 401
+        info = await gateway.accounts.get(SLUG)
+        assert info.status is AccountStatus.NEEDS_REAUTH
+        assert "got no usable answer" in (info.last_error or "")
+
+    async def test_a_lost_answer_is_recovered_when_the_old_refresh_token_survives(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """With Doorkeeper's previous_refresh_token behaviour (the refresh token just used
+        stays valid until the new access token is used), the try after a lost answer gets
+        a fresh pair with the stored refresh token: the account carries on, needs no
+        admin, and the pair it stored keeps refreshing."""
+        fake_nb.refresh_token_kept_until_used = True
+        await connect_account(gateway, SLUG)
+        calls = len(fake_nb.token_requests)
+        fake_nb.fail_token("lost")
+        clock.advance(LIFETIME)
+        resp = await gateway.client.get(ME)
+        assert resp.status == 503
+        clock.advance(int(resp.headers["Retry-After"]))
+        assert await fetch(gateway) == 200
+        assert len(fake_nb.token_requests) == calls + 2
+        info = await gateway.accounts.get(SLUG)
+        assert info.status is AccountStatus.ACTIVE
+        assert info.last_error is None
+        clock.advance(LIFETIME)  # the kept token is revoked now: the stored pair must work
+        assert await fetch(gateway) == 200
+        assert len(fake_nb.token_requests) == calls + 3
+        assert gateway.metric(NEEDS_REAUTH, account=SLUG) == 0
+
     async def test_the_next_try_in_another_process_also_says_so(
         self,
         gateway_factory: GatewayFactory,
