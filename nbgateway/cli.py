@@ -51,7 +51,7 @@ from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
 from nbgateway.server import bind, rejoin, run, run_until_stopped
-from nbgateway.services import open_services, store_for
+from nbgateway.services import open_services, stop_grace, store_for
 from nbgateway.store import copy_store, holds_no_database
 from nbgateway.workers import MULTIPROC_ENV, Workers
 
@@ -631,7 +631,14 @@ def _serve(
     sockets = bind(settings.host, settings.port, settings.workers)
     log.info("nbgateway listening", extra={"listen": f"{settings.host}:{settings.port}"})
     worker_env = settled_environment(env, args.config)
-    return Workers(command, worker_env, sockets, rejoin=rejoin, clock=SystemClock()).run()
+    return Workers(
+        command,
+        worker_env,
+        sockets,
+        rejoin=rejoin,
+        clock=SystemClock(),
+        grace=stop_grace(settings),  # a longer NBGW_TOKEN_TIMEOUT waits longer
+    ).run()
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

@@ -27,6 +27,8 @@ from nbgateway.connections import GUARD
 from nbgateway.errors import NBGatewayError
 
 log = logging.getLogger("nbgateway.server")
+# Seconds open requests get to finish after a stop (aiohttp's shutdown_timeout).
+REQUESTS_GRACE = 60.0
 
 # Response header naming the worker process that answered (`serve --workers` only).
 WORKER_HEADER = "X-NBGW-Worker"
@@ -157,7 +159,13 @@ async def serving(
     `--workers` parent passed down, while inside; yields the bound port."""
     # handler_cancellation: a client that disconnects cancels its handler, so a request
     # queued for the rate budget leaves the queue (the tests' TestServer does the same).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=REQUESTS_GRACE,
+    )
     await runner.setup()
     try:
         assert runner.server is not None

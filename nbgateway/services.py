@@ -22,11 +22,19 @@ from nbgateway.crypto import Cipher
 from nbgateway.metrics import Metrics
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Redactor
+from nbgateway.server import REQUESTS_GRACE
 from nbgateway.store import TokenStore, make_store
 from nbgateway.tokens import NeedsReauthListener, TokenManager
 
 # Seconds a stop gives a refresh in flight beyond NBGW_TOKEN_TIMEOUT (storing the answer).
 CLOSE_GRACE = 5.0
+
+
+def stop_grace(settings: Settings) -> float:
+    """The longest one process takes to stop: open requests (REQUESTS_GRACE), then a
+    refresh in flight (NBGW_TOKEN_TIMEOUT + CLOSE_GRACE) and the queued audit entries
+    (CLOSE_GRACE); 85 s by default. A `--workers` parent waits this long before it kills."""
+    return REQUESTS_GRACE + settings.token_timeout + 2 * CLOSE_GRACE
 
 
 @dataclass(frozen=True)

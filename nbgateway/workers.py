@@ -53,10 +53,6 @@ from nbgateway.server import HANGUP_STOPS
 log = logging.getLogger("nbgateway.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# aiohttp gives open connections 60 s to finish after SIGTERM, then a token refresh in
-# flight gets up to NBGW_TOKEN_TIMEOUT (15 s by default) + 5 s to store its pair, and the
-# queued audit entries 5 s more; the parent waits that before it kills.
-SHUTDOWN_GRACE = 85.0
 # A worker that ran this long before dying is restarted at once (not a crash loop).
 STEADY_AFTER = 10.0
 FIRST_BACKOFF = 0.5
@@ -111,7 +107,7 @@ class Workers:
         *,
         rejoin: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket],
         clock: Clock,
-        grace: float = SHUTDOWN_GRACE,
+        grace: float,
     ) -> None:
         self._command = command
         self._clock = clock  # restart backoff; the watch loop's own pace is real time

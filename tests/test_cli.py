@@ -46,6 +46,7 @@ from procs import (
     wait_until,
 )
 
+from nbgateway import cli
 from nbgateway.cli import main
 from nbgateway.clock import FakeClock, SystemClock
 from nbgateway.config import REQUIRED_FOR_SERVE, Settings
@@ -1526,3 +1527,32 @@ def test_a_reader_that_stops_early_gets_no_traceback(env: dict[str, str]) -> Non
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_the_workers_parent_waits_out_a_longer_token_timeout(
+    stored_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The `--workers` parent kills workers still running after open requests' 60 s, a
+    refresh's NBGW_TOKEN_TIMEOUT + 5 s and the audit's 5 s: a longer token timeout is
+    waited out (not cut off like a crash, after NationBuilder may have rotated)."""
+    graces: list[float] = []
+
+    class Parent:
+        def __init__(self, *args: Any, grace: float, **kwargs: Any) -> None:
+            graces.append(grace)
+            for sock in args[2]:
+                sock.close()
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(cli, "Workers", Parent)
+    for timeout in ("15", "120"):
+        environ = {
+            **stored_env,
+            "NBGW_WORKERS": "2",
+            "NBGW_TOKEN_TIMEOUT": timeout,
+            "NBGW_LISTEN": f"127.0.0.1:{free_port()}",
+        }
+        assert run(["serve"], environ, capsys).code == 0
+    assert graces == [85.0, 190.0]

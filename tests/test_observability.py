@@ -436,7 +436,12 @@ class TestDeadWorkerFiles:
         sock = socket.socket()
         try:
             parent = Workers(
-                lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock, clock=SystemClock()
+                lambda fd, pipe: [],
+                {},
+                [sock],
+                rejoin=lambda f, a: sock,
+                clock=SystemClock(),
+                grace=1,
             )
             parent._metrics_dir = tmp_path
             parent._unfolded = [301, 302]
@@ -457,7 +462,12 @@ class TestDeadWorkerFiles:
         sock = socket.socket()
         try:
             parent = Workers(
-                lambda fd, pipe: [], {}, [sock], rejoin=lambda f, a: sock, clock=SystemClock()
+                lambda fd, pipe: [],
+                {},
+                [sock],
+                rejoin=lambda f, a: sock,
+                clock=SystemClock(),
+                grace=1,
             )
             parent._metrics_dir = tmp_path
             parent._slots[0].process = SimpleNamespace(pid=401, returncode=None)  # type: ignore[assignment]
