@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -130,13 +131,19 @@ def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# ProcessCollector's CPU family (its samples are named process_cpu_seconds_total).
+_CPU_SECONDS: Final = "process_cpu_seconds"
+
+
 class GatewayProcesses(Collector):
     """process_* for a whole `serve --workers` gateway: its parent (`parent`) and every
     worker, each read by prometheus_client's ProcessCollector. CPU seconds, memory and
     descriptors (open, and the limits) are summed; the start time is the parent's. Whichever
     worker answers a scrape reports the same figures, so the dashboards' CPU, memory,
-    descriptor and uptime panels show the gateway (a worker's CPU seconds leave the sum
-    when it dies, which Prometheus reads as a counter reset)."""
+    descriptor and uptime panels show the gateway. The CPU seconds of workers that have
+    exited stay in the sum (the parent's reaped children's time, `cutime` + `cstime`), so
+    the counter never goes back when a worker dies and rate() sees no reset."""
 
     _FIRST = "process_start_time_seconds"
 
@@ -151,7 +158,18 @@ class GatewayProcesses(Collector):
         except (OSError, ValueError):
             return [os.getpid()]  # no /proc children list: this worker alone, as before
 
-    def collect(self) -> Iterator[Metric]:
+    def _reaped_cpu(self) -> float | None:
+        """CPU seconds of the parent's exited workers (its children it has waited for)."""
+        try:
+            stat = Path(self._proc, str(self._parent), "stat").read_bytes()
+            # Fields after the command name (which may hold spaces): state is the first,
+            # cutime and cstime (in clock ticks) the 14th and 15th.
+            fields = stat.rpartition(b")")[2].split()
+            return (int(fields[13]) + int(fields[14])) / _CLOCK_TICKS
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _merged(self) -> dict[str, Metric]:
         merged: dict[str, Metric] = {}
         for pid in self._pids():
             reader = ProcessCollector(pid=partial(int, pid), proc=self._proc, registry=None)
@@ -165,6 +183,20 @@ class GatewayProcesses(Collector):
                 elif family.name != self._FIRST:
                     total = seen.samples[0]._replace(value=seen.samples[0].value + sample.value)
                     seen.samples[0] = total
+        return merged
+
+    def collect(self) -> Iterator[Metric]:
+        # A worker reaped while its siblings are read would count twice or not at all (a
+        # counter going back): read again until no reap fell between the two looks.
+        for _ in range(3):
+            before = self._reaped_cpu()
+            merged = self._merged()
+            after = self._reaped_cpu()
+            if before == after:
+                break
+        cpu = merged.get(_CPU_SECONDS)
+        if cpu is not None and cpu.samples and after is not None:
+            cpu.samples[0] = cpu.samples[0]._replace(value=cpu.samples[0].value + after)
         yield from merged.values()
 
 

@@ -414,6 +414,40 @@ def _proc_figures(pid: int) -> tuple[float, float]:
     return found["process_resident_memory_bytes"], found["process_start_time_seconds"]
 
 
+def _cpu_seconds(pid: int) -> float:
+    from prometheus_client import ProcessCollector
+
+    for family in ProcessCollector(pid=lambda: pid, registry=None).collect():
+        if family.name == "process_cpu_seconds":
+            return float(family.samples[0].value)
+    raise AssertionError(f"no CPU seconds for {pid}")
+
+
+def test_cpu_seconds_do_not_go_back_when_a_worker_dies(gateway: Gateway) -> None:
+    """kill -9 of a worker keeps its CPU seconds in process_cpu_seconds_total (they were
+    dropped from the sum, a counter reset that rate() read as a burst of the survivors'
+    whole lifetime): the first scrape after the restart is at least the one before plus
+    the replacement's own CPU, and none after it goes back."""
+    victim, conn = gateway.pinned()
+    for _ in range(20):
+        assert get(conn, "/api/v2/signups/me").status == 200
+    conn.close()
+    _, samples = gateway.metrics()
+    before = samples["process_cpu_seconds_total{}"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(started_pids(gateway.process)) == 3, WAIT, "a replacement worker")
+    replacement = started_pids(gateway.process)[-1]
+    gateway.workers(2)
+    replacement_cpu = _cpu_seconds(replacement)
+    _, samples = gateway.metrics()
+    after = samples["process_cpu_seconds_total{}"]
+    assert after >= before + replacement_cpu, (before, replacement_cpu, after)
+    for _ in range(4):
+        _, samples = gateway.metrics()
+        assert samples["process_cpu_seconds_total{}"] >= after
+        after = samples["process_cpu_seconds_total{}"]
+
+
 def test_process_series_describe_the_whole_gateway(gateway: Gateway) -> None:
     """process_* on /metrics are the gateway's, whichever worker answers: memory and open
     descriptors summed over the parent and both workers, the start time the parent's
