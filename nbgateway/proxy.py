@@ -472,11 +472,11 @@ class Proxy:
             status = request.get(STREAMED_STATUS) or cancelled_status(request, status)
             if info is not None:
                 info["status"] = status
+            account = self._label(account)
             raise
         except GatewayError as err:
             status = err.status
-            if isinstance(err, UnknownAccount):
-                account = NO_ACCOUNT  # keeps label values bounded to real accounts
+            account = NO_ACCOUNT if isinstance(err, UnknownAccount) else self._label(account)
             metrics.gateway_error(account, err.code)
             raise
         finally:
@@ -493,6 +493,14 @@ class Proxy:
                         status,
                         request_id_of(request),
                     )
+
+    def _label(self, account: str) -> str:
+        """`account` as a metric label: a slug the client named that is not known to be
+        stored (unknown, or the store could not be asked) is `none`, so label values stay
+        bounded by the real accounts whatever clients send."""
+        if account is NO_ACCOUNT or self._tokens.is_account(account):
+            return account
+        return NO_ACCOUNT
 
     async def _token(self, slug: str, stale: IssuedToken | None = None) -> IssuedToken:
         """A token from the manager, with its failures as gateway errors."""

@@ -255,6 +255,16 @@ class TokenManager:
             return next(iter(self._accounts))
         return None
 
+    def is_account(self, slug: str) -> bool:
+        """Whether `slug` is known to be stored: listed at the last sync, or a token of it
+        loaded, refused or backing off since. Only such a slug may be a metric label."""
+        return (
+            slug in self._accounts
+            or slug in self._cache
+            or slug in self._needs_reauth
+            or slug in self._backoff
+        )
+
     def account_count(self) -> int:
         """How many accounts are stored (as of the last sync)."""
         return len(self._accounts)

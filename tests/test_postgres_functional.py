@@ -406,3 +406,33 @@ def test_sigterm_stops_serve_while_it_waits_for_the_database(
     wait_until(lambda: "waiting for the database" in gateway.output(), 30, "the waiting line")
     gateway.popen.terminate()
     assert gateway.popen.wait(10) == 143
+
+
+async def test_slugs_named_while_postgres_is_down_get_no_metric_labels(
+    gateway_factory: GatewayFactory,
+    connect_account: ConnectAccount,
+    pg_own_server: PgServer,
+) -> None:
+    """With the database away the gateway cannot tell an account from any slug a client
+    makes up: those requests get 503 store_unavailable and count under account="none",
+    so a client cannot grow the label values (and Prometheus's memory) one slug at a
+    time. The connected account keeps its own label."""
+    gw = await gateway_factory(database=pg_own_server.url())
+    await connect_account(gw, SLUG)
+    assert (await gw.client.get("/api/v2/signups/me")).status == 200
+    pg_own_server.stop()
+    for n in range(3):
+        resp = await gw.client.get(f"/n/ghost-{n}/api/v2/people")
+        assert resp.status == 503
+        assert resp.headers["X-NBGW-Error"] == "store_unavailable"
+    accounts = {
+        sample.labels.get("account")
+        for family in gw.registry.collect()
+        for sample in family.samples
+        if "account" in sample.labels
+    }
+    assert not any(str(value).startswith("ghost") for value in accounts), accounts
+    assert SLUG in accounts
+    errors = gw.metric("nbgw_gateway_errors_total", account="none", error="store_unavailable")
+    assert errors == 3
+    pg_own_server.start()
