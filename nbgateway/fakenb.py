@@ -1222,7 +1222,8 @@ class FakeNationBuilder:
             return _api_error(400, "bad_request", "need n >= 0 and 1 <= chunk <= 16 MiB", V1_TYPE)
         response = web.StreamResponse(headers=call.headers)
         response.content_type = "application/octet-stream"
-        response.content_length = total
+        if query.get("framing") != "chunked":  # chunked: no Content-Length, as many APIs do
+            response.content_length = total
         await response.prepare(call.request)
         # Byte at offset p is p % 256, so a receiver can verify order and integrity; one
         # pattern buffer of chunk+256 bytes is sliced for every write, never N bytes.

@@ -863,6 +863,13 @@ class Proxy:
         )
         if length is not None:
             response.content_length = length
+        elif request.version < (1, 1) and not (
+            request.method == "HEAD" or upstream.status in (204, 304)
+        ):
+            # HTTP/1.0 has no chunked framing: the end of the body is the end of the
+            # connection (aiohttp would keep it open, and the client wait for the idle
+            # timeout or read the next answer as part of this body).
+            response.force_close()
         # Sent before the middleware sees the response, so set here.
         response.headers[REQUEST_ID_HEADER] = request_id_of(request)
         await response.prepare(request)

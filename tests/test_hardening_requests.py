@@ -1005,3 +1005,43 @@ class TestAllowListSettings:
         assert s.header_timeout == 10.0
         assert s.body_timeout == 30.0
         assert s.max_connections_per_client == 100
+
+
+class TestHttp10:
+    async def test_a_body_of_unknown_length_ends_with_the_connection(self, serve: Any) -> None:
+        """HTTP/1.0 has no chunked framing: an upstream answer without Content-Length is
+        sent close-delimited, and the connection closes after it even when the client
+        asked for keep-alive (it stayed open: the client waited for the idle timeout, and
+        a pipelined second answer was read as part of the first body)."""
+        gw = await serve()
+        reader, writer = await connect(gw.port)
+        try:
+            ask = (
+                "GET /n/acme/api/_test/bytes?n=5000&framing=chunked HTTP/1.0\r\n"
+                "Host: gateway.test\r\nConnection: keep-alive\r\n\r\n"
+            ).encode()
+            writer.write(ask + ask)  # the second must not be answered into the first body
+            received = await until_closed(reader)
+        finally:
+            await hang_up(writer)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+        assert b"content-length" not in head.lower()
+        assert body == bytes(range(256)) * 19 + bytes(range(136))
+
+    async def test_a_body_of_known_length_keeps_the_connection(self, serve: Any) -> None:
+        """With Content-Length an HTTP/1.0 keep-alive client keeps its connection."""
+        gw = await serve()
+        reader, writer = await connect(gw.port)
+        try:
+            ask = (
+                "GET /n/acme/api/_test/bytes?n=300 HTTP/1.0\r\n"
+                "Host: gateway.test\r\nConnection: keep-alive\r\n\r\n"
+            ).encode()
+            for _ in range(2):
+                writer.write(ask)
+                answer = await read_answer(reader)
+                assert answer.status == 200
+                assert answer.body == bytes(range(256)) + bytes(range(44))
+        finally:
+            await hang_up(writer)
