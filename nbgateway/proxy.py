@@ -540,9 +540,31 @@ class Proxy:
             headers["Content-Length"] = str(request.content_length)
         return headers
 
-    async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
-        limit = self._settings.max_request_body
+    async def _buffered_chunked(self, request: web.Request) -> tuple[bytes, bool]:
+        """A chunked body (no length given) read up to NBGW_RETRY_BUFFER bytes: (all of
+        it, True), or (what was read, False) when there is more."""
+        limit = self._settings.retry_buffer
+        parts: list[bytes] = []
         seen = 0
+        try:
+            while seen <= limit:
+                chunk = await request.content.read(min(limit + 1 - seen, _CHUNK))
+                if not chunk:
+                    return b"".join(parts), True
+                parts.append(chunk)
+                seen += len(chunk)
+                if seen > self._settings.max_request_body:
+                    raise self._too_large()
+        except (HttpProcessingError, RequestPayloadError):
+            raise _malformed_body() from None
+        return b"".join(parts), False
+
+    async def _stream_body(self, request: web.Request, head: bytes = b"") -> AsyncIterator[bytes]:
+        """The body as it arrives, after `head` (what was read of it already)."""
+        limit = self._settings.max_request_body
+        seen = len(head)
+        if head:
+            yield head
         try:
             async for chunk in request.content.iter_chunked(_CHUNK):
                 seen += len(chunk)
@@ -630,6 +652,9 @@ class Proxy:
                 body, replayable = await request.read(), True
             except (HttpProcessingError, RequestPayloadError):
                 raise _malformed_body() from None
+        elif length is None:  # chunked: replayable too when it fits the retry buffer
+            head, whole = await self._buffered_chunked(request)
+            body, replayable = (head, True) if whole else (self._stream_body(request, head), False)
         else:
             body, replayable = self._stream_body(request), False
 

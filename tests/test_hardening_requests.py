@@ -1017,15 +1017,15 @@ class TestHttp10:
         reader, writer = await connect(gw.port)
         try:
             ask = (
-                "GET /n/acme/api/_test/bytes?n=5000&framing=chunked HTTP/1.0\r\n"
-                "Host: gateway.test\r\nConnection: keep-alive\r\n\r\n"
-            ).encode()
+                b"GET /n/acme/api/_test/bytes?n=5000&framing=chunked HTTP/1.0\r\n"
+                b"Host: gateway.test\r\nConnection: keep-alive\r\n\r\n"
+            )
             writer.write(ask + ask)  # the second must not be answered into the first body
             received = await until_closed(reader)
         finally:
             await hang_up(writer)
         head, _, body = received.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+        assert head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), head
         assert b"content-length" not in head.lower()
         assert body == bytes(range(256)) * 19 + bytes(range(136))
 
@@ -1035,9 +1035,9 @@ class TestHttp10:
         reader, writer = await connect(gw.port)
         try:
             ask = (
-                "GET /n/acme/api/_test/bytes?n=300 HTTP/1.0\r\n"
-                "Host: gateway.test\r\nConnection: keep-alive\r\n\r\n"
-            ).encode()
+                b"GET /n/acme/api/_test/bytes?n=300 HTTP/1.0\r\n"
+                b"Host: gateway.test\r\nConnection: keep-alive\r\n\r\n"
+            )
             for _ in range(2):
                 writer.write(ask)
                 answer = await read_answer(reader)

@@ -952,6 +952,47 @@ class TestUpstream401:
         assert first.method == second.method == "POST"
         assert second.headers["Content-Length"] == str(len(payload))
 
+    async def test_a_small_chunked_body_is_replayed_too(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A body sent chunked (no Content-Length, as a tool streaming a file or a
+        generator does) that fits NBGW_RETRY_BUFFER is kept and sent again on the retry,
+        like one with a length (it was streamed, so the 401 went back to the tool)."""
+        fake_nb.api_fail_401_times = 1
+        payload = b'{"data": {"type": "signups", "attributes": {"email": "a@x.example"}}}'
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield payload[:10]
+            yield payload[10:]
+
+        resp = await acme.client.post("/api/_test/echo", data=chunks())
+        doc = await echoed(resp)
+        assert base64.b64decode(doc["body_b64"]) == payload
+        first, second = fake_nb.api_requests
+        assert first.body == second.body == payload
+        assert retries(acme, "recovered") == 1
+
+    async def test_a_chunked_body_above_the_retry_buffer_streams_whole_once(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """A chunked body past NBGW_RETRY_BUFFER still arrives whole (what was read to
+        find out, then the rest), once; the 401 goes back to the client."""
+        gw = await gateway_factory(retry_buffer=10)
+        await connect_account(gw, "acme")
+        fake_nb.api_fail_401_times = 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(5):
+                yield bytes([65 + i]) * 7
+
+        resp = await gw.client.post("/api/_test/echo", data=chunks())
+        assert resp.status == 401
+        [seen] = fake_nb.api_requests
+        assert seen.body == b"".join(bytes([65 + i]) * 7 for i in range(5))
+
     async def test_body_above_retry_buffer_is_not_retried(
         self,
         gateway_factory: GatewayFactory,
