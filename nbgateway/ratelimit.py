@@ -292,7 +292,7 @@ class RateLimiter:
             return slot
         b = self._budget(account)
         now = self._clock.now()
-        known_wait = self._known_wait(b, now)
+        known_wait = self._known_wait(b, now, client)
         if known_wait > self._timeout:
             raise self._refusal(known_wait)
 
@@ -309,7 +309,7 @@ class RateLimiter:
         def on_timeout() -> None:
             if not waiter.future.done():
                 self._remove(b, waiter)
-                waiter.future.set_exception(self._timed_out(b, progress))
+                waiter.future.set_exception(self._timed_out(b, progress, client))
 
         deadline = self._later(self._timeout, on_timeout)
         self._dispatch(b)
@@ -359,7 +359,7 @@ class RateLimiter:
             headers={"Retry-After": str(retry)},
         )
 
-    def _timed_out(self, b: _Budget, progress: tuple[int, int]) -> GatewayError:
+    def _timed_out(self, b: _Budget, progress: tuple[int, int], client: str) -> GatewayError:
         """Why a waiter that joined at `progress` (reports, grants) gives up at its timeout.
 
         Upstream's fault only when the same requests were in flight for the whole wait,
@@ -371,7 +371,7 @@ class RateLimiter:
                 f"this nation while this one waited NBGW_RATE_QUEUE_TIMEOUT "
                 f"({self._timeout:g} s) for its turn; it was not sent"
             )
-        return self._refusal(self._known_wait(b, self._now()))
+        return self._refusal(self._known_wait(b, self._now(), client))
 
     def _roll(self, b: _Budget, now: float) -> None:
         """Start a new window when the announced reset (or a 429 hold) has passed."""
@@ -409,18 +409,34 @@ class RateLimiter:
         cap = max(1, math.ceil((b.announced if b.announced is not None else b.remaining) / 2))
         return b.local or b.in_flight < cap
 
-    def _known_wait(self, b: _Budget, now: float) -> float:
-        """A lower bound on how long a request joining the queue now must wait."""
+    def _known_wait(self, b: _Budget, now: float, client: str) -> float:
+        """A lower bound on how long a request of `client` joining the queue now must wait."""
         wait = 0.0
         if now < b.hold_until:
             wait = b.hold_until - now
         elif b.remaining is not None and b.remaining <= 0 and b.reset_at is not None:
             wait = b.reset_at + RESET_MARGIN - now
         if b.limit and b.period:
-            beyond = b.queued + 1 - max(0, b.remaining or 0)
+            beyond = self._ahead(b, client) + 1 - max(0, b.remaining or 0)
             if beyond > 0:
                 wait += ((beyond - 1) // b.limit) * b.period
         return max(0.0, wait)
+
+    @staticmethod
+    def _ahead(b: _Budget, client: str) -> int:
+        """How many queued requests go before one `client` adds now. Round-robin serves
+        each client with a queue once per round, in queue order: its own queue first, then
+        from a client before it in the round one per round until its turn, from one after
+        it one per round before (not a greedy tool's whole backlog)."""
+        own = len(b.queues.get(client, ()))
+        ahead = own
+        after = False
+        for other, queue in b.queues.items():
+            if other == client:
+                after = True
+            else:
+                ahead += min(len(queue), own if after else own + 1)
+        return ahead
 
     def _grant(self, b: _Budget) -> None:
         b.in_flight += 1
@@ -531,7 +547,15 @@ class RateLimiter:
     def _learn(self, b: _Budget, remaining: int, reset_at: float) -> None:
         if b.reset_at is None or reset_at > b.reset_at + SAME_WINDOW:
             previous = b.reset_at if b.reset_at is not None else b.last_reset
-            if previous is not None and SAME_WINDOW < reset_at - previous <= 3600:
+            # The window ending at reset_at began at `previous` only if none was skipped:
+            # after k quiet windows, now is at least k/(k+1) of the gap past `previous`.
+            # Under half is therefore the next window, and the gap its length; otherwise
+            # the gap may span several windows and says nothing.
+            if (
+                previous is not None
+                and SAME_WINDOW < reset_at - previous <= 3600
+                and self._now() - previous < (reset_at - previous) / 2
+            ):
                 b.period = reset_at - previous
             b.reset_at = reset_at
             b.remaining = remaining - b.in_flight

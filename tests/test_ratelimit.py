@@ -444,6 +444,45 @@ class TestQueueTimeout:
             task.cancel()
         await asyncio.gather(*queued, return_exceptions=True)
 
+    async def test_a_quiet_spell_is_not_taken_for_the_window_length(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """Windows of 10 s, then ten quiet minutes: the gap to the last window seen is
+        not the window's length (it was learnt as 600 s, so a request that goes in the
+        next window was refused with Retry-After: 605)."""
+        limiter = make_limiter(queue_timeout=30)
+        await learn(limiter, remaining=4, limit=5, reset=NOW + 10)
+        await timers.advance(10.1)
+        await learn(limiter, remaining=4, limit=5, reset=NOW + 20)
+        await timers.advance(600)
+        await learn(limiter, remaining=0, limit=5, reset=NOW + 620)
+        queued = [asyncio.create_task(limiter.acquire("acme", "tool")) for _ in range(5)]
+        await settle()
+        late = asyncio.create_task(limiter.acquire("acme", "tool"))  # the window after next
+        await settle()
+        assert not late.done()  # waits for its window (about 20 s), not refused
+        for task in [*queued, late]:
+            task.cancel()
+        await asyncio.gather(*queued, late, return_exceptions=True)
+
+    async def test_the_window_length_is_learnt_from_consecutive_windows(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """With the window of 10 s learnt from two windows in a row, a request two full
+        windows back is refused at once with the wait it would have had."""
+        limiter = make_limiter(queue_timeout=15)
+        await learn(limiter, remaining=0, limit=2, reset=NOW + 10)
+        await timers.advance(10.1)
+        await learn(limiter, remaining=0, limit=2, reset=NOW + 20)
+        queued = [asyncio.create_task(limiter.acquire("acme", "tool")) for _ in range(4)]
+        await settle()
+        with pytest.raises(RateLimited) as refused:
+            await limiter.acquire("acme", "tool")
+        assert 15 < int(refused.value.headers["Retry-After"]) <= 21
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+
     async def test_pacing_off_never_waits(
         self, make_limiter: LimiterFactory, registry: CollectorRegistry
     ) -> None:
@@ -513,6 +552,30 @@ class TestFairness:
             await timers.advance(10.1)
         assert order == ["greedy", "polite", "greedy", "polite", "greedy", "greedy"]
         await asyncio.gather(*tasks)
+
+    async def test_a_greedy_backlog_does_not_get_another_tool_refused(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """120 requests of one tool queued over 5-per-window budgets: another tool's one
+        request goes in the next round (the next window), so it is queued, not refused
+        at once as if it were behind the whole backlog."""
+        limiter = make_limiter(queue_timeout=30)
+        await learn(limiter, remaining=4, limit=5, reset=NOW + 10)
+        await timers.advance(10.1)
+        await learn(limiter, remaining=0, limit=5, reset=NOW + 20)
+        greedy = [asyncio.create_task(limiter.acquire("acme", "greedy")) for _ in range(120)]
+        await settle()
+        polite = asyncio.create_task(limiter.acquire("acme", "polite"))
+        await settle()
+        assert not polite.done()
+        await timers.advance(10)  # the next window: polite's turn comes in its first round
+        assert polite.done() and polite.exception() is None
+        polite.result().report(200, announce(3, limit=5, reset=timers.clock.now() + 10))
+        refused = [t for t in greedy if t.done() and isinstance(t.exception(), RateLimited)]
+        assert len(refused) > 90  # greedy's own backlog past the timeout is refused
+        for task in greedy:
+            task.cancel()
+        await asyncio.gather(*greedy, return_exceptions=True)
 
 
 class TestUpstream429:
