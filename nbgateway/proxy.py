@@ -408,7 +408,10 @@ class Proxy:
         else:  # pragma: no cover - the router only sends the two forms above
             raise InvalidRequest("only /api/... and /n/{slug}/api/... are proxied")
         _check_tail(tail)
-        return Route(slug=slug, raw_tail=tail, query=_filter_query(query), by_prefix=by_prefix)
+        query = _filter_query(query)
+        if KEY_PREFIX in query:
+            query = without_keys(query)  # a key in a parameter of the tool's own
+        return Route(slug=slug, raw_tail=tail, query=query, by_prefix=by_prefix)
 
     def _select_account(self, values: Sequence[str]) -> str:
         """The account of a plain /api/ request: X-NB-Nation's (`values`), the default,

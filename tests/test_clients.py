@@ -189,6 +189,22 @@ class TestPresentation:
         assert seen.headers["Cookie"] == f"a=1; gwkey={REDACTED}"
         assert seen.headers["X-Tool-Auth"] == REDACTED
 
+    async def test_a_key_in_another_query_parameter_does_not_go_upstream(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A key a tool also put in a query parameter of its own (its old `api_key=`, say)
+        is replaced by the redaction mark before the request goes on (it would sit in
+        NationBuilder's and every middlebox's URL logs); the other parameters stay."""
+        key = await add_key(gw, "sync")
+        fake_nb.clear_recordings()
+        status = await get(
+            gw, f"/n/acme/api/v2/signups/me?api_key={key}&limit=1&access_token={key}"
+        )
+        assert status == (200, None)
+        [seen] = fake_nb.api_requests
+        assert key not in seen.query_string
+        assert seen.query_string == f"api_key={REDACTED}&limit=1"
+
     async def test_two_different_keys_are_refused(self, gw: Gateway) -> None:
         """A request presenting two different keys is ambiguous: 400 invalid_request."""
         one, two = await add_key(gw, "one"), await add_key(gw, "two")
