@@ -77,7 +77,9 @@ class ConnectionGuard:
         self._too_many = raw_error_response(
             TooManyConnections(
                 f"this client address already has {self.per_client} open connections "
-                "(NBGW_MAX_CONNECTIONS_PER_CLIENT)"
+                "(NBGW_MAX_CONNECTIONS_PER_CLIENT; every tool on that host counts); retry "
+                "once one of them has closed",
+                headers={"Retry-After": "1"},
             )
         )
 

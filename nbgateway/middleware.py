@@ -102,7 +102,8 @@ def raw_error_response(err: GatewayError) -> bytes:
         "Content-Type: application/vnd.api+json\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"X-NBGW-Error: {err.code}\r\n"
-        "Cache-Control: no-store\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in err.headers.items())
+        + "Cache-Control: no-store\r\n"
         "Connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body

@@ -407,6 +407,7 @@ class TestConnectionGuard:
         await hang_up(writer)
         assert answer.status == 429
         assert answer.error_code() == "too_many_connections"
+        assert answer.headers["Retry-After"] == "1"  # a tool can tell when to try again
         assert gw.closed("client_limit") == 1
 
         served = await exchange(gw.port, request_bytes("GET", ECHO, [("Connection", "close")]))
