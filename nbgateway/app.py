@@ -35,6 +35,7 @@ from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import Settings
 from nbgateway.connections import GUARD, ConnectionGuard, track_requests
 from nbgateway.errors import ClientNotAllowed, NBGatewayError
+from nbgateway.health import watch_store
 from nbgateway.metrics import Metrics
 from nbgateway.middleware import only_from, request_context
 from nbgateway.notify import Notifier, combine
@@ -122,6 +123,7 @@ def create_app(
                     ),
                     asyncio.create_task(svc.clients.run(SYNC_INTERVAL)),
                     asyncio.create_task(activity.run()),
+                    asyncio.create_task(watch_store(svc.store, metrics)),
                 ]
             try:
                 yield

@@ -267,6 +267,13 @@ class Metrics:
             ["account"],
             registry=r,
         )
+        self.store_up = Gauge(
+            "nbgw_store_up",
+            "1 while this process's last check of the database (a read and a test write, "
+            "every 5 s) succeeded, 0 while the database cannot be used.",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.unpersisted = Gauge(
             "nbgw_token_unpersisted",
             "1 while the account's current token pair exists only in this process's memory "

@@ -41,6 +41,7 @@ from procs import (
 from test_admin_pages import Browser
 from test_workers import gone, started_pids
 
+from nbgateway import health
 from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import generate_key
@@ -436,3 +437,23 @@ async def test_slugs_named_while_postgres_is_down_get_no_metric_labels(
     errors = gw.metric("nbgw_gateway_errors_total", account="none", error="store_unavailable")
     assert errors == 3
     pg_own_server.start()
+
+
+async def test_store_up_follows_the_database(
+    gateway_factory: GatewayFactory, pg_own_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nbgw_store_up (what the NBGatewayStoreUnavailable alert watches) is 1 while the
+    maintenance loop's look at the database each second succeeds, 0 within a few
+    seconds of PostgreSQL going away, and 1 again once it is back: an outage shows on
+    /metrics even while cached tokens keep every request served."""
+    monkeypatch.setattr(health, "INTERVAL", 0.2)
+    gw = await gateway_factory(database=pg_own_server.url(), background=True)
+
+    async def store_up(value: float) -> bool:
+        return gw.metric("nbgw_store_up") == value
+
+    await eventually(lambda: store_up(1), "nbgw_store_up to be 1")
+    pg_own_server.stop()
+    await eventually(lambda: store_up(0), "nbgw_store_up to drop to 0")
+    pg_own_server.start()
+    await eventually(lambda: store_up(1), "nbgw_store_up to be 1 again")
