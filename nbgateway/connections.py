@@ -30,13 +30,19 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from nbgateway.allowlist import AllowList, peer_address
 from nbgateway.config import Settings
-from nbgateway.errors import ClientNotAllowed, InvalidRequest, TooManyConnections
+from nbgateway.errors import (
+    ClientNotAllowed,
+    GatewayError,
+    InvalidRequest,
+    NotImplementedByGateway,
+    TooManyConnections,
+)
 from nbgateway.log import request_id_var
 from nbgateway.metrics import Metrics
 from nbgateway.middleware import (
@@ -147,6 +153,7 @@ class GuardedHandler(web.RequestHandler):
         self._request: web.BaseRequest | None = None  # the one being handled
         self._body_failed = False  # its body broke: the connection ends with its answer
         self._last_data = 0.0
+        self._opening = b""  # the connection's first bytes: what a refusal's message says
 
     # -- the connection --------------------------------------------------------------------
 
@@ -173,6 +180,8 @@ class GuardedHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         now = self._last_data = self._loop.time()
+        if not self._opening:
+            self._opening = data[:2]
         if not self._in_request and self._head_since is None and self._address is not None:
             self._head_since = now  # the first byte of the next request head
             if self._head_timer is None:
@@ -209,12 +218,27 @@ class GuardedHandler(web.RequestHandler):
         answers it."""
         if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
-        if isinstance(exc, LineTooLong):
-            detail = "a request line or header line is longer than 8190 bytes"
+        refusal: GatewayError
+        if self._opening.startswith(b"\x16\x03"):
+            refusal = InvalidRequest(
+                "this port speaks plain HTTP, and a TLS handshake arrived: use http://, or "
+                "put a TLS reverse proxy in front (see deployment.md); nothing was forwarded"
+            )
+        elif isinstance(exc, BadHttpMethod) and self._opening[:1].isalpha():
+            # RFC 9110: an unrecognised method is 501. The name is not echoed (any bytes).
+            refusal = NotImplementedByGateway(
+                "the request method is none the gateway's HTTP parser knows (the standard "
+                "methods, PATCH, and WebDAV's and a few other registered ones); nothing was "
+                "forwarded"
+            )
+        elif isinstance(exc, LineTooLong):
+            refusal = InvalidRequest(
+                "a request line or header line is longer than 8190 bytes; nothing was forwarded"
+            )
         else:
-            detail = (
+            refusal = InvalidRequest(
                 "the request is not well-formed HTTP/1.1 (its request line, a header, or "
-                "the framing of its body)"
+                "the framing of its body); nothing was forwarded"
             )
         self._guard.closed("malformed_request")
         request_id = new_request_id()
@@ -226,7 +250,7 @@ class GuardedHandler(web.RequestHandler):
             )
         finally:
             request_id_var.reset(token)
-        response = error_response(InvalidRequest(f"{detail}; nothing was forwarded"))
+        response = error_response(refusal)
         response.headers[REQUEST_ID_HEADER] = request_id
         response.force_close()
         return response

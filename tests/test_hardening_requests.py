@@ -291,6 +291,8 @@ class TestMalformedRequests:
         assert answer.headers["Content-Type"] == "application/vnd.api+json"
         assert answer.headers["X-Request-ID"]
         assert b"CALLER-SECRET" not in answer.body and b"aaaa" not in answer.body
+        if name == "tls-hello":  # https:// on the plain port: the message says so
+            assert "TLS handshake" in json.loads(answer.body)["errors"][0]["detail"]
         assert await until_closed(reader) == b""
         await hang_up(writer)
         assert gw.closed("malformed_request") == 1
@@ -299,6 +301,27 @@ class TestMalformedRequests:
         assert "CALLER-SECRET" not in caplog.text
         [warning] = [r for r in caplog.records if r.getMessage() == "malformed request refused"]
         assert warning.levelno == logging.WARNING
+
+    async def test_a_method_the_parser_does_not_know_is_501(
+        self, serve: Any, fake_nb: FakeNationBuilder
+    ) -> None:
+        """`curl -X FOO`: aiohttp's parser knows only registered methods. The answer is
+        RFC 9110's 501 for an unrecognised method, saying so (it was 400 "not
+        well-formed HTTP/1.1"), and does not echo the method; a registered one
+        (PROPFIND) is forwarded like any other."""
+        gw = await serve()
+        fake_nb.clear_recordings()
+        answer = await exchange(gw.port, b"FOO /n/acme/api/v2/signups HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.status == 501
+        assert answer.error_code() == "not_implemented"
+        assert "method" in json.loads(answer.body)["errors"][0]["detail"]
+        assert b"FOO" not in answer.body
+        assert fake_nb.api_requests == []
+        forwarded = await exchange(
+            gw.port, request_bytes("PROPFIND", ECHO, [("Connection", "close")])
+        )
+        assert "X-NBGW-Error" not in forwarded.headers  # NationBuilder's own answer
+        assert fake_nb.api_requests[-1].method == "PROPFIND"
 
     @pytest.mark.parametrize("retry_buffer", [100, 1_000_000], ids=["streamed", "buffered"])
     async def test_a_chunk_that_breaks_midway_is_answered_at_once(
