@@ -359,14 +359,19 @@ class Proxy:
     async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
         """The route's Expect handler: 100 Continue only for a request the gateway would take.
 
-        Refusals here (413 for a declared body over NBGW_MAX_REQUEST_BODY, 403, 501, 417
-        for an Expect value other than 100-continue) go out before the client sends its
-        body, and close the connection.
+        Refusals here go out before the client sends its body, and close the connection:
+        413 for a declared body over NBGW_MAX_REQUEST_BODY, 403 or 501 as for any request,
+        400 for a path or nation the route refuses, the client-key refusals (401, 403), 417
+        for an Expect value other than 100-continue. (Whether the nation is connected is
+        known only from the store, with the request.)
         """
         if request.version < (1, 1):
             return None  # HTTP/1.0 has no Expect: the header is ignored, as aiohttp does
         try:
             self._refuse_early(request)
+            route = self.route(request)
+            if self._clients.mode is not ClientAuth.OFF:
+                await self._client(request, route)
             if request.headers.get("Expect", "").strip().lower() != "100-continue":
                 raise ExpectationFailed(
                     "the gateway knows no Expect value but 100-continue; send the request "
@@ -452,17 +457,7 @@ class Proxy:
             self._refuse_early(request)
             route = self.route(request)
             if clients.mode is not ClientAuth.OFF:
-                presented = presented_key(request)
-                if presented is not None and not clients.current():
-                    await clients.catch_up()  # a key removed anywhere is refused at once
-                try:
-                    client = clients.identify(presented)
-                except ClientKeyInvalid:
-                    assert presented is not None  # no key is anonymous or ClientKeyRequired
-                    client = await clients.identify_after_sync(presented)
-                clients.authorize(client, route.slug, request.method)
-                if client is not None:
-                    request[CLIENT_NAME] = client.name
+                client = await self._client(request, route)
             account = route.slug
             if info is not None:
                 info["account"] = account
@@ -496,6 +491,23 @@ class Proxy:
                         status,
                         request_id_of(request),
                     )
+
+    async def _client(self, request: web.Request, route: Route) -> ClientInfo | None:
+        """The tool behind `request` (None: anonymous), allowed `route`'s nation and
+        method, or the client-key refusal."""
+        clients = self._clients
+        presented = presented_key(request)
+        if presented is not None and not clients.current():
+            await clients.catch_up()  # a key removed anywhere is refused at once
+        try:
+            client = clients.identify(presented)
+        except ClientKeyInvalid:
+            assert presented is not None  # no key is anonymous or ClientKeyRequired
+            client = await clients.identify_after_sync(presented)
+        clients.authorize(client, route.slug, request.method)
+        if client is not None:
+            request[CLIENT_NAME] = client.name
+        return client
 
     def _label(self, account: str) -> str:
         """`account` as a metric label: a slug the client named that is not known to be

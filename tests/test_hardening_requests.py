@@ -962,6 +962,39 @@ class TestExpectContinue:
         assert "X-Request-ID" in answer.headers
         assert fake_nb.api_requests == []
 
+    @pytest.mark.parametrize(
+        ("target", "status", "code"),
+        [
+            ("/n/Bad_Slug/api/v2/people", 400, "invalid_request"),
+            ("/n/acme/api/%2e%2e/x", 400, "invalid_request"),
+            ("/n/acme/api/v2/people", 401, "client_key_required"),
+        ],
+        ids=["slug", "dot-segment", "no-key"],
+    )
+    async def test_a_request_the_route_or_keys_refuse_gets_no_100(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        target: str,
+        status: int,
+        code: str,
+    ) -> None:
+        """What the route or the client keys would refuse is refused before the body too
+        (it got 100 Continue, the client uploaded everything, then the 400 or 401)."""
+        gw = await gateway_factory(client_auth="required")
+        await connect_account(gw, "acme")
+        fake_nb.clear_recordings()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+        writer.write(
+            request_bytes("POST", target, [("Content-Length", "50000"), ("Expect", "100-continue")])
+        )
+        answer = await read_answer(reader)
+        await hang_up(writer)
+        assert answer.status == status
+        assert answer.error_code() == code
+        assert fake_nb.api_requests == []
+
 
 # ---------------------------------------------------------------------- point 11: allow-lists
 
