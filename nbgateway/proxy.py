@@ -371,7 +371,7 @@ class Proxy:
             self._refuse_early(request)
             route = self.route(request)
             if self._clients.mode is not ClientAuth.OFF:
-                await self._client(request, route)
+                self._clients.authorize(await self._identify(request), route.slug, request.method)
             if request.headers.get("Expect", "").strip().lower() != "100-continue":
                 raise ExpectationFailed(
                     "the gateway knows no Expect value but 100-continue; send the request "
@@ -457,7 +457,10 @@ class Proxy:
             self._refuse_early(request)
             route = self.route(request)
             if clients.mode is not ClientAuth.OFF:
-                client = await self._client(request, route)
+                client = await self._identify(request)
+                clients.authorize(client, route.slug, request.method)
+                if client is not None:
+                    request[CLIENT_NAME] = client.name
             account = route.slug
             if info is not None:
                 info["account"] = account
@@ -492,9 +495,9 @@ class Proxy:
                         request_id_of(request),
                     )
 
-    async def _client(self, request: web.Request, route: Route) -> ClientInfo | None:
-        """The tool behind `request` (None: anonymous), allowed `route`'s nation and
-        method, or the client-key refusal."""
+    async def _identify(self, request: web.Request) -> ClientInfo | None:
+        """The tool behind `request` (None: anonymous), or the client-key refusal (no key
+        where one is required, an unknown key)."""
         clients = self._clients
         presented = presented_key(request)
         if presented is not None and not clients.current():
@@ -504,9 +507,6 @@ class Proxy:
         except ClientKeyInvalid:
             assert presented is not None  # no key is anonymous or ClientKeyRequired
             client = await clients.identify_after_sync(presented)
-        clients.authorize(client, route.slug, request.method)
-        if client is not None:
-            request[CLIENT_NAME] = client.name
         return client
 
     def _label(self, account: str) -> str:
