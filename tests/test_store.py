@@ -432,3 +432,33 @@ async def test_a_database_locked_by_another_process_at_open_is_unavailable(
         holder.close()
     async with make_store(db_path, clock, key):
         pass
+
+
+async def test_writes_queued_behind_a_locked_database_share_one_busy_timeout(
+    db_path: Path, clock: FakeClock, key: str
+) -> None:
+    """Another process holds the write lock: ten writes of this process started at once
+    all fail within about one busy timeout, with the lock named (they queued for this
+    process's turn and each then waited its own timeout: the tenth answered after ten,
+    and a probe polling /readyz kept the queue full). Once the lock is gone, writes work."""
+    await create_database(db_path, clock, key)
+    busy = 0.5
+    async with make_store(db_path, clock, key, busy_timeout=busy) as store:
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+
+            async def write() -> float:
+                with pytest.raises(StoreUnavailable, match="locked"):
+                    await store.check_writable()
+                return loop.time() - started
+
+            waits = await asyncio.wait_for(asyncio.gather(*(write() for _ in range(10))), 60)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        # A bound in busy timeouts, not in seconds: queued one after another it was ten.
+        assert max(waits) < 4 * busy, waits
+        await store.check_writable()

@@ -393,3 +393,25 @@ async def test_a_large_audit_trail_is_copied_within_the_time_its_rows_need(
     async with store as target:
         await target.load(dump)
         assert len((await target.dump()).audit) == 20_000
+
+
+async def test_a_statement_held_by_a_table_lock_names_the_lock(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """A statement past the command timeout because another session holds a lock on the
+    gateway's tables (LOCK TABLE, a long transaction) is StoreUnavailable that names a
+    lock as a cause, with where to look: "not reachable: TimeoutError" sent operators to
+    the network while the server was answering."""
+    store = PostgresStore(pg_url, Cipher([Secret(key)]), clock, command_timeout=0.3)
+    async with store:
+        holder = await asyncpg.connect(pg_url)
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+                with pytest.raises(StoreUnavailable) as info:
+                    await store.ping()
+        finally:
+            await holder.close()
+        assert "pg_locks" in str(info.value)
+        assert "no answer within 0.3 s" in str(info.value)
+        await store.ping()

@@ -387,6 +387,14 @@ class PostgresStore:
     # -- errors ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            # A statement past its timeout: the server may be down, hung or unreachable,
+            # or it answers but a lock (LOCK TABLE, a long transaction) holds the rows.
+            return (
+                f"no answer within {self._command_timeout:g} s (the server is down, hung or "
+                "unreachable, or a lock on the gateway's tables holds the statement: see "
+                "pg_stat_activity and pg_locks)"
+            )
         text = str(exc) or type(exc).__name__
         if isinstance(exc, asyncpg.exceptions.InterfaceError) and (
             _RELEASED in text or _CLOSED in text

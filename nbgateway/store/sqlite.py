@@ -626,14 +626,35 @@ class SQLiteStore:
         mode it still survives a process crash, just not a power cut, and the next durable
         commit makes it durable too. Tokens are always written durably.
         """
-        async with self._write_lock:
+        # One writer at a time in this process; the wait for that turn and for SQLite's
+        # lock share one busy timeout, so callers queued behind a database another process
+        # keeps locked all fail within it (each waited its own timeout after the one before).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_ms / 1000
+        queued = self._write_lock.locked()  # else the whole timeout is left for SQLite's lock
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._write_lock.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"database {self.path} cannot be written: database is locked (this "
+                "process's earlier writes are still waiting for it)"
+            ) from None
+        try:
             if self._writer is None:
                 self._writer = await self._connect()
             conn = self._writer
+            left = max(0, int((deadline - loop.time()) * 1000)) if queued else self._busy_ms
             try:
+                if left < self._busy_ms:
+                    await self._scalar(conn, f"PRAGMA busy_timeout = {left}")
                 if not durable:
                     await self._scalar(conn, "PRAGMA synchronous = NORMAL")
-                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    await conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    if left < self._busy_ms:
+                        await self._scalar(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
             except sqlite3.Error as exc:
                 await self._drop_writer()
                 raise StoreUnavailable(f"database {self.path} cannot be written: {exc}") from None
@@ -656,6 +677,8 @@ class SQLiteStore:
                         await self._scalar(conn, "PRAGMA synchronous = FULL")
                     except sqlite3.Error:
                         await self._drop_writer()
+        finally:
+            self._write_lock.release()
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
