@@ -462,3 +462,31 @@ async def test_writes_queued_behind_a_locked_database_share_one_busy_timeout(
         # A bound in busy timeouts, not in seconds: queued one after another it was ten.
         assert max(waits) < 4 * busy, waits
         await store.check_writable()
+
+
+async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_no_lock_behind(
+    db_path: Path, clock: FakeClock, key: str
+) -> None:
+    """A write cancelled while its BEGIN waits for a lock another process holds (a health
+    check's or a client's timeout) must not take the lock once it frees: the BEGIN kept
+    running in the connection's thread, got the lock when the other process let go, and
+    held it, so every other process read "database is locked" and this one's next write
+    failed inside the stale transaction."""
+    await create_database(db_path, clock, key)
+    async with make_store(db_path, clock, key, busy_timeout=2.0) as store:
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await store.check_writable()
+        holder.execute("ROLLBACK")  # the lock frees while the cancelled BEGIN still waits
+        other = sqlite3.connect(db_path, isolation_level=None, timeout=10, check_same_thread=False)
+        try:
+            # Takes the lock at once, or after the abandoned writer let go of it.
+            await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+            holder.close()
+        await store.check_writable()  # and this process writes on
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)

@@ -364,6 +364,7 @@ class SQLiteStore:
         self._owner = owner_id()
         self._conn: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # abandoned writers being closed
         # The client keys' own reader (`list_clients`), opened on first use.
         self._keys_reader: aiosqlite.Connection | None = None
         self._keys_lock = asyncio.Lock()
@@ -458,6 +459,8 @@ class SQLiteStore:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await writer.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._keys_reader is not None:
             keys_reader, self._keys_reader = self._keys_reader, None
             await keys_reader.close()
@@ -650,17 +653,24 @@ class SQLiteStore:
                     await self._scalar(conn, f"PRAGMA busy_timeout = {left}")
                 if not durable:
                     await self._scalar(conn, "PRAGMA synchronous = NORMAL")
-                try:
-                    await conn.execute("BEGIN IMMEDIATE")
-                finally:
-                    if left < self._busy_ms:
-                        await self._scalar(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
+                await conn.execute("BEGIN IMMEDIATE")
+                if left < self._busy_ms:
+                    await self._scalar(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
             except sqlite3.Error as exc:
-                await self._drop_writer()
+                await self._drop_writer()  # a new writer starts with the whole busy timeout
                 raise StoreUnavailable(f"database {self.path} cannot be written: {exc}") from None
+            except BaseException:
+                # Cancelled (a timeout, a client gone) while the BEGIN may still wait for
+                # the lock in the connection's thread: it would take the lock later and
+                # keep it. The connection is closed once that returns (rolling back).
+                self._abandon_writer()
+                raise
             try:
                 yield conn
                 await conn.execute("COMMIT")
+            except asyncio.CancelledError:
+                self._abandon_writer()  # the statement may still run: closing rolls back
+                raise
             except BaseException as exc:
                 try:
                     await conn.execute("ROLLBACK")
@@ -679,6 +689,15 @@ class SQLiteStore:
                         await self._drop_writer()
         finally:
             self._write_lock.release()
+
+    def _abandon_writer(self) -> None:
+        """Forget the writer without waiting: it is closed once what its thread is still
+        running returns, and closing rolls back any transaction it holds."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            task = asyncio.get_running_loop().create_task(_close_quietly(writer))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -1198,3 +1217,8 @@ class SQLiteStore:
                 "WHERE client = ? AND at = ? ORDER BY id DESC LIMIT 1)",
                 (client, at),
             )
+
+
+async def _close_quietly(conn: aiosqlite.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        await conn.close()
