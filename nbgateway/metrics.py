@@ -269,8 +269,8 @@ class Metrics:
         )
         self.store_up = Gauge(
             "nbgw_store_up",
-            "1 while this process's last check of the database (a read and a test write, "
-            "every 5 s) succeeded, 0 while the database cannot be used.",
+            "1 while this process's last check of the database (a read every 5 s, a test "
+            "write every minute) succeeded, 0 while the database cannot be used.",
             multiprocess_mode="livemin",
             registry=r,
         )
