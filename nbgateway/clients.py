@@ -192,6 +192,7 @@ class ClientRegistry:
         self._used_written = float("-inf")
         self._miss_sync: asyncio.Future[bool] | None = None
         self._miss_synced = float("-inf")
+        self._miss_failed = False  # whether that reload failed (the store was away)
         self._hint: int | None = None
         self._sync_lock = asyncio.Lock()
         self._catch_up: asyncio.Future[None] | None = None
@@ -278,6 +279,11 @@ class ClientRegistry:
         read or the reload takes longer than CATCH_UP_WAIT s (the caller hears 503)."""
         if self._miss_sync is None:
             if self._clock.monotonic() - self._miss_synced < MISS_SYNC_INTERVAL:
+                if self._miss_failed:  # the store could not say: not a verdict on the key
+                    raise StoreUnavailable(
+                        "the client keys cannot be reloaded from the database right now "
+                        "to check this key; retry"
+                    )
                 raise ClientKeyInvalid(_UNKNOWN_KEY)
             self._miss_sync = asyncio.ensure_future(self._sync_for_miss())
         try:
@@ -291,8 +297,11 @@ class ClientRegistry:
         return result
 
     async def _sync_for_miss(self) -> bool:
+        self._miss_failed = True
         try:
-            return await self.sync(force=True)
+            changed = await self.sync(force=True)
+            self._miss_failed = False
+            return changed
         finally:
             self._miss_synced = self._clock.monotonic()
             self._miss_sync = None

@@ -52,6 +52,9 @@ CLIENT_CLOSED = 499
 # Set by whatever closes a connection for the request's own fault (a stalled body: 408),
 # so that its cancelled handler logs that status rather than CLIENT_CLOSED.
 CLOSED_WITH: web.RequestKey[int] = web.RequestKey("nbgw_closed_with", int)
+# Set by an Expect handler that sent no 100 Continue (the request will be refused): the
+# client holds its body back, so the connection closes after the answer.
+NO_CONTINUE: web.RequestKey[bool] = web.RequestKey("nbgw_no_continue", bool)
 
 
 def connection_gone(request: web.Request) -> bool:
@@ -224,6 +227,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = response.status
         if not response.prepared:
             response.headers[REQUEST_ID_HEADER] = request_id
+            if status >= 400 and request.get(NO_CONTINUE):
+                response.force_close()  # the body was never sent: nothing to read after it
         return response
     finally:
         info.setdefault("status", status)

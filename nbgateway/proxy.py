@@ -64,6 +64,7 @@ from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
 from nbgateway.metrics import NO_ACCOUNT, Metrics
 from nbgateway.middleware import (
     ACCESS_INFO,
+    NO_CONTINUE,
     REQUEST_ID_HEADER,
     cancelled_status,
     connection_gone,
@@ -359,11 +360,13 @@ class Proxy:
     async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
         """The route's Expect handler: 100 Continue only for a request the gateway would take.
 
-        Refusals here go out before the client sends its body, and close the connection:
-        413 for a declared body over NBGW_MAX_REQUEST_BODY, 403 or 501 as for any request,
-        400 for a path or nation the route refuses, the client-key refusals (401, 403), 417
-        for an Expect value other than 100-continue. (Whether the nation is connected is
-        known only from the store, with the request.)
+        A request that would be refused (413 for a declared body over NBGW_MAX_REQUEST_BODY,
+        403 or 501 as for any request, 400 for a path or nation the route refuses, a client
+        key's 401 or 403), or that cannot be decided now (the store is away), gets no 100:
+        the client holds its body back, the handler refuses it like any other request
+        (counted, audited, logged) and the connection closes after that answer
+        (`NO_CONTINUE`). An Expect value other than 100-continue is answered 417 here.
+        (Whether the nation is connected is known only from the store, with the request.)
         """
         if request.version < (1, 1):
             return None  # HTTP/1.0 has no Expect: the header is ignored, as aiohttp does
@@ -372,13 +375,16 @@ class Proxy:
             route = self.route(request)
             if self._clients.mode is not ClientAuth.OFF:
                 self._clients.authorize(await self._identify(request), route.slug, request.method)
-            if request.headers.get("Expect", "").strip().lower() != "100-continue":
-                raise ExpectationFailed(
+        except (GatewayError, StoreError):
+            request[NO_CONTINUE] = True
+            return None
+        if request.headers.get("Expect", "").strip().lower() != "100-continue":
+            response = error_response(
+                ExpectationFailed(
                     "the gateway knows no Expect value but 100-continue; send the request "
                     "without the Expect header"
                 )
-        except GatewayError as err:
-            response = error_response(err)
+            )
             response.headers[REQUEST_ID_HEADER] = request_id_of(request)
             response.force_close()
             return response

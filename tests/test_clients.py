@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -793,6 +794,61 @@ class TestAudit:
         assert all(e.at > 0 for e in entries)
         assert [e.nation for e in await gw.store.audit(nation="bravo")] == ["bravo"]
         assert {e.client for e in await gw.store.audit(client="reader")} == {"reader"}
+
+    async def test_a_write_refused_before_its_body_is_audited_and_counted(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """A read-only key's POST with `Expect: 100-continue` (curl and many libraries send
+        it for larger bodies) is refused before the body is sent, and, like the same
+        request without Expect, audited, counted and logged (the Expect handler answered
+        it itself, past the audit and the metrics); the connection closes after it."""
+        reader = await add_key(gw, "reader", read_only=True)
+        fake_nb.clear_recordings()
+        body = json.dumps(SIGNUP).encode()
+        connection = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+        stream, writer = connection
+        writer.write(
+            (
+                "POST /n/acme/api/v2/signups HTTP/1.1\r\nHost: x\r\n"
+                f"X-NBGW-Key: {reader}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
+        answer = await asyncio.wait_for(stream.read(), 20)  # read until it closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 403"), answer[:80]
+        assert b"100 Continue" not in answer
+        assert fake_nb.api_requests == []
+        await registry(gw).flush()
+        [entry] = await gw.store.audit(limit=10)
+        assert (entry.client, entry.method, entry.status) == ("reader", "POST", 403)
+        assert (
+            gw.metric("nbgw_client_requests_total", client="reader", account="none", code="403")
+            == 1
+        )
+
+    async def test_a_store_failure_before_the_body_is_the_contracts_503(self, gw: Gateway) -> None:
+        """A key this process does not know sends it to the store; with the store failing
+        and `Expect: 100-continue`, the answer is 503 store_unavailable as without Expect
+        (it was aiohttp's plain-text 500 and a traceback in the log)."""
+
+        async def down(*args: Any, **kwargs: Any) -> Any:
+            raise StoreUnavailable("database is locked")
+
+        gw.store.change_counter = down  # type: ignore[method-assign]
+        gw.store.list_clients = down  # type: ignore[method-assign]
+        stream, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+        writer.write(
+            (
+                "POST /n/acme/api/v2/signups HTTP/1.1\r\nHost: x\r\n"
+                f"X-NBGW-Key: nbgw_{'A' * 43}\r\nContent-Length: 2\r\n"
+                "Expect: 100-continue\r\n\r\n"
+            ).encode()
+        )
+        answer = await asyncio.wait_for(stream.read(), 20)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:80]
+        assert b"X-NBGW-Error: store_unavailable" in answer
 
     async def test_secrets_a_tool_puts_in_path_or_request_id_are_not_kept(
         self, gw: Gateway, connect_account: ConnectAccount
