@@ -49,6 +49,9 @@ log = logging.getLogger("nbgateway.tokens")
 # Never refresh one account more often than this (a token endpoint answering tiny lifetimes
 # must not turn every request into a rotation).
 MIN_REFRESH_INTERVAL = 30.0
+# Seconds a request with a still-valid token leaves the store alone after it could not be
+# used (each try would wait for its timeouts; the token serves meanwhile).
+STORE_RETRY = 5.0
 # Seconds between attempts to store a rotated pair the store refused (doubling up to the cap).
 PERSIST_RETRY_BASE = 1.0
 PERSIST_RETRY_CAP = 30.0
@@ -158,6 +161,7 @@ class TokenManager:
         self._trying: set[str] = set()
         self._change_counter: int | None = None
         self._accounts: set[str] = set()
+        self._store_retry_at = float("-inf")  # monotonic; see STORE_RETRY
         self._unpersisted: dict[str, _Unpersisted] = {}
         # Per account: the refresh token last sent without a usable answer, and when.
         self._unanswered: dict[str, tuple[Secret, float]] = {}
@@ -446,12 +450,29 @@ class TokenManager:
         if slug in self._needs_reauth and not await self._reauthorized_elsewhere(slug):
             raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
-        if backing_off and not force:
+        store_away = self._clock.monotonic() < self._store_retry_at
+        if (backing_off or store_away) and not force:
             # Keep using a still-valid token without touching the store meanwhile.
             cached = self._still_valid(self._cache.get(slug))
             if cached is not None:
                 return cached
+        try:
+            return await self._obtain_from_store(slug, force, stale_generation, backing_off)
+        except StoreUnavailable:
+            # The database is away: a token that has not expired serves on (the refresh
+            # waits for the database, which must keep its result) instead of a 503 for
+            # the last NBGW_REFRESH_MARGIN of its life.
+            self._store_retry_at = self._clock.monotonic() + STORE_RETRY
+            if slug in self._unpersisted:  # rotated, then the store failed: the new pair
+                return self._issue_unpersisted(slug)
+            cached = None if force else self._still_valid(self._cache.get(slug))
+            if cached is None:
+                raise
+            return cached
 
+    async def _obtain_from_store(
+        self, slug: str, force: bool, stale_generation: int | None, backing_off: bool
+    ) -> IssuedToken:
         # Without the lock first: another process may already have refreshed.
         account = await self._load(slug)
         if account.status is AccountStatus.NEEDS_REAUTH:

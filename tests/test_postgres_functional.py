@@ -74,7 +74,8 @@ async def test_postgres_down_cached_token_served_then_reconnects(
     pg_own_server: PgServer,
 ) -> None:
     """With PostgreSQL stopped, a request with a valid cached token is still served while
-    /readyz says 503 and a request needing a refresh gets 503 store_unavailable; once
+    /readyz says 503, in the refresh margin too (it got 503 for the last 5 minutes of the
+    token's life), and one whose token expired gets 503 store_unavailable; once
     PostgreSQL is back (no gateway restart) /readyz is 200, the refresh works, and
     nothing stored before is lost."""
     gw = await gateway_factory(database=pg_own_server.url())
@@ -87,7 +88,11 @@ async def test_postgres_down_cached_token_served_then_reconnects(
     assert resp.status == 200  # the hot path never touches the database
     assert fake_nb.api_requests[-1].headers["Authorization"] == f"Bearer {issued['access_token']}"
     assert (await gw.client.get("/readyz")).status == 503
-    clock.advance(86400 - 100)  # now the token needs a refresh, which needs the database
+    clock.advance(86400 - 100)  # due for refresh (inside the margin), still valid
+    resp = await gw.client.get("/api/v2/signups/me")
+    assert resp.status == 200  # the last NBGW_REFRESH_MARGIN of its life serves too
+    assert fake_nb.api_requests[-1].headers["Authorization"] == f"Bearer {issued['access_token']}"
+    clock.advance(101)  # expired: now it needs a refresh, which needs the database
     resp = await gw.client.get("/api/v2/signups/me")
     assert resp.status == 503
     assert resp.headers["X-NBGW-Error"] == "store_unavailable"
