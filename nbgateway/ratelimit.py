@@ -292,7 +292,7 @@ class RateLimiter:
             return slot
         b = self._budget(account)
         now = self._clock.now()
-        known_wait = self._known_wait(b, now, client)
+        known_wait = self._known_wait(b, now, client, replay=replay)
         if known_wait > self._timeout:
             raise self._refusal(known_wait)
 
@@ -409,26 +409,28 @@ class RateLimiter:
         cap = max(1, math.ceil((b.announced if b.announced is not None else b.remaining) / 2))
         return b.local or b.in_flight < cap
 
-    def _known_wait(self, b: _Budget, now: float, client: str) -> float:
-        """A lower bound on how long a request of `client` joining the queue now must wait."""
+    def _known_wait(self, b: _Budget, now: float, client: str, *, replay: bool = False) -> float:
+        """A lower bound on how long a request of `client` joining the queue now must wait
+        (a replay joins at the head of its client's queue)."""
         wait = 0.0
         if now < b.hold_until:
             wait = b.hold_until - now
         elif b.remaining is not None and b.remaining <= 0 and b.reset_at is not None:
             wait = b.reset_at + RESET_MARGIN - now
         if b.limit and b.period:
-            beyond = self._ahead(b, client) + 1 - max(0, b.remaining or 0)
+            beyond = self._ahead(b, client, replay) + 1 - max(0, b.remaining or 0)
             if beyond > 0:
                 wait += ((beyond - 1) // b.limit) * b.period
         return max(0.0, wait)
 
     @staticmethod
-    def _ahead(b: _Budget, client: str) -> int:
+    def _ahead(b: _Budget, client: str, replay: bool = False) -> int:
         """How many queued requests go before one `client` adds now. Round-robin serves
         each client with a queue once per round, in queue order: its own queue first, then
         from a client before it in the round one per round until its turn, from one after
-        it one per round before (not a greedy tool's whole backlog)."""
-        own = len(b.queues.get(client, ()))
+        it one per round before (not a greedy tool's whole backlog). A replay goes to the
+        head of its client's queue: none of its own is ahead of it."""
+        own = 0 if replay else len(b.queues.get(client, ()))
         ahead = own
         after = False
         for other, queue in b.queues.items():

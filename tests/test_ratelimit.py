@@ -577,6 +577,28 @@ class TestFairness:
             task.cancel()
         await asyncio.gather(*greedy, return_exceptions=True)
 
+    async def test_a_replay_is_not_refused_for_its_own_tools_backlog(
+        self, make_limiter: LimiterFactory, timers: Timers
+    ) -> None:
+        """A replay after an upstream 429 goes to the head of its tool's queue, so the
+        tool's own backlog is not ahead of it: it goes in the next window (it was refused
+        at once with Retry-After 40, and the 429 the gateway promises to absorb reached
+        the tool)."""
+        limiter = make_limiter(queue_timeout=30)
+        await learn(limiter, remaining=4, limit=5, reset=NOW + 10)
+        await timers.advance(10.1)
+        await learn(limiter, remaining=0, limit=5, reset=NOW + 20)
+        backlog = [asyncio.create_task(limiter.acquire("acme", "sync")) for _ in range(15)]
+        await settle()
+        replay = asyncio.create_task(limiter.acquire("acme", "sync", replay=True))
+        await settle()
+        assert not replay.done()
+        await timers.advance(10)
+        assert replay.done() and replay.exception() is None
+        for task in backlog:
+            task.cancel()
+        await asyncio.gather(*backlog, return_exceptions=True)
+
 
 class TestUpstream429:
     async def test_429_holds_the_queue_for_retry_after(
