@@ -33,6 +33,7 @@ from nbgateway.tokens import NeedsReauthListener
 log = logging.getLogger("nbgateway.notify")
 
 EVENT = "account_needs_reauthorization"
+NOTIFY_GRACE = 3.0  # seconds a stop gives webhook deliveries still on their way
 # Waits between attempts: 3 attempts in all, the last about 6 s after the first.
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (1.0, 5.0)
 # Statuses worth retrying among the 4xx: the receiver was busy, not saying "never".
@@ -68,7 +69,7 @@ class Notifier:
         session: aiohttp.ClientSession | None = None,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         attempt_timeout: float = 10.0,
-        shutdown_grace: float = 3.0,
+        shutdown_grace: float = NOTIFY_GRACE,
     ) -> None:
         self.webhook_url = webhook_url
         self.connect_url = f"{public_url.rstrip('/')}/connect"

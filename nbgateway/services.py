@@ -20,6 +20,7 @@ from nbgateway.clock import Clock
 from nbgateway.config import Settings
 from nbgateway.crypto import Cipher
 from nbgateway.metrics import Metrics
+from nbgateway.notify import NOTIFY_GRACE
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Redactor
 from nbgateway.server import REQUESTS_GRACE
@@ -32,9 +33,10 @@ CLOSE_GRACE = 5.0
 
 def stop_grace(settings: Settings) -> float:
     """The longest one process takes to stop: open requests (REQUESTS_GRACE), then a
-    refresh in flight (NBGW_TOKEN_TIMEOUT + CLOSE_GRACE) and the queued audit entries
-    (CLOSE_GRACE); 85 s by default. A `--workers` parent waits this long before it kills."""
-    return REQUESTS_GRACE + settings.token_timeout + 2 * CLOSE_GRACE
+    refresh in flight (NBGW_TOKEN_TIMEOUT + CLOSE_GRACE), the queued audit entries
+    (CLOSE_GRACE) and webhook deliveries on their way (NOTIFY_GRACE); 88 s by default. A
+    `--workers` parent waits this long before it kills."""
+    return REQUESTS_GRACE + settings.token_timeout + 2 * CLOSE_GRACE + NOTIFY_GRACE
 
 
 @dataclass(frozen=True)

@@ -1533,7 +1533,8 @@ def test_the_workers_parent_waits_out_a_longer_token_timeout(
     stored_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The `--workers` parent kills workers still running after open requests' 60 s, a
-    refresh's NBGW_TOKEN_TIMEOUT + 5 s and the audit's 5 s: a longer token timeout is
+    refresh's NBGW_TOKEN_TIMEOUT + 5 s, the audit's 5 s and the webhook's 3 s: a longer
+    token timeout is
     waited out (not cut off like a crash, after NationBuilder may have rotated)."""
     graces: list[float] = []
 
@@ -1555,4 +1556,4 @@ def test_the_workers_parent_waits_out_a_longer_token_timeout(
             "NBGW_LISTEN": f"127.0.0.1:{free_port()}",
         }
         assert run(["serve"], environ, capsys).code == 0
-    assert graces == [85.0, 190.0]
+    assert graces == [88.0, 193.0]
