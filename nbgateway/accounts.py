@@ -15,6 +15,7 @@ from nbgateway.errors import (
     AccountNotFound,
     AuthorizationFailed,
     OAuthError,
+    PairNotStored,
     ReauthorizationRequired,
     StateError,
 )
@@ -131,8 +132,18 @@ class AccountService:
         return await self._store.events(slug, limit)
 
     async def refresh(self, slug: str) -> AccountInfo:
-        """Refresh now. Raises AccountNotFound, ReauthorizationRequired or RefreshBackoff."""
+        """Refresh now. Raises AccountNotFound, ReauthorizationRequired, RefreshBackoff, or
+        PairNotStored when NationBuilder issued a pair the database refused (the stored row,
+        which the caller would be shown, is the old one)."""
         await self._tokens.refresh_now(slug)
+        if slug in self._tokens.unpersisted:
+            raise PairNotStored(
+                f"NationBuilder issued a new token pair for {slug!r}, but the database "
+                "refused to store it: the gateway holds it in memory, serves with it and "
+                "keeps trying to store it. Fix the database; do not restart the gateway "
+                "until its log says 'stored the held token pair' (runbook: A token pair "
+                "held only in memory)"
+            )
         return await self.get(slug)
 
     async def remove(self, slug: str) -> bool:

@@ -80,6 +80,11 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached or written right now (down, disk full, read-only)."""
 
 
+class PairNotStored(StoreUnavailable):
+    """A refresh worked at NationBuilder, but the database refused the new pair: the
+    process that made the call holds it in memory and keeps trying to store it."""
+
+
 class OAuthError(NBGatewayError):
     """A token-endpoint call failed; `outcome` classifies it for retries and metrics.
 
@@ -281,6 +286,8 @@ def store_failure(exc: StoreError, slug: str | None = None) -> GatewayError:
     asked about, if any): 503 with Retry-After while the database cannot be used, 404 for a
     missing account, else 500 naming the check that finds the damage."""
     about = f" for {slug!r}" if slug else ""
+    if isinstance(exc, PairNotStored):
+        return TokenStoreUnavailable(str(exc), headers={"Retry-After": "30"})
     if isinstance(exc, StoreUnavailable):
         return TokenStoreUnavailable(
             f"the gateway cannot use its database{about} right now; retry shortly",

@@ -201,6 +201,36 @@ class TestDiskFullDuringRefresh:
         assert (await gw.accounts.get(SLUG)).status is AccountStatus.ACTIVE
         assert len(refresh_tokens_sent(fake_nb)) == len(set(refresh_tokens_sent(fake_nb)))
 
+    async def test_an_admin_refresh_whose_pair_is_held_says_so(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        disk: Path,
+    ) -> None:
+        """`POST /connect/api/accounts/SLUG/refresh` whose new pair the database refuses:
+        503 saying the pair is held in memory and not to restart (it answered 200 with the
+        old stored row on SQLite, or "retry shortly" on PostgreSQL)."""
+        gw = await gateway_factory(database=disk / "gateway.db")
+        await connect_account(gw, SLUG)
+        fake_nb.hold_tokens()
+        refresh = asyncio.create_task(
+            gw.client.post(
+                f"/connect/api/accounts/{SLUG}/refresh",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            )
+        )
+        await fake_nb.wait_for_pending_tokens(1)
+        fill(disk)
+        fake_nb.release_tokens()
+        resp = await refresh
+        body = await resp.json()
+        assert resp.status == 503, body
+        assert resp.headers["X-NBGW-Error"] == "store_unavailable"
+        detail = body["errors"][0]["detail"]
+        assert "holds it in memory" in detail and "do not restart" in detail
+        assert gw.tokens.unpersisted == [SLUG]
+
     async def test_background_sweeps_do_not_rotate_a_held_pair_that_is_still_fresh(
         self,
         gateway_factory: GatewayFactory,
