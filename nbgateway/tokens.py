@@ -344,6 +344,16 @@ class TokenManager:
                 # The still-valid stored token, if any; while backing off _obtain makes no
                 # token call, so running it outside single flight is cheap.
                 return await self._obtain(slug, False, stale_generation)
+            except StoreUnavailable:
+                # The refresh joined (a forced one: background, admin) could not use the
+                # store; a caller that only needs a valid token keeps a still-valid one
+                # (held, or the stored one, which _obtain serves when it cannot refresh).
+                if force:
+                    raise
+                cached = self._still_valid(self._cache.get(slug))
+                if cached is not None:
+                    return cached
+                return await self._obtain(slug, False, stale_generation)
             if not listed:
                 self._metrics.refresh_coalesced.labels(slug).inc()
             if not force or task_forced or result.generation != stale_generation:
@@ -489,7 +499,12 @@ class TokenManager:
                 f"refreshing the token of {slug!r} failed recently; retrying later",
                 self._backoff_wait(slug),
             )
-        return await self._refresh_locked(slug, force, stale_generation)
+        try:
+            return await self._refresh_locked(slug, force, stale_generation)
+        except StoreUnavailable:
+            if not force and self._usable(account, 0.0) and slug not in self._unpersisted:
+                return self._issue(account)  # read, but cannot be refreshed: still valid
+            raise
 
     async def _refresh_locked(
         self, slug: str, force: bool, stale_generation: int | None
@@ -922,6 +937,8 @@ class TokenManager:
                     )
                 except (TokenUnavailable, AccountNotFound):
                     pass  # recorded and logged where it happened
+                except StoreUnavailable as exc:  # an outage: one line, tried next round
+                    log.warning(failure_message, extra={"account": info.slug, "error": str(exc)})
                 except Exception:
                     log.exception(failure_message, extra={"account": info.slug})
 

@@ -37,6 +37,7 @@ from test_admin_pages import BrowserFactory, consent, start
 from yarl import URL
 
 from nbgateway import keys
+from nbgateway import store as store_package
 from nbgateway.accounts import STATE_TTL
 from nbgateway.admin.core import SESSION_COOKIE
 from nbgateway.admin.session import LOGIN_FAILURES
@@ -562,3 +563,45 @@ async def test_every_sqlite_read_of_a_damaged_table_is_the_stores_error(
         for name in (table, "verify", "dump"):
             with pytest.raises(StoreError, match="is damaged"):
                 await reads[name]()
+
+
+class TestLockedDatabaseDuringARefresh:
+    async def test_a_request_joining_a_background_refresh_keeps_its_valid_token(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Another program holds SQLite's writer lock (a backup, a `sqlite3` session) while
+        the background refresher renews a token 200 s from expiry: a request that joins that
+        refresh is served with the still-valid token (it got 503 store_unavailable once
+        the refresher's write gave up), and the refresher logs one line, no traceback."""
+        monkeypatch.setattr(store_package, "SQLITE_BUSY_TIMEOUT", 0.5)
+        gw = await gateway_factory()
+        issued = await connect_account(gw, "acme")
+        clock.advance(86400 - 200)  # inside the refresh margin, still valid
+        other = sqlite3.connect(gw.settings.database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            background = asyncio.create_task(gw.tokens.refresh_due(lead=60))
+            await fake_nb_idle()
+            resp = await gw.client.get("/n/acme/api/v2/signups/me")
+            assert resp.status == 200, await resp.text()
+            assert fake_nb.api_requests[-1].headers["Authorization"] == (
+                f"Bearer {issued['access_token']}"
+            )
+            await background
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert fake_nb.token_requests == []  # nothing rotated without a place to keep it
+        assert not [r for r in caplog.records if r.exc_info]
+
+
+async def fake_nb_idle() -> None:
+    """Let the refresher reach its wait for the lock."""
+    for _ in range(5):
+        await asyncio.sleep(0.02)
