@@ -43,6 +43,7 @@ from nbgateway.errors import (
     AuthorizationFailed,
     ConfigError,
     NBGatewayError,
+    PairNotStored,
     ReauthorizationRequired,
     RefreshBackoff,
 )
@@ -53,12 +54,16 @@ from nbgateway.redact import Redactor, Secret
 from nbgateway.server import bind, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, stop_grace, store_for
 from nbgateway.store import copy_store, holds_no_database
+from nbgateway.tokens import TokenManager
 from nbgateway.workers import MULTIPROC_ENV, Workers
 
 log = logging.getLogger("nbgateway.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+# Seconds `accounts refresh` keeps trying to store a pair the database refused (its only
+# holder is about to exit).
+HELD_PAIR_WAIT = 60.0
 
 
 def _whole_number(low: int, high: int) -> Callable[[str], int]:
@@ -393,7 +398,37 @@ async def _accounts(args: argparse.Namespace, settings: Settings, redactor: Reda
         except RefreshBackoff as exc:
             print(f"refresh failed: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        except PairNotStored:
+            return await _store_held_pair(svc.tokens, settings, slug)
     return EXIT_OK
+
+
+async def _store_held_pair(tokens: TokenManager, settings: Settings, slug: str) -> int:
+    """`accounts refresh` got a pair the database refused: this process is the only holder
+    and is about to exit, so keep trying to store it (HELD_PAIR_WAIT s), then say plainly
+    whether it was stored or lost."""
+    print(
+        f"NationBuilder issued a new token pair for {slug}, but the database refused to "
+        f"store it; trying again for up to {HELD_PAIR_WAIT:g} s (Ctrl-C gives up)...",
+        file=sys.stderr,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HELD_PAIR_WAIT
+    while True:
+        await tokens.persist_pending(force=True)
+        if slug not in tokens.unpersisted:
+            print(f"refreshed {slug}; the new pair is stored")
+            return EXIT_OK
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(2.0)
+    print(
+        f"the new token pair for {slug} could not be stored and is lost with this command "
+        f"(NationBuilder has already spent the old refresh token): once the database can be "
+        f"written, re-authorize {slug} at {settings.public_url}/connect",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 async def _import(accounts: AccountService, settings: Settings, slug: str, token: Secret) -> int:

@@ -231,6 +231,54 @@ class TestDiskFullDuringRefresh:
         assert "holds it in memory" in detail and "do not restart" in detail
         assert gw.tokens.unpersisted == [SLUG]
 
+    async def test_cli_refresh_keeps_trying_to_store_the_pair_it_alone_holds(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        encryption_key: str,
+        disk: Path,
+    ) -> None:
+        """`nbgateway accounts refresh` whose new pair the database refuses is the pair's
+        only holder and about to exit: it says so and keeps trying to store it, and once
+        space returns it stores it and exits 0 (it printed a message meant for a running
+        gateway, "holds it in memory ... do not restart", and exited 1 with the pair lost:
+        the next refresh met invalid_grant)."""
+        database = disk / "gateway.db"
+        gw = await gateway_factory(database=database)
+        issued = await connect_account(gw, SLUG)
+        env = {
+            **clean_os_environ(),
+            **gateway_env(database, ADMIN_TOKEN, fake_nb.base_url, key=encryption_key),
+        }
+        fake_nb.hold_tokens()
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nbgateway", "accounts", "refresh", SLUG,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await fake_nb.wait_for_pending_tokens(1, timeout=30)
+            filler = fill(disk)
+            fake_nb.release_tokens()
+            assert cli.stderr is not None
+            said = b""
+            while b"trying again" not in said:
+                line = await asyncio.wait_for(cli.stderr.readline(), 30)
+                assert line, said
+                said += line
+            filler.unlink()
+            out, err = await asyncio.wait_for(cli.communicate(), 90)
+        finally:
+            if cli.returncode is None:
+                cli.kill()
+                await cli.wait()
+        assert cli.returncode == 0, (said, out, err)
+        assert b"the new pair is stored" in out
+        assert b"do not restart" not in said + err
+        stored = await stored_refresh_token(gw)
+        assert stored != issued["refresh_token"]
+        assert stored not in refresh_tokens_sent(fake_nb)  # the new one, not spent yet
+
     async def test_background_sweeps_do_not_rotate_a_held_pair_that_is_still_fresh(
         self,
         gateway_factory: GatewayFactory,
