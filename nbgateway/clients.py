@@ -29,6 +29,7 @@ import re
 import secrets
 from dataclasses import replace
 from enum import StrEnum
+from typing import Any
 
 from nbgateway.clock import Clock, iso_utc
 from nbgateway.errors import (
@@ -286,6 +287,8 @@ class ClientRegistry:
                     )
                 raise ClientKeyInvalid(_UNKNOWN_KEY)
             self._miss_sync = asyncio.ensure_future(self._sync_for_miss())
+            # A caller that stopped waiting (CATCH_UP_WAIT) does not see how it ended.
+            self._miss_sync.add_done_callback(_retrieved)
         try:
             await asyncio.wait_for(asyncio.shield(self._miss_sync), CATCH_UP_WAIT)
         except TimeoutError:
@@ -492,3 +495,9 @@ class ClientRegistry:
         if removed:
             log.info("client key removed", extra={"client": name})
         return removed
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a background reload's failure as seen (its waiters heard of it, or timed out)."""
+    if not task.cancelled():
+        task.exception()

@@ -58,6 +58,7 @@ from nbgateway.errors import (
     UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
+    store_failure,
     token_error,
 )
 from nbgateway.links import LinkMapper, inflate, rewrite_body, rewrite_json
@@ -506,13 +507,19 @@ class Proxy:
         where one is required, an unknown key)."""
         clients = self._clients
         presented = presented_key(request)
-        if presented is not None and not clients.current():
-            await clients.catch_up()  # a key removed anywhere is refused at once
         try:
-            client = clients.identify(presented)
-        except ClientKeyInvalid:
-            assert presented is not None  # no key is anonymous or ClientKeyRequired
-            client = await clients.identify_after_sync(presented)
+            if presented is not None and not clients.current():
+                await clients.catch_up()  # a key removed anywhere is refused at once
+            try:
+                client = clients.identify(presented)
+            except ClientKeyInvalid:
+                assert presented is not None  # no key is anonymous or ClientKeyRequired
+                client = await clients.identify_after_sync(presented)
+        except StoreError as exc:
+            # As a gateway error, so the status the tool gets (503) is the one counted and
+            # audited (not the 500 a handler that did not answer would count).
+            log.error("client keys cannot be checked", extra={"error": str(exc)})
+            raise store_failure(exc) from None
         return client
 
     def _label(self, account: str) -> str:
@@ -668,6 +675,13 @@ class Proxy:
         body: bytes | AsyncIterator[bytes] | None
         if not request.body_exists:
             body, replayable = None, True
+        elif request.get(NO_CONTINUE):
+            # The Expect handler held its 100 back for a request it could not decide (the
+            # store was away); taken after all, the client waits for it to send the body.
+            request[NO_CONTINUE] = False
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+            return await self._forward(request, route, token)
         elif length is not None and length <= self._settings.retry_buffer:
             try:
                 body, replayable = await request.read(), True

@@ -5,6 +5,7 @@ trail, metrics, and the CLI/admin API surfaces. Real gateway, real fake NationBu
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -849,6 +850,70 @@ class TestAudit:
         writer.close()
         assert answer.startswith(b"HTTP/1.1 503"), answer[:80]
         assert b"X-NBGW-Error: store_unavailable" in answer
+
+    async def test_a_key_check_the_store_cannot_answer_counts_the_503_it_answers(
+        self, gw: Gateway, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A key this process does not know while the store hangs and then fails: the tool
+        gets 503 store_unavailable, and that 503 is what the metrics and the audit count
+        (they counted 500); the reload that outlived the request leaves no "Task
+        exception was never retrieved" traceback behind."""
+        released = asyncio.Event()
+
+        async def hung(*args: Any, **kwargs: Any) -> Any:
+            await released.wait()
+            raise StoreUnavailable("no answer within 15 s")
+
+        gw.store.change_counter = hung  # type: ignore[method-assign]
+        gw.store.list_clients = hung  # type: ignore[method-assign]
+        resp = await gw.client.post(
+            "/n/acme/api/v2/signups", json=SIGNUP, headers={"X-NBGW-Key": f"nbgw_{'B' * 43}"}
+        )
+        assert resp.status == 503
+        assert resp.headers["X-NBGW-Error"] == "store_unavailable"
+        assert gw.metric("nbgw_proxy_requests_total", account="none", method="POST", code="503")
+        assert not gw.metric("nbgw_proxy_requests_total", account="none", method="POST", code="500")
+        released.set()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        gc.collect()
+        assert "never retrieved" not in caplog.text
+
+    async def test_a_request_the_expect_handler_could_not_decide_gets_its_100_later(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """The key was added by another process and the reload takes longer than the
+        Expect handler waits, so it sends no 100; the handler then finds the key and takes
+        the request: it sends the 100 itself before reading the body (a client that waits
+        for the 100 got nothing until the body timeout)."""
+        reg = registry(gw)
+        _info, key = await reg.add("tool", (), False)
+        reg._by_key_id = {}  # as if added elsewhere and not yet seen here
+        real = gw.store.list_clients
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.7)  # over CATCH_UP_WAIT (0.5 s)
+            return await real(*args, **kwargs)
+
+        gw.store.list_clients = slow  # type: ignore[method-assign]
+        fake_nb.clear_recordings()
+        stream, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+        try:
+            writer.write(
+                (
+                    "POST /n/acme/api/v2/signups HTTP/1.1\r\nHost: x\r\n"
+                    f"X-NBGW-Key: {key.reveal()}\r\nContent-Type: application/json\r\n"
+                    "Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+                ).encode()
+            )
+            interim = await asyncio.wait_for(stream.readuntil(b"\r\n\r\n"), 20)
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            writer.write(b"{}")
+            final = await asyncio.wait_for(stream.readuntil(b"\r\n\r\n"), 20)
+        finally:
+            writer.close()
+        assert not final.startswith(b"HTTP/1.1 5"), final
+        assert len(fake_nb.api_requests) == 1
 
     async def test_secrets_a_tool_puts_in_path_or_request_id_are_not_kept(
         self, gw: Gateway, connect_account: ConnectAccount
