@@ -52,6 +52,10 @@ MIN_REFRESH_INTERVAL = 30.0
 # Seconds a request with a still-valid token leaves the store alone after it could not be
 # used (each try would wait for its timeouts; the token serves meanwhile).
 STORE_RETRY = 5.0
+# Seconds a request whose token is due but still valid waits for its refresh before it goes
+# on with that token (the refresh carries on: a slow or hung token endpoint, or processes
+# taking turns at the account's lock, must not hold requests a valid token can serve).
+MARGIN_WAIT = 2.0
 # Seconds between attempts to store a rotated pair the store refused (doubling up to the cap).
 PERSIST_RETRY_BASE = 1.0
 PERSIST_RETRY_CAP = 30.0
@@ -327,7 +331,7 @@ class TokenManager:
             if listed:
                 self._metrics.refresh_coalesced.labels(slug).inc()
             try:
-                result = await asyncio.shield(task)
+                result = await self._wait_refresh(slug, task, force)
             except TokenUnavailable as exc:  # the refresh found the account, then failed
                 if not listed:
                     self._metrics.refresh_coalesced.labels(slug).inc()
@@ -361,9 +365,22 @@ class TokenManager:
         task = asyncio.create_task(self._obtain(slug, force, stale_generation))
         self._inflight[slug] = (task, force)
         task.add_done_callback(lambda _t: self._forget_task(slug, task))
-        # shield: a cancelled caller (client went away) must not cancel the refresh that
-        # other callers, and the durability of the rotated token, depend on.
-        return await asyncio.shield(task)
+        return await self._wait_refresh(slug, task, force)
+
+    async def _wait_refresh(
+        self, slug: str, task: asyncio.Task[IssuedToken], force: bool
+    ) -> IssuedToken:
+        """What the refresh `task` gives. shield: a cancelled caller (client went away)
+        must not cancel the refresh that other callers, and the durability of the rotated
+        token, depend on. A caller that only needs a valid token, and holds one, waits at
+        most MARGIN_WAIT s, then goes on with it."""
+        cached = None if force else self._still_valid(self._cache.get(slug))
+        if cached is None:
+            return await asyncio.shield(task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), MARGIN_WAIT)
+        except TimeoutError:
+            return cached
 
     def _forget_task(self, slug: str, task: asyncio.Task[IssuedToken]) -> None:
         current = self._inflight.get(slug)

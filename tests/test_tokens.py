@@ -655,6 +655,29 @@ TRANSIENT = [
 ]
 
 
+class TestHungTokenEndpointInTheMargin:
+    async def test_a_valid_token_serves_while_its_refresh_hangs(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A token due for refresh but valid for 200 s more, and a token endpoint that
+        hangs: the request is answered with that token while the refresh still waits (it
+        waited out NBGW_TOKEN_TIMEOUT, and with several processes taking turns at the
+        account's lock, 20 s and more); the refresh carries on and fails on its own."""
+        gw = await gateway_factory(token_timeout=60.0)
+        issued = await connect_account(gw, SLUG)
+        assert await fetch(gw) == 200
+        clock.advance(LIFETIME - 200)  # inside the margin, still valid
+        fake_nb.fail_token("hang")
+        status = await asyncio.wait_for(fetch(gw), 30)
+        assert status == 200
+        assert fake_nb.pending_token_requests == 1  # the refresh is still waiting
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+
+
 class TestTransientFailures:
     @pytest.mark.parametrize(("kind", "outcome"), TRANSIENT)
     async def test_transient_failure_backs_off_without_needs_reauth(
