@@ -389,10 +389,7 @@ class Proxy:
             response.headers[REQUEST_ID_HEADER] = request_id_of(request)
             response.force_close()
             return response
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        # As aiohttp's own Expect handler does: the interim answer is not the response (a
-        # failure after it must still be answered with an error, not a cut connection).
-        request.writer.output_size = 0
+        await _send_continue(request)
         return None
 
     def route(self, request: web.Request) -> Route:
@@ -673,15 +670,14 @@ class Proxy:
     ) -> web.StreamResponse:
         length = request.content_length
         body: bytes | AsyncIterator[bytes] | None
-        if not request.body_exists:
-            body, replayable = None, True
-        elif request.get(NO_CONTINUE):
+        has_body = request.body_exists
+        if has_body and request.get(NO_CONTINUE):
             # The Expect handler held its 100 back for a request it could not decide (the
             # store was away); taken after all, the client waits for it to send the body.
             request[NO_CONTINUE] = False
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-            return await self._forward(request, route, token)
+            await _send_continue(request)
+        if not has_body:
+            body, replayable = None, True
         elif length is not None and length <= self._settings.retry_buffer:
             try:
                 body, replayable = await request.read(), True
@@ -965,3 +961,11 @@ class Proxy:
         except aiohttp.ClientError:
             raise UpstreamUnreachable("NationBuilder broke off the response") from None
         return b"".join(parts), False
+
+
+async def _send_continue(request: web.Request) -> None:
+    """The interim 100 Continue: the client may send its body now."""
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # As aiohttp's own Expect handler does: the interim answer is not the response (a
+    # failure after it must still be answered with an error, not a cut connection).
+    request.writer.output_size = 0
