@@ -332,28 +332,16 @@ class TokenManager:
                 self._metrics.refresh_coalesced.labels(slug).inc()
             try:
                 result = await self._wait_refresh(slug, task, force)
-            except TokenUnavailable as exc:  # the refresh found the account, then failed
-                if not listed:
+            except (TokenUnavailable, StoreUnavailable) as exc:
+                if isinstance(exc, TokenUnavailable) and not listed:
+                    # The refresh found the account, then failed.
                     self._metrics.refresh_coalesced.labels(slug).inc()
-                if not isinstance(exc, RefreshBackoff):
+                if force or not isinstance(exc, (RefreshBackoff, StoreUnavailable)):
                     raise
-                # A forced refresh (admin, background) failed; a caller that only needs
-                # a valid token keeps the one it has, or the still-valid stored one
-                # (_obtain returns that without a new attempt while backing off).
-                if force:
-                    raise
-                cached = self._still_valid(self._cache.get(slug))
-                if cached is not None:
-                    return cached
-                # The still-valid stored token, if any; while backing off _obtain makes no
-                # token call, so running it outside single flight is cheap.
-                return await self._obtain(slug, False, stale_generation)
-            except StoreUnavailable:
-                # The refresh joined (a forced one: background, admin) could not use the
-                # store; a caller that only needs a valid token keeps a still-valid one
-                # (held, or the stored one, which _obtain serves when it cannot refresh).
-                if force:
-                    raise
+                # A forced refresh (admin, background) failed and now backs off, or could
+                # not use the store; a caller that only needs a valid token keeps the one it
+                # has, or the still-valid stored one (_obtain returns that without a token
+                # call while backing off, and when the store cannot take a refresh).
                 cached = self._still_valid(self._cache.get(slug))
                 if cached is not None:
                     return cached
