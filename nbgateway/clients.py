@@ -51,6 +51,9 @@ _KEY_ID_LENGTH = 12
 _KEY_RE = re.compile(r"^nbgw_[A-Za-z0-9_-]{43}$")
 # A key anywhere in a text (a cookie, a header of the tool's own).
 _KEY_IN_TEXT = re.compile(r"nbgw_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+# The same in a query string, where an encoder may have written "_" and "-" as %5F, %2D.
+_KEY_CHAR = r"(?:[A-Za-z0-9_-]|%5[Ff]|%2[Dd])"
+_KEY_IN_QUERY = re.compile(rf"nbgw(?:_|%5[Ff]){_KEY_CHAR}{{43}}(?!{_KEY_CHAR})")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ANONYMOUS = "anonymous"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -93,6 +96,12 @@ def without_keys(text: str) -> str:
     """`text` with every client key in it replaced by REDACTED (keys never go upstream,
     wherever a tool put one)."""
     return _KEY_IN_TEXT.sub(REDACTED, text)
+
+
+def without_keys_in_query(query: str) -> str:
+    """`query` (a raw query string) with every client key in it replaced by REDACTED,
+    percent-encoded or not."""
+    return _KEY_IN_QUERY.sub(REDACTED, query)
 
 
 def hash_key(key: str, salt: bytes) -> bytes:

@@ -39,6 +39,7 @@ from nbgateway.clients import (
     ClientRegistry,
     looks_like_key,
     without_keys,
+    without_keys_in_query,
 )
 from nbgateway.config import Settings
 from nbgateway.errors import (
@@ -196,7 +197,7 @@ def presented_key(request: web.Request) -> str | None:
     if auth[:7].lower() == "bearer " and looks_like_key(auth[7:].strip()):
         found.add(auth[7:].strip())
     query = request.raw_path.partition("?")[2]
-    if KEY_PREFIX in query:
+    if "nbgw" in query:  # "nbgw_" or, percent-encoded, "nbgw%5F"
         for part in _QUERY_SEPARATOR.split(query)[0::2]:
             name, _, value = part.partition("=")
             if _is_token_param(name) and looks_like_key(unquote(value)):
@@ -418,8 +419,8 @@ class Proxy:
             raise InvalidRequest("only /api/... and /n/{slug}/api/... are proxied")
         _check_tail(tail)
         query = _filter_query(query)
-        if KEY_PREFIX in query:
-            query = without_keys(query)  # a key in a parameter of the tool's own
+        if "nbgw" in query:
+            query = without_keys_in_query(query)  # a key in a parameter of the tool's own
         return Route(slug=slug, raw_tail=tail, query=query, by_prefix=by_prefix)
 
     def _select_account(self, values: Sequence[str]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import ConnectAccount, Gateway, GatewayFactory
+from yarl import URL
 
 from nbgateway import keys
 from nbgateway.clients import ClientAuth, ClientRegistry, hash_key
@@ -45,7 +46,7 @@ async def add_key(
     return key.reveal()
 
 
-async def get(gw: Gateway, path: str, **kwargs: Any) -> tuple[int, str | None]:
+async def get(gw: Gateway, path: str | URL, **kwargs: Any) -> tuple[int, str | None]:
     resp = await gw.client.get(path, **kwargs)
     await resp.read()
     return resp.status, resp.headers.get("X-NBGW-Error")
@@ -206,6 +207,22 @@ class TestPresentation:
         [seen] = fake_nb.api_requests
         assert key not in seen.query_string
         assert seen.query_string == f"api_key={REDACTED}&limit=1"
+
+    async def test_a_percent_encoded_key_in_the_query_is_a_key_too(
+        self, gw: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """An encoder that writes "_" and "-" as %5F and %2D does not get the key past the
+        scrub, and a key so encoded in `access_token` identifies the tool."""
+        key = await add_key(gw, "sync")
+        encoded = key.replace("_", "%5F").replace("-", "%2D")
+        assert encoded != key
+        fake_nb.clear_recordings()
+        path = f"/n/acme/api/v2/signups/me?api_key={encoded}&limit=1&access_token={encoded}"
+        status = await get(gw, URL(path, encoded=True))  # sent as written
+        assert status == (200, None)
+        [seen] = fake_nb.api_requests
+        assert seen.query_string == f"api_key={REDACTED}&limit=1"
+        assert gw.metric("nbgw_client_requests_total", client="sync", account="acme", code="200")
 
     async def test_two_different_keys_are_refused(self, gw: Gateway) -> None:
         """A request presenting two different keys is ambiguous: 400 invalid_request."""
