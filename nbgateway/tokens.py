@@ -321,7 +321,7 @@ class TokenManager:
     ) -> IssuedToken:
         # A loop: a waiter that must still refresh after the task it joined looks again,
         # so several such waiters join one new task instead of each starting their own.
-        while (running := self._inflight.get(slug)) is not None:
+        while (running := self._inflight.get(slug)) is not None and not running[0].done():
             task, task_forced = running
             # Counted when joining for a listed account; for one stored since the last sync
             # (perhaps by another process), once the refresh has shown that it exists, so a
@@ -338,14 +338,20 @@ class TokenManager:
                     self._metrics.refresh_coalesced.labels(slug).inc()
                 if force or not isinstance(exc, (RefreshBackoff, StoreUnavailable)):
                     raise
-                # A forced refresh (admin, background) failed and now backs off, or could
-                # not use the store; a caller that only needs a valid token keeps the one it
-                # has, or the still-valid stored one (_obtain returns that without a token
-                # call while backing off, and when the store cannot take a refresh).
+                # The refresh backs off, or could not use the store: a caller that only
+                # needs a valid token keeps the one it has.
                 cached = self._still_valid(self._cache.get(slug))
                 if cached is not None:
                     return cached
-                return await self._obtain(slug, False, stale_generation)
+                if not task_forced:
+                    raise  # the failure of a refresh made for what this caller needs
+                # A forced one (admin, background) failed: this caller gets its token from
+                # a shared refresh of its own kind (which returns the still-valid stored
+                # token without a token call while backing off, and when the store cannot
+                # take a refresh). Never _obtain in this task: a client that goes away
+                # would cancel it, and the callers that joined would each call the token
+                # endpoint with the same refresh token.
+                continue
             if not listed:
                 self._metrics.refresh_coalesced.labels(slug).inc()
             if not force or task_forced or result.generation != stale_generation:

@@ -17,13 +17,22 @@ import json
 import logging
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import test_admin_pages
-from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory, SettingsFactory
+from aiohttp import web
+from conftest import (
+    ADMIN_TOKEN,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    ConnectAccount,
+    Gateway,
+    GatewayFactory,
+    SettingsFactory,
+)
 from procs import (
     clean_os_environ,
     corrupt_refresh_token,
@@ -599,6 +608,116 @@ class TestLockedDatabaseDuringARefresh:
             other.close()
         assert fake_nb.token_requests == []  # nothing rotated without a place to keep it
         assert not [r for r in caplog.records if r.exc_info]
+
+
+class TestJoinersOfAFailedRefresh:
+    """Requests that joined a refresh the store could not finish (another program held
+    SQLite's writer lock past the busy timeout) never call the token endpoint from their
+    own handlers: that would be one call per request with the same refresh token, and a
+    call a client that goes away cancels, its rotated pair lost with it."""
+
+    @pytest.fixture
+    async def fake_nb(self, clock: FakeClock) -> AsyncIterator[FakeNationBuilder]:
+        """The fake, finishing a request whose client went away, as NationBuilder does."""
+        fake = FakeNationBuilder(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, clock=clock.now)
+        runner = web.AppRunner(fake.app, handler_cancellation=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        fake.base_url = f"http://127.0.0.1:{port}"
+        yield fake
+        fake.release_tokens()
+        await runner.cleanup()
+
+    async def _stage(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        joiners: int,
+        *,
+        forced: bool,
+    ) -> tuple[Gateway, list[asyncio.Task[Any]]]:
+        """An expired token; a refresh (a request's, or an admin's forced one) that fails
+        because the store is locked, with `joiners` requests waiting on it; then the lock is
+        freed and the token endpoint held, so any token call shows."""
+        gw = await gateway_factory()
+        await connect_account(gw, "acme")
+        clock.advance(86400 + 60)
+        other = sqlite3.connect(gw.settings.database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        fake_nb.hold_tokens()
+        first: asyncio.Future[Any] = asyncio.ensure_future(
+            gw.tokens.force_refresh("acme", None) if forced else gw.client.get("/n/acme" + ME)
+        )
+        for _ in range(500):
+            if "acme" in gw.tokens._inflight:
+                break
+            await asyncio.sleep(0.01)
+        others = [asyncio.create_task(gw.client.get("/n/acme" + ME)) for _ in range(joiners)]
+        await asyncio.sleep(0.2)  # they are waiting on the refresh
+        outcome = await asyncio.gather(first, return_exceptions=True)
+        if forced:
+            assert isinstance(outcome[0], StoreError), outcome
+        else:
+            assert not isinstance(outcome[0], BaseException) and outcome[0].status == 503
+        other.execute("ROLLBACK")
+        other.close()
+        return gw, others
+
+    @pytest.mark.parametrize("forced", [False, True], ids=["request", "forced"])
+    async def test_one_token_call_at_most_and_the_account_stays_connected(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        forced: bool,
+    ) -> None:
+        monkeypatch.setattr(store_package, "SQLITE_BUSY_TIMEOUT", 1.0)
+        gw, others = await self._stage(
+            gateway_factory, connect_account, fake_nb, clock, 2, forced=forced
+        )
+        await asyncio.sleep(0.5)  # time for any token call the joiners would make
+        assert fake_nb.peak_pending_tokens <= 1
+        fake_nb.release_tokens()
+        for task in others:
+            assert (await task).status in (200, 503)
+        clock.advance(10)  # past the store's retry pause
+        resp = await gw.client.get("/n/acme" + ME)
+        assert resp.status == 200, await resp.text()
+        account = await gw.store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+
+    async def test_a_joiner_that_goes_away_loses_no_pair(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(store_package, "SQLITE_BUSY_TIMEOUT", 1.0)
+        gw, [joiner] = await self._stage(
+            gateway_factory, connect_account, fake_nb, clock, 1, forced=False
+        )
+        await asyncio.sleep(0.5)
+        joiner.cancel()  # the tool gives up
+        await asyncio.gather(joiner, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        fake_nb.release_tokens()  # an answer NationBuilder gives goes to a live refresh
+        for _ in range(300):
+            if not gw.tokens._inflight and fake_nb.pending_token_requests == 0:
+                break
+            await asyncio.sleep(0.01)
+        clock.advance(10)
+        resp = await gw.client.get("/n/acme" + ME)
+        assert resp.status == 200, await resp.text()
+        account = await gw.store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
 
 
 async def fake_nb_idle() -> None:
