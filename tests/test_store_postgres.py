@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import ssl
+import time
 
 import asyncpg
 import pytest
@@ -154,6 +155,48 @@ async def test_lock_wait_is_bounded(pg_url: str, clock: FakeClock, key: str) -> 
         assert "too long" in str(info.value)
         async with b.refresh_lock("acme") as locked:  # free again afterwards
             assert (await locked.read()).generation == 1
+
+
+@pytest.mark.parametrize("offset", [120.0, -120.0], ids=["clock-ahead", "clock-behind"])
+async def test_a_lease_elsewhere_is_timed_on_the_database_clock(
+    pg_url: str, key: str, offset: float
+) -> None:
+    """A marker left by a replica on another host is waited for until its deadline, on the
+    database server's clock: a replica whose clock runs two minutes ahead does not take a
+    live holder's refresh over (a second refresh with a spent token), and one whose clock
+    runs behind does not wait past a deadline that has passed."""
+    clock_a, clock_b = FakeClock(start=time.time()), FakeClock(start=time.time() + offset)
+    async with open_store(pg_url, clock_a, key) as a, open_store(pg_url, clock_b, key) as b:
+        await a.save_tokens("acme", token_set(clock_a, "1"), EventKind.CONNECTED)
+        conn = await asyncpg.connect(pg_url)
+        try:
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                marker = await conn.fetchrow(
+                    "SELECT refresh_deadline, refresh_started_at FROM accounts"
+                )
+                assert marker is not None
+            # A's session ended with its marker left, and A (on another host) may still run.
+            await conn.execute(
+                "UPDATE accounts SET refresh_owner = $1, refresh_deadline = $2, "
+                "refresh_started_at = $3",
+                "elsewhere.example/4026531836/4242.1/ab12cd",
+                marker["refresh_deadline"],
+                marker["refresh_started_at"],
+            )
+
+            async def claim() -> None:
+                async with b.refresh_lock("acme"):
+                    pass
+
+            with pytest.raises(TimeoutError):  # its deadline has not passed
+                await asyncio.wait_for(claim(), 0.5)
+            await conn.execute(
+                "UPDATE accounts SET refresh_deadline = extract(epoch FROM clock_timestamp()) - 1"
+            )
+            await asyncio.wait_for(claim(), 5)  # it has now
+        finally:
+            await conn.close()
 
 
 async def test_cancelled_waiter_leaks_no_lock(pg_url: str, clock: FakeClock, key: str) -> None:

@@ -207,6 +207,8 @@ LOAD_SECONDS_PER_ROW = 0.001
 POOL_CLOSE_TIMEOUT = 5.0
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
+# The database server's clock, in epoch seconds: what refresh leases are timed with.
+_DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
 _CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 
@@ -275,12 +277,14 @@ class _AdvisoryLock:
         store = self._store
         now = store._clock.now()
         async with store._transaction(self._conn, self.slug) as conn:
+            # The deadline is on the database's clock, and judged on it (_advisory_lock):
+            # replicas whose clocks differ agree on when a lease lapses.
             await conn.execute(
                 "UPDATE accounts SET refresh_owner = $1, refresh_started_at = $2, "
-                "refresh_deadline = $3 WHERE slug = $4",
+                f"refresh_deadline = {_DB_NOW} + $3 WHERE slug = $4",
                 self._owner,
                 now,
-                now + store.lease,
+                store.lease,
                 self.slug,
             )
         self.marker_set = True
@@ -768,7 +772,8 @@ class PostgresStore:
             locked = True
             with self._errors("cannot be read"):
                 row = await conn.fetchrow(
-                    "SELECT generation, refresh_owner, refresh_deadline, refresh_started_at "
+                    "SELECT generation, refresh_owner, refresh_started_at, "
+                    f"COALESCE(refresh_deadline <= {_DB_NOW}, true) AS lapsed "
                     "FROM accounts WHERE slug = $1",
                     slug,
                 )
@@ -781,8 +786,7 @@ class PostgresStore:
             own = stale and holder.startswith(self._owner + "/")
             if stale and not own:
                 runs = holder_runs(holder)
-                deadline = row["refresh_deadline"]
-                lapsed = deadline is None or deadline <= self._clock.now()
+                lapsed = row["lapsed"]
                 stuck_with_result = runs is True and row["refresh_started_at"] is not None
                 if runs is not False and not (lapsed and not stuck_with_result):
                     yield None
