@@ -22,10 +22,12 @@ from aiohttp import web
 from nbgateway import keys
 from nbgateway.accounts import account_json, check_slug
 from nbgateway.admin.core import read_json
+from nbgateway.browsers import sent_by_page
 from nbgateway.clients import audit_json, client_json
 from nbgateway.errors import (
     AdminUnauthorized,
     AuthorizationFailed,
+    ClientNotAllowed,
     InvalidRequest,
     NotFound,
     StoreError,
@@ -57,7 +59,16 @@ async def require_bearer(request: web.Request) -> None:
     """The admin token as Bearer, or 401; an address that sent too many wrong ones gets 429.
 
     503 when the store cannot say how many wrong tokens the address sent (fail closed).
+    A request a web page sent is refused (403) before anything is counted: the API is for
+    scripts, and a page (one that rebinds its domain to the gateway's address can send
+    any header) would otherwise lock the admin's address out.
     """
+    sent_by = sent_by_page(request.headers)
+    if sent_by is not None:
+        raise ClientNotAllowed(
+            f"a web page in a browser sent this request ({sent_by}); the admin API is for "
+            "scripts and the command line, the admin pages are at /connect"
+        )
     throttle = request.config_dict[keys.ADMIN_THROTTLE]
     now = request.config_dict[keys.CLOCK].now()
     client = request.remote or "unknown"

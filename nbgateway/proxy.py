@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from nbgateway.allowlist import AllowList
+from nbgateway.browsers import sent_by_page
 from nbgateway.clients import (
     KEY_PREFIX,
     READ_METHODS,
@@ -107,9 +108,31 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     NATION_HEADER.lower(),
     CLIENT_KEY_HEADER.lower(),
 }
-# Never passed to the client: hop-by-hop, ours to set, or cookies for our origin (the
-# gateway's own /connect session lives there).
-_DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+# Never passed to the client: hop-by-hop, ours to set (X-NBGW-Error marks the gateway's
+# own errors), or NationBuilder's say over the gateway's origin, which is also the origin
+# of the /connect pages: cookies, clearing the browser's data for it (the admin's
+# session), a redirect off it, letting other sites read its answers (CORS), and where a
+# browser should reach it or report its errors.
+_DROP_DOWNSTREAM = HOP_BY_HOP | {
+    "content-length",
+    "set-cookie",
+    "set-cookie2",
+    "x-nbgw-error",
+    "clear-site-data",
+    "refresh",
+    "access-control-allow-origin",
+    "access-control-allow-credentials",
+    "access-control-allow-headers",
+    "access-control-allow-methods",
+    "access-control-allow-private-network",
+    "access-control-expose-headers",
+    "access-control-max-age",
+    "alt-svc",
+    "strict-transport-security",
+    "nel",
+    "report-to",
+    "reporting-endpoints",
+}
 # Added to every proxied answer. It shares the admin pages' origin: a browser that opens
 # one (an HTML error page of a CDN in front of NationBuilder, say) must not run its scripts
 # with that origin's rights (reading a /connect page's CSRF token and posting a form).
@@ -345,6 +368,18 @@ class Proxy:
         """What is refused before routing: the peer, the body's framing and size."""
         if not self._allowed.allows(request.remote):
             raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
+        headers = request.headers
+        if "Sec-Fetch-Site" in headers or "Origin" in headers:
+            sent_by = sent_by_page(headers)
+            if sent_by is not None:
+                # A page on any site could use the nations' tokens through the browser of
+                # someone on an allowed address (and, rebinding its domain to the gateway's
+                # address, read the answers).
+                raise ClientNotAllowed(
+                    f"a web page in a browser sent this request ({sent_by}); the gateway "
+                    "proxies for tools, not for pages. Call it from the tool, or open the "
+                    "address directly"
+                )
         framing = request.headers.getall("Transfer-Encoding", None)
         if framing is not None and any(
             coding.strip().lower() not in ("chunked", "")

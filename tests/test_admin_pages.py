@@ -330,14 +330,15 @@ class TestLogin:
             "POST", "/connect/login", data={"token": ADMIN_TOKEN}, headers={"Origin": origin}
         )
         assert status == 303
-        again = await browsers(logged_in=False)
-        status, _, _ = await again.request(
-            "POST",
-            "/connect/login",
-            data={"token": ADMIN_TOKEN},
-            headers={"Origin": "http://gw.internal:8080", "Host": "gw.internal:8080"},
-        )
-        assert status == 303
+        for host in ("gw:8080", "10.0.0.5:8080", "[::1]:8080", "admin.localhost"):
+            again = await browsers(logged_in=False)  # a name of the gateway's own
+            status, _, _ = await again.request(
+                "POST",
+                "/connect/login",
+                data={"token": ADMIN_TOKEN},
+                headers={"Origin": f"http://{host}", "Host": host},
+            )
+            assert status == 303, host
         spelled = await browsers(logged_in=False)  # the default port spelled out
         status, _, _ = await spelled.request(
             "POST",
@@ -354,6 +355,31 @@ class TestLogin:
             headers={"Origin": origin.replace("http://", "https://")},
         )
         assert status == 403
+
+    async def test_a_rebound_domain_cannot_lock_the_admin_out(
+        self, browsers: BrowserFactory
+    ) -> None:
+        """A page whose domain the attacker points at the gateway's address (DNS
+        rebinding) posts the login form as its own origin: Sec-Fetch-Site says same-origin
+        and Origin matches Host. A Host that is none of the gateway's names is refused
+        before the token is counted, with a message naming the address to use."""
+        anon = await browsers(logged_in=False)
+        rebound = [
+            {"Origin": "http://evil.example:8080", "Sec-Fetch-Site": "same-origin"},
+            {"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+            {"Origin": "http://evil.example:8080"},
+        ]
+        for headers in rebound * 2:
+            status, text, _ = await anon.request(
+                "POST",
+                "/connect/login",
+                data={"token": "wrong-wrong-wrong"},
+                headers={**headers, "Host": "evil.example:8080"},
+            )
+            assert status == 403, headers
+            assert "not an address of the gateway" in text
+            assert f"{PUBLIC_URL}/connect/login" in text
+        assert (await anon.login())[0] == 303  # not locked out
 
     async def test_logout_ends_the_session(self, admin: Browser) -> None:
         """Logging out deletes the cookie, and the old cookie no longer opens the pages."""

@@ -775,6 +775,59 @@ class TestRefusedMethods:
         assert fake_nb.requests == []
 
 
+class TestRequestsFromWebPages:
+    """A page on any site can make the browser of someone on an allowed address send
+    requests to the gateway, and one whose domain is rebound to the gateway's address can
+    read the answers: what a page sends is refused, what a tool sends is not."""
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+            {"Sec-Fetch-Site": "same-origin"},  # a rebound domain: same-origin to the browser
+            {"Sec-Fetch-Site": "same-site"},
+            {"Origin": "https://evil.example"},  # a browser without Sec-Fetch-Site
+            {"Origin": "null"},
+        ],
+    )
+    async def test_a_request_a_page_sent_is_refused_and_never_forwarded(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, headers: dict[str, str]
+    ) -> None:
+        fake_nb.clear_recordings()
+        for method in ("GET", "POST"):
+            resp = await acme.client.request(
+                method, "/n/acme/api/v2/signups", headers={**headers, "Host": "evil.example"}
+            )
+            assert resp.status == 403, (method, headers)
+            assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
+            assert "web page" in await resp.text()
+        assert fake_nb.api_requests == []
+        assert acme.metric("nbgw_proxy_requests_total", account="none", method="POST", code="403")
+
+    async def test_a_tool_and_a_typed_address_are_served(
+        self, acme: Gateway, fake_nb: FakeNationBuilder
+    ) -> None:
+        """No Sec-Fetch-Site or Origin (curl, scripts), or Sec-Fetch-Site: none (an address
+        typed into the browser, a bookmark)."""
+        for headers in ({}, {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}):
+            resp = await acme.client.get("/n/acme/api/v2/signups/me", headers=headers)
+            assert resp.status == 200, headers
+
+    async def test_the_admin_api_refuses_a_page_before_counting_its_token(
+        self, gateway: Gateway, admin_headers: dict[str, str]
+    ) -> None:
+        """A rebound page can send any header, Authorization included: its wrong tokens
+        would lock the admin's address out of the API and the login form."""
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+        page = {"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}
+        for _ in range(LOGIN_FAILURES + 1):
+            resp = await gateway.client.get("/connect/api/accounts", headers={**wrong, **page})
+            assert resp.status == 403
+            assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 200
+
+
 class TestNationHeader:
     async def test_duplicate_nation_headers_are_refused(
         self, acme: Gateway, fake_nb: FakeNationBuilder

@@ -78,6 +78,37 @@ class TestCookies:
         assert not acme.client.session.cookie_jar.filter_cookies(acme.client.make_url("/connect"))
         assert await resp.read() == b'{"data":[]}'
 
+    @pytest.mark.parametrize("content_type", [V2, "text/plain"])
+    async def test_upstream_headers_about_the_origin_never_reach_the_client(
+        self, acme: Gateway, fake_nb: FakeNationBuilder, content_type: str
+    ) -> None:
+        """The gateway's origin is also the /connect pages': NationBuilder's answer does not
+        clear the browser's data for it (the admin's session), redirect off it with
+        Refresh, open its answers to other sites (CORS), or say where browsers reach it
+        or report its errors; an X-NBGW-Error from upstream would pass its answer off as
+        the gateway's own error."""
+        dropped = [
+            ("Clear-Site-Data", '"cookies", "storage"'),
+            ("Refresh", "0; url=https://evil.example/"),
+            ("Access-Control-Allow-Origin", "*"),
+            ("Access-Control-Allow-Credentials", "true"),
+            ("Access-Control-Expose-Headers", "*"),
+            ("Alt-Svc", 'h3=":443"'),
+            ("Strict-Transport-Security", "max-age=31536000; includeSubDomains"),
+            ("NEL", '{"report_to":"nb","max_age":86400}'),
+            ("Report-To", '{"group":"nb","endpoints":[{"url":"https://r.example/"}]}'),
+            ("X-NBGW-Error", "unknown_account"),
+        ]
+        fake_nb.set_canned(
+            headers=[("Content-Type", content_type), *dropped, ("X-Upstream", "kept")],
+            body=b'{"data":[]}',
+        )
+        resp = await acme.client.get("/n/acme/api/_test/canned")
+        assert resp.status == 200
+        for name, _ in dropped:
+            assert name not in resp.headers, name
+        assert resp.headers["X-Upstream"] == "kept"
+
 
 # ---------------------------------------------------------------------- same origin
 

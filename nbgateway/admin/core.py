@@ -33,6 +33,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
+from nbgateway.browsers import OwnHosts
 from nbgateway.clients import is_valid_name
 from nbgateway.config import Settings
 from nbgateway.errors import (
@@ -63,6 +64,8 @@ class AdminCore:
         prefix = public.path.rstrip("/")
         self.base = f"{prefix}/connect"  # as the browser sees it (behind a path prefix too)
         self.public_origin = _origin(public.scheme, public.netloc.lower())
+        self.public_url = f"{public.scheme}://{public.netloc}"
+        self.own_hosts = OwnHosts(settings.public_url)
         self.secure = settings.secure_cookies
         self.signer = Signer(settings.admin_token.reveal())
         self.csp = (
@@ -271,26 +274,42 @@ class AdminCore:
             retry=err.headers.get("Retry-After"),
         )
 
-    def cross_site(self, request: web.Request) -> bool:
-        """Whether a browser says this request comes from another site's page: its
-        Sec-Fetch-Site is neither same-origin nor none (typed or bookmarked); or, from a
-        browser that sends no Sec-Fetch-Site, an Origin that is neither this request's Host
-        nor NBGW_PUBLIC_URL's. `Origin: null` is no answer (the pages' no-referrer policy
-        makes a browser send it for their own forms), and clients that send neither header
-        (curl, scripts) are not browsers used by another site."""
-        site = request.headers.get("Sec-Fetch-Site")
+    def cross_site(self, request: web.Request) -> str | None:
+        """Why a browser's request must not count as the admin's own (its message), or None.
+
+        Another site's page: its Sec-Fetch-Site is neither same-origin nor none (typed or
+        bookmarked); or, from a browser that sends no Sec-Fetch-Site, an Origin that is
+        neither this request's Host nor NBGW_PUBLIC_URL's. `Origin: null` is no answer
+        (the pages' no-referrer policy makes a browser send it for their own forms).
+        A browser's request to a Host that is not one of the gateway's names (`OwnHosts`)
+        may come from a page whose domain was rebound to the gateway's address, which
+        makes it same-origin. Clients that send neither header (curl, scripts) are not
+        browsers used by another site."""
+        headers = request.headers
+        site = headers.get("Sec-Fetch-Site")
+        origin = headers.get("Origin")
+        if site is None and origin is None:
+            return None
         if site is not None:
-            return site.strip().lower() not in ("same-origin", "none")
-        origin = request.headers.get("Origin", "null").strip().lower()
-        if origin == "null":
-            return False
-        parts = urlsplit(origin)
-        sent = _origin(parts.scheme, parts.netloc)
-        if sent == self.public_origin:
-            return False
-        # The Host the browser used (a proxy in front may speak plain HTTP to the gateway,
-        # so the scheme is the Origin's own).
-        return sent != _origin(parts.scheme, request.headers.get("Host", "").lower())
+            if site.strip().lower() not in ("same-origin", "none"):
+                return _ANOTHER_SITE
+        elif origin is not None and origin.strip().lower() != "null":
+            parts = urlsplit(origin.strip().lower())
+            sent = _origin(parts.scheme, parts.netloc)
+            if sent == self.public_origin:
+                return None
+            # The Host the browser used (a proxy in front may speak plain HTTP to the
+            # gateway, so the scheme is the Origin's own).
+            if sent != _origin(parts.scheme, headers.get("Host", "").lower()):
+                return _ANOTHER_SITE
+        host = headers.get("Host", "")
+        if host in self.own_hosts:
+            return None
+        return (
+            f"This page was opened at {host[:100]!r}, which is not an address of the gateway "
+            f"(NBGW_PUBLIC_URL is {self.public_url}). Open {self.public_url}{self.base}/login "
+            "and log in there."
+        )
 
     async def checked_form(
         self, request: web.Request, *, check_revoked: bool = True
@@ -309,6 +328,12 @@ class AdminCore:
 
     async def stylesheet(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.css, content_type="text/css")
+
+
+_ANOTHER_SITE = (
+    "This login was sent from another site's page. Open the gateway's own login page and "
+    "log in there."
+)
 
 
 def _origin(scheme: str, netloc: str) -> tuple[str, str, int | None]:

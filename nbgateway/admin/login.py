@@ -50,18 +50,12 @@ class LoginPages:
         refused = await self._throttled(request, client, throttle.retry_after(client, now))
         if refused is not None:
             return refused
-        if core.cross_site(request):
+        foreign = core.cross_site(request)
+        if foreign is not None:
             # Another site's page posting the form from the admin's browser (an allowed
             # address) guesses nothing, but would lock the admin out: not counted.
             log.warning("admin login refused: posted from another site", extra={"peer": client})
-            return await core.render(
-                request,
-                "login.html",
-                session=None,
-                status=403,
-                error="This login was sent from another site's page. Open the gateway's own "
-                "login page and log in there.",
-            )
+            return await core.render(request, "login.html", session=None, status=403, error=foreign)
         token = (await read_form(request)).get("token")
         if not isinstance(token, str) or not token.strip():
             # Nothing was guessed (an empty field, or no field): not counted.
