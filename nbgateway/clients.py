@@ -284,18 +284,21 @@ class ClientRegistry:
     async def identify_after_sync(self, presented: str) -> ClientInfo:
         """`identify` for a key `identify` refused, after one reload of the keys: the key may
         have been added by another process (whose change notice may not have arrived yet).
-        Concurrent misses share one reload, and there is at most one per MISS_SYNC_INTERVAL;
+        Concurrent misses share one reload, and there is at most one per MISS_SYNC_INTERVAL
+        (a miss within it waits for the next);
         ClientKeyInvalid when the key is still unknown, StoreError when the store cannot be
         read or the reload takes longer than CATCH_UP_WAIT s (the caller hears 503)."""
         if self._miss_sync is None:
-            if self._clock.monotonic() - self._miss_synced < MISS_SYNC_INTERVAL:
-                if self._miss_failed:  # the store could not say: not a verdict on the key
-                    raise StoreUnavailable(
-                        "the client keys cannot be reloaded from the database right now "
-                        "to check this key; retry"
-                    )
-                raise ClientKeyInvalid(_UNKNOWN_KEY)
-            self._miss_sync = asyncio.ensure_future(self._sync_for_miss())
+            wait = self._miss_synced + MISS_SYNC_INTERVAL - self._clock.monotonic()
+            if wait > 0 and self._miss_failed:  # the store could not say: no verdict
+                raise StoreUnavailable(
+                    "the client keys cannot be reloaded from the database right now "
+                    "to check this key; retry"
+                )
+            # Within MISS_SYNC_INTERVAL of the last look, the next one waits for the
+            # interval's end rather than refuse: a key added elsewhere just after that look
+            # (its change notice not here yet) is still found.
+            self._miss_sync = asyncio.ensure_future(self._sync_for_miss(max(wait, 0.0)))
             # A caller that stopped waiting (CATCH_UP_WAIT) does not see how it ended.
             self._miss_sync.add_done_callback(_retrieved)
         try:
@@ -308,7 +311,9 @@ class ClientRegistry:
         assert result is not None  # a presented key gives a client or ClientKeyInvalid
         return result
 
-    async def _sync_for_miss(self) -> bool:
+    async def _sync_for_miss(self, delay: float) -> bool:
+        if delay:
+            await asyncio.sleep(delay)
         self._miss_failed = True
         try:
             changed = await self.sync(force=True)
