@@ -51,11 +51,11 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import bind, rejoin, run, run_until_stopped
+from nbgateway.server import bind, hold, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, stop_grace, store_for
 from nbgateway.store import copy_store, holds_no_database
 from nbgateway.tokens import TokenManager
-from nbgateway.workers import MULTIPROC_ENV, Workers
+from nbgateway.workers import EXIT_NOT_STARTED, MULTIPROC_ENV, Workers
 
 log = logging.getLogger("nbgateway.cli")
 
@@ -486,7 +486,8 @@ async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Re
     `serve` first waits a while for a database it cannot reach (`wait_for_database`); a
     `--workers` worker does not (its parent waited before starting it, and restarts it with
     a backoff when it exits), so it never outlives a parent killed meanwhile."""
-    report = await run_preflight(env, args.config, redactor)
+    # A worker is handed its listening socket: it does not try the address.
+    report = await run_preflight(env, args.config, redactor, listen=not _is_worker(args))
     if args.command == "serve" and not _is_worker(args):
         report = await wait_for_database(
             report,
@@ -502,7 +503,7 @@ async def _preflight(args: argparse.Namespace, env: dict[str, str], redactor: Re
         # its time and pid; its parent logs the exit and starts it again.
         for line in report.problem_lines():
             log.error("worker not starting: %s", line, extra={"pid": os.getpid()})
-        return EXIT_OK if report.ok else EXIT_USAGE if report.config_problems else EXIT_FAILED
+        return EXIT_OK if report.ok else EXIT_NOT_STARTED
     for line in report.problem_lines():
         print(line, file=sys.stderr)
     if report.ok:
@@ -671,6 +672,7 @@ def _serve(
         worker_env,
         sockets,
         rejoin=rejoin,
+        hold=hold,
         clock=SystemClock(),
         grace=stop_grace(settings),  # a longer NBGW_TOKEN_TIMEOUT waits longer
     ).run()

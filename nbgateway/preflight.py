@@ -150,14 +150,16 @@ async def run_preflight(
     redactor: Redactor,
     *,
     required: Collection[str] = REQUIRED_FOR_SERVE,
+    listen: bool = True,
 ) -> Report:
-    """Check the settings and the database; return every problem found."""
+    """Check the settings and the database; return every problem found. `listen`: also
+    whether the listen address can be bound (not for a worker, handed its socket)."""
     validation = validate_settings(environ, config_file, required=required)
     settings = validation.settings
     for secret in settings.secrets():
         redactor.add(secret)
     report = Report(settings, config_problems=list(validation.problems))
-    if "NBGW_LISTEN" not in validation.refused:
+    if listen and "NBGW_LISTEN" not in validation.refused:
         report.config_problems.extend(_listen_problems(settings.host, settings.port, report.notes))
     if not report.config_problems:
         report.notes.append("configuration: ok")

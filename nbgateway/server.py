@@ -136,6 +136,23 @@ def rejoin(family: socket.AddressFamily, address: tuple[str, int]) -> socket.soc
     return sock
 
 
+def hold(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
+    """A socket in the SO_REUSEPORT group on `address`, bound and never listening, that
+    keeps the address the group's: without SO_REUSEADDR, a plain bind by another program
+    is refused even while no socket of the group listens (a non-listening socket takes no
+    connections)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def _name_worker(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[WORKER_HEADER] = str(os.getpid())
 

@@ -5,17 +5,21 @@ SO_REUSEPORT group (`server.bind`: a port in use fails here, before any worker s
 and starts N workers with `python -m nbgateway serve` plus two hidden options naming
 inherited file descriptors: the worker's listening socket, and the read end of a pipe
 whose write end only the parent holds, so a worker sees end of file and stops when the
-parent exits in any way (SIGKILL included). The parent keeps a dead worker's socket open:
-the connections the kernel queued for it wait for its replacement, which inherits the same
-socket, instead of being reset. When that replacement dies too (a crash loop: the database
-down, a newer schema), the socket is closed, so new connections go to the workers that
-serve instead of waiting on a socket nobody reads; the next attempt gets a fresh socket
-(`server.rejoin`) that takes connections only once its worker serves.
+parent exits in any way (SIGKILL included). The parent keeps the socket of a worker that
+served for `STEADY_AFTER` seconds open when it dies: the connections the kernel queued
+for it wait for its replacement, which inherits the same socket, instead of being reset.
+A worker that dies sooner, or that never served (its pre-flight found a problem, such as
+the database down or a newer schema: `EXIT_NOT_STARTED`), is crash looping: its socket is
+closed, so new connections go to the workers that serve instead of waiting on a socket
+nobody reads, and the next attempt gets a fresh socket (`server.rejoin`) that takes
+connections only once its worker serves. One more socket of the group, bound but never
+listening (`server.hold`), stays open for the parent's life, so the address stays this
+gateway's while every worker is crash looping.
 
-A worker that exits on its own is logged and started again; one that dies within
-`STEADY_AFTER` seconds of its start waits before the restart, twice as long each time up to
-`MAX_BACKOFF`, so a crash loop does not spin. A worker exiting with the usage code (the
-configuration cannot work) stops everything: restarting cannot help.
+A worker that exits is logged and started again; a crash-looping one waits before the
+restart, twice as long each time up to `MAX_BACKOFF`, so a crash loop does not spin. The
+parent never gives up: the settings were checked before any worker started, so what a
+worker meets later (the database away, a file briefly missing) may pass.
 
 SIGTERM, SIGINT or SIGHUP (logged: nothing is reloaded) to the parent: SIGTERM to every
 worker, the listening sockets closed (new connections are refused while open requests
@@ -53,12 +57,15 @@ from nbgateway.server import HANGUP_STOPS
 log = logging.getLogger("nbgateway.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A worker's exit status when its pre-flight found a problem: it never served. (The
+# settings were checked by the parent, so this is something passing, such as the
+# database; the worker is started again with a backoff.)
+EXIT_NOT_STARTED = 3
 # A worker that ran this long before dying is restarted at once (not a crash loop).
 STEADY_AFTER = 10.0
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 POLL_INTERVAL = 0.1  # seconds between two looks at the workers
-EXIT_USAGE = 2
 
 # The metrics directory of a run: this prefix, the parent's pid, "-", a random part.
 METRICS_PREFIX = "nbgateway-metrics-"
@@ -66,12 +73,15 @@ METRICS_PREFIX = "nbgateway-metrics-"
 
 def _remove_stale_metrics_dirs() -> None:
     """Remove the metrics directories parents that died without cleaning up (SIGKILL) left
-    in the temporary directory: those whose parent pid no longer runs."""
+    in the temporary directory: those whose parent pid no longer runs, or is this
+    process's own (called before this run makes its directory)."""
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
         pid = path.name[len(METRICS_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or not path.is_dir():
             continue
         try:
+            if int(pid) == os.getpid():  # this process's pid in an earlier life (PID 1
+                raise ProcessLookupError  # of a container restarted after a SIGKILL)
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
@@ -106,6 +116,7 @@ class Workers:
         sockets: list[socket.socket],
         *,
         rejoin: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket],
+        hold: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket] | None = None,
         clock: Clock,
         grace: float,
     ) -> None:
@@ -115,6 +126,10 @@ class Workers:
         self._family = sockets[0].family
         self._address: tuple[str, int] = sockets[0].getsockname()[:2]
         self._rejoin = rejoin
+        # Keeps the address the group's while every worker's socket is closed (all crash
+        # looping): another program cannot take it meanwhile, so a rejoined socket never
+        # lands in someone else's group.
+        self._anchor = None if hold is None else hold(self._family, self._address)
         self._env = dict(env)
         self._grace = grace
         self._slots = [_Slot(n, sock) for n, sock in enumerate(sockets, start=1)]
@@ -126,7 +141,7 @@ class Workers:
         self._unfolded: list[int] = []  # exited workers whose files are still to fold
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT/SIGHUP; 0, or the usage code when a worker reported one."""
+        """Serve until SIGTERM/SIGINT/SIGHUP; then 0."""
         previous = {
             sig: signal.signal(sig, self._on_signal)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -189,18 +204,15 @@ class Workers:
                 returncode = slot.process.poll()
                 if returncode is None:
                     continue
+                pid = slot.process.pid
                 self._reaped(slot.process)
                 slot.process = None
-                if returncode == EXIT_USAGE:
-                    log.error(
-                        "worker refused the configuration; stopping",
-                        extra={"worker": slot.number},
-                    )
-                    return EXIT_USAGE
                 ran = now - slot.started
+                # One that never served (its pre-flight found a problem, however long that
+                # took) or died soon after its start is crash looping.
                 slot.backoff = (
                     0.0
-                    if ran >= STEADY_AFTER
+                    if ran >= STEADY_AFTER and returncode != EXIT_NOT_STARTED
                     else min(MAX_BACKOFF, slot.backoff * 2 or FIRST_BACKOFF)
                 )
                 slot.restart_at = now + slot.backoff
@@ -212,6 +224,7 @@ class Workers:
                     "worker exited; restarting",
                     extra={
                         "worker": slot.number,
+                        "pid": pid,
                         "exit_code": returncode,
                         "ran_seconds": round(ran, 1),
                         "restart_in_seconds": slot.backoff,
@@ -264,6 +277,8 @@ class Workers:
         for slot in self._slots:
             if slot.sock is not None:
                 slot.sock.close()
+        if self._anchor is not None:
+            self._anchor.close()
         deadline = time.monotonic() + self._grace
         for process in running:
             try:

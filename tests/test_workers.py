@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -45,8 +46,14 @@ from procs import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbgateway.clock import FakeClock
-from nbgateway.server import WORKER_HEADER, bind, rejoin
-from nbgateway.workers import FIRST_BACKOFF, POLL_INTERVAL, Workers
+from nbgateway.server import WORKER_HEADER, bind, hold, rejoin
+from nbgateway.workers import (
+    EXIT_NOT_STARTED,
+    FIRST_BACKOFF,
+    POLL_INTERVAL,
+    STEADY_AFTER,
+    Workers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -671,7 +678,7 @@ def test_crash_looping_worker_backs_off(
     argv = [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"]
     process = processes.start("gateway", argv, failing_workers(tmp_path, env, 1))
     pattern = (
-        r"worker exited; restarting \[worker=(\d) exit_code=1 ran_seconds=[\d.]+ "
+        r"worker exited; restarting \[worker=(\d) pid=\d+ exit_code=1 ran_seconds=[\d.]+ "
         r"restart_in_seconds=([\d.]+) taking_connections=False\]"
     )
 
@@ -737,6 +744,77 @@ def test_restarts_wait_for_the_backoff_on_the_parents_clock(tmp_path: Path) -> N
     assert watched == [1, 2, 2, 3]
 
 
+def test_a_worker_that_never_served_backs_off_however_long_it_tried(tmp_path: Path) -> None:
+    """A worker whose pre-flight failed after longer than STEADY_AFTER (a database write
+    that hung for its whole timeout) still counts as crash looping: not restarted at once,
+    and its socket leaves the group so no connection waits on it."""
+    clock = FakeClock()
+    starts, go = tmp_path / "starts", tmp_path / "go"
+    script = (
+        "import os, time\n"
+        f"open({str(starts)!r}, 'a').write('x')\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+        f"os.remove({str(go)!r})\n"
+        f"raise SystemExit({EXIT_NOT_STARTED})\n"
+    )
+    parent = Workers(
+        lambda fd, pipe: [sys.executable, "-c", script],
+        {},
+        bind("127.0.0.1", 0, 1),
+        rejoin=rejoin,
+        hold=hold,
+        clock=clock,
+        grace=1,
+    )
+    seen: list[object] = []
+    failures: list[BaseException] = []
+
+    def count() -> int:
+        return len(starts.read_text()) if starts.exists() else 0
+
+    def drive() -> None:
+        try:
+            wait_until(lambda: count() == 1, WAIT, "the first start")
+            clock.advance(STEADY_AFTER + 5)  # its pre-flight took that long
+            go.touch()
+            wait_until(lambda: not go.exists(), WAIT, "the worker to give up")
+            time.sleep(10 * POLL_INTERVAL)
+            seen.extend([count(), parent._slots[0].sock])
+            clock.advance(FIRST_BACKOFF)
+            wait_until(lambda: count() == 2, WAIT, "the restart after the backoff")
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    assert parent.run() == 0
+    driver.join()
+    assert not failures, failures
+    assert seen == [1, None]
+
+
+def test_the_address_stays_the_gateways_while_every_worker_crash_loops(
+    processes: Processes, env: dict[str, str], tmp_path: Path
+) -> None:
+    """With every worker's socket closed (all crash looping), another program cannot bind
+    the listen address: the replacements' fresh sockets can never join someone else's."""
+    failing = failing_workers(tmp_path, env, 1)
+    argv = [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"]
+    process = processes.start("gateway", argv, failing)
+    wait_until(
+        lambda: process.output().count("taking_connections=False") >= 2, WAIT, "a crash loop"
+    )
+    host, port = failing["NBGW_LISTEN"].rsplit(":", 1)
+    with pytest.raises(OSError) as info:
+        socket.create_server((host, int(port)))
+    assert info.value.errno == errno.EADDRINUSE
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.popen.wait(timeout=WAIT) == 0
+    socket.create_server((host, int(port))).close()  # free once the gateway stopped
+
+
 def test_a_crash_looping_replacement_holds_no_connections(
     processes: Processes, env: dict[str, str], fake: FakeNB, tmp_path: Path
 ) -> None:
@@ -795,16 +873,22 @@ def test_a_replacement_runs_the_configuration_the_parent_checked(
     assert "refused the configuration" not in gateway.process.output()
 
 
-def test_worker_refusing_the_configuration_stops_the_parent(
+def test_a_worker_that_cannot_start_is_retried_not_fatal(
     processes: Processes, env: dict[str, str], tmp_path: Path
 ) -> None:
-    """A worker exiting with the usage status (2) is not restarted: the parent stops the
-    others and exits 2 itself."""
+    """A worker whose pre-flight found a problem (EXIT_NOT_STARTED: the settings were
+    checked by the parent, so it is something passing) is started again with a backoff;
+    the parent keeps running (systemd does not restart a parent that exits with the usage
+    status), and SIGTERM stops it with 0."""
     argv = [sys.executable, "-m", "nbgateway", "serve", "--workers", "2"]
-    process = processes.start("gateway", argv, failing_workers(tmp_path, env, 2))
-    assert process.popen.wait(timeout=WAIT) == 2
-    assert "worker refused the configuration; stopping" in process.output()
-    assert "worker exited; restarting" not in process.output()
+    process = processes.start("gateway", argv, failing_workers(tmp_path, env, EXIT_NOT_STARTED))
+    wait_until(
+        lambda: process.output().count(f"exit_code={EXIT_NOT_STARTED}") >= 4, WAIT, "retries"
+    )
+    assert process.popen.poll() is None
+    assert "taking_connections=False" in process.output()
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.popen.wait(timeout=WAIT) == 0
 
 
 def test_admin_login_and_connect_callback_on_different_workers(
