@@ -45,6 +45,13 @@ FAKE_LISTENING = "fake NationBuilder listening on http://"  # the fake's first l
 # ---------------------------------------------------------------------- plain helpers
 
 
+def dead_process_id() -> int:
+    """The pid of a process of this host that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def clean_os_environ() -> dict[str, str]:
     """This process's environment without any NBGW_* variable (the base for a subprocess)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("NBGW_")}

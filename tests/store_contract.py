@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 from pgserver import PgServer
+from procs import dead_process_id
 
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
@@ -83,13 +83,6 @@ def token_set(clock: FakeClock, label: str, expires_in: float = 3600.0) -> Token
         expires_at=clock.now() + expires_in,
         scope="default",
     )
-
-
-def dead_process_id() -> int:
-    """The pid of a process of this host that has exited and been reaped."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
 
 
 async def event_kinds(store: TokenStore, slug: str) -> list[EventKind]:

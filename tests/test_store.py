@@ -14,13 +14,12 @@ import logging
 import os
 import sqlite3
 import stat
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import raw_execute, raw_query
+from procs import dead_process_id, raw_execute, raw_query
 
 from nbgateway.clients import make_record, new_key
 from nbgateway.clock import FakeClock
@@ -82,13 +81,6 @@ def assert_absent(files: dict[str, bytes], *values: str) -> None:
     for name, data in files.items():
         for value in values:
             assert value.encode() not in data, f"{value!r} found in clear in {name}"
-
-
-def dead_process_id() -> int:
-    """The pid of a process of this host that has exited and been reaped."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
 
 
 def raw_write(path: Path, data: bytes) -> None:

@@ -15,10 +15,12 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from procs import (
     Process,
     Processes,
     clean_os_environ,
+    dead_process_id,
     free_port,
     gateway_env,
     run_command,
@@ -50,9 +53,11 @@ from nbgateway.server import WORKER_HEADER, bind, hold, rejoin
 from nbgateway.workers import (
     EXIT_NOT_STARTED,
     FIRST_BACKOFF,
+    METRICS_PREFIX,
     POLL_INTERVAL,
     STEADY_AFTER,
     Workers,
+    _remove_stale_metrics_dirs,
 )
 
 pytestmark = pytest.mark.slow
@@ -1000,3 +1005,23 @@ def test_out_of_range_worker_count_is_a_usage_error(env: dict[str, str], count: 
     assert result.returncode == 2
     assert "--workers must be from 1 to 64" in result.stderr
     assert "worker started" not in result.stderr
+
+
+def test_stale_metrics_directories_are_removed_even_under_this_pid(tmp_path: Path) -> None:
+    """A killed parent's directory is removed by the next run: one whose pid no longer runs,
+    and one named with this process's own pid (a container's PID 1, killed and started
+    again, gets the same pid); a running parent's stays."""
+    base = Path(tempfile.gettempdir())
+    own = base / f"{METRICS_PREFIX}{os.getpid()}-earlier"
+    dead = base / f"{METRICS_PREFIX}{dead_process_id()}-earlier"
+    live = base / f"{METRICS_PREFIX}{os.getppid()}-running"
+    for path in (own, dead, live):
+        path.mkdir()
+    try:
+        _remove_stale_metrics_dirs()
+        assert not own.exists()
+        assert not dead.exists()
+        assert live.exists()
+    finally:
+        for path in (own, dead, live):
+            shutil.rmtree(path, ignore_errors=True)
