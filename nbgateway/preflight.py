@@ -127,13 +127,23 @@ async def _store_problems(settings: Settings, redactor: Redactor, report: Report
         # A short lock wait: a database locked by another process is reported (and, for
         # serve, waited for) in steps of a second, so SIGTERM and the start-up limit act
         # promptly.
+        # Looked at, not migrated: after a migration the release that made the database
+        # could no longer open it, so a check before an upgrade must leave it as it is.
         async with store_for(
-            settings, SystemClock(), redactor, busy_timeout=CHECK_BUSY_TIMEOUT
+            settings, SystemClock(), redactor, busy_timeout=CHECK_BUSY_TIMEOUT, migrate=False
         ) as store:
             await store.ping()
             # Reading is not enough: a database another process holds locked, a full disk
             # or a read-only server fails every write serve would make.
             await store.check_writable()
+            if store.pending_version is not None:
+                report.notes.append(
+                    f"database: schema version {store.pending_version}, older than this "
+                    "release's; `serve` migrates it when it starts (nothing was changed "
+                    "now; the previous release cannot open it afterwards, so back it up "
+                    "first); its rows are checked once migrated"
+                )
+                return []
             problems = await store.verify()
             infos = await store.list_accounts()
     except NBGatewayError as exc:

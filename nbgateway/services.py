@@ -65,6 +65,7 @@ def store_for(
     redactor: Redactor | None = None,
     *,
     busy_timeout: float | None = None,
+    migrate: bool = True,
 ) -> TokenStore:
     """The store named by the settings (not yet opened)."""
     return make_store(
@@ -74,6 +75,7 @@ def store_for(
         token_timeout=settings.token_timeout,
         on_secret=redactor.add if redactor is not None else None,
         busy_timeout=busy_timeout,
+        migrate=migrate,
     )
 
 

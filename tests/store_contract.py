@@ -1482,6 +1482,26 @@ class TestMigration:
         )
         assert await backend.schema_version() == current
 
+    async def test_opened_without_migrating_the_previous_schema_stays(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """`nbgateway check` opens with migrate=False: a database of the previous release
+        keeps its schema version (that release can still open it), says which it is, and
+        can be pinged and test-written; the next ordinary open migrates it."""
+        sealed = Cipher([Secret(key)]).encrypt(
+            "refresh-CANARY-old-5e6f7a8b", slug="acme", field="refresh_token"
+        )
+        await backend.create_previous_schema(sealed)
+        previous = await backend.schema_version()
+        async with backend.make(key, migrate=False) as store:
+            assert store.pending_version == previous
+            await store.ping()
+            await store.check_writable()
+        assert await backend.schema_version() == previous
+        async with backend.make(key) as store:
+            assert store.pending_version is None
+        assert await backend.schema_version() > previous
+
 
 class TestRevokedSessions:
     async def test_revoked_until_it_would_have_expired(

@@ -274,6 +274,26 @@ class TestCheck:
             in result.out
         )
 
+    def test_a_database_of_the_previous_release_is_not_migrated_by_check(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check before an upgrade leaves the database as it is: after a migration the
+        previous release could no longer open it. It says serve will migrate it."""
+        from nbgateway.store import sqlite as sqlite_backend
+
+        path = Path(env["NBGW_DATABASE"])
+        previous = sqlite_backend.MIGRATIONS[:-1]
+        with sqlite3.connect(path) as conn:
+            for migration in previous:
+                conn.executescript(migration)
+            conn.execute(f"PRAGMA user_version = {len(previous)}")
+        result = run(["check"], env, capsys)
+        assert result.code == 0, result.err
+        assert f"schema version {len(previous)}, older than this release's" in result.out
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == len(previous)
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+
     def test_missing_key_is_a_configuration_error(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
     ) -> None:

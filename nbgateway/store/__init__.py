@@ -78,14 +78,21 @@ def make_store(
     token_timeout: float = 15.0,
     on_secret: SecretListener | None = None,
     busy_timeout: float | None = None,
+    migrate: bool = True,
 ) -> TokenStore:
     """The store for `database` (not yet opened: use `async with`). `busy_timeout`: how
-    long a SQLite statement waits for another process's lock (its default if None)."""
+    long a SQLite statement waits for another process's lock (its default if None).
+    `migrate=False`: an older schema is left as it is (`pending_version` says which)."""
     if is_postgres_url(database):
         from nbgateway.store.postgres import PostgresStore
 
         return PostgresStore(
-            str(database), cipher, clock, token_timeout=token_timeout, on_secret=on_secret
+            str(database),
+            cipher,
+            clock,
+            token_timeout=token_timeout,
+            on_secret=on_secret,
+            migrate=migrate,
         )
     return SQLiteStore(
         Path(database),
@@ -94,4 +101,5 @@ def make_store(
         busy_timeout=SQLITE_BUSY_TIMEOUT if busy_timeout is None else busy_timeout,
         token_timeout=token_timeout,
         on_secret=on_secret,
+        migrate=migrate,
     )

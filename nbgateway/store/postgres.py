@@ -357,6 +357,7 @@ class PostgresStore:
         *,
         token_timeout: float = 15.0,
         on_secret: SecretListener | None = None,
+        migrate: bool = True,
         events_kept: int = EVENTS_KEPT,
         login_failures_kept: int = LOGIN_FAILURES_KEPT,
         pool_max: int = POOL_MAX,
@@ -365,6 +366,9 @@ class PostgresStore:
         command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self._url = url
+        self._migrate_on_open = migrate
+        # The schema version found when opened without migrating, while it is older.
+        self.pending_version: int | None = None
         self._description, password = split_password(url)
         self._password = password or None
         if self._password is not None and on_secret is not None:
@@ -511,6 +515,11 @@ class PostgresStore:
             if version > 0:
                 await self._check_key_ids(conn)
             if version == SCHEMA_VERSION:
+                return
+            if version > 0 and not self._migrate_on_open:
+                # Looked at only (`nbgateway check`): a migrated database could no longer be
+                # opened by the release that made it. (An empty one has no such release.)
+                self.pending_version = version
                 return
             if not exists:
                 await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")

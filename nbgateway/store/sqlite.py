@@ -352,8 +352,13 @@ class SQLiteStore:
         on_secret: SecretListener | None = None,
         events_kept: int = EVENTS_KEPT,
         login_failures_kept: int = LOGIN_FAILURES_KEPT,
+        migrate: bool = True,
     ) -> None:
         self.path = Path(path)
+        self._migrate_on_open = migrate
+        # The schema version found when opened without migrating, while it is older.
+        self.pending_version: int | None = None
+        self._version = SCHEMA_VERSION
         self._sealer = Sealer(cipher, on_secret)
         self._cipher = cipher
         self._clock = clock
@@ -428,10 +433,15 @@ class SQLiteStore:
                 )
             if version > 0:
                 await self._check_key_ids(conn)
-            await self._migrate(conn, version)
-            mode = await self._scalar(conn, "PRAGMA journal_mode")
-            if str(mode).lower() != "wal":
-                await self._scalar(conn, "PRAGMA journal_mode = WAL")
+            if 0 < version < SCHEMA_VERSION and not self._migrate_on_open:
+                # Looked at only (`nbgateway check`): a migrated file could no longer be
+                # opened by the release that made it. (An empty one has no such release.)
+                self.pending_version, self._version = version, version
+            else:
+                await self._migrate(conn, version)
+                mode = await self._scalar(conn, "PRAGMA journal_mode")
+                if str(mode).lower() != "wal":
+                    await self._scalar(conn, "PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise _open_error(f"database {self.path} is not usable: {exc}", exc) from None
@@ -537,7 +547,7 @@ class SQLiteStore:
         async with self._write(durable=False) as conn:
             # A real page write that changes nothing visible: setting the schema version to
             # itself rewrites the database header page (into the WAL, which needs space).
-            await self._scalar(conn, f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await self._scalar(conn, f"PRAGMA user_version = {self._version}")
 
     # -- reading ---------------------------------------------------------------------
 
