@@ -39,6 +39,10 @@ MAX_REFRESH_MARGIN = 3600
 # Waiting longer than an hour for one read from NationBuilder means the connection is hung;
 # the store's lock wait is derived from this value, so it must stay a sane number too.
 MAX_UPSTREAM_TIMEOUT = 3600.0
+# Upper bounds of the other durations (each refused above with its reason).
+MAX_CLIENT_TIMEOUT = 3600.0  # NBGW_HEADER_TIMEOUT, NBGW_BODY_TIMEOUT, NBGW_RATE_QUEUE_TIMEOUT
+MAX_TOKEN_TIMEOUT = 600.0
+MAX_AUDIT_RETENTION_DAYS = 36500.0
 
 T = TypeVar("T")
 
@@ -145,14 +149,14 @@ SETTINGS: tuple[Setting, ...] = (
         "10",
         "seconds a client may take to send a complete request head (from connecting, or from "
         "the first byte of a later request on the connection) before the connection is closed",
-        "a number of seconds > 0",
+        f"a number of seconds > 0 and at most {MAX_CLIENT_TIMEOUT:.0f}",
     ),
     Setting(
         "NBGW_BODY_TIMEOUT",
         "30",
         "seconds a request body may stall (no byte arriving while the gateway waits for one) "
         "before the connection is closed",
-        "a number of seconds > 0",
+        f"a number of seconds > 0 and at most {MAX_CLIENT_TIMEOUT:.0f}",
     ),
     Setting(
         "NBGW_MAX_CONNECTIONS_PER_CLIENT",
@@ -170,7 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_TOKEN_TIMEOUT",
         "15",
         "seconds to wait for NationBuilder's token endpoint before counting a refresh as timed out",
-        "a number of seconds > 0",
+        f"a number of seconds > 0 and at most {MAX_TOKEN_TIMEOUT:.0f}",
     ),
     Setting(
         "NBGW_MAX_REQUEST_BODY",
@@ -196,14 +200,14 @@ SETTINGS: tuple[Setting, ...] = (
         "NBGW_AUDIT_RETENTION_DAYS",
         "90",
         "days the audit trail of proxied writes is kept",
-        "a number of days > 0",
+        f"a number of days > 0 and at most {MAX_AUDIT_RETENTION_DAYS:.0f}",
     ),
     Setting(
         "NBGW_RATE_QUEUE_TIMEOUT",
         "30",
         "longest a request waits for its nation's rate budget before the gateway answers 429 "
         "itself; 0 turns pacing off",
-        "a number of seconds >= 0",
+        f"a number of seconds >= 0 and at most {MAX_CLIENT_TIMEOUT:.0f}",
     ),
     Setting(
         "NBGW_RATE_DEFAULT_LIMIT",
@@ -402,7 +406,7 @@ def _parse_listen(env: str, raw: str) -> tuple[str, int]:
         problem = _host_problem(host)
         if problem:
             raise _fail(env, problem)
-    if not port_s.isdigit():
+    if not _DIGITS.fullmatch(port_s):
         raise _fail(env, f"port {port_s!r} is not a number")
     port = int(port_s)
     if port == 0:
@@ -410,6 +414,10 @@ def _parse_listen(env: str, raw: str) -> tuple[str, int]:
     if port > 65535:
         raise _fail(env, f"port {port} is out of range")
     return host, port
+
+
+# ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses.
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
@@ -468,12 +476,15 @@ def _parse_number(
     return value
 
 
+_HUNG_CLIENT = "a client that sends nothing for longer than an hour is a hung one"
+
+
 def _parse_rate(env: str, raw: str) -> tuple[int, float] | None:
     """REQUESTS/SECONDS as (requests, seconds); empty means none."""
     if not raw:
         return None
     count, sep, seconds = raw.partition("/")
-    if not sep or not count.strip().isdigit() or not seconds.strip().isdigit():
+    if not sep or not _DIGITS.fullmatch(count.strip()) or not _DIGITS.fullmatch(seconds.strip()):
         raise _fail(env, f"{raw!r} is not REQUESTS/SECONDS")
     if int(count) <= 0 or int(seconds) <= 0:
         raise _fail(env, f"{raw!r} is out of range")
@@ -482,7 +493,7 @@ def _parse_rate(env: str, raw: str) -> tuple[int, float] | None:
 
 def _split_url(env: str, raw: str, *, shown: str) -> SplitResult:
     """Split an http(s) URL with a valid host and port; `shown` is how the value is quoted."""
-    parts = urlsplit(raw)
+    parts = _urlsplit(env, raw, shown)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise _fail(env, f"{shown} is not an http(s) URL with a host")
     try:
@@ -497,6 +508,14 @@ def _split_url(env: str, raw: str, *, shown: str) -> SplitResult:
     return parts
 
 
+def _urlsplit(env: str, raw: str, shown: str) -> SplitResult:
+    """urlsplit, its ValueError (an unclosed "[", say) a ConfigError naming `env`."""
+    try:
+        return urlsplit(raw)
+    except ValueError as exc:
+        raise _fail(env, f"{shown} is not a well-formed URL ({exc})") from None
+
+
 # A base URL's path: RFC 3986 path characters but ";" (a cookie's Path attribute would end
 # there, and servers split path parameters on it), or a %XX escape.
 _URL_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,=:@/-]|%[0-9A-Fa-f]{2})*")
@@ -505,7 +524,7 @@ _URL_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,=:@/-]|%[0-9A-Fa-f]{2})*")
 def _parse_url(env: str, raw: str) -> str:
     """An http(s) base URL: scheme, host, optional port and path; no query or fragment.
     Returned with scheme and host in lower case (as they compare), without a final "/"."""
-    if "@" in urlsplit(raw).netloc:
+    if "@" in _urlsplit(env, raw, "the URL").netloc:
         # Not echoed: what precedes the @ may be a password.
         raise _fail(env, "the URL contains a user name or password")
     parts = _split_url(env, raw.replace("{slug}", "slug"), shown=repr(raw))
@@ -547,7 +566,11 @@ def parse_database(raw: str, env: str = "NBGW_DATABASE") -> Path | str:
     if not raw.startswith(POSTGRES_SCHEMES):
         if "\x00" in raw:
             raise _fail(env, "the path contains a NUL character")
-        if raw.endswith(("/", "\\")) or Path(raw).is_dir():
+        try:
+            is_dir = raw.endswith(("/", "\\")) or Path(raw).is_dir()
+        except OSError as exc:  # a name longer than the filesystem allows, say
+            raise _fail(env, f"{raw[:80]!r}… cannot be a path: {exc.strerror or exc}") from None
+        if is_dir:
             raise _fail(env, f"{raw!r} is a directory; name the database file inside it")
         return Path(raw)
     try:
@@ -665,12 +688,22 @@ def _read_toml(path: Path) -> tuple[dict[str, str], list[str]]:
                 hint = _closest(key, known)
             problems.append(f"config file {path}: unknown setting {key!r}{hint}")
             continue
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        elif isinstance(value, bool) or not isinstance(value, str | int | float):
+        setting = known[key]
+        if isinstance(value, list) and "comma-separated" in setting.expects:
+            if not all(isinstance(v, str) for v in value):
+                problems.append(f"config file {path}: {key} must be a list of strings")
+                continue
+            values[setting.env] = ",".join(value)
+            continue
+        if isinstance(value, bool) and setting.expects.startswith("on or off"):
+            values[setting.env] = "on" if value else "off"  # access_log = false
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
             problems.append(f"config file {path}: {key} must be a string or number")
             continue
-        values[known[key].env] = str(value)
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)  # 1e3 is 1000, as written, not '1000.0'
+        values[setting.env] = str(value)
     return values, problems
 
 
@@ -776,10 +809,16 @@ def validate_settings(
         admin_allowed_clients=take("NBGW_ADMIN_ALLOWED_CLIENTS", _parse_optional_cidrs),
         metrics_allowed_clients=take("NBGW_METRICS_ALLOWED_CLIENTS", _parse_optional_cidrs),
         header_timeout=take(
-            "NBGW_HEADER_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0, exclusive=True)
+            "NBGW_HEADER_TIMEOUT",
+            lambda e, r: _parse_number(
+                e, r, float, 0, exclusive=True, maximum=MAX_CLIENT_TIMEOUT, why=_HUNG_CLIENT
+            ),
         ),
         body_timeout=take(
-            "NBGW_BODY_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0, exclusive=True)
+            "NBGW_BODY_TIMEOUT",
+            lambda e, r: _parse_number(
+                e, r, float, 0, exclusive=True, maximum=MAX_CLIENT_TIMEOUT, why=_HUNG_CLIENT
+            ),
         ),
         max_connections_per_client=int(
             take("NBGW_MAX_CONNECTIONS_PER_CLIENT", lambda e, r: _parse_number(e, r, int, 1))
@@ -797,7 +836,17 @@ def validate_settings(
             ),
         ),
         token_timeout=take(
-            "NBGW_TOKEN_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0, exclusive=True)
+            "NBGW_TOKEN_TIMEOUT",
+            lambda e, r: _parse_number(
+                e,
+                r,
+                float,
+                0,
+                exclusive=True,
+                maximum=MAX_TOKEN_TIMEOUT,
+                why="a refresh's lease and the shutdown grace grow with it, and a token "
+                "endpoint that takes longer than ten minutes is down",
+            ),
         ),
         max_request_body=int(
             take("NBGW_MAX_REQUEST_BODY", lambda e, r: _parse_number(e, r, int, 1))
@@ -806,10 +855,27 @@ def validate_settings(
         client_auth=take("NBGW_CLIENT_AUTH", lambda e, r: _parse_choice(e, r.lower(), _AUTH)),
         audit_retention_days=take(
             "NBGW_AUDIT_RETENTION_DAYS",
-            lambda e, r: _parse_number(e, r, float, 0, exclusive=True),
+            lambda e, r: _parse_number(
+                e,
+                r,
+                float,
+                0,
+                exclusive=True,
+                maximum=MAX_AUDIT_RETENTION_DAYS,
+                why="a hundred years",
+            ),
         ),
         rate_queue_timeout=take(
-            "NBGW_RATE_QUEUE_TIMEOUT", lambda e, r: _parse_number(e, r, float, 0)
+            "NBGW_RATE_QUEUE_TIMEOUT",
+            lambda e, r: _parse_number(
+                e,
+                r,
+                float,
+                0,
+                maximum=MAX_CLIENT_TIMEOUT,
+                why="a request held longer than an hour for its nation's budget is one its "
+                "tool gave up on",
+            ),
         ),
         rate_default_limit=take("NBGW_RATE_DEFAULT_LIMIT", _parse_rate),
         workers=int(

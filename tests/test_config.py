@@ -178,6 +178,8 @@ BAD_VALUES: dict[str, list[str]] = {
         "[127.0.0.1]:8080",
         "not a host:8080",
         "999.1.1.1:8080",
+        "127.0.0.1:\u00b2",  # a digit to str.isdigit(), not to int()
+        "127.0.0.1:\u0668\u0660",
     ],
     "NBGW_PUBLIC_URL": [
         "gateway.example.org",
@@ -193,6 +195,8 @@ BAD_VALUES: dict[str, list[str]] = {
         'https://gw.example.org/a"b',
         "https://gw.example.org/<nbgw>",
         "https://gw.example.org/100%",
+        "http://[::1",
+        "http://[::1/nbgw",
     ],
     "NBGW_DATABASE": [
         ".",
@@ -204,6 +208,7 @@ BAD_VALUES: dict[str, list[str]] = {
         "postgresql://db.example.org:99999/nbgw",
         "postgresql://gw:SECRETCANARY@db.example.org/nbgw?sslmode=verify-full&sslrootcert=/no/ca.pem",
         "postgresql://db.example.org/nbgw?sslcert=/no/client.crt&sslkey=/no/client.key",
+        "/tmp/" + "n" * 300 + ".db",  # a name longer than the filesystem allows
     ],
     "NBGW_ENCRYPTION_KEY": ["not-a-key", "c2hvcnQ=", f"{KEY},also-not-a-key", ","],
     "NBGW_CLIENT_ID": ["two words", "id\x01x"],
@@ -217,6 +222,7 @@ BAD_VALUES: dict[str, list[str]] = {
         "https://{slug}.nation builder.com",
         "https://{slug}.nationbuilder.com/?x=1",
         "https://example.org/{slug};v=1",
+        "http://[::1/{slug}",
     ],
     "NBGW_DEFAULT_ACCOUNT": ["Not_A_Slug", "acme nation", "-acme"],
     "NBGW_REFRESH_MARGIN": ["soon", "-5", "90000", "3601", "1.5", "nan"],
@@ -230,18 +236,28 @@ BAD_VALUES: dict[str, list[str]] = {
     ],
     "NBGW_ADMIN_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ",", "192.168.1.5/24"],
     "NBGW_METRICS_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ",", "127.0.0.1/8"],
-    "NBGW_HEADER_TIMEOUT": ["soon", "0", "-1", "nan", "inf"],
-    "NBGW_BODY_TIMEOUT": ["soon", "0", "-1", "nan", "inf"],
+    "NBGW_HEADER_TIMEOUT": ["soon", "0", "-1", "nan", "inf", "1e308", "3601"],
+    "NBGW_BODY_TIMEOUT": ["soon", "0", "-1", "nan", "inf", "1e308", "3601"],
     "NBGW_MAX_CONNECTIONS_PER_CLIENT": ["many", "0", "-1", "1.5"],
     "NBGW_UPSTREAM_TIMEOUT": ["fast", "0", "-1", "nan", "inf", "1e9"],
-    "NBGW_TOKEN_TIMEOUT": ["slow", "0", "-1", "nan", "inf"],
+    "NBGW_TOKEN_TIMEOUT": ["slow", "0", "-1", "nan", "inf", "1e308", "601"],
     "NBGW_MAX_REQUEST_BODY": ["big", "0", "-1", "1.5", "10MB"],
     "NBGW_RETRY_BUFFER": ["-1", "lots", "1.5"],
     "NBGW_WORKERS": ["0", "-1", "two", "1.5", "65", "1e9"],
     "NBGW_CLIENT_AUTH": ["on", "yes", "mandatory"],
-    "NBGW_AUDIT_RETENTION_DAYS": ["forever", "0", "-1", "nan", "inf"],
-    "NBGW_RATE_QUEUE_TIMEOUT": ["soon", "-1", "nan", "inf"],
-    "NBGW_RATE_DEFAULT_LIMIT": ["250", "250/", "/10", "0/10", "250/0", "many/10", "-5/10"],
+    "NBGW_AUDIT_RETENTION_DAYS": ["forever", "0", "-1", "nan", "inf", "1e308", "36501"],
+    "NBGW_RATE_QUEUE_TIMEOUT": ["soon", "-1", "nan", "inf", "1e308", "3601"],
+    "NBGW_RATE_DEFAULT_LIMIT": [
+        "250",
+        "250/",
+        "/10",
+        "0/10",
+        "250/0",
+        "many/10",
+        "-5/10",
+        "\u00b2/10",
+        "10/\u00b2",
+    ],
     "NBGW_LOG_FORMAT": ["xml", "JSONL"],
     "NBGW_LOG_LEVEL": ["LOUD", "TRACE", "10"],
     "NBGW_ACCESS_LOG": ["sometimes", "2"],
@@ -250,6 +266,7 @@ BAD_VALUES: dict[str, list[str]] = {
         "ftp://hooks.example.org/x",
         "https://",
         "https://hooks.example.org:99999/x",
+        "https://[fe80::1/hook",
     ],
 }
 # Settings whose refused value must not be echoed (it may be, or contain, a secret).
@@ -650,6 +667,37 @@ class TestTomlFile:
         """A TOML boolean raises ConfigError naming the key."""
         toml = write_toml(tmp_path, {"log_format": True})
         assert "log_format" in str(load_error(BASE, toml))
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("access_log", [False]),
+            ("workers", [2]),
+            ("log_level", ["INFO"]),
+            ("allowed_clients", [True]),
+            ("allowed_clients", [["10.0.0.0/8"]]),
+        ],
+    )
+    def test_a_list_is_refused_but_for_comma_separated_settings(
+        self, tmp_path: Path, key: str, value: object
+    ) -> None:
+        """A list is a comma-separated setting's other spelling, of strings only; for any
+        other setting it is refused naming the key, never taken apart."""
+        toml = write_toml(tmp_path, {key: value})
+        [problem] = load_error(BASE, toml).problems
+        assert problem.startswith(f"config file {toml}: {key} must be"), problem
+
+    def test_a_list_of_cidrs_and_a_whole_float(self, tmp_path: Path) -> None:
+        """allowed_clients may be a list of strings; 1e3 for a whole number is 1000."""
+        toml = write_toml(
+            tmp_path, {"allowed_clients": ["10.0.0.0/8", "127.0.0.1/32"], "refresh_margin": 1e3}
+        )
+        settings = load_settings(BASE, toml)
+        assert [str(n) for n in settings.allowed_clients] == ["10.0.0.0/8", "127.0.0.1/32"]
+        assert settings.refresh_margin == 1000
+        for written, meant in ((False, False), (True, True)):  # an on/off setting's boolean
+            toml = write_toml(tmp_path, {"access_log": written})
+            assert load_settings(BASE, toml).access_log is meant
 
     def test_invalid_toml_names_the_file(self, tmp_path: Path) -> None:
         """A file that is not TOML raises ConfigError naming the file, without its secrets."""
