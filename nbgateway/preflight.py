@@ -182,6 +182,8 @@ async def run_preflight(
         if "NBGW_ENCRYPTION_KEY" not in validation.refused:
             report.database_problems.extend(await _store_problems(settings, redactor, report))
         return report
+    if database.is_symlink():  # the file, or the file to be made, is the link's target
+        database = database.resolve()
     report.database_problems.extend(_directory_problems(database))
     if not database.exists():
         if not report.database_problems:

@@ -146,6 +146,11 @@ class Backend:
         call and could not clear it would leave it."""
         raise NotImplementedError
 
+    async def damage_states(self) -> None:
+        """Overwrite every pending authorization's sealed verifier with bytes that do not
+        decrypt."""
+        raise NotImplementedError
+
     async def schema_version(self) -> int:
         raise NotImplementedError
 
@@ -205,6 +210,9 @@ class SQLiteBackend(Backend):
 
     async def table(self, name: str) -> list[dict[str, Any]]:
         return [dict(row) for row in self._query(f"SELECT * FROM {name}")]
+
+    async def damage_states(self) -> None:
+        self._query("UPDATE auth_states SET verifier = ?", (b"\x00" * 40,))
 
     async def set_marker(self, slug: str, owner: str, started_at: float) -> None:
         self._query(
@@ -296,6 +304,9 @@ class PostgresBackend(Backend):
 
     async def table(self, name: str) -> list[dict[str, Any]]:
         return [dict(row) for row in await self._fetch(f"SELECT * FROM {name}")]
+
+    async def damage_states(self) -> None:
+        await self._fetch("UPDATE auth_states SET verifier = $1", b"\x00" * 40)
 
     async def set_marker(self, slug: str, owner: str, started_at: float) -> None:
         await self._fetch(
@@ -1030,6 +1041,21 @@ class TestEncryptionAtRest:
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         await store.import_refresh_token("beta", Secret("legacy-token-CANARY-0123"))
         assert await store.verify() == []
+
+    async def test_verify_reports_a_pending_authorization_that_does_not_decrypt(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A started connect whose sealed PKCE verifier is damaged is one of verify()'s
+        problems, naming its nation (that connect cannot be completed)."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            await store.create_state("state-1", "acme", Secret("verifier-CANARY-1"), "b", 600)
+            assert await store.verify() == []
+        await backend.damage_states()
+        async with backend.make(key) as store:
+            [problem] = await store.verify()
+        assert "pending authorization" in problem and "'acme'" in problem
+        assert "CANARY" not in problem
 
     async def test_store_with_a_corrupt_row_still_opens(
         self, backend: Backend, clock: FakeClock, key: str

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -321,6 +322,30 @@ class TestCheck:
         assert result.code == 0
         assert "does not exist yet" in result.out
         assert not Path(env["NBGW_DATABASE"]).exists()
+
+    def test_a_link_to_a_database_still_to_be_made(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        """NBGW_DATABASE a symbolic link whose target does not exist yet: check judges the
+        target's directory (missing: a problem, as serve would fail), and the first open
+        creates the target readable by its owner only."""
+        link = Path(env["NBGW_DATABASE"])
+        target = tmp_path / "missing-dir" / "gateway.db"
+        link.symlink_to(target)
+        result = run(["check"], env, capsys)
+        assert result.code == 1, result.out
+        assert "missing-dir" in result.err
+        target.parent.mkdir()
+        result = run(["check"], env, capsys)
+        assert result.code == 0, result.err
+
+        async def first_open() -> None:  # as serve's first start does
+            cipher = Cipher([Secret(env["NBGW_ENCRYPTION_KEY"])])
+            async with SQLiteStore(link, cipher, FakeClock()):
+                pass
+
+        asyncio.run(first_open())
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
     def test_healthy_database(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]

@@ -199,6 +199,34 @@ async def test_a_lease_elsewhere_is_timed_on_the_database_clock(
             await conn.close()
 
 
+async def test_a_role_that_may_not_write_every_table_is_named(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """check_writable (what `nbgateway check` and /readyz ask) fails naming the tables a
+    role may read but not write (grants made before a migration added them), not only when
+    the write probe's own table refuses."""
+    async with open_store(pg_url, clock, key):
+        pass  # the schema, made by its owner
+    role = f"limited_{os.getpid()}"
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.execute(f"CREATE ROLE {role} LOGIN")
+        await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+        await conn.execute(f"GRANT INSERT, UPDATE, DELETE ON write_probe TO {role}")
+        limited = pg_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+        assert limited != pg_url
+        async with open_store(limited, clock, key) as store:
+            with pytest.raises(StoreError) as info:
+                await store.check_writable()
+        assert "clients" in str(info.value) and "accounts" in str(info.value)
+        assert "write_probe" not in str(info.value)
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")  # its grants, in this database
+        await conn.execute(f"DROP ROLE {role}")
+        await conn.close()
+
+
 async def test_cancelled_waiter_leaks_no_lock(pg_url: str, clock: FakeClock, key: str) -> None:
     """A task cancelled while waiting for a lock leaves nothing held: once the holder
     releases, a third party takes the lock."""

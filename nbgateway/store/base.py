@@ -316,6 +316,21 @@ def corrupt_rows(rows: Iterable[Row], parse: Callable[[Row], object]) -> list[st
     return problems
 
 
+def unreadable_states(rows: Iterable[Row], cipher: Cipher) -> list[str]:
+    """The problem of each pending authorization (slug, verifier) whose PKCE verifier does
+    not decrypt (for `TokenStore.verify`): that connect cannot be completed."""
+    problems: list[str] = []
+    for row in rows:
+        slug, verifier = row["slug"], row["verifier"]
+        try:
+            if not isinstance(slug, str) or not isinstance(verifier, bytes | bytearray):
+                raise DecryptError(f"a pending authorization's row is damaged ({slug!r})")
+            cipher.decrypt(bytes(verifier), slug=slug, field="code_verifier")
+        except DecryptError as exc:
+            problems.append(f"pending authorization: {exc}; start that connect again")
+    return problems
+
+
 def info_from_row(row: Row) -> AccountInfo:
     """An account's public part from a stored row (nothing decrypted)."""
     slug = row["slug"]

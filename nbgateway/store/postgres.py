@@ -95,6 +95,7 @@ from nbgateway.store.base import (
     readable_rows,
     session_hash,
     state_hash,
+    unreadable_states,
     unsure_hint,
 )
 from nbgateway.store.pgconn import (
@@ -207,6 +208,17 @@ LOAD_SECONDS_PER_ROW = 0.001
 POOL_CLOSE_TIMEOUT = 5.0
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
+# The gateway's tables (schema_version is only read, and written by migrations).
+_TABLES = (
+    "accounts",
+    "events",
+    "auth_states",
+    "write_probe",
+    "clients",
+    "audit",
+    "revoked_sessions",
+    "login_failures",
+)
 # The database server's clock, in epoch seconds: what refresh leases are timed with.
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
@@ -551,12 +563,26 @@ class PostgresStore:
             await self.pool.fetchval("SELECT count(*) FROM accounts")
 
     async def check_writable(self) -> None:
-        """Raise StoreUnavailable unless a write can be committed now (down, read-only, full)."""
+        """Raise StoreUnavailable unless a write can be committed now (down, read-only, full);
+        StoreError when the role may not read and write each of the gateway's tables (grants
+        made before a migration added one, say)."""
         with self._errors("cannot be written"):
             await self.pool.execute(
                 "INSERT INTO write_probe (id, at) VALUES (1, $1) "
                 "ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 self._clock.now(),
+            )
+            denied = await self.pool.fetchval(
+                "SELECT string_agg(t, ', ' ORDER BY t) FROM unnest($1::text[]) AS t "
+                "WHERE to_regclass(t) IS NOT NULL AND NOT (has_table_privilege(t, 'SELECT') "
+                "AND has_table_privilege(t, 'INSERT') AND has_table_privilege(t, 'UPDATE') "
+                "AND has_table_privilege(t, 'DELETE'))",
+                list(_TABLES),
+            )
+        if denied:
+            raise StoreError(
+                f"database {self._description}: this role may not read and write the "
+                f"table(s) {denied}; grant it SELECT, INSERT, UPDATE and DELETE on them"
             )
 
     # -- change notices ----------------------------------------------------------------
@@ -1004,8 +1030,8 @@ class PostgresStore:
         return self._sealer.unreadable(rows)
 
     async def verify(self) -> list[str]:
-        """Try to decrypt every account and read every event, client key and audit entry;
-        return one plain message per unreadable row."""
+        """Try to decrypt every account and pending authorization and read every event,
+        client key and audit entry; return one plain message per unreadable row."""
         problems = list((await self.unreadable_accounts()).values())
         for table, fields, parse in (
             ("events", EVENT_FIELDS, event_from_row),
@@ -1015,6 +1041,9 @@ class PostgresStore:
             with self._errors("cannot be read"):
                 rows = await self.pool.fetch(f"SELECT {', '.join(fields)} FROM {table}")
             problems.extend(corrupt_rows(rows, parse))
+        with self._errors("cannot be read"):
+            states = await self.pool.fetch("SELECT slug, verifier FROM auth_states")
+        problems.extend(unreadable_states(states, self._cipher))
         return problems
 
     # -- copying between databases -------------------------------------------------------

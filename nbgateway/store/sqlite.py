@@ -90,6 +90,7 @@ from nbgateway.store.base import (
     readable_rows,
     session_hash,
     state_hash,
+    unreadable_states,
     unsure_hint,
 )
 
@@ -121,12 +122,16 @@ def _create_private(path: Path) -> None:
     """Create a missing database file readable by its owner only, whatever the umask:
     SQLite gives the -wal and -shm files it adds the same mode. An existing file keeps
     its mode."""
+    target = path
+    if path.is_symlink() and not path.exists():  # a link to a file still to be made
+        target = Path(os.path.realpath(path))
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass
     except OSError as exc:
-        raise StoreError(f"cannot create database {path}: {exc.strerror}") from None
+        link = f" (a link to {target})" if target != path else ""
+        raise StoreError(f"cannot create database {path}{link}: {exc.strerror}") from None
 
 
 def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
@@ -1014,8 +1019,8 @@ class SQLiteStore:
         return self._sealer.unreadable(rows)
 
     async def verify(self) -> list[str]:
-        """Try to decrypt every account and read every event, client key and audit entry;
-        return one plain message per unreadable row."""
+        """Try to decrypt every account and pending authorization and read every event,
+        client key and audit entry; return one plain message per unreadable row."""
         problems = list((await self.unreadable_accounts()).values())
         for table, fields, parse in (
             ("events", EVENT_FIELDS, event_from_row),
@@ -1026,6 +1031,10 @@ class SQLiteStore:
                 async with self.conn.execute(f"SELECT {', '.join(fields)} FROM {table}") as cur:
                     rows = await cur.fetchall()
             problems.extend(corrupt_rows(rows, parse))
+        with self._reading():
+            async with self.conn.execute("SELECT slug, verifier FROM auth_states") as cur:
+                states = await cur.fetchall()
+        problems.extend(unreadable_states(states, self._cipher))
         return problems
 
     # -- copying between databases -------------------------------------------------------
