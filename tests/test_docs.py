@@ -514,9 +514,10 @@ class TestDeployment:
                 "ssl_certificate ",
                 "location /connect/",
                 "proxy_buffering off;",
-                "proxy_read_timeout 90s;",
+                "proxy_read_timeout 300s;",
                 "deny all;",
-                "proxy_pass http://nbgateway/api;",  # strips the prefix
+                "proxy_pass http://nbgateway$nbgw_uri;",  # strips the prefix, bytes kept
+                "proxy_set_header Host $http_host;",  # the port stays in absolute links
             ):
                 assert needle in text, needle
         else:
@@ -596,6 +597,60 @@ class TestDeployment:
         finally:
             caddy.terminate()
             caddy.wait(timeout=10)
+            upstream.shutdown()
+            upstream.server_close()
+
+    @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed")
+    def test_nginx_prefix_example_passes_the_path_as_sent(self, tmp_path: Path) -> None:
+        """The commented prefix block, run by nginx: /nbgw is stripped and the rest of the
+        path reaches the gateway (here a stand-in that echoes it) byte for byte, %2F
+        included (nginx's decoded form would name another resource); Host keeps its port.
+        """
+        upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoPath)
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        port = free_port()
+        block = read(NGINX)[read(NGINX).index("# Alternative") :].splitlines()
+        inner = "\n".join(line[5:] for line in block if line.startswith("#     "))
+        inner = inner[inner.index("map $request_uri") :]  # the block, after the settings
+        map_end = inner.index("}") + 1
+        temp = tmp_path / "temp"
+        temp.mkdir()
+        paths = "".join(
+            f" {name}_temp_path {temp};"
+            for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (tmp_path / "nginx.conf").write_text(
+            f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+            f"http {{\n access_log off;{paths}\n"
+            f" upstream nbgateway {{ server 127.0.0.1:{upstream.server_port}; }}\n"
+            f" {inner[:map_end]}\n"
+            f" server {{\n  listen 127.0.0.1:{port};\n  proxy_set_header Host $http_host;\n"
+            f"  {inner[map_end:]}\n }}\n}}\n"
+        )
+        nginx = subprocess.Popen(
+            ["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            sent = "/n/acme/api/v1/tags/a%2Fb%20c%25/people?page=%2F2"
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/nbgw" + sent)
+                answer = conn.getresponse().read().decode()
+            finally:
+                conn.close()
+            assert answer == f"{sent} 127.0.0.1:{port}"
+            assert _status(port, "/nbgw/connect/login") == 200
+        finally:
+            nginx.terminate()
+            nginx.wait(timeout=10)
             upstream.shutdown()
             upstream.server_close()
 
@@ -773,6 +828,20 @@ class _Answer200(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+class _EchoPath(http.server.BaseHTTPRequestHandler):
+    """A stand-in for the gateway: answers with the request target and Host it got."""
+
+    def do_GET(self) -> None:
+        body = f"{self.path} {self.headers.get('Host')}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *_args: object) -> None:
         pass
