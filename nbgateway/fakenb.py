@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import base64
 import contextlib
 import hashlib
@@ -692,6 +693,9 @@ class FakeNationBuilder:
         headers = {
             "RateLimit-Limit": str(self.rate_limit),
             "RateLimit-Reset": str(math.ceil(reset_at)),
+            # The reset and the Date come from one clock, as a real server's do (the
+            # gateway corrects an epoch reset by the Date when the clocks differ).
+            "Date": email.utils.formatdate(now, usegmt=True),
         }
         if bucket.count >= self.rate_limit:
             self.rate_limited_count += 1

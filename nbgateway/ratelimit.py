@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -53,9 +54,14 @@ from nbgateway.metrics import Metrics
 MAX_HOLD = 60.0
 # Shortest hold after a 429 (a missing or zero Retry-After must not turn into a hot loop).
 MIN_HOLD = 1.0
-# Seconds after the announced reset before a new window is assumed: covers clocks that
-# differ by a little between the gateway and NationBuilder.
+# Seconds after the announced reset before a new window is assumed (the reset is whole
+# seconds, the answer took its time to arrive).
 RESET_MARGIN = 0.05
+# An epoch RateLimit-Reset is on NationBuilder's clock. When the answer's Date differs
+# from this host's clock by more than this (Date has whole seconds), the reset is moved by
+# that difference: a gateway clock a few seconds ahead would otherwise take every reset
+# for past, and one behind would wait past every real one.
+CLOCK_SKEW_TOLERANCE = 2.0
 # Reset values up to this are delta-seconds; from EPOCH_FLOOR on they are epoch seconds;
 # anything in between is neither and is ignored.
 DELTA_CEILING = 86_400.0
@@ -106,8 +112,35 @@ def _count(raw: str | None) -> int | None:
     return value if value >= 0 else None
 
 
+_DATE = istr("Date")
+
+
+@functools.lru_cache(maxsize=8)  # a Date changes once a second
+def _date_epoch(raw: str) -> float | None:
+    """An HTTP Date as epoch seconds (None if unusable)."""
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
+def upstream_offset(headers: Mapping[str, str], now: float) -> float:
+    """How far NationBuilder's clock (its answer's Date) is ahead of `now`, when that is
+    more than CLOCK_SKEW_TOLERANCE; else 0."""
+    raw = headers.get(_DATE)
+    if raw is None:
+        return 0.0
+    date = _date_epoch(raw)
+    if date is None:
+        return 0.0
+    offset = date - now
+    return offset if abs(offset) > CLOCK_SKEW_TOLERANCE else 0.0
+
+
 def parse_announced(headers: Mapping[str, str], now: float) -> Announced:
-    """Read the RateLimit headers of a response; `now` turns a delta-seconds reset into epoch."""
+    """Read the RateLimit headers of a response; `now` turns a delta-seconds reset into epoch,
+    and an epoch reset is moved onto this host's clock (`upstream_offset`)."""
     raw_limit = _header(headers, _LIMIT)
     raw_remaining = _header(headers, _REMAINING)
     raw = _header(headers, _RESET)
@@ -125,7 +158,7 @@ def parse_announced(headers: Mapping[str, str], now: float) -> Announced:
             if value <= DELTA_CEILING:
                 reset_at = now + value
             elif value >= EPOCH_FLOOR:
-                reset_at = value
+                reset_at = value - upstream_offset(headers, now)
             if reset_at is not None:
                 reset_at = min(reset_at, now + MAX_HOLD)
     if limit == 0:

@@ -7,6 +7,7 @@ moves the clock, so nothing here sleeps.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import heapq
 import itertools
 from collections.abc import Callable
@@ -167,6 +168,26 @@ class TestParsing:
     def test_large_reset_is_epoch_seconds(self) -> None:
         """A reset in epoch seconds is taken as it is, also a fractional one."""
         assert parse_announced({"RateLimit-Reset": f"{NOW + 3.5}"}, NOW).reset_at == NOW + 3.5
+
+    @pytest.mark.parametrize("skew", [8.0, -8.0, 3.0, -30.0])
+    def test_an_epoch_reset_is_moved_by_nationbuilders_clock(self, skew: float) -> None:
+        """RateLimit-Reset in epoch seconds is on NationBuilder's clock: when the answer's
+        Date is more than CLOCK_SKEW_TOLERANCE off this host's, the reset moves with it (a
+        gateway clock ahead took every reset for past; one behind waited past each)."""
+        date = email.utils.formatdate(NOW + skew, usegmt=True)  # whole seconds
+        headers = {"RateLimit-Reset": f"{NOW + skew + 4}", "Date": date}
+        reset_at = parse_announced(headers, NOW).reset_at
+        assert reset_at is not None
+        assert NOW + 4 <= reset_at < NOW + 5  # late by Date's fraction at most, never early
+
+    @pytest.mark.parametrize("date", [None, "garbage", "Sat, 01 Jan 2000 00:00:00"])
+    def test_a_close_missing_or_unusable_date_leaves_the_reset(self, date: str | None) -> None:
+        headers = {"RateLimit-Reset": f"{NOW + 4}"}
+        if date is not None:
+            headers["Date"] = date  # no zone: unusable
+        assert parse_announced(headers, NOW).reset_at == NOW + 4
+        close = {**headers, "Date": email.utils.formatdate(NOW + 1, usegmt=True)}
+        assert parse_announced(close, NOW).reset_at == NOW + 4  # within the tolerance
 
     @pytest.mark.parametrize("value", ["86400", "99999999999", f"{NOW + 3600}"])
     def test_a_far_reset_is_believed_for_a_minute_at_most(self, value: str) -> None:
