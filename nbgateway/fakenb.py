@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import email.utils
 import base64
 import contextlib
+import email.utils
 import hashlib
 import html
 import json
