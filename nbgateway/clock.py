@@ -69,3 +69,8 @@ class FakeClock:
         """Move both readings forward by `seconds`."""
         self._now += seconds
         self._mono += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        """Move the wall clock only (an NTP step, a host's clock set back): what is timed
+        on the monotonic clock does not move."""
+        self._now += seconds

@@ -99,7 +99,7 @@ class _Unpersisted:
 @dataclass(slots=True)
 class _Backoff:
     failures: int
-    next_attempt_at: float
+    next_attempt_at: float  # on the monotonic clock: a step of the wall clock moves no retry
     generation: int  # the stored pair's generation that failed to refresh
 
 
@@ -455,7 +455,7 @@ class TokenManager:
     def _backoff_wait(self, slug: str) -> float:
         """Seconds until the next refresh attempt is allowed (0 when not backing off)."""
         state = self._backoff.get(slug)
-        return 0.0 if state is None else max(0.0, state.next_attempt_at - self._clock.now())
+        return 0.0 if state is None else max(0.0, state.next_attempt_at - self._clock.monotonic())
 
     def _still_valid(self, token: IssuedToken | None) -> IssuedToken | None:
         """`token` if it has not expired yet (inside the margin is fine), else None."""
@@ -801,7 +801,9 @@ class TokenManager:
         delay = self._backoff_policy.delay(failures)
         if exc.retry_after is not None:  # the endpoint's own Retry-After, up to the cap
             delay = max(delay, min(exc.retry_after, self._backoff_policy.cap))
-        self._backoff[slug] = _Backoff(failures, self._clock.now() + delay, account.generation)
+        self._backoff[slug] = _Backoff(
+            failures, self._clock.monotonic() + delay, account.generation
+        )
         log.warning(
             "token refresh failed; backing off",
             extra={"account": slug, "outcome": exc.outcome.value, "retry_in": round(delay, 1)},
@@ -870,7 +872,7 @@ class TokenManager:
         Accounts in backoff are skipped until their next attempt. Refreshes run concurrently
         (bounded), so one slow nation does not hold up the others. Returns the slugs tried.
         """
-        now = self._clock.now()
+        now = self._clock.monotonic()
         due: list[AccountInfo] = []
         for info in await self._store.list_accounts():
             if info.status is not AccountStatus.ACTIVE or info.expires_at is None:
@@ -899,7 +901,7 @@ class TokenManager:
         error: not this process's own keeping of a rotated refresh token whose answer it
         refused), ends the backoff: that pair is not refreshed again.
         """
-        now = self._clock.now()
+        now = self._clock.monotonic()
         ended = {slug: s for slug, s in self._backoff.items() if s.next_attempt_at <= now}
         if not ended:
             return []

@@ -724,6 +724,30 @@ class TestTransientFailures:
         assert (await gw.accounts.get(SLUG)).last_error is None
         assert gw.metric(LAST_SUCCESS, account=SLUG) > failed_at
 
+    async def test_a_backoff_does_not_move_with_the_wall_clock(
+        self,
+        gateway: Gateway,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """The wait after a failed refresh is timed on the monotonic clock: the host's
+        clock set back an hour does not stop the retries (503 for that hour), nor does a
+        step forward cut the wait short."""
+        await connect_account(gateway, SLUG)
+        clock.advance(LIFETIME + 7200)  # expired two hours ago, whatever the steps below
+        fake_nb.fail_token("server_error")
+        resp = await gateway.client.get(ME)
+        assert resp.status == 503
+        retry_after = int(resp.headers["Retry-After"])
+        clock.step_wall(3600)  # forward: the backoff is not over for that
+        assert await fetch(gateway) == 503
+        assert len(fake_nb.token_requests) == 1
+        clock.step_wall(-7200)  # back, an hour before the failure
+        clock.advance(retry_after)
+        assert await fetch(gateway) == 200
+        assert len(fake_nb.token_requests) == 2
+
     async def test_the_token_endpoints_retry_after_is_waited_out(
         self,
         gateway: Gateway,
