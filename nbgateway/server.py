@@ -231,7 +231,10 @@ async def run_until_stopped(
     def hang_up() -> None:
         # A closed terminal or ssh session, or a "reload" out of habit: stop gracefully,
         # as on SIGTERM (a refresh in flight still stores its pair), and say so.
-        log.warning(HANGUP_STOPS)
+        if parent_fd is None:
+            log.warning(HANGUP_STOPS)
+        else:  # a --workers worker: its parent starts another, with the same settings
+            log.warning("SIGHUP received by a worker: stopping; the parent starts a new one")
         stop.set()
 
     loop.add_signal_handler(signal.SIGHUP, hang_up)
