@@ -1,17 +1,20 @@
 """What a request's headers say about a browser that sent it: whether a web page sent it
 (`sent_by_page`), and whether the host it was sent to is one of the gateway's own names
-(`is_own_host`, against DNS rebinding). No HTTP handling: the proxy, the admin API and
-the login page decide what to refuse.
+(`OwnHosts`, against DNS rebinding). No HTTP handling: the proxy, the admin API and the
+login page decide what to refuse.
 
-Tools (curl, scripts, legacy programs) send neither `Sec-Fetch-Site` nor `Origin`; every
-current browser sends `Sec-Fetch-Site` with each request, and `Origin` with each request a
-page makes other than a same-origin GET. A page on any site can make the browser of
-someone on an allowed address send requests to the gateway; with its own domain resolved
-to the gateway's address (DNS rebinding) it can even read the answers, as its own origin's.
+A page on any site can make the browser of someone on an allowed address send requests to
+the gateway; with its own domain resolved to the gateway's address (DNS rebinding) it can
+even read the answers, as its own origin's. Tools (curl, scripts, legacy programs) send
+neither `Sec-Fetch-Site` nor `Origin`. Browsers send `Sec-Fetch-Site` to secure addresses
+(https, localhost) only, and `Origin` with each request a page makes other than a
+same-origin GET or a navigation: so a page's GET to a plain-http address looks like a
+tool's, and only its Host (the page's own domain) tells it apart.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -40,22 +43,59 @@ def host_name(host: str) -> str:
 
 
 class OwnHosts:
-    """The names a browser may use for the gateway: NBGW_PUBLIC_URL's host, any IP
-    address, `localhost` (and names below it), and single-label names (a LAN host name).
-    A name with a dot that is none of these may be another site's domain pointed at the
-    gateway's address."""
+    """The names a browser or a tool may use for the gateway: NBGW_PUBLIC_URL's host, any
+    IP address, `localhost` (and names below it), single-label names (a LAN host name, a
+    container's service name), and NBGW_ALLOWED_HOSTS (`*.domain` for the names below a
+    domain, `*` for any). A name with a dot that is none of these may be another site's
+    domain pointed at the gateway's address. Decisions are remembered (bounded)."""
 
-    def __init__(self, public_url: str) -> None:
+    _REMEMBERED = 1024
+
+    def __init__(self, public_url: str, allowed: tuple[str, ...] = ()) -> None:
         self.public = host_name(urlsplit(public_url).netloc)
+        self.any = "*" in allowed
+        self._names = frozenset(n for n in allowed if not n.startswith("*."))
+        self._suffixes = tuple(n[1:] for n in allowed if n.startswith("*."))  # ".domain"
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, host: str) -> bool:
+        known = self._seen.get(host)
+        if known is None:
+            known = self._judge(host)
+            if len(self._seen) >= self._REMEMBERED:
+                self._seen.clear()
+            self._seen[host] = known
+        return known
+
+    def _judge(self, host: str) -> bool:
+        if self.any:
+            return True
         name = host_name(host)
         if not name:
             return False
         if name == self.public or "." not in name or name.endswith(".localhost"):
+            return True
+        if name in self._names or name.endswith(self._suffixes):
             return True
         try:
             ipaddress.ip_address(name)
         except ValueError:
             return False
         return True
+
+
+@functools.lru_cache(maxsize=8)
+def own_hosts(public_url: str, allowed: tuple[str, ...]) -> OwnHosts:
+    """The `OwnHosts` of these settings: one per configuration, shared by its users."""
+    return OwnHosts(public_url, allowed)
+
+
+def foreign_host_message(host: str, hosts: OwnHosts) -> str:
+    """What a request sent to a Host that is none of the gateway's names is told."""
+    return (
+        f"the request was sent to the host {host[:100]!r}, which is not one of the "
+        "gateway's names (NBGW_PUBLIC_URL's host, an IP address, localhost, a name without "
+        "a dot, or one in NBGW_ALLOWED_HOSTS); a web page can send requests through a "
+        "domain of its own pointed at the gateway's address. If tools call the gateway by "
+        "this name, add it to NBGW_ALLOWED_HOSTS"
+    )

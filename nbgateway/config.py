@@ -145,6 +145,15 @@ SETTINGS: tuple[Setting, ...] = (
         "comma-separated CIDRs such as 10.0.0.0/8,127.0.0.1/32 (an address alone is /32 or /128)",
     ),
     Setting(
+        "NBGW_ALLOWED_HOSTS",
+        "",
+        "names tools and browsers may call the gateway by (its Host header), besides its own: "
+        "NBGW_PUBLIC_URL's host, IP addresses, localhost and names without a dot. A page "
+        "whose domain is pointed at the gateway's address (DNS rebinding) uses another",
+        "comma-separated host names (*.example.org for every name below a domain), or * "
+        "for any name",
+    ),
+    Setting(
         "NBGW_HEADER_TIMEOUT",
         "10",
         "seconds a client may take to send a complete request head (from connecting, or from "
@@ -274,6 +283,7 @@ class Settings:
     allowed_clients: tuple[IPNetwork, ...] = ()
     admin_allowed_clients: tuple[IPNetwork, ...] = ()  # () = same as allowed_clients
     metrics_allowed_clients: tuple[IPNetwork, ...] = ()  # () = same as allowed_clients
+    allowed_hosts: tuple[str, ...] = ()  # besides the gateway's own names; ("*",) = any
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections_per_client: int = 100
@@ -442,6 +452,25 @@ def _parse_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
     if not nets:
         raise _fail(env, "no CIDR given")
     return tuple(nets)
+
+
+def _parse_hosts(env: str, raw: str) -> tuple[str, ...]:
+    """Host names, lower case without a final dot; `*.domain` for the names below it; `*`."""
+    names: list[str] = []
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        if part.strip() == "*":
+            return ("*",)
+        name = part.strip().lower().rstrip(".")
+        plain = name.removeprefix("*.")
+        if ":" in plain or "/" in plain:
+            raise _fail(env, f"{part.strip()!r} is a host name with a port or path; give the name")
+        problem = _host_problem(plain)
+        if problem or "*" in plain:
+            raise _fail(env, f"{part.strip()!r} is not a host name")
+        names.append(name)
+    return tuple(names)
 
 
 def _parse_optional_cidrs(env: str, raw: str) -> tuple[IPNetwork, ...]:
@@ -808,6 +837,7 @@ def validate_settings(
         allowed_clients=take("NBGW_ALLOWED_CLIENTS", _parse_cidrs),
         admin_allowed_clients=take("NBGW_ADMIN_ALLOWED_CLIENTS", _parse_optional_cidrs),
         metrics_allowed_clients=take("NBGW_METRICS_ALLOWED_CLIENTS", _parse_optional_cidrs),
+        allowed_hosts=take("NBGW_ALLOWED_HOSTS", _parse_hosts),
         header_timeout=take(
             "NBGW_HEADER_TIMEOUT",
             lambda e, r: _parse_number(

@@ -85,6 +85,10 @@ NON_DEFAULT: dict[str, tuple[str, Callable[[Settings], bool]]] = {
             == (ipaddress.ip_network("10.2.0.0/16"), ipaddress.ip_network("::1/128"))
         ),
     ),
+    "NBGW_ALLOWED_HOSTS": (
+        "gw.corp.example, *.svc.cluster.local.",
+        lambda s: s.allowed_hosts == ("gw.corp.example", "*.svc.cluster.local"),
+    ),
     "NBGW_HEADER_TIMEOUT": ("2.5", lambda s: s.header_timeout == 2.5),
     "NBGW_BODY_TIMEOUT": ("7", lambda s: s.body_timeout == 7.0),
     "NBGW_MAX_CONNECTIONS_PER_CLIENT": ("3", lambda s: s.max_connections_per_client == 3),
@@ -236,6 +240,14 @@ BAD_VALUES: dict[str, list[str]] = {
     ],
     "NBGW_ADMIN_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ",", "192.168.1.5/24"],
     "NBGW_METRICS_ALLOWED_CLIENTS": ["not-a-cidr", "10.0.0.0/33", ",", "127.0.0.1/8"],
+    "NBGW_ALLOWED_HOSTS": [
+        "gw.example.org:8080",
+        "https://gw.example.org",
+        "gw..example",
+        "*.",
+        "a*b.example",
+        "gw example.org",
+    ],
     "NBGW_HEADER_TIMEOUT": ["soon", "0", "-1", "nan", "inf", "1e308", "3601"],
     "NBGW_BODY_TIMEOUT": ["soon", "0", "-1", "nan", "inf", "1e308", "3601"],
     "NBGW_MAX_CONNECTIONS_PER_CLIENT": ["many", "0", "-1", "1.5"],

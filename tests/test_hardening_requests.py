@@ -30,7 +30,7 @@ import resource
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -803,6 +803,54 @@ class TestRequestsFromWebPages:
             assert "web page" in await resp.text()
         assert fake_nb.api_requests == []
         assert acme.metric("nbgw_proxy_requests_total", account="none", method="POST", code="403")
+
+    async def test_a_host_that_is_none_of_the_gateways_names_is_refused(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """A browser sends no Sec-Fetch-Site to a plain-http address, and no Origin with a
+        GET: a rebound page's read looks like a tool's but for its Host, the page's own
+        domain. Such a Host is refused (nothing forwarded, the message names the setting);
+        the gateway's own names and NBGW_ALLOWED_HOSTS's are served."""
+        gw = await gateway_factory(allowed_hosts=("gw.corp.example", "*.svc.cluster.local"))
+        await connect_account(gw, "acme")
+        fake_nb.clear_recordings()
+        for host in ("evil.example", "evil.example:8080", "gw.corp.example.evil.example"):
+            resp = await gw.client.get("/n/acme/api/v2/signups/me", headers={"Host": host})
+            assert resp.status == 403, host
+            assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
+            assert "NBGW_ALLOWED_HOSTS" in await resp.text()
+        assert fake_nb.api_requests == []
+        served = (
+            "gateway.test",  # NBGW_PUBLIC_URL's
+            "GATEWAY.TEST.",
+            "10.1.2.3:8080",
+            "[::1]:8080",
+            "nbgateway:8080",  # a container's service name
+            "localhost",
+            "gw.corp.example:8080",
+            "nbgw.tools.svc.cluster.local",
+        )
+        for host in served:
+            resp = await gw.client.get("/n/acme/api/v2/signups/me", headers={"Host": host})
+            assert resp.status == 200, host
+        anything = await gateway_factory(replace(gw.settings, allowed_hosts=("*",)))
+        resp = await anything.client.get("/n/acme/api/v2/signups/me", headers={"Host": "x.example"})
+        assert resp.status == 200
+
+    async def test_the_admin_api_refuses_a_rebound_host_before_counting(
+        self, gateway: Gateway, admin_headers: dict[str, str]
+    ) -> None:
+        """Over plain http a rebound page's fetch carries no Sec-Fetch-Site; its Host gives
+        it away, and its wrong tokens are not counted against the admin's address."""
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all", "Host": "evil.example"}
+        for _ in range(LOGIN_FAILURES + 1):
+            resp = await gateway.client.get("/connect/api/accounts", headers=wrong)
+            assert resp.status == 403
+        resp = await gateway.client.get("/connect/api/accounts", headers=admin_headers)
+        assert resp.status == 200
 
     async def test_a_tool_and_a_typed_address_are_served(
         self, acme: Gateway, fake_nb: FakeNationBuilder

@@ -30,16 +30,19 @@ HOST = "gw.internal:8080"
 
 
 @pytest.fixture
-async def acme(gateway: Gateway, connect_account: ConnectAccount) -> Gateway:
-    """The default gateway with exactly one account, acme."""
+async def acme(gateway_factory: GatewayFactory, connect_account: ConnectAccount) -> Gateway:
+    """A gateway with exactly one account, acme, that tools may call by any name
+    (NBGW_ALLOWED_HOSTS=*): the links are mapped to whatever Host they used."""
+    gateway = await gateway_factory(allowed_hosts=("*",))
     await connect_account(gateway, "acme")
     return gateway
 
 
 @pytest.fixture
 async def two_nations(gateway_factory: GatewayFactory, connect_account: ConnectAccount) -> Gateway:
-    """alpha and beta connected; beta is the default account."""
-    gw = await gateway_factory(default_account="beta")
+    """alpha and beta connected; beta is the default account; any Host (links are mapped
+    to the one the tool used)."""
+    gw = await gateway_factory(default_account="beta", allowed_hosts=("*",))
     await connect_account(gw, "alpha")
     await connect_account(gw, "beta")
     return gw

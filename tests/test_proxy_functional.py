@@ -466,7 +466,7 @@ class TestRequestHeaders:
             acme,
             "/api/_test/echo",
             [
-                ("Host", "client.example"),
+                ("Host", "client"),
                 ("Connection", "close, X-Drop-Me"),
                 ("Keep-Alive", "timeout=5"),
                 ("TE", "trailers"),

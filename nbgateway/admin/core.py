@@ -33,7 +33,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from nbgateway import keys
 from nbgateway.admin.session import Session, Signer
 from nbgateway.admin.views import NationLink, form_action_sources, moment, path_part
-from nbgateway.browsers import OwnHosts
+from nbgateway.browsers import own_hosts
 from nbgateway.clients import is_valid_name
 from nbgateway.config import Settings
 from nbgateway.errors import (
@@ -65,7 +65,7 @@ class AdminCore:
         self.base = f"{prefix}/connect"  # as the browser sees it (behind a path prefix too)
         self.public_origin = _origin(public.scheme, public.netloc.lower())
         self.public_url = f"{public.scheme}://{public.netloc}"
-        self.own_hosts = OwnHosts(settings.public_url)
+        self.own_hosts = own_hosts(settings.public_url, settings.allowed_hosts)
         self.secure = settings.secure_cookies
         self.signer = Signer(settings.admin_token.reveal())
         self.csp = (
@@ -307,8 +307,8 @@ class AdminCore:
             return None
         return (
             f"This page was opened at {host[:100]!r}, which is not an address of the gateway "
-            f"(NBGW_PUBLIC_URL is {self.public_url}). Open {self.public_url}{self.base}/login "
-            "and log in there."
+            f"(NBGW_PUBLIC_URL's host, an IP address, localhost, a name without a dot, or one "
+            f"in NBGW_ALLOWED_HOSTS). Open {self.public_url}{self.base}/login and log in there."
         )
 
     async def checked_form(
