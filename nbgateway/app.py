@@ -201,7 +201,7 @@ async def readyz(request: web.Request) -> web.Response:
         )
     if problems:
         return web.json_response(
-            {"status": "degraded", "detail": f"{len(problems)} account(s) unreadable"},
+            {"status": "degraded", "detail": f"{len(problems)} row(s) unreadable"},
             status=503,
         )
     held = request.app[keys.TOKENS].unpersisted

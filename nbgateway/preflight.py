@@ -183,7 +183,13 @@ async def run_preflight(
             report.database_problems.extend(await _store_problems(settings, redactor, report))
         return report
     if database.is_symlink():  # the file, or the file to be made, is the link's target
-        database = database.resolve()
+        try:
+            database = database.resolve()
+        except (RuntimeError, OSError):  # a loop of links
+            report.database_problems.append(
+                f"database {database} is a symbolic link that leads back to itself"
+            )
+            return report
     report.database_problems.extend(_directory_problems(database))
     if not database.exists():
         if not report.database_problems:

@@ -347,6 +347,18 @@ class TestCheck:
         asyncio.run(first_open())
         assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
+    def test_a_loop_of_links_is_a_problem_not_a_traceback(
+        self, env: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        link = Path(env["NBGW_DATABASE"])
+        other = tmp_path / "other.db"
+        link.symlink_to(other)
+        other.symlink_to(link)
+        result = run(["check"], env, capsys)
+        assert result.code == 1
+        assert "leads back to itself" in result.err
+        assert "Traceback" not in result.err
+
     def test_healthy_database(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -318,7 +318,8 @@ def corrupt_rows(rows: Iterable[Row], parse: Callable[[Row], object]) -> list[st
 
 def unreadable_states(rows: Iterable[Row], cipher: Cipher) -> list[str]:
     """The problem of each pending authorization (slug, verifier) whose PKCE verifier does
-    not decrypt (for `TokenStore.verify`): that connect cannot be completed."""
+    not decrypt (for `TokenStore.verify`, which passes the unexpired ones: an expired one
+    is refused anyway): that connect cannot be completed."""
     problems: list[str] = []
     for row in rows:
         slug, verifier = row["slug"], row["verifier"]

@@ -1042,7 +1042,9 @@ class PostgresStore:
                 rows = await self.pool.fetch(f"SELECT {', '.join(fields)} FROM {table}")
             problems.extend(corrupt_rows(rows, parse))
         with self._errors("cannot be read"):
-            states = await self.pool.fetch("SELECT slug, verifier FROM auth_states")
+            states = await self.pool.fetch(
+                "SELECT slug, verifier FROM auth_states WHERE expires_at > $1", self._clock.now()
+            )
         problems.extend(unreadable_states(states, self._cipher))
         return problems
 

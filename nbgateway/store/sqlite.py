@@ -1032,7 +1032,9 @@ class SQLiteStore:
                     rows = await cur.fetchall()
             problems.extend(corrupt_rows(rows, parse))
         with self._reading():
-            async with self.conn.execute("SELECT slug, verifier FROM auth_states") as cur:
+            async with self.conn.execute(
+                "SELECT slug, verifier FROM auth_states WHERE expires_at > ?", (self._clock.now(),)
+            ) as cur:
                 states = await cur.fetchall()
         problems.extend(unreadable_states(states, self._cipher))
         return problems
