@@ -381,8 +381,9 @@ class Proxy:
                 # address, read the answers).
                 raise ClientNotAllowed(
                     f"a web page in a browser sent this request ({sent_by}); the gateway "
-                    "proxies for tools, not for pages. Call it from the tool, or open the "
-                    "address directly"
+                    "proxies for tools, not for pages (a link followed in a proxied answer "
+                    "shown in the browser counts as one). Call it from the tool, or type "
+                    "the address into the browser"
                 )
         framing = request.headers.getall("Transfer-Encoding", None)
         if framing is not None and any(

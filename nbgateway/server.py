@@ -108,6 +108,14 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
     """
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        addresses = sorted({str(entry[4][0]) for entry in info})
+        if len(addresses) > 1:
+            # One process listens on all of them; one group of sockets has one address.
+            raise ListenError(
+                f"cannot listen on {_shown(host, port)} with --workers: {host!r} names "
+                f"{len(addresses)} addresses ({', '.join(addresses)}); give one of them in "
+                "NBGW_LISTEN"
+            )
         family = info[0][0]
         with socket.create_server((host, port), family=family) as probe:
             port = probe.getsockname()[1]  # the port chosen when 0 was asked for
@@ -116,7 +124,12 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
             for _ in range(count)
         ]
     except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ListenError(f"cannot listen on {_shown(host, port)}: {exc.strerror or exc}") from None
+
+
+def _shown(host: str, port: int) -> str:
+    """host:port as NBGW_LISTEN writes it ([::1]:8080 for an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def rejoin(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
@@ -194,7 +207,9 @@ async def serving(
             else:
                 server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise ListenError(
+                f"cannot listen on {_shown(host, port)}: {exc.strerror or exc}"
+            ) from None
         try:
             yield server.sockets[0].getsockname()[1]
         finally:

@@ -184,6 +184,15 @@ class Workers:
                     extra={"worker": slot.number, "error": str(exc), "retry_in": slot.backoff},
                 )
                 return
+        if not self._metrics_dir.is_dir():
+            # Removed under the running gateway (a clean-up of the temporary directory): a
+            # worker cannot start without it. The counts it held are gone with it.
+            self._metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log.error(
+                "the metrics directory was removed while the gateway ran; made it again "
+                "(/metrics counts start again from here: restart the gateway for whole figures)",
+                extra={"path": str(self._metrics_dir)},
+            )
         env = {**self._env, MULTIPROC_ENV: str(self._metrics_dir)}
         fds = (slot.sock.fileno(), self._pipe_read)
         # The command is this program with fixed arguments, not user input.

@@ -514,7 +514,7 @@ class TestDeployment:
                 "ssl_certificate ",
                 "location /connect/",
                 "proxy_buffering off;",
-                "proxy_read_timeout 300s;",
+                "proxy_read_timeout 600s;",
                 "deny all;",
                 "proxy_pass http://nbgateway$nbgw_uri;",  # strips the prefix, bytes kept
                 "proxy_set_header Host $http_host;",  # the port stays in absolute links

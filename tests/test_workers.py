@@ -13,6 +13,7 @@ import contextlib
 import errno
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -49,7 +50,7 @@ from procs import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbgateway.clock import FakeClock
-from nbgateway.server import WORKER_HEADER, bind, hold, rejoin
+from nbgateway.server import WORKER_HEADER, ListenError, bind, hold, rejoin
 from nbgateway.workers import (
     EXIT_NOT_STARTED,
     FIRST_BACKOFF,
@@ -1025,3 +1026,72 @@ def test_stale_metrics_directories_are_removed_even_under_this_pid(tmp_path: Pat
     finally:
         for path in (own, dead, live):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_listen_name_with_several_addresses_is_refused_with_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One process listens on every address of a name (`localhost`: 127.0.0.1 and ::1);
+    a --workers group has one. Rather than serve on the first only (a proxy pointed at the
+    other is refused), bind says so, naming the addresses."""
+    real = socket.getaddrinfo
+
+    def both(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "twofold.test":
+            return [
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+            ]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    with pytest.raises(ListenError) as info:
+        bind("twofold.test", free_port(), 2)
+    assert "127.0.0.1, ::1" in str(info.value)
+    assert "NBGW_LISTEN" in str(info.value)
+
+
+def test_a_removed_metrics_directory_is_made_again_for_the_next_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clean-up of the temporary directory removing the run's metrics directory would
+    keep every replacement from starting (prometheus_client needs it); the parent makes
+    it again before the next start, and says so."""
+    clock = FakeClock()
+    seen = tmp_path / "seen"
+    script = (
+        "import os, shutil, sys\n"
+        "d = os.environ['PROMETHEUS_MULTIPROC_DIR']\n"
+        f"open({str(seen)!r}, 'a').write(str(os.path.isdir(d)) + '\\n')\n"
+        "shutil.rmtree(d)\n"
+        "sys.exit(1)\n"
+    )
+    parent = Workers(
+        lambda fd, pipe: [sys.executable, "-c", script],
+        {},
+        bind("127.0.0.1", 0, 1),
+        rejoin=rejoin,
+        clock=clock,
+        grace=1,
+    )
+    failures: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            wait_until(lambda: seen.exists() and seen.read_text().count("\n") >= 1, WAIT, "1")
+            time.sleep(5 * POLL_INTERVAL)
+            clock.advance(FIRST_BACKOFF)
+            wait_until(lambda: seen.read_text().count("\n") >= 2, WAIT, "the second start")
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    with caplog.at_level(logging.ERROR, logger="nbgateway.workers"):
+        assert parent.run() == 0
+    driver.join()
+    assert not failures, failures
+    assert seen.read_text().splitlines()[:2] == ["True", "True"]
+    assert "metrics directory was removed" in caplog.text
