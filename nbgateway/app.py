@@ -113,6 +113,10 @@ def create_app(
             app[keys.ADMIN_THROTTLE] = LoginThrottle(svc.store)
             app[keys.SESSION_REVOCATIONS] = SessionRevocations(svc.store)
             app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients, limiter)
+            # This process serves: its store is open (a worker whose pre-flight fails never
+            # gets here, so the sum over the workers shows one that cannot start).
+            metrics.workers_configured.set(settings.workers)
+            metrics.workers_serving.set(1)
             tasks: list[asyncio.Task[None]] = []
             if background:
                 tasks = [

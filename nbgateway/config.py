@@ -493,6 +493,8 @@ def _parse_number(
     `why` says why the maximum exists; it goes into the message of a value above it.
     """
     try:
+        if not raw.isascii():  # float() and int() also read "٣٠" as 30
+            raise ValueError(raw)
         value = kind(raw)
     except ValueError:
         noun = "a number" if kind is float else "a whole number"

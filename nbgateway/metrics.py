@@ -378,6 +378,19 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.workers_serving = Gauge(
+            "nbgw_workers_serving",
+            "Processes of this gateway serving requests (1 each; with --workers, summed "
+            "over the live workers: one that cannot start is missing).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.workers_configured = Gauge(
+            "nbgw_workers_configured",
+            "Processes this gateway was started to run (serve --workers N; 1 for one process).",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.build_info = Gauge(
             "nbgw_build_info",
             "Build information; the value is always 1.",

@@ -193,7 +193,13 @@ class Workers:
                 "(/metrics counts start again from here: restart the gateway for whole figures)",
                 extra={"path": str(self._metrics_dir)},
             )
-        env = {**self._env, MULTIPROC_ENV: str(self._metrics_dir)}
+        # NBGW_WORKERS: how many the parent runs (what nbgw_workers_configured reports),
+        # --workers on the command line included.
+        env = {
+            **self._env,
+            MULTIPROC_ENV: str(self._metrics_dir),
+            "NBGW_WORKERS": str(len(self._slots)),
+        }
         fds = (slot.sock.fileno(), self._pipe_read)
         # The command is this program with fixed arguments, not user input.
         slot.process = subprocess.Popen(self._command(*fds), env=env, pass_fds=fds)  # noqa: S603

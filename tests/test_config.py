@@ -252,7 +252,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "NBGW_BODY_TIMEOUT": ["soon", "0", "-1", "nan", "inf", "1e308", "3601"],
     "NBGW_MAX_CONNECTIONS_PER_CLIENT": ["many", "0", "-1", "1.5"],
     "NBGW_UPSTREAM_TIMEOUT": ["fast", "0", "-1", "nan", "inf", "1e9"],
-    "NBGW_TOKEN_TIMEOUT": ["slow", "0", "-1", "nan", "inf", "1e308", "601"],
+    "NBGW_TOKEN_TIMEOUT": ["slow", "0", "-1", "nan", "inf", "1e308", "601", "\u0663\u0660"],
     "NBGW_MAX_REQUEST_BODY": ["big", "0", "-1", "1.5", "10MB"],
     "NBGW_RETRY_BUFFER": ["-1", "lots", "1.5"],
     "NBGW_WORKERS": ["0", "-1", "two", "1.5", "65", "1e9"],

@@ -849,8 +849,13 @@ def test_a_crash_looping_replacement_holds_no_connections(
             assert gateway.worker_of(conn) == survivor
         finally:
             conn.close()
+    # What NBGatewayWorkersDown watches: one worker short.
+    _, samples = gateway.metrics()
+    assert samples["nbgw_workers_configured{}"] == 2
+    assert samples["nbgw_workers_serving{}"] == 1
     marker.unlink()
     assert survivor in gateway.workers(2)
+    wait_until(lambda: gateway.metrics()[1]["nbgw_workers_serving{}"] == 2, WAIT, "both serving")
 
 
 def test_a_replacement_runs_the_configuration_the_parent_checked(
