@@ -67,7 +67,7 @@ async def require_bearer(request: web.Request) -> None:
     hosts = own_hosts(settings.public_url, settings.allowed_hosts)
     host = request.headers.get("Host")
     if host is not None and host not in hosts:
-        raise ClientNotAllowed(foreign_host_message(host, hosts))
+        raise ClientNotAllowed(foreign_host_message(host))
     sent_by = sent_by_page(request.headers)
     if sent_by is not None:
         raise ClientNotAllowed(

@@ -90,12 +90,13 @@ def own_hosts(public_url: str, allowed: tuple[str, ...]) -> OwnHosts:
     return OwnHosts(public_url, allowed)
 
 
-def foreign_host_message(host: str, hosts: OwnHosts) -> str:
+def foreign_host_message(host: str) -> str:
     """What a request sent to a Host that is none of the gateway's names is told."""
+    name = host_name(host) or host
     return (
         f"the request was sent to the host {host[:100]!r}, which is not one of the "
         "gateway's names (NBGW_PUBLIC_URL's host, an IP address, localhost, a name without "
         "a dot, or one in NBGW_ALLOWED_HOSTS); a web page can send requests through a "
         "domain of its own pointed at the gateway's address. If tools call the gateway by "
-        "this name, add it to NBGW_ALLOWED_HOSTS"
+        f"this name, add {name[:100]!r} to NBGW_ALLOWED_HOSTS"
     )

@@ -372,7 +372,7 @@ class Proxy:
         headers = request.headers
         host = headers.get("Host")
         if host is not None and host not in self._own_hosts:
-            raise ClientNotAllowed(foreign_host_message(host, self._own_hosts))
+            raise ClientNotAllowed(foreign_host_message(host))
         if "Sec-Fetch-Site" in headers or "Origin" in headers:
             sent_by = sent_by_page(headers)
             if sent_by is not None:

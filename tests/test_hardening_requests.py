@@ -818,11 +818,14 @@ class TestRequestsFromWebPages:
         await connect_account(gw, "acme")
         fake_nb.clear_recordings()
         for host in ("evil.example", "evil.example:8080", "gw.corp.example.evil.example"):
-            resp = await gw.client.get("/n/acme/api/v2/signups/me", headers={"Host": host})
-            assert resp.status == 403, host
-            assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
-            assert "NBGW_ALLOWED_HOSTS" in await resp.text()
+            for path in ("/n/acme/api/v2/signups/me", "/metrics"):  # /metrics names slugs
+                resp = await gw.client.get(path, headers={"Host": host})
+                assert resp.status == 403, (host, path)
+                assert resp.headers["X-NBGW-Error"] == "client_not_allowed"
+                # The name to add, as NBGW_ALLOWED_HOSTS takes it (no port).
+                assert f"add {host.split(':')[0]!r} to NBGW_ALLOWED_HOSTS" in await resp.text()
         assert fake_nb.api_requests == []
+        assert (await gw.client.get("/metrics", headers={"Host": "gw.corp.example"})).status == 200
         served = (
             "gateway.test",  # NBGW_PUBLIC_URL's
             "GATEWAY.TEST.",

@@ -278,13 +278,15 @@ class AdminCore:
         """Why a browser's request must not count as the admin's own (its message), or None.
 
         Another site's page: its Sec-Fetch-Site is neither same-origin nor none (typed or
-        bookmarked); or, from a browser that sends no Sec-Fetch-Site, an Origin that is
-        neither this request's Host nor NBGW_PUBLIC_URL's. `Origin: null` is no answer
-        (the pages' no-referrer policy makes a browser send it for their own forms).
-        A browser's request to a Host that is not one of the gateway's names (`OwnHosts`)
-        may come from a page whose domain was rebound to the gateway's address, which
-        makes it same-origin. Clients that send neither header (curl, scripts) are not
-        browsers used by another site."""
+        bookmarked); or, from a browser that sends no Sec-Fetch-Site (every browser, to a
+        plain-http address that is not loopback), an Origin that is neither this request's
+        Host nor NBGW_PUBLIC_URL's, or `Origin: null`: a page in a sandboxed frame, while
+        the pages' own forms send their real Origin (Referrer-Policy: same-origin). With
+        Sec-Fetch-Site same-origin, `Origin: null` is an older page's form (its no-referrer
+        policy, still cached). A browser's request to a Host that is not one of the
+        gateway's names (`OwnHosts`) may come from a page whose domain was rebound to the
+        gateway's address, which makes it same-origin. Clients that send neither header
+        (curl, scripts) are not browsers used by another site."""
         headers = request.headers
         site = headers.get("Sec-Fetch-Site")
         origin = headers.get("Origin")
@@ -293,7 +295,9 @@ class AdminCore:
         if site is not None:
             if site.strip().lower() not in ("same-origin", "none"):
                 return _ANOTHER_SITE
-        elif origin is not None and origin.strip().lower() != "null":
+        elif origin is not None:
+            if origin.strip().lower() == "null":
+                return _ANOTHER_SITE
             parts = urlsplit(origin.strip().lower())
             sent = _origin(parts.scheme, parts.netloc)
             if sent == self.public_origin:
@@ -408,7 +412,9 @@ def security_headers(core: AdminCore) -> Middleware:
         "Content-Security-Policy": core.csp,
         "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",  # the callback URL carries the code and state
+        # No Referer ever leaves the gateway (the callback URL carries the code and state);
+        # within it, forms send their real Origin, which the login checks (`cross_site`).
+        "Referrer-Policy": "same-origin",
         "Cache-Control": "no-store",
     }
 
