@@ -51,7 +51,7 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import bind, hold, rejoin, run, run_until_stopped
+from nbgateway.server import bind, hold, host_port, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, stop_grace, store_for
 from nbgateway.store import copy_store, holds_no_database
 from nbgateway.tokens import TokenManager
@@ -665,7 +665,7 @@ def _serve(
         ]
 
     sockets = bind(settings.host, settings.port, settings.workers)
-    log.info("nbgateway listening", extra={"listen": f"{settings.host}:{settings.port}"})
+    log.info("nbgateway listening", extra={"listen": host_port(settings.host, settings.port)})
     worker_env = settled_environment(env, args.config)
     return Workers(
         command,

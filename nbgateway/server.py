@@ -112,7 +112,7 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
         if len(addresses) > 1:
             # One process listens on all of them; one group of sockets has one address.
             raise ListenError(
-                f"cannot listen on {_shown(host, port)} with --workers: {host!r} names "
+                f"cannot listen on {host_port(host, port)} with --workers: {host!r} names "
                 f"{len(addresses)} addresses ({', '.join(addresses)}); give one of them in "
                 "NBGW_LISTEN"
             )
@@ -124,10 +124,12 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
             for _ in range(count)
         ]
     except OSError as exc:
-        raise ListenError(f"cannot listen on {_shown(host, port)}: {exc.strerror or exc}") from None
+        raise ListenError(
+            f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}"
+        ) from None
 
 
-def _shown(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
     """host:port as NBGW_LISTEN writes it ([::1]:8080 for an IPv6 address)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -208,7 +210,7 @@ async def serving(
                 server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
         except OSError as exc:
             raise ListenError(
-                f"cannot listen on {_shown(host, port)}: {exc.strerror or exc}"
+                f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}"
             ) from None
         try:
             yield server.sockets[0].getsockname()[1]
@@ -265,7 +267,7 @@ async def run_until_stopped(
     try:
         async with serving(app, host, port, sock=sock):
             where: dict[str, object] = {
-                "listen": f"{host}:{port}",
+                "listen": host_port(host, port),
                 "event_loop": loop_name(asyncio.get_running_loop()),
             }
             if sock is not None:
