@@ -22,7 +22,7 @@ from aiohttp import web
 from nbgateway import keys
 from nbgateway.accounts import account_json, check_slug
 from nbgateway.admin.core import read_json
-from nbgateway.browsers import foreign_host_message, own_hosts, sent_by_page
+from nbgateway.browsers import own_hosts, sent_by_page
 from nbgateway.clients import audit_json, client_json
 from nbgateway.errors import (
     AdminUnauthorized,
@@ -64,10 +64,7 @@ async def require_bearer(request: web.Request) -> None:
     any header) would otherwise lock the admin's address out.
     """
     settings = request.config_dict[keys.SETTINGS]
-    hosts = own_hosts(settings.public_url, settings.allowed_hosts)
-    host = request.headers.get("Host")
-    if host is not None and host not in hosts:
-        raise ClientNotAllowed(foreign_host_message(host))
+    own_hosts(settings.public_url, settings.allowed_hosts).check(request.headers)
     sent_by = sent_by_page(request.headers)
     if sent_by is not None:
         raise ClientNotAllowed(

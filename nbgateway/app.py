@@ -31,7 +31,7 @@ from nbgateway.activity import RequestActivity
 from nbgateway.admin import routes as admin_routes
 from nbgateway.admin.session import LoginThrottle, SessionRevocations
 from nbgateway.allowlist import AllowList
-from nbgateway.browsers import foreign_host_message, own_hosts
+from nbgateway.browsers import own_hosts
 from nbgateway.clock import Clock, SystemClock
 from nbgateway.config import Settings
 from nbgateway.connections import GUARD, ConnectionGuard, track_requests
@@ -159,9 +159,7 @@ def create_app(
     async def metrics_handler(request: web.Request) -> web.StreamResponse:
         if not metrics_allowed.allows(request.remote):
             raise ClientNotAllowed("this client address is not in NBGW_METRICS_ALLOWED_CLIENTS")
-        host = request.headers.get("Host")
-        if host is not None and host not in hosts:  # a rebound page would read every slug
-            raise ClientNotAllowed(foreign_host_message(host))
+        hosts.check(request.headers)  # a rebound page would read every slug
         # prometheus_client's encoder, in a worker thread: with a thousand nations the
         # text runs to megabytes and takes a second to make, which on the event loop
         # would hold up every proxied request meanwhile.

@@ -1,7 +1,7 @@
 """What a request's headers say about a browser that sent it: whether a web page sent it
 (`sent_by_page`), and whether the host it was sent to is one of the gateway's own names
-(`OwnHosts`, against DNS rebinding). No HTTP handling: the proxy, the admin API and the
-login page decide what to refuse.
+(`OwnHosts`, against DNS rebinding). No HTTP handling: the proxy, the admin API,
+/metrics and the login page decide what to refuse.
 
 A page on any site can make the browser of someone on an allowed address send requests to
 the gateway; with its own domain resolved to the gateway's address (DNS rebinding) it can
@@ -18,6 +18,8 @@ import functools
 import ipaddress
 from collections.abc import Mapping
 from urllib.parse import urlsplit
+
+from nbgateway.errors import ClientNotAllowed
 
 
 def sent_by_page(headers: Mapping[str, str]) -> str | None:
@@ -58,6 +60,13 @@ class OwnHosts:
         self._suffixes = tuple(n[1:] for n in allowed if n.startswith("*."))  # ".domain"
         self._seen: dict[str, bool] = {}
 
+    def check(self, headers: Mapping[str, str]) -> None:
+        """ClientNotAllowed (403) for a request whose Host is none of these names; a
+        request without a Host (HTTP/1.0, which no browser sends) passes."""
+        host = headers.get("Host")
+        if host is not None and host not in self:
+            raise ClientNotAllowed(_foreign_host_message(host))
+
     def __contains__(self, host: str) -> bool:
         known = self._seen.get(host)
         if known is None:
@@ -90,7 +99,7 @@ def own_hosts(public_url: str, allowed: tuple[str, ...]) -> OwnHosts:
     return OwnHosts(public_url, allowed)
 
 
-def foreign_host_message(host: str) -> str:
+def _foreign_host_message(host: str) -> str:
     """What a request sent to a Host that is none of the gateway's names is told."""
     name = host_name(host) or host
     return (

@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from nbgateway.allowlist import AllowList
-from nbgateway.browsers import foreign_host_message, own_hosts, sent_by_page
+from nbgateway.browsers import own_hosts, sent_by_page
 from nbgateway.clients import (
     KEY_PREFIX,
     READ_METHODS,
@@ -370,9 +370,7 @@ class Proxy:
         if not self._allowed.allows(request.remote):
             raise ClientNotAllowed("this client address is not in NBGW_ALLOWED_CLIENTS")
         headers = request.headers
-        host = headers.get("Host")
-        if host is not None and host not in self._own_hosts:
-            raise ClientNotAllowed(foreign_host_message(host))
+        self._own_hosts.check(headers)
         if "Sec-Fetch-Site" in headers or "Origin" in headers:
             sent_by = sent_by_page(headers)
             if sent_by is not None:

@@ -138,17 +138,7 @@ def rejoin(family: socket.AddressFamily, address: tuple[str, int]) -> socket.soc
     """A new socket for the SO_REUSEPORT group on `address` (made by `bind`), bound but not
     listening: it takes connections only once the worker given it serves on it (asyncio
     listens then), so a worker that fails to start holds none up."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:  # as socket.create_server (in `bind`) sets it
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return _group_socket(family, address, reuse_address=True)
 
 
 def hold(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
@@ -156,10 +146,19 @@ def hold(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socke
     keeps the address the group's: without SO_REUSEADDR, a plain bind by another program
     is refused even while no socket of the group listens (a non-listening socket takes no
     connections)."""
+    return _group_socket(family, address, reuse_address=False)
+
+
+def _group_socket(
+    family: socket.AddressFamily, address: tuple[str, int], *, reuse_address: bool
+) -> socket.socket:
+    """A bound, not listening TCP socket with SO_REUSEPORT (and SO_REUSEADDR if asked)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
+        if family == socket.AF_INET6:  # as socket.create_server (in `bind`) sets it
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
     except OSError:
