@@ -97,6 +97,7 @@ class Backend:
     """One backend's database and the raw access the tests need behind the store's back."""
 
     name: str
+    current_version: int  # the schema version this nbgateway writes
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
@@ -163,6 +164,7 @@ class Backend:
 
 class SQLiteBackend(Backend):
     name = "sqlite"
+    current_version = sqlite_backend.SCHEMA_VERSION
 
     def __init__(self, clock: FakeClock, path: Path) -> None:
         super().__init__(clock)
@@ -250,6 +252,7 @@ class SQLiteBackend(Backend):
 
 class PostgresBackend(Backend):
     name = "postgres"
+    current_version = pg_backend.SCHEMA_VERSION
 
     def __init__(self, clock: FakeClock, server: PgServer, url: str) -> None:
         super().__init__(clock)
@@ -406,6 +409,21 @@ class TestOpen:
         async with backend.make(key) as store:
             await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
             assert await store.get_account("acme") is not None
+
+    async def test_first_opens_at_once_all_succeed(self, backend: Backend, key: str) -> None:
+        """Several processes starting together on a database nobody made yet (`serve
+        --workers`, replicas) each open it: one creates it, the others wait their turn;
+        none is refused as locked. Several rounds, each on a new database."""
+        for round_ in range(8):
+            fresh = backend.fresh() if round_ else backend
+            stores = [fresh.make(key) for _ in range(4)]
+            results = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
+            for s, result in zip(stores, results, strict=True):
+                if result is None:
+                    await s.check_writable()
+                    await s.close()
+            assert [r for r in results if r is not None] == [], f"round {round_}"
+            assert await fresh.schema_version() == backend.current_version
 
     async def test_ping_and_check_writable(self, store: TokenStore) -> None:
         """ping() and check_writable() succeed on an open, healthy store."""
@@ -1505,10 +1523,7 @@ class TestMigration:
             assert await store.session_revoked("sid-1", clock.now()) is True
             await store.record_login_failure("192.0.2.7", clock.now(), clock.now() - 300)
             assert await store.login_failures("192.0.2.7", clock.now() - 300) == [clock.now()]
-        current = (
-            sqlite_backend.SCHEMA_VERSION if backend.name == "sqlite" else pg_backend.SCHEMA_VERSION
-        )
-        assert await backend.schema_version() == current
+        assert await backend.schema_version() == backend.current_version
 
     async def test_opened_without_migrating_the_previous_schema_stays(
         self, backend: Backend, clock: FakeClock, key: str

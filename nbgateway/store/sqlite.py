@@ -134,18 +134,25 @@ def _create_private(path: Path) -> None:
         raise StoreError(f"cannot create database {path}{link}: {exc.strerror}") from None
 
 
+def _primary_code(exc: sqlite3.Error) -> int:
+    """The primary result code of SQLite's (extended) one, 0 when it gave none."""
+    return int(getattr(exc, "sqlite_errorcode", 0)) & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether another connection holds the lock (which passes)."""
+    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _open_error(message: str, exc: sqlite3.Error) -> StoreError:
     """StoreUnavailable when another connection holds the lock (that passes), else StoreError."""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
-    busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return StoreUnavailable(message) if busy else StoreError(message)
+    return StoreUnavailable(message) if _is_busy(exc) else StoreError(message)
 
 
 def _read_error(message: str, exc: sqlite3.Error, path: Path) -> StoreError:
     """A failed read: StoreError when the file is damaged (waiting will not mend it), else
     StoreUnavailable (locked, gone, an I/O error: it may pass)."""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+    if _primary_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return StoreError(
             f"database {path} is damaged ({exc}): restore it from a backup (docs/deployment.md, "
             "Backup and restore); nothing was changed"
@@ -443,10 +450,8 @@ class SQLiteStore:
                 # opened by the release that made it. (An empty one has no such release.)
                 self.pending_version, self._version = version, version
             else:
+                await self._use_wal(conn)
                 await self._migrate(conn, version)
-                mode = await self._scalar(conn, "PRAGMA journal_mode")
-                if str(mode).lower() != "wal":
-                    await self._scalar(conn, "PRAGMA journal_mode = WAL")
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise _open_error(f"database {self.path} is not usable: {exc}", exc) from None
@@ -497,6 +502,25 @@ class SQLiteStore:
 
     async def _user_version(self, conn: aiosqlite.Connection) -> int:
         return int(await self._scalar(conn, "PRAGMA user_version"))
+
+    async def _use_wal(self, conn: aiosqlite.Connection) -> None:
+        """Put the database in WAL mode (once per file; it stays so), before migrating.
+
+        The switch needs the file to itself and SQLite does not wait for that (no busy
+        handler), so processes making one new database together (`serve --workers`,
+        replicas starting at once) would see "database is locked": it is tried again until
+        the busy timeout runs out, as any other lock is waited for."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_ms / 1000
+        pause = 0.005
+        while str(await self._scalar(conn, "PRAGMA journal_mode")).lower() != "wal":
+            try:
+                await self._scalar(conn, "PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
 
     async def _migrate(self, conn: aiosqlite.Connection, version: int) -> None:
         for target in range(version, SCHEMA_VERSION):
