@@ -99,12 +99,15 @@ def raise_open_files_limit() -> int:
 
 
 def bind(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening TCP sockets on host:port, one per worker, in one SO_REUSEPORT group.
+    """`count` TCP sockets on host:port, one per worker, in one SO_REUSEPORT group.
 
-    The kernel spreads new connections evenly over the group (by a hash of the addresses);
-    one socket shared by all workers would let whichever worker wakes first take a burst
-    of them. A plain bind comes first, so an address that anything (another gateway's
-    group included) already listens on is refused here, as one process would be.
+    The kernel spreads new connections evenly over the group's listening sockets (by a
+    hash of the addresses); one socket shared by all workers would let whichever worker
+    wakes first take a burst of them. A plain bind comes first, so an address that
+    anything (another gateway's group included) already listens on is refused here, as
+    one process would be. The sockets are bound but not listening, as `rejoin`'s: each
+    takes connections once its worker serves on it, so none wait (and are then reset) on
+    the socket of a worker that is still starting or fails to.
     """
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -119,10 +122,7 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
         family = info[0][0]
         with socket.create_server((host, port), family=family) as probe:
             port = probe.getsockname()[1]  # the port chosen when 0 was asked for
-        return [
-            socket.create_server((host, port), family=family, backlog=BACKLOG, reuse_port=True)
-            for _ in range(count)
-        ]
+        return [_group_socket(family, (host, port), reuse_address=True) for _ in range(count)]
     except OSError as exc:
         raise ListenError(
             f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}"
@@ -158,7 +158,7 @@ def _group_socket(
         if reuse_address:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:  # as socket.create_server (in `bind`) sets it
+        if family == socket.AF_INET6:  # as socket.create_server sets it
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
     except OSError:

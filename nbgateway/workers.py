@@ -1,7 +1,8 @@
 """The `serve --workers N` parent: start the worker processes, watch them, stop them.
 
-The parent binds one listening socket per worker, all on the listen address in one
-SO_REUSEPORT group (`server.bind`: a port in use fails here, before any worker starts),
+The parent binds one socket per worker, all on the listen address in one SO_REUSEPORT
+group (`server.bind`: a port in use fails here, before any worker starts; each socket
+listens once its worker serves, so no connection waits on a worker still starting),
 and starts N workers with `python -m nbgateway serve` plus two hidden options naming
 inherited file descriptors: the worker's listening socket, and the read end of a pipe
 whose write end only the parent holds, so a worker sees end of file and stops when the

@@ -858,6 +858,41 @@ def test_a_crash_looping_replacement_holds_no_connections(
     wait_until(lambda: gateway.metrics()[1]["nbgw_workers_serving{}"] == 2, WAIT, "both serving")
 
 
+def test_no_connection_waits_on_a_worker_still_starting(
+    processes: Processes, env: dict[str, str], fake: FakeNB, tmp_path: Path
+) -> None:
+    """The first worker to start takes 4 s and then fails (as a start-up check that waits
+    for a lock and gives up): meanwhile every new connection is answered by the worker
+    that serves, none waits on the starting one's socket and is reset when it exits."""
+    seed(env, fake)
+    slow = tmp_path / "slow-worker"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys, time\n"
+        "if any(a.startswith('--listen-fd') for a in sys.argv):\n"
+        "    try:\n"
+        f"        os.close(os.open({str(slow)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
+        "    except FileExistsError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        time.sleep(4)\n"
+        "        os._exit(1)\n"
+    )
+    gateway = start(processes, {**env, "PYTHONPATH": str(site)})
+    answered: set[int] = set()
+    for _ in range(30):
+        conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=2)
+        try:
+            answered.add(gateway.worker_of(conn))  # a wait on the slow one: TimeoutError
+        finally:
+            conn.close()
+    assert "worker exited" not in gateway.process.output()  # all sent while it started
+    assert len(answered) == 1 and answered < set(started_pids(gateway.process))
+    wait_until(lambda: "worker exited" in gateway.process.output(), WAIT, "the slow one's exit")
+    assert len(gateway.workers(2)) == 2  # its replacement serves beside it
+
+
 def test_a_replacement_runs_the_configuration_the_parent_checked(
     processes: Processes, env: dict[str, str], fake: FakeNB, tmp_path: Path
 ) -> None:
