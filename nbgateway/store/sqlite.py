@@ -507,20 +507,24 @@ class SQLiteStore:
         """Put the database in WAL mode (once per file; it stays so), before migrating.
 
         The switch needs the file to itself and SQLite does not wait for that (no busy
-        handler), so processes making one new database together (`serve --workers`,
-        replicas starting at once) would see "database is locked": it is tried again until
-        the busy timeout runs out, as any other lock is waited for."""
+        handler), so processes making one new database together (the workers of `serve
+        --workers`, commands run at once) would see "database is locked": it is tried
+        again until the busy timeout runs out, as any other lock is waited for."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._busy_ms / 1000
         pause = 0.005
-        while str(await self._scalar(conn, "PRAGMA journal_mode")).lower() != "wal":
+        if str(await self._scalar(conn, "PRAGMA journal_mode")).lower() == "wal":
+            return
+        while True:
             try:
+                # Where WAL cannot be had, SQLite stays in its own mode without an error.
                 await self._scalar(conn, "PRAGMA journal_mode = WAL")
+                return
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or loop.time() + pause > deadline:
                     raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.1)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def _migrate(self, conn: aiosqlite.Connection, version: int) -> None:
         for target in range(version, SCHEMA_VERSION):
