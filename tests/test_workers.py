@@ -861,11 +861,12 @@ def test_a_crash_looping_replacement_holds_no_connections(
 def test_no_connection_waits_on_a_worker_still_starting(
     processes: Processes, env: dict[str, str], fake: FakeNB, tmp_path: Path
 ) -> None:
-    """The first worker to start takes 4 s and then fails (as a start-up check that waits
-    for a lock and gives up): meanwhile every new connection is answered by the worker
-    that serves, none waits on the starting one's socket and is reset when it exits."""
+    """The first worker to start takes its time and then fails (as a start-up check that
+    waits for a lock and gives up): meanwhile every new connection is answered by the
+    worker that serves, none waits on the starting one's socket and is reset when it
+    exits. (It stays in its start until the test creates the file `release`.)"""
     seed(env, fake)
-    slow = tmp_path / "slow-worker"
+    slow, release = tmp_path / "slow-worker", tmp_path / "release"
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
@@ -876,7 +877,8 @@ def test_no_connection_waits_on_a_worker_still_starting(
         "    except FileExistsError:\n"
         "        pass\n"
         "    else:\n"
-        "        time.sleep(4)\n"
+        f"        while not os.path.exists({str(release)!r}):\n"
+        "            time.sleep(0.05)\n"
         "        os._exit(1)\n"
     )
     gateway = start(processes, {**env, "PYTHONPATH": str(site)})
@@ -889,6 +891,7 @@ def test_no_connection_waits_on_a_worker_still_starting(
             conn.close()
     assert "worker exited" not in gateway.process.output()  # all sent while it started
     assert len(answered) == 1 and answered < set(started_pids(gateway.process))
+    release.touch()
     wait_until(lambda: "worker exited" in gateway.process.output(), WAIT, "the slow one's exit")
     assert len(gateway.workers(2)) == 2  # its replacement serves beside it
 
