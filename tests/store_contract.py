@@ -155,6 +155,10 @@ class Backend:
     async def schema_version(self) -> int:
         raise NotImplementedError
 
+    async def set_schema_version(self, version: int) -> None:
+        """Mark the database as migrated to `version`, as that release would."""
+        raise NotImplementedError
+
     async def create_previous_schema(self, refresh_token: bytes) -> None:
         """Build the database with every migration but the newest, as the previous release
         left it, holding account 'acme' (generation 3, `refresh_token` as its sealed refresh
@@ -225,6 +229,9 @@ class SQLiteBackend(Backend):
 
     async def schema_version(self) -> int:
         return int(self._query("PRAGMA user_version")[0][0])
+
+    async def set_schema_version(self, version: int) -> None:
+        self._query(f"PRAGMA user_version = {version}")
 
     async def create_previous_schema(self, refresh_token: bytes) -> None:
         previous = sqlite_backend.MIGRATIONS[:-1]
@@ -324,6 +331,9 @@ class PostgresBackend(Backend):
     async def schema_version(self) -> int:
         [row] = await self._fetch("SELECT version FROM schema_version")
         return int(row[0])
+
+    async def set_schema_version(self, version: int) -> None:
+        await self._fetch("UPDATE schema_version SET version = $1", version)
 
     async def create_previous_schema(self, refresh_token: bytes) -> None:
         previous = pg_backend.MIGRATIONS[:-1]
@@ -1544,6 +1554,33 @@ class TestMigration:
         async with backend.make(key) as store:
             assert store.pending_version is None
         assert await backend.schema_version() > previous
+
+    async def test_a_look_before_a_migration_keeps_the_migrated_version(
+        self, backend: Backend, key: str
+    ) -> None:
+        """`nbgateway check` opened the previous release's database, then a `serve`
+        migrated it: the check's test write leaves the new version, and the next open works
+        (it wrote back the version it had seen, and every later open failed: "table ...
+        already exists")."""
+        sealed = Cipher([Secret(key)]).encrypt("refresh-old", slug="acme", field="refresh_token")
+        await backend.create_previous_schema(sealed)
+        async with backend.make(key, migrate=False) as looking:
+            async with backend.make(key):
+                pass
+            await looking.check_writable()
+        assert await backend.schema_version() == backend.current_version
+        async with backend.make(key) as store:
+            assert await store.get_account("acme") is not None
+
+    async def test_the_test_write_keeps_a_newer_version(
+        self, store: TokenStore, backend: Backend
+    ) -> None:
+        """A newer release migrated the database while this one still serves (an overlapping
+        upgrade): `/readyz`'s and the health check's test write leave its version as it is,
+        so the newer release's next start does not run its migration again."""
+        await backend.set_schema_version(backend.current_version + 1)
+        await store.check_writable()
+        assert await backend.schema_version() == backend.current_version + 1
 
 
 class TestRevokedSessions:

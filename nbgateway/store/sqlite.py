@@ -370,7 +370,6 @@ class SQLiteStore:
         self._migrate_on_open = migrate
         # The schema version found when opened without migrating, while it is older.
         self.pending_version: int | None = None
-        self._version = SCHEMA_VERSION
         self._sealer = Sealer(cipher, on_secret)
         self._cipher = cipher
         self._clock = clock
@@ -439,19 +438,17 @@ class SQLiteStore:
         try:
             version = await self._user_version(conn)
             if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.path} has schema version {version}, newer than this "
-                    f"nbgateway understands ({SCHEMA_VERSION}); upgrade nbgateway"
-                )
+                raise self._newer(version)
             if version > 0:
                 await self._check_key_ids(conn)
             if 0 < version < SCHEMA_VERSION and not self._migrate_on_open:
                 # Looked at only (`nbgateway check`): a migrated file could no longer be
                 # opened by the release that made it. (An empty one has no such release.)
-                self.pending_version, self._version = version, version
+                self.pending_version = version
             else:
                 await self._use_wal(conn)
-                await self._migrate(conn, version)
+                if version < SCHEMA_VERSION:
+                    await self._migrate(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise _open_error(f"database {self.path} is not usable: {exc}", exc) from None
@@ -526,22 +523,32 @@ class SQLiteStore:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
 
-    async def _migrate(self, conn: aiosqlite.Connection, version: int) -> None:
-        for target in range(version, SCHEMA_VERSION):
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                # Another process may have migrated while we waited for the lock.
-                if await self._user_version(conn) > target:
-                    await conn.execute("COMMIT")
-                    continue
+    def _newer(self, version: int) -> StoreError:
+        return StoreError(
+            f"database {self.path} has schema version {version}, newer than this "
+            f"nbgateway understands ({SCHEMA_VERSION}); upgrade nbgateway"
+        )
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        """Every step from the version found under the write lock to SCHEMA_VERSION, in one
+        transaction: processes opening together take turns, and none ever sees (or, with a
+        test write, keeps) a version half way."""
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            version = await self._user_version(conn)
+            if version > SCHEMA_VERSION:
+                raise self._newer(version)
+            for target in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[target].split(";"):
                     if statement.strip():
                         await conn.execute(statement)
-                await conn.execute(f"PRAGMA user_version = {target + 1}")
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+            if version < SCHEMA_VERSION:
+                await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
 
     async def _check_key_ids(self, conn: aiosqlite.Connection) -> None:
         """Refuse to run when a stored value was sealed by a key we do not have."""
@@ -580,7 +587,10 @@ class SQLiteStore:
         async with self._write(durable=False) as conn:
             # A real page write that changes nothing visible: setting the schema version to
             # itself rewrites the database header page (into the WAL, which needs space).
-            await self._scalar(conn, f"PRAGMA user_version = {self._version}")
+            # Read under the write lock: another process (a newer release included) may
+            # have migrated since this one opened, and its version must stay.
+            version = await self._user_version(conn)
+            await self._scalar(conn, f"PRAGMA user_version = {version}")
 
     # -- reading ---------------------------------------------------------------------
 
