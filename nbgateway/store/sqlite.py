@@ -3,7 +3,8 @@
 aiosqlite with one reading connection and one writing connection per store; every write
 is a short `BEGIN IMMEDIATE` transaction on the writer (serialised in-process by an
 asyncio lock, across processes by SQLite's writer lock). Schema versions live in
-`PRAGMA user_version`. A third, read-only plain sqlite3 connection answers `change_hint`
+`PRAGMA user_version`; a migration to this release's version is one transaction, so
+processes opening together take turns and none sees a version half way. A third, read-only plain sqlite3 connection answers `change_hint`
 on the event loop (`PRAGMA data_version`, never waiting for a lock); the client keys are
 read on the writer between writes, so a reload sees every commit before it began.
 
