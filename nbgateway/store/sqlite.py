@@ -4,9 +4,10 @@ aiosqlite with one reading connection and one writing connection per store; ever
 is a short `BEGIN IMMEDIATE` transaction on the writer (serialised in-process by an
 asyncio lock, across processes by SQLite's writer lock). Schema versions live in
 `PRAGMA user_version`; a migration to this release's version is one transaction, so
-processes opening together take turns and none sees a version half way. A third, read-only plain sqlite3 connection answers `change_hint`
-on the event loop (`PRAGMA data_version`, never waiting for a lock); the client keys are
-read on the writer between writes, so a reload sees every commit before it began.
+processes opening together take turns and none sees a version half way. A third,
+read-only plain sqlite3 connection answers `change_hint` on the event loop (`PRAGMA
+data_version`, never waiting for a lock); the client keys are read on the writer between
+writes, so a reload sees every commit before it began.
 
 Refresh coordination is a per-account lease in the account row (owner, deadline, marker):
 claiming it, recording the marker and storing the result are each their own short write
@@ -508,11 +509,11 @@ class SQLiteStore:
         handler), so processes making one new database together (the workers of `serve
         --workers`, commands run at once) would see "database is locked": it is tried
         again until the busy timeout runs out, as any other lock is waited for."""
+        if str(await self._scalar(conn, "PRAGMA journal_mode")).lower() == "wal":
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._busy_ms / 1000
         pause = 0.005
-        if str(await self._scalar(conn, "PRAGMA journal_mode")).lower() == "wal":
-            return
         while True:
             try:
                 # Where WAL cannot be had, SQLite stays in its own mode without an error.
