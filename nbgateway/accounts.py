@@ -23,7 +23,7 @@ from nbgateway.log import one_line
 from nbgateway.models import AccountInfo, AccountStatus, Event, EventKind, is_valid_slug
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
-from nbgateway.store import TokenStore
+from nbgateway.store import GenerationConflict, TokenStore
 from nbgateway.tokens import TokenManager
 
 log = logging.getLogger("nbgateway.accounts")
@@ -169,7 +169,19 @@ class AccountService:
         existing = await self._find(slug)
         if existing is not None and existing.status is not AccountStatus.NEEDS_REAUTH:
             raise AuthorizationFailed("invalid", _import_refusal(existing), slug)
-        await self._store.import_refresh_token(slug, legacy_token)
+        try:
+            # Only over what was just looked at: another import or a /connect finishing
+            # meanwhile keeps what it stored.
+            imported = await self._store.import_refresh_token(
+                slug, legacy_token, replaces=None if existing is None else existing.generation
+            )
+        except GenerationConflict:
+            raise AuthorizationFailed(
+                "invalid",
+                f"{slug!r} changed while importing (another import or a /connect stored it "
+                "meanwhile); nothing was changed: see `nbgateway accounts list`",
+                slug,
+            ) from None
         await self._tokens.account_changed(slug)
         try:
             if existing is None:
@@ -185,10 +197,12 @@ class AccountService:
                 raise AuthorizationFailed(
                     "exchange", f"{refused}; the account still needs re-authorization", slug
                 ) from None
-            # Nothing was there before: leave nothing behind.
-            await self._store.remove_account(slug)
+            # Nothing was there before: leave nothing behind (the row as the refusal left
+            # it, one generation on; a row stored meanwhile by someone else stays).
+            removed = await self._store.remove_account(slug, generation=imported + 1)
             await self._tokens.account_changed(slug)
-            raise AuthorizationFailed("exchange", f"{refused}; nothing was stored", slug) from None
+            left = "nothing was stored" if removed else "the account stored meanwhile stays"
+            raise AuthorizationFailed("exchange", f"{refused}; {left}", slug) from None
         return await self.get(slug)
 
     async def start_connect(self, slug: str, binding: str = "") -> str:

@@ -133,6 +133,13 @@ def _answer_lost(exc: OAuthError) -> bool:
     return exc.outcome is RefreshOutcome.SERVER_ERROR and not refused
 
 
+def _changed_meanwhile(slug: str) -> TokenUnavailable:
+    """A refresh's result not stored: an admin re-connected (or imported) the account while
+    it ran, and what they stored stays."""
+    log.warning("account changed during the refresh", extra={"account": slug})
+    return TokenUnavailable(slug, f"account {slug!r} changed during the refresh; retry")
+
+
 class TokenManager:
     """Hands out access tokens; owns refresh, coalescing, backoff and the background refresher."""
 
@@ -533,7 +540,7 @@ class TokenManager:
             ):
                 return self._issue(account)  # adopted: someone else refreshed
             elif account.refresh_token is None:
-                await locked.mark_needs_reauth(reason)
+                await self._mark_needs_reauth(locked, reason)
                 reauth = marked = True
             else:
                 if locked.interrupted_at is not None:
@@ -559,7 +566,7 @@ class TokenManager:
                             reason = self._terminal_reason(
                                 exc, locked.interrupted_at, unanswered or locked.unanswered_at
                             )
-                            await locked.mark_needs_reauth(reason)
+                            await self._mark_needs_reauth(locked, reason)
                             reauth = marked = True
                         elif self._usable(current, 0.0):
                             return self._issue(current)
@@ -623,16 +630,22 @@ class TokenManager:
             return await locked.save_tokens(tokens)
         except GenerationConflict:
             # An admin re-connected meanwhile: their pair wins, ours is dropped unused.
-            log.warning("account changed during the refresh", extra={"account": locked.slug})
-            raise TokenUnavailable(
-                locked.slug, f"account {locked.slug!r} changed during the refresh; retry"
-            ) from None
+            raise _changed_meanwhile(locked.slug) from None
         except StoreError as exc:
             self._hold(
                 locked.slug,
                 _Unpersisted(tokens.refresh_token, tokens, account.refresh_token, str(exc)),
             )
             return None
+
+    @staticmethod
+    async def _mark_needs_reauth(locked: AccountLock, reason: str) -> None:
+        """Mark the account as needing re-authorization, unless it changed meanwhile (a
+        re-connect or an import stored another token: the refused one was not it)."""
+        try:
+            await locked.mark_needs_reauth(reason)
+        except GenerationConflict:
+            raise _changed_meanwhile(locked.slug) from None
 
     async def _keep_rotated(self, locked: AccountLock, account: Account, exc: OAuthError) -> None:
         """The answer was refused but NationBuilder rotated: store its refresh token first."""

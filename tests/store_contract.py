@@ -551,14 +551,53 @@ class TestAccounts:
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         async with store.refresh_lock("acme") as locked:
             await locked.mark_needs_reauth("invalid_grant")
-        await store.import_refresh_token("acme", Secret("legacy-token-CANARY-0123"))
+        generation = await store.import_refresh_token(
+            "acme", Secret("legacy-token-CANARY-0123"), replaces=2
+        )
         account = await store.get_account("acme")
         assert account is not None
         assert account.status is AccountStatus.ACTIVE
         assert account.last_error is None
         assert account.access_token is None
         assert account.refresh_token == Secret("legacy-token-CANARY-0123")
-        assert account.generation == 3
+        assert account.generation == generation == 3
+
+    async def test_an_import_stores_only_over_what_it_looked_at(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """Two imports (or an import and a /connect) of one nation at once: an import that
+        found no row stores none over one written since, and one that found generation g
+        replaces only that; both refuse with GenerationConflict and change nothing."""
+        connected = await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        with pytest.raises(GenerationConflict):
+            await store.import_refresh_token("acme", Secret("legacy-A"))
+        with pytest.raises(GenerationConflict):
+            await store.import_refresh_token(
+                "acme", Secret("legacy-B"), replaces=connected.generation - 1
+            )
+        with pytest.raises(GenerationConflict):
+            await store.import_refresh_token("beta", Secret("legacy-C"), replaces=1)
+        assert await store.get_account("acme") == connected
+        assert await store.get_account("beta") is None
+        assert await event_kinds(store, "acme") == [EventKind.CONNECTED]
+
+    async def test_a_refusal_does_not_mark_an_account_changed_meanwhile(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """A refresh token refused after an admin re-connected the account (their new pair
+        stored while the call ran) does not mark the new pair as needing re-authorization:
+        GenerationConflict, and the account stays active."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.read()
+            reconnected = await store.save_tokens(
+                "acme", token_set(clock, "2"), EventKind.CONNECTED
+            )
+            with pytest.raises(GenerationConflict):
+                await locked.mark_needs_reauth("invalid_grant")
+        account = await store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        assert account.refresh_token == reconnected.refresh_token
 
     async def test_new_tokens_clear_needs_reauth(self, store: TokenStore, clock: FakeClock) -> None:
         """Saving tokens after needs_reauth makes the account active with no last error."""
@@ -568,6 +607,16 @@ class TestAccounts:
         account = await store.save_tokens("acme", token_set(clock, "2"), EventKind.CONNECTED)
         assert account.status is AccountStatus.ACTIVE
         assert account.last_error is None
+
+    async def test_remove_account_of_a_generation(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """remove_account(generation=g) removes the row only while it is generation g."""
+        saved = await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        assert await store.remove_account("acme", generation=saved.generation + 1) is False
+        assert await store.get_account("acme") == saved
+        assert await store.remove_account("acme", generation=saved.generation) is True
+        assert await store.get_account("acme") is None
 
     async def test_remove_account(self, store: TokenStore, clock: FakeClock) -> None:
         """remove_account deletes the account once and reports whether it existed."""

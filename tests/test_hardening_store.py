@@ -53,7 +53,7 @@ from nbgateway.admin.session import LOGIN_FAILURES
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings
 from nbgateway.crypto import Cipher, generate_key
-from nbgateway.errors import StoreError
+from nbgateway.errors import AuthorizationFailed, NBGatewayError, StoreError
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus, AuditEntry, EventKind, TokenSet
 from nbgateway.proxy import CLIENT_KEY_HEADER
@@ -724,3 +724,85 @@ async def fake_nb_idle() -> None:
     """Let the refresher reach its wait for the lock."""
     for _ in range(5):
         await asyncio.sleep(0.02)
+
+
+class TestAdminsAtTheSameTime:
+    """Two admins (or an admin and a script) acting on one nation at once, on two gateway
+    processes of one database: what one stored is never overwritten, marked dead or
+    removed because of what the other was still doing."""
+
+    async def test_a_reconnect_during_a_refused_refresh_stays_active(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """An admin refresh whose old refresh token NationBuilder refuses, while another
+        admin re-connects the nation elsewhere: the refusal marks nothing, the refresh
+        answers with the new pair, and it serves. (The store's compare-and-set behind it:
+        store_contract.py, test_a_refusal_does_not_mark_an_account_changed_meanwhile.)"""
+        here, elsewhere = await gateway_factory(), await gateway_factory()
+        await connect_account(here, "acme")
+        fake_nb.hold_tokens()
+        refresh = asyncio.create_task(here.accounts.refresh("acme"))
+        await fake_nb.wait_for_pending_tokens(1)
+        fresh = await connect_account(elsewhere, "acme")
+        fake_nb.fail_token("invalid_grant")
+        fake_nb.release_tokens()
+        assert (await refresh).status is AccountStatus.ACTIVE
+        account = await here.store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        assert account.refresh_token == Secret(fresh["refresh_token"])
+        resp = await here.client.get("/n/acme" + ME)
+        assert resp.status == 200, await resp.text()
+
+    async def test_an_import_refused_while_the_nation_was_connected_leaves_the_connection(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """`accounts import` with a token NationBuilder refuses, while an admin connects
+        the same nation at /connect: the import removes nothing but its own row, so the
+        connection stays."""
+        here, elsewhere = await gateway_factory(), await gateway_factory()
+        fake_nb.hold_tokens()
+        imported = asyncio.create_task(
+            here.accounts.import_legacy("acme", Secret("legacy-nobody-issued-0123456789"))
+        )
+        await fake_nb.wait_for_pending_tokens(1)
+        fresh = await connect_account(elsewhere, "acme")
+        fake_nb.release_tokens()
+        with contextlib.suppress(NBGatewayError):
+            await imported
+        account = await here.store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        assert account.refresh_token == Secret(fresh["refresh_token"])
+
+    async def test_an_import_that_looked_before_another_stored_changes_nothing(
+        self,
+        gateway_factory: GatewayFactory,
+        fake_nb: FakeNationBuilder,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Two imports of one nation at once, the second having looked before the first
+        stored its row: the second is refused and stores nothing, so the first's exchanged
+        pair is kept (the second overwrote it with the spent legacy token, then removed
+        the account when NationBuilder refused that)."""
+        legacy = "legacy-token-twice-0123456789"
+        fake_nb.add_legacy_token("acme", legacy)
+        first, second = await gateway_factory(), await gateway_factory()
+        await first.accounts.import_legacy("acme", Secret(legacy))
+        stored = await first.store.get_account("acme")
+        assert stored is not None and stored.access_token is not None
+
+        async def looked_earlier(slug: str) -> None:
+            return None  # what it saw before the first import's row was there
+
+        monkeypatch.setattr(second.accounts, "_find", looked_earlier)
+        with pytest.raises(AuthorizationFailed, match="changed while importing") as info:
+            await second.accounts.import_legacy("acme", Secret(legacy))
+        assert info.value.reason == "invalid"
+        assert await first.store.get_account("acme") == stored
+        assert len(fake_nb.token_requests) == 1  # the first import's exchange only

@@ -31,9 +31,12 @@ Refresh coordination, as every backend must provide it:
   unanswered=True)` (a timeout, a dropped connection: NationBuilder may have rotated)
   keeps the call's start time in the row, and the next holder, in any process, sees it
   as `unanswered_at`.
-- `save_tokens` is a compare-and-set on the generation read when the lock was taken: if
-  another writer (a re-connect by an admin) changed the account meanwhile, it raises
-  `GenerationConflict` and stores nothing.
+- `save_tokens` and `mark_needs_reauth` are a compare-and-set on the generation read when
+  the lock was taken: if another writer (a re-connect by an admin, an import) changed the
+  account meanwhile, they raise `GenerationConflict` and store nothing.
+- `import_refresh_token` is one too: it stores a new row only where none is (`replaces`
+  None), or replaces the row of generation `replaces`; it returns the row's generation.
+  `remove_account(..., generation=g)` removes the row only while it is that generation.
 - No transaction stays open during the token call on SQLite; on PostgreSQL only the lock's
   own connection is held.
 
@@ -653,8 +656,10 @@ class TokenStore(Protocol):
 
     def refresh_lock(self, slug: str) -> AbstractAsyncContextManager[AccountLock]: ...
     async def save_tokens(self, slug: str, tokens: TokenSet, kind: EventKind) -> Account: ...
-    async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None: ...
-    async def remove_account(self, slug: str) -> bool: ...
+    async def import_refresh_token(
+        self, slug: str, refresh_token: Secret, *, replaces: int | None = None
+    ) -> int: ...
+    async def remove_account(self, slug: str, *, generation: int | None = None) -> bool: ...
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]: ...
     async def create_state(
         self, state: str, slug: str, verifier: Secret, binding: str, ttl: float

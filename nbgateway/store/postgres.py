@@ -340,7 +340,9 @@ class _AdvisoryLock:
 
     async def mark_needs_reauth(self, message: str) -> None:
         async with self._store._transaction(self._conn, self.slug) as conn:
-            await self._store._write_failure(conn, self.slug, message, needs_reauth=True)
+            await self._store._write_failure(
+                conn, self.slug, message, needs_reauth=True, generation=self._generation
+            )
         self.marker_set = False
 
     def _settled(self, generation: int) -> None:
@@ -719,17 +721,27 @@ class PostgresStore:
         *,
         needs_reauth: bool,
         unanswered: bool = False,
+        generation: int | None = None,
     ) -> None:
+        """A refresh's failure. `needs_reauth`: a compare-and-set on `generation`, as
+        `save_tokens` is (a token refused after a re-connect or an import stored another
+        one says nothing of the new one): GenerationConflict, and nothing written."""
         message = message[:LAST_ERROR_MAX]
         if needs_reauth:
-            await conn.execute(
-                "UPDATE accounts SET status = $1, last_error = $2, updated_at = $3, "
-                f"generation = generation + 1, {_CLEAR_MARKER} WHERE slug = $4",
-                AccountStatus.NEEDS_REAUTH.value,
-                message,
-                self._clock.now(),
-                slug,
+            changed = _status_count(
+                await conn.execute(
+                    "UPDATE accounts SET status = $1, last_error = $2, updated_at = $3, "
+                    f"generation = generation + 1, {_CLEAR_MARKER} "
+                    "WHERE slug = $4 AND generation = $5",
+                    AccountStatus.NEEDS_REAUTH.value,
+                    message,
+                    self._clock.now(),
+                    slug,
+                    generation,
+                )
             )
+            if changed == 0:
+                raise GenerationConflict(f"account {slug!r} changed during the refresh")
             await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
         else:
             # Unanswered: the call's start stays (owner gone) for the next holder to see.
@@ -880,32 +892,53 @@ class PostgresStore:
         async with self._write(slug) as conn:
             return await self._write_tokens(conn, slug, tokens, kind)
 
-    async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None:
-        """Store a refresh token alone (legacy-token migration); the access token comes later."""
+    async def import_refresh_token(
+        self, slug: str, refresh_token: Secret, *, replaces: int | None = None
+    ) -> int:
+        """Store a refresh token alone (legacy-token migration); the access token comes
+        later. A new row where none is, or in place of the row of generation `replaces`;
+        GenerationConflict (nothing stored) when the account is otherwise. Returns the
+        row's generation."""
         now = self._clock.now()
         sealed = self._sealer.seal(refresh_token, slug, "refresh_token")
         async with self._write(slug) as conn:
-            await conn.execute(
-                "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
-                "status, generation, last_refresh_at, last_error, created_at, updated_at) "
-                "VALUES ($1, NULL, $2, 0, '', $3, 1, NULL, NULL, $4, $4) "
-                "ON CONFLICT (slug) DO UPDATE SET access_token = NULL, "
-                "refresh_token = excluded.refresh_token, expires_at = 0, status = excluded.status, "
-                "generation = accounts.generation + 1, last_error = NULL, "
-                f"updated_at = excluded.updated_at, {_CLEAR_MARKER}",
-                slug,
-                sealed,
-                AccountStatus.ACTIVE.value,
-                now,
-            )
+            if replaces is None:
+                status = await conn.execute(
+                    "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, "
+                    "scope, status, generation, last_refresh_at, last_error, created_at, "
+                    "updated_at) VALUES ($1, NULL, $2, 0, '', $3, 1, NULL, NULL, $4, $4) "
+                    "ON CONFLICT (slug) DO NOTHING",
+                    slug,
+                    sealed,
+                    AccountStatus.ACTIVE.value,
+                    now,
+                )
+            else:
+                status = await conn.execute(
+                    "UPDATE accounts SET access_token = NULL, refresh_token = $1, "
+                    "expires_at = 0, status = $2, generation = generation + 1, "
+                    f"last_error = NULL, updated_at = $3, {_CLEAR_MARKER} "
+                    "WHERE slug = $4 AND generation = $5",
+                    sealed,
+                    AccountStatus.ACTIVE.value,
+                    now,
+                    slug,
+                    replaces,
+                )
+            if _status_count(status) == 0:
+                raise GenerationConflict(f"account {slug!r} changed during the import")
             await self._insert_event(conn, slug, EventKind.IMPORTED, "")
+        return 1 if replaces is None else replaces + 1
 
-    async def remove_account(self, slug: str) -> bool:
-        """Delete an account's tokens; its events stay as history. False if it did not exist."""
+    async def remove_account(self, slug: str, *, generation: int | None = None) -> bool:
+        """Delete an account's tokens (only while it is `generation`, when given); its
+        events stay as history. False if no such row was there."""
+        sql = "DELETE FROM accounts WHERE slug = $1"
+        args: list[object] = [slug]
+        if generation is not None:
+            sql, args = f"{sql} AND generation = $2", [slug, generation]
         async with self._write(slug) as conn:
-            removed = _status_count(
-                await conn.execute("DELETE FROM accounts WHERE slug = $1", slug)
-            )
+            removed = _status_count(await conn.execute(sql, *args))
             if removed:
                 await self._insert_event(conn, slug, EventKind.REMOVED, "")
         return removed > 0

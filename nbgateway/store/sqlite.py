@@ -328,7 +328,9 @@ class _Lease:
 
     async def mark_needs_reauth(self, message: str) -> None:
         async with self._store._write() as conn:
-            await self._store._write_failure(conn, self.slug, message, needs_reauth=True)
+            await self._store._write_failure(
+                conn, self.slug, message, needs_reauth=True, generation=self._generation
+            )
         self.released = True
 
     async def release(self) -> None:
@@ -825,14 +827,22 @@ class SQLiteStore:
         *,
         needs_reauth: bool,
         unanswered: bool = False,
+        generation: int | None = None,
     ) -> None:
+        """A refresh's failure. `needs_reauth`: a compare-and-set on `generation`, as
+        `save_tokens` is (a token refused after a re-connect or an import stored another
+        one says nothing of the new one): GenerationConflict, and nothing written."""
         message = message[:LAST_ERROR_MAX]
         if needs_reauth:
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE accounts SET status = ?, last_error = ?, updated_at = ?, "
-                f"generation = generation + 1, {_CLEAR_LEASE} WHERE slug = ?",
-                (AccountStatus.NEEDS_REAUTH.value, message, self._clock.now(), slug),
+                f"generation = generation + 1, {_CLEAR_LEASE} WHERE slug = ? AND generation = ?",
+                (AccountStatus.NEEDS_REAUTH.value, message, self._clock.now(), slug, generation),
             )
+            changed = cur.rowcount
+            await cur.close()
+            if changed == 0:
+                raise GenerationConflict(f"account {slug!r} changed during the refresh")
             await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
         else:
             # Unanswered: the call's start stays (owner gone) for the next holder to see.
@@ -918,27 +928,47 @@ class SQLiteStore:
         async with self._write() as conn:
             return await self._write_tokens(conn, slug, tokens, kind)
 
-    async def import_refresh_token(self, slug: str, refresh_token: Secret) -> None:
-        """Store a refresh token alone (legacy-token migration); the access token comes later."""
+    async def import_refresh_token(
+        self, slug: str, refresh_token: Secret, *, replaces: int | None = None
+    ) -> int:
+        """Store a refresh token alone (legacy-token migration); the access token comes
+        later. A new row where none is, or in place of the row of generation `replaces`;
+        GenerationConflict (nothing stored) when the account is otherwise. Returns the
+        row's generation."""
         now = self._clock.now()
         sealed = self._sealer.seal(refresh_token, slug, "refresh_token")
         async with self._write() as conn:
-            await conn.execute(
-                "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
-                "status, generation, last_refresh_at, last_error, created_at, updated_at) "
-                "VALUES (?, NULL, ?, 0, '', ?, 1, NULL, NULL, ?, ?) "
-                "ON CONFLICT (slug) DO UPDATE SET access_token = NULL, "
-                "refresh_token = excluded.refresh_token, expires_at = 0, status = excluded.status, "
-                "generation = accounts.generation + 1, last_error = NULL, "
-                f"updated_at = excluded.updated_at, {_CLEAR_LEASE}",
-                (slug, sealed, AccountStatus.ACTIVE.value, now, now),
-            )
+            if replaces is None:
+                cur = await conn.execute(
+                    "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, "
+                    "scope, status, generation, last_refresh_at, last_error, created_at, "
+                    "updated_at) VALUES (?, NULL, ?, 0, '', ?, 1, NULL, NULL, ?, ?) "
+                    "ON CONFLICT (slug) DO NOTHING",
+                    (slug, sealed, AccountStatus.ACTIVE.value, now, now),
+                )
+            else:
+                cur = await conn.execute(
+                    "UPDATE accounts SET access_token = NULL, refresh_token = ?, expires_at = 0, "
+                    "status = ?, generation = generation + 1, last_error = NULL, "
+                    f"updated_at = ?, {_CLEAR_LEASE} WHERE slug = ? AND generation = ?",
+                    (sealed, AccountStatus.ACTIVE.value, now, slug, replaces),
+                )
+            changed = cur.rowcount
+            await cur.close()
+            if changed == 0:
+                raise GenerationConflict(f"account {slug!r} changed during the import")
             await self._insert_event(conn, slug, EventKind.IMPORTED, "")
+        return 1 if replaces is None else replaces + 1
 
-    async def remove_account(self, slug: str) -> bool:
-        """Delete an account's tokens; its events stay as history. False if it did not exist."""
+    async def remove_account(self, slug: str, *, generation: int | None = None) -> bool:
+        """Delete an account's tokens (only while it is `generation`, when given); its
+        events stay as history. False if no such row was there."""
+        sql = "DELETE FROM accounts WHERE slug = ?"
+        params: list[object] = [slug]
+        if generation is not None:
+            sql, params = f"{sql} AND generation = ?", [slug, generation]
         async with self._write() as conn:
-            cur = await conn.execute("DELETE FROM accounts WHERE slug = ?", (slug,))
+            cur = await conn.execute(sql, params)
             removed = cur.rowcount > 0
             await cur.close()
             if removed:
