@@ -51,7 +51,7 @@ from nbgateway.log import configure_logging
 from nbgateway.metrics import Metrics
 from nbgateway.preflight import run_preflight, wait_for_database
 from nbgateway.redact import Redactor, Secret
-from nbgateway.server import bind, hold, host_port, rejoin, run, run_until_stopped
+from nbgateway.server import bind, host_port, rejoin, run, run_until_stopped
 from nbgateway.services import open_services, stop_grace, store_for
 from nbgateway.store import copy_store, holds_no_database
 from nbgateway.tokens import TokenManager
@@ -664,15 +664,18 @@ def _serve(
             f"--parent-fd={parent_fd}",
         ]
 
-    sockets = bind(settings.host, settings.port, settings.workers)
-    log.info("nbgateway listening", extra={"listen": host_port(settings.host, settings.port)})
+    group = bind(settings.host, settings.port, settings.workers)
+    # Each worker logs "nbgateway listening" once it serves (its socket listens then).
+    log.info(
+        "address taken for the workers",
+        extra={"listen": host_port(settings.host, settings.port)},
+    )
     worker_env = settled_environment(env, args.config)
     return Workers(
         command,
         worker_env,
-        sockets,
+        group,
         rejoin=rejoin,
-        hold=hold,
         clock=SystemClock(),
         grace=stop_grace(settings),  # a longer NBGW_TOKEN_TIMEOUT waits longer
     ).run()

@@ -19,6 +19,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -98,8 +99,24 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def bind(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` TCP sockets on host:port, one per worker, in one SO_REUSEPORT group.
+@dataclass
+class SocketGroup:
+    """The `--workers` sockets on one address: one per worker, and the `anchor`."""
+
+    sockets: list[socket.socket]
+    # Bound and never listening, for the parent's life: the address stays the group's
+    # while no worker's socket listens (at start, or every worker crash looping), so a
+    # socket rejoining the group can never land in someone else's.
+    anchor: socket.socket
+
+    def close(self) -> None:
+        for sock in (*self.sockets, self.anchor):
+            sock.close()
+
+
+def bind(host: str, port: int, count: int) -> SocketGroup:
+    """`count` TCP sockets on host:port, one per worker, in one SO_REUSEPORT group, and
+    the group's anchor.
 
     The kernel spreads new connections evenly over the group's listening sockets (by a
     hash of the addresses); one socket shared by all workers would let whichever worker
@@ -107,7 +124,9 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
     anything (another gateway's group included) already listens on is refused here, as
     one process would be. The sockets are bound but not listening, as `rejoin`'s: each
     takes connections once its worker serves on it, so none wait (and are then reset) on
-    the socket of a worker that is still starting or fails to.
+    the socket of a worker that is still starting or fails to. The anchor (`hold`) is
+    bound first, straight after the plain bind: from then on the address is the group's
+    (a program setting SO_REUSEADDR could take it from sockets that do not listen).
     """
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -122,7 +141,13 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
         family = info[0][0]
         with socket.create_server((host, port), family=family) as probe:
             port = probe.getsockname()[1]  # the port chosen when 0 was asked for
-        return [_group_socket(family, (host, port), reuse_address=True) for _ in range(count)]
+        anchor = hold(family, (host, port))
+        try:
+            sockets = [rejoin(family, (host, port)) for _ in range(count)]
+        except OSError:
+            anchor.close()
+            raise
+        return SocketGroup(sockets, anchor)
     except OSError as exc:
         raise ListenError(
             f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}"
@@ -135,9 +160,10 @@ def host_port(host: str, port: int) -> str:
 
 
 def rejoin(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
-    """A new socket for the SO_REUSEPORT group on `address` (made by `bind`), bound but not
-    listening: it takes connections only once the worker given it serves on it (asyncio
-    listens then), so a worker that fails to start holds none up."""
+    """A socket for the SO_REUSEPORT group on `address` (made by `bind`, which also makes
+    the first ones with it), bound but not listening: it takes connections only once the
+    worker given it serves on it (asyncio listens then), so a worker that fails to start
+    holds none up."""
     return _group_socket(family, address, reuse_address=True)
 
 

@@ -14,8 +14,8 @@ the database down or a newer schema: `EXIT_NOT_STARTED`), is crash looping: its 
 closed, so new connections go to the workers that serve instead of waiting on a socket
 nobody reads, and the next attempt gets a fresh socket (`server.rejoin`) that takes
 connections only once its worker serves. One more socket of the group, bound but never
-listening (`server.hold`), stays open for the parent's life, so the address stays this
-gateway's while every worker is crash looping.
+listening (the anchor `server.bind` makes first), stays open for the parent's life, so the
+address stays this gateway's while no worker's socket listens.
 
 A worker that exits is logged and started again; a crash-looping one waits before the
 restart, twice as long each time up to `MAX_BACKOFF`, so a crash loop does not spin. The
@@ -53,7 +53,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from nbgateway.clock import Clock
 from nbgateway.metrics import fold_dead_worker
-from nbgateway.server import HANGUP_STOPS
+from nbgateway.server import HANGUP_STOPS, SocketGroup
 
 log = logging.getLogger("nbgateway.workers")
 
@@ -114,26 +114,23 @@ class Workers:
         self,
         command: WorkerCommand,
         env: Mapping[str, str],
-        sockets: list[socket.socket],
+        group: SocketGroup,
         *,
         rejoin: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket],
-        hold: Callable[[socket.AddressFamily, tuple[str, int]], socket.socket] | None = None,
         clock: Clock,
         grace: float,
     ) -> None:
         self._command = command
         self._clock = clock  # restart backoff; the watch loop's own pace is real time
         # The group's address, for the fresh sockets of slots out of a crash loop.
-        self._family = sockets[0].family
-        self._address: tuple[str, int] = sockets[0].getsockname()[:2]
+        self._family = group.anchor.family
+        self._address: tuple[str, int] = group.anchor.getsockname()[:2]
         self._rejoin = rejoin
-        # Keeps the address the group's while every worker's socket is closed (all crash
-        # looping): another program cannot take it meanwhile, so a rejoined socket never
-        # lands in someone else's group.
-        self._anchor = None if hold is None else hold(self._family, self._address)
+        # Keeps the address the group's while no worker's socket listens (see SocketGroup).
+        self._anchor = group.anchor
         self._env = dict(env)
         self._grace = grace
-        self._slots = [_Slot(n, sock) for n, sock in enumerate(sockets, start=1)]
+        self._slots = [_Slot(n, sock) for n, sock in enumerate(group.sockets, start=1)]
         self._stopping = threading.Event()
         self._metrics_dir: Path | None = None
         self._pipe_read = -1
@@ -293,8 +290,7 @@ class Workers:
         for slot in self._slots:
             if slot.sock is not None:
                 slot.sock.close()
-        if self._anchor is not None:
-            self._anchor.close()
+        self._anchor.close()
         deadline = time.monotonic() + self._grace
         for process in running:
             try:

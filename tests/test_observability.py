@@ -37,6 +37,7 @@ from nbgateway.config import SETTINGS_BY_ENV, Settings
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.metrics import KNOWN_METHODS, Metrics, fold_dead_worker
 from nbgateway.models import RefreshOutcome
+from nbgateway.server import SocketGroup
 from nbgateway.workers import Workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,7 +439,7 @@ class TestDeadWorkerFiles:
             parent = Workers(
                 lambda fd, pipe: [],
                 {},
-                [sock],
+                SocketGroup([sock], sock),
                 rejoin=lambda f, a: sock,
                 clock=SystemClock(),
                 grace=1,
@@ -464,7 +465,7 @@ class TestDeadWorkerFiles:
             parent = Workers(
                 lambda fd, pipe: [],
                 {},
-                [sock],
+                SocketGroup([sock], sock),
                 rejoin=lambda f, a: sock,
                 clock=SystemClock(),
                 grace=1,

@@ -50,7 +50,7 @@ from procs import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbgateway.clock import FakeClock
-from nbgateway.server import WORKER_HEADER, ListenError, bind, hold, rejoin
+from nbgateway.server import WORKER_HEADER, ListenError, bind, rejoin
 from nbgateway.workers import (
     EXIT_NOT_STARTED,
     FIRST_BACKOFF,
@@ -768,7 +768,6 @@ def test_a_worker_that_never_served_backs_off_however_long_it_tried(tmp_path: Pa
         {},
         bind("127.0.0.1", 0, 1),
         rejoin=rejoin,
-        hold=hold,
         clock=clock,
         grace=1,
     )
@@ -1023,6 +1022,22 @@ def test_port_in_use_is_refused_before_any_worker_starts(env: dict[str, str]) ->
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "worker started" not in result.stderr
+
+
+def test_the_address_is_the_gateways_from_bind_on() -> None:
+    """The sockets `bind` returns do not listen yet (each worker's listens once it serves),
+    but from its return on no other program can take the address, not even one that sets
+    SO_REUSEADDR as asyncio's servers do (it could, until the anchor was made later)."""
+    group = bind("127.0.0.1", 0, 2)
+    try:
+        port = group.anchor.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR on POSIX
+        assert info.value.errno == errno.EADDRINUSE
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        group.close()
 
 
 def test_second_gateway_cannot_join_the_workers_address(
