@@ -12,6 +12,7 @@ import logging
 
 from nbgateway.clock import iso_utc
 from nbgateway.errors import (
+    AccountChanged,
     AccountNotFound,
     AuthorizationFailed,
     OAuthError,
@@ -164,6 +165,8 @@ class AccountService:
         (ReauthorizationRequired) raises AuthorizationFailed "exchange" and removes the
         new row (a re-authorization row stays, still needing re-authorization); a
         transient failure (RefreshBackoff) keeps it, so the background refresher retries.
+        Another import or a /connect of the same nation at the same moment keeps what it
+        stored: this one raises AuthorizationFailed "invalid" saying so.
         """
         check_slug(slug)
         existing = await self._find(slug)
@@ -188,6 +191,14 @@ class AccountService:
                 await self._tokens.first_exchange(slug)
             else:
                 await self._tokens.refresh_now(slug)
+        except AccountChanged:
+            raise AuthorizationFailed(
+                "invalid",
+                f"{slug!r} was connected or imported elsewhere while this import ran; what "
+                "was stored there stays, and this import's token was not kept (NationBuilder "
+                "may count it as used): see `nbgateway accounts list`",
+                slug,
+            ) from None
         except ReauthorizationRequired:
             refused = (
                 f"NationBuilder refused the legacy token for {slug!r} (invalid_grant): it is "

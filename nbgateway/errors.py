@@ -137,6 +137,11 @@ class TokenUnavailable(NBGatewayError):
         self.slug = slug
 
 
+class AccountChanged(TokenUnavailable):
+    """A refresh's result was not kept: an admin re-connected (or imported) the account
+    while it ran, and what they stored stays."""
+
+
 class ReauthorizationRequired(TokenUnavailable):
     """The account needs an admin to authorize it again at /connect."""
 

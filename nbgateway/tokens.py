@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from nbgateway.clock import Clock, iso_utc
 from nbgateway.errors import (
+    AccountChanged,
     AccountNotFound,
     OAuthError,
     ReauthorizationRequired,
@@ -133,11 +134,9 @@ def _answer_lost(exc: OAuthError) -> bool:
     return exc.outcome is RefreshOutcome.SERVER_ERROR and not refused
 
 
-def _changed_meanwhile(slug: str) -> TokenUnavailable:
-    """A refresh's result not stored: an admin re-connected (or imported) the account while
-    it ran, and what they stored stays."""
+def _changed_meanwhile(slug: str) -> AccountChanged:
     log.warning("account changed during the refresh", extra={"account": slug})
-    return TokenUnavailable(slug, f"account {slug!r} changed during the refresh; retry")
+    return AccountChanged(slug, f"account {slug!r} changed during the refresh; retry")
 
 
 class TokenManager:
@@ -568,6 +567,10 @@ class TokenManager:
                             )
                             await self._mark_needs_reauth(locked, reason)
                             reauth = marked = True
+                        elif slug in self._trying:
+                            # An import's token refused, and another one stored meanwhile
+                            # (a /connect): not this import's success.
+                            raise _changed_meanwhile(slug) from None
                         elif self._usable(current, 0.0):
                             return self._issue(current)
                     else:

@@ -53,7 +53,7 @@ from nbgateway.admin.session import LOGIN_FAILURES
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings
 from nbgateway.crypto import Cipher, generate_key
-from nbgateway.errors import AuthorizationFailed, NBGatewayError, StoreError
+from nbgateway.errors import AuthorizationFailed, StoreError
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus, AuditEntry, EventKind, TokenSet
 from nbgateway.proxy import CLIENT_KEY_HEADER
@@ -757,25 +757,29 @@ class TestAdminsAtTheSameTime:
         resp = await here.client.get("/n/acme" + ME)
         assert resp.status == 200, await resp.text()
 
-    async def test_an_import_refused_while_the_nation_was_connected_leaves_the_connection(
+    @pytest.mark.parametrize("accepted", [False, True], ids=["refused", "accepted"])
+    async def test_an_import_while_the_nation_is_connected_says_so_and_keeps_the_connection(
         self,
         gateway_factory: GatewayFactory,
         connect_account: ConnectAccount,
         fake_nb: FakeNationBuilder,
+        accepted: bool,
     ) -> None:
-        """`accounts import` with a token NationBuilder refuses, while an admin connects
-        the same nation at /connect: the import removes nothing but its own row, so the
-        connection stays."""
+        """`accounts import` with a token NationBuilder refuses (or accepts), while an
+        admin connects the same nation at /connect: the import fails saying so (it said
+        "imported"), removes nothing, and the connection stays."""
         here, elsewhere = await gateway_factory(), await gateway_factory()
         fake_nb.hold_tokens()
-        imported = asyncio.create_task(
-            here.accounts.import_legacy("acme", Secret("legacy-nobody-issued-0123456789"))
-        )
+        legacy = "legacy-nobody-issued-0123456789"
+        if accepted:
+            fake_nb.add_legacy_token("acme", legacy)
+        imported = asyncio.create_task(here.accounts.import_legacy("acme", Secret(legacy)))
         await fake_nb.wait_for_pending_tokens(1)
         fresh = await connect_account(elsewhere, "acme")
         fake_nb.release_tokens()
-        with contextlib.suppress(NBGatewayError):
+        with pytest.raises(AuthorizationFailed, match="connected or imported elsewhere") as info:
             await imported
+        assert "token was not kept" in str(info.value)
         account = await here.store.get_account("acme")
         assert account is not None and account.status is AccountStatus.ACTIVE
         assert account.refresh_token == Secret(fresh["refresh_token"])
