@@ -1598,8 +1598,7 @@ def test_the_workers_parent_waits_out_a_longer_token_timeout(
     class Parent:
         def __init__(self, *args: Any, grace: float, **kwargs: Any) -> None:
             graces.append(grace)
-            for sock in args[2]:
-                sock.close()
+            args[2].close()  # the SocketGroup
 
         def run(self) -> int:
             return 0
