@@ -124,8 +124,8 @@ def bind(host: str, port: int, count: int) -> SocketGroup:
     anything (another gateway's group included) already listens on is refused here, as
     one process would be. The sockets are bound but not listening, as `rejoin`'s: each
     takes connections once its worker serves on it, so none wait (and are then reset) on
-    the socket of a worker that is still starting or fails to. The anchor (`hold`) is
-    bound first, straight after the plain bind: from then on the address is the group's
+    the socket of a worker that is still starting or fails to. The anchor is bound
+    first, straight after the plain bind: from then on the address is the group's
     (a program setting SO_REUSEADDR could take it from sockets that do not listen).
     """
     try:
@@ -141,7 +141,10 @@ def bind(host: str, port: int, count: int) -> SocketGroup:
         family = info[0][0]
         with socket.create_server((host, port), family=family) as probe:
             port = probe.getsockname()[1]  # the port chosen when 0 was asked for
-        anchor = hold(family, (host, port))
+        # Without SO_REUSEADDR: a plain bind by another program is then refused even
+        # while no socket of the group listens (a non-listening socket takes no
+        # connections).
+        anchor = _group_socket(family, (host, port), reuse_address=False)
         try:
             sockets = [rejoin(family, (host, port)) for _ in range(count)]
         except OSError:
@@ -165,14 +168,6 @@ def rejoin(family: socket.AddressFamily, address: tuple[str, int]) -> socket.soc
     worker given it serves on it (asyncio listens then), so a worker that fails to start
     holds none up."""
     return _group_socket(family, address, reuse_address=True)
-
-
-def hold(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
-    """A socket in the SO_REUSEPORT group on `address`, bound and never listening, that
-    keeps the address the group's: without SO_REUSEADDR, a plain bind by another program
-    is refused even while no socket of the group listens (a non-listening socket takes no
-    connections)."""
-    return _group_socket(family, address, reuse_address=False)
 
 
 def _group_socket(
