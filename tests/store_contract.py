@@ -618,6 +618,39 @@ class TestAccounts:
         assert await store.remove_account("acme", generation=saved.generation) is True
         assert await store.get_account("acme") is None
 
+    async def test_a_new_row_of_a_removed_nation_is_not_the_old_one(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """A nation removed and connected or imported again while a refresh or import of
+        the old row still runs: the new row's generation is above every one the old row
+        had, so what the old row's refresh, refusal, import or remove writes lands nowhere
+        (GenerationConflict, or False), and the new pair stays as it was stored."""
+        old = await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            assert (await locked.read()).generation == old.generation
+            assert await store.remove_account("acme") is True
+            new = await store.save_tokens("acme", token_set(clock, "2"), EventKind.CONNECTED)
+            assert new.generation > old.generation
+            with pytest.raises(GenerationConflict):
+                await locked.save_tokens(token_set(clock, "3"))
+            with pytest.raises(GenerationConflict):
+                await locked.save_refresh_token(Secret("rotated"), "exchanged")
+            with pytest.raises(GenerationConflict):
+                await locked.mark_needs_reauth("invalid_grant")
+        with pytest.raises(GenerationConflict):
+            await store.import_refresh_token("acme", Secret("legacy"), replaces=old.generation)
+        assert await store.remove_account("acme", generation=old.generation) is False
+        account = await store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        assert account.refresh_token == new.refresh_token
+        assert account.generation == new.generation
+
+        assert await store.remove_account("acme") is True
+        imported = await store.import_refresh_token("acme", Secret("legacy-2"))
+        assert imported > new.generation
+        stored = await store.get_account("acme")
+        assert stored is not None and stored.generation == imported
+
     async def test_remove_account(self, store: TokenStore, clock: FakeClock) -> None:
         """remove_account deletes the account once and reports whether it existed."""
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)

@@ -494,7 +494,9 @@ class StoreDump:
 
     Logged-out sessions and wrong admin-token attempts are not copied: they last minutes to
     hours, and a copy starts with none (a session logged out just before `migrate --to`
-    works again on the target until it expires, unless NBGW_ADMIN_TOKEN changes).
+    works again on the target until it expires, unless NBGW_ADMIN_TOKEN changes). Nor are
+    the last generations of removed accounts: they matter only to a refresh or import
+    running across a remove, and none runs during a copy.
     """
 
     accounts: list[dict[str, Any]] = field(default_factory=list)

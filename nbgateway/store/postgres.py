@@ -188,6 +188,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX login_failures_by_client ON login_failures (client, at);
     CREATE INDEX login_failures_by_time ON login_failures (at);
     """,
+    # v3: the last generation of each removed account, so that a new row of that slug
+    # starts above it (a refresh or import of the removed row cannot land on the new one).
+    """
+    CREATE TABLE retired_generations (
+        slug       text PRIMARY KEY,
+        generation bigint NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -218,9 +226,12 @@ _TABLES = (
     "audit",
     "revoked_sessions",
     "login_failures",
+    "retired_generations",
 )
 # The database server's clock, in epoch seconds: what refresh leases are timed with.
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+# A new row's generation: above the last one of a removed account of that slug ($1).
+_FIRST_GENERATION = "COALESCE((SELECT generation FROM retired_generations WHERE slug = $1), 0) + 1"
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
 _CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 
@@ -685,7 +696,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
                 "status, generation, last_refresh_at, last_error, created_at, updated_at) "
-                "VALUES ($1, $2, $3, $4, $5, $6, 1, $7, NULL, $7, $7) "
+                f"VALUES ($1, $2, $3, $4, $5, $6, {_FIRST_GENERATION}, $7, NULL, $7, $7) "
                 "ON CONFLICT (slug) DO UPDATE SET access_token = excluded.access_token, "
                 "refresh_token = excluded.refresh_token, expires_at = excluded.expires_at, "
                 "scope = excluded.scope, status = excluded.status, "
@@ -903,42 +914,52 @@ class PostgresStore:
         sealed = self._sealer.seal(refresh_token, slug, "refresh_token")
         async with self._write(slug) as conn:
             if replaces is None:
-                status = await conn.execute(
+                stored = await conn.fetchval(
                     "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, "
                     "scope, status, generation, last_refresh_at, last_error, created_at, "
-                    "updated_at) VALUES ($1, NULL, $2, 0, '', $3, 1, NULL, NULL, $4, $4) "
-                    "ON CONFLICT (slug) DO NOTHING",
+                    f"updated_at) VALUES ($1, NULL, $2, 0, '', $3, {_FIRST_GENERATION}, NULL, "
+                    "NULL, $4, $4) ON CONFLICT (slug) DO NOTHING RETURNING generation",
                     slug,
                     sealed,
                     AccountStatus.ACTIVE.value,
                     now,
                 )
             else:
-                status = await conn.execute(
+                stored = await conn.fetchval(
                     "UPDATE accounts SET access_token = NULL, refresh_token = $1, "
                     "expires_at = 0, status = $2, generation = generation + 1, "
                     f"last_error = NULL, updated_at = $3, {_CLEAR_MARKER} "
-                    "WHERE slug = $4 AND generation = $5",
+                    "WHERE slug = $4 AND generation = $5 RETURNING generation",
                     sealed,
                     AccountStatus.ACTIVE.value,
                     now,
                     slug,
                     replaces,
                 )
-            if _status_count(status) == 0:
+            if stored is None:
                 raise GenerationConflict(f"account {slug!r} changed during the import")
             await self._insert_event(conn, slug, EventKind.IMPORTED, "")
-        return 1 if replaces is None else replaces + 1
+        return int(stored)
 
     async def remove_account(self, slug: str, *, generation: int | None = None) -> bool:
         """Delete an account's tokens (only while it is `generation`, when given); its
-        events stay as history. False if no such row was there."""
-        sql = "DELETE FROM accounts WHERE slug = $1"
+        events stay as history, and its generation is kept so that a new row of the slug
+        starts above it. False if no such row was there."""
+        where = "slug = $1"
         args: list[object] = [slug]
         if generation is not None:
-            sql, args = f"{sql} AND generation = $2", [slug, generation]
+            where, args = f"{where} AND generation = $2", [slug, generation]
         async with self._write(slug) as conn:
-            removed = _status_count(await conn.execute(sql, *args))
+            await conn.execute(
+                "INSERT INTO retired_generations (slug, generation) "
+                f"SELECT slug, generation FROM accounts WHERE {where} "
+                "ON CONFLICT (slug) DO UPDATE SET "
+                "generation = GREATEST(retired_generations.generation, excluded.generation)",
+                *args,
+            )
+            removed = _status_count(
+                await conn.execute(f"DELETE FROM accounts WHERE {where}", *args)
+            )
             if removed:
                 await self._insert_event(conn, slug, EventKind.REMOVED, "")
         return removed > 0

@@ -242,11 +242,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX login_failures_by_client ON login_failures (client, at);
     CREATE INDEX login_failures_by_time ON login_failures (at);
     """,
+    # v5: the last generation of each removed account, so that a new row of that slug
+    # starts above it (a refresh or import of the removed row cannot land on the new one).
+    """
+    CREATE TABLE retired_generations (
+        slug       TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
+# A new row's generation: above the last one of a removed account of that slug.
+_FIRST_GENERATION = "COALESCE((SELECT generation FROM retired_generations WHERE slug = ?), 0) + 1"
 _CLEAR_LEASE = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
 _CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 _CHANGE_POLL = 0.05
@@ -794,13 +804,13 @@ class SQLiteStore:
             await conn.execute(
                 "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
                 "status, generation, last_refresh_at, last_error, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1, ?, NULL, ?, ?) "
+                f"VALUES (?, ?, ?, ?, ?, ?, {_FIRST_GENERATION}, ?, NULL, ?, ?) "
                 "ON CONFLICT (slug) DO UPDATE SET access_token = excluded.access_token, "
                 "refresh_token = excluded.refresh_token, expires_at = excluded.expires_at, "
                 "scope = excluded.scope, status = excluded.status, "
                 "generation = accounts.generation + 1, last_refresh_at = excluded.last_refresh_at, "
                 f"last_error = NULL, updated_at = excluded.updated_at, {_CLEAR_LEASE}",
-                (slug, *values, now, now, now),
+                (slug, *values, slug, now, now, now),
             )
         else:
             cur = await conn.execute(
@@ -942,33 +952,42 @@ class SQLiteStore:
                 cur = await conn.execute(
                     "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, "
                     "scope, status, generation, last_refresh_at, last_error, created_at, "
-                    "updated_at) VALUES (?, NULL, ?, 0, '', ?, 1, NULL, NULL, ?, ?) "
-                    "ON CONFLICT (slug) DO NOTHING",
-                    (slug, sealed, AccountStatus.ACTIVE.value, now, now),
+                    f"updated_at) VALUES (?, NULL, ?, 0, '', ?, {_FIRST_GENERATION}, NULL, "
+                    "NULL, ?, ?) ON CONFLICT (slug) DO NOTHING RETURNING generation",
+                    (slug, sealed, AccountStatus.ACTIVE.value, slug, now, now),
                 )
             else:
                 cur = await conn.execute(
                     "UPDATE accounts SET access_token = NULL, refresh_token = ?, expires_at = 0, "
                     "status = ?, generation = generation + 1, last_error = NULL, "
-                    f"updated_at = ?, {_CLEAR_LEASE} WHERE slug = ? AND generation = ?",
+                    f"updated_at = ?, {_CLEAR_LEASE} WHERE slug = ? AND generation = ? "
+                    "RETURNING generation",
                     (sealed, AccountStatus.ACTIVE.value, now, slug, replaces),
                 )
-            changed = cur.rowcount
+            row = await cur.fetchone()
             await cur.close()
-            if changed == 0:
+            if row is None:
                 raise GenerationConflict(f"account {slug!r} changed during the import")
             await self._insert_event(conn, slug, EventKind.IMPORTED, "")
-        return 1 if replaces is None else replaces + 1
+        return int(row[0])
 
     async def remove_account(self, slug: str, *, generation: int | None = None) -> bool:
         """Delete an account's tokens (only while it is `generation`, when given); its
-        events stay as history. False if no such row was there."""
-        sql = "DELETE FROM accounts WHERE slug = ?"
+        events stay as history, and its generation is kept so that a new row of the slug
+        starts above it. False if no such row was there."""
+        where = "slug = ?"
         params: list[object] = [slug]
         if generation is not None:
-            sql, params = f"{sql} AND generation = ?", [slug, generation]
+            where, params = f"{where} AND generation = ?", [slug, generation]
         async with self._write() as conn:
-            cur = await conn.execute(sql, params)
+            await conn.execute(
+                "INSERT INTO retired_generations (slug, generation) "
+                f"SELECT slug, generation FROM accounts WHERE {where} "
+                "ON CONFLICT (slug) DO UPDATE SET "
+                "generation = MAX(retired_generations.generation, excluded.generation)",
+                params,
+            )
+            cur = await conn.execute(f"DELETE FROM accounts WHERE {where}", params)
             removed = cur.rowcount > 0
             await cur.close()
             if removed:
