@@ -71,7 +71,6 @@ from nbgateway.middleware import (
     REQUEST_ID_HEADER,
     cancelled_status,
     connection_gone,
-    error_response,
     request_id_of,
 )
 from nbgateway.models import ClientInfo, is_valid_slug
@@ -80,6 +79,9 @@ from nbgateway.redact import REDACTED
 from nbgateway.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger("nbgateway.proxy")
+# Set by the Expect handler for an Expect value other than 100-continue: the handler
+# answers 417 (after the checks every request gets, before any token is looked up).
+UNMET_EXPECTATION: web.RequestKey[bool] = web.RequestKey("nbgw_unmet_expectation", bool)
 
 NATION_HEADER = "X-NB-Nation"
 CLIENT_KEY_HEADER = "X-NBGW-Key"
@@ -405,7 +407,8 @@ class Proxy:
         key's 401 or 403), or that cannot be decided now (the store is away), gets no 100:
         the client holds its body back, the handler refuses it like any other request
         (counted, audited, logged) and the connection closes after that answer
-        (`NO_CONTINUE`). An Expect value other than 100-continue is answered 417 here.
+        (`NO_CONTINUE`). An Expect value other than 100-continue gets no 100 either, and
+        the handler answers it 417 (`UNMET_EXPECTATION`), counted, audited and logged too.
         (Whether the nation is connected is known only from the store, with the request.)
         """
         if request.version < (1, 1):
@@ -419,15 +422,8 @@ class Proxy:
             request[NO_CONTINUE] = True
             return None
         if request.headers.get("Expect", "").strip().lower() != "100-continue":
-            response = error_response(
-                ExpectationFailed(
-                    "the gateway knows no Expect value but 100-continue; send the request "
-                    "without the Expect header"
-                )
-            )
-            response.headers[REQUEST_ID_HEADER] = request_id_of(request)
-            response.force_close()
-            return response
+            request[NO_CONTINUE] = request[UNMET_EXPECTATION] = True
+            return None
         await _send_continue(request)
         return None
 
@@ -507,6 +503,11 @@ class Proxy:
             account = route.slug
             if info is not None:
                 info["account"] = account
+            if "Expect" in request.headers and request.get(UNMET_EXPECTATION):
+                raise ExpectationFailed(
+                    "the gateway knows no Expect value but 100-continue; send the request "
+                    "without the Expect header"
+                )
             issued = self._tokens.cached_token(route.slug) or await self._token(route.slug)
             response = await self._forward(request, route, issued)
             status = response.status

@@ -1048,23 +1048,40 @@ class TestExpectContinue:
         assert "Expect" not in fake_nb.api_requests[0].headers
 
     async def test_unknown_expectation_is_a_gateway_error(
-        self, acme: Gateway, fake_nb: FakeNationBuilder
+        self,
+        acme: Gateway,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         """An Expect value other than 100-continue gets 417 expectation_failed as a JSON:API
         error with the request id (not aiohttp's bare text), before the body; nothing goes
-        upstream."""
+        upstream, no token is looked at, and the answer is counted, audited and logged like
+        any other refusal."""
+        caplog.set_level(logging.INFO)
         fake_nb.clear_recordings()
+        clock.advance(86400)  # expired: due for a refresh that a refused request must not do
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(acme))
         writer.write(
             request_bytes("POST", ECHO, [("Content-Length", "5"), ("Expect", "something-else")])
         )
         answer = await read_answer(reader)
+        assert await reader.read() == b""  # closed: the body was never sent
         await hang_up(writer)
         assert answer.status == 417
         assert answer.error_code() == "expectation_failed"
         assert "100-continue" in answer.body.decode()
-        assert "X-Request-ID" in answer.headers
-        assert fake_nb.api_requests == []
+        request_id = answer.headers["X-Request-ID"]
+        assert fake_nb.api_requests == [] and fake_nb.token_requests == []
+        counted = {"account": "acme", "method": "POST", "code": "417"}
+        assert acme.metric("nbgw_proxy_requests_total", **counted) == 1
+        assert acme.metric("nbgw_gateway_errors_total", account="acme", error="expectation_failed")
+        await acme.app[keys.CLIENTS].flush()
+        [entry] = await acme.store.audit(limit=5)
+        assert (entry.nation, entry.method, entry.status) == ("acme", "POST", 417)
+        assert entry.request_id == request_id
+        [line] = [r for r in caplog.records if r.name == "nbgateway.access"]
+        assert line.status == 417  # type: ignore[attr-defined]
 
     @pytest.mark.parametrize(
         ("target", "status", "code"),
