@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="re-encrypt every row with the first key of NBGW_ENCRYPTION_KEY",
         description="Re-encrypt every stored token with the first key of NBGW_ENCRYPTION_KEY. "
-        "Put the new key first (new,old), run this, then drop the old key.",
+        "Put the new key first (new,old) and restart every gateway process with it, then "
+        "run this, then drop the old key: a process still on the old key alone cannot open "
+        "what this writes (500 token_store_error until it is restarted). With several "
+        "processes, see docs/security.md (Rotation).",
     )
     clients = sub.add_parser(
         "clients",
