@@ -281,6 +281,12 @@ def token_error(slug: str, exc: NBGatewayError, connect_url: str) -> GatewayErro
             f"the access token of {slug!r} could not be refreshed; retry in {retry} s",
             headers={"Retry-After": str(retry)},
         )
+    if isinstance(exc, AccountChanged):
+        return TokenRefreshFailed(
+            f"the account {slug!r} was connected again, imported or removed while its token "
+            "was being refreshed; what was stored then stays: retry",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, StoreError):
         return store_failure(exc, slug)
     return TokenRefreshFailed(f"no access token for {slug!r} is available")

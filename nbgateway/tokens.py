@@ -551,7 +551,10 @@ class TokenManager:
                     )
                 # Durably note the call before making it: if this process dies while
                 # NationBuilder answers, the next start knows the refresh token may be spent.
-                await locked.begin_refresh()
+                try:
+                    await locked.begin_refresh()
+                except GenerationConflict:  # another row's token: not this refresh's to send
+                    raise _changed_meanwhile(slug) from None
                 try:
                     tokens = await self._call_token_endpoint(slug, account.refresh_token)
                 except OAuthError as exc:
@@ -578,8 +581,13 @@ class TokenManager:
                         if lost:
                             # NationBuilder may have rotated in a call whose answer was lost.
                             self._unanswered[slug] = (account.refresh_token, self._clock.now())
-                        # In the row too, for the next try whichever process makes it.
-                        await locked.record_failure(str(exc), unanswered=lost)
+                        # In the row too, for the next try whichever process makes it;
+                        # not in a row stored meanwhile (a re-connect), which this call
+                        # says nothing of.
+                        try:
+                            await locked.record_failure(str(exc), unanswered=lost)
+                        except GenerationConflict:
+                            raise _changed_meanwhile(slug) from None
                 else:
                     self._unanswered.pop(slug, None)
                     saved = await self._save_rotated(locked, account, tokens)

@@ -5,12 +5,13 @@ The slow tests run the real programs on loopback: the fake NationBuilder
 module starts them with a readiness deadline, keeps each one's output in a log file so a
 failing test can print it, stops them (SIGTERM, then SIGKILL), talks to the fake's control
 endpoint, and seeds accounts into a gateway database the way a completed /connect would.
-Apart from `seed_account` (the store is async), everything here is synchronous; async
-tests call it through `asyncio.to_thread`.
+Apart from `seed_account` (the store is async) and `eventually` (polling with an awaitable
+check), everything here is synchronous; async tests call it through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,16 @@ def http_request(
     except urllib.error.HTTPError as err:
         with err:
             return err.code, dict(err.headers), err.read()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 20.0) -> None:
+    """Poll `check` (another process's or session's state) until it is true; fail naming
+    `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 def wait_until(check: Callable[[], bool], within: float, what: str) -> None:

@@ -623,20 +623,33 @@ class TestAccounts:
     ) -> None:
         """A nation removed and connected or imported again while a refresh or import of
         the old row still runs: the new row's generation is above every one the old row
-        had, so what the old row's refresh, refusal, import or remove writes lands nowhere
-        (GenerationConflict, or False), and the new pair stays as it was stored."""
+        had, so what the old row's refresh, failure, refusal, import or remove writes
+        lands nowhere (GenerationConflict, or False), and the new pair stays as it was
+        stored, with no error, event or in-flight marker of the old row's call."""
         old = await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         async with store.refresh_lock("acme") as locked:
             assert (await locked.read()).generation == old.generation
             assert await store.remove_account("acme") is True
             new = await store.save_tokens("acme", token_set(clock, "2"), EventKind.CONNECTED)
             assert new.generation > old.generation
+            with pytest.raises(GenerationConflict):  # the new row's token is not sent
+                await locked.begin_refresh()
             with pytest.raises(GenerationConflict):
                 await locked.save_tokens(token_set(clock, "3"))
             with pytest.raises(GenerationConflict):
                 await locked.save_refresh_token(Secret("rotated"), "exchanged")
+            for unanswered in (False, True):
+                with pytest.raises(GenerationConflict):
+                    await locked.record_failure("timed out", unanswered=unanswered)
             with pytest.raises(GenerationConflict):
                 await locked.mark_needs_reauth("invalid_grant")
+        [info] = await store.list_accounts()
+        assert info.last_error is None and info.refresh_started_at is None
+        assert [e.kind for e in await store.events("acme")] == [
+            EventKind.CONNECTED,
+            EventKind.REMOVED,
+            EventKind.CONNECTED,
+        ]
         with pytest.raises(GenerationConflict):
             await store.import_refresh_token("acme", Secret("legacy"), replaces=old.generation)
         assert await store.remove_account("acme", generation=old.generation) is False

@@ -757,6 +757,46 @@ class TestAdminsAtTheSameTime:
         resp = await here.client.get("/n/acme" + ME)
         assert resp.status == 200, await resp.text()
 
+    @pytest.mark.parametrize("failure", ["server_error", "lost"])
+    async def test_a_remove_and_reconnect_during_a_failing_refresh_leave_the_new_row_clean(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        failure: str,
+    ) -> None:
+        """An admin refresh whose token call fails (a 502, or an answer lost after
+        NationBuilder rotated) while another admin removes the nation and connects it again
+        elsewhere: the failure is not the new row's (no error, no backoff, no event), the
+        admin's refresh is told the account changed meanwhile (not "no access token is
+        available"), and the next request is served with the new pair."""
+        here, elsewhere = await gateway_factory(), await gateway_factory()
+        await connect_account(here, "acme")
+        fake_nb.hold_tokens()
+        refresh = asyncio.create_task(
+            here.client.post("/connect/api/accounts/acme/refresh", headers=AUTH)
+        )
+        await fake_nb.wait_for_pending_tokens(1)
+        assert await elsewhere.accounts.remove("acme")
+        fresh = await connect_account(elsewhere, "acme")
+        fake_nb.fail_token(failure)
+        fake_nb.release_tokens()
+        answer = await refresh
+        assert answer.status == 503
+        assert answer.headers["X-NBGW-Error"] == "token_refresh_failed"
+        assert answer.headers["Retry-After"] == "1"
+        assert "connected again, imported or removed" in await answer.text()
+        account = await here.store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        assert account.refresh_token == Secret(fresh["refresh_token"])
+        [info] = await here.store.list_accounts()
+        assert info.last_error is None and info.refresh_started_at is None
+        kinds = [event.kind for event in await here.store.events("acme")]
+        assert EventKind.REFRESH_FAILED not in kinds
+        resp = await here.client.get("/n/acme" + ME)
+        assert resp.status == 200, await resp.text()
+        assert resp.headers.get("X-NBGW-Error") is None
+
     @pytest.mark.parametrize("accepted", [False, True], ids=["refused", "accepted"])
     async def test_an_import_while_the_nation_is_connected_says_so_and_keeps_the_connection(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from procs import (
     FakeNB,
     Processes,
     clean_os_environ,
+    eventually,
     free_port,
     gateway_env,
     start_fake,
@@ -47,17 +48,6 @@ ADMIN_TOKEN = "interrupted-admin-token-0123456789"
 SLUG = "acme"
 WAIT_TIMEOUT = 20.0  # seconds for a condition to become true (the lease lasts 35 s)
 STOPPED = "stopped during a refresh"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, within: float = WAIT_TIMEOUT
-) -> None:
-    """Poll `check` (another process's state) until true; fail naming `what`."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

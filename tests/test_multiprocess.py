@@ -15,7 +15,6 @@ import asyncio
 import json
 import re
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -28,6 +27,7 @@ from procs import (
     FakeNB,
     Processes,
     clean_os_environ,
+    eventually,
     gateway_env,
     open_store,
     run_command,
@@ -45,17 +45,6 @@ pytestmark = pytest.mark.slow
 ADMIN_TOKEN = "multiprocess-admin-token-0123456789"
 SLUG = "acme"
 WAIT_TIMEOUT = 20.0  # seconds for any condition other than a subprocess start to become true
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, within: float = WAIT_TIMEOUT
-) -> None:
-    """Poll `check` until it is true; fail naming `what` after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass

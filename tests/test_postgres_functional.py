@@ -14,8 +14,7 @@ import os
 import re
 import signal
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from pgserver import PgServer
 from procs import (
     Processes,
     clean_os_environ,
+    eventually,
     free_port,
     gateway_env,
     http_request,
@@ -53,17 +53,6 @@ pytestmark = pytest.mark.slow
 SLUG = "acme"
 ADMIN_TOKEN = "postgres-admin-token-0123456789"
 WAIT_TIMEOUT = 20.0  # seconds for a condition in another process to become true
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, within: float = WAIT_TIMEOUT
-) -> None:
-    """Poll `check` until it is true; fail naming `what` after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_postgres_down_cached_token_served_then_reconnects(

@@ -15,6 +15,7 @@ import time
 import asyncpg
 import pytest
 from pgserver import PgServer
+from procs import eventually
 
 from nbgateway.clock import FakeClock
 from nbgateway.crypto import Cipher, generate_key
@@ -487,3 +488,48 @@ async def test_a_statement_held_by_a_table_lock_names_the_lock(
         assert "pg_locks" in str(info.value)
         assert "no answer within 0.3 s" in str(info.value)
         await store.ping()
+
+
+async def _waiting(conn: asyncpg.Connection, sessions: int) -> bool:
+    """Whether `sessions` sessions wait for a lock."""
+    return int(await conn.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")) >= sessions
+
+
+@pytest.mark.parametrize("holder_ends", ["rollback", "commit"])
+async def test_a_connect_racing_a_removal_starts_above_the_removed_row(
+    pg_url: str, clock: FakeClock, key: str, holder_ends: str
+) -> None:
+    """One replica removes a nation while another connects it again, and both wait on the
+    row (held by a third session: a refresh committing its pair, or giving up). PostgreSQL
+    reads at READ COMMITTED: the connect's generation must be computed after the removal
+    committed, and the removal must record the generation the row had when it was
+    deleted (one on, when the holder committed a refresh), so the new row starts above
+    every generation an in-flight operation of the removed row may hold."""
+    async with open_store(pg_url, clock, key) as a, open_store(pg_url, clock, key) as b:
+        old = await a.save_tokens("race", token_set(clock, "1"), EventKind.CONNECTED)
+        holder = await asyncpg.connect(pg_url)
+        watcher = await asyncpg.connect(pg_url)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            # What a refresh's save does: the row locked, its generation moved on.
+            await holder.execute(
+                "UPDATE accounts SET generation = generation + 1 WHERE slug = 'race'"
+            )
+            remove = asyncio.create_task(a.remove_account("race"))
+            await eventually(lambda: _waiting(watcher, 1), "the removal to wait", PROMPTLY)
+            connect = asyncio.create_task(
+                b.save_tokens("race", token_set(clock, "2"), EventKind.CONNECTED)
+            )
+            await eventually(lambda: _waiting(watcher, 2), "the connect to wait", PROMPTLY)
+            await (tx.commit() if holder_ends == "commit" else tx.rollback())
+            assert await remove is True
+            new = await connect
+        finally:
+            await holder.close()
+            await watcher.close()
+        last_old = old.generation + (1 if holder_ends == "commit" else 0)
+        assert new.generation > last_old
+        stored = await b.get_account("race")
+        assert stored is not None and stored.generation == new.generation
+        assert stored.refresh_token == new.refresh_token

@@ -31,9 +31,13 @@ Refresh coordination, as every backend must provide it:
   unanswered=True)` (a timeout, a dropped connection: NationBuilder may have rotated)
   keeps the call's start time in the row, and the next holder, in any process, sees it
   as `unanswered_at`.
-- `save_tokens` and `mark_needs_reauth` are a compare-and-set on the generation read when
-  the lock was taken: if another writer (a re-connect by an admin, an import) changed the
-  account meanwhile, they raise `GenerationConflict` and store nothing.
+- `begin_refresh`, `save_tokens`, `save_refresh_token`, `record_failure` and
+  `mark_needs_reauth` are a compare-and-set on the generation the account had when the
+  lock was taken: if another writer (a re-connect by an admin, an import, a removal)
+  changed it meanwhile, they raise `GenerationConflict` and store nothing (and a refresh
+  stopped at `begin_refresh` sends no token of a row it does not hold). A row stored
+  after a removal starts above the removed row's generation, so nothing meant for the
+  removed row lands on it.
 - `import_refresh_token` is one too: it stores a new row only where none is (`replaces`
   None), or replaces the row of generation `replaces`; it returns the row's generation.
   `remove_account(..., generation=g)` removes the row only while it is that generation.

@@ -232,6 +232,12 @@ _TABLES = (
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 # A new row's generation: above the last one of a removed account of that slug ($1).
 _FIRST_GENERATION = "COALESCE((SELECT generation FROM retired_generations WHERE slug = $1), 0) + 1"
+# Creating and removing a slug's row take turns on this transaction-level lock (the
+# two-key space, apart from the refresh locks' and the migrations' 64-bit keys). At READ
+# COMMITTED an INSERT reads retired_generations before it waits for a concurrent DELETE of
+# the row; waiting here first, its statement sees the removal's generation once committed.
+_ROW_TURN_SPACE = int.from_bytes(b"nbgw", "big")  # fits PostgreSQL's int4
+_ROW_TURN = f"SELECT pg_advisory_xact_lock({_ROW_TURN_SPACE}, hashtext($1))"
 _CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
 _CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 
@@ -302,14 +308,19 @@ class _AdvisoryLock:
         async with store._transaction(self._conn, self.slug) as conn:
             # The deadline is on the database's clock, and judged on it (_advisory_lock):
             # replicas whose clocks differ agree on when a lease lapses.
-            await conn.execute(
-                "UPDATE accounts SET refresh_owner = $1, refresh_started_at = $2, "
-                f"refresh_deadline = {_DB_NOW} + $3 WHERE slug = $4",
-                self._owner,
-                now,
-                store.lease,
-                self.slug,
+            changed = _status_count(
+                await conn.execute(
+                    "UPDATE accounts SET refresh_owner = $1, refresh_started_at = $2, "
+                    f"refresh_deadline = {_DB_NOW} + $3 WHERE slug = $4 AND generation = $5",
+                    self._owner,
+                    now,
+                    store.lease,
+                    self.slug,
+                    self._generation,
+                )
             )
+        if changed == 0:  # replaced since the lock was granted (a re-connect, a removal)
+            raise GenerationConflict(f"account {self.slug!r} changed during the refresh")
         self.marker_set = True
 
     async def save_tokens(self, tokens: TokenSet) -> Account:
@@ -345,7 +356,12 @@ class _AdvisoryLock:
     async def record_failure(self, message: str, *, unanswered: bool = False) -> None:
         async with self._store._transaction(self._conn, self.slug) as conn:
             await self._store._write_failure(
-                conn, self.slug, message, needs_reauth=False, unanswered=unanswered
+                conn,
+                self.slug,
+                message,
+                needs_reauth=False,
+                unanswered=unanswered,
+                generation=self._generation,
             )
         self.marker_set = False
 
@@ -693,6 +709,7 @@ class PostgresStore:
         refresh = self._sealer.seal(tokens.refresh_token, slug, "refresh_token")
         values = (access, refresh, tokens.expires_at, tokens.scope, AccountStatus.ACTIVE.value)
         if expect_generation is None:
+            await conn.execute(_ROW_TURN, slug)
             row = await conn.fetchrow(
                 "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
                 "status, generation, last_refresh_at, last_error, created_at, updated_at) "
@@ -731,39 +748,33 @@ class PostgresStore:
         message: str,
         *,
         needs_reauth: bool,
+        generation: int,
         unanswered: bool = False,
-        generation: int | None = None,
     ) -> None:
-        """A refresh's failure. `needs_reauth`: a compare-and-set on `generation`, as
-        `save_tokens` is (a token refused after a re-connect or an import stored another
+        """A refresh's failure, as a compare-and-set on `generation` as `save_tokens` is (a
+        token refused, or a call that failed, after a re-connect or an import stored another
         one says nothing of the new one): GenerationConflict, and nothing written."""
         message = message[:LAST_ERROR_MAX]
-        if needs_reauth:
-            changed = _status_count(
-                await conn.execute(
-                    "UPDATE accounts SET status = $1, last_error = $2, updated_at = $3, "
-                    f"generation = generation + 1, {_CLEAR_MARKER} "
-                    "WHERE slug = $4 AND generation = $5",
-                    AccountStatus.NEEDS_REAUTH.value,
-                    message,
-                    self._clock.now(),
-                    slug,
-                    generation,
-                )
-            )
-            if changed == 0:
-                raise GenerationConflict(f"account {slug!r} changed during the refresh")
-            await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
-        else:
-            # Unanswered: the call's start stays (owner gone) for the next holder to see.
-            clear = _CLEAR_OWNER if unanswered else _CLEAR_MARKER
+        if needs_reauth:  # the generation moves on: a later token is another one
+            kind = EventKind.NEEDS_REAUTH
+            reauth = AccountStatus.NEEDS_REAUTH.value
+            changes = f"status = '{reauth}', generation = generation + 1, {_CLEAR_MARKER}"
+        else:  # unanswered: the call's start stays (owner gone) for the next holder to see
+            kind = EventKind.REFRESH_FAILED
+            changes = _CLEAR_OWNER if unanswered else _CLEAR_MARKER
+        changed = _status_count(
             await conn.execute(
-                f"UPDATE accounts SET last_error = $1, updated_at = $2, {clear} WHERE slug = $3",
+                f"UPDATE accounts SET last_error = $1, updated_at = $2, {changes} "
+                "WHERE slug = $3 AND generation = $4",
                 message,
                 self._clock.now(),
                 slug,
+                generation,
             )
-            await self._insert_event(conn, slug, EventKind.REFRESH_FAILED, message)
+        )
+        if changed == 0:
+            raise GenerationConflict(f"account {slug!r} changed during the refresh")
+        await self._insert_event(conn, slug, kind, message)
 
     # -- refresh coordination -------------------------------------------------------------
 
@@ -914,6 +925,7 @@ class PostgresStore:
         sealed = self._sealer.seal(refresh_token, slug, "refresh_token")
         async with self._write(slug) as conn:
             if replaces is None:
+                await conn.execute(_ROW_TURN, slug)
                 stored = await conn.fetchval(
                     "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, "
                     "scope, status, generation, last_refresh_at, last_error, created_at, "
@@ -950,19 +962,22 @@ class PostgresStore:
         if generation is not None:
             where, args = f"{where} AND generation = $2", [slug, generation]
         async with self._write(slug) as conn:
-            await conn.execute(
-                "INSERT INTO retired_generations (slug, generation) "
-                f"SELECT slug, generation FROM accounts WHERE {where} "
-                "ON CONFLICT (slug) DO UPDATE SET "
-                "generation = GREATEST(retired_generations.generation, excluded.generation)",
-                *args,
+            await conn.execute(_ROW_TURN, slug)
+            # The generation the row had when deleted: a refresh committed just before the
+            # DELETE took the row may have moved it on since this transaction began.
+            removed = await conn.fetchval(
+                f"DELETE FROM accounts WHERE {where} RETURNING generation", *args
             )
-            removed = _status_count(
-                await conn.execute(f"DELETE FROM accounts WHERE {where}", *args)
-            )
-            if removed:
+            if removed is not None:
+                await conn.execute(
+                    "INSERT INTO retired_generations (slug, generation) VALUES ($1, $2) "
+                    "ON CONFLICT (slug) DO UPDATE SET generation = "
+                    "GREATEST(retired_generations.generation, excluded.generation)",
+                    slug,
+                    removed,
+                )
                 await self._insert_event(conn, slug, EventKind.REMOVED, "")
-        return removed > 0
+        return removed is not None
 
     # -- authorization states -------------------------------------------------------------
 

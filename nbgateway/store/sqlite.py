@@ -292,11 +292,15 @@ class _Lease:
         store = self._store
         async with store._write(durable=False) as conn:
             now = store._clock.now()
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE accounts SET refresh_started_at = ?, refresh_deadline = ? "
-                "WHERE slug = ? AND refresh_owner = ?",
-                (now, now + store.lease, self.slug, self._owner),
+                "WHERE slug = ? AND refresh_owner = ? AND generation = ?",
+                (now, now + store.lease, self.slug, self._owner, self._generation),
             )
+            changed = cur.rowcount
+            await cur.close()
+        if changed == 0:  # replaced (or the lease taken over) since the lease was granted
+            raise GenerationConflict(f"account {self.slug!r} changed during the refresh")
 
     async def save_tokens(self, tokens: TokenSet) -> Account:
         store = self._store
@@ -332,7 +336,12 @@ class _Lease:
     async def record_failure(self, message: str, *, unanswered: bool = False) -> None:
         async with self._store._write() as conn:
             await self._store._write_failure(
-                conn, self.slug, message, needs_reauth=False, unanswered=unanswered
+                conn,
+                self.slug,
+                message,
+                needs_reauth=False,
+                unanswered=unanswered,
+                generation=self._generation,
             )
         self.released = True
 
@@ -836,32 +845,30 @@ class SQLiteStore:
         message: str,
         *,
         needs_reauth: bool,
+        generation: int,
         unanswered: bool = False,
-        generation: int | None = None,
     ) -> None:
-        """A refresh's failure. `needs_reauth`: a compare-and-set on `generation`, as
-        `save_tokens` is (a token refused after a re-connect or an import stored another
+        """A refresh's failure, as a compare-and-set on `generation` as `save_tokens` is (a
+        token refused, or a call that failed, after a re-connect or an import stored another
         one says nothing of the new one): GenerationConflict, and nothing written."""
         message = message[:LAST_ERROR_MAX]
-        if needs_reauth:
-            cur = await conn.execute(
-                "UPDATE accounts SET status = ?, last_error = ?, updated_at = ?, "
-                f"generation = generation + 1, {_CLEAR_LEASE} WHERE slug = ? AND generation = ?",
-                (AccountStatus.NEEDS_REAUTH.value, message, self._clock.now(), slug, generation),
-            )
-            changed = cur.rowcount
-            await cur.close()
-            if changed == 0:
-                raise GenerationConflict(f"account {slug!r} changed during the refresh")
-            await self._insert_event(conn, slug, EventKind.NEEDS_REAUTH, message)
-        else:
-            # Unanswered: the call's start stays (owner gone) for the next holder to see.
-            clear = _CLEAR_OWNER if unanswered else _CLEAR_LEASE
-            await conn.execute(
-                f"UPDATE accounts SET last_error = ?, updated_at = ?, {clear} WHERE slug = ?",
-                (message, self._clock.now(), slug),
-            )
-            await self._insert_event(conn, slug, EventKind.REFRESH_FAILED, message)
+        if needs_reauth:  # the generation moves on: a later token is another one
+            kind = EventKind.NEEDS_REAUTH
+            reauth = AccountStatus.NEEDS_REAUTH.value
+            changes = f"status = '{reauth}', generation = generation + 1, {_CLEAR_LEASE}"
+        else:  # unanswered: the call's start stays (owner gone) for the next holder to see
+            kind = EventKind.REFRESH_FAILED
+            changes = _CLEAR_OWNER if unanswered else _CLEAR_LEASE
+        cur = await conn.execute(
+            f"UPDATE accounts SET last_error = ?, updated_at = ?, {changes} "
+            "WHERE slug = ? AND generation = ?",
+            (message, self._clock.now(), slug, generation),
+        )
+        changed = cur.rowcount
+        await cur.close()
+        if changed == 0:
+            raise GenerationConflict(f"account {slug!r} changed during the refresh")
+        await self._insert_event(conn, slug, kind, message)
 
     async def _claim(self, slug: str) -> _Lease:
         """Take the account's refresh lease, waiting while a live holder elsewhere has it."""
@@ -980,19 +987,20 @@ class SQLiteStore:
         if generation is not None:
             where, params = f"{where} AND generation = ?", [slug, generation]
         async with self._write() as conn:
-            await conn.execute(
-                "INSERT INTO retired_generations (slug, generation) "
-                f"SELECT slug, generation FROM accounts WHERE {where} "
-                "ON CONFLICT (slug) DO UPDATE SET "
-                "generation = MAX(retired_generations.generation, excluded.generation)",
-                params,
+            cur = await conn.execute(
+                f"DELETE FROM accounts WHERE {where} RETURNING generation", params
             )
-            cur = await conn.execute(f"DELETE FROM accounts WHERE {where}", params)
-            removed = cur.rowcount > 0
+            row = await cur.fetchone()
             await cur.close()
-            if removed:
+            if row is not None:
+                await conn.execute(
+                    "INSERT INTO retired_generations (slug, generation) VALUES (?, ?) "
+                    "ON CONFLICT (slug) DO UPDATE SET "
+                    "generation = MAX(retired_generations.generation, excluded.generation)",
+                    (slug, row[0]),
+                )
                 await self._insert_event(conn, slug, EventKind.REMOVED, "")
-        return removed
+        return row is not None
 
     # -- authorization states -----------------------------------------------------------
 
