@@ -413,6 +413,11 @@ class Proxy:
         """
         if request.version < (1, 1):
             return None  # HTTP/1.0 has no Expect: the header is ignored, as aiohttp does
+        if request.headers.get("Expect", "").strip().lower() != "100-continue":
+            # Noted first: the handler answers 417 unless it refuses the request otherwise,
+            # whatever the checks below find now.
+            request[NO_CONTINUE] = request[UNMET_EXPECTATION] = True
+            return None
         try:
             self._refuse_early(request)
             route = self.route(request)
@@ -420,9 +425,6 @@ class Proxy:
                 self._clients.authorize(await self._identify(request), route.slug, request.method)
         except (GatewayError, StoreError):
             request[NO_CONTINUE] = True
-            return None
-        if request.headers.get("Expect", "").strip().lower() != "100-continue":
-            request[NO_CONTINUE] = request[UNMET_EXPECTATION] = True
             return None
         await _send_continue(request)
         return None

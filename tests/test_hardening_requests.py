@@ -54,8 +54,9 @@ from nbgateway.admin.session import LOGIN_FAILURES, LOGIN_WINDOW, LoginThrottle
 from nbgateway.app import create_app
 from nbgateway.clock import FakeClock
 from nbgateway.config import Settings, load_settings
+from nbgateway.errors import StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder
-from nbgateway.models import EventKind, TokenSet
+from nbgateway.models import ClientInfo, EventKind, TokenSet
 from nbgateway.redact import Secret
 from nbgateway.server import OPEN_FILES_TARGET, raise_open_files_limit, serving
 
@@ -1082,6 +1083,49 @@ class TestExpectContinue:
         assert entry.request_id == request_id
         [line] = [r for r in caplog.records if r.name == "nbgateway.access"]
         assert line.status == 417  # type: ignore[attr-defined]
+
+    async def test_an_unknown_expectation_is_never_forwarded_while_the_store_comes_back(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The first look-up of the client key fails (the store is away) and later ones
+        work: a request with an unknown Expect value is refused all the same, with the
+        store's 503 or with 417, and nothing is forwarded. (The Expect value was looked at
+        only after the key: a failed look-up left it unnoted, and the handler, finding the
+        store back, forwarded the request.)"""
+        gw = await gateway_factory(client_auth="required")
+        await connect_account(gw, "acme")
+        registry = gw.app[keys.CLIENTS]
+        _, key = await registry.add("tool")
+        identify, calls = registry.identify, []
+
+        def away_at_first(presented: str | None) -> ClientInfo | None:
+            calls.append(presented)
+            if len(calls) == 1:
+                raise StoreUnavailable("database gateway.db is not reachable")
+            return identify(presented)
+
+        monkeypatch.setattr(registry, "identify", away_at_first)
+        fake_nb.clear_recordings()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+        headers = [
+            ("Content-Length", "5"),
+            ("Expect", "something-else"),
+            ("X-NBGW-Key", key.reveal()),
+        ]
+        writer.write(request_bytes("POST", ECHO, headers) + b"hello")
+        answer = await read_answer(reader)
+        while answer.status == 100:  # what a gateway about to forward the body sends
+            answer = await read_answer(reader)
+        await hang_up(writer)
+        assert calls  # the store was asked, and was away
+        assert fake_nb.api_requests == []
+        refusals = {417: "expectation_failed", 503: "store_unavailable"}
+        assert answer.status in refusals
+        assert answer.error_code() == refusals[answer.status]
 
     @pytest.mark.parametrize(
         ("target", "status", "code"),
