@@ -405,6 +405,20 @@ class TestChangeHint:
         assert store.change_hint() >= 0  # opened again
 
 
+async def test_an_sqlite_library_too_old_is_named_and_nothing_is_written(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python built against an SQLite older than the statements need (RETURNING: 3.35)
+    is refused at open with both versions named, before any file is made."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    path = tmp_path / "gateway.db"
+    with pytest.raises(StoreError, match=r"SQLite 3\.34\.1; nbgateway needs 3\.35\.0 or newer"):
+        async with make_store(path, clock, generate_key()):
+            pass
+    assert not path.exists()
+
+
 async def test_a_database_locked_by_another_process_at_open_is_unavailable(
     db_path: Path, clock: FakeClock, key: str
 ) -> None:

@@ -252,6 +252,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# The oldest SQLite library the statements here run on (RETURNING came in 3.35).
+MIN_SQLITE = (3, 35, 0)
 
 _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
@@ -452,6 +454,12 @@ class SQLiteStore:
 
     async def open(self) -> None:
         """Open, check the keys against existing rows, then migrate. A wrong key writes nothing."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(
+                f"this Python uses SQLite {sqlite3.sqlite_version}; nbgateway needs "
+                f"{'.'.join(map(str, MIN_SQLITE))} or newer (Debian 12, Ubuntu 22.04 and the "
+                "python:3.11 images have it)"
+            )
         if not self.path.parent.exists():
             raise StoreError(
                 f"directory {self.path.parent} of the database {self.path} does not exist"
