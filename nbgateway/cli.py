@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="re-encrypt every row with the first key of NBGW_ENCRYPTION_KEY",
         description="Re-encrypt every stored token with the first key of NBGW_ENCRYPTION_KEY. "
-        "Put the new key first (new,old) and restart every gateway process with it, then "
-        "run this, then drop the old key: a process still on the old key alone cannot open "
-        "what this writes (500 token_store_error until it is restarted). With several "
-        "processes, see docs/security.md (Rotation).",
+        "With one gateway process: put the new key first (new,old), restart the gateway "
+        "with it, run this, then drop the old key; a process still on the old key alone "
+        "cannot open what this writes (500 token_store_error until it is restarted). With "
+        "several processes or replicas, follow docs/security.md (Rotation) instead: old,new "
+        "everywhere first, then new,old everywhere, then this.",
     )
     clients = sub.add_parser(
         "clients",
@@ -289,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rows still encrypted, in one transaction. TARGET is a SQLite file path or a "
         "postgresql:// URL and must not hold accounts, client keys, events or audit entries "
         "yet. The source is left as it is. "
-        "Logged-out admin sessions and login-throttle counts are short-lived and not copied.",
+        "Not copied: logged-out admin sessions and login-throttle counts (short-lived), and "
+        "the last generations of removed accounts (they matter only to refreshes running "
+        "while the gateways do; stop them first).",
     )
     migrate.add_argument(
         "--to", required=True, metavar="TARGET", help="a SQLite file path or a postgresql:// URL"
