@@ -113,7 +113,7 @@ def create_app(
             app[keys.CLIENTS] = svc.clients
             app[keys.ADMIN_THROTTLE] = LoginThrottle(svc.store)
             app[keys.SESSION_REVOCATIONS] = SessionRevocations(svc.store)
-            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients, limiter)
+            app[PROXY] = Proxy(settings, svc.tokens, svc.http, metrics, svc.clients, limiter, clock)
             # This process serves: its store is open (a worker whose pre-flight fails never
             # gets here, so the sum over the workers shows one that cannot start).
             metrics.workers_configured.set(settings.workers)

@@ -42,6 +42,7 @@ from nbgateway.clients import (
     without_keys,
     without_keys_in_query,
 )
+from nbgateway.clock import Clock
 from nbgateway.config import Settings
 from nbgateway.errors import (
     AccountNotFound,
@@ -191,6 +192,9 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _SUSPECT_PLAIN = re.compile(r"[\x00-\x1f\x7f\\]|(?:^|/)\.\.?(?:/|$)")
 # Accounts whose nation base URL is remembered (then the memory starts over).
 _NATION_BASES_KEPT = 4096
+# A store outage fails every request that needs it: one error line per kind this often,
+# with how many were not written since, instead of one per request.
+STORE_ERROR_LOG_EVERY = 10.0
 
 
 def _malformed_body() -> InvalidRequest:
@@ -305,8 +309,10 @@ class Proxy:
         metrics: Metrics,
         clients: ClientRegistry,
         limiter: RateLimiter,
+        clock: Clock,
     ) -> None:
         self._settings = settings
+        self._clock = clock
         self._limiter = limiter
         self._tokens = tokens
         self._clients = clients
@@ -325,6 +331,8 @@ class Proxy:
         t = settings.upstream_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
         self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbgw-rewrite")
+        # Per kind of store error: when it was last logged, and how many since were not.
+        self._store_errors: dict[str, tuple[float, int]] = {}
 
     def close(self) -> None:
         """Stop the rewrite thread (queued rewrites are dropped; their requests are gone)."""
@@ -582,8 +590,22 @@ class Proxy:
                     if isinstance(exc, StoreUnavailable)
                     else "stored credentials unreadable"
                 )
-                log.error(what, extra={"account": slug, "error": str(exc)})
+                self._log_store_error(what, slug, exc)
             raise token_error(slug, exc, f"{self._public}/connect") from None
+
+    def _log_store_error(self, what: str, slug: str, exc: StoreError) -> None:
+        """One line per kind every STORE_ERROR_LOG_EVERY seconds (the access log still has
+        each request's 503 or 500), saying how many were left out since the last."""
+        now = self._clock.monotonic()
+        last, left_out = self._store_errors.get(what, (-STORE_ERROR_LOG_EVERY, 0))
+        if now - last < STORE_ERROR_LOG_EVERY:
+            self._store_errors[what] = (last, left_out + 1)
+            return
+        self._store_errors[what] = (now, 0)
+        extra: dict[str, object] = {"account": slug, "error": str(exc)}
+        if left_out:
+            extra["left_out"] = left_out
+        log.error(what, extra=extra)
 
     def _upstream_headers(self, request: web.Request, token: IssuedToken) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()

@@ -374,7 +374,7 @@ def test_links_on_the_real_nations_host_in_any_form_are_mapped(
     scheme, with its default port, or on the domain's own or www host, leads back through
     the gateway like one written exactly as NBGW_NATION_URL; other nations, look-alike
     hosts, other ports and pages outside /api/ are left as they are."""
-    proxy = Proxy(settings_factory(nation_url=REAL), *(cast(Any, None),) * 5)
+    proxy = Proxy(settings_factory(nation_url=REAL), *(cast(Any, None),) * 6)
     try:
         request = make_mocked_request(
             "GET", "/n/acme/api/v2/signups", headers={"Host": "gw.internal:8080"}

@@ -56,7 +56,7 @@ from nbgateway.crypto import Cipher, generate_key
 from nbgateway.errors import AuthorizationFailed, StoreError
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import AccountStatus, AuditEntry, EventKind, TokenSet
-from nbgateway.proxy import CLIENT_KEY_HEADER
+from nbgateway.proxy import CLIENT_KEY_HEADER, STORE_ERROR_LOG_EVERY
 from nbgateway.redact import Secret
 from nbgateway.store.base import STATES_KEPT
 from nbgateway.store.sqlite import SQLiteStore
@@ -164,6 +164,35 @@ class TestImmutableDatabase:
         assert "token store unavailable" in messages
         assert not any("unreadable" in m for m in messages)
         assert "cannot be read" not in body + admin_body
+
+    async def test_an_outage_is_logged_once_per_interval_not_once_per_request(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Every request that needs the store while it cannot be written gets its 503 (and
+        its access line), but the error line is written once per STORE_ERROR_LOG_EVERY,
+        the next one saying how many were left out: an outage under load wrote one error
+        line per request."""
+        first = await gateway_factory()
+        await connect_account(first, "acme")
+        path = database_of(first)
+        await first.client.close()
+        with immutable(path):
+            gw = await gateway_factory(first.settings)
+            clock.advance(LIFETIME)
+            with caplog.at_level(logging.ERROR, logger="nbgateway"):
+                statuses = [(await gw.client.get(ME)).status for _ in range(4)]
+                logged_first = [r for r in caplog.records if r.msg == "token store unavailable"]
+                clock.advance(STORE_ERROR_LOG_EVERY)
+                statuses.append((await gw.client.get(ME)).status)
+        assert statuses == [503] * 5
+        assert len(logged_first) == 1
+        lines = [r for r in caplog.records if r.msg == "token store unavailable"]
+        assert len(lines) == 2
+        assert lines[1].left_out == 3  # type: ignore[attr-defined]
 
 
 class TestAdminStateOnAnUnwritableDatabase:
