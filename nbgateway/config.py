@@ -123,7 +123,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "NBGW_REFRESH_MARGIN",
         "300",
-        "seconds before expiry at which a token is refreshed",
+        "seconds before expiry at which a token is refreshed (at most half its lifetime)",
         f"a whole number of seconds from 0 to {MAX_REFRESH_MARGIN}",
     ),
     Setting(
