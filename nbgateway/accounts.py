@@ -194,9 +194,10 @@ class AccountService:
         except AccountChanged:
             raise AuthorizationFailed(
                 "invalid",
-                f"{slug!r} was connected or imported elsewhere while this import ran; what "
-                "was stored there stays, and this import's token was not kept (NationBuilder "
-                "may count it as used): see `nbgateway accounts list`",
+                f"{slug!r} was connected or imported elsewhere (or removed) while this import "
+                "ran; what was stored there stays, and this import's token was not kept (if "
+                "it had been sent, NationBuilder may count it as used): see `nbgateway "
+                "accounts list`",
                 slug,
             ) from None
         except ReauthorizationRequired:

@@ -138,8 +138,9 @@ class TokenUnavailable(NBGatewayError):
 
 
 class AccountChanged(TokenUnavailable):
-    """A refresh's result was not kept: an admin re-connected (or imported) the account
-    while it ran, and what they stored stays."""
+    """A refresh's result was not kept: an admin re-connected, imported or removed the
+    account while it ran, and what they stored stays. (On SQLite also a refresh whose lease
+    lapsed, the process stalled, and another process took the account over.)"""
 
 
 class ReauthorizationRequired(TokenUnavailable):

@@ -663,6 +663,10 @@ class TokenManager:
         assert exc.rotated_refresh_token is not None
         try:
             await locked.save_refresh_token(exc.rotated_refresh_token, str(exc))
+        except GenerationConflict:
+            # Removed or connected again meanwhile: the rotated token is the old row's, and
+            # neither held nor used for what is stored now.
+            raise _changed_meanwhile(locked.slug) from None
         except StoreError as store_exc:
             self._hold(
                 locked.slug,

@@ -786,7 +786,7 @@ class TestAdminsAtTheSameTime:
         resp = await here.client.get("/n/acme" + ME)
         assert resp.status == 200, await resp.text()
 
-    @pytest.mark.parametrize("failure", ["server_error", "lost"])
+    @pytest.mark.parametrize("failure", ["server_error", "lost", "rotated_but_refused"])
     async def test_a_remove_and_reconnect_during_a_failing_refresh_leave_the_new_row_clean(
         self,
         gateway_factory: GatewayFactory,
@@ -794,9 +794,10 @@ class TestAdminsAtTheSameTime:
         fake_nb: FakeNationBuilder,
         failure: str,
     ) -> None:
-        """An admin refresh whose token call fails (a 502, or an answer lost after
-        NationBuilder rotated) while another admin removes the nation and connects it again
-        elsewhere: the failure is not the new row's (no error, no backoff, no event), the
+        """An admin refresh whose token call fails (a 502, an answer lost after
+        NationBuilder rotated, or an answer refused that carries a rotated refresh token)
+        while another admin removes the nation and connects it again elsewhere: the failure
+        is not the new row's (no error, no backoff, no event, no pair held in memory), the
         admin's refresh is told the account changed meanwhile (not "no access token is
         available"), and the next request is served with the new pair."""
         here, elsewhere = await gateway_factory(), await gateway_factory()
@@ -808,7 +809,10 @@ class TestAdminsAtTheSameTime:
         await fake_nb.wait_for_pending_tokens(1)
         assert await elsewhere.accounts.remove("acme")
         fresh = await connect_account(elsewhere, "acme")
-        fake_nb.fail_token(failure)
+        if failure == "rotated_but_refused":
+            fake_nb.mangle_token_answers({"token_type": "mac"})
+        else:
+            fake_nb.fail_token(failure)
         fake_nb.release_tokens()
         answer = await refresh
         assert answer.status == 503
@@ -822,9 +826,15 @@ class TestAdminsAtTheSameTime:
         assert info.last_error is None and info.refresh_started_at is None
         kinds = [event.kind for event in await here.store.events("acme")]
         assert EventKind.REFRESH_FAILED not in kinds
+        assert here.tokens.unpersisted == []
+        calls = len(fake_nb.token_requests)
         resp = await here.client.get("/n/acme" + ME)
         assert resp.status == 200, await resp.text()
         assert resp.headers.get("X-NBGW-Error") is None
+        assert (
+            fake_nb.api_requests[-1].headers["Authorization"] == f"Bearer {fresh['access_token']}"
+        )
+        assert len(fake_nb.token_requests) == calls  # the new pair is fresh: no token call
 
     @pytest.mark.parametrize("accepted", [False, True], ids=["refused", "accepted"])
     async def test_an_import_while_the_nation_is_connected_says_so_and_keeps_the_connection(

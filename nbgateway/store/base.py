@@ -35,9 +35,10 @@ Refresh coordination, as every backend must provide it:
   `mark_needs_reauth` are a compare-and-set on the generation the account had when the
   lock was taken: if another writer (a re-connect by an admin, an import, a removal)
   changed it meanwhile, they raise `GenerationConflict` and store nothing (and a refresh
-  stopped at `begin_refresh` sends no token of a row it does not hold). A row stored
-  after a removal starts above the removed row's generation, so nothing meant for the
-  removed row lands on it.
+  stopped at `begin_refresh` sends no token of a row it does not hold; on SQLite
+  `begin_refresh` raises it too when the lease lapsed and another process took it
+  over). A row stored after a removal starts above the removed row's generation, so
+  nothing meant for the removed row lands on it.
 - `import_refresh_token` is one too: it stores a new row only where none is (`replaces`
   None), or replaces the row of generation `replaces`; it returns the row's generation.
   `remove_account(..., generation=g)` removes the row only while it is that generation.
