@@ -131,6 +131,22 @@ async def api_accounts(gw: Gateway) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------- immutable database
 
 
+@contextlib.asynccontextmanager
+async def expired_on_an_immutable_database(
+    gateway_factory: GatewayFactory, connect_account: ConnectAccount, clock: FakeClock
+) -> AsyncIterator[Gateway]:
+    """A gateway whose database file was made immutable after "acme" was connected (by
+    another gateway), with acme's access token expired."""
+    first = await gateway_factory()
+    await connect_account(first, "acme")
+    path = database_of(first)
+    await first.client.close()
+    with immutable(path):
+        gw = await gateway_factory(first.settings)
+        clock.advance(LIFETIME)
+        yield gw
+
+
 class TestImmutableDatabase:
     async def test_is_reported_as_unwritable_not_as_unreadable_credentials(
         self,
@@ -142,13 +158,7 @@ class TestImmutableDatabase:
         """A gateway on an immutable database file: a request that needs a refresh, and an
         admin refresh, get 503 store_unavailable (the database cannot be written), the log
         says so, nothing claims the stored credentials are unreadable; /readyz is 503."""
-        first = await gateway_factory()
-        await connect_account(first, "acme")
-        path = database_of(first)
-        await first.client.close()
-        with immutable(path):
-            gw = await gateway_factory(first.settings)
-            clock.advance(LIFETIME)
+        async with expired_on_an_immutable_database(gateway_factory, connect_account, clock) as gw:
             with caplog.at_level(logging.ERROR, logger="nbgateway"):
                 resp = await gw.client.get(ME)
                 body = await resp.text()
@@ -176,13 +186,7 @@ class TestImmutableDatabase:
         its access line), but the error line is written once per STORE_ERROR_LOG_EVERY,
         the next one saying how many were left out: an outage under load wrote one error
         line per request."""
-        first = await gateway_factory()
-        await connect_account(first, "acme")
-        path = database_of(first)
-        await first.client.close()
-        with immutable(path):
-            gw = await gateway_factory(first.settings)
-            clock.advance(LIFETIME)
+        async with expired_on_an_immutable_database(gateway_factory, connect_account, clock) as gw:
             with caplog.at_level(logging.ERROR, logger="nbgateway"):
                 statuses = [(await gw.client.get(ME)).status for _ in range(4)]
                 logged_first = [r for r in caplog.records if r.msg == "token store unavailable"]

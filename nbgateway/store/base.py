@@ -229,6 +229,23 @@ def holder_runs(holder: str) -> bool | None:
 SQLITE_BUSY_TIMEOUT = 10.0
 # How often a waiter re-checks a refresh held elsewhere even if nothing was committed.
 LEASE_RECHECK = 1.0
+# SET clauses: the whole "refresh in flight" marker (SQLite: with the lease) cleared, or
+# only its holder (the call's start stays for the next holder to see).
+CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
+CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
+
+
+def failure_changes(*, needs_reauth: bool, unanswered: bool) -> tuple[EventKind, str]:
+    """A refresh failure's event, and what it sets in the row besides the error: needing
+    re-authorization moves the generation on (a later token is another one); a call left
+    unanswered keeps its start time (NationBuilder may have rotated)."""
+    if needs_reauth:
+        status = AccountStatus.NEEDS_REAUTH.value
+        return (
+            EventKind.NEEDS_REAUTH,
+            f"status = '{status}', generation = generation + 1, {CLEAR_MARKER}",
+        )
+    return EventKind.REFRESH_FAILED, CLEAR_OWNER if unanswered else CLEAR_MARKER
 
 
 def lease_seconds(token_timeout: float) -> float:

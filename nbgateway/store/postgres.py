@@ -65,6 +65,7 @@ from nbgateway.store.base import (
     ACCOUNT_FIELDS,
     AUDIT_FIELDS,
     AUDIT_PATH_MAX,
+    CLEAR_MARKER,
     CLIENT_FIELDS,
     EVENT_FIELDS,
     EVENTS_KEPT,
@@ -88,6 +89,7 @@ from nbgateway.store.base import (
     client_row,
     corrupt_rows,
     event_from_row,
+    failure_changes,
     holder_runs,
     lease_seconds,
     listed_info_from_row,
@@ -238,8 +240,6 @@ _FIRST_GENERATION = "COALESCE((SELECT generation FROM retired_generations WHERE 
 # the row; waiting here first, its statement sees the removal's generation once committed.
 _ROW_TURN_SPACE = int.from_bytes(b"nbgw", "big")  # fits PostgreSQL's int4
 _ROW_TURN = f"SELECT pg_advisory_xact_lock({_ROW_TURN_SPACE}, hashtext($1))"
-_CLEAR_MARKER = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
-_CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *DRIVER_ERRORS)
 # What asyncpg says when a pooled connection was closed under its holder.
@@ -338,7 +338,7 @@ class _AdvisoryLock:
         async with store._transaction(self._conn, self.slug) as conn:
             row = await conn.fetchrow(
                 "UPDATE accounts SET access_token = NULL, refresh_token = $1, expires_at = 0, "
-                f"generation = generation + 1, last_error = $2, updated_at = $3, {_CLEAR_MARKER} "
+                f"generation = generation + 1, last_error = $2, updated_at = $3, {CLEAR_MARKER} "
                 f"WHERE slug = $4 AND generation = $5 RETURNING {_ACCOUNT_COLUMNS}",
                 sealed,
                 message[:LAST_ERROR_MAX],
@@ -380,8 +380,7 @@ class _AdvisoryLock:
         """Drop a marker still set (ours after an exception, or a dead holder's)."""
         async with self._store._transaction(self._conn, self.slug) as conn:
             await conn.execute(
-                f"UPDATE accounts SET {_CLEAR_MARKER} "
-                "WHERE slug = $1 AND refresh_owner IS NOT NULL",
+                f"UPDATE accounts SET {CLEAR_MARKER} WHERE slug = $1 AND refresh_owner IS NOT NULL",
                 self.slug,
             )
         self.marker_set = False
@@ -718,7 +717,7 @@ class PostgresStore:
                 "refresh_token = excluded.refresh_token, expires_at = excluded.expires_at, "
                 "scope = excluded.scope, status = excluded.status, "
                 "generation = accounts.generation + 1, last_refresh_at = excluded.last_refresh_at, "
-                f"last_error = NULL, updated_at = excluded.updated_at, {_CLEAR_MARKER} "
+                f"last_error = NULL, updated_at = excluded.updated_at, {CLEAR_MARKER} "
                 f"RETURNING {_ACCOUNT_COLUMNS}",
                 slug,
                 *values,
@@ -728,7 +727,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "UPDATE accounts SET access_token = $1, refresh_token = $2, expires_at = $3, "
                 "scope = $4, status = $5, generation = generation + 1, last_refresh_at = $6, "
-                f"last_error = NULL, updated_at = $6, {_CLEAR_MARKER} "
+                f"last_error = NULL, updated_at = $6, {CLEAR_MARKER} "
                 f"WHERE slug = $7 AND generation = $8 RETURNING {_ACCOUNT_COLUMNS}",
                 *values,
                 now,
@@ -755,13 +754,7 @@ class PostgresStore:
         token refused, or a call that failed, after a re-connect or an import stored another
         one says nothing of the new one): GenerationConflict, and nothing written."""
         message = message[:LAST_ERROR_MAX]
-        if needs_reauth:  # the generation moves on: a later token is another one
-            kind = EventKind.NEEDS_REAUTH
-            reauth = AccountStatus.NEEDS_REAUTH.value
-            changes = f"status = '{reauth}', generation = generation + 1, {_CLEAR_MARKER}"
-        else:  # unanswered: the call's start stays (owner gone) for the next holder to see
-            kind = EventKind.REFRESH_FAILED
-            changes = _CLEAR_OWNER if unanswered else _CLEAR_MARKER
+        kind, changes = failure_changes(needs_reauth=needs_reauth, unanswered=unanswered)
         changed = _status_count(
             await conn.execute(
                 f"UPDATE accounts SET last_error = $1, updated_at = $2, {changes} "
@@ -940,7 +933,7 @@ class PostgresStore:
                 stored = await conn.fetchval(
                     "UPDATE accounts SET access_token = NULL, refresh_token = $1, "
                     "expires_at = 0, status = $2, generation = generation + 1, "
-                    f"last_error = NULL, updated_at = $3, {_CLEAR_MARKER} "
+                    f"last_error = NULL, updated_at = $3, {CLEAR_MARKER} "
                     "WHERE slug = $4 AND generation = $5 RETURNING generation",
                     sealed,
                     AccountStatus.ACTIVE.value,

@@ -61,6 +61,7 @@ from nbgateway.store.base import (
     ACCOUNT_FIELDS,
     AUDIT_FIELDS,
     AUDIT_PATH_MAX,
+    CLEAR_MARKER,
     CLIENT_FIELDS,
     EVENT_FIELDS,
     EVENTS_KEPT,
@@ -85,6 +86,7 @@ from nbgateway.store.base import (
     client_row,
     corrupt_rows,
     event_from_row,
+    failure_changes,
     holder_runs,
     lease_seconds,
     listed_info_from_row,
@@ -259,8 +261,6 @@ _ACCOUNT_COLUMNS = ", ".join(ACCOUNT_FIELDS)
 _INFO_COLUMNS = ", ".join(INFO_FIELDS)
 # A new row's generation: above the last one of a removed account of that slug.
 _FIRST_GENERATION = "COALESCE((SELECT generation FROM retired_generations WHERE slug = ?), 0) + 1"
-_CLEAR_LEASE = "refresh_owner = NULL, refresh_deadline = NULL, refresh_started_at = NULL"
-_CLEAR_OWNER = "refresh_owner = NULL, refresh_deadline = NULL"
 _CHANGE_POLL = 0.05
 
 
@@ -320,7 +320,7 @@ class _Lease:
         async with store._write() as conn:
             cur = await conn.execute(
                 "UPDATE accounts SET access_token = NULL, refresh_token = ?, expires_at = 0, "
-                f"generation = generation + 1, last_error = ?, updated_at = ?, {_CLEAR_LEASE} "
+                f"generation = generation + 1, last_error = ?, updated_at = ?, {CLEAR_MARKER} "
                 "WHERE slug = ? AND generation = ?",
                 (sealed, message[:LAST_ERROR_MAX], store._clock.now(), self.slug, self._generation),
             )
@@ -359,7 +359,7 @@ class _Lease:
             return
         async with self._store._write(durable=False) as conn:
             await conn.execute(
-                f"UPDATE accounts SET {_CLEAR_LEASE} WHERE slug = ? AND refresh_owner = ?",
+                f"UPDATE accounts SET {CLEAR_MARKER} WHERE slug = ? AND refresh_owner = ?",
                 (self.slug, self._owner),
             )
         self.released = True
@@ -826,14 +826,14 @@ class SQLiteStore:
                 "refresh_token = excluded.refresh_token, expires_at = excluded.expires_at, "
                 "scope = excluded.scope, status = excluded.status, "
                 "generation = accounts.generation + 1, last_refresh_at = excluded.last_refresh_at, "
-                f"last_error = NULL, updated_at = excluded.updated_at, {_CLEAR_LEASE}",
+                f"last_error = NULL, updated_at = excluded.updated_at, {CLEAR_MARKER}",
                 (slug, *values, slug, now, now, now),
             )
         else:
             cur = await conn.execute(
                 "UPDATE accounts SET access_token = ?, refresh_token = ?, expires_at = ?, "
                 "scope = ?, status = ?, generation = generation + 1, last_refresh_at = ?, "
-                f"last_error = NULL, updated_at = ?, {_CLEAR_LEASE} "
+                f"last_error = NULL, updated_at = ?, {CLEAR_MARKER} "
                 "WHERE slug = ? AND generation = ?",
                 (*values, now, now, slug, expect_generation),
             )
@@ -860,13 +860,7 @@ class SQLiteStore:
         token refused, or a call that failed, after a re-connect or an import stored another
         one says nothing of the new one): GenerationConflict, and nothing written."""
         message = message[:LAST_ERROR_MAX]
-        if needs_reauth:  # the generation moves on: a later token is another one
-            kind = EventKind.NEEDS_REAUTH
-            reauth = AccountStatus.NEEDS_REAUTH.value
-            changes = f"status = '{reauth}', generation = generation + 1, {_CLEAR_LEASE}"
-        else:  # unanswered: the call's start stays (owner gone) for the next holder to see
-            kind = EventKind.REFRESH_FAILED
-            changes = _CLEAR_OWNER if unanswered else _CLEAR_LEASE
+        kind, changes = failure_changes(needs_reauth=needs_reauth, unanswered=unanswered)
         cur = await conn.execute(
             f"UPDATE accounts SET last_error = ?, updated_at = ?, {changes} "
             "WHERE slug = ? AND generation = ?",
@@ -975,7 +969,7 @@ class SQLiteStore:
                 cur = await conn.execute(
                     "UPDATE accounts SET access_token = NULL, refresh_token = ?, expires_at = 0, "
                     "status = ?, generation = generation + 1, last_error = NULL, "
-                    f"updated_at = ?, {_CLEAR_LEASE} WHERE slug = ? AND generation = ? "
+                    f"updated_at = ?, {CLEAR_MARKER} WHERE slug = ? AND generation = ? "
                     "RETURNING generation",
                     (sealed, AccountStatus.ACTIVE.value, now, slug, replaces),
                 )
