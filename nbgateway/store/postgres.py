@@ -13,9 +13,10 @@ Refresh coordination is a session-level advisory lock keyed by the account
 for the whole token call: PostgreSQL queues the waiters (no polling) and releases the lock
 by itself if the holder's process or connection dies. The lock's writes commit at once on
 that connection, so a write under the lock can only succeed while the session, and with it
-the lock, is alive; `save_tokens` under it is also a compare-and-set on the generation read
-when the lock was taken. The in-flight marker columns are the same as SQLite's; a marker found
-when the lock is taken was left by a holder that died.
+the lock, is alive; each write under it is also a compare-and-set on the generation read
+when the lock was taken (a row removed and connected again meanwhile is another row). The
+in-flight marker columns are the same as SQLite's; a marker found when the lock is taken
+was left by a holder that died.
 
 Every change to an account (and its events) sends `NOTIFY nbgateway_changes, '<slug>'` in
 its transaction, and adding or removing a client key sends one too; one listening
