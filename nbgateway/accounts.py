@@ -191,7 +191,14 @@ class AccountService:
                 await self._tokens.first_exchange(slug)
             else:
                 await self._tokens.refresh_now(slug)
-        except AccountChanged:
+        except AccountChanged as exc:
+            if exc.taken_over:
+                raise AuthorizationFailed(
+                    "invalid",
+                    f"the exchange of {slug!r}'s token outlasted its lease and a gateway "
+                    "process took it over; it carries on there: see `nbgateway accounts list`",
+                    slug,
+                ) from None
             raise AuthorizationFailed(
                 "invalid",
                 f"{slug!r} was connected or imported elsewhere (or removed) while this import "

@@ -139,8 +139,12 @@ class TokenUnavailable(NBGatewayError):
 
 class AccountChanged(TokenUnavailable):
     """A refresh's result was not kept: an admin re-connected, imported or removed the
-    account while it ran, and what they stored stays. (On SQLite also a refresh whose lease
-    lapsed, the process stalled, and another process took the account over.)"""
+    account while it ran, and what they stored stays; or (`taken_over`, SQLite) the refresh
+    outlasted its lease while the process stalled, and another process took it over."""
+
+    def __init__(self, slug: str, message: str, *, taken_over: bool = False) -> None:
+        super().__init__(slug, message)
+        self.taken_over = taken_over
 
 
 class ReauthorizationRequired(TokenUnavailable):
@@ -281,6 +285,12 @@ def token_error(slug: str, exc: NBGatewayError, connect_url: str) -> GatewayErro
         return TokenRefreshFailed(
             f"the access token of {slug!r} could not be refreshed; retry in {retry} s",
             headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, AccountChanged) and exc.taken_over:
+        return TokenRefreshFailed(
+            f"the refresh of {slug!r} took longer than its lease and another gateway process "
+            "took it over: retry",
+            headers={"Retry-After": "1"},
         )
     if isinstance(exc, AccountChanged):
         return TokenRefreshFailed(

@@ -42,7 +42,7 @@ from nbgateway.metrics import Metrics
 from nbgateway.models import Account, AccountInfo, AccountStatus, RefreshOutcome, TokenSet
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
-from nbgateway.store import AccountLock, GenerationConflict, TokenStore
+from nbgateway.store import AccountLock, GenerationConflict, LeaseLost, TokenStore
 
 log = logging.getLogger("nbgateway.tokens")
 
@@ -134,7 +134,13 @@ def _answer_lost(exc: OAuthError) -> bool:
     return exc.outcome is RefreshOutcome.SERVER_ERROR and not refused
 
 
-def _changed_meanwhile(slug: str) -> AccountChanged:
+def _changed_meanwhile(slug: str, exc: GenerationConflict | None = None) -> AccountChanged:
+    if isinstance(exc, LeaseLost):
+        log.warning(
+            "this refresh outlasted its lease and another process took it over",
+            extra={"account": slug},
+        )
+        return AccountChanged(slug, f"{exc}; retry", taken_over=True)
     log.warning("account changed during the refresh", extra={"account": slug})
     return AccountChanged(slug, f"account {slug!r} changed during the refresh; retry")
 
@@ -553,8 +559,10 @@ class TokenManager:
                 # NationBuilder answers, the next start knows the refresh token may be spent.
                 try:
                     await locked.begin_refresh()
-                except GenerationConflict:  # another row's token: not this refresh's to send
-                    raise _changed_meanwhile(slug) from None
+                except (
+                    GenerationConflict
+                ) as conflict:  # another row's token: not this refresh's to send
+                    raise _changed_meanwhile(slug, conflict) from None
                 try:
                     tokens = await self._call_token_endpoint(slug, account.refresh_token)
                 except OAuthError as exc:
@@ -586,8 +594,8 @@ class TokenManager:
                         # says nothing of.
                         try:
                             await locked.record_failure(str(exc), unanswered=lost)
-                        except GenerationConflict:
-                            raise _changed_meanwhile(slug) from None
+                        except GenerationConflict as conflict:
+                            raise _changed_meanwhile(slug, conflict) from None
                 else:
                     self._unanswered.pop(slug, None)
                     saved = await self._save_rotated(locked, account, tokens)
@@ -655,8 +663,8 @@ class TokenManager:
         re-connect or an import stored another token: the refused one was not it)."""
         try:
             await locked.mark_needs_reauth(reason)
-        except GenerationConflict:
-            raise _changed_meanwhile(locked.slug) from None
+        except GenerationConflict as conflict:
+            raise _changed_meanwhile(locked.slug, conflict) from None
 
     async def _keep_rotated(self, locked: AccountLock, account: Account, exc: OAuthError) -> None:
         """The answer was refused but NationBuilder rotated: store its refresh token first."""

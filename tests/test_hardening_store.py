@@ -840,6 +840,53 @@ class TestAdminsAtTheSameTime:
         )
         assert len(fake_nb.token_requests) == calls  # the new pair is fresh: no token call
 
+    @pytest.mark.parametrize("failure", ["server_error", "invalid_grant"])
+    async def test_a_stalled_refresh_taken_over_elsewhere_leaves_the_new_holders_refresh(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        failure: str,
+    ) -> None:
+        """A gateway on another host whose token call outlasts its lease (the process
+        stalled) has its refresh taken over by a second gateway. When the stalled call then
+        fails (a 502, or the token refused), nothing of it is stored: the stalled side is
+        told its refresh was taken over (503, Retry-After 1), not that the account changed
+        or needs re-authorization; the second gateway's lease and marker stay as they were,
+        and both gateways serve afterwards."""
+        with monkeypatch.context() as patched:
+            patched.setattr("nbgateway.store.sqlite.owner_id", lambda: "elsewhere.example/1/2.3/ab")
+            stalled = await gateway_factory()
+        other = await gateway_factory()
+        await connect_account(other, "acme")
+        fake_nb.hold_tokens()
+        late = asyncio.create_task(
+            stalled.client.post("/connect/api/accounts/acme/refresh", headers=AUTH)
+        )
+        await fake_nb.wait_for_pending_tokens(1)
+        clock.advance(other.store.lease + 1)  # type: ignore[attr-defined]
+        async with other.store.refresh_lock("acme") as taken:
+            await taken.begin_refresh()
+            [before] = await other.store.list_accounts()
+            fake_nb.fail_token(failure)
+            fake_nb.release_tokens()
+            answer = await late
+            assert answer.status == 503, await answer.text()
+            assert answer.headers["X-NBGW-Error"] == "token_refresh_failed"
+            assert answer.headers["Retry-After"] == "1"
+            assert "another gateway process took it over" in await answer.text()
+            [during] = await other.store.list_accounts()
+            assert during == before  # the taken-over lease and its marker, untouched
+            assert during.status is AccountStatus.ACTIVE and during.last_error is None
+        [info] = await other.store.list_accounts()
+        assert info.status is AccountStatus.ACTIVE and info.refresh_started_at is None
+        await stalled.tokens.sync(force=True)
+        for gateway in (stalled, other):
+            resp = await gateway.client.get("/n/acme" + ME)
+            assert resp.status == 200, await resp.text()
+
     @pytest.mark.parametrize("accepted", [False, True], ids=["refused", "accepted"])
     async def test_an_import_while_the_nation_is_connected_says_so_and_keeps_the_connection(
         self,

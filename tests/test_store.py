@@ -30,9 +30,9 @@ from nbgateway.errors import (
     StoreError,
     StoreUnavailable,
 )
-from nbgateway.models import EventKind, TokenSet
+from nbgateway.models import AccountStatus, EventKind, TokenSet
 from nbgateway.redact import Secret
-from nbgateway.store import SCHEMA_VERSION, SQLiteStore
+from nbgateway.store import SCHEMA_VERSION, GenerationConflict, LeaseLost, SQLiteStore
 
 STATE_TTL = 600.0
 
@@ -284,6 +284,72 @@ class TestRefreshLock:
                 else:
                     with pytest.raises(TimeoutError):
                         await asyncio.wait_for(claim_in_b(), 0.3)
+
+    @pytest.mark.parametrize("refused", [False, True], ids=["call-failed", "token-refused"])
+    async def test_a_late_failure_leaves_the_lease_of_the_process_that_took_it_over(
+        self,
+        db_path: Path,
+        clock: FakeClock,
+        key: str,
+        monkeypatch: pytest.MonkeyPatch,
+        refused: bool,
+    ) -> None:
+        """A holder on another host that stalled past its deadline, its lease taken over,
+        stores nothing when it reports its failure at last (LeaseLost): the new holder's
+        lease and marker stay, the row keeps its status, no failure event is written, and
+        the new holder's result lands. Its late begin_refresh is refused the same way."""
+        await create_database(db_path, clock, key)
+        monkeypatch.setattr("nbgateway.store.sqlite.owner_id", lambda: "elsewhere.example/1/2.3/ab")
+        a = make_store(db_path, clock, key)
+        monkeypatch.undo()
+        async with a, make_store(db_path, clock, key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked_a:
+                await locked_a.begin_refresh()
+                clock.advance(b.lease + 1)
+                async with b.refresh_lock("acme") as locked_b:
+                    assert locked_b.interrupted_at is not None
+                    await locked_b.begin_refresh()
+                    [lease_b] = raw_query(
+                        db_path, "SELECT refresh_owner, refresh_started_at FROM accounts"
+                    )
+                    assert lease_b[0] is not None and lease_b[1] is not None
+                    with pytest.raises(LeaseLost):
+                        if refused:
+                            await locked_a.mark_needs_reauth("refused: invalid_grant")
+                        else:
+                            await locked_a.record_failure("timed out", unanswered=True)
+                    with pytest.raises(LeaseLost):
+                        await locked_a.begin_refresh()
+                    [now_b] = raw_query(
+                        db_path, "SELECT refresh_owner, refresh_started_at FROM accounts"
+                    )
+                    assert tuple(now_b) == tuple(lease_b)
+                    await locked_b.save_tokens(token_set(clock, "2"))
+            account = await b.get_account("acme")
+            assert account is not None
+            assert account.status is AccountStatus.ACTIVE
+            assert account.access_token == token_set(clock, "2").access_token
+            kinds = [event.kind for event in await b.events("acme")]
+            assert EventKind.REFRESH_FAILED not in kinds
+            assert EventKind.NEEDS_REAUTH not in kinds
+            [(owner,)] = raw_query(db_path, "SELECT refresh_owner FROM accounts")
+            assert owner is None
+
+    async def test_a_write_after_a_reconnect_is_a_conflict_not_a_lost_lease(
+        self, db_path: Path, clock: FakeClock, key: str
+    ) -> None:
+        """A failure reported for a row that was connected again meanwhile is a plain
+        GenerationConflict (what the error says: the account changed), not LeaseLost."""
+        await create_database(db_path, clock, key)
+        async with make_store(db_path, clock, key) as store:
+            await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with store.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                await store.save_tokens("acme", token_set(clock, "2"), EventKind.CONNECTED)
+                with pytest.raises(GenerationConflict) as info:
+                    await locked.record_failure("timed out")
+                assert not isinstance(info.value, LeaseLost)
 
 
 class TestEncryptionAtRest:

@@ -35,10 +35,14 @@ Refresh coordination, as every backend must provide it:
   `mark_needs_reauth` are a compare-and-set on the generation the account had when the
   lock was taken: if another writer (a re-connect by an admin, an import, a removal)
   changed it meanwhile, they raise `GenerationConflict` and store nothing (and a refresh
-  stopped at `begin_refresh` sends no token of a row it does not hold; on SQLite
-  `begin_refresh` raises it too when the lease lapsed and another process took it
-  over). A row stored after a removal starts above the removed row's generation, so
-  nothing meant for the removed row lands on it.
+  stopped at `begin_refresh` sends no token of a row it does not hold). On SQLite,
+  `begin_refresh`, `record_failure` and `mark_needs_reauth` raise `LeaseLost`, a
+  GenerationConflict, when the lease lapsed and another process took it over: a stalled
+  holder's late failure says nothing of the new holder's refresh and leaves its lease be
+  (as on PostgreSQL, where the lost lock's writes fail with its session); its late
+  `save_tokens` still lands, the rotated pair being the only one NationBuilder honours.
+  A row stored after a removal starts above the removed row's generation, so nothing
+  meant for the removed row lands on it.
 - `import_refresh_token` is one too: it stores a new row only where none is (`replaces`
   None), or replaces the row of generation `replaces`; it returns the row's generation.
   `remove_account(..., generation=g)` removes the row only while it is that generation.
@@ -169,6 +173,13 @@ class ClientExists(StoreError):
 
 class GenerationConflict(StoreError):
     """The account changed (another writer) since the refresh lock read it; nothing stored."""
+
+
+class LeaseLost(GenerationConflict):
+    """The refresh lock was lost and another process holds (or held) the account's refresh
+    since; nothing stored. On SQLite the lease lives in the row: a holder that stalled past
+    its deadline finds it taken over. (On PostgreSQL the lock is its session's, whose writes
+    fail with it.)"""
 
 
 def _pid_namespace() -> str:

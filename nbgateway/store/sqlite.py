@@ -16,9 +16,10 @@ never waits for another. The lease outlives the bounded token call (`lease_secon
 lease whose holder died is taken over after its deadline, or at once when the holder was a
 process of this host (and PID namespace) that no longer runs. A holder of this host that
 still runs but let its lease lapse during a refresh (it could not store the result: the
-rotated pair may exist only in its memory) is waited for, not replaced. A process waiting for a
-lease held elsewhere watches `PRAGMA data_version` (the change counter) rather than the
-lock, re-checking at least once a second.
+rotated pair may exist only in its memory) is waited for, not replaced. A holder whose lease
+was taken over stores no failure (`LeaseLost`): the new holder's lease and marker stay. A
+process waiting for a lease held elsewhere watches `PRAGMA data_version` (the change
+counter) rather than the lock, re-checking at least once a second.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 import aiosqlite
 
@@ -76,6 +77,7 @@ from nbgateway.store.base import (
     STATES_KEPT,
     ClientExists,
     GenerationConflict,
+    LeaseLost,
     PendingAuthorization,
     RotationReport,
     Sealer,
@@ -301,8 +303,8 @@ class _Lease:
             )
             changed = cur.rowcount
             await cur.close()
-        if changed == 0:  # replaced (or the lease taken over) since the lease was granted
-            raise GenerationConflict(f"account {self.slug!r} changed during the refresh")
+            if changed == 0:  # replaced, or the lease taken over, since it was granted
+                await store._lease_conflict(conn, self.slug, self._generation)
 
     async def save_tokens(self, tokens: TokenSet) -> Account:
         store = self._store
@@ -344,13 +346,19 @@ class _Lease:
                 needs_reauth=False,
                 unanswered=unanswered,
                 generation=self._generation,
+                owner=self._owner,
             )
         self.released = True
 
     async def mark_needs_reauth(self, message: str) -> None:
         async with self._store._write() as conn:
             await self._store._write_failure(
-                conn, self.slug, message, needs_reauth=True, generation=self._generation
+                conn,
+                self.slug,
+                message,
+                needs_reauth=True,
+                generation=self._generation,
+                owner=self._owner,
             )
         self.released = True
 
@@ -854,23 +862,41 @@ class SQLiteStore:
         *,
         needs_reauth: bool,
         generation: int,
+        owner: str,
         unanswered: bool = False,
     ) -> None:
         """A refresh's failure, as a compare-and-set on `generation` as `save_tokens` is (a
         token refused, or a call that failed, after a re-connect or an import stored another
-        one says nothing of the new one): GenerationConflict, and nothing written."""
+        one says nothing of the new one) and on the lease being `owner`'s still (another
+        process that took a lapsed lease over is refreshing, or has refreshed, on its own
+        account): GenerationConflict or LeaseLost, and nothing written."""
         message = message[:LAST_ERROR_MAX]
         kind, changes = failure_changes(needs_reauth=needs_reauth, unanswered=unanswered)
         cur = await conn.execute(
             f"UPDATE accounts SET last_error = ?, updated_at = ?, {changes} "
-            "WHERE slug = ? AND generation = ?",
-            (message, self._clock.now(), slug, generation),
+            "WHERE slug = ? AND generation = ? AND refresh_owner = ?",
+            (message, self._clock.now(), slug, generation, owner),
         )
         changed = cur.rowcount
         await cur.close()
         if changed == 0:
-            raise GenerationConflict(f"account {slug!r} changed during the refresh")
+            await self._lease_conflict(conn, slug, generation)
         await self._insert_event(conn, slug, kind, message)
+
+    async def _lease_conflict(
+        self, conn: aiosqlite.Connection, slug: str, generation: int
+    ) -> NoReturn:
+        """Raise why a write under the lease matched no row: LeaseLost when the row is still
+        of `generation` (another process took the lapsed lease over), else
+        GenerationConflict (re-connected, imported or removed meanwhile)."""
+        current = await self._scalar(
+            conn, "SELECT generation FROM accounts WHERE slug = ?", (slug,)
+        )
+        if current is not None and int(current) == generation:
+            raise LeaseLost(
+                f"the refresh lease of account {slug!r} lapsed and another process took it over"
+            )
+        raise GenerationConflict(f"account {slug!r} changed during the refresh")
 
     async def _claim(self, slug: str) -> _Lease:
         """Take the account's refresh lease, waiting while a live holder elsewhere has it."""
