@@ -132,6 +132,12 @@ async def _store_problems(settings: Settings, redactor: Redactor, report: Report
         async with store_for(
             settings, SystemClock(), redactor, busy_timeout=CHECK_BUSY_TIMEOUT, migrate=False
         ) as store:
+            if store.pending_version == 0:
+                report.notes.append(
+                    f"database: {store.description} is empty; it is set up on first start "
+                    "(nothing was created now)"
+                )
+                return []
             await store.ping()
             # Reading is not enough: a database another process holds locked, a full disk
             # or a read-only server fails every write serve would make.

@@ -155,6 +155,10 @@ class Backend:
     async def schema_version(self) -> int:
         raise NotImplementedError
 
+    async def table_names(self) -> list[str]:
+        """The tables the database holds (none for an empty one, or no SQLite file)."""
+        raise NotImplementedError
+
     async def set_schema_version(self, version: int) -> None:
         """Mark the database as migrated to `version`, as that release would."""
         raise NotImplementedError
@@ -229,6 +233,12 @@ class SQLiteBackend(Backend):
 
     async def schema_version(self) -> int:
         return int(self._query("PRAGMA user_version")[0][0])
+
+    async def table_names(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        rows = self._query("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        return [row[0] for row in rows]
 
     async def set_schema_version(self, version: int) -> None:
         self._query(f"PRAGMA user_version = {version}")
@@ -331,6 +341,12 @@ class PostgresBackend(Backend):
     async def schema_version(self) -> int:
         [row] = await self._fetch("SELECT version FROM schema_version")
         return int(row[0])
+
+    async def table_names(self) -> list[str]:
+        rows = await self._fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename"
+        )
+        return [row[0] for row in rows]
 
     async def set_schema_version(self, version: int) -> None:
         await self._fetch("UPDATE schema_version SET version = $1", version)
@@ -1649,6 +1665,24 @@ class TestMigration:
         async with backend.make(key) as store:
             assert store.pending_version is None
         assert await backend.schema_version() > previous
+
+    async def test_opened_without_migrating_an_empty_database_stays_empty(
+        self, backend: Backend, key: str
+    ) -> None:
+        """`nbgateway check` before any gateway started on the database: it creates
+        nothing (no table; on SQLite no file), says the database is empty
+        (`pending_version` 0), and the next ordinary open sets it up."""
+        empty = backend.fresh()
+        async with empty.make(key, migrate=False) as store:
+            assert store.pending_version == 0
+        assert await empty.table_names() == []
+        async with empty.make(key) as store:
+            assert store.pending_version is None
+            await store.ping()
+            await store.check_writable()
+            assert await store.list_accounts() == []
+        assert "accounts" in await empty.table_names()
+        assert await empty.schema_version() == empty.current_version
 
     async def test_a_look_before_a_migration_keeps_the_migrated_version(
         self, backend: Backend, key: str

@@ -46,6 +46,7 @@ from procs import (
     start_fake,
     wait_until,
 )
+from store_contract import PostgresBackend, SQLiteBackend
 
 from nbgateway import cli
 from nbgateway.cli import main
@@ -274,6 +275,37 @@ class TestCheck:
             "callback: https://ops.example.org/nbgw/connect/callback (the app's redirect URI)"
             in result.out
         )
+
+    @pytest.mark.parametrize("settings", ["complete", "client-id-missing"])
+    def test_check_on_an_empty_database_creates_nothing(
+        self,
+        any_database: Path | str,
+        capsys: pytest.CaptureFixture[str],
+        settings: str,
+    ) -> None:
+        """check before the first serve, on either backend, with the settings sound or not
+        (exit 2): the database is left as it was (no table, no SQLite file), and a sound
+        set-up is told it is set up on first start; serve then sets it up."""
+        env = gateway_env(any_database, "cli-admin-token-0123456789")
+        if settings == "client-id-missing":
+            del env["NBGW_CLIENT_ID"]
+        backend = (
+            SQLiteBackend(FakeClock(), any_database)
+            if isinstance(any_database, Path)
+            else PostgresBackend(FakeClock(), None, any_database)  # type: ignore[arg-type]
+        )
+        result = run(["check"], env, capsys)
+        assert asyncio.run(backend.table_names()) == []
+        if isinstance(any_database, Path):
+            assert not any_database.exists()
+        if settings == "complete":
+            assert result.code == 0, result.err
+            assert "on first start" in result.out  # "does not exist yet" / "is empty"
+        else:
+            assert result.code == 2
+            assert "NBGW_CLIENT_ID" in result.err
+        asyncio.run(create_database(env))
+        assert "accounts" in asyncio.run(backend.table_names())
 
     def test_a_database_of_the_previous_release_is_not_migrated_by_check(
         self, env: dict[str, str], capsys: pytest.CaptureFixture[str]

@@ -84,7 +84,8 @@ def make_store(
 ) -> TokenStore:
     """The store for `database` (not yet opened: use `async with`). `busy_timeout`: how
     long a SQLite statement waits for another process's lock (its default if None).
-    `migrate=False`: an older schema is left as it is (`pending_version` says which)."""
+    `migrate=False`: an older schema is left as it is (`pending_version` says which), and
+    an empty database stays empty (`pending_version` 0)."""
     if is_postgres_url(database):
         from nbgateway.store.postgres import PostgresStore
 

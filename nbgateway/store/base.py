@@ -674,7 +674,8 @@ class TokenStore(Protocol):
         """Where the data lives, for messages (a path, or a URL without its password)."""
         ...
 
-    # Opened with migrate=False: the older schema version found (left as it is), else None.
+    # Opened with migrate=False: the older schema version found (left as it is; 0 for an
+    # empty database, where nothing is created), else None.
     pending_version: int | None
 
     async def open(self) -> None: ...

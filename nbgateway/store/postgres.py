@@ -387,6 +387,10 @@ class _AdvisoryLock:
         self.marker_set = False
 
 
+class _TriedOnly(Exception):
+    """Rolls back the schema `nbgateway check` made only to see that it could."""
+
+
 class PostgresStore:
     """The PostgreSQL implementation of `TokenStore`. Use as an async context manager."""
 
@@ -559,15 +563,30 @@ class PostgresStore:
                 return
             if version > 0 and not self._migrate_on_open:
                 # Looked at only (`nbgateway check`): a migrated database could no longer be
-                # opened by the release that made it. (An empty one has no such release.)
+                # opened by the release that made it.
                 self.pending_version = version
                 return
-            if not exists:
-                await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
-            for target in range(version, SCHEMA_VERSION):
-                await conn.execute(MIGRATIONS[target])
-            await conn.execute("DELETE FROM schema_version")
-            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)
+            if self._migrate_on_open:
+                await self._create_schema(conn, exists, version)
+                return
+            # Empty, and looked at only: the tables are made and dropped again (a savepoint
+            # rolled back), which shows that `serve` may create them, and leaves nothing.
+            self.pending_version = 0
+            try:
+                async with conn.transaction():
+                    await self._create_schema(conn, exists, version)
+                    raise _TriedOnly
+            except _TriedOnly:
+                pass
+
+    @staticmethod
+    async def _create_schema(conn: Conn, exists: bool, version: int) -> None:
+        if not exists:
+            await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        for target in range(version, SCHEMA_VERSION):
+            await conn.execute(MIGRATIONS[target])
+        await conn.execute("DELETE FROM schema_version")
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)
 
     async def _check_key_ids(self, conn: Conn) -> None:
         """Refuse to run when a stored value was sealed by a key we do not have."""

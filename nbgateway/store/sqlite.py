@@ -472,6 +472,10 @@ class SQLiteStore:
             raise StoreError(
                 f"directory {self.path.parent} of the database {self.path} does not exist"
             )
+        if not self._migrate_on_open and holds_no_database(self.path):
+            # Looked at only, and nothing to look at: no file is made (`serve` makes it).
+            self.pending_version = 0
+            return
         _create_private(self.path)
         conn = await self._connect()
         try:
@@ -480,9 +484,9 @@ class SQLiteStore:
                 raise self._newer(version)
             if version > 0:
                 await self._check_key_ids(conn)
-            if 0 < version < SCHEMA_VERSION and not self._migrate_on_open:
+            if version < SCHEMA_VERSION and not self._migrate_on_open:
                 # Looked at only (`nbgateway check`): a migrated file could no longer be
-                # opened by the release that made it. (An empty one has no such release.)
+                # opened by the release that made it, and an empty one is set up by `serve`.
                 self.pending_version = version
             else:
                 await self._use_wal(conn)
