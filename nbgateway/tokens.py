@@ -559,9 +559,14 @@ class TokenManager:
                 # NationBuilder answers, the next start knows the refresh token may be spent.
                 try:
                     await locked.begin_refresh()
-                except (
-                    GenerationConflict
-                ) as conflict:  # another row's token: not this refresh's to send
+                except GenerationConflict as conflict:
+                    # Another row's token, not this refresh's to send. A re-connect or an
+                    # import that stored a usable pair meanwhile is served as it is (not
+                    # to an import's own exchange, which it is not the outcome of).
+                    if not isinstance(conflict, LeaseLost) and slug not in self._trying:
+                        current = await locked.read()
+                        if self._usable(current, 0.0):
+                            return self._issue(current)
                     raise _changed_meanwhile(slug, conflict) from None
                 try:
                     tokens = await self._call_token_endpoint(slug, account.refresh_token)

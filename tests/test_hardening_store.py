@@ -840,6 +840,51 @@ class TestAdminsAtTheSameTime:
         )
         assert len(fake_nb.token_requests) == calls  # the new pair is fresh: no token call
 
+    async def test_a_reconnect_just_before_the_token_call_is_served_not_refused(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        any_database: Path | str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A request on an expired token takes the refresh lock; before its token call an
+        admin connects the nation again on another gateway. The refresh sends no token
+        (the stored one is another row's), and the request is served with the admin's new
+        pair, not told to retry."""
+        here = await gateway_factory(database=any_database)
+        elsewhere = await gateway_factory(database=any_database)
+        await connect_account(here, "acme")
+        clock.advance(2 * 86400)  # expired
+        original = here.store.refresh_lock
+        fresh: dict[str, Any] = {}
+
+        @contextlib.asynccontextmanager
+        async def refresh_lock(slug: str) -> AsyncIterator[Any]:
+            async with original(slug) as locked:
+                begin = locked.begin_refresh
+
+                async def connected_meanwhile() -> None:
+                    fresh.update(await connect_account(elsewhere, slug))
+                    await begin()
+
+                locked.begin_refresh = connected_meanwhile  # type: ignore[method-assign]
+                yield locked
+
+        monkeypatch.setattr(here.store, "refresh_lock", refresh_lock)
+        resp = await here.client.get("/n/acme" + ME)
+        assert resp.status == 200, await resp.text()
+        assert fresh, "the re-connect ran"
+        sent = fake_nb.api_requests[-1].headers["Authorization"]
+        assert sent == f"Bearer {fresh['access_token']}"
+        # No refresh, with the replaced token or any other.
+        grants = [r.params().get("grant_type") for r in fake_nb.token_requests]
+        assert "refresh_token" not in grants
+        account = await here.store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        assert account.refresh_token == Secret(fresh["refresh_token"])
+
     @pytest.mark.parametrize("failure", ["server_error", "invalid_grant"])
     async def test_a_stalled_refresh_taken_over_elsewhere_leaves_the_new_holders_refresh(
         self,
