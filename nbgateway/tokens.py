@@ -179,6 +179,9 @@ class TokenManager:
         self._accounts: set[str] = set()
         self._store_retry_at = float("-inf")  # monotonic; see STORE_RETRY
         self._unpersisted: dict[str, _Unpersisted] = {}
+        # Per account: one attempt at a time to store its held pair (`_persist`).
+        self._persisting: dict[str, asyncio.Lock] = {}
+        self._closing = False  # `close` began: no new token call is started
         # Per account: the refresh token last sent without a usable answer, and when.
         self._unanswered: dict[str, tuple[Secret, float]] = {}
         # Per account: the generation the last refresh after a 401 made (or last refused
@@ -301,6 +304,9 @@ class TokenManager:
         self._after_401.pop(slug, None)
         self._needs_reauth.discard(slug)
         self._reauth_hints.pop(slug, None)
+        pending = self._unpersisted.get(slug)
+        if pending is not None:  # the next request looks at the row again before using it
+            pending.next_attempt = 0.0
 
     async def _reauthorized_elsewhere(self, slug: str) -> bool:
         """Whether an account held here as needing re-authorization was reconnected (or
@@ -476,7 +482,7 @@ class TokenManager:
         return None
 
     async def _obtain(self, slug: str, force: bool, stale_generation: int | None) -> IssuedToken:
-        if slug in self._unpersisted:
+        while slug in self._unpersisted:  # another held pair may replace one stored meanwhile
             issued = await self._from_unpersisted(slug, force)
             if issued is not None:
                 return issued
@@ -555,6 +561,7 @@ class TokenManager:
                         "a refresh was in flight when a gateway process stopped; refreshing now",
                         extra={"account": slug},
                     )
+                self._refuse_when_closing(slug)
                 # Durably note the call before making it: if this process dies while
                 # NationBuilder answers, the next start knows the refresh token may be spent.
                 try:
@@ -652,15 +659,34 @@ class TokenManager:
         """Commit a fresh pair. None when the store refused it: the pair is kept in memory."""
         try:
             return await locked.save_tokens(tokens)
-        except GenerationConflict:
-            # An admin re-connected meanwhile: their pair wins, ours is dropped unused.
-            raise _changed_meanwhile(locked.slug) from None
+        except GenerationConflict as conflict:
+            await self._unless_replaced(locked, account, conflict)
+            held = _Unpersisted(tokens.refresh_token, tokens, account.refresh_token, str(conflict))
+            self._hold(locked.slug, held)
+            return None
         except StoreError as exc:
+            locked.keep()  # the stored refresh token is spent: others wait for this pair
             self._hold(
                 locked.slug,
                 _Unpersisted(tokens.refresh_token, tokens, account.refresh_token, str(exc)),
             )
             return None
+
+    async def _unless_replaced(
+        self, locked: AccountLock, account: Account, conflict: GenerationConflict
+    ) -> None:
+        """After a conflict on storing what NationBuilder issued: raise AccountChanged when
+        an admin replaced (or removed) the row meanwhile, whose pair wins and ours is
+        dropped unused. Return when the row still holds the refresh token this refresh
+        consumed and only its status moved (another process that took a lapsed lease over
+        was refused that spent token and marked the account): the new pair is held and
+        stored over it (`_persist`)."""
+        try:
+            current = await locked.read()
+        except AccountNotFound:
+            raise _changed_meanwhile(locked.slug, conflict) from None
+        if current.refresh_token != account.refresh_token:
+            raise _changed_meanwhile(locked.slug, conflict) from None
 
     @staticmethod
     async def _mark_needs_reauth(locked: AccountLock, reason: str) -> None:
@@ -676,11 +702,16 @@ class TokenManager:
         assert exc.rotated_refresh_token is not None
         try:
             await locked.save_refresh_token(exc.rotated_refresh_token, str(exc))
-        except GenerationConflict:
+        except GenerationConflict as conflict:
             # Removed or connected again meanwhile: the rotated token is the old row's, and
-            # neither held nor used for what is stored now.
-            raise _changed_meanwhile(locked.slug) from None
+            # neither held nor used for what is stored now. (Marked meanwhile only: held.)
+            await self._unless_replaced(locked, account, conflict)
+            self._hold(
+                locked.slug,
+                _Unpersisted(exc.rotated_refresh_token, None, account.refresh_token, str(exc)),
+            )
         except StoreError as store_exc:
+            locked.keep()
             self._hold(
                 locked.slug,
                 _Unpersisted(
@@ -716,7 +747,10 @@ class TokenManager:
         """Before the store and the HTTP session close: let the refreshes in flight finish
         (a background refresh whose caller was cancelled included; NationBuilder may have
         rotated already, so abandoning the call could lose the only working refresh token),
-        then try once more to store the pairs held in memory. Bounded by `grace` s."""
+        then try once more to store the pairs held in memory. Bounded by `grace` s. No
+        token call starts after this began (a refresh still waiting for another process's
+        lock gets a 503)."""
+        self._closing = True
         tasks = [task for task, _forced in self._inflight.values()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace  # real time: how long a stop may take
@@ -749,19 +783,23 @@ class TokenManager:
                 await self._persist(slug, pending)
 
     async def _persist(self, slug: str, pending: _Unpersisted) -> bool:
-        """Store a held pair if the account still holds the token it replaced."""
+        """Store a held pair if the account still holds the token it replaced. True once
+        `pending` is no longer held (stored, obsolete, or stored by another attempt)."""
+        async with self._persisting.setdefault(slug, asyncio.Lock()):
+            if self._unpersisted.get(slug) is not pending:
+                return True  # another attempt stored it meanwhile: look again
+            return await self._persist_held(slug, pending)
+
+    async def _persist_held(self, slug: str, pending: _Unpersisted) -> bool:
         try:
-            async with self._store.refresh_lock(slug) as locked:
-                current = await locked.read()
-                if current.refresh_token != pending.consumed:
-                    # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
-                    log.warning(
-                        "dropping a held token pair: the account changed", extra={"account": slug}
-                    )
-                elif pending.tokens is not None:
-                    await locked.save_tokens(pending.tokens)
-                else:
-                    await locked.save_refresh_token(pending.refresh_token, pending.message)
+            for attempt in (1, 2):  # a conflict (the row written meanwhile): read it again
+                try:
+                    async with self._store.refresh_lock(slug) as locked:
+                        await self._store_held(locked, pending)
+                    break
+                except GenerationConflict:
+                    if attempt == 2:
+                        raise
         except AccountNotFound:
             pass  # removed meanwhile: nothing to keep
         except StoreError as exc:
@@ -774,11 +812,30 @@ class TokenManager:
                 extra={"account": slug, "error": str(exc), "retry_in": delay},
             )
             return False
-        del self._unpersisted[slug]
+        if self._unpersisted.get(slug) is pending:
+            del self._unpersisted[slug]
         self._cache.pop(slug, None)
         self._metrics.unpersisted.labels(slug).set(0)
         log.info("stored the held token pair", extra={"account": slug})
         return True
+
+    @staticmethod
+    async def _store_held(locked: AccountLock, pending: _Unpersisted) -> None:
+        current = await locked.read()
+        if current.refresh_token != pending.consumed:
+            # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
+            log.warning(
+                "dropping a held token pair: the account changed", extra={"account": locked.slug}
+            )
+            return
+        try:
+            if pending.tokens is not None:
+                await locked.save_tokens(pending.tokens)
+            else:
+                await locked.save_refresh_token(pending.refresh_token, pending.message)
+        except StoreError:
+            locked.keep()  # still held here only: the marker stays for the other processes
+            raise
 
     async def _from_unpersisted(self, slug: str, force: bool) -> IssuedToken | None:
         """Serve (or refresh) from a held pair; None once it is stored (use the store again)."""
@@ -791,6 +848,7 @@ class TokenManager:
             return self._issue_unpersisted(slug)
         # Only this process holds the valid refresh token, so refreshing it needs no lock;
         # the consumed one is never sent again.
+        self._refuse_when_closing(slug)
         try:
             fresh = await self._call_token_endpoint(slug, pending.refresh_token)
         except OAuthError as exc:
@@ -808,6 +866,12 @@ class TokenManager:
         if await self._persist(slug, pending):
             return None
         return self._issue_unpersisted(slug)
+
+    def _refuse_when_closing(self, slug: str) -> None:
+        """No token call starts once `close` began: it would not be waited for, and an
+        answer cut off may cost the only working refresh token."""
+        if self._closing:
+            raise RefreshBackoff(slug, f"the gateway is stopping; {slug!r} is not refreshed", 1.0)
 
     def _held_due(self, pending: _Unpersisted, lead: float) -> bool:
         """Whether a held pair needs refreshing within `lead` seconds (as `_usable` judges a

@@ -29,6 +29,7 @@ from procs import clean_os_environ, gateway_env, run_command
 from test_admin_pages import Browser
 
 from nbgateway.clock import FakeClock
+from nbgateway.errors import StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus
 from nbgateway.oauth import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
@@ -645,3 +646,213 @@ class TestAbsurdLifetimes:
         for _ in range(20):
             assert await fetch(gateway) == 200
         assert len(refresh_tokens_sent(fake_nb)) == 1
+
+
+# ------------------------------------------------- a pair held in memory, and the others
+
+
+def lock_class(database: Path | str) -> Any:
+    """The backend's refresh-lock class (whose writes the tests below make fail)."""
+    from nbgateway.store import postgres as pg_store
+    from nbgateway.store import sqlite as sqlite_store
+
+    return pg_store._AdvisoryLock if isinstance(database, str) else sqlite_store._Lease
+
+
+class TestAPairHeldInMemory:
+    async def test_another_process_waits_for_the_held_pair_instead_of_spending_the_token(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        any_database: Path | str,
+    ) -> None:
+        """A's refresh cannot store its new pair (a write that failed once: the database
+        locked past the busy timeout, a statement timeout) and holds it in memory; the
+        stored refresh token is spent. B, another process, needing a token too, must not
+        send it (invalid_grant, needs-reauth, or with family revocation a dead account):
+        the marker stays while A runs, B waits, and adopts the pair A then stores."""
+        fake_nb.revoke_family_on_reuse = True
+        settings = settings_factory(database=any_database)
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        issued = await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        cls = lock_class(any_database)
+        original = cls.save_tokens
+        failed: list[bool] = []
+
+        async def save_tokens(self: Any, tokens: Any) -> Any:
+            if not failed and self._store is a.store:
+                failed.append(True)
+                raise StoreUnavailable("database gateway.db cannot be written: database is locked")
+            return await original(self, tokens)
+
+        monkeypatch.setattr(cls, "save_tokens", save_tokens)
+        clock.advance(LIFETIME)
+        assert await fetch(a) == 200
+        assert a.tokens.unpersisted == [SLUG]
+        [info] = await b.store.list_accounts()
+        assert info.refresh_started_at is not None  # the marker stayed
+        waiting = asyncio.create_task(fetch(b))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
+        await a.tokens.persist_pending(force=True)
+        assert a.tokens.unpersisted == []
+        assert await asyncio.wait_for(waiting, 30) == 200
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
+        [info] = await b.store.list_accounts()
+        assert info.status is AccountStatus.ACTIVE and info.refresh_started_at is None
+        assert bearer(fake_nb.api_requests[-1]) == bearer(fake_nb.api_requests[-2])
+
+    async def test_two_attempts_to_store_one_held_pair_take_turns(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The background retry and an admin's "Refresh now" both set out to store the
+        pair held in memory. They take turns: the second finds it stored and refreshes
+        the stored pair under the lock, so the newest pair NationBuilder issued is the one
+        stored and nothing raises (it was a 500 and a spent token stored)."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        cls = lock_class(Path())
+        original = cls.save_tokens
+        calls = 0
+        second_set_out, first_done = asyncio.Event(), asyncio.Event()
+
+        async def save_tokens(self: Any, tokens: Any) -> Any:
+            # The order that lost the pair: the retry's commit lands between the admin's
+            # read and its commit. (Taking turns, the admin's never starts meanwhile.)
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the refresh's own commit fails: the pair is held in memory
+                raise StoreUnavailable("database is full")
+            if calls == 2:  # the background retry: until the admin's attempt set out
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(second_set_out.wait(), 0.5)
+                try:
+                    return await original(self, tokens)
+                finally:
+                    first_done.set()
+            if calls == 3:
+                second_set_out.set()
+                await asyncio.wait_for(first_done.wait(), 5)
+            return await original(self, tokens)
+
+        monkeypatch.setattr(cls, "save_tokens", save_tokens)
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        clock.advance(2.0)
+        retry = asyncio.create_task(gw.tokens.persist_pending(force=True))
+        for _ in range(200):
+            if calls >= 2:
+                break
+            await asyncio.sleep(0.01)
+        admin = asyncio.create_task(gw.tokens.refresh_now(SLUG))
+        results = await asyncio.gather(retry, admin, return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert gw.tokens.unpersisted == []
+        # The stored refresh token is the live one: the next refresh with it succeeds.
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        account = await gw.store.get_account(SLUG)
+        assert account is not None and account.status is AccountStatus.ACTIVE
+
+    async def test_a_late_pair_lands_over_the_refusal_of_the_process_that_took_over(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A (on another host, as B sees it) sends the refresh token and stalls past its
+        lease; B takes the refresh over, sends the same token, is refused (NationBuilder
+        rotated it for A) and marks the account. A's pair, stored late, is the only live
+        one: it is kept (held, then stored over the refusal), not dropped as if an admin
+        had connected the nation again."""
+        from nbgateway.store import sqlite as sqlite_store
+
+        settings = settings_factory()
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        monkeypatch.setattr(sqlite_store, "holder_runs", lambda holder: None)
+        marked = asyncio.Event()
+        save, mark = sqlite_store._Lease.save_tokens, sqlite_store._Lease.mark_needs_reauth
+
+        async def save_tokens(self: Any, tokens: Any) -> Any:
+            if self._store is a.store:
+                await marked.wait()  # A stalled until B has marked the account
+            return await save(self, tokens)
+
+        async def mark_needs_reauth(self: Any, message: str) -> None:
+            await mark(self, message)
+            marked.set()
+
+        monkeypatch.setattr(sqlite_store._Lease, "save_tokens", save_tokens)
+        monkeypatch.setattr(sqlite_store._Lease, "mark_needs_reauth", mark_needs_reauth)
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        from_a = asyncio.create_task(fetch(a))
+        await fake_nb.wait_for_pending_tokens(1)
+        clock.advance(a.store.lease + 1)  # type: ignore[attr-defined]
+        from_b = asyncio.create_task(fetch(b))
+        await fake_nb.wait_for_pending_tokens(2)
+        fake_nb.release_tokens()  # A's call is answered first: B's meets invalid_grant
+        assert await from_a == 200
+        assert await from_b == 401  # what B saw then
+        assert a.tokens.unpersisted == [SLUG]  # held, not dropped
+        clock.advance(2.0)
+        await a.tokens.persist_pending()  # the background retry: over the refusal
+        assert a.tokens.unpersisted == []
+        account = await a.store.get_account(SLUG)
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        await b.tokens.sync(force=True)
+        assert await fetch(b) == 200
+        clock.advance(LIFETIME)
+        assert await fetch(b) == 200  # the stored refresh token is the live one
+
+    async def test_no_token_call_starts_once_the_gateway_is_stopping(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """A's refresh waits for B's lock when SIGTERM reaches A; B's call then fails. A,
+        stopping, does not make a token call of its own that its close would not wait for
+        (cut off, NationBuilder may have rotated): that request gets a 503 and the stored
+        refresh token stays the live one."""
+        settings = settings_factory()
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        clock.advance(LIFETIME)
+        fake_nb.hold_tokens()
+        from_b = asyncio.create_task(fetch(b))  # B holds the lock; its call is held
+        await fake_nb.wait_for_pending_tokens(1)
+        from_a = asyncio.create_task(fetch(a))  # A waits for B's lock
+        await asyncio.sleep(0.3)
+        closing = asyncio.create_task(a.tokens.close(1.0))
+        fake_nb.fail_token("server_error")
+        fake_nb.release_tokens()
+        await closing
+        assert await from_a == 503
+        assert await from_b == 503
+        assert len(refresh_tokens_sent(fake_nb)) == 1  # B's only
+        assert fake_nb.pending_token_requests == 0
+        clock.advance(10)
+        assert await fetch(b) == 200  # B's retry: the stored token was never spent

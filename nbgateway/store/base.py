@@ -642,6 +642,14 @@ class AccountLock(Protocol):
     async def save_refresh_token(self, refresh_token: Secret, message: str) -> Account: ...
     async def record_failure(self, message: str, *, unanswered: bool = False) -> None: ...
     async def mark_needs_reauth(self, message: str) -> None: ...
+    def keep(self) -> None:
+        """Leave the "refresh in flight" marker (and, on SQLite, the lease) in the row on
+        exit: this process holds a pair NationBuilder issued that could not be stored, so
+        the refresh token stored is spent. Every other process waits while this one runs
+        (a holder of this host that still runs, its marker set, is waited for; one
+        elsewhere until the deadline); this process's next lock on the account keeps the
+        marker until its result is stored."""
+        ...
 
 
 # How often `unsure_hint` moves: the pace of reloads while a backend cannot tell changes.

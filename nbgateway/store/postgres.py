@@ -377,6 +377,9 @@ class _AdvisoryLock:
         self._generation = generation
         self.marker_set = False
 
+    def keep(self) -> None:
+        self.marker_set = False  # not cleared on release: the marker stays
+
     async def clear_marker(self) -> None:
         """Drop a marker still set (ours after an exception, or a dead holder's)."""
         async with self._store._transaction(self._conn, self.slug) as conn:

@@ -362,6 +362,9 @@ class _Lease:
             )
         self.released = True
 
+    def keep(self) -> None:
+        self.released = True  # no release write: the lease and the marker stay
+
     async def release(self) -> None:
         if self.released:
             return
@@ -931,10 +934,13 @@ class SQLiteStore:
                 # replaced at once.
                 stuck_with_result = runs is True and row["refresh_started_at"] is not None
                 if holder is None or own or runs is False or (lapsed and not stuck_with_result):
+                    # A marker of this store's own stays: it was kept (`keep`) for a pair
+                    # this process holds and has yet to store.
+                    started = row["refresh_started_at"] if own else None
                     await conn.execute(
                         "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
-                        "refresh_started_at = NULL WHERE slug = ?",
-                        (owner, now + self.lease, slug),
+                        "refresh_started_at = ? WHERE slug = ?",
+                        (owner, now + self.lease, started, slug),
                     )
                     interrupted = (
                         row["refresh_started_at"] if holder is not None and not own else None
