@@ -4,15 +4,23 @@ Requests are built with Authlib's RFC 6749/7636 helpers and sent through the inj
 aiohttp session; expiry is computed from the injected clock. Every failure becomes an
 `OAuthError` with a `RefreshOutcome`. Token-endpoint bodies may echo secrets, so no body is
 ever logged or put into a message: only the HTTP status and the OAuth `error` code.
+
+The token call's bound (NBGW_TOKEN_TIMEOUT) counts the time this process ran, not the time a
+frozen process (SIGSTOP, a paused VM or container, heavy swapping) stood still: an answer
+that reached the socket while the process was frozen is read when it resumes, not thrown
+away by a timer that fired at the same moment. NationBuilder has rotated by then, so that
+answer is the account's only way forward (`bounded`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from authlib.common.security import generate_token
@@ -37,6 +45,37 @@ DEFAULT_LIFETIME = 86400.0
 # make every stored date unrenderable or every request a refresh.
 MIN_LIFETIME = 60.0
 MAX_LIFETIME = 30 * 86400.0
+# `bounded` looks at the time every STALL_TICK seconds; a look that comes more than
+# STALL_SLACK late means the process stood still, and the time beyond is not counted.
+STALL_TICK = 0.25
+STALL_SLACK = 0.5
+# No timeout of aiohttp's own on the token call: `bounded` is its bound.
+_UNBOUNDED = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None)
+
+T = TypeVar("T")
+
+
+async def bounded(call: Awaitable[T], limit: float) -> T:
+    """`call`'s result, or TimeoutError once it has run `limit` seconds of this process's
+    time (the call is then cancelled). A stretch in which the event loop did not run at all
+    (the process frozen) counts for at most STALL_SLACK: what arrived meanwhile is read."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(call)
+    left = limit
+    try:
+        while True:
+            step = min(left, STALL_TICK)
+            before = loop.time()
+            done, _ = await asyncio.wait({task}, timeout=step)
+            if done:
+                return task.result()
+            left -= min(loop.time() - before, step + STALL_SLACK)
+            if left <= 0:
+                raise TimeoutError
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def clamp_lifetime(raw: Any) -> float:
@@ -75,8 +114,7 @@ class NationBuilderOAuth:
         self._clock = clock
         # The token endpoint has its own bound (NBGW_TOKEN_TIMEOUT), shorter than the API's:
         # a refresh holds its account's lease and the requests waiting on it.
-        t = timeout if timeout is not None else settings.token_timeout
-        self._timeout = aiohttp.ClientTimeout(total=t)
+        self._limit = timeout if timeout is not None else settings.token_timeout
 
     def token_url(self, slug: str) -> str:
         return f"{self._settings.nation_base(slug)}/oauth/token"
@@ -121,19 +159,7 @@ class NationBuilderOAuth:
     async def _token_call(self, slug: str, body: str, previous_refresh: Secret | None) -> TokenSet:
         started = self._clock.now()
         try:
-            async with self._session.post(
-                self.token_url(slug),
-                data=body,
-                headers={
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "Accept": "application/json",
-                },
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                raw = await resp.read()
-                wait = parse_retry_after(resp.headers.get("Retry-After"), self._clock.now())
+            status, raw, wait = await bounded(self._post(slug, body), self._limit)
         except TimeoutError:
             raise OAuthError(
                 RefreshOutcome.TIMEOUT, "the token endpoint did not answer in time"
@@ -145,6 +171,25 @@ class NationBuilderOAuth:
                 f"the token endpoint could not be reached ({type(exc).__name__})",
             ) from None
         return self._parse(status, raw, started, previous_refresh, wait)
+
+    async def _post(self, slug: str, body: str) -> tuple[int, bytes, float | None]:
+        """The token request, answered: status, body and any Retry-After (in seconds)."""
+        async with self._session.post(
+            self.token_url(slug),
+            data=body,
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Accept": "application/json",
+            },
+            timeout=_UNBOUNDED,
+            allow_redirects=False,
+        ) as resp:
+            raw = await resp.read()
+            return (
+                resp.status,
+                raw,
+                parse_retry_after(resp.headers.get("Retry-After"), self._clock.now()),
+            )
 
     def _parse(
         self,

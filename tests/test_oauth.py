@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from nbgateway.config import Settings
 from nbgateway.errors import OAuthError
 from nbgateway.fakenb import FakeNationBuilder
 from nbgateway.models import RefreshOutcome, TokenSet
-from nbgateway.oauth import ACCESS_TOKEN_MAX, DEFAULT_LIFETIME, NationBuilderOAuth
+from nbgateway.oauth import ACCESS_TOKEN_MAX, DEFAULT_LIFETIME, NationBuilderOAuth, bounded
 from nbgateway.redact import Secret
 
 SLUG = "acme"
@@ -313,6 +314,40 @@ class TestFailures:
         fake_nb.fail_token("hang")
         exc = await failure_of(lambda: oauth.refresh(SLUG, Secret(issued["refresh_token"])))
         assert exc.outcome is RefreshOutcome.TIMEOUT
+
+    async def test_an_answer_that_came_while_the_process_was_frozen_is_read(
+        self,
+        http: aiohttp.ClientSession,
+        settings: Settings,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """The process stands still (SIGSTOP, a paused VM) for longer than the token
+        timeout while NationBuilder answers. When it runs again, the answer (a rotated
+        pair, the only one that now works) is read, not dropped by the timeout's timer
+        that came due at the same moment."""
+        oauth = NationBuilderOAuth(http, settings, clock, timeout=1.5)
+        issued = fake_nb.issue_tokens(SLUG)
+        fake_nb.token_delay = 0.3
+        asyncio.get_running_loop().call_later(0.1, time.sleep, 2.0)  # the whole process
+        tokens = await oauth.refresh(SLUG, Secret(issued["refresh_token"]))
+        assert tokens.refresh_token != Secret(issued["refresh_token"])
+
+    async def test_a_call_that_never_ends_still_times_out_across_a_freeze(self) -> None:
+        """A freeze does not count, but the call's own time does: one that never ends is
+        cancelled and reported as a timeout once the limit has run."""
+        cancelled = asyncio.Event()
+
+        async def never() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cancelled.set()
+
+        asyncio.get_running_loop().call_later(0.05, time.sleep, 0.6)
+        with pytest.raises(TimeoutError):
+            await bounded(never(), 0.3)
+        assert cancelled.is_set()
 
     async def test_echoed_secrets_never_reach_the_message(
         self, oauth: NationBuilderOAuth, fake_nb: FakeNationBuilder
