@@ -143,6 +143,32 @@ async def test_replicas_starting_together_migrate_once(
     assert await fetchval(pg_url, "SELECT version FROM schema_version") == SCHEMA_VERSION
 
 
+async def test_a_lock_granted_late_leaves_its_writes_the_full_time(
+    pg_url: str, clock: FakeClock, key: str
+) -> None:
+    """The wait for an account's lock is bounded by lock_timeout; once granted (here after
+    another holder kept it most of that time) the setting is reset, so the lock's own
+    writes wait for a row lock (a connect committing) as long as any write may, instead of
+    failing at once as a "stored credentials unreadable" 500."""
+    async with open_store(pg_url, clock, key) as a, open_store(pg_url, clock, key) as b:
+        await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        b.lease = 0.5
+
+        async def in_b() -> object:
+            async with b.refresh_lock("acme") as locked:
+                setting = await locked._conn.fetchval("SHOW lock_timeout")
+                await locked.begin_refresh()
+                await locked.record_failure("timed out")
+                return setting
+
+        async with a.refresh_lock("acme"):
+            waiting = asyncio.create_task(in_b())
+            await asyncio.sleep(0.8)  # b's wait of 1 s is nearly over
+        assert await waiting == "0"
+        [info] = await b.list_accounts()
+        assert info.last_error == "timed out"
+
+
 async def test_lock_wait_is_bounded(pg_url: str, clock: FakeClock, key: str) -> None:
     """Waiting for an account's lock held elsewhere ends with StoreUnavailable naming the
     account after twice the lease (shortened here)."""

@@ -842,11 +842,11 @@ class PostgresStore:
                 locked = None
                 try:
                     # One round trip; both values are integers we computed. lock_timeout
-                    # stays set for the lock's writes and is reset when the pool takes the
-                    # connection back.
+                    # bounds the wait for the lock only: once it is granted, it is reset,
+                    # so the lock's own writes are not cut short by what was left of it.
                     await conn.execute(
                         f"SET lock_timeout = {int(remaining * 1000)}; "
-                        f"SELECT pg_advisory_lock({int(key)})",
+                        f"SELECT pg_advisory_lock({int(key)}); RESET lock_timeout",
                         timeout=remaining + CONNECT_TIMEOUT,
                     )
                 except asyncpg.exceptions.LockNotAvailableError:
