@@ -80,6 +80,11 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached or written right now (down, disk full, read-only)."""
 
 
+class RefreshLockBusy(StoreUnavailable):
+    """Another process has held the account's refresh lock for longer than a refresh can
+    take (it may be frozen, or hold a pair it cannot store yet): the database itself works."""
+
+
 class PairNotStored(StoreUnavailable):
     """A refresh worked at NationBuilder, but the database refused the new pair: the
     process that made the call holds it in memory and keeps trying to store it."""
@@ -308,6 +313,12 @@ def store_failure(exc: StoreError, slug: str | None = None) -> GatewayError:
     asked about, if any): 503 with Retry-After while the database cannot be used, 404 for a
     missing account, else 500 naming the check that finds the damage."""
     about = f" for {slug!r}" if slug else ""
+    if isinstance(exc, RefreshLockBusy):
+        return TokenRefreshFailed(
+            f"another gateway process has been refreshing the token{about} for too long; "
+            "retry shortly",
+            headers={"Retry-After": "5"},
+        )
     if isinstance(exc, PairNotStored):
         return TokenStoreUnavailable(str(exc), headers={"Retry-After": "30"})
     if isinstance(exc, StoreUnavailable):

@@ -34,6 +34,7 @@ from nbgateway.errors import (
     OAuthError,
     ReauthorizationRequired,
     RefreshBackoff,
+    RefreshLockBusy,
     StoreError,
     StoreUnavailable,
     TokenUnavailable,
@@ -497,11 +498,13 @@ class TokenManager:
                 return cached
         try:
             return await self._obtain_from_store(slug, force, stale_generation, backing_off)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # The database is away: a token that has not expired serves on (the refresh
             # waits for the database, which must keep its result) instead of a 503 for
-            # the last NBGW_REFRESH_MARGIN of its life.
-            self._store_retry_at = self._clock.monotonic() + STORE_RETRY
+            # the last NBGW_REFRESH_MARGIN of its life. (One account's lock held too long
+            # elsewhere says nothing of the database: the other accounts use it as ever.)
+            if not isinstance(exc, RefreshLockBusy):
+                self._store_retry_at = self._clock.monotonic() + STORE_RETRY
             if slug in self._unpersisted:  # rotated, then the store failed: the new pair
                 return self._issue_unpersisted(slug)
             cached = None if force else self._still_valid(self._cache.get(slug))

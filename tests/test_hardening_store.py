@@ -840,6 +840,32 @@ class TestAdminsAtTheSameTime:
         )
         assert len(fake_nb.token_requests) == calls  # the new pair is fresh: no token call
 
+    async def test_a_refresh_lock_held_too_long_elsewhere_is_a_refresh_failure(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        any_database: Path | str,
+    ) -> None:
+        """Another process holds one account's refresh lock for longer than a refresh can
+        take (frozen, say): that account's request is told so, 503 token_refresh_failed
+        with Retry-After, not that the database is away, and other accounts go on using the
+        database (their refreshes are not held back as in an outage)."""
+        here = await gateway_factory(database=any_database)
+        other = await gateway_factory(database=any_database)
+        await connect_account(here, "acme")
+        await connect_account(here, "beta")
+        clock.advance(2 * 86400)  # both expired
+        here.store.lease = 0.25  # type: ignore[attr-defined]
+        async with other.store.refresh_lock("acme"):
+            resp = await here.client.get("/n/acme" + ME)
+            assert resp.status == 503
+            assert resp.headers["X-NBGW-Error"] == "token_refresh_failed"
+            assert resp.headers["Retry-After"] == "5"
+            assert "another gateway process" in await resp.text()
+            beta = await here.client.get("/n/beta" + ME)
+            assert beta.status == 200, await beta.text()
+
     async def test_a_reconnect_just_before_the_token_call_is_served_not_refused(
         self,
         gateway_factory: GatewayFactory,

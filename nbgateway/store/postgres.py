@@ -47,6 +47,7 @@ from nbgateway.crypto import Cipher
 from nbgateway.errors import (
     AccountNotFound,
     DecryptError,
+    RefreshLockBusy,
     StateError,
     StoreError,
     StoreUnavailable,
@@ -813,7 +814,7 @@ class PostgresStore:
             # went: a database restart, a dropped connection); it may hold the rotated pair
             # in memory and store it once it can, so the stored refresh token may be spent.
             if loop.time() >= give_up:
-                raise StoreUnavailable(
+                raise RefreshLockBusy(
                     f"another process has held the refresh of account {slug!r} for too long"
                 )
             await asyncio.sleep(LEASE_RECHECK)
@@ -851,7 +852,7 @@ class PostgresStore:
                     )
                 except asyncpg.exceptions.LockNotAvailableError:
                     locked = False
-                    raise StoreUnavailable(
+                    raise RefreshLockBusy(
                         f"another process has held the refresh of account {slug!r} for too long"
                     ) from None
             locked = True

@@ -43,6 +43,7 @@ from nbgateway.crypto import Cipher
 from nbgateway.errors import (
     AccountNotFound,
     DecryptError,
+    RefreshLockBusy,
     StateError,
     StoreError,
     StoreUnavailable,
@@ -951,7 +952,7 @@ class SQLiteStore:
                     )
                 wait = LEASE_RECHECK if lapsed else min(deadline - now, LEASE_RECHECK)
             if loop.time() >= give_up:
-                raise StoreUnavailable(
+                raise RefreshLockBusy(
                     f"another process has held the refresh of account {slug!r} for too long"
                 )
             await self._wait_for_change(wait)
