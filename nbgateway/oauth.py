@@ -46,7 +46,7 @@ DEFAULT_LIFETIME = 86400.0
 MIN_LIFETIME = 60.0
 MAX_LIFETIME = 30 * 86400.0
 # `bounded` looks at the time every STALL_TICK seconds; a look that comes more than
-# STALL_SLACK late means the process stood still, and the time beyond is not counted.
+# STALL_SLACK late means the process stood still, and that stretch is not counted.
 STALL_TICK = 0.25
 STALL_SLACK = 0.5
 # No timeout of aiohttp's own on the token call: `bounded` is its bound.
@@ -57,20 +57,31 @@ T = TypeVar("T")
 
 async def bounded(call: Awaitable[T], limit: float) -> T:
     """`call`'s result, or TimeoutError once it has run `limit` seconds of this process's
-    time (the call is then cancelled). A stretch in which the event loop did not run at all
-    (the process frozen) counts for at most STALL_SLACK: what arrived meanwhile is read."""
+    time (the call is then cancelled). A stretch in which the event loop did not run (the
+    process frozen) is not counted, and the round after it always runs, so what arrived
+    meanwhile is read however late the freeze came. Real time is capped all the same at
+    twice `limit` (below the refresh lease), checked outside those rounds: a loop that is
+    only busy, every look late, cannot stretch the call past the lease."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(call)
     left = limit
+    cap = loop.time() + 2 * limit
+    after_freeze = False
     try:
         while True:
-            step = min(left, STALL_TICK)
+            step = STALL_SLACK if after_freeze else min(left, STALL_TICK)
             before = loop.time()
             done, _ = await asyncio.wait({task}, timeout=step)
             if done:
                 return task.result()
-            left -= min(loop.time() - before, step + STALL_SLACK)
-            if left <= 0:
+            now = loop.time()
+            if now - before > step + STALL_SLACK and not after_freeze:
+                left -= step  # frozen meanwhile: one more round to read what came
+                after_freeze = True
+                continue
+            after_freeze = False
+            left -= now - before
+            if left <= 0 or now >= cap:
                 raise TimeoutError
     finally:
         if not task.done():

@@ -385,10 +385,19 @@ class TokenManager:
     ) -> IssuedToken:
         """What the refresh `task` gives. shield: a cancelled caller (client went away)
         must not cancel the refresh that other callers, and the durability of the rotated
-        token, depend on. A caller that only needs a valid token, and holds one, waits at
-        most MARGIN_WAIT s, then goes on with it."""
+        token, depend on. A caller that only needs a valid token waits at most MARGIN_WAIT
+        s, then goes on with the one held, or with the stored one the refresh found still
+        valid (while it waits for another process that holds the account's lock)."""
         cached = None if force else self._still_valid(self._cache.get(slug))
         if cached is None:
+            if not force:
+                # Nothing valid held yet. The refresh may find a stored token that is
+                # still valid (it goes into the cache) and then wait for another process's
+                # lock: after MARGIN_WAIT, go on with that token too.
+                await asyncio.wait({task}, timeout=MARGIN_WAIT)
+                cached = None if task.done() else self._still_valid(self._cache.get(slug))
+                if cached is not None:
+                    return cached
             return await asyncio.shield(task)
         try:
             return await asyncio.wait_for(asyncio.shield(task), MARGIN_WAIT)
@@ -531,6 +540,9 @@ class TokenManager:
                 f"refreshing the token of {slug!r} failed recently; retrying later",
                 self._backoff_wait(slug),
             )
+        if not force and self._usable(account, 0.0):
+            # Due, but valid still: a caller may go on with it while the refresh waits.
+            self._issue(account)
         try:
             return await self._refresh_locked(slug, force, stale_generation)
         except StoreUnavailable:
@@ -688,6 +700,8 @@ class TokenManager:
             current = await locked.read()
         except AccountNotFound:
             raise _changed_meanwhile(locked.slug, conflict) from None
+        except StoreError:
+            return  # cannot tell now: held, and `_persist` compares once it can read
         if current.refresh_token != account.refresh_token:
             raise _changed_meanwhile(locked.slug, conflict) from None
 

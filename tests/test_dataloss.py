@@ -856,3 +856,48 @@ class TestAPairHeldInMemory:
         assert fake_nb.pending_token_requests == 0
         clock.advance(10)
         assert await fetch(b) == 200  # B's retry: the stored token was never spent
+
+    async def test_a_process_that_waits_for_the_held_pair_serves_the_stored_valid_token(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A holds a pair its store refused (the marker kept); B, started later with
+        nothing cached, gets a request while the stored access token is due but still
+        valid. B does not hold that request for as long as it waits for A (twice the
+        lease): after MARGIN_WAIT it goes on with the stored token, and adopts A's pair
+        once A stores it."""
+        settings = settings_factory()
+        a = await gateway_factory(settings)
+        issued = await connect_account(a, SLUG)
+        cls = lock_class(Path())
+        original = cls.save_tokens
+        failed: list[bool] = []
+
+        async def save_tokens(self: Any, tokens: Any) -> Any:
+            if not failed and self._store is a.store:
+                failed.append(True)
+                raise StoreUnavailable("database gateway.db cannot be written: database is locked")
+            return await original(self, tokens)
+
+        monkeypatch.setattr(cls, "save_tokens", save_tokens)
+        clock.advance(LIFETIME - 60)  # inside the margin, valid for another minute
+        await a.tokens.refresh_now(SLUG)
+        assert a.tokens.unpersisted == [SLUG]
+        b = await gateway_factory(settings)
+        assert await asyncio.wait_for(fetch(b), 10) == 200
+        assert bearer(fake_nb.api_requests[-1]) == issued["access_token"]
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
+        await a.tokens.persist_pending(force=True)
+        for _ in range(500):
+            if not b.tokens._inflight:
+                break
+            await asyncio.sleep(0.01)
+        assert not b.tokens._inflight
+        assert await fetch(b) == 200
+        assert bearer(fake_nb.api_requests[-1]) != issued["access_token"]
+        assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]

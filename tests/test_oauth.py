@@ -333,6 +333,22 @@ class TestFailures:
         tokens = await oauth.refresh(SLUG, Secret(issued["refresh_token"]))
         assert tokens.refresh_token != Secret(issued["refresh_token"])
 
+    async def test_an_answer_that_came_during_a_freeze_late_in_the_limit_is_read(
+        self,
+        http: aiohttp.ClientSession,
+        settings: Settings,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """The freeze comes with little of the limit left and lasts longer than all of it;
+        the answer arrives meanwhile and is read when the process runs again."""
+        oauth = NationBuilderOAuth(http, settings, clock, timeout=1.5)
+        issued = fake_nb.issue_tokens(SLUG)
+        fake_nb.token_delay = 1.2
+        asyncio.get_running_loop().call_later(1.1, time.sleep, 2.0)
+        tokens = await oauth.refresh(SLUG, Secret(issued["refresh_token"]))
+        assert tokens.refresh_token != Secret(issued["refresh_token"])
+
     async def test_a_call_that_never_ends_still_times_out_across_a_freeze(self) -> None:
         """A freeze does not count, but the call's own time does: one that never ends is
         cancelled and reported as a timeout once the limit has run."""
