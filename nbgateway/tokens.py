@@ -103,6 +103,7 @@ class _Backoff:
     failures: int
     next_attempt_at: float  # on the monotonic clock: a step of the wall clock moves no retry
     generation: int  # the stored pair's generation that failed to refresh
+    failed_at: float  # wall clock: when this process's failure (or the one it took up) was
 
 
 class Backoff:
@@ -568,6 +569,15 @@ class TokenManager:
             elif account.refresh_token is None:
                 await self._mark_needs_reauth(locked, reason)
                 reauth = marked = True
+            elif not force and (wait := self._failed_elsewhere(slug, account)) is not None:
+                if self._usable(account, 0.0):
+                    return self._issue(account)  # still valid: keep using it meanwhile
+                raise RefreshBackoff(
+                    slug,
+                    f"refreshing the token of {slug!r} failed moments ago in another gateway "
+                    "process; retrying later",
+                    wait,
+                )
             else:
                 if locked.interrupted_at is not None:
                     # Known only under the lock: a marker seen in a listing may be a live
@@ -915,6 +925,30 @@ class TokenManager:
             self._metrics.refresh_duration.labels(slug).observe(self._clock.monotonic() - started)
             self._metrics.refresh_total.labels(slug, outcome.value).inc()
 
+    def _failed_elsewhere(self, slug: str, account: Account) -> float | None:
+        """Seconds to back off when the row records a transient refresh failure that
+        another process made since this one last failed: it counts as this process's own
+        next failure, so the processes sharing a store back off together (one retry
+        schedule per account, not one per process). None when there is none to wait for."""
+        if account.last_error is None or account.updated_at is None:
+            return None
+        state = self._backoff.get(slug)
+        if state is not None and account.updated_at <= state.failed_at:
+            return None  # this process's own failure (or older), whose wait is over
+        failures = 1 if state is None else state.failures + 1
+        policy = self._backoff_policy
+        wait = min(account.updated_at + policy.delay(failures) - self._clock.now(), policy.cap)
+        if wait <= 0:
+            return None
+        self._backoff[slug] = _Backoff(
+            failures, self._clock.monotonic() + wait, account.generation, account.updated_at
+        )
+        log.info(
+            "token refresh failed in another gateway process; backing off with it",
+            extra={"account": slug, "retry_in": round(wait, 1)},
+        )
+        return wait
+
     def _after_transient_failure(
         self, slug: str, exc: OAuthError, force: bool, account: Account
     ) -> IssuedToken:
@@ -924,7 +958,7 @@ class TokenManager:
         if exc.retry_after is not None:  # the endpoint's own Retry-After, up to the cap
             delay = max(delay, min(exc.retry_after, self._backoff_policy.cap))
         self._backoff[slug] = _Backoff(
-            failures, self._clock.monotonic() + delay, account.generation
+            failures, self._clock.monotonic() + delay, account.generation, self._clock.now()
         )
         log.warning(
             "token refresh failed; backing off",

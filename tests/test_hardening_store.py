@@ -840,6 +840,37 @@ class TestAdminsAtTheSameTime:
         )
         assert len(fake_nb.token_requests) == calls  # the new pair is fresh: no token call
 
+    async def test_processes_back_off_together_after_a_failed_refresh(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        any_database: Path | str,
+    ) -> None:
+        """A refresh in one process fails (a 502). Another process sharing the store that
+        needs the token moments later takes that failure as its own: it backs off with
+        Retry-After instead of calling the failing endpoint again at once, so the processes
+        keep one retry schedule between them; once that wait is over it refreshes."""
+        here = await gateway_factory(database=any_database)
+        other = await gateway_factory(database=any_database)
+        await connect_account(here, "acme")
+        clock.advance(2 * 86400)  # expired
+        fake_nb.fail_token("server_error")
+        first = await here.client.get("/n/acme" + ME)
+        assert first.status == 503
+        calls = len(fake_nb.token_requests)
+        await other.tokens.sync(force=True)
+        second = await other.client.get("/n/acme" + ME)
+        assert second.status == 503, await second.text()
+        assert second.headers["X-NBGW-Error"] == "token_refresh_failed"
+        assert int(second.headers["Retry-After"]) >= 1
+        assert len(fake_nb.token_requests) == calls  # no call of its own meanwhile
+        clock.advance(int(second.headers["Retry-After"]) + 1)
+        third = await other.client.get("/n/acme" + ME)
+        assert third.status == 200, await third.text()
+        assert len(fake_nb.token_requests) == calls + 1
+
     async def test_a_refresh_lock_held_too_long_elsewhere_is_a_refresh_failure(
         self,
         gateway_factory: GatewayFactory,
