@@ -659,6 +659,22 @@ def lock_class(database: Path | str) -> Any:
     return pg_store._AdvisoryLock if isinstance(database, str) else sqlite_store._Lease
 
 
+def fail_first_save(monkeypatch: pytest.MonkeyPatch, database: Path | str, store: Any) -> None:
+    """`store`'s first commit of a refreshed pair fails as a write that waited out the
+    database's lock does (StoreUnavailable); later ones, and other stores', go through."""
+    cls = lock_class(database)
+    original = cls.save_tokens
+    failed: list[bool] = []
+
+    async def save_tokens(self: Any, tokens: Any) -> Any:
+        if not failed and self._store is store:
+            failed.append(True)
+            raise StoreUnavailable("database gateway.db cannot be written: database is locked")
+        return await original(self, tokens)
+
+    monkeypatch.setattr(cls, "save_tokens", save_tokens)
+
+
 class TestAPairHeldInMemory:
     async def test_another_process_waits_for_the_held_pair_instead_of_spending_the_token(
         self,
@@ -681,17 +697,7 @@ class TestAPairHeldInMemory:
         b = await gateway_factory(settings)
         issued = await connect_account(a, SLUG)
         await b.tokens.sync(force=True)
-        cls = lock_class(any_database)
-        original = cls.save_tokens
-        failed: list[bool] = []
-
-        async def save_tokens(self: Any, tokens: Any) -> Any:
-            if not failed and self._store is a.store:
-                failed.append(True)
-                raise StoreUnavailable("database gateway.db cannot be written: database is locked")
-            return await original(self, tokens)
-
-        monkeypatch.setattr(cls, "save_tokens", save_tokens)
+        fail_first_save(monkeypatch, any_database, a.store)
         clock.advance(LIFETIME)
         assert await fetch(a) == 200
         assert a.tokens.unpersisted == [SLUG]
@@ -874,17 +880,7 @@ class TestAPairHeldInMemory:
         settings = settings_factory()
         a = await gateway_factory(settings)
         issued = await connect_account(a, SLUG)
-        cls = lock_class(Path())
-        original = cls.save_tokens
-        failed: list[bool] = []
-
-        async def save_tokens(self: Any, tokens: Any) -> Any:
-            if not failed and self._store is a.store:
-                failed.append(True)
-                raise StoreUnavailable("database gateway.db cannot be written: database is locked")
-            return await original(self, tokens)
-
-        monkeypatch.setattr(cls, "save_tokens", save_tokens)
+        fail_first_save(monkeypatch, Path(), a.store)
         clock.advance(LIFETIME - 60)  # inside the margin, valid for another minute
         await a.tokens.refresh_now(SLUG)
         assert a.tokens.unpersisted == [SLUG]

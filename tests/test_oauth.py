@@ -315,37 +315,26 @@ class TestFailures:
         exc = await failure_of(lambda: oauth.refresh(SLUG, Secret(issued["refresh_token"])))
         assert exc.outcome is RefreshOutcome.TIMEOUT
 
+    @pytest.mark.parametrize(
+        ("answer_after", "frozen_at"), [(0.3, 0.1), (1.2, 1.1)], ids=["early", "late-in-the-limit"]
+    )
     async def test_an_answer_that_came_while_the_process_was_frozen_is_read(
         self,
         http: aiohttp.ClientSession,
         settings: Settings,
         fake_nb: FakeNationBuilder,
         clock: FakeClock,
+        answer_after: float,
+        frozen_at: float,
     ) -> None:
-        """The process stands still (SIGSTOP, a paused VM) for longer than the token
-        timeout while NationBuilder answers. When it runs again, the answer (a rotated
-        pair, the only one that now works) is read, not dropped by the timeout's timer
-        that came due at the same moment."""
+        """The process stands still (SIGSTOP, a paused VM) for longer than the whole token
+        timeout while NationBuilder answers, early in the call or with little of the limit
+        left. When it runs again, the answer (a rotated pair, the only one that now works)
+        is read, not dropped by the timeout's timer that came due at the same moment."""
         oauth = NationBuilderOAuth(http, settings, clock, timeout=1.5)
         issued = fake_nb.issue_tokens(SLUG)
-        fake_nb.token_delay = 0.3
-        asyncio.get_running_loop().call_later(0.1, time.sleep, 2.0)  # the whole process
-        tokens = await oauth.refresh(SLUG, Secret(issued["refresh_token"]))
-        assert tokens.refresh_token != Secret(issued["refresh_token"])
-
-    async def test_an_answer_that_came_during_a_freeze_late_in_the_limit_is_read(
-        self,
-        http: aiohttp.ClientSession,
-        settings: Settings,
-        fake_nb: FakeNationBuilder,
-        clock: FakeClock,
-    ) -> None:
-        """The freeze comes with little of the limit left and lasts longer than all of it;
-        the answer arrives meanwhile and is read when the process runs again."""
-        oauth = NationBuilderOAuth(http, settings, clock, timeout=1.5)
-        issued = fake_nb.issue_tokens(SLUG)
-        fake_nb.token_delay = 1.2
-        asyncio.get_running_loop().call_later(1.1, time.sleep, 2.0)
+        fake_nb.token_delay = answer_after
+        asyncio.get_running_loop().call_later(frozen_at, time.sleep, 2.0)  # the whole process
         tokens = await oauth.refresh(SLUG, Secret(issued["refresh_token"]))
         assert tokens.refresh_token != Secret(issued["refresh_token"])
 
