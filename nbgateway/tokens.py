@@ -925,7 +925,7 @@ class TokenManager:
             self._metrics.refresh_duration.labels(slug).observe(self._clock.monotonic() - started)
             self._metrics.refresh_total.labels(slug, outcome.value).inc()
 
-    def _failed_elsewhere(self, slug: str, account: Account) -> float | None:
+    def _failed_elsewhere(self, slug: str, account: AccountInfo) -> float | None:
         """Seconds to back off when the row records a transient refresh failure that
         another process made since this one last failed: it counts as this process's own
         next failure, so the processes sharing a store back off together (one retry
@@ -1055,7 +1055,9 @@ class TokenManager:
         until the token nears expiry. A further failure backs off longer (up to the cap);
         success, or another process having refreshed meanwhile (a newer generation with no
         error: not this process's own keeping of a rotated refresh token whose answer it
-        refused), ends the backoff: that pair is not refreshed again.
+        refused), ends the backoff: that pair is not refreshed again. Another process's
+        later failure starts a new wait instead (`_failed_elsewhere`): one retry per step
+        of the schedule, whichever process makes it, not one from each.
         """
         now = self._clock.monotonic()
         ended = {slug: s for slug, s in self._backoff.items() if s.next_attempt_at <= now}
@@ -1072,6 +1074,8 @@ class TokenManager:
                     extra={"account": info.slug},
                 )
                 continue
+            if self._failed_elsewhere(info.slug, info) is not None:
+                continue  # another process retried and failed since: back off with it
             due.append(info)
         await self._refresh_each(due, "retrying a failed refresh failed")
         for slug, state in ended.items():

@@ -871,6 +871,33 @@ class TestAdminsAtTheSameTime:
         assert third.status == 200, await third.text()
         assert len(fake_nb.token_requests) == calls + 1
 
+    async def test_a_background_retry_is_skipped_after_another_processs_later_failure(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+    ) -> None:
+        """Both processes back off after a failure; when their waits end, the first to
+        retry fails again. The other's retry loop then takes that failure up and waits
+        with it instead of calling the failing endpoint too."""
+        here = await gateway_factory()
+        other = await gateway_factory()
+        await connect_account(here, "acme")
+        clock.advance(2 * 86400)  # expired
+        fake_nb.fail_token("server_error", times=2)
+        assert (await here.client.get("/n/acme" + ME)).status == 503
+        await other.tokens.sync(force=True)
+        assert (await other.client.get("/n/acme" + ME)).status == 503  # took it up
+        calls = len(fake_nb.token_requests)
+        clock.advance(5)  # both waits are over
+        assert await here.tokens.retry_after_backoff() == ["acme"]  # and fails again
+        assert len(fake_nb.token_requests) == calls + 1
+        assert await other.tokens.retry_after_backoff() == []
+        assert len(fake_nb.token_requests) == calls + 1
+        clock.advance(30)
+        assert (await other.client.get("/n/acme" + ME)).status == 200
+
     async def test_a_refresh_lock_held_too_long_elsewhere_is_a_refresh_failure(
         self,
         gateway_factory: GatewayFactory,
