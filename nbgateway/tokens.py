@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nbgateway.clock import Clock, iso_utc
 from nbgateway.errors import (
@@ -86,7 +86,9 @@ class _Unpersisted:
     """A pair NationBuilder issued that the store could not take yet: the only valid one.
 
     `tokens` is None when the answer carried a new refresh token but no usable access token.
-    `consumed` is the refresh token it replaced, which must never be sent again.
+    `consumed` is the refresh token it replaced, which must never be sent again; `spent`
+    the ones held since (refreshed from memory), each spent too and each possibly stored
+    after all by a write that reported a failure (a commit whose answer was lost).
     """
 
     refresh_token: Secret
@@ -96,6 +98,17 @@ class _Unpersisted:
     failures: int = 0
     next_attempt: float = 0.0
     issued_at: float = 0.0  # when NationBuilder issued `tokens` (for the effective margin)
+    spent: list[Secret] = field(default_factory=list)
+
+    def replace(self, refresh_token: Secret, tokens: TokenSet | None) -> None:
+        """NationBuilder rotated the held refresh token: hold its successor instead."""
+        self.spent.append(self.refresh_token)
+        self.refresh_token, self.tokens = refresh_token, tokens
+
+    def supersedes(self, stored: Secret | None) -> bool:
+        """Whether the pair is to be stored over a row holding `stored`: a refresh token
+        this pair replaced (what the refresh consumed, or one held and refreshed since)."""
+        return stored == self.consumed or stored in self.spent
 
 
 @dataclass(slots=True)
@@ -818,11 +831,12 @@ class TokenManager:
             return await self._persist_held(slug, pending)
 
     async def _persist_held(self, slug: str, pending: _Unpersisted) -> bool:
+        level, outcome = logging.INFO, "the account of a held token pair was removed"
         try:
             for attempt in (1, 2):  # a conflict (the row written meanwhile): read it again
                 try:
                     async with self._store.refresh_lock(slug) as locked:
-                        await self._store_held(locked, pending)
+                        level, outcome = await self._store_held(locked, pending)
                     break
                 except GenerationConflict:
                     if attempt == 2:
@@ -843,18 +857,20 @@ class TokenManager:
             del self._unpersisted[slug]
         self._cache.pop(slug, None)
         self._metrics.unpersisted.labels(slug).set(0)
-        log.info("stored the held token pair", extra={"account": slug})
+        log.log(level, outcome, extra={"account": slug})
         return True
 
     @staticmethod
-    async def _store_held(locked: AccountLock, pending: _Unpersisted) -> None:
+    async def _store_held(locked: AccountLock, pending: _Unpersisted) -> tuple[int, str]:
+        """Store the held pair under the lock; the log level and line saying what became
+        of it."""
         current = await locked.read()
-        if current.refresh_token != pending.consumed:
+        if current.refresh_token == pending.refresh_token:
+            # A write that reported a failure had committed it after all.
+            return logging.INFO, "the held token pair had been stored after all"
+        if not pending.supersedes(current.refresh_token):
             # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
-            log.warning(
-                "dropping a held token pair: the account changed", extra={"account": locked.slug}
-            )
-            return
+            return logging.WARNING, "dropping a held token pair: the account changed"
         try:
             if pending.tokens is not None:
                 await locked.save_tokens(pending.tokens)
@@ -863,6 +879,7 @@ class TokenManager:
         except StoreError:
             locked.keep()  # still held here only: the marker stays for the other processes
             raise
+        return logging.INFO, "stored the held token pair"
 
     async def _from_unpersisted(self, slug: str, force: bool) -> IssuedToken | None:
         """Serve (or refresh) from a held pair; None once it is stored (use the store again)."""
@@ -880,7 +897,7 @@ class TokenManager:
             fresh = await self._call_token_endpoint(slug, pending.refresh_token)
         except OAuthError as exc:
             if exc.rotated_refresh_token is not None:
-                pending.refresh_token, pending.tokens = exc.rotated_refresh_token, None
+                pending.replace(exc.rotated_refresh_token, None)
             if tokens is not None and tokens.expires_at > now and not force:
                 return self._issue_unpersisted(slug)
             raise RefreshBackoff(
@@ -888,7 +905,7 @@ class TokenManager:
                 f"refreshing the token of {slug!r} failed: {exc}",
                 self._backoff_policy.delay(1),
             ) from None
-        pending.refresh_token, pending.tokens = fresh.refresh_token, fresh
+        pending.replace(fresh.refresh_token, fresh)
         pending.issued_at = now
         if await self._persist(slug, pending):
             return None
@@ -1025,7 +1042,9 @@ class TokenManager:
     async def refresh_due(self, lead: float) -> list[str]:
         """Refresh every active account whose token expires within its margin + `lead` seconds.
 
-        Accounts in backoff are skipped until their next attempt. Refreshes run concurrently
+        Accounts in backoff are skipped until their next attempt, and so are those whose
+        refresh failed moments ago in another process (`_failed_elsewhere`), so the
+        processes sharing a store back off together here too. Refreshes run concurrently
         (bounded), so one slow nation does not hold up the others. Returns the slugs tried.
         """
         now = self._clock.monotonic()
@@ -1043,6 +1062,8 @@ class TokenManager:
             state = self._backoff.get(info.slug)
             if state is not None and state.next_attempt_at > now:
                 continue
+            if held is None and self._failed_elsewhere(info.slug, info) is not None:
+                continue  # another process's refresh failed moments ago: back off with it
             due.append(info)
         await self._refresh_each(due, "background refresh failed")
         return [info.slug for info in due]

@@ -994,6 +994,33 @@ class TestRefreshLock:
                 assert again.interrupted_at is None
                 assert (await again.read()).generation == 1
 
+    async def test_a_kept_marker_is_renewed_when_its_holder_locks_again(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A marker kept for a pair held in memory (`keep`: its store failed) outlives the
+        lock. When the same store locks the account again to store that pair, the marker
+        stays, is not reported as a stopped refresh, and its lease is renewed: the holder
+        runs on, so processes elsewhere keep waiting for it rather than send the spent
+        refresh token once the first lease ran out."""
+        await create_database(backend, key)
+        async with backend.make(key) as a:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                locked.keep()
+            [row] = await backend.table("accounts")
+            started = row["refresh_started_at"]
+            assert started is not None and row["refresh_owner"]
+            await backend.set_column("acme", "refresh_deadline", 0.0)  # long lapsed
+            async with a.refresh_lock("acme") as again:
+                assert again.interrupted_at is None
+                [row] = await backend.table("accounts")
+                assert row["refresh_deadline"] > started
+                assert row["refresh_started_at"] == started
+                again.keep()
+            [row] = await backend.table("accounts")
+        assert row["refresh_started_at"] == started
+
     async def test_an_unanswered_call_is_seen_by_the_next_holder(
         self, backend: Backend, clock: FakeClock, key: str
     ) -> None:

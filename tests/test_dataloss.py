@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import math
 import sqlite3
 import subprocess
@@ -659,9 +660,13 @@ def lock_class(database: Path | str) -> Any:
     return pg_store._AdvisoryLock if isinstance(database, str) else sqlite_store._Lease
 
 
-def fail_first_save(monkeypatch: pytest.MonkeyPatch, database: Path | str, store: Any) -> None:
+def fail_first_save(
+    monkeypatch: pytest.MonkeyPatch, database: Path | str, store: Any, *, committed: bool = False
+) -> None:
     """`store`'s first commit of a refreshed pair fails as a write that waited out the
-    database's lock does (StoreUnavailable); later ones, and other stores', go through."""
+    database's lock does (StoreUnavailable); later ones, and other stores', go through.
+    With `committed`, that first commit lands before the failure is reported (the
+    connection dropped after the COMMIT reached the server)."""
     cls = lock_class(database)
     original = cls.save_tokens
     failed: list[bool] = []
@@ -669,6 +674,8 @@ def fail_first_save(monkeypatch: pytest.MonkeyPatch, database: Path | str, store
     async def save_tokens(self: Any, tokens: Any) -> Any:
         if not failed and self._store is store:
             failed.append(True)
+            if committed:
+                await original(self, tokens)
             raise StoreUnavailable("database gateway.db cannot be written: database is locked")
         return await original(self, tokens)
 
@@ -714,6 +721,48 @@ class TestAPairHeldInMemory:
         [info] = await b.store.list_accounts()
         assert info.status is AccountStatus.ACTIVE and info.refresh_started_at is None
         assert bearer(fake_nb.api_requests[-1]) == bearer(fake_nb.api_requests[-2])
+
+    @pytest.mark.parametrize("refreshed", [False, True], ids=["as-it-was", "refreshed-since"])
+    async def test_a_pair_whose_store_reported_a_failure_but_committed_is_kept(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        any_database: Path | str,
+        refreshed: bool,
+    ) -> None:
+        """The refresh's commit lands but reports a failure, so the new pair R1 is held in
+        memory though stored. When the store takes writes again the held pair is found
+        stored already (not "dropped: the account changed"); and if it was refreshed from
+        memory meanwhile (a 401 on the held token: R1 spent, R2 held), R2 is stored over
+        the row's R1. Before, R2 was dropped and the row kept the spent R1: the account
+        needed re-authorization."""
+        gw = await gateway_factory(database=any_database)
+        await connect_account(gw, SLUG)
+        fail_first_save(monkeypatch, any_database, gw.store, committed=True)
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        assert gw.tokens.unpersisted == [SLUG]
+        r1 = await stored_refresh_token(gw)
+        if refreshed:
+            await gw.tokens.force_refresh(SLUG, -1)  # the held token's generation
+            assert refresh_tokens_sent(fake_nb)[-1] == r1
+        clock.advance(5.0)
+        with caplog.at_level(logging.INFO, logger="nbgateway"):
+            await gw.tokens.persist_pending()
+        assert gw.tokens.unpersisted == []
+        assert "dropping a held token pair" not in caplog.text
+        stored = await stored_refresh_token(gw)
+        assert (stored == r1) is not refreshed
+        assert stored not in refresh_tokens_sent(fake_nb)  # not spent
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        assert refresh_tokens_sent(fake_nb)[-1] == stored
+        [info] = await gw.store.list_accounts()
+        assert info.status is AccountStatus.ACTIVE
 
     async def test_two_attempts_to_store_one_held_pair_take_turns(
         self,

@@ -898,6 +898,39 @@ class TestAdminsAtTheSameTime:
         clock.advance(30)
         assert (await other.client.get("/n/acme" + ME)).status == 200
 
+    async def test_the_background_refresher_backs_off_with_another_processs_failure(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        any_database: Path | str,
+    ) -> None:
+        """A token nears expiry. One process's background refresh fails (a 502); the
+        other's background refresher, due at the same time, takes that failure up and waits
+        with it instead of calling the failing endpoint at once (each process retried once
+        before). The request path meanwhile serves the still-valid token, and the retry,
+        once the shared wait is over, refreshes."""
+        here = await gateway_factory(database=any_database)
+        other = await gateway_factory(database=any_database)
+        await connect_account(here, "acme")
+        await other.tokens.sync(force=True)
+        clock.advance(86400 - 60)  # inside the refresh margin, still valid
+        fake_nb.fail_token("server_error")
+        assert await here.tokens.refresh_due(lead=60) == ["acme"]
+        calls = len(fake_nb.token_requests)
+        await other.tokens.sync(force=True)
+        assert await other.tokens.refresh_due(lead=60) == []
+        assert len(fake_nb.token_requests) == calls
+        resp = await other.client.get("/n/acme" + ME)
+        assert resp.status == 200, await resp.text()
+        assert len(fake_nb.token_requests) == calls
+        clock.advance(5)
+        assert await other.tokens.retry_after_backoff() == ["acme"]
+        assert len(fake_nb.token_requests) == calls + 1
+        [info] = await other.store.list_accounts()
+        assert info.last_error is None and info.generation == 2
+
     async def test_a_refresh_lock_held_too_long_elsewhere_is_a_refresh_failure(
         self,
         gateway_factory: GatewayFactory,

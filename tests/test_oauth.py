@@ -339,8 +339,9 @@ class TestFailures:
         assert tokens.refresh_token != Secret(issued["refresh_token"])
 
     async def test_a_call_that_never_ends_still_times_out_across_a_freeze(self) -> None:
-        """A freeze does not count, but the call's own time does: one that never ends is
-        cancelled and reported as a timeout once the limit has run."""
+        """A freeze does not count (the tests above), but the call's own time does: one
+        that never ends, frozen part of the way, is still cancelled and reported as a
+        timeout."""
         cancelled = asyncio.Event()
 
         async def never() -> None:

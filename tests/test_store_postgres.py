@@ -146,25 +146,37 @@ async def test_replicas_starting_together_migrate_once(
 async def test_a_lock_granted_late_leaves_its_writes_the_full_time(
     pg_url: str, clock: FakeClock, key: str
 ) -> None:
-    """The wait for an account's lock is bounded by lock_timeout; once granted (here after
-    another holder kept it most of that time) the setting is reset, so the lock's own
-    writes wait for a row lock (a connect committing) as long as any write may, instead of
-    failing at once as a "stored credentials unreadable" 500."""
+    """The wait for an account's lock is bounded by lock_timeout (what is left of twice
+    the lease, 1 s here); once granted (here after another holder kept it most of that
+    time) the setting is reset, so the lock's own writes wait for a row lock (a connect
+    committing) as long as any write may, not only as long as that bound."""
     async with open_store(pg_url, clock, key) as a, open_store(pg_url, clock, key) as b:
         await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
         b.lease = 0.5
+        granted, row_locked = asyncio.Event(), asyncio.Event()
 
         async def in_b() -> object:
             async with b.refresh_lock("acme") as locked:
                 setting = await locked._conn.fetchval("SHOW lock_timeout")
-                await locked.begin_refresh()
+                granted.set()
+                await row_locked.wait()
+                await locked.begin_refresh()  # waits for the row lock below
                 await locked.record_failure("timed out")
                 return setting
 
         async with a.refresh_lock("acme"):
             waiting = asyncio.create_task(in_b())
             await asyncio.sleep(0.8)  # b's wait of 1 s is nearly over
-        assert await waiting == "0"
+        await asyncio.wait_for(granted.wait(), 5)
+        other = await asyncpg.connect(pg_url)
+        try:
+            async with other.transaction():
+                await other.execute("SELECT 1 FROM accounts WHERE slug = 'acme' FOR UPDATE")
+                row_locked.set()
+                await asyncio.sleep(1.3)  # longer than b's bound on its lock wait
+        finally:
+            await other.close()
+        assert await asyncio.wait_for(waiting, 10) == "0"
         [info] = await b.list_accounts()
         assert info.last_error == "timed out"
 

@@ -877,6 +877,19 @@ class PostgresStore:
                 if runs is not False and not (lapsed and not stuck_with_result):
                     yield None
                     return
+            if own:
+                # This process's own marker, kept for a pair it holds (`keep`) and is about
+                # to store: it runs on, so the lease is renewed (as SQLite's claim does) and
+                # processes elsewhere go on waiting for that pair instead of sending the
+                # spent refresh token.
+                async with self._transaction(conn, None):
+                    await conn.execute(
+                        f"UPDATE accounts SET refresh_deadline = {_DB_NOW} + $1 "
+                        "WHERE slug = $2 AND refresh_owner = $3",
+                        self.lease,
+                        slug,
+                        holder,
+                    )
             lock = _AdvisoryLock(
                 self,
                 conn,
