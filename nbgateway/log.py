@@ -33,6 +33,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 ACCESS_LOGGER = "nbgateway.access"
+# Loggers whose lines carry the request id of the context they were logged in.
+_REQUEST_LOGGERS = ("nbgateway", "aiohttp")
 
 # Attributes every LogRecord has; anything else was passed with `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -82,7 +84,10 @@ class RedactingFormatter(logging.Formatter):
         return {key: self._redactor.scrub(value) for key, value in texts.items()}
 
     def format(self, record: logging.LogRecord) -> str:
-        request_id = request_id_var.get()
+        # Only the gateway's and aiohttp's lines speak for the request they run in: a
+        # library's background task (asyncpg's pool restoring its connections) inherits
+        # the id of whichever request happened to start it.
+        request_id = request_id_var.get() if record.name.startswith(_REQUEST_LOGGERS) else None
         extras = _extras(record)
         if record.exc_info and record.levelno < logging.ERROR:
             # A warning (a library's expected trouble: asyncpg's pool during a database

@@ -636,6 +636,28 @@ def test_other_libraries_warnings_are_redacted_lines_in_the_chosen_format(
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_librarys_line_does_not_carry_the_request_id_it_happened_to_run_under(
+    capture_logs: LogCapture, fmt: str
+) -> None:
+    """asyncpg's pool restores its connections in a task started by whichever request
+    released one: its lines name no request (searching the logs by id finds only that
+    request's lines). The gateway's own lines and aiohttp's, logged in the request's
+    context, keep its id."""
+    stream = capture_logs(Redactor(), fmt=fmt)
+    token = request_id_var.set("req-6d1f")
+    try:
+        logging.getLogger("asyncpg.pool").warning("Failed to restore the pool connection floor")
+        logging.getLogger("nbgateway.proxy").warning("upstream unreachable")
+        logging.getLogger("aiohttp.server").warning("error handling request")
+    finally:
+        request_id_var.reset(token)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    with_id = ["req-6d1f" in line for line in lines]
+    assert with_id == [False, True, True]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
 def test_a_warning_names_its_exception_in_one_line_an_error_keeps_the_traceback(
     capture_logs: LogCapture, fmt: str
 ) -> None:
