@@ -35,6 +35,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 ACCESS_LOGGER = "nbgateway.access"
 # Loggers whose lines carry the request id of the context they were logged in.
 _REQUEST_LOGGERS = ("nbgateway", "aiohttp")
+_REQUEST_LOGGER_PREFIXES = tuple(name + "." for name in _REQUEST_LOGGERS)
 
 # Attributes every LogRecord has; anything else was passed with `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -87,7 +88,9 @@ class RedactingFormatter(logging.Formatter):
         # Only the gateway's and aiohttp's lines speak for the request they run in: a
         # library's background task (asyncpg's pool restoring its connections) inherits
         # the id of whichever request happened to start it.
-        request_id = request_id_var.get() if record.name.startswith(_REQUEST_LOGGERS) else None
+        name = record.name
+        ours = name in _REQUEST_LOGGERS or name.startswith(_REQUEST_LOGGER_PREFIXES)
+        request_id = request_id_var.get() if ours else None
         extras = _extras(record)
         if record.exc_info and record.levelno < logging.ERROR:
             # A warning (a library's expected trouble: asyncpg's pool during a database

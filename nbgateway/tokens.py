@@ -99,6 +99,7 @@ class _Unpersisted:
     next_attempt: float = 0.0
     issued_at: float = 0.0  # when NationBuilder issued `tokens` (for the effective margin)
     spent: list[Secret] = field(default_factory=list)
+    stored_generation: int | None = None  # the row's generation once the pair is stored
 
     def replace(self, refresh_token: Secret, tokens: TokenSet | None) -> None:
         """NationBuilder rotated the held refresh token: hold its successor instead."""
@@ -855,6 +856,11 @@ class TokenManager:
             return False
         if self._unpersisted.get(slug) is pending:
             del self._unpersisted[slug]
+        state = self._backoff.get(slug)
+        if state is not None:
+            # A refresh token stored alone records its refusal in the row: this process's
+            # own failure, not one of another process's (`_failed_elsewhere`).
+            state.failed_at = max(state.failed_at, self._clock.now())
         self._cache.pop(slug, None)
         self._metrics.unpersisted.labels(slug).set(0)
         log.log(level, outcome, extra={"account": slug})
@@ -867,31 +873,42 @@ class TokenManager:
         current = await locked.read()
         if current.refresh_token == pending.refresh_token:
             # A write that reported a failure had committed it after all.
+            pending.stored_generation = current.generation
             return logging.INFO, "the held token pair had been stored after all"
         if not pending.supersedes(current.refresh_token):
             # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
             return logging.WARNING, "dropping a held token pair: the account changed"
         try:
             if pending.tokens is not None:
-                await locked.save_tokens(pending.tokens)
+                saved = await locked.save_tokens(pending.tokens)
             else:
-                await locked.save_refresh_token(pending.refresh_token, pending.message)
+                saved = await locked.save_refresh_token(pending.refresh_token, pending.message)
         except StoreError:
             locked.keep()  # still held here only: the marker stays for the other processes
             raise
+        pending.stored_generation = saved.generation
         return logging.INFO, "stored the held token pair"
 
     async def _from_unpersisted(self, slug: str, force: bool) -> IssuedToken | None:
         """Serve (or refresh) from a held pair; None once it is stored (use the store again)."""
         pending = self._unpersisted[slug]
-        if pending.next_attempt <= self._clock.monotonic() and await self._persist(slug, pending):
+        refresh = force or self._held_due(pending, 0.0)
+        # Before a token call, the store again whatever its backoff: a write that reported
+        # a failure may have committed the pair (and cleared the marker), so another
+        # process may refresh it from the row; once stored, it is refreshed under the lock.
+        if (refresh or pending.next_attempt <= self._clock.monotonic()) and await self._persist(
+            slug, pending
+        ):
+            if force and pending.stored_generation is not None:
+                return await self._refresh_locked(slug, True, pending.stored_generation)
             return None
         tokens = pending.tokens
         now = self._clock.now()
-        if not force and not self._held_due(pending, 0.0):
+        if not refresh:
             return self._issue_unpersisted(slug)
-        # Only this process holds the valid refresh token, so refreshing it needs no lock;
-        # the consumed one is never sent again.
+        # Still not stored: the marker the failed write kept makes the other processes
+        # wait, so only this one holds the valid refresh token, and refreshing it needs no
+        # lock. The consumed one is never sent again.
         self._refuse_when_closing(slug)
         try:
             fresh = await self._call_token_endpoint(slug, pending.refresh_token)

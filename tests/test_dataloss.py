@@ -737,9 +737,9 @@ class TestAPairHeldInMemory:
         """The refresh's commit lands but reports a failure, so the new pair R1 is held in
         memory though stored. When the store takes writes again the held pair is found
         stored already (not "dropped: the account changed"); and if it was refreshed from
-        memory meanwhile (a 401 on the held token: R1 spent, R2 held), R2 is stored over
-        the row's R1. Before, R2 was dropped and the row kept the spent R1: the account
-        needed re-authorization."""
+        memory meanwhile, the store still away (a 401 on the held token: R1 spent, R2
+        held), R2 is stored over the row's R1. Before, R2 was dropped and the row kept the
+        spent R1: the account needed re-authorization."""
         gw = await gateway_factory(database=any_database)
         await connect_account(gw, SLUG)
         fail_first_save(monkeypatch, any_database, gw.store, committed=True)
@@ -748,8 +748,15 @@ class TestAPairHeldInMemory:
         assert gw.tokens.unpersisted == [SLUG]
         r1 = await stored_refresh_token(gw)
         if refreshed:
-            await gw.tokens.force_refresh(SLUG, -1)  # the held token's generation
+
+            def away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
+                raise StoreUnavailable("database gateway.db cannot be reached")
+
+            with monkeypatch.context() as m:
+                m.setattr(gw.store, "refresh_lock", away)
+                await gw.tokens.force_refresh(SLUG, -1)  # the held token's generation
             assert refresh_tokens_sent(fake_nb)[-1] == r1
+            assert gw.tokens.unpersisted == [SLUG]
         clock.advance(5.0)
         with caplog.at_level(logging.INFO, logger="nbgateway"):
             await gw.tokens.persist_pending()
@@ -763,6 +770,89 @@ class TestAPairHeldInMemory:
         assert refresh_tokens_sent(fake_nb)[-1] == stored
         [info] = await gw.store.list_accounts()
         assert info.status is AccountStatus.ACTIVE
+
+    @pytest.mark.parametrize("family", [False, True], ids=["plain", "family-revocation"])
+    async def test_processes_refreshing_a_pair_stored_after_all_take_turns(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        any_database: Path | str,
+        family: bool,
+    ) -> None:
+        """A's commit of R1 lands but reports a failure: A holds R1 in memory, while the
+        row holds R1 with no marker (the commit cleared it), so B may refresh it from the
+        row. A 401 on the token then reaches both at once. A tries the store before its
+        token call, finds the pair stored and refreshes under the lock, so B waits and
+        adopts: R1 is sent once. (Before, A refreshed from memory without the lock, both
+        sent R1, B marked the account for re-authorization, and with family revocation
+        the pair A stored was dead.)"""
+        fake_nb.revoke_family_on_reuse = family
+        settings = settings_factory(database=any_database)
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        fail_first_save(monkeypatch, any_database, a.store, committed=True)
+        clock.advance(LIFETIME)
+        assert await fetch(a) == 200
+        assert a.tokens.unpersisted == [SLUG]
+        [info] = await b.store.list_accounts()
+        assert info.refresh_started_at is None  # the commit cleared the marker
+        fake_nb.hold_tokens()
+        in_a = asyncio.create_task(a.tokens.force_refresh(SLUG, -1))
+        await fake_nb.wait_for_pending_tokens(1)
+        in_b = asyncio.create_task(b.tokens.force_refresh(SLUG, info.generation))
+        await asyncio.sleep(0.5)  # B waits for A's lock instead of sending R1 too
+        fake_nb.release_tokens()
+        token_a, token_b = await asyncio.wait_for(asyncio.gather(in_a, in_b), 30)
+        sent = refresh_tokens_sent(fake_nb)
+        assert len(sent) == len(set(sent)) == 2, "a refresh token was sent twice"
+        assert token_a.access_token == token_b.access_token
+        assert a.tokens.unpersisted == []
+        clock.advance(LIFETIME)
+        assert await fetch(b) == 200
+        [info] = await a.store.list_accounts()
+        assert info.status is AccountStatus.ACTIVE
+
+    async def test_a_refresh_token_stored_alone_later_is_refreshed_without_more_backoff(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """NationBuilder rotates but its answer is refused (a `mac` token), and the store
+        cannot take the new refresh token at first: it is held alone. Once stored (its
+        refusal recorded in the row), the next request past the refresh's own backoff
+        refreshes at once: the process does not take its own write for another process's
+        failure and back off a second time (it answered 503 for a few seconds more)."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        cls = lock_class(Path())
+        original = cls.save_refresh_token
+        failed: list[bool] = []
+
+        async def save_refresh_token(self: Any, refresh_token: Any, message: str) -> Any:
+            if not failed:
+                failed.append(True)
+                raise StoreUnavailable("database gateway.db cannot be written: database is full")
+            return await original(self, refresh_token, message)
+
+        monkeypatch.setattr(cls, "save_refresh_token", save_refresh_token)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"token_type": "mac"})
+        assert await fetch(gw) == 503
+        assert gw.tokens.unpersisted == [SLUG]
+        clock.advance(5.0)  # past the refresh's backoff (2 s at most after one failure)
+        assert await fetch(gw) == 200
+        assert gw.tokens.unpersisted == []
+        sent = refresh_tokens_sent(fake_nb)
+        assert len(sent) == len(set(sent)) == 2
 
     async def test_two_attempts_to_store_one_held_pair_take_turns(
         self,
