@@ -100,6 +100,8 @@ class _Unpersisted:
     issued_at: float = 0.0  # when NationBuilder issued `tokens` (for the effective margin)
     spent: list[Secret] = field(default_factory=list)
     stored_generation: int | None = None  # the row's generation once the pair is stored
+    refresh_failures: int = 0  # token calls from memory that failed in a row
+    refresh_retry_at: float = 0.0  # monotonic: no token call from memory before this
 
     def replace(self, refresh_token: Secret, tokens: TokenSet | None) -> None:
         """NationBuilder rotated the held refresh token: hold its successor instead."""
@@ -892,19 +894,27 @@ class TokenManager:
     async def _from_unpersisted(self, slug: str, force: bool) -> IssuedToken | None:
         """Serve (or refresh) from a held pair; None once it is stored (use the store again)."""
         pending = self._unpersisted[slug]
-        refresh = force or self._held_due(pending, 0.0)
+        mono = self._clock.monotonic()
+        # A token call from memory that failed is not repeated on every request: it backs
+        # off as a stored pair's refresh does (a 401 retry aside).
+        waiting = not force and pending.refresh_retry_at > mono
+        refresh = force or (self._held_due(pending, 0.0) and not waiting)
         # Before a token call, the store again whatever its backoff: a write that reported
         # a failure may have committed the pair (and cleared the marker), so another
         # process may refresh it from the row; once stored, it is refreshed under the lock.
-        if (refresh or pending.next_attempt <= self._clock.monotonic()) and await self._persist(
-            slug, pending
-        ):
+        if (refresh or pending.next_attempt <= mono) and await self._persist(slug, pending):
             if force and pending.stored_generation is not None:
                 return await self._refresh_locked(slug, True, pending.stored_generation)
             return None
         tokens = pending.tokens
         now = self._clock.now()
         if not refresh:
+            if waiting and (tokens is None or tokens.expires_at <= now):
+                raise RefreshBackoff(
+                    slug,
+                    f"refreshing the token of {slug!r} failed recently; retrying later",
+                    pending.refresh_retry_at - mono,
+                )
             return self._issue_unpersisted(slug)
         # Still not stored: the marker the failed write kept makes the other processes
         # wait, so only this one holds the valid refresh token, and refreshing it needs no
@@ -915,15 +925,21 @@ class TokenManager:
         except OAuthError as exc:
             if exc.rotated_refresh_token is not None:
                 pending.replace(exc.rotated_refresh_token, None)
+            pending.refresh_failures += 1
+            delay = self._failure_delay(pending.refresh_failures, exc)
+            pending.refresh_retry_at = self._clock.monotonic() + delay
+            log.warning(
+                "token refresh of a pair held in memory failed; backing off",
+                extra={"account": slug, "outcome": exc.outcome.value, "retry_in": round(delay, 1)},
+            )
             if tokens is not None and tokens.expires_at > now and not force:
                 return self._issue_unpersisted(slug)
             raise RefreshBackoff(
-                slug,
-                f"refreshing the token of {slug!r} failed: {exc}",
-                self._backoff_policy.delay(1),
+                slug, f"refreshing the token of {slug!r} failed: {exc}", delay
             ) from None
         pending.replace(fresh.refresh_token, fresh)
         pending.issued_at = now
+        pending.refresh_failures, pending.refresh_retry_at = 0, 0.0
         if await self._persist(slug, pending):
             return None
         return self._issue_unpersisted(slug)
@@ -983,14 +999,20 @@ class TokenManager:
         )
         return wait
 
+    def _failure_delay(self, failures: int, exc: OAuthError) -> float:
+        """The wait after the `failures`-th failed refresh in a row: the policy's, and at
+        least the endpoint's own Retry-After (up to the cap)."""
+        delay = self._backoff_policy.delay(failures)
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, self._backoff_policy.cap))
+        return delay
+
     def _after_transient_failure(
         self, slug: str, exc: OAuthError, force: bool, account: Account
     ) -> IssuedToken:
         state = self._backoff.get(slug)
         failures = 1 if state is None else state.failures + 1
-        delay = self._backoff_policy.delay(failures)
-        if exc.retry_after is not None:  # the endpoint's own Retry-After, up to the cap
-            delay = max(delay, min(exc.retry_after, self._backoff_policy.cap))
+        delay = self._failure_delay(failures, exc)
         self._backoff[slug] = _Backoff(
             failures, self._clock.monotonic() + delay, account.generation, self._clock.now()
         )

@@ -854,6 +854,49 @@ class TestAPairHeldInMemory:
         sent = refresh_tokens_sent(fake_nb)
         assert len(sent) == len(set(sent)) == 2
 
+    async def test_a_failing_refresh_of_a_held_pair_backs_off(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A pair held in memory (the store still away) falls due while the token endpoint
+        fails. Its refresh from memory backs off as a stored pair's does: requests go on
+        with the still-valid held token, or get a 503 with Retry-After once it expired,
+        without a token call each (there was one per request)."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        fail_first_save(monkeypatch, Path(), gw.store)
+        clock.advance(LIFETIME)
+        assert await fetch(gw) == 200
+        assert gw.tokens.unpersisted == [SLUG]
+
+        def away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
+            raise StoreUnavailable("database gateway.db cannot be reached")
+
+        monkeypatch.setattr(gw.store, "refresh_lock", away)
+        clock.advance(LIFETIME - 60)  # the held pair is due, and valid for a minute more
+        fake_nb.fail_token("server_error", times=10)
+        calls = len(fake_nb.token_requests)
+        assert await fetch(gw) == 200
+        assert len(fake_nb.token_requests) == calls + 1
+        for _ in range(3):
+            assert await fetch(gw) == 200
+        assert len(fake_nb.token_requests) == calls + 1  # backing off
+        clock.advance(120)  # expired
+        resp = await gw.client.get(ME)
+        assert resp.status == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert len(fake_nb.token_requests) == calls + 2  # its wait was over: one more
+        for _ in range(3):
+            assert await fetch(gw) == 503
+        assert len(fake_nb.token_requests) == calls + 2
+        clock.advance(10)
+        assert await fetch(gw) == 503
+        assert len(fake_nb.token_requests) == calls + 3
+
     async def test_two_attempts_to_store_one_held_pair_take_turns(
         self,
         gateway_factory: GatewayFactory,
