@@ -100,6 +100,7 @@ class _Unpersisted:
     issued_at: float = 0.0  # when NationBuilder issued `tokens` (for the effective margin)
     spent: list[Secret] = field(default_factory=list)
     stored_generation: int | None = None  # the row's generation once the pair is stored
+    stored_failure_at: float | None = None  # when storing it recorded a failure in the row
     refresh_failures: int = 0  # token calls from memory that failed in a row
     refresh_retry_at: float = 0.0  # monotonic: no token call from memory before this
 
@@ -287,6 +288,9 @@ class TokenManager:
     async def refresh_now(self, slug: str) -> IssuedToken:
         """Refresh at once (admin action), ignoring backoff; adopts a concurrent refresh."""
         self._backoff.pop(slug, None)
+        held = self._unpersisted.get(slug)
+        if held is not None:
+            held.refresh_retry_at = 0.0
         account = await self._load(slug)
         return await self._single_flight(slug, force=True, stale_generation=account.generation)
 
@@ -858,15 +862,28 @@ class TokenManager:
             return False
         if self._unpersisted.get(slug) is pending:
             del self._unpersisted[slug]
-        state = self._backoff.get(slug)
-        if state is not None:
-            # A refresh token stored alone records its refusal in the row: this process's
-            # own failure, not one of another process's (`_failed_elsewhere`).
-            state.failed_at = max(state.failed_at, self._clock.now())
+        if pending.stored_generation is not None and (
+            pending.stored_failure_at is not None or pending.refresh_failures
+        ):
+            self._carry_backoff(slug, pending, pending.stored_generation)
         self._cache.pop(slug, None)
         self._metrics.unpersisted.labels(slug).set(0)
         log.log(level, outcome, extra={"account": slug})
         return True
+
+    def _carry_backoff(self, slug: str, pending: _Unpersisted, generation: int) -> None:
+        """After this process stored a held pair: the held pair's refresh backoff becomes
+        the stored one's, and a refresh token stored alone (its refusal recorded in the
+        row) counts as this process's own failure, not another process's
+        (`_failed_elsewhere`)."""
+        state = self._backoff.get(slug)
+        failed_at = pending.stored_failure_at or self._clock.now()
+        self._backoff[slug] = _Backoff(
+            max(pending.refresh_failures, state.failures if state else 1),
+            max(pending.refresh_retry_at, state.next_attempt_at if state else 0.0),
+            generation,
+            max(failed_at, state.failed_at if state else 0.0),
+        )
 
     @staticmethod
     async def _store_held(locked: AccountLock, pending: _Unpersisted) -> tuple[int, str]:
@@ -889,27 +906,31 @@ class TokenManager:
             locked.keep()  # still held here only: the marker stays for the other processes
             raise
         pending.stored_generation = saved.generation
+        if saved.last_error is not None:  # a refresh token alone: its refusal is recorded
+            pending.stored_failure_at = saved.updated_at
         return logging.INFO, "stored the held token pair"
 
     async def _from_unpersisted(self, slug: str, force: bool) -> IssuedToken | None:
         """Serve (or refresh) from a held pair; None once it is stored (use the store again)."""
         pending = self._unpersisted[slug]
         mono = self._clock.monotonic()
-        # A token call from memory that failed is not repeated on every request: it backs
-        # off as a stored pair's refresh does (a 401 retry aside).
-        waiting = not force and pending.refresh_retry_at > mono
-        refresh = force or (self._held_due(pending, 0.0) and not waiting)
-        # Before a token call, the store again whatever its backoff: a write that reported
-        # a failure may have committed the pair (and cleared the marker), so another
-        # process may refresh it from the row; once stored, it is refreshed under the lock.
-        if (refresh or pending.next_attempt <= mono) and await self._persist(slug, pending):
-            if force and pending.stored_generation is not None:
+        # A token call from memory that failed is not repeated on every request, nor on a
+        # 401 or the background round: it backs off as a stored pair's refresh does.
+        waiting = pending.refresh_retry_at > mono
+        refresh = (force or self._held_due(pending, 0.0)) and not waiting
+        # Before the first token call, the store again whatever its backoff: the write
+        # that failed may have committed the pair after all (and cleared the marker), so
+        # another process may refresh it from the row; once stored, it is refreshed under
+        # the lock. After a failed retry the store is known to be away: its schedule only.
+        tried = (refresh and pending.failures == 0) or pending.next_attempt <= mono
+        if tried and await self._persist(slug, pending):
+            if force and not waiting and pending.stored_generation is not None:
                 return await self._refresh_locked(slug, True, pending.stored_generation)
             return None
         tokens = pending.tokens
         now = self._clock.now()
         if not refresh:
-            if waiting and (tokens is None or tokens.expires_at <= now):
+            if waiting and (force or tokens is None or tokens.expires_at <= now):
                 raise RefreshBackoff(
                     slug,
                     f"refreshing the token of {slug!r} failed recently; retrying later",
@@ -940,7 +961,10 @@ class TokenManager:
         pending.replace(fresh.refresh_token, fresh)
         pending.issued_at = now
         pending.refresh_failures, pending.refresh_retry_at = 0, 0.0
-        if await self._persist(slug, pending):
+        # Stored now if its retry is due (not twice in one call); else on its schedule
+        # (`persist_pending`), so a hung store does not hold this request a second time.
+        due = not tried and pending.next_attempt <= self._clock.monotonic()
+        if due and await self._persist(slug, pending):
             return None
         return self._issue_unpersisted(slug)
 
@@ -1094,7 +1118,7 @@ class TokenManager:
             held = self._unpersisted.get(info.slug)
             if held is not None:
                 # The row is stale: the pair held in memory is the one that counts.
-                if not self._held_due(held, lead):
+                if not self._held_due(held, lead) or held.refresh_retry_at > now:
                     continue
             elif not self._due(info.expires_at, info.last_refresh_at, lead):
                 continue

@@ -682,6 +682,25 @@ def fail_first_save(
     monkeypatch.setattr(cls, "save_tokens", save_tokens)
 
 
+def store_away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A store's `refresh_lock` while the database cannot be reached."""
+    raise StoreUnavailable("database gateway.db cannot be reached")
+
+
+async def hold_a_pair(
+    gw: Gateway,
+    connect_account: ConnectAccount,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connect, then refresh with the store refusing the new pair: it is held in memory."""
+    await connect_account(gw, SLUG)
+    fail_first_save(monkeypatch, Path(), gw.store)
+    clock.advance(LIFETIME)
+    assert await fetch(gw) == 200
+    assert gw.tokens.unpersisted == [SLUG]
+
+
 class TestAPairHeldInMemory:
     async def test_another_process_waits_for_the_held_pair_instead_of_spending_the_token(
         self,
@@ -748,12 +767,8 @@ class TestAPairHeldInMemory:
         assert gw.tokens.unpersisted == [SLUG]
         r1 = await stored_refresh_token(gw)
         if refreshed:
-
-            def away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
-                raise StoreUnavailable("database gateway.db cannot be reached")
-
             with monkeypatch.context() as m:
-                m.setattr(gw.store, "refresh_lock", away)
+                m.setattr(gw.store, "refresh_lock", store_away)
                 await gw.tokens.force_refresh(SLUG, -1)  # the held token's generation
             assert refresh_tokens_sent(fake_nb)[-1] == r1
             assert gw.tokens.unpersisted == [SLUG]
@@ -867,16 +882,8 @@ class TestAPairHeldInMemory:
         with the still-valid held token, or get a 503 with Retry-After once it expired,
         without a token call each (there was one per request)."""
         gw = await gateway_factory()
-        await connect_account(gw, SLUG)
-        fail_first_save(monkeypatch, Path(), gw.store)
-        clock.advance(LIFETIME)
-        assert await fetch(gw) == 200
-        assert gw.tokens.unpersisted == [SLUG]
-
-        def away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
-            raise StoreUnavailable("database gateway.db cannot be reached")
-
-        monkeypatch.setattr(gw.store, "refresh_lock", away)
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        monkeypatch.setattr(gw.store, "refresh_lock", store_away)
         clock.advance(LIFETIME - 60)  # the held pair is due, and valid for a minute more
         fake_nb.fail_token("server_error", times=10)
         calls = len(fake_nb.token_requests)
@@ -896,6 +903,126 @@ class TestAPairHeldInMemory:
         clock.advance(10)
         assert await fetch(gw) == 503
         assert len(fake_nb.token_requests) == calls + 3
+
+    @pytest.mark.parametrize("caller", ["background", "401"])
+    async def test_a_held_pairs_refresh_backoff_holds_for_every_caller(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        caller: str,
+    ) -> None:
+        """The token endpoint answers the held pair's refresh with 429 Retry-After 280. The
+        background refresher (every 30 s) and requests meeting 401s wait that out as they
+        would for a stored pair: no token call until then (each made one)."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        monkeypatch.setattr(gw.store, "refresh_lock", store_away)
+        clock.advance(LIFETIME - 60)  # the held pair is due
+        fake_nb.rate_window = 280
+        fake_nb.fail_token("rate_limited", times=20)
+        calls = len(fake_nb.token_requests)
+        assert await fetch(gw) == 200  # still valid: served while its refresh failed
+        assert len(fake_nb.token_requests) == calls + 1
+        if caller == "401":
+            fake_nb.expire_access_tokens(SLUG)  # every API call now answers 401
+        for _ in range(4):
+            clock.advance(10)
+            if caller == "background":
+                await gw.tokens.refresh_due(lead=60)
+            else:
+                resp = await gw.client.get(ME)
+                await resp.read()
+                assert resp.status in (401, 503)
+        assert len(fake_nb.token_requests) == calls + 1
+        clock.advance(300)
+        await gw.tokens.refresh_due(lead=60)
+        assert len(fake_nb.token_requests) == calls + 2
+
+    async def test_a_held_pairs_backoff_outlives_storing_it(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A held pair's refresh meets 429 Retry-After 280, then the store takes the pair:
+        the stored pair's refresh waits out the rest of that Retry-After (it called the
+        endpoint again at once)."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        with monkeypatch.context() as m:
+            m.setattr(gw.store, "refresh_lock", store_away)
+            clock.advance(LIFETIME - 60)
+            fake_nb.rate_window = 280
+            fake_nb.fail_token("rate_limited", times=10)
+            calls = len(fake_nb.token_requests)
+            assert await fetch(gw) == 200
+            assert len(fake_nb.token_requests) == calls + 1
+        clock.advance(5)
+        await gw.tokens.persist_pending(force=True)
+        assert gw.tokens.unpersisted == []
+        clock.advance(35)  # past the guard against refreshing a pair stored moments ago
+        await gw.tokens.refresh_due(lead=60)
+        assert await fetch(gw) == 200  # valid for 20 s more
+        assert len(fake_nb.token_requests) == calls + 1
+
+    async def test_a_refresh_token_from_a_memory_refresh_stored_alone_needs_no_more_wait(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A refresh of the held pair from memory rotates, but its answer is refused (a
+        `mac` token): the new refresh token is held alone. Once the store takes it (its
+        refusal recorded in the row), the next request past that refresh's backoff
+        refreshes at once: the process does not take its own write for another process's
+        failure."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        with monkeypatch.context() as m:
+            m.setattr(gw.store, "refresh_lock", store_away)
+            clock.advance(LIFETIME - 60)
+            fake_nb.mangle_token_answers({"token_type": "mac"})
+            await fetch(gw)
+            assert gw.tokens._unpersisted[SLUG].tokens is None
+        clock.advance(5.0)  # past that refresh's backoff (2 s at most after one failure)
+        assert await fetch(gw) == 200
+        assert gw.tokens.unpersisted == []
+        sent = refresh_tokens_sent(fake_nb)
+        assert len(sent) == len(set(sent)) == 3
+
+    async def test_a_hung_store_holds_a_refresh_from_memory_at_most_once(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """With the store hung, a forced refresh of a held pair (a 401) tries the store
+        once before its first token call, and later ones leave it to its retry schedule:
+        a request waits for the store's timeout at most once, not before and after every
+        token call."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        attempts: list[str] = []
+
+        def hung(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
+            attempts.append(slug)  # stands for a busy or statement timeout
+            raise StoreUnavailable("database gateway.db cannot be written: database is locked")
+
+        monkeypatch.setattr(gw.store, "refresh_lock", hung)
+        for expected in (1, 1, 1):
+            await gw.tokens.force_refresh(SLUG, -1)
+            assert len(attempts) == expected
+        clock.advance(60)  # the store's retry is due
+        await gw.tokens.force_refresh(SLUG, -1)
+        assert len(attempts) == 2
 
     async def test_two_attempts_to_store_one_held_pair_take_turns(
         self,
