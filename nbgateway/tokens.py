@@ -287,11 +287,11 @@ class TokenManager:
 
     async def refresh_now(self, slug: str) -> IssuedToken:
         """Refresh at once (admin action), ignoring backoff; adopts a concurrent refresh."""
+        account = await self._load(slug)
         self._backoff.pop(slug, None)
         held = self._unpersisted.get(slug)
         if held is not None:
-            held.refresh_retry_at = 0.0
-        account = await self._load(slug)
+            held.refresh_failures, held.refresh_retry_at = 0, 0.0
         return await self._single_flight(slug, force=True, stale_generation=account.generation)
 
     def only_account(self) -> str | None:
@@ -657,6 +657,7 @@ class TokenManager:
                     self._unanswered.pop(slug, None)
                     saved = await self._save_rotated(locked, account, tokens)
                     if saved is None:
+                        self._refreshed(slug)  # held, but refreshed: the backoff is over
                         return self._issue_unpersisted(slug)
                     account = saved
         # Leaving the block released the lease; the new pair (or the failure) is committed.
@@ -665,10 +666,14 @@ class TokenManager:
             raise self._reauth_error(slug)
         if failure is not None:
             return self._after_transient_failure(slug, failure, force, account)
+        self._refreshed(slug)
+        return self._issue(account)
+
+    def _refreshed(self, slug: str) -> None:
+        """A refresh succeeded: its backoff ends, and the metric and log say so."""
         self._backoff.pop(slug, None)
         self._metrics.last_refresh_success.labels(slug).set(self._clock.now())
         log.info("refreshed token", extra={"account": slug, "outcome": "success"})
-        return self._issue(account)
 
     def _unanswered_with(self, slug: str, account: Account) -> float | None:
         """When this process last sent `account`'s refresh token without a usable answer."""
@@ -832,13 +837,17 @@ class TokenManager:
     async def _persist(self, slug: str, pending: _Unpersisted) -> bool:
         """Store a held pair if the account still holds the token it replaced. True once
         `pending` is no longer held (stored, obsolete, or stored by another attempt)."""
+        failures = pending.failures
         async with self._persisting.setdefault(slug, asyncio.Lock()):
             if self._unpersisted.get(slug) is not pending:
                 return True  # another attempt stored it meanwhile: look again
+            if pending.failures != failures:
+                return False  # another attempt failed meanwhile: not a second wait now
             return await self._persist_held(slug, pending)
 
     async def _persist_held(self, slug: str, pending: _Unpersisted) -> bool:
         level, outcome = logging.INFO, "the account of a held token pair was removed"
+        removed = False
         try:
             for attempt in (1, 2):  # a conflict (the row written meanwhile): read it again
                 try:
@@ -849,7 +858,7 @@ class TokenManager:
                     if attempt == 2:
                         raise
         except AccountNotFound:
-            pass  # removed meanwhile: nothing to keep
+            removed = True  # removed meanwhile: nothing to keep
         except StoreError as exc:
             pending.failures += 1
             delay = min(PERSIST_RETRY_CAP, PERSIST_RETRY_BASE * 2 ** min(pending.failures, 10))
@@ -867,7 +876,8 @@ class TokenManager:
         ):
             self._carry_backoff(slug, pending, pending.stored_generation)
         self._cache.pop(slug, None)
-        self._metrics.unpersisted.labels(slug).set(0)
+        if not removed:  # a removed account's series go with it (`sync`)
+            self._metrics.unpersisted.labels(slug).set(0)
         log.log(level, outcome, extra={"account": slug})
         return True
 
@@ -961,6 +971,7 @@ class TokenManager:
         pending.replace(fresh.refresh_token, fresh)
         pending.issued_at = now
         pending.refresh_failures, pending.refresh_retry_at = 0, 0.0
+        self._refreshed(slug)
         # Stored now if its retry is due (not twice in one call); else on its schedule
         # (`persist_pending`), so a hung store does not hold this request a second time.
         due = not tried and pending.next_attempt <= self._clock.monotonic()

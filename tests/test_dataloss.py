@@ -19,7 +19,7 @@ import math
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1023,6 +1023,92 @@ class TestAPairHeldInMemory:
         clock.advance(60)  # the store's retry is due
         await gw.tokens.force_refresh(SLUG, -1)
         assert len(attempts) == 2
+
+    async def test_an_admin_refresh_the_store_refuses_keeps_the_held_pairs_backoff(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """An admin's "Refresh now" that fails at once (the store cannot be read) leaves
+        the held pair's backoff (429 Retry-After 280) in place: the background round
+        does not call the endpoint meanwhile."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        monkeypatch.setattr(gw.store, "refresh_lock", store_away)
+        clock.advance(LIFETIME - 60)
+        fake_nb.rate_window = 280
+        fake_nb.fail_token("rate_limited", times=20)
+        calls = len(fake_nb.token_requests)
+        assert await fetch(gw) == 200
+        assert len(fake_nb.token_requests) == calls + 1
+
+        async def unreadable(slug: str) -> Any:
+            raise StoreUnavailable("database gateway.db cannot be reached")
+
+        monkeypatch.setattr(gw.store, "get_account", unreadable)
+        with pytest.raises(StoreUnavailable):
+            await gw.tokens.refresh_now(SLUG)
+        clock.advance(5)
+        await gw.tokens.refresh_due(lead=60)
+        assert len(fake_nb.token_requests) == calls + 1
+
+    async def test_a_request_does_not_wait_for_a_hung_store_after_the_background_retry(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The background retry is waiting on a hung store when a request for the
+        expired held pair arrives: the request waits for that attempt, then does not
+        make one of its own (two store timeouts in a row)."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        attempts: list[str] = []
+
+        @contextlib.asynccontextmanager
+        async def hung(slug: str) -> AsyncIterator[Any]:
+            attempts.append(slug)
+            await asyncio.sleep(0.3)  # stands for a busy timeout
+            raise StoreUnavailable("database gateway.db cannot be written: database is locked")
+            yield  # type: ignore[unreachable]  # pragma: no cover
+
+        monkeypatch.setattr(gw.store, "refresh_lock", hung)
+        clock.advance(LIFETIME + 10)  # the held token expired; the store's retry is due
+        retry = asyncio.create_task(gw.tokens.persist_pending())
+        await asyncio.sleep(0.05)
+        assert await fetch(gw) == 200  # refreshed from memory
+        await retry
+        assert len(attempts) == 1
+
+    async def test_a_refresh_held_in_memory_ends_the_backoff_of_the_failure_before(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A refresh fails, the next succeeds but its pair is held in memory: the failure's
+        backoff is over, so its retry a moment later does not rotate the pair issued a
+        second before."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        clock.advance(LIFETIME + 1)  # expired
+        fake_nb.fail_token("server_error")
+        assert await fetch(gw) == 503
+        clock.advance(5)
+        fail_first_save(monkeypatch, Path(), gw.store)
+        assert await fetch(gw) == 200
+        assert gw.tokens.unpersisted == [SLUG]
+        monkeypatch.setattr(gw.store, "refresh_lock", store_away)
+        calls = len(fake_nb.token_requests)
+        clock.advance(1)
+        await gw.tokens.retry_after_backoff()
+        assert len(fake_nb.token_requests) == calls
 
     async def test_two_attempts_to_store_one_held_pair_take_turns(
         self,
