@@ -949,7 +949,9 @@ class TokenManager:
             return self._issue_unpersisted(slug)
         # Still not stored: the marker the failed write kept makes the other processes
         # wait, so only this one holds the valid refresh token, and refreshing it needs no
-        # lock. The consumed one is never sent again.
+        # lock. The consumed one is never sent again. (Not so if that write committed
+        # after all and the store is away for this process only: then another process
+        # may refresh the row's copy too; see docs/architecture.md.)
         self._refuse_when_closing(slug)
         try:
             fresh = await self._call_token_endpoint(slug, pending.refresh_token)
