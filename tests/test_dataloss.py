@@ -661,25 +661,31 @@ def lock_class(database: Path | str) -> Any:
 
 
 def fail_first_save(
-    monkeypatch: pytest.MonkeyPatch, database: Path | str, store: Any, *, committed: bool = False
+    monkeypatch: pytest.MonkeyPatch,
+    database: Path | str,
+    store: Any,
+    *,
+    committed: bool = False,
+    method: str = "save_tokens",
 ) -> None:
-    """`store`'s first commit of a refreshed pair fails as a write that waited out the
-    database's lock does (StoreUnavailable); later ones, and other stores', go through.
-    With `committed`, that first commit lands before the failure is reported (the
-    connection dropped after the COMMIT reached the server)."""
+    """`store`'s first commit of a refreshed pair (`method`: or of a refresh token alone,
+    "save_refresh_token") fails as a write that waited out the database's lock does
+    (StoreUnavailable); later ones, and other stores', go through. With `committed`, that
+    first commit lands before the failure is reported (the connection dropped after the
+    COMMIT reached the server)."""
     cls = lock_class(database)
-    original = cls.save_tokens
+    original = getattr(cls, method)
     failed: list[bool] = []
 
-    async def save_tokens(self: Any, tokens: Any) -> Any:
+    async def save(self: Any, *args: Any) -> Any:
         if not failed and self._store is store:
             failed.append(True)
             if committed:
-                await original(self, tokens)
+                await original(self, *args)
             raise StoreUnavailable("database gateway.db cannot be written: database is locked")
-        return await original(self, tokens)
+        return await original(self, *args)
 
-    monkeypatch.setattr(cls, "save_tokens", save_tokens)
+    monkeypatch.setattr(cls, method, save)
 
 
 def store_away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -848,17 +854,7 @@ class TestAPairHeldInMemory:
         failure and back off a second time (it answered 503 for a few seconds more)."""
         gw = await gateway_factory()
         await connect_account(gw, SLUG)
-        cls = lock_class(Path())
-        original = cls.save_refresh_token
-        failed: list[bool] = []
-
-        async def save_refresh_token(self: Any, refresh_token: Any, message: str) -> Any:
-            if not failed:
-                failed.append(True)
-                raise StoreUnavailable("database gateway.db cannot be written: database is full")
-            return await original(self, refresh_token, message)
-
-        monkeypatch.setattr(cls, "save_refresh_token", save_refresh_token)
+        fail_first_save(monkeypatch, Path(), gw.store, method="save_refresh_token")
         clock.advance(LIFETIME)
         fake_nb.mangle_token_answers({"token_type": "mac"})
         assert await fetch(gw) == 503
