@@ -43,7 +43,7 @@ from nbgateway.metrics import Metrics
 from nbgateway.models import Account, AccountInfo, AccountStatus, RefreshOutcome, TokenSet
 from nbgateway.oauth import NationBuilderOAuth
 from nbgateway.redact import Secret
-from nbgateway.store import AccountLock, GenerationConflict, LeaseLost, TokenStore
+from nbgateway.store import LEASE_SLACK, AccountLock, GenerationConflict, LeaseLost, TokenStore
 
 log = logging.getLogger("nbgateway.tokens")
 
@@ -61,6 +61,11 @@ MARGIN_WAIT = 2.0
 # Seconds between attempts to store a rotated pair the store refused (doubling up to the cap).
 PERSIST_RETRY_BASE = 1.0
 PERSIST_RETRY_CAP = 30.0
+# The marker kept for a held pair lasts one lease (`TokenStore.lease`) from its holder's
+# last lock on the account, which renews it. An attempt whose lock was granted comes again
+# within a third of that, however long it took; a token call from memory (bounded by the
+# lease less LEASE_SLACK) starts within this of such a lock, or tries the store first.
+RENEW_BEFORE_CALL = LEASE_SLACK / 2
 # Background refreshes run at once, at most this many at a time.
 REFRESH_CONCURRENCY = 32
 # NationBuilder's 401 `unauthorized` also means the user lacks a permission, which no refresh
@@ -103,6 +108,9 @@ class _Unpersisted:
     stored_failure_at: float | None = None  # when storing it recorded a failure in the row
     refresh_failures: int = 0  # token calls from memory that failed in a row
     refresh_retry_at: float = 0.0  # monotonic: no token call from memory before this
+    # Monotonic: when this process's lock on the account, which renews the kept marker's
+    # deadline, was last granted; None when the last attempt could not get it.
+    claimed_at: float | None = None
 
     def replace(self, refresh_token: Secret, tokens: TokenSet | None) -> None:
         """NationBuilder rotated the held refresh token: hold its successor instead."""
@@ -514,9 +522,13 @@ class TokenManager:
 
     async def _obtain(self, slug: str, force: bool, stale_generation: int | None) -> IssuedToken:
         while slug in self._unpersisted:  # another held pair may replace one stored meanwhile
+            pending = self._unpersisted[slug]
             issued = await self._from_unpersisted(slug, force)
             if issued is not None:
                 return issued
+            if stale_generation == -1 and pending.stored_generation is not None:
+                # A 401 on the held token, stored now: that row's token is the one refused.
+                stale_generation = pending.stored_generation
         if slug in self._needs_reauth and not await self._reauthorized_elsewhere(slug):
             raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
@@ -775,6 +787,7 @@ class TokenManager:
         self._unpersisted[slug] = pending
         pending.issued_at = self._clock.now()
         pending.next_attempt = self._clock.monotonic() + PERSIST_RETRY_BASE
+        pending.claimed_at = self._clock.monotonic()  # under the refresh's lock
         self._metrics.persist_failures.labels(slug).inc()
         self._metrics.unpersisted.labels(slug).set(1)
         log.error(
@@ -788,8 +801,10 @@ class TokenManager:
             raise RefreshBackoff(
                 slug, f"the token of {slug!r} cannot be stored right now; retrying", 5.0
             )
-        tokens = pending.tokens
-        margin = self.effective_margin(tokens.expires_at, pending.issued_at)
+        return self._issue_held(slug, pending.tokens, pending.issued_at)
+
+    def _issue_held(self, slug: str, tokens: TokenSet, issued_at: float) -> IssuedToken:
+        margin = self.effective_margin(tokens.expires_at, issued_at)
         # A generation no stored row has: a 401 on it forces a refresh from memory.
         token = IssuedToken(tokens.access_token, -1, tokens.expires_at, tokens.expires_at - margin)
         self._cache[slug] = token
@@ -847,11 +862,14 @@ class TokenManager:
 
     async def _persist_held(self, slug: str, pending: _Unpersisted) -> bool:
         level, outcome = logging.INFO, "the account of a held token pair was removed"
-        removed = False
+        removed = granted = False
+        started = self._clock.monotonic()
         try:
             for attempt in (1, 2):  # a conflict (the row written meanwhile): read it again
                 try:
                     async with self._store.refresh_lock(slug) as locked:
+                        granted = True  # the kept marker's deadline is one lease from now
+                        pending.claimed_at = started
                         level, outcome = await self._store_held(locked, pending)
                     break
                 except GenerationConflict:
@@ -862,7 +880,16 @@ class TokenManager:
         except StoreError as exc:
             pending.failures += 1
             delay = min(PERSIST_RETRY_CAP, PERSIST_RETRY_BASE * 2 ** min(pending.failures, 10))
-            pending.next_attempt = self._clock.monotonic() + delay
+            now = self._clock.monotonic()
+            if granted:
+                # Locks are granted, writes fail (a full disk, a statement timeout): the next
+                # lock renews the marker before it lapses, or processes elsewhere would take
+                # it over and send the spent refresh token.
+                renew_by = started + self._store.lease / 3
+                delay = min(delay, max(PERSIST_RETRY_BASE, renew_by - now))
+            else:
+                pending.claimed_at = None  # the store is away: nobody else can lock either
+            pending.next_attempt = now + delay
             self._metrics.persist_failures.labels(slug).inc()
             log.warning(
                 "still cannot store the held token pair",
@@ -871,6 +898,11 @@ class TokenManager:
             return False
         if self._unpersisted.get(slug) is pending:
             del self._unpersisted[slug]
+        if pending.stored_generation is not None and slug in self._needs_reauth:
+            # Stored over another process's refusal of the spent refresh token: active.
+            self._needs_reauth.discard(slug)
+            self._reauth_hints.pop(slug, None)
+            self._metrics.needs_reauth.labels(slug).set(0)
         if pending.stored_generation is not None and (
             pending.stored_failure_at is not None or pending.refresh_failures
         ):
@@ -898,22 +930,27 @@ class TokenManager:
     @staticmethod
     async def _store_held(locked: AccountLock, pending: _Unpersisted) -> tuple[int, str]:
         """Store the held pair under the lock; the log level and line saying what became
-        of it."""
-        current = await locked.read()
-        if current.refresh_token == pending.refresh_token:
-            # A write that reported a failure had committed it after all.
-            pending.stored_generation = current.generation
-            return logging.INFO, "the held token pair had been stored after all"
-        if not pending.supersedes(current.refresh_token):
-            # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
-            return logging.WARNING, "dropping a held token pair: the account changed"
+        of it. Whatever fails keeps the marker: the pair is still held here only, and the
+        other processes must go on waiting for it."""
         try:
-            if pending.tokens is not None:
-                saved = await locked.save_tokens(pending.tokens)
+            current = await locked.read()
+            tokens = pending.tokens
+            if current.refresh_token == pending.refresh_token and (
+                tokens is None or current.access_token == tokens.access_token
+            ):
+                # A write that reported a failure had committed it after all. (The same
+                # refresh token with another access token: an answer that did not rotate.)
+                pending.stored_generation = current.generation
+                return logging.INFO, "the held token pair had been stored after all"
+            if not pending.supersedes(current.refresh_token):
+                # Re-connected (or removed and re-added) meanwhile: the held pair is obsolete.
+                return logging.WARNING, "dropping a held token pair: the account changed"
+            if tokens is not None:
+                saved = await locked.save_tokens(tokens)
             else:
                 saved = await locked.save_refresh_token(pending.refresh_token, pending.message)
         except StoreError:
-            locked.keep()  # still held here only: the marker stays for the other processes
+            locked.keep()
             raise
         pending.stored_generation = saved.generation
         if saved.last_error is not None:  # a refresh token alone: its refusal is recorded
@@ -932,7 +969,11 @@ class TokenManager:
         # that failed may have committed the pair after all (and cleared the marker), so
         # another process may refresh it from the row; once stored, it is refreshed under
         # the lock. After a failed retry the store is known to be away: its schedule only.
-        tried = (refresh and pending.failures == 0) or pending.next_attempt <= mono
+        # And before a token call whose lock was granted more than RENEW_BEFORE_CALL ago
+        # (writes failing, locks granted): the attempt renews the kept marker, which must
+        # outlast the call.
+        renew = pending.claimed_at is not None and mono - pending.claimed_at > RENEW_BEFORE_CALL
+        tried = (refresh and (pending.failures == 0 or renew)) or pending.next_attempt <= mono
         if tried and await self._persist(slug, pending):
             if force and not waiting and pending.stored_generation is not None:
                 return await self._refresh_locked(slug, True, pending.stored_generation)
@@ -941,6 +982,11 @@ class TokenManager:
         now = self._clock.now()
         if not refresh:
             if waiting and (force or tokens is None or tokens.expires_at <= now):
+                # The old access token of a refused rotation (its successor held alone)
+                # serves on while valid, as a stored pair's would.
+                cached = None if force else self._still_valid(self._cache.get(slug))
+                if cached is not None:
+                    return cached
                 raise RefreshBackoff(
                     slug,
                     f"refreshing the token of {slug!r} failed recently; retrying later",
@@ -966,7 +1012,8 @@ class TokenManager:
                 extra={"account": slug, "outcome": exc.outcome.value, "retry_in": round(delay, 1)},
             )
             if tokens is not None and tokens.expires_at > now and not force:
-                return self._issue_unpersisted(slug)
+                # Still valid, whether or not the refused answer rotated the refresh token.
+                return self._issue_held(slug, tokens, pending.issued_at)
             raise RefreshBackoff(
                 slug, f"refreshing the token of {slug!r} failed: {exc}", delay
             ) from None
@@ -1050,9 +1097,14 @@ class TokenManager:
         state = self._backoff.get(slug)
         failures = 1 if state is None else state.failures + 1
         delay = self._failure_delay(failures, exc)
-        self._backoff[slug] = _Backoff(
-            failures, self._clock.monotonic() + delay, account.generation, self._clock.now()
-        )
+        retry_at = self._clock.monotonic() + delay
+        self._backoff[slug] = _Backoff(failures, retry_at, account.generation, self._clock.now())
+        held = self._unpersisted.get(slug)
+        if held is not None:
+            # The refused answer's rotated refresh token, held (the store refused it too):
+            # its refresh from memory waits as the stored pair's would.
+            held.refresh_failures = max(held.refresh_failures, failures)
+            held.refresh_retry_at = max(held.refresh_retry_at, retry_at)
         log.warning(
             "token refresh failed; backing off",
             extra={"account": slug, "outcome": exc.outcome.value, "retry_in": round(delay, 1)},
@@ -1099,6 +1151,11 @@ class TokenManager:
         self._accounts = present
         for info in infos:
             self._metrics.account_known(info.slug)
+            if info.slug in self._unpersisted:
+                # The pair held here is newer than the row: its token stays cached, and a
+                # refusal of the spent one recorded meanwhile (needs re-authorization) is
+                # stored over. The row is looked at again when the pair is stored.
+                continue
             cached = self._cache.get(info.slug)
             if cached is not None and cached.generation != info.generation:
                 self._cache.pop(info.slug, None)

@@ -762,6 +762,29 @@ class TestEvents:
         [info] = await store.list_accounts()
         assert info.status is AccountStatus.NEEDS_REAUTH
 
+    @pytest.mark.parametrize("write", ["save_tokens", "save_refresh_token"])
+    async def test_a_token_stored_over_a_refusal_makes_the_account_active(
+        self, store: TokenStore, clock: FakeClock, write: str
+    ) -> None:
+        """Another process marked the account needing re-authorization (NationBuilder refused
+        the spent refresh token it sent) while this one held the rotated successor; storing
+        that successor, a pair or a refresh token alone, makes the account active again:
+        the row holds a refresh token nobody sent yet."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.mark_needs_reauth("invalid_grant: token revoked")
+        async with store.refresh_lock("acme") as locked:
+            assert (await locked.read()).status is AccountStatus.NEEDS_REAUTH
+            if write == "save_tokens":
+                saved = await locked.save_tokens(token_set(clock, "2"))
+            else:
+                saved = await locked.save_refresh_token(Secret("rotated-2"), "refused answer")
+        assert saved.status is AccountStatus.ACTIVE
+        account = await store.get_account("acme")
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        [info] = await store.list_accounts()
+        assert info.status is AccountStatus.ACTIVE
+
     async def test_removed_event_survives_the_account(
         self, store: TokenStore, clock: FakeClock
     ) -> None:

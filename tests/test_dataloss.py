@@ -29,8 +29,9 @@ from conftest import ADMIN_TOKEN, ConnectAccount, Gateway, GatewayFactory, Setti
 from procs import clean_os_environ, gateway_env, run_command
 from test_admin_pages import Browser
 
+from nbgateway import tokens as tokens_module
 from nbgateway.clock import FakeClock
-from nbgateway.errors import StoreUnavailable
+from nbgateway.errors import RefreshBackoff, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus
 from nbgateway.oauth import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
@@ -341,7 +342,7 @@ class TestDiskFullDuringRefresh:
         assert a.tokens.unpersisted == [SLUG]
 
         filler.unlink()
-        clock.advance(2 * a.store.lease)  # type: ignore[attr-defined]
+        clock.advance(2 * a.store.lease)
         asked: list[str] = []
         original = b.store.refresh_lock
 
@@ -691,6 +692,26 @@ def fail_first_save(
 def store_away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
     """A store's `refresh_lock` while the database cannot be reached."""
     raise StoreUnavailable("database gateway.db cannot be reached")
+
+
+def elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lease holder runs on another host (or PID namespace): whether it still runs
+    cannot be told, and its deadline alone decides."""
+    from nbgateway.store import postgres, sqlite
+
+    for module in (sqlite, postgres):
+        monkeypatch.setattr(module, "holder_runs", lambda holder: None)
+
+
+async def takes_over(store: Any) -> bool:
+    """Whether `store`'s process would take the account's refresh over now, instead of
+    waiting for the holder (the lock granted within a moment)."""
+    try:
+        async with asyncio.timeout(0.1):
+            async with store.refresh_lock(SLUG):
+                return True
+    except TimeoutError:
+        return False
 
 
 async def hold_a_pair(
@@ -1203,7 +1224,7 @@ class TestAPairHeldInMemory:
         fake_nb.hold_tokens()
         from_a = asyncio.create_task(fetch(a))
         await fake_nb.wait_for_pending_tokens(1)
-        clock.advance(a.store.lease + 1)  # type: ignore[attr-defined]
+        clock.advance(a.store.lease + 1)
         from_b = asyncio.create_task(fetch(b))
         await fake_nb.wait_for_pending_tokens(2)
         fake_nb.release_tokens()  # A's call is answered first: B's meets invalid_grant
@@ -1288,3 +1309,306 @@ class TestAPairHeldInMemory:
         assert await fetch(b) == 200
         assert bearer(fake_nb.api_requests[-1]) != issued["access_token"]
         assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
+
+    async def test_a_kept_marker_outlasts_a_long_run_of_failing_writes(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        any_database: Path | str,
+    ) -> None:
+        """A holds a pair its store keeps refusing while locks are still granted (a full
+        disk, a statement timeout), each failing write taking a quarter of a lease; B
+        runs on another host, so it cannot tell whether A still runs and goes by the
+        marker's deadline alone. A's retries renew the marker before it lapses, however
+        far apart its growing backoff would put them: B never takes the refresh over (it
+        would send the spent refresh token: needs-reauth, and with family revocation a
+        dead account), and adopts the pair once A stores it. (Lease and retry base are
+        scaled down so that the run takes seconds; PostgreSQL's deadline is on its own
+        clock, hence the real sleeps.)"""
+        fake_nb.revoke_family_on_reuse = True
+        settings = settings_factory(database=any_database)
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        issued = await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        elsewhere(monkeypatch)
+        lease = 2.0
+        a.store.lease = b.store.lease = lease
+        monkeypatch.setattr(tokens_module, "PERSIST_RETRY_BASE", 0.1)
+        cls = lock_class(any_database)
+        original = cls.save_tokens
+        refusing = [True]
+
+        async def save_tokens(self: Any, tokens: Any) -> Any:
+            if self._store is a.store and refusing[0]:
+                clock.advance(lease / 4)  # waited for the database, then failed
+                await asyncio.sleep(lease / 4)
+                raise StoreUnavailable("database cannot be written: statement timeout")
+            return await original(self, tokens)
+
+        monkeypatch.setattr(cls, "save_tokens", save_tokens)
+        clock.advance(LIFETIME)
+        assert await fetch(a) == 200
+        assert a.tokens.unpersisted == [SLUG]
+        failures = 0
+        for _ in range(16):  # A's background round
+            clock.advance(lease / 8)
+            await asyncio.sleep(lease / 8)
+            await a.tokens.persist_pending()
+            failures = a.tokens._unpersisted[SLUG].failures
+            assert not await takes_over(b.store), f"B took over after {failures} failures"
+        assert failures >= 4  # the backoff alone would have let the marker lapse by then
+        refusing[0] = False
+        await a.tokens.persist_pending(force=True)
+        assert a.tokens.unpersisted == []
+        assert await fetch(b) == 200
+        assert refresh_tokens_sent(fake_nb).count(issued["refresh_token"]) == 1
+
+    async def test_a_failed_read_while_storing_a_held_pair_keeps_the_marker(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        any_database: Path | str,
+    ) -> None:
+        """A retry to store a held pair gets its lock, but the read under it fails (a
+        statement cancelled, a read timeout). The marker stays for the other processes:
+        B waits instead of sending the spent refresh token, and adopts the pair once A
+        stores it."""
+        fake_nb.revoke_family_on_reuse = True
+        settings = settings_factory(database=any_database)
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        issued = await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        fail_first_save(monkeypatch, any_database, a.store)
+        clock.advance(LIFETIME)
+        assert await fetch(a) == 200
+        assert a.tokens.unpersisted == [SLUG]
+        cls = lock_class(any_database)
+        original = cls.read
+        failed: list[bool] = []
+
+        async def read(self: Any) -> Any:
+            if self._store is a.store and not failed:
+                failed.append(True)
+                raise StoreUnavailable("database cannot be read: canceling statement")
+            return await original(self)
+
+        monkeypatch.setattr(cls, "read", read)
+        await a.tokens.persist_pending(force=True)
+        assert failed and a.tokens.unpersisted == [SLUG]
+        [info] = await b.store.list_accounts()
+        assert info.refresh_started_at is not None  # the marker is kept
+        await a.tokens.persist_pending(force=True)
+        assert a.tokens.unpersisted == []
+        assert await fetch(b) == 200
+        assert refresh_tokens_sent(fake_nb).count(issued["refresh_token"]) == 1
+
+    async def test_a_refresh_token_held_alone_lands_over_a_refusal_and_is_used(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A's token call outlasts its lease and rotates, but its answer is refused (a
+        `mac` token): only the new refresh token is kept, and it cannot be stored, for B
+        took the lapsed lease over, was refused the spent token and marked the account.
+        A stores the refresh token over that refusal: the account is active again (the
+        row holds a refresh token nobody sent yet) and is refreshed with it, instead of
+        waiting for an admin to re-authorize a healthy account."""
+        from nbgateway.store import sqlite as sqlite_store
+
+        settings = settings_factory()
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        await connect_account(a, SLUG)
+        await b.tokens.sync(force=True)
+        elsewhere(monkeypatch)
+        marked = asyncio.Event()
+        save = sqlite_store._Lease.save_refresh_token
+        mark = sqlite_store._Lease.mark_needs_reauth
+
+        async def save_refresh_token(self: Any, token: Any, message: str) -> Any:
+            if self._store is a.store:
+                await marked.wait()  # A stalled until B has marked the account
+            return await save(self, token, message)
+
+        async def mark_needs_reauth(self: Any, message: str) -> None:
+            await mark(self, message)
+            marked.set()
+
+        monkeypatch.setattr(sqlite_store._Lease, "save_refresh_token", save_refresh_token)
+        monkeypatch.setattr(sqlite_store._Lease, "mark_needs_reauth", mark_needs_reauth)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"token_type": "mac"})
+        fake_nb.hold_tokens()
+        from_a = asyncio.create_task(fetch(a))
+        await fake_nb.wait_for_pending_tokens(1)
+        clock.advance(a.store.lease + 1)
+        from_b = asyncio.create_task(fetch(b))
+        await fake_nb.wait_for_pending_tokens(2)
+        fake_nb.release_tokens()
+        assert await from_a == 503
+        assert await from_b == 401
+        assert a.tokens.unpersisted == [SLUG]
+        await a.tokens.sync(force=True)  # A sees B's mark: the held token outranks it
+        assert a.metric(NEEDS_REAUTH, account=SLUG) != 1
+        fake_nb.mangle_token_answers({})
+        clock.advance(2.0)
+        await a.tokens.persist_pending()
+        assert a.tokens.unpersisted == []
+        rotated = await stored_refresh_token(a)
+        assert rotated not in refresh_tokens_sent(fake_nb)  # the live one, never sent
+        account = await a.store.get_account(SLUG)
+        assert account is not None and account.status is AccountStatus.ACTIVE
+        clock.advance(600.0)  # the refusal's backoff is over
+        assert await fetch(a) == 200
+        assert refresh_tokens_sent(fake_nb)[-1] == rotated
+        await b.tokens.sync(force=True)
+        assert await fetch(b) == 200
+
+    async def test_a_refused_rotation_held_alone_honours_the_backoff_of_its_failure(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A refresh's answer is refused but rotated (a `mac` token), and the store refuses
+        the new refresh token too: it is held alone. The failure backs off: the next
+        request, the store still away, makes no token call from memory at once, as none
+        would be made for a stored pair in the same state."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        fail_first_save(monkeypatch, Path(), gw.store, method="save_refresh_token")
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"token_type": "mac"})
+        assert await fetch(gw) == 503
+        assert gw.tokens.unpersisted == [SLUG]
+        calls = len(fake_nb.token_requests)
+        monkeypatch.setattr(gw.store, "refresh_lock", store_away)
+        assert await fetch(gw) == 503  # still inside the backoff: no valid token either
+        assert len(fake_nb.token_requests) == calls
+        fake_nb.mangle_token_answers({})
+        clock.advance(600.0)
+        assert await fetch(gw) == 200  # after it, refreshed from memory
+        assert len(fake_nb.token_requests) == calls + 1
+
+    async def test_a_refused_rotation_from_memory_serves_the_still_valid_token(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A held pair is due but valid for another minute, the store away. Its refresh
+        from memory is refused but rotated (a `mac` token): the new refresh token is held
+        alone, and the valid access token serves on, for that request and the next ones
+        while the failure backs off, as a stored pair's would."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        held = gw.tokens._unpersisted[SLUG].tokens
+        assert held is not None
+        monkeypatch.setattr(gw.store, "refresh_lock", store_away)
+        clock.advance(LIFETIME - 60)
+        fake_nb.mangle_token_answers({"token_type": "mac"})
+        calls = len(fake_nb.token_requests)
+        for _ in range(3):
+            assert await fetch(gw) == 200
+            assert bearer(fake_nb.api_requests[-1]) == held.access_token.reveal()
+        assert len(fake_nb.token_requests) == calls + 1
+        assert gw.tokens._unpersisted[SLUG].tokens is None  # the new refresh token alone
+
+    async def test_a_sync_leaves_the_held_token_cached(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Another process's commit makes `sync` reload; the held token (newer than the
+        row) stays cached, so requests go on without waiting for a hung store while the
+        pair's retry is due."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        assert gw.tokens.cached_token(SLUG) is not None
+        await gw.tokens.sync(force=True)
+        assert gw.tokens.cached_token(SLUG) is not None
+
+        @contextlib.asynccontextmanager
+        async def hung(slug: str) -> AsyncIterator[Any]:
+            await asyncio.sleep(6.0)  # stands for a busy timeout
+            if slug:  # always: the lock is never granted
+                raise StoreUnavailable("database gateway.db cannot be written: database is locked")
+            yield None
+
+        monkeypatch.setattr(gw.store, "refresh_lock", hung)
+        clock.advance(5.0)  # the pair's retry is due (the background round is not running)
+        assert await asyncio.wait_for(fetch(gw), 2.0) == 200
+
+    async def test_a_401_on_the_held_token_is_not_answered_with_that_token(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The held pair's refresh from memory backs off (429, Retry-After 280). A 401 on
+        the held token comes when the store is back: the pair is stored, and the stored
+        row's token, the one NationBuilder just refused, is not handed back as a cure;
+        the refresh waits for its backoff, as a stored pair's does."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        with monkeypatch.context() as m:
+            m.setattr(gw.store, "refresh_lock", store_away)
+            clock.advance(LIFETIME - 60)
+            fake_nb.rate_window = 280
+            fake_nb.fail_token("rate_limited", times=10)
+            assert await fetch(gw) == 200
+        calls = len(fake_nb.token_requests)
+        clock.advance(5)  # the store's retry is due; the refresh's backoff is not
+        with pytest.raises(RefreshBackoff):
+            await gw.tokens.force_refresh(SLUG, -1)
+        assert gw.tokens.unpersisted == []  # stored
+        assert len(fake_nb.token_requests) == calls
+
+    async def test_a_held_pair_from_an_answer_that_did_not_rotate_is_stored(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """NationBuilder's answer kept the refresh token (none in it), and the store refused
+        the new access token: storing the held pair later writes that access token, not
+        "had been stored after all" for a row still holding the old one."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        fail_first_save(monkeypatch, Path(), gw.store)
+        clock.advance(LIFETIME)
+        fake_nb.mangle_token_answers({"refresh_token": None})
+        assert await fetch(gw) == 200
+        held = gw.tokens._unpersisted[SLUG].tokens
+        assert held is not None
+        with caplog.at_level(logging.INFO, logger="nbgateway"):
+            await gw.tokens.persist_pending(force=True)
+        assert gw.tokens.unpersisted == []
+        assert "stored the held token pair" in caplog.messages
+        account = await gw.store.get_account(SLUG)
+        assert account is not None and account.access_token == held.access_token

@@ -947,7 +947,7 @@ class TestAdminsAtTheSameTime:
         await connect_account(here, "acme")
         await connect_account(here, "beta")
         clock.advance(2 * 86400)  # both expired
-        here.store.lease = 0.25  # type: ignore[attr-defined]
+        here.store.lease = 0.25
         async with other.store.refresh_lock("acme"):
             resp = await here.client.get("/n/acme" + ME)
             assert resp.status == 503
@@ -1028,7 +1028,7 @@ class TestAdminsAtTheSameTime:
             stalled.client.post("/connect/api/accounts/acme/refresh", headers=AUTH)
         )
         await fake_nb.wait_for_pending_tokens(1)
-        clock.advance(other.store.lease + 1)  # type: ignore[attr-defined]
+        clock.advance(other.store.lease + 1)
         async with other.store.refresh_lock("acme") as taken:
             await taken.begin_refresh()
             [before] = await other.store.list_accounts()

@@ -17,6 +17,7 @@ from nbgateway.crypto import Cipher
 from nbgateway.errors import StoreError
 from nbgateway.store.base import (
     EVENTS_KEPT,
+    LEASE_SLACK,
     SQLITE_BUSY_TIMEOUT,
     AccountLock,
     ClientExists,
@@ -33,6 +34,7 @@ from nbgateway.store.sqlite import SCHEMA_VERSION, SQLiteStore, holds_no_databas
 
 __all__ = [
     "EVENTS_KEPT",
+    "LEASE_SLACK",
     "SCHEMA_VERSION",
     "AccountLock",
     "ClientExists",

@@ -259,9 +259,14 @@ def failure_changes(*, needs_reauth: bool, unanswered: bool) -> tuple[EventKind,
     return EventKind.REFRESH_FAILED, CLEAR_OWNER if unanswered else CLEAR_MARKER
 
 
+# Seconds a lease lasts beyond the bounded token call it covers (`lease_seconds`).
+LEASE_SLACK = 5.0
+
+
 def lease_seconds(token_timeout: float) -> float:
-    """How long a refresh lease lasts: longer than the bounded token call it covers."""
-    return 2 * token_timeout + 5
+    """How long a refresh lease (or a kept marker, from its holder's last lock) lasts:
+    longer than the bounded token call it covers, twice NBGW_TOKEN_TIMEOUT."""
+    return 2 * token_timeout + LEASE_SLACK
 
 
 def state_hash(state: str) -> str:
@@ -685,6 +690,9 @@ class TokenStore(Protocol):
     # Opened with migrate=False: the older schema version found (left as it is; 0 for an
     # empty database, where nothing is created), else None.
     pending_version: int | None
+    # Seconds a refresh lease lasts, and a kept marker from its holder's last lock on the
+    # account (`lease_seconds`): a holder elsewhere is waited for this long, then replaced.
+    lease: float
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...

@@ -340,13 +340,14 @@ class _AdvisoryLock:
         async with store._transaction(self._conn, self.slug) as conn:
             row = await conn.fetchrow(
                 "UPDATE accounts SET access_token = NULL, refresh_token = $1, expires_at = 0, "
-                f"generation = generation + 1, last_error = $2, updated_at = $3, {CLEAR_MARKER} "
-                f"WHERE slug = $4 AND generation = $5 RETURNING {_ACCOUNT_COLUMNS}",
+                "status = $6, generation = generation + 1, last_error = $2, updated_at = $3, "
+                f"{CLEAR_MARKER} WHERE slug = $4 AND generation = $5 RETURNING {_ACCOUNT_COLUMNS}",
                 sealed,
                 message[:LAST_ERROR_MAX],
                 store._clock.now(),
                 self.slug,
                 self._generation,
+                AccountStatus.ACTIVE.value,  # stored over a refusal of the spent one
             )
             if row is None:
                 raise GenerationConflict(f"account {self.slug!r} changed during the refresh")

@@ -323,9 +323,16 @@ class _Lease:
         async with store._write() as conn:
             cur = await conn.execute(
                 "UPDATE accounts SET access_token = NULL, refresh_token = ?, expires_at = 0, "
-                f"generation = generation + 1, last_error = ?, updated_at = ?, {CLEAR_MARKER} "
-                "WHERE slug = ? AND generation = ?",
-                (sealed, message[:LAST_ERROR_MAX], store._clock.now(), self.slug, self._generation),
+                "status = ?, generation = generation + 1, last_error = ?, updated_at = ?, "
+                f"{CLEAR_MARKER} WHERE slug = ? AND generation = ?",
+                (
+                    sealed,
+                    AccountStatus.ACTIVE.value,  # stored over a refusal of the spent one
+                    message[:LAST_ERROR_MAX],
+                    store._clock.now(),
+                    self.slug,
+                    self._generation,
+                ),
             )
             changed = cur.rowcount
             await cur.close()
