@@ -39,6 +39,10 @@ _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 # (RFC 6749's VSCHAR without the space), of a length every server takes in one header.
 ACCESS_TOKEN_MAX = 4096
 _SENDABLE_TOKEN = re.compile(rf"[\x21-\x7e]{{1,{ACCESS_TOKEN_MAX}}}")
+# A scope is space-separated printable ASCII (RFC 6749, 3.3); anything else in one (a NUL, a
+# lone surrogate from a JSON escape) could not be stored on every backend, and would cost the
+# pair it came with.
+_NOT_SCOPE = re.compile(r"[^\x20-\x7e]")
 # NationBuilder's access tokens live 24 h; used when a response omits expires_in.
 DEFAULT_LIFETIME = 86400.0
 # Lifetimes outside this range are clamped: a token endpoint answering 1e20 or -5 must not
@@ -283,5 +287,5 @@ class NationBuilderOAuth:
             refresh_token=Secret(refresh),
             # Measured from when the request was sent: never later than the server's view.
             expires_at=started + lifetime,
-            scope=scope if isinstance(scope, str) else "",
+            scope=_NOT_SCOPE.sub("", scope) if isinstance(scope, str) else "",
         )

@@ -15,6 +15,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from nbgateway.errors import (
     DecryptError,
     StateError,
     StoreError,
+    StoreUnavailable,
 )
 from nbgateway.models import (
     AccountInfo,
@@ -1883,3 +1885,168 @@ class TestLoginFailures:
             rows = await backend.table("login_failures")
             assert sorted(row["client"] for row in rows) == ["192.0.2.3", "192.0.2.4", "192.0.2.5"]
             assert await store.login_failures("192.0.2.0", 0.0) == []
+
+
+class TestTheBackendsAgree:
+    """Where the two backends' own mechanics (a lease in the row, a session's advisory lock;
+    the driver's errors; the database's collation) could make them answer differently."""
+
+    async def test_an_unanswered_call_outlives_a_holder_that_sends_nothing(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """A holder that takes the lock and leaves without a token call (it backs off, or
+        adopts a token still valid) leaves the unanswered call's start time in the row:
+        the holder after it still sees it as unanswered_at."""
+        await create_database(backend, key)
+        async with backend.make(key) as a, backend.make(key) as b:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                sent = clock.now()
+                clock.advance(5)
+                await locked.record_failure("timed out", unanswered=True)
+            clock.advance(5)
+            async with b.refresh_lock("acme") as backing_off:
+                assert backing_off.unanswered_at == sent
+                # RefreshBackoff ("failed moments ago in another process"): no call made
+            clock.advance(60)
+            async with a.refresh_lock("acme") as next_try:
+                assert next_try.unanswered_at == sent
+
+    async def test_a_key_id_taken_is_a_lasting_refusal(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """A client key whose key id another key has is refused with StoreError, not
+        StoreUnavailable (waiting will not cure it); nothing is stored."""
+        await store.add_client(client_record("alpha", clock, key_id="same0001"))
+        with pytest.raises(StoreError) as refused:
+            await store.add_client(client_record("beta", clock, key_id="same0001"))
+        assert not isinstance(refused.value, StoreUnavailable), repr(refused.value)
+        assert [c.info.name for c in await store.list_clients()] == ["alpha"]
+
+    async def test_a_state_started_twice_is_a_lasting_refusal(self, store: TokenStore) -> None:
+        """The same state stored twice is refused with StoreError, not StoreUnavailable."""
+        await store.create_state("state-1", "acme", Secret("verifier-CANARY"), "b", STATE_TTL)
+        with pytest.raises(StoreError) as refused:
+            await store.create_state("state-1", "acme", Secret("verifier-CANARY"), "b", STATE_TTL)
+        assert not isinstance(refused.value, StoreUnavailable), repr(refused.value)
+
+    @pytest.mark.parametrize(
+        "odd", [{"scope": "default\x00extra"}, {"scope": "default\ud800"}, {"refresh": "r\ud800"}]
+    )
+    async def test_text_that_cannot_be_stored_is_a_store_error(
+        self, store: TokenStore, clock: FakeClock, odd: dict[str, str]
+    ) -> None:
+        """A value one of the databases cannot hold as text (a NUL; a lone surrogate, which
+        JSON's "\\ud800" decodes to) is refused by both with StoreError, which
+        TokenManager._save_rotated catches to hold the rotated pair (nothing else
+        escapes), and the stored pair stays. (oauth drops such characters from a scope.)"""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        pair = token_set(clock, "2")
+        if "scope" in odd:
+            pair = replace(pair, scope=odd["scope"])
+        else:
+            pair = replace(pair, refresh_token=Secret(odd["refresh"]))
+        with pytest.raises(StoreError):
+            await store.save_tokens("beta", pair, EventKind.CONNECTED)
+        async with store.refresh_lock("acme") as locked:
+            await locked.begin_refresh()
+            with pytest.raises(StoreError):
+                await locked.save_tokens(pair)
+            locked.keep()
+        assert [info.slug for info in await store.list_accounts()] == ["acme"]
+        account = await store.get_account("acme")
+        assert account is not None
+        assert account.refresh_token == token_set(clock, "1").refresh_token
+
+    async def test_one_store_does_not_lock_an_account_twice_at_once(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """Two tasks of one store locking one account take turns: the second gets in only
+        once the first left its block."""
+        await create_database(backend, key)
+        async with backend.make(key, token_timeout=0.5) as a:
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            entered = asyncio.Event()
+
+            async def other() -> None:
+                async with a.refresh_lock("acme"):
+                    entered.set()
+
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                waiter = asyncio.create_task(other())
+                await asyncio.sleep(1.0)
+                inside_while_held = entered.is_set()
+                await locked.record_failure("HTTP 503")
+            async with asyncio.timeout(PROMPTLY):
+                await waiter
+        assert not inside_while_held
+
+    async def test_rotation_reports_skipped_rows_in_slug_order(
+        self, backend: Backend, clock: FakeClock, key: str, other_key: str
+    ) -> None:
+        """RotationReport.skipped lists the unreadable rows by slug, whatever order they
+        were stored in."""
+        await create_database(backend, key)
+        async with backend.make(key) as store:
+            for slug in ("zeta", "alpha"):
+                await store.save_tokens(slug, token_set(clock, slug), EventKind.CONNECTED)
+        for slug in ("zeta", "alpha"):
+            bad = bytearray(await backend.column(slug, "refresh_token"))
+            bad[-1] ^= 0x01
+            await backend.set_column(slug, "refresh_token", bytes(bad))
+        async with backend.make(other_key, key) as store:
+            report = await store.rotate_keys()
+        assert ["'alpha'" in report.skipped[0], "'zeta'" in report.skipped[1]] == [True, True], (
+            report.skipped
+        )
+
+    async def test_a_closed_store_writes_nothing(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """After close() a write is refused (StoreError, as a read is) and nothing lands."""
+        await create_database(backend, key)
+        closed = backend.make(key)
+        async with closed:
+            pass
+        try:
+            with pytest.raises(StoreError):
+                await closed.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        finally:
+            await closed.close()  # else the writer SQLite opened keeps the process from exiting
+        async with backend.make(key) as reopened:
+            assert await reopened.get_account("acme") is None
+
+    async def test_listings_keep_the_same_order_on_a_linguistic_collation(
+        self, backend: Backend, clock: FakeClock, key: str
+    ) -> None:
+        """list_clients is in the same order whatever the database's collation (a cluster
+        made by initdb with a linguistic locale, here ICU en-US): code point order, as
+        SQLite gives it."""
+        if isinstance(backend, PostgresBackend):
+            name = "nbgw_parity_icu"
+            backend.server.sql(
+                f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+                "ICU_LOCALE 'en-US' LOCALE 'C'"
+            )
+            backend = PostgresBackend(clock, backend.server, backend.server.url(name))
+        try:
+            async with backend.make(key) as store:
+                for name_ in ("beta", "Zed", "alpha"):
+                    await store.add_client(client_record(name_, clock))
+                names = [c.info.name for c in await store.list_clients()]
+        finally:
+            if isinstance(backend, PostgresBackend):
+                backend.server.drop_database(backend.url)
+        assert names == ["Zed", "alpha", "beta"]
+
+    async def test_a_negative_limit_lists_nothing(
+        self, store: TokenStore, clock: FakeClock
+    ) -> None:
+        """events and audit with a limit below zero list nothing, on both (SQLite's LIMIT -1
+        would be every row; PostgreSQL refuses it)."""
+        await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        assert await store.events("acme", limit=-1) == []
+        assert await store.events(limit=-1) == []
+        assert await store.audit(limit=-1) == []

@@ -424,6 +424,31 @@ class TestResponseShapes:
             scope="",
         )
 
+    @pytest.mark.parametrize(
+        ("sent", "kept"),
+        [
+            ("default\x00extra", "defaultextra"),
+            ("default\ud800", "default"),
+            ("dé fault", "d fault"),
+        ],
+        ids=["nul", "lone-surrogate", "non-ascii"],
+    )
+    async def test_a_scope_keeps_only_printable_ascii(
+        self,
+        scripted: ScriptedTokenEndpoint,
+        scripted_oauth: NationBuilderOAuth,
+        sent: str,
+        kept: str,
+    ) -> None:
+        """A scope is printable ASCII (RFC 6749, 3.3); other characters (a NUL, a lone
+        surrogate from a JSON escape) are dropped, so the pair they came with can be
+        stored on either database instead of being refused."""
+        scripted.answer(
+            {"access_token": "nbfake-at-new", "refresh_token": "nbfake-rt-new", "scope": sent}
+        )
+        tokens = await scripted_oauth.refresh(SLUG, Secret("nbfake-rt-old-value"))
+        assert tokens.scope == kept
+
     async def test_code_exchange_without_refresh_token_is_refused(
         self, scripted: ScriptedTokenEndpoint, scripted_oauth: NationBuilderOAuth
     ) -> None:

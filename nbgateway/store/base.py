@@ -22,7 +22,12 @@ Refresh coordination, as every backend must provide it:
   away) keeps the account: the rotated pair may exist only in its memory (TokenManager
   stores it once it can), so it is not replaced while it runs. SQLite keeps the lease in
   the row; PostgreSQL relies on the "refresh in flight" marker left in the row, since
-  leaving the block (or losing the session) releases its lock.
+  leaving the block (or losing the session) releases its lock. Within one store, one task
+  at a time holds an account's lock (the others wait their turn, as sessions queue for
+  PostgreSQL's lock). Exclusivity is promised until the block's result is written (or an
+  admin's write replaces the row): the holder does nothing under the lock after that, and
+  SQLite, whose result write clears the lease with it, may then grant another process
+  the lock before the block ends.
 - `AccountLock.begin_refresh()` durably records a "refresh in flight" marker before the
   token call; `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` clear it with the result. A holder that finds a marker left by a
@@ -547,6 +552,14 @@ class StoreDump:
         return {f.name: len(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class Sealer:
     """Seals and opens the encrypted columns (tokens, PKCE verifiers) with `Cipher`.
 
@@ -560,7 +573,23 @@ class Sealer:
     def seal(self, secret: Secret, slug: str, field: str) -> bytes:
         if self._on_secret is not None:
             self._on_secret(secret, f"{slug}/{field}")
-        return self.cipher.encrypt(secret.reveal(), slug=slug, field=field)
+        try:
+            return self.cipher.encrypt(secret.reveal(), slug=slug, field=field)
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no text to store
+            raise StoreError(
+                f"the {field} of account {slug!r} is not text that can be stored"
+            ) from None
+
+    def token_columns(self, slug: str, tokens: TokenSet) -> tuple[bytes, bytes, float, str, str]:
+        """A pair's access_token, refresh_token, expires_at, scope and status columns: the
+        tokens sealed, and a scope either database stores as it is (no NUL, no lone
+        surrogate; StoreError, on both, for one that is not)."""
+        access = self.seal(tokens.access_token, slug, "access_token")
+        refresh = self.seal(tokens.refresh_token, slug, "refresh_token")
+        scope = tokens.scope
+        if "\x00" in scope or (not scope.isascii() and _unencodable(scope)):
+            raise StoreError(f"the scope of account {slug!r} is not text that can be stored")
+        return access, refresh, tokens.expires_at, scope, AccountStatus.ACTIVE.value
 
     def open(self, blob: Any, slug: str, field: str) -> Secret | None:
         if blob is None:

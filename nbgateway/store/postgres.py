@@ -626,7 +626,7 @@ class PostgresStore:
                 self._clock.now(),
             )
             denied = await self.pool.fetchval(
-                "SELECT string_agg(t, ', ' ORDER BY t) FROM unnest($1::text[]) AS t "
+                "SELECT string_agg(t, ', ' ORDER BY t COLLATE \"C\") FROM unnest($1::text[]) AS t "
                 "WHERE to_regclass(t) IS NOT NULL AND NOT (has_table_privilege(t, 'SELECT') "
                 "AND has_table_privilege(t, 'INSERT') AND has_table_privilege(t, 'UPDATE') "
                 "AND has_table_privilege(t, 'DELETE'))",
@@ -667,12 +667,15 @@ class PostgresStore:
     async def list_accounts(self) -> list[AccountInfo]:
         """Every account without its tokens (nothing is decrypted)."""
         with self._errors("cannot be read"):
-            rows = await self.pool.fetch(f"SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug")
+            rows = await self.pool.fetch(
+                f'SELECT {_INFO_COLUMNS} FROM accounts ORDER BY slug COLLATE "C"'
+            )
         return [listed_info_from_row(row) for row in rows]
 
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
         """Most recent events first, for one account or all."""
         columns = ", ".join(EVENT_FIELDS)
+        limit = max(0, limit)
         with self._errors("cannot be read"):
             if slug is None:
                 rows = await self.pool.fetch(
@@ -729,9 +732,7 @@ class PostgresStore:
         expect_generation: int | None = None,
     ) -> Account:
         now = self._clock.now()
-        access = self._sealer.seal(tokens.access_token, slug, "access_token")
-        refresh = self._sealer.seal(tokens.refresh_token, slug, "refresh_token")
-        values = (access, refresh, tokens.expires_at, tokens.scope, AccountStatus.ACTIVE.value)
+        values = self._sealer.token_columns(slug, tokens)
         if expect_generation is None:
             await conn.execute(_ROW_TURN, slug)
             row = await conn.fetchrow(
@@ -1072,7 +1073,8 @@ class PostgresStore:
         skipped: list[str] = []
         async with self._write(None) as conn:
             rows = await conn.fetch(
-                "SELECT slug, access_token, refresh_token FROM accounts ORDER BY slug FOR UPDATE"
+                'SELECT slug, access_token, refresh_token FROM accounts ORDER BY slug COLLATE "C" '
+                "FOR UPDATE"
             )
             for row in rows:
                 slug = row["slug"]
@@ -1121,7 +1123,7 @@ class PostgresStore:
         with self._errors("cannot be read"):
             if slug is None:
                 rows = await self.pool.fetch(
-                    f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY slug"
+                    f'SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY slug COLLATE "C"'
                 )
             else:
                 rows = await self.pool.fetch(
@@ -1216,7 +1218,7 @@ class PostgresStore:
         """Every registered client, by name."""
         with self._errors("cannot be read"):
             rows = await self.pool.fetch(
-                f"SELECT {', '.join(CLIENT_FIELDS)} FROM clients ORDER BY name"
+                f'SELECT {", ".join(CLIENT_FIELDS)} FROM clients ORDER BY name COLLATE "C"'
             )
         return readable_rows(rows, client_from_row, "client key")
 
@@ -1262,6 +1264,7 @@ class PostgresStore:
         self, *, nation: str | None = None, client: str | None = None, limit: int = 100
     ) -> list[AuditEntry]:
         """Newest audit entries first, optionally for one nation and/or one client."""
+        limit = max(0, limit)
         with self._errors("cannot be read"):
             rows = await self.pool.fetch(
                 f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit "

@@ -64,6 +64,7 @@ from nbgateway.store.base import (
     AUDIT_FIELDS,
     AUDIT_PATH_MAX,
     CLEAR_MARKER,
+    CLEAR_OWNER,
     CLIENT_FIELDS,
     EVENT_FIELDS,
     EVENTS_KEPT,
@@ -286,6 +287,7 @@ class _Lease:
         self.interrupted_at = interrupted_at
         self.unanswered_at = unanswered_at
         self.released = False
+        self._began = False
 
     async def read(self) -> Account:
         account = await self._store.get_account(self.slug)
@@ -306,6 +308,7 @@ class _Lease:
             await cur.close()
             if changed == 0:  # replaced, or the lease taken over, since it was granted
                 await store._lease_conflict(conn, self.slug, self._generation)
+        self._began = True
 
     async def save_tokens(self, tokens: TokenSet) -> Account:
         store = self._store
@@ -376,9 +379,11 @@ class _Lease:
     async def release(self) -> None:
         if self.released:
             return
+        # No token call under this lease: an unanswered call's start stays in the row.
+        clear = CLEAR_OWNER if self.unanswered_at is not None and not self._began else CLEAR_MARKER
         async with self._store._write(durable=False) as conn:
             await conn.execute(
-                f"UPDATE accounts SET {CLEAR_MARKER} WHERE slug = ? AND refresh_owner = ?",
+                f"UPDATE accounts SET {clear} WHERE slug = ? AND refresh_owner = ?",
                 (self.slug, self._owner),
             )
         self.released = True
@@ -432,6 +437,9 @@ class SQLiteStore:
         self._probe_retry_at = float("-inf")
         self._probe_failing = False
         self._write_lock = asyncio.Lock()
+        # Per account: this store's lock holder, one at a time (as PostgreSQL's sessions
+        # queue for the advisory lock); the row's lease is for the other processes.
+        self._turns: dict[str, asyncio.Lock] = {}
 
     @property
     def description(self) -> str:
@@ -716,6 +724,7 @@ class SQLiteStore:
     async def events(self, slug: str | None = None, limit: int = 20) -> list[Event]:
         """Most recent events first, for one account or all."""
         columns = ", ".join(EVENT_FIELDS)
+        limit = max(0, limit)
         if slug is None:
             sql, params = f"SELECT {columns} FROM events ORDER BY id DESC LIMIT ?", (limit,)
         else:
@@ -739,6 +748,7 @@ class SQLiteStore:
         # One writer at a time in this process; the wait for that turn and for SQLite's
         # lock share one busy timeout, so callers queued behind a database another process
         # keeps locked all fail within it (each waited its own timeout after the one before).
+        self.conn  # noqa: B018  (StoreError once closed: no writer is opened again)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._busy_ms / 1000
         queued = self._write_lock.locked()  # else the whole timeout is left for SQLite's lock
@@ -783,6 +793,15 @@ class SQLiteStore:
                     await conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     await self._drop_writer()
+                if isinstance(exc, sqlite3.IntegrityError):
+                    # A constraint refused the write: it would be refused again, as on
+                    # PostgreSQL (not "unavailable", which says to try again).
+                    raise StoreError(f"database {self.path} cannot be written: {exc}") from None
+                if isinstance(exc, UnicodeEncodeError):
+                    raise StoreError(
+                        f"database {self.path} cannot be written: a value is not text that "
+                        "can be stored"
+                    ) from None
                 if isinstance(exc, sqlite3.Error):
                     raise StoreUnavailable(
                         f"database {self.path} cannot be written: {exc}"
@@ -837,9 +856,7 @@ class SQLiteStore:
         expect_generation: int | None = None,
     ) -> Account:
         now = self._clock.now()
-        access = self._sealer.seal(tokens.access_token, slug, "access_token")
-        refresh = self._sealer.seal(tokens.refresh_token, slug, "refresh_token")
-        values = (access, refresh, tokens.expires_at, tokens.scope, AccountStatus.ACTIVE.value)
+        values = self._sealer.token_columns(slug, tokens)
         if expect_generation is None:
             await conn.execute(
                 "INSERT INTO accounts (slug, access_token, refresh_token, expires_at, scope, "
@@ -944,7 +961,9 @@ class SQLiteStore:
                 if holder is None or own or runs is False or (lapsed and not stuck_with_result):
                     # A marker of this store's own stays: it was kept (`keep`) for a pair
                     # this process holds and has yet to store.
-                    started = row["refresh_started_at"] if own else None
+                    # So does the start of a call left unanswered (no holder): PostgreSQL
+                    # keeps it too, for whoever sends the refresh token next.
+                    started = row["refresh_started_at"] if own or holder is None else None
                     await conn.execute(
                         "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
                         "refresh_started_at = ? WHERE slug = ?",
@@ -977,14 +996,25 @@ class SQLiteStore:
     @asynccontextmanager
     async def refresh_lock(self, slug: str) -> AsyncIterator[_Lease]:
         """Hold the account's refresh lease; released (or settled by a write) on exit."""
-        lease = await self._claim(slug)
+        turn = self._turns.setdefault(slug, asyncio.Lock())
         try:
-            yield lease
-        finally:
+            async with asyncio.timeout(2 * self.lease):
+                await turn.acquire()
+        except TimeoutError:
+            raise RefreshLockBusy(
+                f"this process has held the refresh of account {slug!r} for too long"
+            ) from None
+        try:
+            lease = await self._claim(slug)
             try:
-                await asyncio.shield(lease.release())
-            except StoreError:
-                pass  # the lease lapses at its deadline; the write failure is reported elsewhere
+                yield lease
+            finally:
+                try:
+                    await asyncio.shield(lease.release())
+                except StoreError:
+                    pass  # the lease lapses at its deadline; the failure is reported elsewhere
+        finally:
+            turn.release()
 
     async def save_tokens(self, slug: str, tokens: TokenSet, kind: EventKind) -> Account:
         """Store tokens from a new authorization or an import (bumps the generation)."""
@@ -1106,7 +1136,7 @@ class SQLiteStore:
         skipped: list[str] = []
         async with self._write() as conn:
             async with conn.execute(
-                "SELECT slug, access_token, refresh_token FROM accounts"
+                "SELECT slug, access_token, refresh_token FROM accounts ORDER BY slug"
             ) as cur:
                 rows = await cur.fetchall()
             for row in rows:
@@ -1306,6 +1336,7 @@ class SQLiteStore:
         self, *, nation: str | None = None, client: str | None = None, limit: int = 100
     ) -> list[AuditEntry]:
         """Newest audit entries first, optionally for one nation and/or one client."""
+        limit = max(0, limit)
         where, params = [], []
         if nation is not None:
             where.append("nation = ?")
