@@ -31,6 +31,7 @@ from test_admin_pages import Browser
 
 from nbgateway import tokens as tokens_module
 from nbgateway.clock import FakeClock
+from nbgateway.config import Settings
 from nbgateway.errors import RefreshBackoff, StoreUnavailable
 from nbgateway.fakenb import FakeNationBuilder, RecordedRequest
 from nbgateway.models import AccountStatus
@@ -326,10 +327,7 @@ class TestDiskFullDuringRefresh:
         token too) must not send the consumed refresh token (invalid_grant, needs-reauth):
         it waits while A lives and adopts the pair A stores."""
         settings = settings_factory(database=disk / "gateway.db")
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        issued = await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
+        a, b, issued = await two_processes(gateway_factory, settings, connect_account)
         assert await fetch(b) == 200
 
         clock.advance(LIFETIME)
@@ -694,6 +692,20 @@ def store_away(slug: str) -> contextlib.AbstractAsyncContextManager[Any]:
     raise StoreUnavailable("database gateway.db cannot be reached")
 
 
+async def two_processes(
+    gateway_factory: GatewayFactory,
+    settings: Settings,
+    connect_account: ConnectAccount,
+) -> tuple[Gateway, Gateway, dict[str, Any]]:
+    """Gateways A and B sharing one store: A connected the nation, and B has seen it.
+    Returns A, B and the tokens the connect issued."""
+    a = await gateway_factory(settings)
+    b = await gateway_factory(settings)
+    issued = await connect_account(a, SLUG)
+    await b.tokens.sync(force=True)
+    return a, b, issued
+
+
 def elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every lease holder runs on another host (or PID namespace): whether it still runs
     cannot be told, and its deadline alone decides."""
@@ -746,10 +758,7 @@ class TestAPairHeldInMemory:
         the marker stays while A runs, B waits, and adopts the pair A then stores."""
         fake_nb.revoke_family_on_reuse = True
         settings = settings_factory(database=any_database)
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        issued = await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
+        a, b, issued = await two_processes(gateway_factory, settings, connect_account)
         fail_first_save(monkeypatch, any_database, a.store)
         clock.advance(LIFETIME)
         assert await fetch(a) == 200
@@ -834,10 +843,7 @@ class TestAPairHeldInMemory:
         the pair A stored was dead.)"""
         fake_nb.revoke_family_on_reuse = family
         settings = settings_factory(database=any_database)
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
+        a, b, _ = await two_processes(gateway_factory, settings, connect_account)
         fail_first_save(monkeypatch, any_database, a.store, committed=True)
         clock.advance(LIFETIME)
         assert await fetch(a) == 200
@@ -1184,6 +1190,7 @@ class TestAPairHeldInMemory:
         account = await gw.store.get_account(SLUG)
         assert account is not None and account.status is AccountStatus.ACTIVE
 
+    @pytest.mark.parametrize("answer", ["pair", "refused, rotated"])
     async def test_a_late_pair_lands_over_the_refusal_of_the_process_that_took_over(
         self,
         gateway_factory: GatewayFactory,
@@ -1192,35 +1199,40 @@ class TestAPairHeldInMemory:
         fake_nb: FakeNationBuilder,
         clock: FakeClock,
         monkeypatch: pytest.MonkeyPatch,
+        answer: str,
     ) -> None:
         """A (on another host, as B sees it) sends the refresh token and stalls past its
         lease; B takes the refresh over, sends the same token, is refused (NationBuilder
-        rotated it for A) and marks the account. A's pair, stored late, is the only live
+        rotated it for A) and marks the account. A's result, stored late, is the only live
         one: it is kept (held, then stored over the refusal), not dropped as if an admin
-        had connected the nation again."""
+        had connected the nation again, and the account is active again. So when A's
+        answer was refused but rotated (a `mac` token): only its new refresh token is
+        kept, which nobody has sent, and the account is refreshed with it instead of
+        waiting for an admin to re-authorize a healthy account. Until it is stored, A
+        does not take B's mark for its own."""
         from nbgateway.store import sqlite as sqlite_store
 
         settings = settings_factory()
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
-        monkeypatch.setattr(sqlite_store, "holder_runs", lambda holder: None)
+        a, b, _ = await two_processes(gateway_factory, settings, connect_account)
+        elsewhere(monkeypatch)
         marked = asyncio.Event()
-        save, mark = sqlite_store._Lease.save_tokens, sqlite_store._Lease.mark_needs_reauth
+        method = "save_tokens" if answer == "pair" else "save_refresh_token"
+        save, mark = getattr(sqlite_store._Lease, method), sqlite_store._Lease.mark_needs_reauth
 
-        async def save_tokens(self: Any, tokens: Any) -> Any:
+        async def stalled_save(self: Any, *args: Any) -> Any:
             if self._store is a.store:
                 await marked.wait()  # A stalled until B has marked the account
-            return await save(self, tokens)
+            return await save(self, *args)
 
         async def mark_needs_reauth(self: Any, message: str) -> None:
             await mark(self, message)
             marked.set()
 
-        monkeypatch.setattr(sqlite_store._Lease, "save_tokens", save_tokens)
+        monkeypatch.setattr(sqlite_store._Lease, method, stalled_save)
         monkeypatch.setattr(sqlite_store._Lease, "mark_needs_reauth", mark_needs_reauth)
         clock.advance(LIFETIME)
+        if answer != "pair":
+            fake_nb.mangle_token_answers({"token_type": "mac"})
         fake_nb.hold_tokens()
         from_a = asyncio.create_task(fetch(a))
         await fake_nb.wait_for_pending_tokens(1)
@@ -1228,18 +1240,26 @@ class TestAPairHeldInMemory:
         from_b = asyncio.create_task(fetch(b))
         await fake_nb.wait_for_pending_tokens(2)
         fake_nb.release_tokens()  # A's call is answered first: B's meets invalid_grant
-        assert await from_a == 200
+        assert await from_a == (200 if answer == "pair" else 503)
         assert await from_b == 401  # what B saw then
         assert a.tokens.unpersisted == [SLUG]  # held, not dropped
+        await a.tokens.sync(force=True)  # A sees B's mark: the held result outranks it
+        assert a.metric(NEEDS_REAUTH, account=SLUG) != 1
+        fake_nb.mangle_token_answers({})
         clock.advance(2.0)
         await a.tokens.persist_pending()  # the background retry: over the refusal
         assert a.tokens.unpersisted == []
+        live = await stored_refresh_token(a)
+        assert live not in refresh_tokens_sent(fake_nb)
         account = await a.store.get_account(SLUG)
         assert account is not None and account.status is AccountStatus.ACTIVE
+        clock.advance(600.0)  # a refusal's backoff is over
+        assert await fetch(a) == 200
         await b.tokens.sync(force=True)
         assert await fetch(b) == 200
         clock.advance(LIFETIME)
         assert await fetch(b) == 200  # the stored refresh token is the live one
+        assert live in refresh_tokens_sent(fake_nb)
 
     async def test_no_token_call_starts_once_the_gateway_is_stopping(
         self,
@@ -1254,10 +1274,7 @@ class TestAPairHeldInMemory:
         (cut off, NationBuilder may have rotated): that request gets a 503 and the stored
         refresh token stays the live one."""
         settings = settings_factory()
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
+        a, b, _ = await two_processes(gateway_factory, settings, connect_account)
         clock.advance(LIFETIME)
         fake_nb.hold_tokens()
         from_b = asyncio.create_task(fetch(b))  # B holds the lock; its call is held
@@ -1331,10 +1348,7 @@ class TestAPairHeldInMemory:
         clock, hence the real sleeps.)"""
         fake_nb.revoke_family_on_reuse = True
         settings = settings_factory(database=any_database)
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        issued = await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
+        a, b, issued = await two_processes(gateway_factory, settings, connect_account)
         elsewhere(monkeypatch)
         lease = 2.0
         a.store.lease = b.store.lease = lease
@@ -1384,10 +1398,7 @@ class TestAPairHeldInMemory:
         stores it."""
         fake_nb.revoke_family_on_reuse = True
         settings = settings_factory(database=any_database)
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        issued = await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
+        a, b, issued = await two_processes(gateway_factory, settings, connect_account)
         fail_first_save(monkeypatch, any_database, a.store)
         clock.advance(LIFETIME)
         assert await fetch(a) == 200
@@ -1411,72 +1422,6 @@ class TestAPairHeldInMemory:
         assert a.tokens.unpersisted == []
         assert await fetch(b) == 200
         assert refresh_tokens_sent(fake_nb).count(issued["refresh_token"]) == 1
-
-    async def test_a_refresh_token_held_alone_lands_over_a_refusal_and_is_used(
-        self,
-        gateway_factory: GatewayFactory,
-        settings_factory: SettingsFactory,
-        connect_account: ConnectAccount,
-        fake_nb: FakeNationBuilder,
-        clock: FakeClock,
-        monkeypatch: pytest.MonkeyPatch,
-    ) -> None:
-        """A's token call outlasts its lease and rotates, but its answer is refused (a
-        `mac` token): only the new refresh token is kept, and it cannot be stored, for B
-        took the lapsed lease over, was refused the spent token and marked the account.
-        A stores the refresh token over that refusal: the account is active again (the
-        row holds a refresh token nobody sent yet) and is refreshed with it, instead of
-        waiting for an admin to re-authorize a healthy account."""
-        from nbgateway.store import sqlite as sqlite_store
-
-        settings = settings_factory()
-        a = await gateway_factory(settings)
-        b = await gateway_factory(settings)
-        await connect_account(a, SLUG)
-        await b.tokens.sync(force=True)
-        elsewhere(monkeypatch)
-        marked = asyncio.Event()
-        save = sqlite_store._Lease.save_refresh_token
-        mark = sqlite_store._Lease.mark_needs_reauth
-
-        async def save_refresh_token(self: Any, token: Any, message: str) -> Any:
-            if self._store is a.store:
-                await marked.wait()  # A stalled until B has marked the account
-            return await save(self, token, message)
-
-        async def mark_needs_reauth(self: Any, message: str) -> None:
-            await mark(self, message)
-            marked.set()
-
-        monkeypatch.setattr(sqlite_store._Lease, "save_refresh_token", save_refresh_token)
-        monkeypatch.setattr(sqlite_store._Lease, "mark_needs_reauth", mark_needs_reauth)
-        clock.advance(LIFETIME)
-        fake_nb.mangle_token_answers({"token_type": "mac"})
-        fake_nb.hold_tokens()
-        from_a = asyncio.create_task(fetch(a))
-        await fake_nb.wait_for_pending_tokens(1)
-        clock.advance(a.store.lease + 1)
-        from_b = asyncio.create_task(fetch(b))
-        await fake_nb.wait_for_pending_tokens(2)
-        fake_nb.release_tokens()
-        assert await from_a == 503
-        assert await from_b == 401
-        assert a.tokens.unpersisted == [SLUG]
-        await a.tokens.sync(force=True)  # A sees B's mark: the held token outranks it
-        assert a.metric(NEEDS_REAUTH, account=SLUG) != 1
-        fake_nb.mangle_token_answers({})
-        clock.advance(2.0)
-        await a.tokens.persist_pending()
-        assert a.tokens.unpersisted == []
-        rotated = await stored_refresh_token(a)
-        assert rotated not in refresh_tokens_sent(fake_nb)  # the live one, never sent
-        account = await a.store.get_account(SLUG)
-        assert account is not None and account.status is AccountStatus.ACTIVE
-        clock.advance(600.0)  # the refusal's backoff is over
-        assert await fetch(a) == 200
-        assert refresh_tokens_sent(fake_nb)[-1] == rotated
-        await b.tokens.sync(force=True)
-        assert await fetch(b) == 200
 
     async def test_a_refused_rotation_held_alone_honours_the_backoff_of_its_failure(
         self,
