@@ -41,7 +41,7 @@ ACCESS_TOKEN_MAX = 4096
 _SENDABLE_TOKEN = re.compile(rf"[\x21-\x7e]{{1,{ACCESS_TOKEN_MAX}}}")
 # A scope is space-separated printable ASCII (RFC 6749, 3.3); anything else in one (a NUL, a
 # lone surrogate from a JSON escape) could not be stored on every backend, and would cost the
-# pair it came with.
+# pair it came with: it separates words, as a space does.
 _NOT_SCOPE = re.compile(r"[^\x20-\x7e]")
 # NationBuilder's access tokens live 24 h; used when a response omits expires_in.
 DEFAULT_LIFETIME = 86400.0
@@ -287,5 +287,5 @@ class NationBuilderOAuth:
             refresh_token=Secret(refresh),
             # Measured from when the request was sent: never later than the server's view.
             expires_at=started + lifetime,
-            scope=_NOT_SCOPE.sub("", scope) if isinstance(scope, str) else "",
+            scope=" ".join(_NOT_SCOPE.sub(" ", scope).split()) if isinstance(scope, str) else "",
         )

@@ -208,6 +208,9 @@ class TokenManager:
         self._unpersisted: dict[str, _Unpersisted] = {}
         # Per account: one attempt at a time to store its held pair (`_persist`).
         self._persisting: dict[str, asyncio.Lock] = {}
+        # Per account: the generation the last pair held here was stored as, which the
+        # held token (generation -1) then is (a 401 on it is about that row's token).
+        self._held_stored_as: dict[str, int] = {}
         self._closing = False  # `close` began: no new token call is started
         # Per account: the refresh token last sent without a usable answer, and when.
         self._unanswered: dict[str, tuple[Secret, float]] = {}
@@ -332,6 +335,7 @@ class TokenManager:
         self._cache.pop(slug, None)
         self._backoff.pop(slug, None)
         self._after_401.pop(slug, None)
+        self._held_stored_as.pop(slug, None)
         self._needs_reauth.discard(slug)
         self._reauth_hints.pop(slug, None)
         pending = self._unpersisted.get(slug)
@@ -522,13 +526,13 @@ class TokenManager:
 
     async def _obtain(self, slug: str, force: bool, stale_generation: int | None) -> IssuedToken:
         while slug in self._unpersisted:  # another held pair may replace one stored meanwhile
-            pending = self._unpersisted[slug]
             issued = await self._from_unpersisted(slug, force)
             if issued is not None:
                 return issued
-            if stale_generation == -1 and pending.stored_generation is not None:
-                # A 401 on the held token, stored now: that row's token is the one refused.
-                stale_generation = pending.stored_generation
+        if stale_generation == -1:
+            # A 401 on the held token, stored since (here or by the background round): the
+            # row it was stored as holds the token refused.
+            stale_generation = self._held_stored_as.get(slug, -1)
         if slug in self._needs_reauth and not await self._reauthorized_elsewhere(slug):
             raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
@@ -621,6 +625,7 @@ class TokenManager:
                 self._refuse_when_closing(slug)
                 # Durably note the call before making it: if this process dies while
                 # NationBuilder answers, the next start knows the refresh token may be spent.
+                began = self._clock.monotonic()  # the lease's deadline is renewed from here
                 try:
                     await locked.begin_refresh()
                 except GenerationConflict as conflict:
@@ -637,7 +642,7 @@ class TokenManager:
                 except OAuthError as exc:
                     failure = exc
                     if exc.rotated_refresh_token is not None:
-                        await self._keep_rotated(locked, account, exc)
+                        await self._keep_rotated(locked, account, exc, began)
                     elif exc.outcome.terminal:
                         current = await locked.read()
                         if current.refresh_token == account.refresh_token:
@@ -667,7 +672,7 @@ class TokenManager:
                             raise _changed_meanwhile(slug, conflict) from None
                 else:
                     self._unanswered.pop(slug, None)
-                    saved = await self._save_rotated(locked, account, tokens)
+                    saved = await self._save_rotated(locked, account, tokens, began)
                     if saved is None:
                         self._refreshed(slug)  # held, but refreshed: the backoff is over
                         return self._issue_unpersisted(slug)
@@ -716,7 +721,7 @@ class TokenManager:
     # -- rotated pairs the store could not take ---------------------------------------------
 
     async def _save_rotated(
-        self, locked: AccountLock, account: Account, tokens: TokenSet
+        self, locked: AccountLock, account: Account, tokens: TokenSet, began: float
     ) -> Account | None:
         """Commit a fresh pair. None when the store refused it: the pair is kept in memory."""
         try:
@@ -724,13 +729,14 @@ class TokenManager:
         except GenerationConflict as conflict:
             await self._unless_replaced(locked, account, conflict)
             held = _Unpersisted(tokens.refresh_token, tokens, account.refresh_token, str(conflict))
-            self._hold(locked.slug, held)
+            self._hold(locked.slug, held, began)
             return None
         except StoreError as exc:
             locked.keep()  # the stored refresh token is spent: others wait for this pair
             self._hold(
                 locked.slug,
                 _Unpersisted(tokens.refresh_token, tokens, account.refresh_token, str(exc)),
+                began,
             )
             return None
 
@@ -761,7 +767,9 @@ class TokenManager:
         except GenerationConflict as conflict:
             raise _changed_meanwhile(locked.slug, conflict) from None
 
-    async def _keep_rotated(self, locked: AccountLock, account: Account, exc: OAuthError) -> None:
+    async def _keep_rotated(
+        self, locked: AccountLock, account: Account, exc: OAuthError, began: float
+    ) -> None:
         """The answer was refused but NationBuilder rotated: store its refresh token first."""
         assert exc.rotated_refresh_token is not None
         try:
@@ -773,6 +781,7 @@ class TokenManager:
             self._hold(
                 locked.slug,
                 _Unpersisted(exc.rotated_refresh_token, None, account.refresh_token, str(exc)),
+                began,
             )
         except StoreError as store_exc:
             locked.keep()
@@ -781,13 +790,15 @@ class TokenManager:
                 _Unpersisted(
                     exc.rotated_refresh_token, None, account.refresh_token, str(store_exc)
                 ),
+                began,
             )
 
-    def _hold(self, slug: str, pending: _Unpersisted) -> None:
+    def _hold(self, slug: str, pending: _Unpersisted, began: float) -> None:
+        """Hold `pending`, made by the token call begun (its lease renewed) at `began`."""
         self._unpersisted[slug] = pending
         pending.issued_at = self._clock.now()
         pending.next_attempt = self._clock.monotonic() + PERSIST_RETRY_BASE
-        pending.claimed_at = self._clock.monotonic()  # under the refresh's lock
+        pending.claimed_at = began
         self._metrics.persist_failures.labels(slug).inc()
         self._metrics.unpersisted.labels(slug).set(1)
         log.error(
@@ -841,13 +852,19 @@ class TokenManager:
         return sorted(self._unpersisted)
 
     async def persist_pending(self, *, force: bool = False) -> None:
-        """Try again to store every pair held in memory (each on its own backoff)."""
+        """Try again to store every pair held in memory (each on its own backoff), side by
+        side: a slow failure of one does not hold back the others' attempts, each of which
+        renews its account's kept marker."""
         now = self._clock.monotonic()
-        for slug, pending in list(self._unpersisted.items()):
-            if slug in self._inflight:
-                continue  # the request path is handling it right now
-            if force or pending.next_attempt <= now:
-                await self._persist(slug, pending)
+        due = [
+            self._persist(slug, pending)
+            for slug, pending in list(self._unpersisted.items())
+            # (one the request path is handling right now is left to it)
+            if slug not in self._inflight and (force or pending.next_attempt <= now)
+        ]
+        for outcome in await asyncio.gather(*due, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _persist(self, slug: str, pending: _Unpersisted) -> bool:
         """Store a held pair if the account still holds the token it replaced. True once
@@ -898,6 +915,10 @@ class TokenManager:
             return False
         if self._unpersisted.get(slug) is pending:
             del self._unpersisted[slug]
+        if pending.stored_generation is not None:
+            self._held_stored_as[slug] = pending.stored_generation
+        else:
+            self._held_stored_as.pop(slug, None)
         if pending.stored_generation is not None and slug in self._needs_reauth:
             # Stored over another process's refusal of the spent refresh token: active.
             self._needs_reauth.discard(slug)
@@ -1314,12 +1335,37 @@ class TokenManager:
             raise
         except Exception:
             log.exception("recovering interrupted refreshes failed; continuing")
+        # Held pairs in a loop of their own: a round below that waits for a lock or a slow
+        # store does not delay the attempts that renew their kept markers.
+        keeper = asyncio.create_task(self._keep_persisting(sync_interval))
+        try:
+            await self._maintain(refresh_interval, sync_interval)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep_persisting(self, interval: float) -> None:
+        while True:
+            try:
+                await self.persist_pending()
+            except asyncio.CancelledError:
+                raise
+            except StoreError as exc:
+                log.warning(
+                    "storing held token pairs: the store cannot be used; continuing",
+                    extra={"error": str(exc)},
+                )
+            except Exception:
+                log.exception("storing held token pairs failed; continuing")
+            await asyncio.sleep(interval)
+
+    async def _maintain(self, refresh_interval: float, sync_interval: float) -> None:
         since_refresh = refresh_interval
         changed = True  # the start: nothing is held yet
         while True:
             try:
                 changed = await self.sync() or changed
-                await self.persist_pending()
                 await self.retry_after_backoff()
                 if since_refresh >= refresh_interval:
                     since_refresh = 0.0

@@ -715,12 +715,12 @@ def elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "holder_runs", lambda holder: None)
 
 
-async def takes_over(store: Any) -> bool:
+async def takes_over(store: Any, slug: str = SLUG) -> bool:
     """Whether `store`'s process would take the account's refresh over now, instead of
     waiting for the holder (the lock granted within a moment)."""
     try:
         async with asyncio.timeout(0.1):
-            async with store.refresh_lock(SLUG):
+            async with store.refresh_lock(slug):
                 return True
     except TimeoutError:
         return False
@@ -1327,7 +1327,7 @@ class TestAPairHeldInMemory:
         assert bearer(fake_nb.api_requests[-1]) != issued["access_token"]
         assert refresh_tokens_sent(fake_nb) == [issued["refresh_token"]]
 
-    async def test_a_kept_marker_outlasts_a_long_run_of_failing_writes(
+    async def test_kept_markers_outlast_a_long_run_of_failing_writes(
         self,
         gateway_factory: GatewayFactory,
         settings_factory: SettingsFactory,
@@ -1337,18 +1337,23 @@ class TestAPairHeldInMemory:
         monkeypatch: pytest.MonkeyPatch,
         any_database: Path | str,
     ) -> None:
-        """A holds a pair its store keeps refusing while locks are still granted (a full
-        disk, a statement timeout), each failing write taking a quarter of a lease; B
-        runs on another host, so it cannot tell whether A still runs and goes by the
-        marker's deadline alone. A's retries renew the marker before it lapses, however
-        far apart its growing backoff would put them: B never takes the refresh over (it
-        would send the spent refresh token: needs-reauth, and with family revocation a
-        dead account), and adopts the pair once A stores it. (Lease and retry base are
-        scaled down so that the run takes seconds; PostgreSQL's deadline is on its own
-        clock, hence the real sleeps.)"""
+        """A holds four nations' pairs its store keeps refusing while locks are still
+        granted (a full disk, a statement timeout), each failing write taking a third of
+        a lease; B runs on another host, so it cannot tell whether A still runs and goes by
+        the markers' deadlines alone. A's retries renew each marker before it lapses,
+        however far apart its growing backoff would put them, and one nation's slow
+        failure does not hold back another's retry: B never takes a refresh over (it would
+        send the spent refresh token: needs-reauth, and with family revocation a dead
+        account), and adopts the pairs once A stores them. (Lease and retry base are
+        scaled down so that the run takes seconds; the fake clock follows real time,
+        PostgreSQL's deadline being on its own clock.)"""
         fake_nb.revoke_family_on_reuse = True
+        slugs = ["acme", "beta", "gamma", "delta"]
         settings = settings_factory(database=any_database)
-        a, b, issued = await two_processes(gateway_factory, settings, connect_account)
+        a = await gateway_factory(settings)
+        b = await gateway_factory(settings)
+        issued = {slug: await connect_account(a, slug) for slug in slugs}
+        await b.tokens.sync(force=True)
         elsewhere(monkeypatch)
         lease = 2.0
         a.store.lease = b.store.lease = lease
@@ -1359,28 +1364,33 @@ class TestAPairHeldInMemory:
 
         async def save_tokens(self: Any, tokens: Any) -> Any:
             if self._store is a.store and refusing[0]:
-                clock.advance(lease / 4)  # waited for the database, then failed
-                await asyncio.sleep(lease / 4)
+                await asyncio.sleep(lease / 3)  # waited for the database, then failed
                 raise StoreUnavailable("database cannot be written: statement timeout")
             return await original(self, tokens)
 
         monkeypatch.setattr(cls, "save_tokens", save_tokens)
         clock.advance(LIFETIME)
-        assert await fetch(a) == 200
-        assert a.tokens.unpersisted == [SLUG]
+        answers = await asyncio.gather(*(fetch(a, f"/n/{slug}{ME}") for slug in slugs))
+        assert answers == [200] * len(slugs)
+        assert a.tokens.unpersisted == sorted(slugs)
+        loop = asyncio.get_running_loop()
         failures = 0
-        for _ in range(16):  # A's background round
-            clock.advance(lease / 8)
+        for _ in range(10):  # A's background round
+            started = loop.time()
             await asyncio.sleep(lease / 8)
             await a.tokens.persist_pending()
-            failures = a.tokens._unpersisted[SLUG].failures
-            assert not await takes_over(b.store), f"B took over after {failures} failures"
-        assert failures >= 4  # the backoff alone would have let the marker lapse by then
+            clock.advance(loop.time() - started)
+            failures = min(a.tokens._unpersisted[slug].failures for slug in slugs)
+            taken = await asyncio.gather(*(takes_over(b.store, slug) for slug in slugs))
+            assert not any(taken), f"B took over {dict(zip(slugs, taken, strict=True))}"
+        assert failures >= 4  # the backoff alone would have let the markers lapse by then
         refusing[0] = False
         await a.tokens.persist_pending(force=True)
         assert a.tokens.unpersisted == []
-        assert await fetch(b) == 200
-        assert refresh_tokens_sent(fake_nb).count(issued["refresh_token"]) == 1
+        sent = refresh_tokens_sent(fake_nb)
+        for slug in slugs:
+            assert await fetch(b, f"/n/{slug}{ME}") == 200
+            assert sent.count(issued[slug]["refresh_token"]) == 1
 
     async def test_a_failed_read_while_storing_a_held_pair_keeps_the_marker(
         self,
@@ -1530,6 +1540,42 @@ class TestAPairHeldInMemory:
             await gw.tokens.force_refresh(SLUG, -1)
         assert gw.tokens.unpersisted == []  # stored
         assert len(fake_nb.token_requests) == calls
+
+    @pytest.mark.parametrize("where", ["tokens", "proxy"])
+    async def test_a_401_on_the_held_token_stored_by_the_background_round(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        where: str,
+    ) -> None:
+        """A request goes out with the held token; meanwhile the background round stores
+        the pair; NationBuilder answers 401 (token expired). The refresh after the 401
+        does not hand back the row's token, the one just refused: it refreshes, and the
+        request's retry gets 200."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        held = gw.tokens._unpersisted[SLUG].tokens
+        assert held is not None
+        if where == "tokens":
+            await gw.tokens.persist_pending(force=True)
+            assert gw.tokens.unpersisted == []
+            token = await gw.tokens.force_refresh(SLUG, -1)
+            assert token.access_token != held.access_token
+            return
+        original = gw.tokens.force_refresh
+
+        async def stored_meanwhile(slug: str, stale: int | None) -> Any:
+            await gw.tokens.persist_pending(force=True)  # the background round, meanwhile
+            return await original(slug, stale)
+
+        monkeypatch.setattr(gw.tokens, "force_refresh", stored_meanwhile)
+        fake_nb.expire_access_tokens(SLUG)
+        calls = len(fake_nb.token_requests)
+        assert await fetch(gw) == 200
+        assert len(fake_nb.token_requests) == calls + 1
 
     async def test_a_held_pair_from_an_answer_that_did_not_rotate_is_stored(
         self,

@@ -427,11 +427,12 @@ class TestResponseShapes:
     @pytest.mark.parametrize(
         ("sent", "kept"),
         [
-            ("default\x00extra", "defaultextra"),
+            ("default\x00extra", "default extra"),
             ("default\ud800", "default"),
             ("dé fault", "d fault"),
+            ("read\twrite\n", "read write"),
         ],
-        ids=["nul", "lone-surrogate", "non-ascii"],
+        ids=["nul", "lone-surrogate", "non-ascii", "whitespace"],
     )
     async def test_a_scope_keeps_only_printable_ascii(
         self,
@@ -440,9 +441,9 @@ class TestResponseShapes:
         sent: str,
         kept: str,
     ) -> None:
-        """A scope is printable ASCII (RFC 6749, 3.3); other characters (a NUL, a lone
-        surrogate from a JSON escape) are dropped, so the pair they came with can be
-        stored on either database instead of being refused."""
+        """A scope is space-separated printable ASCII (RFC 6749, 3.3); other characters (a
+        NUL, a lone surrogate from a JSON escape, a tab) separate words as a space does, so
+        the pair they came with can be stored on either database instead of refused."""
         scripted.answer(
             {"access_token": "nbfake-at-new", "refresh_token": "nbfake-rt-new", "scope": sent}
         )

@@ -27,12 +27,14 @@ from nbgateway.crypto import Cipher, generate_key
 from nbgateway.errors import (
     CorruptRecordError,
     DecryptError,
+    RefreshLockBusy,
     StoreError,
     StoreUnavailable,
 )
 from nbgateway.models import AccountStatus, EventKind, TokenSet
 from nbgateway.redact import Secret
 from nbgateway.store import SCHEMA_VERSION, GenerationConflict, LeaseLost, SQLiteStore
+from nbgateway.store import sqlite as sqlite_backend
 
 STATE_TTL = 600.0
 
@@ -562,3 +564,71 @@ async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_no_lock_behin
             holder.close()
         await store.check_writable()  # and this process writes on
         await store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+
+
+class TestTheLeaseAndClosing:
+    async def test_a_live_holder_whose_release_failed_is_not_waited_for_as_stuck(
+        self, db_path: Path, clock: FakeClock, key: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A's call went unanswered (its start stays in the row, no holder). B, of this
+        host, takes the lock, backs off without a token call, and its release write fails
+        (the database locked past the busy timeout). B's lease does not carry that start:
+        once it lapses, A takes over instead of judging B, alive, stuck with a result and
+        waiting for it in vain."""
+        async with make_store(db_path, clock, key) as a, make_store(db_path, clock, key) as b:
+            a.lease = b.lease = 0.5
+            await a.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+            async with a.refresh_lock("acme") as locked:
+                await locked.begin_refresh()
+                sent = clock.now()
+                await locked.record_failure("timed out", unanswered=True)
+            original = sqlite_backend._Lease.release
+
+            async def release(self: Any) -> None:
+                if self._store is b:
+                    raise StoreError("database gateway.db cannot be written: database is locked")
+                await original(self)
+
+            monkeypatch.setattr(sqlite_backend._Lease, "release", release)
+            async with b.refresh_lock("acme") as backing_off:
+                assert backing_off.unanswered_at == sent
+            monkeypatch.setattr(sqlite_backend._Lease, "release", original)
+            clock.advance(b.lease + 1)
+            try:
+                async with asyncio.timeout(5.0), a.refresh_lock("acme"):
+                    pass
+            except RefreshLockBusy as exc:
+                pytest.fail(f"A waited for B's empty lease: {exc}")
+
+    async def test_a_write_queued_while_closing_writes_nothing(
+        self, db_path: Path, clock: FakeClock, key: str
+    ) -> None:
+        """A write waiting for the writer's turn when close() runs (a lease release, the
+        audit row of a request finishing during shutdown) does not open a new writer
+        once the store is closed: nothing lands, and no connection is left open."""
+        await create_database(db_path, clock, key)
+        store = make_store(db_path, clock, key)
+        await store.open()
+        inside = asyncio.Event()
+
+        async def first() -> None:
+            async with store._write() as conn:
+                inside.set()
+                await asyncio.sleep(0.3)
+                await conn.execute("SELECT 1")
+
+        w1 = asyncio.create_task(first())
+        await inside.wait()
+        w2 = asyncio.create_task(
+            store.save_tokens("acme", token_set(clock, "1"), EventKind.CONNECTED)
+        )
+        await asyncio.sleep(0.05)  # w2 waits for the writer
+        await store.close()
+        outcomes = await asyncio.gather(w1, w2, return_exceptions=True)
+        assert isinstance(outcomes[1], StoreError)
+        leaked = store._writer is not None
+        if leaked:
+            await store._writer.close()  # type: ignore[union-attr]
+        async with make_store(db_path, clock, key) as again:
+            landed = await again.get_account("acme") is not None
+        assert (leaked, landed) == (False, False)

@@ -64,7 +64,6 @@ from nbgateway.store.base import (
     AUDIT_FIELDS,
     AUDIT_PATH_MAX,
     CLEAR_MARKER,
-    CLEAR_OWNER,
     CLIENT_FIELDS,
     EVENT_FIELDS,
     EVENTS_KEPT,
@@ -379,12 +378,14 @@ class _Lease:
     async def release(self) -> None:
         if self.released:
             return
-        # No token call under this lease: an unanswered call's start stays in the row.
-        clear = CLEAR_OWNER if self.unanswered_at is not None and not self._began else CLEAR_MARKER
+        # No token call under this lease: an unanswered call's start goes back in the row
+        # for whoever sends the refresh token next (PostgreSQL's lock leaves it there).
+        started = self.unanswered_at if not self._began else None
         async with self._store._write(durable=False) as conn:
             await conn.execute(
-                f"UPDATE accounts SET {clear} WHERE slug = ? AND refresh_owner = ?",
-                (self.slug, self._owner),
+                "UPDATE accounts SET refresh_owner = NULL, refresh_deadline = NULL, "
+                "refresh_started_at = ? WHERE slug = ? AND refresh_owner = ?",
+                (started, self.slug, self._owner),
             )
         self.released = True
 
@@ -761,6 +762,7 @@ class SQLiteStore:
                 "process's earlier writes are still waiting for it)"
             ) from None
         try:
+            self.conn  # noqa: B018  (closed while this write waited its turn: nothing opens)
             if self._writer is None:
                 self._writer = await self._connect()
             conn = self._writer
@@ -961,9 +963,10 @@ class SQLiteStore:
                 if holder is None or own or runs is False or (lapsed and not stuck_with_result):
                     # A marker of this store's own stays: it was kept (`keep`) for a pair
                     # this process holds and has yet to store.
-                    # So does the start of a call left unanswered (no holder): PostgreSQL
-                    # keeps it too, for whoever sends the refresh token next.
-                    started = row["refresh_started_at"] if own or holder is None else None
+                    # (A call left unanswered, no holder: its start is the lease's
+                    # `unanswered_at`, put back on release if no call is made meanwhile, so
+                    # a live holder that sends nothing never looks stuck with a result.)
+                    started = row["refresh_started_at"] if own else None
                     await conn.execute(
                         "UPDATE accounts SET refresh_owner = ?, refresh_deadline = ?, "
                         "refresh_started_at = ? WHERE slug = ?",
