@@ -147,6 +147,11 @@ _LINK_HEADERS = frozenset({"location", "content-location"})
 _LINK_VALUE_URL = re.compile(r"<([^>]*)>")
 # Query parameters are separated by "&", and by ";" for servers that still split on it.
 _QUERY_SEPARATOR = re.compile(r"([&;])")
+_BRACKETS = re.compile(r"[\[\]]")
+# The content codings the gateway reads to map the links in a JSON answer; a tool's
+# Accept-Encoding is cut down to these, for a br or zstd page would pass through with
+# NationBuilder's links unmapped (the next page of /n/{slug}/api another nation's).
+_DECODABLE = frozenset({"identity", "gzip", "deflate"})
 _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
@@ -259,15 +264,26 @@ def _map_link_header(value: str, mapper: LinkMapper) -> str:
     return _LINK_VALUE_URL.sub(lambda m: f"<{mapper(m.group(1).strip()) or m.group(1)}>", value)
 
 
+def _decodable_codings(accept_encoding: str) -> str:
+    """An Accept-Encoding with only the codings of _DECODABLE left ("identity" if none)."""
+    kept = [
+        part.strip()
+        for part in accept_encoding.split(",")
+        if part.split(";", 1)[0].strip().lower() in _DECODABLE
+    ]
+    return ", ".join(kept) or "identity"
+
+
 def _is_api_path(path: str) -> bool:
     return path == "/api" or path.startswith(("/api/", "/api?", "/api#"))
 
 
 def _is_token_param(raw_name: str) -> bool:
     """Whether a query parameter's raw name is access_token as NationBuilder's Rails (Rack)
-    reads it: any case, percent- or plus-encoded, padded, or with a bracket suffix (Rack
-    reads `access_token[]` and `access_token[x]` as access_token)."""
-    name = unquote_plus(raw_name).partition("[")[0]
+    reads it: any case, percent- or plus-encoded, padded, or within brackets (Rack reads the
+    first run without a bracket after any leading ones: `access_token[]`, `access_token[x]`,
+    `[access_token]` and `]access_token` are all access_token)."""
+    name = _BRACKETS.split(unquote_plus(raw_name).lstrip("[]"), maxsplit=1)[0]
     return name.strip().lower() == "access_token"
 
 
@@ -616,6 +632,8 @@ class Proxy:
                 continue
             if lower == "x-forwarded-for":
                 continue  # re-added below with the peer appended
+            if lower == "accept-encoding":
+                value = _decodable_codings(value)
             if KEY_PREFIX in value:
                 value = without_keys(value)  # in a cookie, say: the key never goes upstream
             headers.add(name, value if value.isascii() else _header_text(value))
@@ -701,7 +719,10 @@ class Proxy:
             if failure is exc:
                 raise
             raise failure from None
-        slot.report(response.status, response.headers)
+        try:
+            slot.report(response.status, response.headers)
+        except Exception:  # NationBuilder answered: whatever its figures, the tool hears it
+            log.exception("the rate budget could not read an answer", extra={"account": route.slug})
         self._metrics.upstream_answered(route.slug, time.perf_counter() - started)
         return response
 
@@ -957,14 +978,19 @@ class Proxy:
 
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "x-gzip":
+            encoding = "gzip"  # the same coding (RFC 9110, 8.4.1.3)
         length = upstream.content_length
         head, complete = read if read is not None else (b"", False)
-        if (
-            content_type in _JSON_TYPES
-            and request.method != "HEAD"
-            and encoding in ("identity", "gzip", "deflate")
-            and (length is None or length <= _REWRITE_LIMIT)
-        ):
+        json_body = content_type in _JSON_TYPES and request.method != "HEAD"
+        if json_body and encoding not in _DECODABLE:
+            # Asked for none but these (`_decodable_codings`): passed on, its links would
+            # lead the tool's next request elsewhere, another nation's account included.
+            raise UpstreamInvalidResponse(
+                "NationBuilder answered in a content coding the gateway did not ask for, "
+                "so the links in it could not be mapped"
+            )
+        if json_body and (length is None or length <= _REWRITE_LIMIT):
             if not complete:
                 more, complete = await self._read_upto(upstream, _REWRITE_LIMIT - len(head))
                 head += more

@@ -102,14 +102,16 @@ def _header(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:
     return None
 
 
+# Above this a RateLimit count is not one (and would not fit a metric's float).
+_COUNT_MAX = 10**12
+
+
 def _count(raw: str | None) -> int | None:
-    if raw is None:
+    """A RateLimit count: ASCII digits only (no sign, "_" or other scripts' digits)."""
+    if raw is None or not (raw.isascii() and raw.isdigit()) or len(raw) > 13:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
+    value = int(raw)
+    return value if value <= _COUNT_MAX else None
 
 
 _DATE = istr("Date")
@@ -171,16 +173,15 @@ def parse_retry_after(raw: str | None, now: float) -> float | None:
     if raw is None:
         return None
     raw = raw.strip()
+    if not raw.isascii() or "_" in raw:
+        return None  # float() would read "1_000" or another script's digits
     try:
         seconds = float(raw)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+        when = _date_epoch(raw)
+        if when is None:
             return None
-        if when.tzinfo is None:
-            return None
-        seconds = when.timestamp() - now
+        seconds = when - now
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)

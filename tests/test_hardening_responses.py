@@ -712,3 +712,50 @@ class TestLinkOrigin:
         )
         second = await (await acme.client.get(next_link.relative())).json(content_type=None)
         assert [r["id"] for r in second["data"]] == ["6", "7", "8", "9", "10"]
+
+
+class TestCodingsWhoseLinksCannotBeMapped:
+    @pytest.mark.parametrize("coding", ["br", "zstd", "compress"])
+    async def test_a_json_page_in_a_coding_not_asked_for_is_refused(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        coding: str,
+    ) -> None:
+        """The gateway asks NationBuilder only for codings it reads (a tool's br or zstd
+        is dropped from Accept-Encoding). A JSON page in another coding all the same
+        cannot have its links mapped: passed on, the root-relative `next` of
+        /n/alpha/api would lead the tool to the default account, another nation. It is
+        refused as an invalid answer instead."""
+        gw = await gateway_factory(default_account="beta")
+        await connect_account(gw, "alpha")
+        await connect_account(gw, "beta")
+        page = b'{"data":[],"links":{"next":"/api/v2/signups?page%5Bsize%5D=1"}}'
+        fake_nb.set_canned(headers=[("Content-Type", V2), ("Content-Encoding", coding)], body=page)
+        accept = {"Accept-Encoding": f"gzip, deflate, {coding}"}
+        resp = await gw.client.get(
+            "/n/alpha/api/_test/canned", headers=accept, auto_decompress=False
+        )
+        assert fake_nb.api_requests[-1].headers["Accept-Encoding"] == "gzip, deflate"
+        assert resp.status == 502
+        assert (await resp.json())["errors"][0]["code"] == "upstream_invalid_response"
+
+    async def test_x_gzip_is_read_as_gzip(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+    ) -> None:
+        """x-gzip is gzip (RFC 9110): its links are mapped under the nation's prefix."""
+        import gzip
+
+        gw = await gateway_factory()
+        await connect_account(gw, "alpha")
+        page = gzip.compress(b'{"data":[],"links":{"next":"/api/v2/signups?page=2"}}')
+        fake_nb.set_canned(
+            headers=[("Content-Type", V2), ("Content-Encoding", "x-gzip")], body=page
+        )
+        resp = await gw.client.get("/n/alpha/api/_test/canned")
+        assert resp.status == 200
+        assert (await resp.json())["links"]["next"].endswith("/n/alpha/api/v2/signups?page=2")

@@ -533,7 +533,14 @@ class TestRequestHeaders:
             ("access_token%5B%5D=leak&a=1", "a=1"),
             ("access_token[x]=leak&a=1", "a=1"),
             ("access_token+=leak&a=1", "a=1"),
+            # Rack reads the first run without brackets after any leading ones.
+            ("[access_token]=leak&a=1", "a=1"),
+            ("%5Baccess_token%5D=leak&a=1", "a=1"),
+            ("]access_token=leak&a=1", "a=1"),
+            ("access_token]=leak&a=1", "a=1"),
+            ("[[access_token]x]=leak&a=1", "a=1"),
             ("access_tokens=kept&a=1", "access_tokens=kept&a=1"),
+            ("[x]access_token=kept&a=1", "[x]access_token=kept&a=1"),
         ],
     )
     async def test_access_token_parameter_is_dropped(

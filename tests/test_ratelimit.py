@@ -155,9 +155,12 @@ class TestParsing:
         """An answer without RateLimit headers announces nothing."""
         assert parse_announced({}, NOW) == Announced(None, None, None)
 
-    @pytest.mark.parametrize("value", ["many", "", "1.5", "-3", "10s"])
+    @pytest.mark.parametrize(
+        "value", ["many", "", "1.5", "-3", "10s", "+3", "1_000", "\u0663", "9" * 400]
+    )
     def test_non_numeric_counts_are_ignored(self, value: str) -> None:
-        """A Limit or Remaining that is not a whole number >= 0 counts as absent."""
+        """A Limit or Remaining that is not a whole number >= 0 in ASCII digits, of a size a
+        budget can have, counts as absent."""
         seen = parse_announced({"RateLimit-Limit": value, "RateLimit-Remaining": value}, NOW)
         assert (seen.limit, seen.remaining) == (None, None)
 
@@ -211,7 +214,19 @@ class TestParsing:
         past = format_datetime(datetime.fromtimestamp(NOW - 100, UTC), usegmt=True)
         assert parse_retry_after(past, NOW) == 0
 
-    @pytest.mark.parametrize("value", [None, "later", "Tue, 99 Foo 2026", "nan"])
+    @pytest.mark.parametrize(
+        "value",
+        [
+            None,
+            "later",
+            "Tue, 99 Foo 2026",
+            "nan",
+            "Mon, 01 Jan 2024 00:00:00 +99999999999999999999",  # an offset that overflows
+            "Fri, 31 Dec 99999999999999999999 00:00:00 GMT",  # so does the year
+            "1_000",
+            "\u0663",  # another script's digit
+        ],
+    )
     def test_unusable_retry_after(self, value: str | None) -> None:
         """A missing or malformed Retry-After gives None (the caller picks a bounded hold)."""
         assert parse_retry_after(value, NOW) is None

@@ -9,6 +9,7 @@ pass keep the fake clock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import Counter
@@ -312,3 +313,57 @@ class TestWithoutWindows:
         assert len(fake_nb.api_requests) == 3
         assert gw.metric("nbgw_upstream_429_total", account="acme") == 2
         assert gw.metric("nbgw_rate_limit_remaining", account="acme") == 0
+
+
+class TestAbsurdFigures:
+    """Whatever rate figures an answer carries, the answer reaches the tool."""
+
+    @pytest.mark.parametrize("queue_timeout", [1.0, 0.0], ids=["pacing", "pacing-off"])
+    async def test_a_429_with_an_overflowing_retry_after_date_is_passed_on(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        caplog: pytest.LogCaptureFixture,
+        queue_timeout: float,
+    ) -> None:
+        """A Retry-After date whose offset overflows is no wait at all, not a 500."""
+        caplog.set_level(logging.INFO)
+        gw = await gateway_factory(rate_queue_timeout=queue_timeout)
+        await connect_account(gw, "acme")
+        fake_nb.set_canned(
+            status=429,
+            headers=[
+                ("Content-Type", "application/json"),
+                ("Retry-After", "Mon, 01 Jan 2024 00:00:00 +99999999999999999999"),
+            ],
+            body=b'{"message":"You have made too many requests."}',
+        )
+        resp = await gw.client.get("/api/_test/canned")
+        assert resp.status == 429
+        assert not [r for r in caplog.records if r.exc_info]
+
+    @pytest.mark.parametrize("header", ["RateLimit-Remaining", "RateLimit-Limit"])
+    async def test_an_executed_post_with_an_absurd_rate_figure_is_answered_as_sent(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        caplog: pytest.LogCaptureFixture,
+        header: str,
+    ) -> None:
+        """NationBuilder carried out the POST (201); a 400-digit rate figure is no figure,
+        and the tool hears the 201 (a 500 would make it think the write failed, and
+        repeat it)."""
+        caplog.set_level(logging.INFO)
+        gw = await gateway_factory()
+        await connect_account(gw, "acme")
+        fake_nb.set_canned(
+            status=201,
+            headers=[("Content-Type", "application/json"), (header, "9" * 400)],
+            body=b'{"data":{"id":"77","type":"signups"}}',
+        )
+        resp = await gw.client.post("/api/_test/canned", data=b'{"data":{}}')
+        assert resp.status == 201
+        assert [r.method for r in fake_nb.api_requests] == ["POST"]
+        assert not [r for r in caplog.records if r.exc_info]
