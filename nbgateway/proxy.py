@@ -16,6 +16,7 @@ the limiter's hold) when the body can be replayed. The proxy knows tokens only t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -264,6 +265,7 @@ def _map_link_header(value: str, mapper: LinkMapper) -> str:
     return _LINK_VALUE_URL.sub(lambda m: f"<{mapper(m.group(1).strip()) or m.group(1)}>", value)
 
 
+@functools.lru_cache(maxsize=64)  # a tool sends the same value every time
 def _decodable_codings(accept_encoding: str) -> str:
     """An Accept-Encoding with only the codings of _DECODABLE left ("identity" if none)."""
     kept = [
