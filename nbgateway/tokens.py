@@ -970,7 +970,7 @@ class TokenManager:
                 saved = await locked.save_tokens(tokens)
             else:
                 saved = await locked.save_refresh_token(pending.refresh_token, pending.message)
-        except StoreError:
+        except BaseException:  # a cancelled attempt (a stop cut short) included
             locked.keep()
             raise
         pending.stored_generation = saved.generation

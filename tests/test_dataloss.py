@@ -1433,6 +1433,44 @@ class TestAPairHeldInMemory:
         assert await fetch(b) == 200
         assert refresh_tokens_sent(fake_nb).count(issued["refresh_token"]) == 1
 
+    async def test_a_cancelled_attempt_to_store_a_held_pair_keeps_the_marker(
+        self,
+        gateway_factory: GatewayFactory,
+        settings_factory: SettingsFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        any_database: Path | str,
+    ) -> None:
+        """An attempt to store a held pair is cancelled inside its write (a stop cut short
+        by its grace): the marker stays, so the other processes go on waiting for the
+        pair (or, once this one is gone, know the stored refresh token may be spent)."""
+        settings = settings_factory(database=any_database)
+        a, b, _ = await two_processes(gateway_factory, settings, connect_account)
+        fail_first_save(monkeypatch, any_database, a.store)
+        clock.advance(LIFETIME)
+        assert await fetch(a) == 200
+        assert a.tokens.unpersisted == [SLUG]
+        cls = lock_class(any_database)
+        original = cls.save_tokens
+        writing = asyncio.Event()
+
+        async def hung(self: Any, tokens: Any) -> Any:
+            writing.set()
+            await asyncio.Event().wait()  # never answers
+
+        monkeypatch.setattr(cls, "save_tokens", hung)
+        attempt = asyncio.create_task(a.tokens.persist_pending(force=True))
+        await asyncio.wait_for(writing.wait(), 10)
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await attempt
+        [info] = await b.store.list_accounts()
+        assert info.refresh_started_at is not None
+        monkeypatch.setattr(cls, "save_tokens", original)
+        await a.tokens.persist_pending(force=True)
+        assert a.tokens.unpersisted == []
+
     async def test_a_refused_rotation_held_alone_honours_the_backoff_of_its_failure(
         self,
         gateway_factory: GatewayFactory,
