@@ -12,7 +12,6 @@ admin pages. They call `AccountService` and `ClientRegistry`, the same code the 
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -37,6 +36,7 @@ from nbgateway.errors import (
     store_failure,
     token_error,
 )
+from nbgateway.redact import same_secret
 from nbgateway.store import ClientExists
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ BINDING: web.AppKey[Callable[[web.Request], Awaitable[str]]] = web.AppKey("bindi
 
 def admin_token_matches(request: web.Request, candidate: str) -> bool:
     expected = request.config_dict[keys.SETTINGS].admin_token.reveal()
-    return bool(expected) and hmac.compare_digest(candidate.encode(), expected.encode())
+    return bool(expected) and same_secret(candidate, expected)
 
 
 async def require_bearer(request: web.Request) -> None:

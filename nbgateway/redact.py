@@ -10,6 +10,7 @@ it reaches a log line or an error body.
 
 from __future__ import annotations
 
+import hmac
 import operator
 import re
 import threading
@@ -17,6 +18,14 @@ from collections import deque
 from collections.abc import Iterable
 
 REDACTED = "**redacted**"
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Whether a presented value (a header, a cookie, a form field) is `expected`, in
+    constant time. A raw byte that is not UTF-8 (aiohttp hands it on as a lone surrogate)
+    is just another mismatch, not an error."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
 
 # Values shorter than this are not scrubbed by value: they would match ordinary words.
 _MIN_SECRET_LEN = 8

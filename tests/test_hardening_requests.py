@@ -1279,3 +1279,37 @@ class TestHttp10:
                 assert answer.body == bytes(range(256)) + bytes(range(44))
         finally:
             await hang_up(writer)
+
+
+class TestRawBytesInAdminCredentials:
+    """A raw byte that is not UTF-8 in an admin credential (aiohttp hands it on as a lone
+    surrogate) is a wrong credential like any other, not a 500."""
+
+    @staticmethod
+    async def ask(gw: Gateway, target: str, header: bytes) -> Answer:
+        data = (
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+            + header
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        return await exchange(port_of(gw), data)
+
+    async def test_an_admin_bearer_with_a_raw_byte_is_refused_with_401(
+        self, gateway: Gateway
+    ) -> None:
+        answer = await self.ask(gateway, "/connect/api/accounts", b"Authorization: Bearer \xff\xfe")
+        assert answer.status == 401
+
+    @pytest.mark.parametrize(
+        "cookie",
+        [
+            b"nbgw_session=\xff\xfe.99999999999.abc",
+            b"nbgw_session=abc.99999999999.\xff",
+            b"nbgw_flash=\xff.abc",
+        ],
+    )
+    async def test_an_admin_cookie_with_a_raw_byte_is_ignored(
+        self, gateway: Gateway, cookie: bytes
+    ) -> None:
+        answer = await self.ask(gateway, "/connect/login", b"Cookie: " + cookie)
+        assert answer.status == 200

@@ -17,7 +17,6 @@ headers. None of this runs on the proxy path.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from importlib import resources
@@ -45,6 +44,7 @@ from nbgateway.errors import (
 )
 from nbgateway.middleware import error_response, router_error
 from nbgateway.models import AccountInfo, AccountStatus, is_valid_slug
+from nbgateway.redact import same_secret
 
 log = logging.getLogger("nbgateway.admin")
 
@@ -323,7 +323,7 @@ class AdminCore:
         if session is None:
             return self.to_login()
         fields = await read_form(request)
-        if not hmac.compare_digest(fields.get("csrf", "").encode(), session.csrf.encode()):
+        if not same_secret(fields.get("csrf", ""), session.csrf):
             log.warning(
                 "admin form refused: missing or wrong CSRF token", extra={"path": request.path}
             )

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbgateway.errors import StoreError
+from nbgateway.redact import same_secret
 from nbgateway.store import TokenStore
 
 log = logging.getLogger("nbgateway.admin")
@@ -73,7 +74,9 @@ class Signer:
         return hmac.new(self._key, f"{purpose}:{data}".encode(), hashlib.sha256).hexdigest()
 
     def valid(self, purpose: str, data: str, signature: str) -> bool:
-        return hmac.compare_digest(self.sign(purpose, data).encode(), signature.encode())
+        if not data.isascii():  # what `sign` signed is ASCII; a raw byte is tampering
+            return False
+        return same_secret(signature, self.sign(purpose, data))
 
     def session(self, sid: str, expires_at: int) -> Session:
         return Session(sid, expires_at, self.sign("csrf", sid), self.sign("binding", sid)[:32])
