@@ -153,6 +153,7 @@ _BRACKETS = re.compile(r"[\[\]]")
 # Accept-Encoding is cut down to these, for a br or zstd page would pass through with
 # NationBuilder's links unmapped (the next page of /n/{slug}/api another nation's).
 _DECODABLE = frozenset({"identity", "gzip", "deflate"})
+_Q_ZERO = re.compile(r";\s*q\s*=\s*0(?:\.0*)?\s*$", re.IGNORECASE)
 _JSON_TYPES = ("application/json", "application/vnd.api+json")
 # JSON bodies larger than this are passed through without link rewriting.
 _REWRITE_LIMIT = 16 * 1024 * 1024
@@ -273,7 +274,9 @@ def _decodable_codings(accept_encoding: str) -> str:
         for part in accept_encoding.split(",")
         if part.split(";", 1)[0].strip().lower() in _DECODABLE
     ]
-    return ", ".join(kept) or "identity"
+    if not any(_Q_ZERO.search(part) is None for part in kept):
+        return "identity"  # none left that the tool takes: the one coding every client reads
+    return ", ".join(kept)
 
 
 def _is_api_path(path: str) -> bool:
@@ -853,7 +856,7 @@ class Proxy:
         """Whether a 401's body (its first bytes, as sent: perhaps gzip or deflate) carries
         NationBuilder's `token_expired` code."""
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("gzip", "deflate"):
+        if encoding in ("gzip", "x-gzip", "deflate"):
             head = inflate(head, _PEEK_401) or b""
         return _EXPIRED_CODE in head
 
@@ -985,7 +988,8 @@ class Proxy:
         length = upstream.content_length
         head, complete = read if read is not None else (b"", False)
         json_body = content_type in _JSON_TYPES and request.method != "HEAD"
-        if json_body and encoding not in _DECODABLE:
+        has_links = 200 <= upstream.status < 300 and upstream.status != 204  # a page
+        if json_body and has_links and encoding not in _DECODABLE:
             # Asked for none but these (`_decodable_codings`): passed on, its links would
             # lead the tool's next request elsewhere, another nation's account included.
             raise UpstreamInvalidResponse(

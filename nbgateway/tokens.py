@@ -264,6 +264,7 @@ class TokenManager:
         """A valid token of another generation than `generation` that needs no refresh:
         the cached one, or the stored one (another process refreshed); None if neither
         is (a store failure included)."""
+        generation = self._refused_generation(slug, generation)
         cached = self._still_valid(self._cache.get(slug))
         if cached is not None and cached.generation != generation:
             return cached
@@ -275,11 +276,20 @@ class TokenManager:
             return None
         return self._issue(account)
 
+    def _refused_generation(self, slug: str, generation: int) -> int:
+        """The generation a token NationBuilder refused belongs to: a held pair's token
+        (generation -1) stored since is that row's (here or by the background round)."""
+        if generation == -1 and slug not in self._unpersisted:
+            return self._held_stored_as.get(slug, -1)
+        return generation
+
     async def force_refresh(self, slug: str, stale_generation: int | None) -> IssuedToken:
         """After an upstream 401 on `stale_generation`: a token of a newer generation
         (remembered for `may_cure_401`)."""
         # Joins a refresh already in flight; if that one only re-issued the rejected
         # generation, _single_flight starts a forced refresh of its own.
+        if stale_generation is not None:
+            stale_generation = self._refused_generation(slug, stale_generation)
         token = await self._single_flight(slug, force=True, stale_generation=stale_generation)
         seen = self._after_401.get(slug)
         if seen is None or (not seen[2] and seen[0] != token.generation):
@@ -529,10 +539,8 @@ class TokenManager:
             issued = await self._from_unpersisted(slug, force)
             if issued is not None:
                 return issued
-        if stale_generation == -1:
-            # A 401 on the held token, stored since (here or by the background round): the
-            # row it was stored as holds the token refused.
-            stale_generation = self._held_stored_as.get(slug, -1)
+        if stale_generation is not None:  # the held pair stored just now, say
+            stale_generation = self._refused_generation(slug, stale_generation)
         if slug in self._needs_reauth and not await self._reauthorized_elsewhere(slug):
             raise self._reauth_error(slug)
         backing_off = self._backoff_wait(slug) > 0
@@ -862,9 +870,12 @@ class TokenManager:
             # (one the request path is handling right now is left to it)
             if slug not in self._inflight and (force or pending.next_attempt <= now)
         ]
-        for outcome in await asyncio.gather(*due, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        outcomes = await asyncio.gather(*due, return_exceptions=True)
+        failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for extra in failed[1:]:
+            log.error("storing a held token pair failed", exc_info=extra)
+        if failed:
+            raise failed[0]
 
     async def _persist(self, slug: str, pending: _Unpersisted) -> bool:
         """Store a held pair if the account still holds the token it replaced. True once
@@ -1329,16 +1340,17 @@ class TokenManager:
         """Background loop: recover interrupted refreshes once, then notice other processes'
         changes (holding every account's token in memory), retry storing held pairs, retry
         refreshes whose backoff ended, and refresh tokens ahead of time."""
-        try:
-            await self.recover_interrupted()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("recovering interrupted refreshes failed; continuing")
-        # Held pairs in a loop of their own: a round below that waits for a lock or a slow
-        # store does not delay the attempts that renew their kept markers.
+        # Held pairs in a loop of their own, from the start: the recovery or a round below
+        # that waits for a lock or a slow store does not delay the attempts that renew
+        # their kept markers.
         keeper = asyncio.create_task(self._keep_persisting(sync_interval))
         try:
+            try:
+                await self.recover_interrupted()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("recovering interrupted refreshes failed; continuing")
             await self._maintain(refresh_interval, sync_interval)
         finally:
             keeper.cancel()

@@ -1615,6 +1615,80 @@ class TestAPairHeldInMemory:
         assert await fetch(gw) == 200
         assert len(fake_nb.token_requests) == calls + 1
 
+    async def test_a_401_on_the_held_token_joining_a_plain_token_call(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The background round stored the held pair. A new request asks for a token (a
+        plain call reading the row) while one that went out with the held token gets a
+        401: joining the plain call, it is not handed the row's token, the one refused."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        held = gw.tokens._unpersisted[SLUG].tokens
+        assert held is not None
+        await gw.tokens.persist_pending(force=True)
+        assert gw.tokens.unpersisted == []
+        assert await gw.tokens.newer_token(SLUG, -1) is None  # the row's is the one refused
+        original = gw.store.get_account
+
+        async def slow_get(slug: str) -> Any:
+            await asyncio.sleep(0.05)
+            return await original(slug)
+
+        monkeypatch.setattr(gw.store, "get_account", slow_get)
+        plain = asyncio.create_task(gw.tokens.access_token(SLUG))
+        await asyncio.sleep(0)  # its task is in flight
+        after_401 = await gw.tokens.force_refresh(SLUG, -1)
+        await plain
+        assert after_401.access_token != held.access_token
+
+    async def test_a_held_pair_is_retried_while_the_start_recovers_another_account(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The background loop begins by recovering interrupted refreshes, which may wait
+        (a lock held elsewhere, a slow token endpoint). A pair held meanwhile (another
+        account's refresh could not store it) is retried all the same: the retries that
+        renew its kept marker do not wait for the recovery."""
+        gw = await gateway_factory()
+        await connect_account(gw, "acme")
+        await connect_account(gw, "beta")
+        async with gw.store.refresh_lock("beta") as locked:  # a stopped refresh of beta
+            await locked.begin_refresh()
+            locked.keep()
+        blocked, release = asyncio.Event(), asyncio.Event()
+        original = gw.tokens._call_token_endpoint
+
+        async def call(slug: str, refresh_token: Any) -> Any:
+            if slug == "beta":
+                blocked.set()
+                await release.wait()  # the recovery waits
+            return await original(slug, refresh_token)
+
+        monkeypatch.setattr(gw.tokens, "_call_token_endpoint", call)
+        runner = asyncio.create_task(gw.tokens.run(refresh_interval=30.0, sync_interval=0.05))
+        try:
+            await asyncio.wait_for(blocked.wait(), 5)
+            fail_first_save(monkeypatch, Path(), gw.store)
+            clock.advance(LIFETIME)
+            assert await fetch(gw, f"/n/acme{ME}") == 200
+            assert gw.tokens.unpersisted == ["acme"]
+            for _ in range(10):  # well past the first retry, on both clocks
+                clock.advance(1.0)
+                await asyncio.sleep(0.1)
+            assert gw.tokens.unpersisted == []
+        finally:
+            release.set()
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
     async def test_a_held_pair_from_an_answer_that_did_not_rotate_is_stored(
         self,
         gateway_factory: GatewayFactory,

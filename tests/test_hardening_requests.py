@@ -931,6 +931,8 @@ class TestRequestHeadersUpstream:
             ("br;q=1.0, identity;q=0.5", "identity;q=0.5"),
             ("br", "identity"),
             ("*", "identity"),
+            ("br, identity;q=0", "identity"),  # none left the tool takes: identity
+            ("gzip;q=0, br", "identity"),
         ],
     )
     async def test_accept_encoding_keeps_the_codings_whose_links_are_mapped(

@@ -759,3 +759,25 @@ class TestCodingsWhoseLinksCannotBeMapped:
         resp = await gw.client.get("/n/alpha/api/_test/canned")
         assert resp.status == 200
         assert (await resp.json())["links"]["next"].endswith("/n/alpha/api/v2/signups?page=2")
+
+    @pytest.mark.parametrize("status", [204, 404, 429, 500])
+    async def test_an_answer_without_a_page_keeps_its_status_in_any_coding(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        status: int,
+    ) -> None:
+        """Only a page (a 2xx with a body) is refused for a coding the gateway cannot read:
+        a 204 has no links, and an error's status (a 429's Retry-After, a 404) is what the
+        tool needs to hear; they pass as sent."""
+        gw = await gateway_factory(rate_queue_timeout=0.0)
+        await connect_account(gw, "acme")
+        body = b"" if status == 204 else b"\x0b\x02\x80{}\x03"  # br of "{}"
+        fake_nb.set_canned(
+            status=status,
+            headers=[("Content-Type", V2), ("Content-Encoding", "br"), ("Retry-After", "5")],
+            body=body,
+        )
+        resp = await gw.client.get("/api/_test/canned", auto_decompress=False)
+        assert resp.status == status

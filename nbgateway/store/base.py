@@ -35,7 +35,11 @@ Refresh coordination, as every backend must provide it:
   shows it to the start-up recovery and the admin pages). `record_failure(...,
   unanswered=True)` (a timeout, a dropped connection: NationBuilder may have rotated)
   keeps the call's start time in the row, and the next holder, in any process, sees it
-  as `unanswered_at`.
+  as `unanswered_at`. (SQLite's lease lives in the row: a lock taken over such a start
+  holds it until its release puts it back, so a process that dies holding that lock, or
+  whose release fails, loses it, and a later needs-reauth reason lacks "it probably
+  rotated it"; PostgreSQL's lock leaves the row as it is. A live holder never looks stuck
+  with a result for a start that was not its own.)
 - `begin_refresh`, `save_tokens`, `save_refresh_token`, `record_failure` and
   `mark_needs_reauth` are a compare-and-set on the generation the account had when the
   lock was taken: if another writer (a re-connect by an admin, an import, a removal)
