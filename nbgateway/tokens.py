@@ -252,7 +252,8 @@ class TokenManager:
         age = self._clock.monotonic() - seen[1]
         if seen[2]:
             return age >= (MIN_REFRESH_INTERVAL if expired else REFRESH_401_HOLD)
-        return seen[0] != generation or replayable or age >= MIN_REFRESH_INTERVAL
+        made = self._refused_generation(slug, seen[0])  # a held pair's, stored since
+        return made != generation or replayable or age >= MIN_REFRESH_INTERVAL
 
     def refused_fresh(self, slug: str, generation: int) -> None:
         """NationBuilder answered 401 to a token of `generation` given out after a 401 (by
@@ -416,6 +417,8 @@ class TokenManager:
                 continue
             if not listed:
                 self._metrics.refresh_coalesced.labels(slug).inc()
+            if stale_generation is not None:  # the held pair refused may be stored by now
+                stale_generation = self._refused_generation(slug, stale_generation)
             if not force or task_forced or result.generation != stale_generation:
                 return result
         task = asyncio.create_task(self._obtain(slug, force, stale_generation))

@@ -1645,6 +1645,78 @@ class TestAPairHeldInMemory:
         await plain
         assert after_401.access_token != held.access_token
 
+    @pytest.mark.parametrize("where", ["tokens", "proxy"])
+    async def test_a_401_on_the_held_token_joining_a_plain_call_that_stores_it(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        fake_nb: FakeNationBuilder,
+        clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch,
+        where: str,
+    ) -> None:
+        """The held pair is due; another request's plain call stores it (and hands out the
+        row's token, the held one) while a request that went out with the held token gets
+        a 401 and joins that call: it is not handed the row's token, the one refused, but
+        refreshes (through the proxy: the retry gets 200)."""
+        gw = await gateway_factory()
+        await hold_a_pair(gw, connect_account, clock, monkeypatch)
+        held = gw.tokens._unpersisted[SLUG].tokens
+        assert held is not None
+        original_get = gw.store.get_account
+
+        async def slow_get(slug: str) -> Any:
+            await asyncio.sleep(0.05)
+            return await original_get(slug)
+
+        def another_request() -> asyncio.Task[Any]:
+            clock.advance(held.expires_at - clock.now() - gw.tokens.margin / 2)  # due, valid
+            monkeypatch.setattr(gw.store, "get_account", slow_get)
+            return asyncio.create_task(gw.tokens.access_token(SLUG))
+
+        if where == "tokens":
+            plain = another_request()
+            await asyncio.sleep(0)
+            assert gw.tokens.unpersisted == [SLUG]  # still held when the 401 comes back
+            after_401 = await gw.tokens.force_refresh(SLUG, -1)
+            assert (await plain).access_token == held.access_token
+            assert after_401.access_token != held.access_token
+            return
+        original = gw.tokens.force_refresh
+        others: list[asyncio.Task[Any]] = []
+
+        async def meanwhile(slug: str, stale: int | None) -> Any:
+            others.append(another_request())
+            await asyncio.sleep(0)
+            return await original(slug, stale)
+
+        monkeypatch.setattr(gw.tokens, "force_refresh", meanwhile)
+        fake_nb.expire_access_tokens(SLUG)
+        assert await fetch(gw) == 200
+        await asyncio.gather(*others)
+
+    async def test_a_401_on_a_held_token_stored_since_is_held_back_like_a_stored_ones(
+        self,
+        gateway_factory: GatewayFactory,
+        connect_account: ConnectAccount,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The refresh after a 401 made a pair the store refused (held, generation -1),
+        stored since by the background round: a 401 on that token for a request that
+        cannot be replayed causes no second rotation within MIN_REFRESH_INTERVAL, as for a
+        pair stored at once."""
+        gw = await gateway_factory()
+        await connect_account(gw, SLUG)
+        token = await gw.tokens.access_token(SLUG)
+        fail_first_save(monkeypatch, Path(), gw.store)
+        fresh = await gw.tokens.force_refresh(SLUG, token.generation)
+        assert fresh.generation == -1 and gw.tokens.unpersisted == [SLUG]
+        assert not gw.tokens.may_cure_401(SLUG, -1, replayable=False)
+        await gw.tokens.persist_pending(force=True)
+        stored = await gw.tokens.access_token(SLUG)
+        assert stored.access_token == fresh.access_token
+        assert not gw.tokens.may_cure_401(SLUG, stored.generation, replayable=False)
+
     async def test_a_held_pair_is_retried_while_the_start_recovers_another_account(
         self,
         gateway_factory: GatewayFactory,
