@@ -39,6 +39,7 @@ from nbgateway.errors import (
     StoreError,
     StoreUnavailable,
 )
+from nbgateway.log import background_round
 from nbgateway.metrics import Metrics
 from nbgateway.models import AuditEntry, ClientInfo, ClientRecord, is_valid_slug
 from nbgateway.redact import REDACTED, Redactor, Secret
@@ -469,21 +470,14 @@ class ClientRegistry:
                 extra={"entries": len(self._audit) + self._dropped},
             )
 
+    async def _one_round(self) -> None:
+        await self.sync()
+        await self.flush()
+
     async def run(self, interval: float = 1.0) -> None:
         """Background loop: follow the store's keys and write the bookkeeping."""
         while True:
-            try:
-                await self.sync()
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except StoreError as exc:  # an outage, said in one line; retried next round
-                log.warning(
-                    "client key maintenance: the store cannot be used; continuing",
-                    extra={"error": str(exc)},
-                )
-            except Exception:
-                log.exception("client key maintenance failed; continuing")
+            await background_round(log, "client key maintenance", self._one_round)
             await asyncio.sleep(interval)
 
     # -- admin operations ------------------------------------------------------------------

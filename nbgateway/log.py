@@ -23,9 +23,10 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, TextIO
 
+from nbgateway.errors import StoreError
 from nbgateway.redact import Redactor
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -432,3 +433,18 @@ def configure_logging(
     logging.logMultiprocessing = False
     logging._srcfile = None  # documented in logging/__init__.py; no public switch exists
     return handler
+
+
+async def background_round(
+    logger: logging.Logger, what: str, step: Callable[[], Awaitable[object]]
+) -> None:
+    """One round of a background loop: a store outage said in one line, anything else with
+    its traceback, and the loop goes on (only a cancellation ends it)."""
+    try:
+        await step()
+    except asyncio.CancelledError:
+        raise
+    except StoreError as exc:  # an outage, retried next round
+        logger.warning(f"{what}: the store cannot be used; continuing", extra={"error": str(exc)})
+    except Exception:
+        logger.exception(f"{what} failed; continuing")

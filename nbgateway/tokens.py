@@ -39,6 +39,7 @@ from nbgateway.errors import (
     StoreUnavailable,
     TokenUnavailable,
 )
+from nbgateway.log import background_round
 from nbgateway.metrics import Metrics
 from nbgateway.models import Account, AccountInfo, AccountStatus, RefreshOutcome, TokenSet
 from nbgateway.oauth import NationBuilderOAuth
@@ -1362,40 +1363,25 @@ class TokenManager:
 
     async def _keep_persisting(self, interval: float) -> None:
         while True:
-            try:
-                await self.persist_pending()
-            except asyncio.CancelledError:
-                raise
-            except StoreError as exc:
-                log.warning(
-                    "storing held token pairs: the store cannot be used; continuing",
-                    extra={"error": str(exc)},
-                )
-            except Exception:
-                log.exception("storing held token pairs failed; continuing")
+            await background_round(log, "storing held token pairs", self.persist_pending)
             await asyncio.sleep(interval)
 
     async def _maintain(self, refresh_interval: float, sync_interval: float) -> None:
         since_refresh = refresh_interval
         changed = True  # the start: nothing is held yet
+
+        async def one_round() -> None:
+            nonlocal since_refresh, changed
+            changed = await self.sync() or changed
+            await self.retry_after_backoff()
+            if since_refresh >= refresh_interval:
+                since_refresh = 0.0
+                await self.refresh_due(lead=2 * refresh_interval)
+            if changed:  # last: an outage here delays none of the above
+                await self.prefetch()
+                changed = False
+
         while True:
-            try:
-                changed = await self.sync() or changed
-                await self.retry_after_backoff()
-                if since_refresh >= refresh_interval:
-                    since_refresh = 0.0
-                    await self.refresh_due(lead=2 * refresh_interval)
-                if changed:  # last: an outage here delays none of the above
-                    await self.prefetch()
-                    changed = False
-            except asyncio.CancelledError:
-                raise
-            except StoreError as exc:  # an outage, said in one line; retried next round
-                log.warning(
-                    "token maintenance: the store cannot be used; continuing",
-                    extra={"error": str(exc)},
-                )
-            except Exception:
-                log.exception("token maintenance loop failed; continuing")
+            await background_round(log, "token maintenance", one_round)
             await asyncio.sleep(sync_interval)
             since_refresh += sync_interval
