@@ -63,9 +63,10 @@ MARGIN_WAIT = 2.0
 PERSIST_RETRY_BASE = 1.0
 PERSIST_RETRY_CAP = 30.0
 # The marker kept for a held pair lasts one lease (`TokenStore.lease`) from its holder's
-# last lock on the account, which renews it. An attempt whose lock was granted comes again
-# within a third of that, however long it took; a token call from memory (bounded by the
-# lease less LEASE_SLACK) starts within this of such a lock, or tries the store first.
+# last lock on the account, which renews it. After an attempt whose lock was granted, the
+# next comes a third of a lease after that lock (or PERSIST_RETRY_BASE after a failing
+# write that took longer); a token call from memory (bounded by the lease less
+# LEASE_SLACK) starts within this of such a lock, or tries the store first.
 RENEW_BEFORE_CALL = LEASE_SLACK / 2
 # Background refreshes run at once, at most this many at a time.
 REFRESH_CONCURRENCY = 32
