@@ -637,10 +637,10 @@ class Proxy:
                 continue
             if lower == "x-forwarded-for":
                 continue  # re-added below with the peer appended
-            if lower == "accept-encoding":
-                value = _decodable_codings(value)
             if KEY_PREFIX in value:
                 value = without_keys(value)  # in a cookie, say: the key never goes upstream
+            if lower == "accept-encoding":
+                value = _decodable_codings(value)  # (remembered: after the key is gone)
             headers.add(name, value if value.isascii() else _header_text(value))
         peer = request.remote or ""
         previous = request.headers.get("X-Forwarded-For")
