@@ -279,6 +279,12 @@ def _decodable_codings(accept_encoding: str) -> str:
     return ", ".join(kept)
 
 
+def _coding_of(upstream: aiohttp.ClientResponse) -> str:
+    """An answer's content coding, lower case; x-gzip is gzip (RFC 9110, 8.4.1.3)."""
+    coding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    return "gzip" if coding == "x-gzip" else coding
+
+
 def _is_api_path(path: str) -> bool:
     return path == "/api" or path.startswith(("/api/", "/api?", "/api#"))
 
@@ -855,8 +861,7 @@ class Proxy:
     def _says_expired(upstream: aiohttp.ClientResponse, head: bytes) -> bool:
         """Whether a 401's body (its first bytes, as sent: perhaps gzip or deflate) carries
         NationBuilder's `token_expired` code."""
-        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("gzip", "x-gzip", "deflate"):
+        if _coding_of(upstream) in ("gzip", "deflate"):
             head = inflate(head, _PEEK_401) or b""
         return _EXPIRED_CODE in head
 
@@ -982,9 +987,7 @@ class Proxy:
             headers["X-Content-Type-Options"] = "nosniff"
 
         content_type = upstream.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding == "x-gzip":
-            encoding = "gzip"  # the same coding (RFC 9110, 8.4.1.3)
+        encoding = _coding_of(upstream)
         length = upstream.content_length
         head, complete = read if read is not None else (b"", False)
         json_body = content_type in _JSON_TYPES and request.method != "HEAD"
